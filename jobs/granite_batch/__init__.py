@@ -1,0 +1,3 @@
+"""granite-batch: transcribe and translate audio archives with IBM Granite Speech on Ray Data."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,181 @@
+"""Decode any recording FFmpeg can read into 16 kHz mono float32 samples.
+
+PyAV demuxes and decodes (audio files and video files with an audio track); channels are averaged
+to mono with numpy; soxr resamples with its high-quality filter, streaming, so memory stays at the
+size of the output. Everything a single recording can do wrong comes back as a short reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import av
+import fsspec
+import numpy as np
+import pyarrow as pa
+import soxr
+
+SAMPLE_RATE_HZ = 16000
+
+
+class DecodeError(Exception):
+    """One recording could not be turned into samples; str() is the reason for the output row."""
+
+
+@dataclass
+class Recording:
+    """A decoded recording: mono float32 samples at `sample_rate_hz`."""
+
+    samples: np.ndarray
+    sample_rate_hz: int
+    source_rate_hz: int
+    source_channels: int
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.samples) / self.sample_rate_hz
+
+
+def decode_audio(
+    source, sample_rate_hz: int = SAMPLE_RATE_HZ, max_duration_s: float | None = None, name: str = "file"
+) -> Recording:
+    """Decode `source` (a path or a binary file object) to mono float32 at `sample_rate_hz`.
+
+    Raises DecodeError with a short reason when the recording cannot be used. A recording longer
+    than `max_duration_s` is refused as soon as the decoder gets past that point.
+    """
+    try:
+        container = av.open(source, mode="r", metadata_errors="ignore")
+    except av.error.InvalidDataError:
+        raise DecodeError(f"decode failed: {name} is not a recognised audio or video file") from None
+    except av.error.FFmpegError as exc:
+        raise DecodeError(f"decode failed: cannot open {name} ({_ffmpeg_reason(exc)})") from None
+    with container:
+        if not container.streams.audio:
+            kind = container.format.name.split(",")[0]
+            raise DecodeError(f"decode failed: no audio stream in container {kind}")
+        stream = container.streams.audio[0]
+        stream.thread_type = "AUTO"
+        try:
+            return _decode_stream(container, stream, sample_rate_hz, max_duration_s)
+        except av.error.FFmpegError as exc:
+            raise DecodeError(f"decode failed: {_ffmpeg_reason(exc)} ({stream.codec_context.name})") from None
+
+
+def _decode_stream(container, stream, sample_rate_hz: int, max_duration_s: float | None) -> Recording:
+    source_rate = stream.codec_context.sample_rate or stream.rate
+    if not source_rate:
+        raise DecodeError("decode failed: the audio stream has no sample rate")
+    channels = stream.codec_context.channels or 1
+    # Planar float at the stream's own rate and layout: channel downmix and resampling are ours.
+    converter = av.AudioResampler(format="fltp", rate=source_rate)
+    resampler = None if source_rate == sample_rate_hz else soxr.ResampleStream(
+        source_rate, sample_rate_hz, 1, dtype="float32", quality="HQ"
+    )
+    limit = None if max_duration_s is None else int(max_duration_s * sample_rate_hz)
+    chunks: list[np.ndarray] = []
+    total = 0
+
+    def push(planar: np.ndarray, last: bool = False) -> None:
+        nonlocal total
+        mono = planar.mean(axis=0, dtype=np.float32) if planar.shape[0] > 1 else planar[0]
+        out = mono if resampler is None else resampler.resample_chunk(mono, last=last)
+        if out.size:
+            chunks.append(np.ascontiguousarray(out, dtype=np.float32))
+            total += out.size
+        if limit is not None and total > limit:
+            raise DecodeError(
+                f"too long: more than {max_duration_s:.0f} s of audio (raise max_duration_s to allow it)"
+            )
+
+    for frame in container.decode(stream):
+        for converted in converter.resample(frame):
+            push(converted.to_ndarray())
+    for converted in converter.resample(None):
+        push(converted.to_ndarray())
+    if resampler is not None:
+        push(np.zeros((1, 0), dtype=np.float32), last=True)
+
+    if total == 0:
+        raise DecodeError("decode failed: no audio samples decoded (empty or truncated recording)")
+    samples = np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
+    if not np.isfinite(samples).all():
+        samples = np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0)
+    return Recording(samples, sample_rate_hz, int(source_rate), int(channels))
+
+
+def _ffmpeg_reason(exc: Exception) -> str:
+    reason = getattr(exc, "strerror", None) or str(exc)
+    return reason.strip().rstrip(".").lower() or type(exc).__name__
+
+
+def load_recording(
+    uri: str, storage_options: dict | None = None, sample_rate_hz: int = SAMPLE_RATE_HZ,
+    max_duration_s: float | None = None,
+) -> Recording:
+    """Open `uri` through fsspec (local path, file://, s3://, gs://, ...) and decode it."""
+    name = uri.rsplit("/", 1)[-1] or uri
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        size = fs.size(path)
+        if size == 0:
+            raise DecodeError("decode failed: empty file (0 bytes)")
+        with fs.open(path, "rb") as handle:
+            return decode_audio(handle, sample_rate_hz, max_duration_s, name=name)
+    except DecodeError:
+        raise
+    except FileNotFoundError:
+        raise DecodeError(f"not found: {uri}") from None
+    except PermissionError:
+        raise DecodeError(f"access denied: {uri}") from None
+    except IsADirectoryError:
+        raise DecodeError(f"not a file: {uri} is a directory") from None
+    except ImportError as exc:
+        raise DecodeError(f"read failed: no filesystem for {uri.split('://')[0]}:// ({exc.name} missing)") from None
+    except (OSError, ValueError) as exc:
+        raise DecodeError(f"read failed: {type(exc).__name__}: {exc}"[:300]) from None
+
+
+def samples_to_arrow(recordings: list[np.ndarray | None]) -> pa.LargeListArray:
+    """Pack ragged float32 sample arrays into one Arrow column without copying each row twice."""
+    lengths = np.array([0 if r is None else len(r) for r in recordings], dtype=np.int64)
+    offsets = np.zeros(len(recordings) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    present = [r for r in recordings if r is not None]
+    values = np.concatenate(present).astype(np.float32, copy=False) if present else np.zeros(0, np.float32)
+    mask = pa.array([r is None for r in recordings], type=pa.bool_())
+    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values), mask=mask)
+
+
+def samples_from_arrow(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray | None]:
+    """Zero-copy numpy views of each row's samples (None where the row has none)."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = array.offsets.to_numpy()
+    values = array.values.to_numpy(zero_copy_only=False)
+    valid = array.is_valid().to_numpy(zero_copy_only=False)
+    return [values[offsets[i]:offsets[i + 1]] if valid[i] else None for i in range(len(array))]
+
+
+def decode_table(table: pa.Table, storage_options: dict | None = None, sample_rate_hz: int = SAMPLE_RATE_HZ,
+                 max_duration_s: float | None = None) -> pa.Table:
+    """Decode stage: add `samples` and `duration_s`; a row that cannot be decoded gets `error`."""
+    errors = table.column("error").to_pylist()
+    recordings: list[np.ndarray | None] = []
+    durations: list[float | None] = []
+    for i, uri in enumerate(table.column("audio").to_pylist()):
+        if errors[i] is not None:
+            recordings.append(None)
+            durations.append(None)
+            continue
+        try:
+            recording = load_recording(uri, storage_options, sample_rate_hz, max_duration_s)
+        except DecodeError as exc:
+            errors[i] = str(exc)
+            recordings.append(None)
+            durations.append(None)
+            continue
+        recordings.append(recording.samples)
+        durations.append(recording.duration_s)
+    table = table.set_column(table.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
+    table = table.append_column("duration_s", pa.array(durations, pa.float64()))
+    return table.append_column("samples", samples_to_arrow(recordings))

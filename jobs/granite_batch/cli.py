@@ -1,0 +1,145 @@
+"""`granite-batch`: run a transcription job, or write a tiny checkpoint for tests and trials."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+EXIT_OK = 0
+EXIT_CONFIG = 2  # bad configuration or manifest: nothing was done
+EXIT_MODEL = 3  # the model cannot be loaded: nothing was done
+EXIT_RUNTIME = 4  # the job could not run to the end (storage unreachable, cluster failure)
+EXIT_TOO_MANY_FAILURES = 5  # the job ran, but more rows failed than --max-failed-fraction allows
+
+log = logging.getLogger("granite_batch")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="granite-batch", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="transcribe/translate the recordings of a manifest into Parquet")
+    run.add_argument("--config", help="job YAML; flags given here override its fields")
+    run.add_argument("--manifest", help="manifest file, folder or prefix (.jsonl/.json/.csv/.parquet)")
+    run.add_argument("--output", help="output dataset root (local path or URI)")
+    run.add_argument("--model", help="model id on the Hub or local folder (default ibm-granite/granite-4.0-1b-speech)")
+    run.add_argument("--revision", help="model revision (branch, tag or commit)")
+    run.add_argument("--language", help="language spoken where a row does not say (default en)")
+    run.add_argument("--task", choices=["asr", "ast"], help="asr (transcribe) or ast (translate); default asr")
+    run.add_argument("--target-language", help="translation target where a row does not say")
+    run.add_argument("--keywords", help="comma-separated keywords for rows without their own")
+    run.add_argument("--batch-size", type=int, help="recordings per model batch (default 16)")
+    run.add_argument("--max-batch-audio-s", type=float, help="audio seconds per generate call (default 480)")
+    run.add_argument("--max-new-tokens", type=int, help="generation limit per segment (default 200)")
+    run.add_argument("--num-beams", type=int, help="beam search width (default 1: greedy)")
+    run.add_argument("--max-segment-s", type=float, help="longest segment sent to the model (default 30)")
+    run.add_argument("--max-duration-s", type=float, help="longer recordings become error rows (default 21600)")
+    run.add_argument("--max-failed-fraction", type=float, help="exit non-zero above this share of failed rows")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    run.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    run.add_argument("--model-actors", type=int, help="model actors (GPUs) to use; see --max-model-actors")
+    run.add_argument("--max-model-actors", type=int, help="let the model actor pool grow to this size")
+    run.add_argument("--trust-remote-code", action="store_true", default=None,
+                     help="run code shipped with the model repository (off by default; see README)")
+    run.add_argument("--run-id", help="name this run (default: UTC time + random suffix)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("-v", "--verbose", action="store_true")
+
+    tiny = commands.add_parser("tiny-model", help="write a tiny random Granite Speech checkpoint to DIR")
+    tiny.add_argument("directory")
+    tiny.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    generation = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams}
+    resources = {}
+    if args.model_actors is not None:
+        resources["model_actors_min"] = args.model_actors
+        resources["model_actors_max"] = max(args.model_actors, args.max_model_actors or 0)
+    elif args.max_model_actors is not None:
+        resources["model_actors_max"] = args.max_model_actors
+    keywords = None if args.keywords is None else [k.strip() for k in args.keywords.split(",") if k.strip()]
+    return {
+        "manifest": args.manifest, "output": args.output, "model": args.model, "revision": args.revision,
+        "language": args.language, "task": args.task, "target_language": args.target_language,
+        "keywords": keywords, "batch_size": args.batch_size, "max_batch_audio_s": args.max_batch_audio_s,
+        "max_segment_s": args.max_segment_s, "max_duration_s": args.max_duration_s,
+        "max_failed_fraction": args.max_failed_fraction, "device": args.device, "dtype": args.dtype,
+        "trust_remote_code": args.trust_remote_code, "run_id": args.run_id,
+        "generation": {k: v for k, v in generation.items() if v is not None} or None,
+        "resources": resources or None,
+    }
+
+
+def _print_summary(summary: dict, path: str) -> None:
+    print(
+        f"\nrun {summary['run_id']}: {summary['rows_ok']} ok, {summary['rows_failed']} failed, "
+        f"{summary['duplicates']} duplicate ids skipped; {summary['audio_hours'] * 60:.1f} min of audio "
+        f"in {summary['wall_s']:.1f} s (real-time factor {summary['real_time_factor']})"
+    )
+    for reason, count in summary["failures_by_reason"].items():
+        print(f"  failed: {count:>6}  {reason}")
+    print(f"summary: {path}")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from granite_batch.config import ConfigError, load_config
+    from granite_batch.manifest import ManifestError
+    from granite_batch.model import ModelLoadError
+
+    try:
+        config = load_config(args.config, _overrides(args))
+    except ConfigError as exc:
+        print(f"granite-batch: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    from granite_batch.pipeline import TooManyFailures, run
+
+    try:
+        result = run(config, progress=not args.no_progress)
+    except ManifestError as exc:
+        print(f"granite-batch: bad manifest: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ModelLoadError as exc:
+        print(f"granite-batch: {exc}", file=sys.stderr)
+        return EXIT_MODEL
+    except TooManyFailures as exc:
+        print(f"granite-batch: {exc}", file=sys.stderr)
+        return EXIT_TOO_MANY_FAILURES
+    except Exception as exc:  # the job could not finish; say why in one line, details in the log
+        reason = str(exc).strip().splitlines()
+        if "ModelLoadError" in str(exc):
+            line = next((part for part in reason if "cannot load model" in part), reason[-1])
+            print(f"granite-batch: {line.split('ModelLoadError: ')[-1]}", file=sys.stderr)
+            return EXIT_MODEL
+        log.debug("job failed", exc_info=True)
+        print(f"granite-batch: job failed: {type(exc).__name__}: {reason[0] if reason else ''}", file=sys.stderr)
+        return EXIT_RUNTIME
+    _print_summary(result.summary, result.summary_path)
+    return EXIT_OK
+
+
+def _cmd_tiny_model(args: argparse.Namespace) -> int:
+    from granite_batch.tiny_model import write_tiny_model
+
+    path = write_tiny_model(args.directory, seed=args.seed)
+    print(f"wrote a tiny random Granite Speech checkpoint to {path}; use it with --model {path}")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    handler = {"run": _cmd_run, "tiny-model": _cmd_tiny_model}[args.command]
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

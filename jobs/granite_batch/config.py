@@ -1,0 +1,152 @@
+"""The job's one typed configuration, built at the edge (CLI flags over an optional YAML file)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from granite_batch.prompts import ASR_LANGUAGES, AST_PAIRS, LANGUAGE_NAMES
+
+DEFAULT_MODEL = "ibm-granite/granite-4.0-1b-speech"
+
+
+class ConfigError(ValueError):
+    """The job configuration is invalid; the message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GenerationOptions(_Strict):
+    """Decoding settings; defaults follow the model card (greedy, 200 new tokens)."""
+
+    max_new_tokens: int = Field(200, ge=1, le=4096)
+    num_beams: int = Field(1, ge=1, le=16)
+    repetition_penalty: float = Field(1.0, gt=0)
+
+
+class Resources(_Strict):
+    """How the job asks Ray for resources."""
+
+    decode_cpus: float = Field(0.5, gt=0, description="CPUs per decode/segment task")
+    model_actors_min: int = Field(1, ge=1, description="smallest size of the model actor pool")
+    model_actors_max: int = Field(1, ge=1, description="largest size of the model actor pool")
+    gpus_per_actor: float | None = Field(
+        None, ge=0, description="GPUs per model actor; default 1 when the cluster has GPUs, else 0"
+    )
+    cpus_per_actor: float = Field(1.0, gt=0)
+    accelerator_type: str | None = None
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> "Resources":
+        if self.model_actors_max < self.model_actors_min:
+            raise ValueError("model_actors_max must be >= model_actors_min")
+        return self
+
+
+class JobConfig(_Strict):
+    """Everything one run needs. Secrets never live here: credentials come from the environment."""
+
+    manifest: str
+    output: str
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    language: str = "en"
+    task: Literal["asr", "ast"] = "asr"
+    target_language: str | None = None
+    keywords: list[str] = Field(default_factory=list)
+
+    batch_size: int = Field(16, ge=1, description="recordings handed to a model actor at once")
+    max_batch_audio_s: float = Field(
+        480.0, gt=0, description="audio seconds in one generate() call; bounds padding and memory"
+    )
+    decode_batch_size: int = Field(4, ge=1, description="recordings per decode task")
+    max_segment_s: float = Field(30.0, ge=1.0, le=120.0)
+    max_duration_s: float = Field(6 * 3600.0, gt=0)
+    sample_rate_hz: Literal[16000] = 16000
+
+    generation: GenerationOptions = Field(default_factory=GenerationOptions)
+    resources: Resources = Field(default_factory=Resources)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+
+    rows_per_file: int = Field(200_000, ge=1, description="rows before a Parquet file is closed")
+    commit_interval_s: float = Field(600.0, gt=0, description="seconds before open files are closed")
+    max_failed_fraction: float = Field(1.0, ge=0.0, le=1.0)
+    run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options (endpoint, anon, ...); no secrets"
+    )
+
+    @field_validator("language")
+    @classmethod
+    def _language(cls, value: str) -> str:
+        if value not in ASR_LANGUAGES:
+            raise ValueError(f"unsupported language {value!r}; supported: {' '.join(ASR_LANGUAGES)}")
+        return value
+
+    @field_validator("target_language")
+    @classmethod
+    def _target_language(cls, value: str | None) -> str | None:
+        if value is not None and value not in LANGUAGE_NAMES:
+            raise ValueError(f"unsupported target language {value!r}; supported: {' '.join(LANGUAGE_NAMES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _task_pair(self) -> "JobConfig":
+        if self.task == "ast":
+            if self.target_language is None:
+                raise ValueError("task ast needs target_language")
+            if (self.language, self.target_language) not in AST_PAIRS:
+                raise ValueError(f"unsupported translation pair {self.language} -> {self.target_language}")
+        return self
+
+    def public_dict(self) -> dict[str, Any]:
+        """The configuration as recorded in run summaries (storage options reduced to their keys)."""
+        data = self.model_dump(mode="json")
+        data["storage_options"] = sorted(self.storage_options)
+        return data
+
+
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"invalid job configuration ({source}):"]
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"  {field}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> JobConfig:
+    """Build the config from an optional YAML file and flag overrides (flags win; None means unset)."""
+    data: dict[str, Any] = {}
+    source = "command line"
+    if yaml_path is not None:
+        source = f"{yaml_path} and command line"
+        try:
+            with open(yaml_path, encoding="utf-8") as handle:
+                loaded = yaml.safe_load(handle) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {yaml_path}: {exc.strerror or exc}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {yaml_path} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {yaml_path} must hold a mapping of fields")
+        data.update(loaded)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from exc

@@ -1,0 +1,184 @@
+"""The output schema, the Parquet writer for the transcripts dataset, and the run summary.
+
+Layout under the output root (any fsspec URI):
+
+    transcripts/language=<lang>/part-<run_id>-<n>.parquet   hive-partitioned; `language` lives in the path
+    runs/<run_id>.json                                     one summary per run
+
+Files are written under `_staging/<run_id>/` and moved into `transcripts/` only once complete, so
+readers never see a partial file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+SEGMENT_TYPE = pa.struct([("start", pa.float64()), ("end", pa.float64()), ("text", pa.string())])
+
+# The contract's columns, in order; passthrough columns follow them.
+TRANSCRIPT_FIELDS = [
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("audio", pa.string(), nullable=False),
+    pa.field("language", pa.string(), nullable=False),
+    pa.field("task", pa.string(), nullable=False),
+    pa.field("target_language", pa.string()),
+    pa.field("text", pa.string()),
+    pa.field("segments", pa.list_(SEGMENT_TYPE)),
+    pa.field("duration_s", pa.float64()),
+    pa.field("error", pa.string()),
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("model_revision", pa.string()),
+    pa.field("run_id", pa.string(), nullable=False),
+]
+TRANSCRIPTS_DIR = "transcripts"
+RUNS_DIR = "runs"
+STAGING_DIR = "_staging"
+
+
+def transcript_schema(passthrough: pa.Schema | None = None) -> pa.Schema:
+    """The schema of transcript rows: the contract's columns, then the manifest's extra columns.
+
+    `keywords` is an input of the request (and part of the default id), not a passthrough column.
+    """
+    fields = list(TRANSCRIPT_FIELDS)
+    names = {f.name for f in fields} | {"keywords"}
+    for extra in passthrough or []:
+        if extra.name not in names:
+            fields.append(extra)
+    return pa.schema(fields)
+
+
+def file_schema(schema: pa.Schema) -> pa.Schema:
+    """What goes inside each Parquet file: everything but the partition column."""
+    return schema.remove(schema.get_field_index("language"))
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Select and cast `table`'s columns into `schema`'s order and types."""
+    return pa.Table.from_arrays([table.column(f.name).cast(f.type) for f in schema], schema=schema)
+
+
+def error_reason(error: str) -> str:
+    """The reason class of an error string ("decode failed: ..." -> "decode failed")."""
+    return error.split(":", 1)[0].strip()
+
+
+class TranscriptWriter:
+    """Streams transcript rows into a modest number of Parquet files per language partition.
+
+    A file is closed and moved into place after `rows_per_file` rows, after `commit_interval_s`
+    seconds (so a long run makes its progress durable), and at `close()`.
+    """
+
+    def __init__(self, output_uri: str, run_id: str, schema: pa.Schema, storage_options: dict | None = None,
+                 rows_per_file: int = 200_000, commit_interval_s: float = 600.0):
+        self.fs, self.root = fsspec.core.url_to_fs(output_uri, **(storage_options or {}))
+        self.run_id = run_id
+        self.schema = schema
+        self.rows_per_file = rows_per_file
+        self.commit_interval_s = commit_interval_s
+        self.committed: list[str] = []
+        self._open: dict[str, _OpenFile] = {}
+        self._sequence = 0
+
+    def write(self, table: pa.Table) -> None:
+        table = conform(table, self.schema)
+        languages = table.column("language")
+        for language in pc.unique(languages).to_pylist():
+            part = table.filter(pc.equal(languages, language)).drop_columns(["language"])
+            handle = self._open.get(language) or self._start(language)
+            handle.writer.write_table(part)
+            handle.rows += part.num_rows
+            if handle.rows >= self.rows_per_file:
+                self._commit(language)
+        now = time.monotonic()
+        for language in [lang for lang, h in self._open.items() if now - h.opened_at >= self.commit_interval_s]:
+            self._commit(language)
+
+    def close(self) -> list[str]:
+        """Commit every open file; return the paths of all files this writer committed."""
+        for language in list(self._open):
+            self._commit(language)
+        staging = posixpath.join(self.root, STAGING_DIR, self.run_id)
+        if self.fs.exists(staging):
+            self.fs.rm(staging, recursive=True)
+        return self.committed
+
+    def _start(self, language: str) -> "_OpenFile":
+        self._sequence += 1
+        name = f"part-{self.run_id}-{self._sequence:05d}.parquet"
+        relative = posixpath.join(f"language={language}", name)
+        staged = posixpath.join(self.root, STAGING_DIR, self.run_id, relative)
+        self.fs.makedirs(posixpath.dirname(staged), exist_ok=True)
+        stream = self.fs.open(staged, "wb")
+        writer = pq.ParquetWriter(stream, file_schema(self.schema), compression="zstd")
+        handle = _OpenFile(staged, posixpath.join(self.root, TRANSCRIPTS_DIR, relative), stream, writer)
+        self._open[language] = handle
+        return handle
+
+    def _commit(self, language: str) -> None:
+        handle = self._open.pop(language)
+        handle.writer.close()
+        handle.stream.close()
+        self.fs.makedirs(posixpath.dirname(handle.final), exist_ok=True)
+        self.fs.mv(handle.staged, handle.final)
+        self.committed.append(handle.final)
+        log.info("committed %s (%d rows)", handle.final, handle.rows)
+
+
+@dataclass
+class _OpenFile:
+    staged: str
+    final: str
+    stream: object
+    writer: pq.ParquetWriter
+    rows: int = 0
+    opened_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class RunStats:
+    """Counts over the rows a run wrote, for the summary and the progress line."""
+
+    rows_written: int = 0
+    rows_ok: int = 0
+    rows_failed: int = 0
+    audio_s: float = 0.0
+    failures_by_reason: Counter = field(default_factory=Counter)
+    rows_by_language: Counter = field(default_factory=Counter)
+
+    def add(self, table: pa.Table) -> None:
+        errors = table.column("error").to_pylist()
+        durations = table.column("duration_s").to_pylist()
+        self.rows_written += table.num_rows
+        for error, duration in zip(errors, durations):
+            if error is None:
+                self.rows_ok += 1
+            else:
+                self.rows_failed += 1
+                self.failures_by_reason[error_reason(error)] += 1
+            self.audio_s += duration or 0.0
+        self.rows_by_language.update(table.column("language").to_pylist())
+
+
+def write_summary(output_uri: str, run_id: str, summary: dict, storage_options: dict | None = None) -> str:
+    """Write `runs/<run_id>.json` under the output root; return its path."""
+    fs, root = fsspec.core.url_to_fs(output_uri, **(storage_options or {}))
+    path = posixpath.join(root, RUNS_DIR, f"{run_id}.json")
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    with fs.open(path, "w") as handle:
+        json.dump(summary, handle, indent=2, sort_keys=False, default=str)
+        handle.write("\n")
+    return path

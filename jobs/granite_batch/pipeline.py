@@ -1,0 +1,172 @@
+"""The one place that assembles the Ray Data graph and runs a job.
+
+    manifest rows -> decode (CPU tasks) -> segment (CPU tasks) -> Granite Speech (actor pool)
+                  -> driver: Parquet files per language + run summary
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import pyarrow as pa
+
+from granite_batch import audio, segment
+from granite_batch.config import JobConfig
+from granite_batch.manifest import Defaults, Manifest, read_manifest
+from granite_batch.model import ModelRef, SpeechModel, resolve_model, transcribe_table
+from granite_batch.output import RunStats, TranscriptWriter, transcript_schema, write_summary
+
+log = logging.getLogger(__name__)
+
+
+class TooManyFailures(RuntimeError):
+    """More rows failed than `max_failed_fraction` allows; the summary is written all the same."""
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    summary: dict
+    summary_path: str
+    files: list[str]
+
+
+def new_run_id() -> str:
+    """Sortable by start time, unique across concurrent runs."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+
+
+class Transcriber:
+    """Model actor: loads the model once, then maps batches of decoded recordings to transcripts."""
+
+    def __init__(self, config: JobConfig, model_ref: ModelRef, run_id: str, device: str):
+        self.model_ref = model_ref
+        self.run_id = run_id
+        self.speech_model = SpeechModel.load(
+            config.model, config.revision, device=device, dtype=config.dtype,
+            trust_remote_code=config.trust_remote_code,
+            max_new_tokens=config.generation.max_new_tokens, num_beams=config.generation.num_beams,
+            repetition_penalty=config.generation.repetition_penalty, max_batch_audio_s=config.max_batch_audio_s,
+        )
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        table = transcribe_table(batch, self.speech_model)
+        n = table.num_rows
+        table = table.append_column("model", pa.array([self.model_ref.name] * n, pa.string()))
+        table = table.append_column("model_revision", pa.array([self.model_ref.revision] * n, pa.string()))
+        return table.append_column("run_id", pa.array([self.run_id] * n, pa.string()))
+
+
+def _ensure_ray():
+    import ray
+
+    if not ray.is_initialized():
+        # Connects to RAY_ADDRESS / a running cluster when there is one, else starts a local Ray.
+        ray.init(logging_level=logging.WARNING, log_to_driver=True)
+    return ray
+
+
+def build_dataset(manifest: Manifest, config: JobConfig, model_ref: ModelRef, run_id: str):
+    """The lazy Ray Dataset of transcript rows (nothing runs until it is iterated)."""
+    ray = _ensure_ray()
+    cluster = ray.cluster_resources()
+    gpus_per_actor = config.resources.gpus_per_actor
+    if gpus_per_actor is None:
+        gpus_per_actor = 1.0 if cluster.get("GPU", 0) >= 1 else 0.0
+    device = config.device if config.device != "auto" else ("cuda" if gpus_per_actor > 0 else "cpu")
+
+    # Enough blocks to keep every CPU busy, small enough that decoded audio stays bounded per task.
+    rows = manifest.table.num_rows
+    block_rows = max(1, min(64, math.ceil(rows / max(2, 2 * int(cluster.get("CPU", 1))))))
+    blocks = [manifest.table.slice(i, block_rows) for i in range(0, rows, block_rows)]
+    ds = ray.data.from_arrow(blocks)
+
+    ds = ds.map_batches(
+        audio.decode_table,
+        fn_kwargs={"storage_options": config.storage_options, "sample_rate_hz": config.sample_rate_hz,
+                   "max_duration_s": config.max_duration_s},
+        batch_format="pyarrow", batch_size=config.decode_batch_size, num_cpus=config.resources.decode_cpus,
+    )
+    ds = ds.map_batches(
+        segment.segment_table,
+        fn_kwargs={"sample_rate_hz": config.sample_rate_hz, "max_segment_s": config.max_segment_s},
+        batch_format="pyarrow", batch_size=config.decode_batch_size, num_cpus=config.resources.decode_cpus,
+    )
+    actor_options = {}
+    if config.resources.accelerator_type:
+        actor_options["accelerator_type"] = config.resources.accelerator_type
+    return ds.map_batches(
+        Transcriber,
+        fn_constructor_kwargs={"config": config, "model_ref": model_ref, "run_id": run_id, "device": device},
+        compute=ray.data.ActorPoolStrategy(
+            min_size=config.resources.model_actors_min, max_size=config.resources.model_actors_max
+        ),
+        batch_format="pyarrow", batch_size=config.batch_size,
+        num_gpus=gpus_per_actor, num_cpus=config.resources.cpus_per_actor, **actor_options,
+    )
+
+
+def run(config: JobConfig, progress: bool = True) -> RunResult:
+    """Run one job end to end. Raises ManifestError / ModelLoadError before any work is done,
+    TooManyFailures after writing everything when failed rows exceed `max_failed_fraction`."""
+    started_at = datetime.now(timezone.utc)
+    clock = time.monotonic()
+    run_id = config.run_id or new_run_id()
+    defaults = Defaults(config.language, config.task, config.target_language, tuple(config.keywords))
+    manifest = read_manifest(config.manifest, defaults, config.storage_options)
+    model_ref = resolve_model(config.model, config.revision, config.trust_remote_code)
+    log.info("run %s: %d rows (%d duplicates) from %s", run_id, manifest.table.num_rows,
+             manifest.duplicates, config.manifest)
+
+    ray = _ensure_ray()
+    ray.data.DataContext.get_current().enable_progress_bars = progress
+    schema = transcript_schema(manifest.table.schema)
+    writer = TranscriptWriter(config.output, run_id, schema, config.storage_options,
+                              config.rows_per_file, config.commit_interval_s)
+    stats = RunStats()
+    ds = build_dataset(manifest, config, model_ref, run_id)
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        writer.write(batch)
+        stats.add(batch)
+    files = writer.close()
+
+    wall_s = time.monotonic() - clock
+    summary = {
+        "run_id": run_id,
+        "status": "succeeded",
+        "started_at": started_at.isoformat(),
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "manifest_files": manifest.files,
+        "rows_in": manifest.rows_in,
+        "duplicates": manifest.duplicates,
+        "rows_written": stats.rows_written,
+        "rows_ok": stats.rows_ok,
+        "rows_failed": stats.rows_failed,
+        "failures_by_reason": dict(stats.failures_by_reason.most_common()),
+        "rows_by_language": dict(sorted(stats.rows_by_language.items())),
+        "audio_s": round(stats.audio_s, 3),
+        "audio_hours": round(stats.audio_s / 3600, 4),
+        "wall_s": round(wall_s, 3),
+        "real_time_factor": round(stats.audio_s / wall_s, 3) if wall_s > 0 else None,
+        "model": model_ref.name,
+        "model_revision": model_ref.revision,
+        "files": files,
+        "config": config.public_dict(),
+    }
+    failed_fraction = stats.rows_failed / stats.rows_written if stats.rows_written else 0.0
+    too_many = failed_fraction > config.max_failed_fraction
+    if too_many:
+        summary["status"] = "too_many_failures"
+    path = write_summary(config.output, run_id, summary, config.storage_options)
+    result = RunResult(run_id, summary, path, files)
+    if too_many:
+        raise TooManyFailures(
+            f"{stats.rows_failed} of {stats.rows_written} rows failed ({failed_fraction:.1%}), "
+            f"more than max_failed_fraction {config.max_failed_fraction:.1%}; summary: {path}"
+        )
+    return result
