@@ -1,0 +1,145 @@
+"""Shared fixtures: the tiny checkpoint, real recordings in many formats, broken files, a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import soundfile as sf
+
+# Tests never touch the network; the Hub client answers "not cached" at once instead of retrying.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = REPO / "samples"
+SPEECH = SAMPLES / "en_weather.flac"  # a real espeak-ng recording, 22.05 kHz mono
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Granite Speech checkpoint written by the same command users run."""
+    directory = tmp_path_factory.mktemp("tiny-model")
+    result = run_cli(["tiny-model", str(directory)])
+    assert result.returncode == 0, result.stderr
+    return directory
+
+
+@pytest.fixture(scope="session")
+def speech() -> tuple[np.ndarray, int]:
+    samples, rate = sf.read(SPEECH, dtype="float32")
+    return samples, rate
+
+
+def encode(path: Path, samples: np.ndarray, rate: int, codec: str, container: str, channels: int = 1,
+           out_rate: int | None = None, with_video: bool = False) -> Path:
+    """Encode float samples (mono, or duplicated to `channels`) into a real container with PyAV."""
+    out_rate = out_rate or rate
+    layout = {1: "mono", 2: "stereo", 6: "5.1"}[channels]
+    planar = np.repeat(samples.reshape(1, -1), channels, axis=0).astype(np.float32)
+    if channels > 1:
+        planar[1:] *= 0.5  # distinct channels, so a wrong downmix shows up in the level
+    with av.open(str(path), "w", format=container) as out:
+        video = None
+        if with_video:
+            video = out.add_stream("mpeg4", rate=10)
+            video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        stream = out.add_stream(codec, rate=out_rate, layout=layout)
+        frame = av.AudioFrame.from_ndarray(planar, format="fltp", layout=layout)
+        frame.sample_rate = rate
+        resampler = av.AudioResampler(format=stream.codec_context.format.name, layout=layout, rate=out_rate)
+        for converted in resampler.resample(frame) + resampler.resample(None):
+            for packet in stream.encode(converted):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+        if video is not None:
+            seconds = len(samples) / rate
+            for i in range(int(seconds * 10)):
+                image = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i % 255, np.uint8), format="rgb24")
+                image.pts = i
+                for packet in video.encode(image):
+                    out.mux(packet)
+            for packet in video.encode(None):
+                out.mux(packet)
+    return path
+
+
+# name -> (codec, container, channels, output rate, with video)
+FORMATS = {
+    "speech.wav": ("pcm_s16le", "wav", 2, 44100, False),
+    "speech.flac": ("flac", "flac", 1, None, False),
+    "speech.mp3": ("mp3", "mp3", 2, 44100, False),
+    "speech.opus.ogg": ("libopus", "ogg", 1, 48000, False),
+    "speech.m4a": ("aac", "mp4", 2, 44100, False),
+    "speech.mp4": ("aac", "mp4", 1, 22050, True),
+}
+
+
+@pytest.fixture(scope="session")
+def format_corpus(tmp_path_factory, speech) -> dict[str, Path]:
+    """The same real speech in every container/codec the contract names (video included)."""
+    directory = tmp_path_factory.mktemp("formats")
+    samples, rate = speech
+    return {
+        name: encode(directory / name, samples, rate, codec, container, channels, out_rate, video)
+        for name, (codec, container, channels, out_rate, video) in FORMATS.items()
+    }
+
+
+@pytest.fixture(scope="session")
+def broken_corpus(tmp_path_factory, speech) -> dict[str, Path]:
+    """Recordings that cannot be transcribed, each for its own reason."""
+    directory = tmp_path_factory.mktemp("broken")
+    samples, rate = speech
+    files = {
+        "empty.wav": directory / "empty.wav",
+        "random.mp3": directory / "random.mp3",
+        "text.wav": directory / "text.wav",
+        "no_audio.mp4": directory / "no_audio.mp4",
+        "missing.flac": directory / "missing.flac",
+    }
+    files["empty.wav"].write_bytes(b"")
+    files["random.mp3"].write_bytes(np.random.default_rng(0).integers(0, 256, 20000, dtype=np.uint8).tobytes())
+    files["text.wav"].write_text("this is not audio, just text with a .wav name\n" * 20)
+    with av.open(str(files["no_audio.mp4"]), "w", format="mp4") as out:
+        video = out.add_stream("mpeg4", rate=10)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        for i in range(10):
+            image = av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="rgb24")
+            image.pts = i
+            for packet in video.encode(image):
+                out.mux(packet)
+        for packet in video.encode(None):
+            out.mux(packet)
+    return files
+
+
+def ffmpeg_decode(path: Path, rate: int = 16000) -> np.ndarray:
+    """The reference decoder: the ffmpeg command-line tool, downmixed and resampled by ffmpeg."""
+    raw = subprocess.run(
+        ["ffmpeg", "-v", "error", "-i", str(path), "-vn", "-ac", "1", "-ar", str(rate), "-f", "f32le", "-"],
+        check=True, capture_output=True,
+    ).stdout
+    return np.frombuffer(raw, dtype="<f4")
+
+
+def run_cli(args: list[str], timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `granite-batch` as users do, in a fresh process."""
+    return subprocess.run(
+        [sys.executable, "-m", "granite_batch.cli", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path

@@ -1,0 +1,94 @@
+"""Decoding: every container/codec the contract names, at 16 kHz mono float32, the right length."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import soundfile as sf
+import soxr
+
+from conftest import FORMATS, SPEECH, ffmpeg_decode
+from granite_batch.audio import DecodeError, decode_table, load_recording, samples_from_arrow, samples_to_arrow
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_each_format_decodes_to_16k_mono_of_the_right_length(format_corpus, speech, name):
+    recording = load_recording(str(format_corpus[name]))
+    reference = ffmpeg_decode(format_corpus[name])
+
+    assert recording.sample_rate_hz == 16000
+    assert recording.samples.dtype == np.float32 and recording.samples.ndim == 1
+    # Same file through another decoder (ffmpeg CLI): durations agree within 20 ms.
+    assert abs(recording.duration_s - len(reference) / 16000) <= 0.020
+    # And it is the speech at the level of its source, not silence or noise. Multi-channel files
+    # carry the speech at half level on the extra channels, so the mean of channels is 0.75.
+    # Lossy codecs and their padding move the level by a few per cent.
+    source, rate = speech
+    level = 0.75 if FORMATS[name][2] > 1 else 1.0
+    source_16k = soxr.resample(source, rate, 16000, quality="HQ")
+    rms = np.sqrt(np.sum(recording.samples**2) / len(source_16k))
+    assert rms == pytest.approx(level * np.sqrt(np.mean(source_16k**2)), rel=0.08)
+
+
+def test_downmix_averages_channels(format_corpus, speech):
+    # speech.wav holds the speech at full level on the left and half level on the right.
+    samples, rate = speech
+    recording = load_recording(str(format_corpus["speech.wav"]))
+    expected = soxr.resample(samples * 0.75, rate, 16000, quality="HQ")
+    assert len(recording.samples) == pytest.approx(len(expected), abs=2)
+    n = min(len(expected), len(recording.samples))
+    # 16-bit quantisation of the source bounds the difference.
+    assert np.max(np.abs(recording.samples[:n] - expected[:n])) < 2e-3
+
+
+def test_matches_soundfile_and_soxr_exactly_for_flac():
+    samples, rate = sf.read(SPEECH, dtype="float32")
+    expected = soxr.resample(samples, rate, 16000, quality="HQ")
+    recording = load_recording(str(SPEECH))
+    assert len(recording.samples) == len(expected)
+    assert np.max(np.abs(recording.samples - expected)) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("empty.wav", "decode failed: empty file"),
+        ("random.mp3", "decode failed:"),
+        ("text.wav", "decode failed:"),
+        ("no_audio.mp4", "decode failed: no audio stream in container"),
+        ("missing.flac", "not found:"),
+    ],
+)
+def test_broken_recordings_give_a_short_reason(broken_corpus, name, reason):
+    with pytest.raises(DecodeError) as caught:
+        load_recording(str(broken_corpus[name]))
+    message = str(caught.value)
+    assert message.startswith(reason)
+    assert "Traceback" not in message and len(message) < 300
+
+
+def test_too_long_recording_is_refused_while_decoding():
+    with pytest.raises(DecodeError, match="too long: more than 1 s"):
+        load_recording(str(SPEECH), max_duration_s=1.0)
+
+
+def test_samples_round_trip_through_arrow_with_missing_rows():
+    rows = [np.arange(5, dtype=np.float32), None, np.zeros(0, np.float32), np.ones(3, np.float32)]
+    column = samples_to_arrow(rows)
+    back = samples_from_arrow(pa.chunked_array([column.slice(1), ]))  # sliced arrays keep their offsets
+    assert back[0] is None and len(back[1]) == 0 and back[2].tolist() == [1, 1, 1]
+    assert samples_from_arrow(column)[0].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_decode_stage_marks_failures_and_skips_rows_already_failed(broken_corpus):
+    table = pa.table({
+        "audio": [str(SPEECH), str(broken_corpus["empty.wav"]), str(SPEECH)],
+        "error": [None, None, "unsupported language: 'xx'"],
+    })
+    out = decode_table(table)
+    assert out.column("error").to_pylist()[0] is None
+    assert out.column("error").to_pylist()[1].startswith("decode failed: empty file")
+    assert out.column("error").to_pylist()[2] == "unsupported language: 'xx'"
+    durations = out.column("duration_s").to_pylist()
+    assert durations[0] == pytest.approx(3.4845, abs=0.001) and durations[1] is None and durations[2] is None
