@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import av
-import fsspec
 import numpy as np
 import pyarrow as pa
 import soxr
+
+from granite_batch.storage import filesystem
 
 SAMPLE_RATE_HZ = 16000
 
@@ -116,7 +117,7 @@ def load_recording(
     """Open `uri` through fsspec (local path, file://, s3://, gs://, ...) and decode it."""
     name = uri.rsplit("/", 1)[-1] or uri
     try:
-        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        fs, path = filesystem(uri, storage_options)
         size = fs.size(path)
         if size == 0:
             raise DecodeError("decode failed: empty file (0 bytes)")

@@ -22,6 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="transcribe/translate the recordings of a manifest into Parquet")
     run.add_argument("--config", help="job YAML; flags given here override its fields")
     run.add_argument("--manifest", help="manifest file, folder or prefix (.jsonl/.json/.csv/.parquet)")
+    run.add_argument("--input", help="no manifest: list recordings under a prefix or glob, e.g. "
+                     "'s3://bucket/archive/{language}/**/*.mp3' ({language} takes the language from the path)")
     run.add_argument("--output", help="output dataset root (local path or URI)")
     run.add_argument("--model", help="model id on the Hub or local folder (default ibm-granite/granite-4.0-1b-speech)")
     run.add_argument("--revision", help="model revision (branch, tag or commit)")
@@ -42,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-model-actors", type=int, help="let the model actor pool grow to this size")
     run.add_argument("--trust-remote-code", action="store_true", default=None,
                      help="run code shipped with the model repository (off by default; see README)")
+    run.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, Ceph, R2); AWS_ENDPOINT_URL also works")
+    run.add_argument("--anon", action="store_true", default=None, help="read public buckets without credentials")
     run.add_argument("--run-id", help="name this run (default: UTC time + random suffix)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("-v", "--verbose", action="store_true")
@@ -60,9 +64,11 @@ def _overrides(args: argparse.Namespace) -> dict:
         resources["model_actors_max"] = max(args.model_actors, args.max_model_actors or 0)
     elif args.max_model_actors is not None:
         resources["model_actors_max"] = args.max_model_actors
+    s3 = {"endpoint_url": args.endpoint_url, "anon": args.anon}
+    s3 = {key: value for key, value in s3.items() if value is not None}
     keywords = None if args.keywords is None else [k.strip() for k in args.keywords.split(",") if k.strip()]
     return {
-        "manifest": args.manifest, "output": args.output, "model": args.model, "revision": args.revision,
+        "manifest": args.manifest, "input": args.input, "output": args.output, "model": args.model, "revision": args.revision,
         "language": args.language, "task": args.task, "target_language": args.target_language,
         "keywords": keywords, "batch_size": args.batch_size, "max_batch_audio_s": args.max_batch_audio_s,
         "max_segment_s": args.max_segment_s, "max_duration_s": args.max_duration_s,
@@ -70,6 +76,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         "trust_remote_code": args.trust_remote_code, "run_id": args.run_id,
         "generation": {k: v for k, v in generation.items() if v is not None} or None,
         "resources": resources or None,
+        "storage_options": {"s3": s3} if s3 else None,
     }
 
 

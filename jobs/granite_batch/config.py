@@ -51,7 +51,10 @@ class Resources(_Strict):
 class JobConfig(_Strict):
     """Everything one run needs. Secrets never live here: credentials come from the environment."""
 
-    manifest: str
+    manifest: str | None = Field(None, description="manifest file, folder or prefix")
+    input: str | None = Field(
+        None, description="list recordings instead of a manifest: a prefix or glob, {language} marks the language"
+    )
     output: str
     model: str = DEFAULT_MODEL
     revision: str | None = None
@@ -79,8 +82,9 @@ class JobConfig(_Strict):
     commit_interval_s: float = Field(600.0, gt=0, description="seconds before open files are closed")
     max_failed_fraction: float = Field(1.0, ge=0.0, le=1.0)
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-    storage_options: dict[str, Any] = Field(
-        default_factory=dict, description="fsspec options (endpoint, anon, ...); no secrets"
+    storage_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="fsspec options per URI scheme, e.g. {s3: {endpoint_url: ..., anon: true}}; no secrets",
     )
 
     @field_validator("language")
@@ -98,6 +102,12 @@ class JobConfig(_Strict):
         return value
 
     @model_validator(mode="after")
+    def _one_source(self) -> "JobConfig":
+        if (self.manifest is None) == (self.input is None):
+            raise ValueError("give exactly one of manifest (a manifest file) or input (a prefix/glob to list)")
+        return self
+
+    @model_validator(mode="after")
     def _task_pair(self) -> "JobConfig":
         if self.task == "ast":
             if self.target_language is None:
@@ -109,7 +119,7 @@ class JobConfig(_Strict):
     def public_dict(self) -> dict[str, Any]:
         """The configuration as recorded in run summaries (storage options reduced to their keys)."""
         data = self.model_dump(mode="json")
-        data["storage_options"] = sorted(self.storage_options)
+        data["storage_options"] = {scheme: sorted(options) for scheme, options in self.storage_options.items()}
         return data
 
 
@@ -121,6 +131,17 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
         field = ".".join(str(part) for part in item["loc"]) or "(top level)"
         lines.append(f"  {field}: {item['msg']}")
     return "\n".join(lines)
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """Deep-merge `overrides` into `base`; None means "not given"."""
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
 
 
 def load_config(yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> JobConfig:
@@ -139,13 +160,7 @@ def load_config(yaml_path: str | Path | None = None, overrides: dict[str, Any] |
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {yaml_path} must hold a mapping of fields")
         data.update(loaded)
-    for key, value in (overrides or {}).items():
-        if value is None:
-            continue
-        if isinstance(value, dict) and isinstance(data.get(key), dict):
-            data[key] = {**data[key], **value}
-        else:
-            data[key] = value
+    _merge(data, overrides or {})
     try:
         return JobConfig.model_validate(data)
     except ValidationError as exc:

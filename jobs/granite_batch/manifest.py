@@ -11,14 +11,15 @@ import hashlib
 import io
 import json
 import posixpath
+import re
 from dataclasses import dataclass, field
 
-import fsspec
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from granite_batch.prompts import check_request
+from granite_batch.storage import LOCAL_PROTOCOLS, filesystem, uri_of
 
 MANIFEST_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 KNOWN_COLUMNS = ("id", "audio", "language", "task", "target_language", "keywords")
@@ -197,9 +198,9 @@ def _resolve_audio(audio: str, base: str, protocol: str) -> str:
     if "://" in audio:
         return audio
     if audio.startswith("/"):
-        return audio if protocol in ("file", "local") else f"{protocol}://{audio.lstrip('/')}"
+        return audio if protocol in LOCAL_PROTOCOLS else f"{protocol}://{audio.lstrip('/')}"
     joined = posixpath.normpath(posixpath.join(base, audio))
-    return joined if protocol in ("file", "local") else f"{protocol}://{joined}"
+    return joined if protocol in LOCAL_PROTOCOLS else f"{protocol}://{joined}"
 
 
 def _keywords(value, default: tuple[str, ...]) -> list[str]:
@@ -211,7 +212,7 @@ def _keywords(value, default: tuple[str, ...]) -> list[str]:
 
 def read_manifest(uri: str, defaults: Defaults, storage_options: dict | None = None) -> Manifest:
     """Read every manifest file under `uri`, validate it and apply the job's defaults."""
-    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    fs, path = filesystem(uri, storage_options)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     files = _list_manifest_files(fs, path)
 
@@ -219,7 +220,7 @@ def read_manifest(uri: str, defaults: Defaults, storage_options: dict | None = N
     normalised_rows = 0
     for file in files:
         kind = MANIFEST_SUFFIXES[posixpath.splitext(file)[1].lower()]
-        name = file if protocol in ("file", "local") else f"{protocol}://{file}"
+        name = uri_of(fs, file)
         with fs.open(file, "rb") as handle:
             data = handle.read()
         table, line_numbers = _READERS[kind](data, name)
@@ -238,7 +239,7 @@ def read_manifest(uri: str, defaults: Defaults, storage_options: dict | None = N
         table=unique,
         rows_in=normalised_rows,
         duplicates=combined.num_rows - unique.num_rows,
-        files=[f if protocol in ("file", "local") else f"{protocol}://{f}" for f in files],
+        files=[uri_of(fs, f) for f in files],
         passthrough=passthrough,
     )
 
@@ -293,3 +294,83 @@ def _first_of_each_id(table: pa.Table) -> pa.Table:
             seen.add(row_id)
             keep.append(index)
     return table if len(keep) == table.num_rows else table.take(keep)
+
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".oga", ".m4a", ".aac", ".mp4", ".m4v", ".mkv",
+                  ".webm", ".mov", ".wma", ".aif", ".aiff", ".amr", ".3gp")
+_GLOB_CHARS = "*?[{"
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    """`**` any depth, `*`/`?` within one folder, `{language}` one folder name captured as the language."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("{language}", i):
+            out.append(r"(?P<language>[^/]+)")
+            i += len("{language}")
+        elif pattern.startswith("**/", i):
+            out.append(r"(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(r".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append(r"[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append(r"[^/]")
+            i += 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def _iter_listing(fs, pattern: str):
+    """Yield (path, language or None) for each recording matching `pattern`, folder by folder."""
+    has_glob = any(ch in pattern for ch in _GLOB_CHARS)
+    if not has_glob:
+        pattern = pattern.rstrip("/") + "/**"
+    root = pattern[: min((pattern.find(ch) for ch in _GLOB_CHARS if ch in pattern), default=len(pattern))]
+    root = root.rsplit("/", 1)[0] if "/" in root else root
+    matcher = _glob_regex(pattern)
+    # fs.walk lists one folder at a time, so a prefix with millions of keys is never held whole.
+    for folder, _, names in fs.walk(root):
+        for name in sorted(names):
+            path = posixpath.join(folder, name)
+            match = matcher.match(path)
+            if match and (has_glob or posixpath.splitext(name)[1].lower() in AUDIO_SUFFIXES):
+                yield path, match.groupdict().get("language")
+
+
+def list_recordings(uri: str, defaults: Defaults, storage_options: dict | None = None,
+                    chunk_rows: int = 100_000) -> Manifest:
+    """Build the manifest by listing `uri` (a prefix or glob; `{language}` takes it from the path)."""
+    fs, pattern = filesystem(uri.replace("{language}", "__LANGUAGE__"), storage_options)
+    pattern = pattern.replace("__LANGUAGE__", "{language}")
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    tables: list[pa.Table] = []
+    audio: list[str] = []
+    language: list[str | None] = []
+
+    def flush() -> None:
+        if audio:
+            chunk = pa.table({"audio": pa.array(audio, pa.string()), "language": pa.array(language, pa.string())})
+            lines = list(range(len(tables) * chunk_rows + 1, len(tables) * chunk_rows + len(audio) + 1))
+            tables.append(_normalise(chunk, lines, uri, "listing", "", protocol, defaults))
+            audio.clear()
+            language.clear()
+
+    try:
+        for path, path_language in _iter_listing(fs, pattern):
+            audio.append(uri_of(fs, path))
+            language.append(path_language)
+            if len(audio) >= chunk_rows:
+                flush()
+    except FileNotFoundError:
+        raise ManifestError(f"{uri}: no such prefix") from None
+    flush()
+    if not tables:
+        raise ManifestError(f"{uri}: no recordings match")
+    combined = pa.concat_tables(tables)
+    return Manifest(table=combined, rows_in=combined.num_rows, duplicates=0, files=[uri], passthrough=[])

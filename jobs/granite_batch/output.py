@@ -18,10 +18,11 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from granite_batch.storage import filesystem, uri_of
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class TranscriptWriter:
 
     def __init__(self, output_uri: str, run_id: str, schema: pa.Schema, storage_options: dict | None = None,
                  rows_per_file: int = 200_000, commit_interval_s: float = 600.0):
-        self.fs, self.root = fsspec.core.url_to_fs(output_uri, **(storage_options or {}))
+        self.fs, self.root = filesystem(output_uri, storage_options)
         self.run_id = run_id
         self.schema = schema
         self.rows_per_file = rows_per_file
@@ -134,7 +135,7 @@ class TranscriptWriter:
         handle.stream.close()
         self.fs.makedirs(posixpath.dirname(handle.final), exist_ok=True)
         self.fs.mv(handle.staged, handle.final)
-        self.committed.append(handle.final)
+        self.committed.append(uri_of(self.fs, handle.final))
         log.info("committed %s (%d rows)", handle.final, handle.rows)
 
 
@@ -175,10 +176,10 @@ class RunStats:
 
 def write_summary(output_uri: str, run_id: str, summary: dict, storage_options: dict | None = None) -> str:
     """Write `runs/<run_id>.json` under the output root; return its path."""
-    fs, root = fsspec.core.url_to_fs(output_uri, **(storage_options or {}))
+    fs, root = filesystem(output_uri, storage_options)
     path = posixpath.join(root, RUNS_DIR, f"{run_id}.json")
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     with fs.open(path, "w") as handle:
         json.dump(summary, handle, indent=2, sort_keys=False, default=str)
         handle.write("\n")
-    return path
+    return uri_of(fs, path)

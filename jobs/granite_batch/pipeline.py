@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from granite_batch import audio, segment
 from granite_batch.config import JobConfig
-from granite_batch.manifest import Defaults, Manifest, read_manifest
+from granite_batch.manifest import Defaults, Manifest, list_recordings, read_manifest
 from granite_batch.model import ModelRef, SpeechModel, resolve_model, transcribe_table
 from granite_batch.output import RunStats, TranscriptWriter, transcript_schema, write_summary
 
@@ -118,10 +118,13 @@ def run(config: JobConfig, progress: bool = True) -> RunResult:
     clock = time.monotonic()
     run_id = config.run_id or new_run_id()
     defaults = Defaults(config.language, config.task, config.target_language, tuple(config.keywords))
-    manifest = read_manifest(config.manifest, defaults, config.storage_options)
+    if config.manifest is not None:
+        manifest = read_manifest(config.manifest, defaults, config.storage_options)
+    else:
+        manifest = list_recordings(config.input, defaults, config.storage_options)
     model_ref = resolve_model(config.model, config.revision, config.trust_remote_code)
     log.info("run %s: %d rows (%d duplicates) from %s", run_id, manifest.table.num_rows,
-             manifest.duplicates, config.manifest)
+             manifest.duplicates, config.manifest or config.input)
 
     ray = _ensure_ray()
     ray.data.DataContext.get_current().enable_progress_bars = progress
