@@ -46,9 +46,17 @@ def _parser() -> argparse.ArgumentParser:
                      help="run code shipped with the model repository (off by default; see README)")
     run.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, Ceph, R2); AWS_ENDPOINT_URL also works")
     run.add_argument("--anon", action="store_true", default=None, help="read public buckets without credentials")
+    run.add_argument("--retry-failed", action="store_true", default=None,
+                     help="also redo ids whose row in the output has an error (done ids are always skipped)")
     run.add_argument("--run-id", help="name this run (default: UTC time + random suffix)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("-v", "--verbose", action="store_true")
+
+    status = commands.add_parser("status", help="list the runs of an output root and what is done, failed, pending")
+    status.add_argument("output", help="output dataset root")
+    status.add_argument("--manifest", help="also count the manifest's ids that have no row yet")
+    status.add_argument("--language", default="en", help="the job's --language, for manifest ids (default en)")
+    status.add_argument("--endpoint-url", help="S3-compatible endpoint")
 
     tiny = commands.add_parser("tiny-model", help="write a tiny random Granite Speech checkpoint to DIR")
     tiny.add_argument("directory")
@@ -73,7 +81,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         "keywords": keywords, "batch_size": args.batch_size, "max_batch_audio_s": args.max_batch_audio_s,
         "max_segment_s": args.max_segment_s, "max_duration_s": args.max_duration_s,
         "max_failed_fraction": args.max_failed_fraction, "device": args.device, "dtype": args.dtype,
-        "trust_remote_code": args.trust_remote_code, "run_id": args.run_id,
+        "trust_remote_code": args.trust_remote_code, "run_id": args.run_id, "retry_failed": args.retry_failed,
         "generation": {k: v for k, v in generation.items() if v is not None} or None,
         "resources": resources or None,
         "storage_options": {"s3": s3} if s3 else None,
@@ -83,8 +91,9 @@ def _overrides(args: argparse.Namespace) -> dict:
 def _print_summary(summary: dict, path: str) -> None:
     print(
         f"\nrun {summary['run_id']}: {summary['rows_ok']} ok, {summary['rows_failed']} failed, "
-        f"{summary['duplicates']} duplicate ids skipped; {summary['audio_hours'] * 60:.1f} min of audio "
-        f"in {summary['wall_s']:.1f} s (real-time factor {summary['real_time_factor']})"
+        f"{summary['rows_already_done']} already done, {summary['duplicates']} duplicate ids; "
+        f"{summary['audio_hours'] * 60:.1f} min of audio in {summary['wall_s']:.1f} s "
+        f"(real-time factor {summary['real_time_factor']})"
     )
     for reason, count in summary["failures_by_reason"].items():
         print(f"  failed: {count:>6}  {reason}")
@@ -128,6 +137,36 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    import pyarrow.compute as pc
+
+    from granite_batch.manifest import Defaults, ManifestError, read_manifest
+    from granite_batch.output import read_committed, read_summaries
+
+    options = {"s3": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else {}
+    runs = read_summaries(args.output, options)
+    committed = read_committed(args.output, options)
+    print(f"{'run':<34} {'status':<18} {'started (UTC)':<20} {'ok':>8} {'failed':>8} {'wall s':>9}")
+    for run in runs:
+        started = (run.get("started_at") or "")[:19].replace("T", " ")
+        print(f"{run['run_id']:<34} {run['status']:<18} {started:<20} {run['rows_ok']:>8} "
+              f"{run['rows_failed']:>8} {run['wall_s']:>9.1f}")
+    failed = len(committed.failed_ids)
+    print(f"\nrows done: {len(committed.ok_ids) + failed} ({len(committed.ok_ids)} ok, {failed} failed)")
+    for reason, count in committed.failures_by_reason.most_common():
+        print(f"  failed: {count:>6}  {reason}")
+    if args.manifest:
+        try:
+            manifest = read_manifest(args.manifest, Defaults(language=args.language), options)
+        except ManifestError as exc:
+            print(f"granite-batch: bad manifest: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        done = committed.ids()
+        pending = manifest.table.num_rows - pc.sum(pc.is_in(manifest.table.column("id"), value_set=done)).as_py()
+        print(f"pending: {pending} of {manifest.table.num_rows} manifest ids have no row yet")
+    return EXIT_OK
+
+
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     from granite_batch.tiny_model import write_tiny_model
 
@@ -144,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("httpx", "urllib3", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    handler = {"run": _cmd_run, "tiny-model": _cmd_tiny_model}[args.command]
+    handler = {"run": _cmd_run, "status": _cmd_status, "tiny-model": _cmd_tiny_model}[args.command]
     return handler(args)
 
 

@@ -81,6 +81,7 @@ class JobConfig(_Strict):
     rows_per_file: int = Field(200_000, ge=1, description="rows before a Parquet file is closed")
     commit_interval_s: float = Field(600.0, gt=0, description="seconds before open files are closed")
     max_failed_fraction: float = Field(1.0, ge=0.0, le=1.0)
+    retry_failed: bool = Field(False, description="also redo ids whose committed row has an error")
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
     storage_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict,

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from granite_batch.storage import filesystem, uri_of
@@ -137,6 +138,80 @@ class TranscriptWriter:
         self.fs.mv(handle.staged, handle.final)
         self.committed.append(uri_of(self.fs, handle.final))
         log.info("committed %s (%d rows)", handle.final, handle.rows)
+
+
+@dataclass
+class Committed:
+    """What a previous run left in the output: ids with a successful row, and failed rows by file."""
+
+    ok_ids: pa.ChunkedArray
+    failed: dict[str, list[str]]
+    failures_by_reason: Counter = field(default_factory=Counter)
+
+    @property
+    def failed_ids(self) -> list[str]:
+        return [row_id for ids in self.failed.values() for row_id in ids]
+
+    def ids(self, include_failed: bool = True) -> pa.Array:
+        """Ids that have a row (optionally only a successful one), as one Arrow array."""
+        chunks = list(self.ok_ids.chunks)
+        if include_failed:
+            chunks.append(pa.array(self.failed_ids, pa.string()))
+        return pa.concat_arrays(chunks) if chunks else pa.array([], pa.string())
+
+
+def read_committed(output_uri: str, storage_options: dict | None = None) -> Committed:
+    """Scan the committed transcripts (only `id` and `error`), one file at a time."""
+    fs, root = filesystem(output_uri, storage_options)
+    base = posixpath.join(root, TRANSCRIPTS_DIR)
+    ok: list[pa.Array] = []
+    failed: dict[str, list[str]] = {}
+    reasons: Counter = Counter()
+    if fs.exists(base):
+        dataset = pads.dataset(base, filesystem=fs, format="parquet", partitioning="hive")
+        for fragment in dataset.get_fragments():
+            table = fragment.to_table(columns=["id", "error"])
+            is_ok = pc.is_null(table.column("error"))
+            ok.append(table.column("id").filter(is_ok).combine_chunks())
+            bad = table.filter(pc.invert(is_ok))
+            if bad.num_rows:
+                failed[fragment.path] = bad.column("id").to_pylist()
+                reasons.update(error_reason(e) for e in bad.column("error").to_pylist())
+    return Committed(pa.chunked_array(ok, type=pa.string()), failed, reasons)
+
+
+def drop_rows(output_uri: str, ids_by_file: dict[str, list[str]], storage_options: dict | None = None) -> None:
+    """Rewrite each file without the given ids (atomically replacing it), or remove it if nothing is left.
+
+    Used before failed rows are retried: a crash after this leaves those ids with no row, so the
+    next run redoes them; it never leaves two rows for one id.
+    """
+    fs, root = filesystem(output_uri, storage_options)
+    for path, ids in ids_by_file.items():
+        with fs.open(path, "rb") as handle:
+            table = pq.read_table(handle)
+        kept = table.filter(pc.invert(pc.is_in(table.column("id"), value_set=pa.array(ids, pa.string()))))
+        if kept.num_rows == 0:
+            fs.rm(path)
+            continue
+        staged = posixpath.join(root, STAGING_DIR, "rewrite", posixpath.basename(path))
+        fs.makedirs(posixpath.dirname(staged), exist_ok=True)
+        with fs.open(staged, "wb") as handle:
+            pq.write_table(kept, handle, compression="zstd")
+        fs.mv(staged, path)
+
+
+def read_summaries(output_uri: str, storage_options: dict | None = None) -> list[dict]:
+    """Every run summary under the output root, oldest first."""
+    fs, root = filesystem(output_uri, storage_options)
+    folder = posixpath.join(root, RUNS_DIR)
+    if not fs.exists(folder):
+        return []
+    summaries = []
+    for path in sorted(fs.glob(posixpath.join(folder, "*.json"))):
+        with fs.open(path, "r") as handle:
+            summaries.append(json.load(handle))
+    return sorted(summaries, key=lambda s: s.get("started_at", ""))
 
 
 @dataclass

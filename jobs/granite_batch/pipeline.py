@@ -14,12 +14,20 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from granite_batch import audio, segment
 from granite_batch.config import JobConfig
 from granite_batch.manifest import Defaults, Manifest, list_recordings, read_manifest
 from granite_batch.model import ModelRef, SpeechModel, resolve_model, transcribe_table
-from granite_batch.output import RunStats, TranscriptWriter, transcript_schema, write_summary
+from granite_batch.output import (
+    RunStats,
+    TranscriptWriter,
+    drop_rows,
+    read_committed,
+    transcript_schema,
+    write_summary,
+)
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +121,11 @@ def build_dataset(manifest: Manifest, config: JobConfig, model_ref: ModelRef, ru
 
 def run(config: JobConfig, progress: bool = True) -> RunResult:
     """Run one job end to end. Raises ManifestError / ModelLoadError before any work is done,
-    TooManyFailures after writing everything when failed rows exceed `max_failed_fraction`."""
+    TooManyFailures after writing everything when failed rows exceed `max_failed_fraction`.
+
+    Ids that already have a row in the output are skipped (with `retry_failed`, only those with a
+    successful row), so re-running the same command after a crash finishes the rest.
+    """
     started_at = datetime.now(timezone.utc)
     clock = time.monotonic()
     run_id = config.run_id or new_run_id()
@@ -123,53 +135,70 @@ def run(config: JobConfig, progress: bool = True) -> RunResult:
     else:
         manifest = list_recordings(config.input, defaults, config.storage_options)
     model_ref = resolve_model(config.model, config.revision, config.trust_remote_code)
-    log.info("run %s: %d rows (%d duplicates) from %s", run_id, manifest.table.num_rows,
-             manifest.duplicates, config.manifest or config.input)
 
-    ray = _ensure_ray()
-    ray.data.DataContext.get_current().enable_progress_bars = progress
+    committed = read_committed(config.output, config.storage_options)
+    if config.retry_failed and committed.failed:
+        drop_rows(config.output, committed.failed, config.storage_options)
+    skip = committed.ids(include_failed=not config.retry_failed)
+    todo = manifest.table.filter(pc.invert(pc.is_in(manifest.table.column("id"), value_set=skip)))
+    already_done = manifest.table.num_rows - todo.num_rows
+    log.info("run %s: %d rows to do, %d already done, %d duplicates, from %s", run_id, todo.num_rows,
+             already_done, manifest.duplicates, config.manifest or config.input)
+
+    stats = RunStats()
     schema = transcript_schema(manifest.table.schema)
     writer = TranscriptWriter(config.output, run_id, schema, config.storage_options,
                               config.rows_per_file, config.commit_interval_s)
-    stats = RunStats()
-    ds = build_dataset(manifest, config, model_ref, run_id)
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        writer.write(batch)
-        stats.add(batch)
-    files = writer.close()
 
-    wall_s = time.monotonic() - clock
-    summary = {
-        "run_id": run_id,
-        "status": "succeeded",
-        "started_at": started_at.isoformat(),
-        "finished_at": datetime.now(timezone.utc).isoformat(),
-        "manifest_files": manifest.files,
-        "rows_in": manifest.rows_in,
-        "duplicates": manifest.duplicates,
-        "rows_written": stats.rows_written,
-        "rows_ok": stats.rows_ok,
-        "rows_failed": stats.rows_failed,
-        "failures_by_reason": dict(stats.failures_by_reason.most_common()),
-        "rows_by_language": dict(sorted(stats.rows_by_language.items())),
-        "audio_s": round(stats.audio_s, 3),
-        "audio_hours": round(stats.audio_s / 3600, 4),
-        "wall_s": round(wall_s, 3),
-        "real_time_factor": round(stats.audio_s / wall_s, 3) if wall_s > 0 else None,
-        "model": model_ref.name,
-        "model_revision": model_ref.revision,
-        "files": files,
-        "config": config.public_dict(),
-    }
+    def summary(status: str) -> dict:
+        wall_s = time.monotonic() - clock
+        return {
+            "run_id": run_id,
+            "status": status,
+            "started_at": started_at.isoformat(),
+            "finished_at": datetime.now(timezone.utc).isoformat() if status != "running" else None,
+            "manifest_files": manifest.files,
+            "rows_in": manifest.rows_in,
+            "duplicates": manifest.duplicates,
+            "rows_already_done": already_done,
+            "rows_to_do": todo.num_rows,
+            "rows_written": stats.rows_written,
+            "rows_ok": stats.rows_ok,
+            "rows_failed": stats.rows_failed,
+            "failures_by_reason": dict(stats.failures_by_reason.most_common()),
+            "rows_by_language": dict(sorted(stats.rows_by_language.items())),
+            "audio_s": round(stats.audio_s, 3),
+            "audio_hours": round(stats.audio_s / 3600, 4),
+            "wall_s": round(wall_s, 3),
+            "real_time_factor": round(stats.audio_s / wall_s, 3) if wall_s > 0 else None,
+            "model": model_ref.name,
+            "model_revision": model_ref.revision,
+            "files": list(writer.committed),
+            "config": config.public_dict(),
+        }
+
+    # A summary exists from the start, so a run killed at any moment still shows what it did.
+    write_summary(config.output, run_id, summary("running"), config.storage_options)
+    if todo.num_rows:
+        ray = _ensure_ray()
+        ray.data.DataContext.get_current().enable_progress_bars = progress
+        ds = build_dataset(Manifest(todo, manifest.rows_in, manifest.duplicates, manifest.files), config,
+                           model_ref, run_id)
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            files_before = len(writer.committed)
+            writer.write(batch)
+            stats.add(batch)
+            if len(writer.committed) != files_before:
+                write_summary(config.output, run_id, summary("running"), config.storage_options)
+    writer.close()
+
     failed_fraction = stats.rows_failed / stats.rows_written if stats.rows_written else 0.0
     too_many = failed_fraction > config.max_failed_fraction
-    if too_many:
-        summary["status"] = "too_many_failures"
-    path = write_summary(config.output, run_id, summary, config.storage_options)
-    result = RunResult(run_id, summary, path, files)
+    final = summary("too_many_failures" if too_many else "succeeded")
+    path = write_summary(config.output, run_id, final, config.storage_options)
     if too_many:
         raise TooManyFailures(
             f"{stats.rows_failed} of {stats.rows_written} rows failed ({failed_fraction:.1%}), "
             f"more than max_failed_fraction {config.max_failed_fraction:.1%}; summary: {path}"
         )
-    return result
+    return RunResult(run_id, final, path, list(writer.committed))
