@@ -7,6 +7,7 @@ size of the output. Everything a single recording can do wrong comes back as a s
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import av
@@ -38,12 +39,14 @@ class Recording:
 
 
 def decode_audio(
-    source, sample_rate_hz: int = SAMPLE_RATE_HZ, max_duration_s: float | None = None, name: str = "file"
+    source, sample_rate_hz: int = SAMPLE_RATE_HZ, max_duration_s: float | None = None, name: str = "file",
+    timeout_s: float | None = None,
 ) -> Recording:
     """Decode `source` (a path or a binary file object) to mono float32 at `sample_rate_hz`.
 
     Raises DecodeError with a short reason when the recording cannot be used. A recording longer
-    than `max_duration_s` is refused as soon as the decoder gets past that point.
+    than `max_duration_s` is refused as soon as the decoder gets past that point, and one whose
+    decoding takes longer than `timeout_s` seconds is abandoned between two frames.
     """
     try:
         container = av.open(source, mode="r", metadata_errors="ignore")
@@ -58,12 +61,13 @@ def decode_audio(
         stream = container.streams.audio[0]
         stream.thread_type = "AUTO"
         try:
-            return _decode_stream(container, stream, sample_rate_hz, max_duration_s)
+            return _decode_stream(container, stream, sample_rate_hz, max_duration_s, timeout_s)
         except av.error.FFmpegError as exc:
             raise DecodeError(f"decode failed: {_ffmpeg_reason(exc)} ({stream.codec_context.name})") from None
 
 
-def _decode_stream(container, stream, sample_rate_hz: int, max_duration_s: float | None) -> Recording:
+def _decode_stream(container, stream, sample_rate_hz: int, max_duration_s: float | None,
+                   timeout_s: float | None) -> Recording:
     source_rate = stream.codec_context.sample_rate or stream.rate
     if not source_rate:
         raise DecodeError("decode failed: the audio stream has no sample rate")
@@ -74,6 +78,7 @@ def _decode_stream(container, stream, sample_rate_hz: int, max_duration_s: float
         source_rate, sample_rate_hz, 1, dtype="float32", quality="HQ"
     )
     limit = None if max_duration_s is None else int(max_duration_s * sample_rate_hz)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     chunks: list[np.ndarray] = []
     total = 0
 
@@ -88,6 +93,8 @@ def _decode_stream(container, stream, sample_rate_hz: int, max_duration_s: float
             raise DecodeError(
                 f"too long: more than {max_duration_s:.0f} s of audio (raise max_duration_s to allow it)"
             )
+        if deadline is not None and time.monotonic() > deadline:
+            raise DecodeError(f"decode timed out: more than {timeout_s:.0f} s (raise decode_timeout_s to allow it)")
 
     for frame in container.decode(stream):
         for converted in converter.resample(frame):
@@ -112,7 +119,7 @@ def _ffmpeg_reason(exc: Exception) -> str:
 
 def load_recording(
     uri: str, storage_options: dict | None = None, sample_rate_hz: int = SAMPLE_RATE_HZ,
-    max_duration_s: float | None = None,
+    max_duration_s: float | None = None, timeout_s: float | None = None,
 ) -> Recording:
     """Open `uri` through fsspec (local path, file://, s3://, gs://, ...) and decode it."""
     name = uri.rsplit("/", 1)[-1] or uri
@@ -122,7 +129,7 @@ def load_recording(
         if size == 0:
             raise DecodeError("decode failed: empty file (0 bytes)")
         with fs.open(path, "rb") as handle:
-            return decode_audio(handle, sample_rate_hz, max_duration_s, name=name)
+            return decode_audio(handle, sample_rate_hz, max_duration_s, name=name, timeout_s=timeout_s)
     except DecodeError:
         raise
     except FileNotFoundError:
@@ -158,7 +165,7 @@ def samples_from_arrow(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray | 
 
 
 def decode_table(table: pa.Table, storage_options: dict | None = None, sample_rate_hz: int = SAMPLE_RATE_HZ,
-                 max_duration_s: float | None = None) -> pa.Table:
+                 max_duration_s: float | None = None, timeout_s: float | None = None) -> pa.Table:
     """Decode stage: add `samples` and `duration_s`; a row that cannot be decoded gets `error`."""
     errors = table.column("error").to_pylist()
     recordings: list[np.ndarray | None] = []
@@ -169,7 +176,7 @@ def decode_table(table: pa.Table, storage_options: dict | None = None, sample_ra
             durations.append(None)
             continue
         try:
-            recording = load_recording(uri, storage_options, sample_rate_hz, max_duration_s)
+            recording = load_recording(uri, storage_options, sample_rate_hz, max_duration_s, timeout_s)
         except DecodeError as exc:
             errors[i] = str(exc)
             recordings.append(None)

@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="run code shipped with the model repository (off by default; see README)")
     run.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, Ceph, R2); AWS_ENDPOINT_URL also works")
     run.add_argument("--anon", action="store_true", default=None, help="read public buckets without credentials")
+    run.add_argument("--allowed-prefixes", help="comma-separated URI/path prefixes recordings must lie under; "
+                     "others become error rows (e.g. 's3://archive/,/mnt/audio/')")
+    run.add_argument("--decode-timeout-s", type=float, help="longest decode of one recording (default 900)")
     run.add_argument("--retry-failed", action="store_true", default=None,
                      help="also redo ids whose row in the output has an error (done ids are always skipped)")
     run.add_argument("--run-id", help="name this run (default: UTC time + random suffix)")
@@ -74,6 +77,9 @@ def _overrides(args: argparse.Namespace) -> dict:
         resources["model_actors_max"] = args.max_model_actors
     s3 = {"endpoint_url": args.endpoint_url, "anon": args.anon}
     s3 = {key: value for key, value in s3.items() if value is not None}
+    allowed = None if args.allowed_prefixes is None else [
+        p.strip() for p in args.allowed_prefixes.split(",") if p.strip()
+    ]
     keywords = None if args.keywords is None else [k.strip() for k in args.keywords.split(",") if k.strip()]
     return {
         "manifest": args.manifest, "input": args.input, "output": args.output, "model": args.model, "revision": args.revision,
@@ -82,6 +88,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         "max_segment_s": args.max_segment_s, "max_duration_s": args.max_duration_s,
         "max_failed_fraction": args.max_failed_fraction, "device": args.device, "dtype": args.dtype,
         "trust_remote_code": args.trust_remote_code, "run_id": args.run_id, "retry_failed": args.retry_failed,
+        "allowed_prefixes": allowed, "decode_timeout_s": args.decode_timeout_s,
         "generation": {k: v for k, v in generation.items() if v is not None} or None,
         "resources": resources or None,
         "storage_options": {"s3": s3} if s3 else None,

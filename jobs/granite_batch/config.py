@@ -70,6 +70,10 @@ class JobConfig(_Strict):
     decode_batch_size: int = Field(4, ge=1, description="recordings per decode task")
     max_segment_s: float = Field(30.0, ge=1.0, le=120.0)
     max_duration_s: float = Field(6 * 3600.0, gt=0)
+    decode_timeout_s: float = Field(900.0, gt=0, description="longest time one recording may take to decode")
+    allowed_prefixes: list[str] = Field(
+        default_factory=list, description="if set, recordings outside these URI/path prefixes become error rows"
+    )
     sample_rate_hz: Literal[16000] = 16000
 
     generation: GenerationOptions = Field(default_factory=GenerationOptions)

@@ -10,6 +10,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import posixpath
 import re
 from dataclasses import dataclass, field
@@ -18,8 +19,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from granite_batch.prompts import check_request
-from granite_batch.storage import LOCAL_PROTOCOLS, filesystem, uri_of
+from granite_batch.prompts import ASR_LANGUAGES, check_request
+from granite_batch.storage import LOCAL_PROTOCOLS, filesystem, protocol_of, uri_of
 
 MANIFEST_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 KNOWN_COLUMNS = ("id", "audio", "language", "task", "target_language", "keywords")
@@ -40,6 +41,7 @@ class Defaults:
     task: str = "asr"
     target_language: str | None = None
     keywords: tuple[str, ...] = ()
+    allowed_prefixes: tuple[str, ...] = ()  # when set, recordings elsewhere become error rows
 
 
 @dataclass
@@ -51,6 +53,28 @@ class Manifest:
     duplicates: int
     files: list[str]
     passthrough: list[str] = field(default_factory=list)
+
+
+def _canonical(uri: str) -> str:
+    """A URI with `..`, symlinks (local files) and scheme aliases resolved, for prefix checks."""
+    protocol = protocol_of(uri)
+    if protocol in LOCAL_PROTOCOLS:
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        return os.path.realpath(path)
+    path = uri.split("://", 1)[1] if "://" in uri else uri
+    return f"{protocol}://{posixpath.normpath('/' + path).lstrip('/')}"
+
+
+def is_allowed(uri: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether `uri` lies under one of `prefixes` (whole path components; no prefixes allows all)."""
+    if not prefixes:
+        return True
+    target = _canonical(uri)
+    for prefix in prefixes:
+        base = _canonical(prefix).rstrip("/")
+        if target == base or target.startswith(base + "/"):
+            return True
+    return False
 
 
 def default_id(audio: str, task: str, target_language: str | None, keywords: list[str]) -> str:
@@ -266,7 +290,9 @@ def _normalise(table, line_numbers, name, kind, base, protocol, defaults: Defaul
         keywords = _keywords(columns["keywords"][i] if columns["keywords"] else None, defaults.keywords)
         row_id = _as_str(columns["id"][i]) if columns["id"] else None
         error = check_request(language, task, target)
-        if error is not None and error.startswith("unsupported language"):
+        if error is None and not is_allowed(audio, defaults.allowed_prefixes):
+            error = f"not allowed: {audio} is outside the allowed prefixes"
+        if language not in ASR_LANGUAGES:
             language = UNDETERMINED_LANGUAGE  # keeps the partition path safe; the error names the value
         out["id"].append(row_id or default_id(audio, task, target, keywords))
         out["audio"].append(audio)

@@ -60,12 +60,35 @@ def resolve_model(name: str, revision: str | None = None, trust_remote_code: boo
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for a bad model
         raise ModelLoadError(f"cannot load model {name!r}: {_first_line(exc)}; {_load_hint(name)}") from None
     if os.path.isdir(name):
+        _check_local_weights(Path(name))
         return ModelRef(str(Path(name).resolve()), revision)
     config_path = cached_file(name, "config.json", revision=revision)
     parts = Path(config_path).parts
     # Hub cache layout: .../models--org--name/snapshots/<commit sha>/config.json
     resolved = parts[-2] if len(parts) > 2 and parts[-3] == "snapshots" else revision
     return ModelRef(name, resolved)
+
+
+def _check_local_weights(folder: Path) -> None:
+    """Read every safetensors header, so truncated or corrupt weights stop the job in the driver.
+
+    safetensors checks that the header describes exactly the bytes in the file; this costs one
+    small read per file, not a load of the weights.
+    """
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files and not list(folder.glob("*.bin")):
+        raise ModelLoadError(f"cannot load model {str(folder)!r}: no weights (*.safetensors) in the folder")
+    for path in files:
+        try:
+            with safe_open(str(path), "pt") as handle:
+                handle.keys()
+        except Exception as exc:
+            raise ModelLoadError(
+                f"cannot load model {str(folder)!r}: corrupt weights in {path.name} ({_first_line(exc)}); "
+                "download the model again"
+            ) from None
 
 
 def _first_line(exc: Exception) -> str:

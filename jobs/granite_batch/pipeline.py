@@ -97,7 +97,7 @@ def build_dataset(manifest: Manifest, config: JobConfig, model_ref: ModelRef, ru
     ds = ds.map_batches(
         audio.decode_table,
         fn_kwargs={"storage_options": config.storage_options, "sample_rate_hz": config.sample_rate_hz,
-                   "max_duration_s": config.max_duration_s},
+                   "max_duration_s": config.max_duration_s, "timeout_s": config.decode_timeout_s},
         batch_format="pyarrow", batch_size=config.decode_batch_size, num_cpus=config.resources.decode_cpus,
     )
     ds = ds.map_batches(
@@ -129,7 +129,8 @@ def run(config: JobConfig, progress: bool = True) -> RunResult:
     started_at = datetime.now(timezone.utc)
     clock = time.monotonic()
     run_id = config.run_id or new_run_id()
-    defaults = Defaults(config.language, config.task, config.target_language, tuple(config.keywords))
+    defaults = Defaults(config.language, config.task, config.target_language, tuple(config.keywords),
+                        tuple(config.allowed_prefixes))
     if config.manifest is not None:
         manifest = read_manifest(config.manifest, defaults, config.storage_options)
     else:
