@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import av
@@ -274,3 +276,52 @@ class FaultyProxy:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+# --- a Ray cluster started the way operators start one ------------------------------------------
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+@pytest.fixture
+def ray_cluster():
+    """`ray start --head` with the dashboard (job submission) on 127.0.0.1, in its own temp dir."""
+    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must stay short
+    port, dashboard = free_port(), free_port()
+    # The CLI sends the dashboard token only when asked. PATH: on this one-machine "cluster" the
+    # virtualenv plays the role of the image, so the job's `python` must be the virtualenv's.
+    env = {**os.environ, "RAY_AUTH_MODE": "token",
+           "PATH": f"{Path(os.sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # --block keeps the head in one process group that this fixture alone ends (`ray stop` would
+    # end every Ray on the machine, other test runs' included).
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+    )
+    try:
+        _wait_for_dashboard(f"http://127.0.0.1:{dashboard}", head)
+        yield {"address": f"http://127.0.0.1:{dashboard}", "gcs": f"127.0.0.1:{port}", "env": env}
+    finally:
+        os.killpg(head.pid, 9)
+        head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_for_dashboard(url: str, head: subprocess.Popen, timeout_s: float = 120) -> None:
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert head.poll() is None, "ray start --head exited"
+        try:
+            urllib.request.urlopen(url + "/api/version", timeout=2)
+            return
+        except urllib.error.HTTPError:
+            return  # answering (with an auth error): it is up
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"the Ray dashboard at {url} did not come up")

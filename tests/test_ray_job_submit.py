@@ -3,40 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import tempfile
-from pathlib import Path
 
 import pyarrow.dataset as pads
-import pytest
 
-from conftest import REPO, SAMPLES, free_port
-
-RAY = str(Path(os.sys.executable).with_name("ray"))
-
-
-@pytest.fixture
-def ray_cluster():
-    """`ray start --head` with the dashboard (job submission) on 127.0.0.1, in its own temp dir."""
-    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must stay short
-    port, dashboard = free_port(), free_port()
-    # The CLI sends the dashboard token only when asked. PATH: on this one-machine "cluster" the
-    # virtualenv plays the role of the image, so the job's `python` must be the virtualenv's.
-    env = {**os.environ, "RAY_AUTH_MODE": "token",
-           "PATH": f"{Path(os.sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    subprocess.run(
-        [RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        check=True, capture_output=True, env=env, timeout=180,
-    )
-    try:
-        yield {"address": f"http://127.0.0.1:{dashboard}", "env": env}
-    finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env, timeout=120)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+from conftest import RAY, REPO, SAMPLES
 
 
 def test_ray_job_submit_end_to_end(ray_cluster, tiny_model_dir, tmp_path):
