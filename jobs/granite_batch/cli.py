@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-batch-audio-s", type=float, help="audio seconds per generate call (default 480)")
     run.add_argument("--max-new-tokens", type=int, help="generation limit per segment (default 200)")
     run.add_argument("--num-beams", type=int, help="beam search width (default 1: greedy)")
+    run.add_argument("--decoding", choices=["autoregressive", "speculative-strict", "speculative"],
+                     help="autoregressive (default), speculative-strict (CTC drafts, output identical to "
+                          "greedy) or speculative (IBM's relaxed acceptance)")
     run.add_argument("--max-segment-s", type=float, help="longest segment sent to the model (default 30)")
     run.add_argument("--max-duration-s", type=float, help="longer recordings become error rows (default 21600)")
     run.add_argument("--max-failed-fraction", type=float, help="exit non-zero above this share of failed rows")
@@ -68,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    generation = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams}
+    generation = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams, "decoding": args.decoding}
     resources = {}
     if args.model_actors is not None:
         resources["model_actors_min"] = args.model_actors

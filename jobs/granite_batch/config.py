@@ -27,6 +27,15 @@ class GenerationOptions(_Strict):
     max_new_tokens: int = Field(200, ge=1, le=4096)
     num_beams: int = Field(1, ge=1, le=16)
     repetition_penalty: float = Field(1.0, gt=0)
+    decoding: Literal["autoregressive", "speculative-strict", "speculative"] = "autoregressive"
+    ctc_entropy_threshold: float = Field(0.7, ge=0, description="speculative: accept a CTC draft below this")
+    verify_threshold: float = Field(0.1, ge=0, le=1, description="speculative: least draft token probability")
+
+    @model_validator(mode="after")
+    def _greedy_for_speculation(self) -> "GenerationOptions":
+        if self.decoding != "autoregressive" and (self.num_beams != 1 or self.repetition_penalty != 1.0):
+            raise ValueError(f"decoding {self.decoding} needs num_beams 1 and repetition_penalty 1.0")
+        return self
 
 
 class Resources(_Strict):

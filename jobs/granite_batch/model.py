@@ -10,6 +10,7 @@ left-padded `inputs_embeds` with an attention mask. Greedy output is then the sa
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -18,6 +19,17 @@ from pathlib import Path
 import numpy as np
 
 from granite_batch.prompts import Request, render_prompt
+from granite_batch.speculative import (
+    BY_AUTOREGRESSIVE,
+    BY_CTC,
+    BY_FALLBACK,
+    BY_VERIFICATION,
+    SpeculativeOptions,
+    ctc_draft,
+    draftable,
+    relaxed_accepted,
+    strict_accepted,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +112,8 @@ class SpeechModel:
     """A Granite Speech model and its processor on one device, ready for batched generation."""
 
     def __init__(self, model, processor, device: str, max_new_tokens: int = 200, num_beams: int = 1,
-                 repetition_penalty: float = 1.0, max_batch_audio_s: float = 480.0):
+                 repetition_penalty: float = 1.0, max_batch_audio_s: float = 480.0,
+                 speculative: SpeculativeOptions | None = None):
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -109,7 +122,13 @@ class SpeechModel:
         self.num_beams = num_beams
         self.repetition_penalty = repetition_penalty
         self.max_batch_audio_s = max_batch_audio_s
+        self.speculative = speculative or SpeculativeOptions()
+        if self.speculative.mode != "autoregressive" and (num_beams != 1 or repetition_penalty != 1.0):
+            raise ValueError("speculative decoding needs greedy search: num_beams 1, repetition_penalty 1")
         self.sample_rate_hz = processor.audio_processor.sampling_rate
+        self.logits_scaling = float(getattr(model.config.text_config, "logits_scaling", 1.0) or 1.0)
+        # Test hook: (samples, request) -> draft token ids, in place of the CTC draft.
+        self.draft_hook = None
         self._prompts: dict[Request, str] = {}
 
     @classmethod
@@ -141,7 +160,11 @@ class SpeechModel:
 
     def generate(self, items: list[tuple[np.ndarray, Request]]) -> list[str]:
         """Transcribe or translate each (16 kHz mono samples, request); results in input order."""
-        results = [""] * len(items)
+        return [text for text, _ in self.generate_with_decisions(items)]
+
+    def generate_with_decisions(self, items: list[tuple[np.ndarray, Request]]) -> list[tuple[str, str | None]]:
+        """Like `generate`, with what decided each text (see speculative.py; None for too-short audio)."""
+        results: list[tuple[str, str | None]] = [("", None)] * len(items)
         min_samples = int(MIN_SEGMENT_S * self.sample_rate_hz)
         order = sorted((i for i in range(len(items)) if len(items[i][0]) >= min_samples),
                        key=lambda i: len(items[i][0]), reverse=True)
@@ -157,29 +180,133 @@ class SpeechModel:
             self._generate_batch(items, batch, results)
         return results
 
-    def _generate_batch(self, items, batch: list[int], results: list[str]) -> None:
+    def _generate_batch(self, items, batch: list[int], results: list) -> None:
         import torch
 
+        speculative = self.speculative.mode != "autoregressive"
         with torch.inference_mode():
-            embeds = self._prompt_embeddings(items, batch)
-            width = max(e.shape[0] for e in embeds)
-            hidden = embeds[0].shape[1]
-            inputs = torch.zeros((len(batch), width, hidden), dtype=embeds[0].dtype, device=self.device)
-            mask = torch.zeros((len(batch), width), dtype=torch.long, device=self.device)
-            for row, e in enumerate(embeds):
-                inputs[row, width - e.shape[0]:] = e  # left padding
-                mask[row, width - e.shape[0]:] = 1
-            tokens = self.model.generate(
-                inputs_embeds=inputs, attention_mask=mask, max_new_tokens=self.max_new_tokens,
-                num_beams=self.num_beams, do_sample=False, repetition_penalty=self.repetition_penalty,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
+            embeds, ctc_logits = self._prompt_embeddings(items, batch, with_ctc=speculative)
+            requests = [items[i][1] for i in batch]
+            if speculative:
+                drafts = [self._draft(items[i], logits) for i, logits in zip(batch, ctc_logits)]
+                tokens, decisions = self._speculative(embeds, requests, drafts)
+            else:
+                tokens = self._autoregressive(embeds, [self.max_new_tokens] * len(batch))
+                decisions = [BY_AUTOREGRESSIVE] * len(batch)
         texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        for index, text in zip(batch, texts):
-            results[index] = text.strip()
+        for index, text, decision in zip(batch, texts, decisions):
+            results[index] = (text.strip(), decision)
 
-    def _prompt_embeddings(self, items, batch: list[int]) -> list:
-        """Per item: prompt token embeddings with its audio embeddings in place of `<|audio|>` tokens."""
+    def _left_pad(self, sequences: list):
+        """Stack [length, hidden] embeddings into a left-padded batch with its attention mask."""
+        import torch
+
+        width = max(e.shape[0] for e in sequences)
+        inputs = torch.zeros((len(sequences), width, sequences[0].shape[1]), dtype=sequences[0].dtype,
+                             device=self.device)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long, device=self.device)
+        for row, e in enumerate(sequences):
+            inputs[row, width - e.shape[0]:] = e
+            mask[row, width - e.shape[0]:] = 1
+        return inputs, mask
+
+    def _autoregressive(self, embeds: list, budgets: list[int]) -> list[list[int]]:
+        """Greedy (or beam) generation on left-padded prompt embeddings; new tokens per row."""
+        inputs, mask = self._left_pad(embeds)
+        tokens = self.model.generate(
+            inputs_embeds=inputs, attention_mask=mask, max_new_tokens=max(budgets),
+            num_beams=self.num_beams, do_sample=False, repetition_penalty=self.repetition_penalty,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        out = []
+        for row, budget in zip(tokens.tolist(), budgets):
+            row = row[:budget]
+            if self.tokenizer.eos_token_id in row:
+                row = row[: row.index(self.tokenizer.eos_token_id)]
+            out.append([t for t in row if t != self.tokenizer.pad_token_id])
+        return out
+
+    def _draft(self, item, ctc_logits) -> tuple[list[int] | None, str, float]:
+        """(draft token ids or None when this request is not drafted, draft text, max CTC entropy)."""
+        samples, request = item
+        if not draftable(request.task, request.language):
+            return None, "", math.inf
+        if self.draft_hook is not None:
+            ids = list(self.draft_hook(samples, request))
+            return ids, self.tokenizer.decode(ids), math.inf
+        text, entropy = ctc_draft(ctc_logits)
+        text = text.strip()
+        return (self.tokenizer.encode(text, add_special_tokens=False) if text else []), text, entropy
+
+    def _speculative(self, embeds: list, requests: list[Request], drafts: list) -> tuple[list, list[str]]:
+        """Decide each row by CTC, by one batched verification pass, or by decoding on after it."""
+        import torch
+
+        n = len(embeds)
+        eos = self.tokenizer.eos_token_id
+        relaxed = self.speculative.mode == "speculative"
+        tokens: list[list[int] | None] = [None] * n
+        decisions = [BY_AUTOREGRESSIVE] * n
+        prefixes: dict[int, list[int]] = {}
+        for row, (ids, _, entropy) in enumerate(drafts):
+            if ids is None:
+                continue
+            decisions[row] = BY_FALLBACK
+            if relaxed and ids and entropy <= self.speculative.ctc_entropy_threshold:
+                tokens[row], decisions[row] = ids[: self.max_new_tokens], BY_CTC
+        verify = [row for row in range(n) if tokens[row] is None and drafts[row][0]]
+        if verify:
+            embed_tokens = self.model.get_input_embeddings()
+            sequences, lengths = [], []
+            for row in verify:
+                draft = drafts[row][0][: self.max_new_tokens]
+                ids = torch.tensor(draft, dtype=torch.long, device=self.device)
+                sequences.append(torch.cat([embeds[row], embed_tokens(ids).to(embeds[row].dtype)]))
+                lengths.append(len(draft))
+            inputs, mask = self._left_pad(sequences)
+            logits = self.model(inputs_embeds=inputs, attention_mask=mask, use_cache=False).logits
+            width = inputs.shape[1]
+            for position, (row, length) in enumerate(zip(verify, lengths)):
+                draft = drafts[row][0][:length]
+                # Logits at the last prompt position predict draft[0]; the last one predicts what follows.
+                start = width - length - 1
+                step_logits = logits[position, start: start + length + 1].float()
+                greedy = step_logits.argmax(dim=-1).tolist()
+                if relaxed:
+                    probs = torch.softmax(step_logits[:length] / self.logits_scaling, dim=-1)
+                    chosen = probs[torch.arange(length), torch.tensor(draft)].tolist()
+                    accepted = relaxed_accepted(chosen, self.speculative.verify_threshold)
+                    if accepted == length:
+                        tokens[row], decisions[row] = draft, BY_VERIFICATION
+                        continue
+                else:
+                    accepted = strict_accepted(draft, greedy[:length])
+                following = greedy[accepted]  # the model's own token where the draft stops
+                prefix = draft[:accepted] if following == eos else draft[:accepted] + [following]
+                if following == eos or len(prefix) >= self.max_new_tokens:
+                    # Finished without a single autoregressive step: the verification pass decided it.
+                    tokens[row], decisions[row] = prefix[: self.max_new_tokens], BY_VERIFICATION
+                    continue
+                prefixes[row] = prefix
+        rest = [row for row in range(n) if tokens[row] is None]
+        if rest:
+            embed_tokens = self.model.get_input_embeddings()
+            sequences, budgets = [], []
+            for row in rest:
+                prefix = prefixes.get(row, [])
+                sequence = embeds[row]
+                if prefix:
+                    ids = torch.tensor(prefix, dtype=torch.long, device=self.device)
+                    sequence = torch.cat([sequence, embed_tokens(ids).to(sequence.dtype)])
+                sequences.append(sequence)
+                budgets.append(self.max_new_tokens - len(prefix))
+            for row, generated in zip(rest, self._autoregressive(sequences, budgets)):
+                tokens[row] = prefixes.get(row, []) + generated
+        return tokens, decisions
+
+    def _prompt_embeddings(self, items, batch: list[int], with_ctc: bool = False) -> tuple[list, list]:
+        """Per item: prompt token embeddings with its audio embeddings in place of `<|audio|>` tokens,
+        and (with_ctc) the CTC head's logits over its encoder frames."""
         import torch
 
         groups: dict[tuple[int, Request], list[int]] = defaultdict(list)
@@ -187,6 +314,7 @@ class SpeechModel:
             samples, request = items[index]
             groups[(len(samples), request)].append(index)
         embeds: dict[int, object] = {}
+        ctc: dict[int, object] = {}
         inner = self.model.model
         for (_, request), members in groups.items():
             # Equal sample counts and prompts need no padding, so they can share one encoder pass.
@@ -195,16 +323,18 @@ class SpeechModel:
             features = self.processor(text=[prompt] * len(members), audio=waveforms, return_tensors="pt").to(
                 self.device
             )
-            audio = self.model.get_audio_features(
-                features["input_features"].to(self.model.dtype), return_dict=True
-            ).pooler_output
+            encoded = inner.encoder(features["input_features"].to(self.model.dtype)).last_hidden_state
+            audio = inner.projector(encoded)
             merged = inner.get_merged_audio_embeddings(
                 input_ids=features["input_ids"], audio_features=audio,
                 input_features_mask=features["input_features_mask"],
             )
+            # IBM's notebook applies the (shared) CTC head `encoder.out` to the final encoder output.
+            logits = inner.encoder.out(encoded) if with_ctc else None
             for row, index in enumerate(members):
                 embeds[index] = merged[row]
-        return [embeds[index] for index in batch]
+                ctc[index] = None if logits is None else logits[row]
+        return [embeds[index] for index in batch], [ctc[index] for index in batch]
 
 
 # Scripts written without spaces between words.
@@ -235,17 +365,20 @@ def transcribe_table(table, speech_model: SpeechModel):
     for row, samples in enumerate(recordings):
         if samples is None or errors[row] is not None:
             continue
-        request = Request(tasks[row], targets[row], tuple(keywords[row] or ()))
+        request = Request(tasks[row], targets[row], tuple(keywords[row] or ()), languages[row])
         for k, (start, end) in enumerate(zip(starts[row], ends[row])):
             items.append((samples[start:end], request))
             owners.append((row, k))
 
-    texts = _generate_or_isolate(speech_model, items, owners, errors)
+    generated = _generate_or_isolate(speech_model, items, owners, errors)
     rate = speech_model.sample_rate_hz
     segments: list[list[dict] | None] = [[] for _ in recordings]
-    for (row, k), text in zip(owners, texts):
-        if text is not None:
+    decided: list[set] = [set() for _ in recordings]
+    for (row, k), result in zip(owners, generated):
+        if result is not None:
+            text, decision = result
             segments[row].append({"start": starts[row][k] / rate, "end": ends[row][k] / rate, "text": text})
+            decided[row].add(decision)
     joined: list[str | None] = []
     for row in range(len(recordings)):
         if errors[row] is not None:
@@ -255,27 +388,34 @@ def transcribe_table(table, speech_model: SpeechModel):
         language = targets[row] if tasks[row] == "ast" else languages[row]
         separator = "" if language in _UNSPACED_LANGUAGES else " "
         joined.append(separator.join(s["text"] for s in segments[row] if s["text"]))
+    # A row is decided by the costliest path any of its segments took.
+    ranking = (BY_FALLBACK, BY_AUTOREGRESSIVE, BY_VERIFICATION, BY_CTC)
+    decoded_by = [next((d for d in ranking if d in decided[row]), None) if errors[row] is None else None
+                  for row in range(len(recordings))]
 
     table = table.drop_columns(["samples", "segment_starts", "segment_ends"])
     table = table.set_column(table.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
     table = table.append_column("text", pa.array(joined, pa.string()))
-    return table.append_column("segments", pa.array(segments, pa.list_(SEGMENT_TYPE)))
+    table = table.append_column("segments", pa.array(segments, pa.list_(SEGMENT_TYPE)))
+    # Not an output column: the driver counts it for the run summary.
+    return table.append_column("decoded_by", pa.array(decoded_by, pa.string()))
 
 
-def _generate_or_isolate(speech_model: SpeechModel, items, owners, errors: list) -> list[str | None]:
+def _generate_or_isolate(speech_model: SpeechModel, items, owners, errors: list) -> list:
     """Generate for all items; if the batch fails, retry row by row so one bad row fails alone."""
     try:
-        return speech_model.generate(items)
+        return speech_model.generate_with_decisions(items)
     except Exception as exc:  # a failed batch must not take its neighbours down
         log.warning("batch of %d segments failed (%s); retrying row by row", len(items), _first_line(exc))
-    texts: list[str | None] = [None] * len(items)
+    texts: list = [None] * len(items)
     by_row: dict[int, list[int]] = defaultdict(list)
     for position, (row, _) in enumerate(owners):
         by_row[row].append(position)
     for row, positions in by_row.items():
         try:
-            for position, text in zip(positions, speech_model.generate([items[p] for p in positions])):
-                texts[position] = text
+            results = speech_model.generate_with_decisions([items[p] for p in positions])
+            for position, result in zip(positions, results):
+                texts[position] = result
         except Exception as exc:
             errors[row] = f"inference failed: {type(exc).__name__}: {_first_line(exc)}"[:300]
             for position in positions:

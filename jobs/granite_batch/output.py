@@ -234,6 +234,7 @@ class RunStats:
     audio_s: float = 0.0
     failures_by_reason: Counter = field(default_factory=Counter)
     rows_by_language: Counter = field(default_factory=Counter)
+    decoding: dict = field(default_factory=dict)  # language -> Counter of what decided each row
 
     def add(self, table: pa.Table) -> None:
         errors = table.column("error").to_pylist()
@@ -247,6 +248,10 @@ class RunStats:
                 self.failures_by_reason[error_reason(error)] += 1
             self.audio_s += duration or 0.0
         self.rows_by_language.update(table.column("language").to_pylist())
+        if "decoded_by" in table.column_names:
+            for language, decided in zip(table.column("language").to_pylist(), table.column("decoded_by").to_pylist()):
+                if decided is not None:
+                    self.decoding.setdefault(language, Counter())[decided] += 1
 
 
 def write_summary(output_uri: str, run_id: str, summary: dict, storage_options: dict | None = None) -> str:

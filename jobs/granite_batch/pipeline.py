@@ -20,6 +20,7 @@ from granite_batch import audio, segment
 from granite_batch.config import JobConfig
 from granite_batch.manifest import Defaults, Manifest, list_recordings, read_manifest
 from granite_batch.model import ModelRef, SpeechModel, resolve_model, transcribe_table
+from granite_batch.speculative import SpeculativeOptions
 from granite_batch.output import (
     RunStats,
     TranscriptWriter,
@@ -60,6 +61,8 @@ class Transcriber:
             trust_remote_code=config.trust_remote_code,
             max_new_tokens=config.generation.max_new_tokens, num_beams=config.generation.num_beams,
             repetition_penalty=config.generation.repetition_penalty, max_batch_audio_s=config.max_batch_audio_s,
+            speculative=SpeculativeOptions(config.generation.decoding, config.generation.ctc_entropy_threshold,
+                                           config.generation.verify_threshold),
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -168,6 +171,7 @@ def run(config: JobConfig, progress: bool = True) -> RunResult:
             "rows_failed": stats.rows_failed,
             "failures_by_reason": dict(stats.failures_by_reason.most_common()),
             "rows_by_language": dict(sorted(stats.rows_by_language.items())),
+            "decoding": {language: dict(sorted(counts.items())) for language, counts in sorted(stats.decoding.items())},
             "audio_s": round(stats.audio_s, 3),
             "audio_hours": round(stats.audio_s / 3600, 4),
             "wall_s": round(wall_s, 3),

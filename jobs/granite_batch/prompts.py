@@ -79,6 +79,7 @@ class Request:
     task: str = "asr"
     target_language: str | None = None
     keywords: tuple[str, ...] = ()
+    language: str | None = None  # spoken language: not in the prompt, but decides CTC drafting
 
 
 def instruction(request: Request) -> str:
