@@ -284,8 +284,12 @@ RAY = str(Path(sys.executable).with_name("ray"))
 
 
 @pytest.fixture
-def ray_cluster():
-    """`ray start --head` with the dashboard (job submission) on 127.0.0.1, in its own temp dir."""
+def ray_cluster(request):
+    """`ray start --head` with the dashboard (job submission) on 127.0.0.1, in its own temp dir.
+
+    Parametrise indirectly with {"head_cpus": n} to size the head node.
+    """
+    head_cpus = getattr(request, "param", {}).get("head_cpus", 2)
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must stay short
     port, dashboard = free_port(), free_port()
     # The CLI sends the dashboard token only when asked. PATH: on this one-machine "cluster" the
@@ -295,14 +299,15 @@ def ray_cluster():
     # --block keeps the head in one process group that this fixture alone ends (`ray stop` would
     # end every Ray on the machine, other test runs' included).
     head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+        [RAY, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1", f"--num-cpus={head_cpus}",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
          f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
     )
     try:
         _wait_for_dashboard(f"http://127.0.0.1:{dashboard}", head)
-        yield {"address": f"http://127.0.0.1:{dashboard}", "gcs": f"127.0.0.1:{port}", "env": env}
+        yield {"address": f"http://127.0.0.1:{dashboard}", "gcs": f"127.0.0.1:{port}", "env": env,
+               "temp_dir": temp_dir}
     finally:
         os.killpg(head.pid, 9)
         head.wait()

@@ -49,6 +49,9 @@ class Resources(_Strict):
     )
     cpus_per_actor: float = Field(1.0, gt=0)
     accelerator_type: str | None = None
+    actor_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources each model actor needs, e.g. {speech_gpu: 1}"
+    )
 
     @model_validator(mode="after")
     def _pool_bounds(self) -> "Resources":

@@ -111,6 +111,8 @@ def build_dataset(manifest: Manifest, config: JobConfig, model_ref: ModelRef, ru
     actor_options = {}
     if config.resources.accelerator_type:
         actor_options["accelerator_type"] = config.resources.accelerator_type
+    if config.resources.actor_resources:
+        actor_options["resources"] = dict(config.resources.actor_resources)
     return ds.map_batches(
         Transcriber,
         fn_constructor_kwargs={"config": config, "model_ref": model_ref, "run_id": run_id, "device": device},
