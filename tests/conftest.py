@@ -47,10 +47,7 @@ def encode(path: Path, samples: np.ndarray, rate: int, codec: str, container: st
     if channels > 1:
         planar[1:] *= 0.5  # distinct channels, so a wrong downmix shows up in the level
     with av.open(str(path), "w", format=container) as out:
-        video = None
-        if with_video:
-            video = out.add_stream("mpeg4", rate=10)
-            video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        video = add_video_stream(out) if with_video else None
         stream = out.add_stream(codec, rate=out_rate, layout=layout)
         frame = av.AudioFrame.from_ndarray(planar, format="fltp", layout=layout)
         frame.sample_rate = rate
@@ -61,15 +58,25 @@ def encode(path: Path, samples: np.ndarray, rate: int, codec: str, container: st
         for packet in stream.encode(None):
             out.mux(packet)
         if video is not None:
-            seconds = len(samples) / rate
-            for i in range(int(seconds * 10)):
-                image = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i % 255, np.uint8), format="rgb24")
-                image.pts = i
-                for packet in video.encode(image):
-                    out.mux(packet)
-            for packet in video.encode(None):
-                out.mux(packet)
+            write_video_frames(out, video, frames=int(len(samples) / rate * 10))
     return path
+
+
+def add_video_stream(out):
+    """A small 10 fps MPEG-4 video stream in container `out`."""
+    video = out.add_stream("mpeg4", rate=10)
+    video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+    return video
+
+
+def write_video_frames(out, video, frames: int) -> None:
+    for i in range(frames):
+        image = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i % 255, np.uint8), format="rgb24")
+        image.pts = i
+        for packet in video.encode(image):
+            out.mux(packet)
+    for packet in video.encode(None):
+        out.mux(packet)
 
 
 # name -> (codec, container, channels, output rate, with video)
@@ -110,15 +117,7 @@ def broken_corpus(tmp_path_factory, speech) -> dict[str, Path]:
     files["random.mp3"].write_bytes(np.random.default_rng(0).integers(0, 256, 20000, dtype=np.uint8).tobytes())
     files["text.wav"].write_text("this is not audio, just text with a .wav name\n" * 20)
     with av.open(str(files["no_audio.mp4"]), "w", format="mp4") as out:
-        video = out.add_stream("mpeg4", rate=10)
-        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
-        for i in range(10):
-            image = av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="rgb24")
-            image.pts = i
-            for packet in video.encode(image):
-                out.mux(packet)
-        for packet in video.encode(None):
-            out.mux(packet)
+        write_video_frames(out, add_video_stream(out), frames=10)
     return files
 
 
