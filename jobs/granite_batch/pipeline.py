@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from granite_batch import audio, segment
 from granite_batch.config import JobConfig
-from granite_batch.manifest import Defaults, Manifest, list_recordings, read_manifest
+from granite_batch.manifest import Defaults, list_recordings, read_manifest
 from granite_batch.model import ModelRef, SpeechModel, resolve_model, transcribe_table
 from granite_batch.speculative import SpeculativeOptions
 from granite_batch.output import (
@@ -82,8 +82,8 @@ def _ensure_ray():
     return ray
 
 
-def build_dataset(manifest: Manifest, config: JobConfig, model_ref: ModelRef, run_id: str):
-    """The lazy Ray Dataset of transcript rows (nothing runs until it is iterated)."""
+def build_dataset(rows_to_do: pa.Table, config: JobConfig, model_ref: ModelRef, run_id: str):
+    """The lazy Ray Dataset of transcript rows for `rows_to_do` (nothing runs until it is iterated)."""
     ray = _ensure_ray()
     cluster = ray.cluster_resources()
     gpus_per_actor = config.resources.gpus_per_actor
@@ -92,9 +92,9 @@ def build_dataset(manifest: Manifest, config: JobConfig, model_ref: ModelRef, ru
     device = config.device if config.device != "auto" else ("cuda" if gpus_per_actor > 0 else "cpu")
 
     # Enough blocks to keep every CPU busy, small enough that decoded audio stays bounded per task.
-    rows = manifest.table.num_rows
+    rows = rows_to_do.num_rows
     block_rows = max(1, min(64, math.ceil(rows / max(2, 2 * int(cluster.get("CPU", 1))))))
-    blocks = [manifest.table.slice(i, block_rows) for i in range(0, rows, block_rows)]
+    blocks = [rows_to_do.slice(i, block_rows) for i in range(0, rows, block_rows)]
     ds = ray.data.from_arrow(blocks)
 
     ds = ds.map_batches(
@@ -189,8 +189,7 @@ def run(config: JobConfig, progress: bool = True) -> RunResult:
     if todo.num_rows:
         ray = _ensure_ray()
         ray.data.DataContext.get_current().enable_progress_bars = progress
-        ds = build_dataset(Manifest(todo, manifest.rows_in, manifest.duplicates, manifest.files), config,
-                           model_ref, run_id)
+        ds = build_dataset(todo, config, model_ref, run_id)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             files_before = len(writer.committed)
             writer.write(batch)
