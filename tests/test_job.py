@@ -133,6 +133,11 @@ def test_run_summary(job):
     assert summary["config"]["batch_size"] == 3  # the flag overrode the YAML
     assert summary["config"]["generation"]["max_new_tokens"] == 12  # from the YAML
     assert summary["model_revision"] is None and summary["model"].endswith(Path(summary["model"]).name)
+    # Quality figures from the rows that carry a reference: the 8 sample rows (7 ASR, 1 AST).
+    quality = summary["quality"]
+    assert quality["rows_scored"] == 8
+    assert quality["overall"]["wer"] > 0.5  # the tiny random model's text is gibberish
+    assert quality["by_task"]["ast"]["bleu"] >= 0
 
 
 def test_bad_manifest_exits_before_any_work_naming_the_line(tmp_path, tiny_model_dir):

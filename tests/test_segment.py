@@ -1,20 +1,29 @@
-"""Long recordings are cut into segments no longer than the limit, in pauses."""
+"""Speech is found with silero VAD and cut into segments no longer than the limit, in pauses."""
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pyarrow as pa
+import pytest
+import torch
 
 from conftest import SAMPLES
+from granite_batch import segment
 from granite_batch.audio import load_recording, samples_to_arrow
-from granite_batch.segment import plan_segments, segment_table
+from granite_batch.segment import VadOptions, plan_segments, segment_table, speech_probabilities, speech_regions
 
 RATE = 16000
 
 
-def speech_with_pauses(seconds_of_speech: list[float], pause_s: float = 0.6) -> tuple[np.ndarray, list[tuple]]:
+@pytest.fixture(scope="module")
+def clip() -> np.ndarray:
+    return load_recording(str(SAMPLES / "en_weather.flac")).samples
+
+
+def speech_with_pauses(clip: np.ndarray, seconds_of_speech: list[float], pause_s: float = 0.6):
     """Real speech clips separated by silences; returns the samples and where the silences are."""
-    clip = load_recording(str(SAMPLES / "en_weather.flac")).samples
     parts, pauses, position = [], [], 0
     for seconds in seconds_of_speech:
         n = int(seconds * RATE)
@@ -26,35 +35,112 @@ def speech_with_pauses(seconds_of_speech: list[float], pause_s: float = 0.6) -> 
     return np.concatenate(parts), pauses
 
 
-def test_short_recording_stays_whole():
-    samples = np.ones(RATE * 10, np.float32)
-    assert plan_segments(samples, RATE, 30.0) == [(0, RATE * 10)]
+def test_short_recording_with_speech_stays_whole(clip):
+    samples = np.concatenate([clip, np.zeros(RATE * 6, np.float32)])
+    assert plan_segments(samples, RATE, 30.0) == [(0, len(samples))]
 
 
-def test_long_recording_is_tiled_by_segments_within_the_limit_cut_in_pauses():
-    samples, pauses = speech_with_pauses([8, 9, 7, 12, 6, 10, 9, 11, 8])
+@pytest.mark.parametrize("samples", [
+    np.zeros(RATE * 10, np.float32),
+    np.zeros(RATE * 70, np.float32),
+    np.random.default_rng(0).normal(0, 0.01, RATE * 40).astype(np.float32),  # hiss
+    np.ones(RATE * 50, np.float32),  # a constant level is not speech
+    np.zeros(100, np.float32),
+    np.zeros(0, np.float32),
+], ids=["silence-10s", "silence-70s", "noise-40s", "dc-50s", "100-samples", "empty"])
+def test_recordings_without_speech_have_no_segment(samples):
+    assert plan_segments(samples, RATE, 30.0) == []
+
+
+def test_a_burst_too_short_to_be_a_word_has_no_segment(clip):
+    assert plan_segments(clip[RATE : RATE + int(0.1 * RATE)], RATE, 30.0) == []
+
+
+def test_long_recording_is_cut_in_pauses_within_the_limit_without_silence(clip):
+    samples, pauses = speech_with_pauses(clip, [8, 9, 7, 12, 6, 10, 9, 11, 8], pause_s=0.6)
+    samples = np.concatenate([np.zeros(RATE * 40, np.float32), samples, np.zeros(RATE * 40, np.float32)])
     bounds = plan_segments(samples, RATE, 30.0)
-    assert bounds[0][0] == 0 and bounds[-1][1] == len(samples)
-    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))  # contiguous, nothing lost
-    assert all(end - start <= 30 * RATE for start, end in bounds)
-    # Every cut falls where the signal is quiet: the 20 ms around it hold far less energy than
+    assert all(0 < end - start <= 30 * RATE for start, end in bounds)
+    assert all(a[1] <= b[0] for a, b in zip(bounds, bounds[1:]))
+    # The 40 s of silence on either side are left out, bar a little padding.
+    assert 39.5 * RATE < bounds[0][0] < 40 * RATE and bounds[-1][1] < len(samples) - 39.5 * RATE
+    # Every boundary falls where the signal is quiet: the 20 ms around it hold far less energy than
     # typical speech (the inserted pauses, or a pause inside the spoken clip itself).
     frame = int(0.02 * RATE)
     frames = np.square(samples[: len(samples) // frame * frame]).reshape(-1, frame).mean(axis=1)
     typical_speech = np.median(frames[frames > 0])
-    for _, cut in bounds[:-1]:
-        around = np.square(samples[cut - frame // 2 : cut + frame // 2]).mean()
-        assert around < 0.01 * typical_speech, f"cut at {cut / RATE:.2f} s is not in a quiet region"
+    for boundary in (b for bound in bounds for b in bound):
+        around = np.square(samples[boundary - frame // 2 : boundary + frame // 2]).mean()
+        assert around < 0.01 * typical_speech, f"boundary at {boundary / RATE:.2f} s is not in a quiet region"
 
 
-def test_speech_without_pauses_is_still_cut_within_the_limit():
-    samples = np.resize(load_recording(str(SAMPLES / "en_weather.flac")).samples, RATE * 95)
-    bounds = plan_segments(samples, RATE, 20.0)
-    assert all(end - start <= 20 * RATE for start, end in bounds) and bounds[-1][1] == len(samples)
+def test_a_long_pause_ends_a_segment_a_short_one_does_not(clip):
+    speech = clip[: int(3.2 * RATE)]
+
+    def pause(seconds):
+        return np.zeros(int(seconds * RATE), np.float32)
+
+    samples = np.concatenate([speech, pause(1.0), speech, pause(6.0), speech, pause(25.0)])
+    bounds = plan_segments(samples, RATE, 30.0)
+    assert len(bounds) == 2
+    assert bounds[0][1] < 2 * len(speech) + 1.5 * RATE < bounds[1][0]
 
 
-def test_segment_stage_skips_rows_without_samples():
-    table = pa.table({"samples": samples_to_arrow([np.ones(RATE * 50, np.float32), None])})
-    out = segment_table(table, RATE, 30.0)
-    assert len(out.column("segment_starts")[0].as_py()) == 2
+def test_speech_without_pauses_is_still_cut_within_the_limit(clip):
+    samples = np.resize(clip, RATE * 95)
+    # Pauses under 5 s do not end speech here, so the speech is one 95 s region that must be cut.
+    bounds = plan_segments(samples, RATE, 20.0, VadOptions(min_silence_s=5.0))
+    assert len(bounds) >= 5 and all(end - start <= 20 * RATE for start, end in bounds)
+    assert bounds[0][0] < 0.1 * RATE and bounds[-1][1] == len(samples)
+
+
+def test_windowed_vad_agrees_with_silero_frame_by_frame(clip):
+    from silero_vad import get_speech_timestamps
+
+    samples, _ = speech_with_pauses(clip, [5, 3, 9, 4, 7, 2, 6, 8], pause_s=1.1)
+    regions = speech_regions(speech_probabilities(samples), len(samples))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # silero's frame-by-frame loop crawls with more when cores are busy
+    try:
+        reference = get_speech_timestamps(torch.from_numpy(samples), segment.vad_model(), speech_pad_ms=0,
+                                          min_silence_duration_ms=100, min_speech_duration_ms=250)
+    finally:
+        torch.set_num_threads(threads)
+    ours, theirs = np.zeros(len(samples), bool), np.zeros(len(samples), bool)
+    for start, end in regions:
+        ours[start:end] = True
+    for region in reference:
+        theirs[region["start"] : region["end"]] = True
+    assert len(regions) == len(reference)
+    assert (ours == theirs).mean() > 0.98
+
+
+def test_vad_reads_the_audio_without_copying_it(clip):
+    samples = np.resize(clip, RATE * 600)  # 38 MB
+    plan_segments(samples[: RATE * 5], RATE, 30.0)  # load the model first
+    tracemalloc.start()
+    try:
+        plan_segments(samples, RATE, 30.0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.05 * samples.nbytes
+
+
+def test_vad_model_loads_once_and_leaves_torch_threads_alone(clip):
+    threads = torch.get_num_threads()
+    for _ in range(3):
+        segment_table(pa.table({"samples": samples_to_arrow([clip])}), RATE, 30.0)
+    assert segment.vad_model.cache_info().misses == 1
+    assert torch.get_num_threads() == threads
+
+
+def test_segment_stage_rows_without_samples_or_speech(clip):
+    speech, _ = speech_with_pauses(clip, [20, 25, 10])
+    table = pa.table({"samples": samples_to_arrow([speech, None, np.zeros(RATE * 5, np.float32)])})
+    out = segment_table(table.slice(0, 2), RATE, 30.0)  # a slice, as Ray hands batches over
+    assert len(out.column("segment_starts")[0].as_py()) >= 2
     assert out.column("segment_starts")[1].as_py() is None
+    out = segment_table(pa.concat_tables([table.slice(0, 1), table.slice(2, 1)]), RATE, 30.0)  # two chunks
+    assert out.column("segment_starts")[1].as_py() == [] and out.column("segment_ends")[1].as_py() == []
+    assert out.column("segment_starts")[0].as_py() == [s for s, _ in plan_segments(speech, RATE, 30.0)]

@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
                           "greedy) or speculative (IBM's relaxed acceptance)")
     run.add_argument("--max-segment-s", type=float, help="longest segment sent to the model (default 30)")
     run.add_argument("--max-duration-s", type=float, help="longer recordings become error rows (default 21600)")
+    run.add_argument("--subtitles", help="comma-separated subtitle formats to write per recording: srt, vtt")
     run.add_argument("--max-failed-fraction", type=float, help="exit non-zero above this share of failed rows")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"])
     run.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
@@ -67,6 +68,45 @@ def _parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("tiny-model", help="write a tiny random Granite Speech checkpoint to DIR")
     tiny.add_argument("directory")
     tiny.add_argument("--seed", type=int, default=0)
+
+    second = commands.add_parser("second-pass", help="run a Granite language model over the transcripts of OUTPUT "
+                                 "(summaries, topics, answers) into OUTPUT/second_pass/NAME")
+    second.add_argument("output", help="output dataset root holding transcripts/")
+    second.add_argument("--template", default="summary", help="summary (default), topics, qa, or a Jinja file "
+                        "that uses {{ transcript }} (and may use stage, part, parts, question)")
+    second.add_argument("--question", help="the question for --template qa")
+    second.add_argument("--name", help="output dataset name (default: the template's name or file stem)")
+    second.add_argument("--model", help="causal LM id or local folder (default ibm-granite/granite-4.0-micro)")
+    second.add_argument("--revision", help="model revision (branch, tag or commit)")
+    second.add_argument("--max-new-tokens", type=int, help="generation limit per prompt (default 256)")
+    second.add_argument("--batch-size", type=int, help="prompts per generate call (default 8)")
+    second.add_argument("--context-tokens", type=int, help="cap the context (default: the model's)")
+    second.add_argument("--model-actors", type=int, help="language model actors (default 1)")
+    second.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    second.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    second.add_argument("--run-id", help="name this run (default: UTC time + random suffix)")
+    second.add_argument("--endpoint-url", help="S3-compatible endpoint")
+    second.add_argument("--no-progress", action="store_true", help="no progress bars")
+    second.add_argument("-v", "--verbose", action="store_true")
+
+    tiny_lm = commands.add_parser("tiny-lm", help="write a tiny random Granite language model checkpoint to DIR")
+    tiny_lm.add_argument("directory")
+    tiny_lm.add_argument("--seed", type=int, default=0)
+
+    bench = commands.add_parser("bench", help="measure decode speed, stage overlap and Ray overhead on this machine")
+    bench.add_argument("--audio-s", type=float, default=180.0, help="test audio per codec, seconds (default 180)")
+    bench.add_argument("--overlap-rows", type=int, default=48, help="rows for the stage overlap figure (default 48)")
+    bench.add_argument("--rows", type=int, default=300, help="rows for the Ray overhead figure (default 300)")
+    bench.add_argument("--repeats", type=int, default=3, help="decode timings per codec; the best counts (default 3)")
+    bench.add_argument("--work-dir", help="folder for temporary files (default: the system's)")
+
+    evaluate = commands.add_parser("eval", help="score transcripts and translations against the manifest's "
+                                   "reference column (WER/CER, BLEU/chrF); writes OUTPUT/eval/RUN_ID.json")
+    evaluate.add_argument("output", help="output dataset root")
+    evaluate.add_argument("--run", help="score this run's rows, or 'all' for every row (default: the newest run)")
+    evaluate.add_argument("--language", help="only rows of this recording language")
+    evaluate.add_argument("--task", choices=["asr", "ast"], help="only rows of this task")
+    evaluate.add_argument("--endpoint-url", help="S3-compatible endpoint")
     return parser
 
 
@@ -89,6 +129,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         "language": args.language, "task": args.task, "target_language": args.target_language,
         "keywords": keywords, "batch_size": args.batch_size, "max_batch_audio_s": args.max_batch_audio_s,
         "max_segment_s": args.max_segment_s, "max_duration_s": args.max_duration_s,
+        "subtitles": None if args.subtitles is None else [f.strip() for f in args.subtitles.split(",") if f.strip()],
         "max_failed_fraction": args.max_failed_fraction, "device": args.device, "dtype": args.dtype,
         "trust_remote_code": args.trust_remote_code, "run_id": args.run_id, "retry_failed": args.retry_failed,
         "allowed_prefixes": allowed, "decode_timeout_s": args.decode_timeout_s,
@@ -185,6 +226,81 @@ def _cmd_tiny_model(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_second_pass(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from granite_batch.config import ConfigError, SecondPassOptions
+    from granite_batch.model import ModelLoadError
+
+    fields = {"template": args.template, "question": args.question, "name": args.name, "model": args.model,
+              "revision": args.revision, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+              "context_tokens": args.context_tokens, "model_actors": args.model_actors, "device": args.device,
+              "dtype": args.dtype}
+    try:
+        options = SecondPassOptions.model_validate({k: v for k, v in fields.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors())
+        print(f"granite-batch: invalid second pass options: {problems}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    from granite_batch.second_pass import run_second_pass
+
+    storage = {"s3": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else {}
+    try:
+        result = run_second_pass(args.output, options, storage, run_id=args.run_id, progress=not args.no_progress)
+    except ConfigError as exc:
+        print(f"granite-batch: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ModelLoadError as exc:
+        print(f"granite-batch: {exc}", file=sys.stderr)
+        return EXIT_MODEL
+    except Exception as exc:  # the run could not finish; say why in one line, details in the log
+        reason = str(exc).strip().splitlines()
+        log.debug("second pass failed", exc_info=True)
+        print(f"granite-batch: second pass failed: {type(exc).__name__}: {reason[0] if reason else ''}",
+              file=sys.stderr)
+        return EXIT_RUNTIME
+    s = result.summary
+    print(f"\nsecond pass {s['name']} (run {s['run_id']}): {s['rows_ok']} ok, {s['rows_failed']} failed, "
+          f"{s['rows_chunked']} chunked, {s['rows_already_done']} already done; skipped transcripts: "
+          f"{s['skipped_failed']} failed, {s['skipped_empty']} empty; {s['wall_s']:.1f} s")
+    print(f"summary: {result.summary_path}")
+    return EXIT_OK
+
+
+def _cmd_tiny_lm(args: argparse.Namespace) -> int:
+    from granite_batch.tiny_lm import write_tiny_lm
+
+    path = write_tiny_lm(args.directory, seed=args.seed)
+    print(f"wrote a tiny random Granite language model to {path}; use it with second-pass --model {path}")
+    return EXIT_OK
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from granite_batch.bench import report, run_bench
+
+    print(report(run_bench(args.audio_s, args.overlap_rows, args.rows, args.repeats, args.work_dir)))
+    return EXIT_OK
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    try:
+        from granite_batch.evaluate import evaluate_output, format_report
+    except ImportError as exc:
+        print(f"granite-batch: eval needs the eval extra (pip install 'granite-batch[eval]'): {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    storage = {"s3": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else {}
+    try:
+        report, path = evaluate_output(args.output, args.run, args.language, args.task, storage)
+    except ValueError as exc:
+        print(f"granite-batch: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(format_report(report))
+    print(f"eval: {path}")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -193,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("httpx", "urllib3", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    handler = {"run": _cmd_run, "status": _cmd_status, "tiny-model": _cmd_tiny_model}[args.command]
+    handler = {"run": _cmd_run, "status": _cmd_status, "eval": _cmd_eval, "tiny-model": _cmd_tiny_model,
+               "second-pass": _cmd_second_pass, "tiny-lm": _cmd_tiny_lm,
+               "bench": _cmd_bench}[args.command]
     return handler(args)
 
 

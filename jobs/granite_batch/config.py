@@ -11,6 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from granite_batch.prompts import ASR_LANGUAGES, AST_PAIRS, LANGUAGE_NAMES
 
 DEFAULT_MODEL = "ibm-granite/granite-4.0-1b-speech"
+# The second pass's language model: Granite 4.0 Micro, the 3B dense instruct model (Apache 2.0).
+DEFAULT_LM_MODEL = "ibm-granite/granite-4.0-micro"
+SECOND_PASS_TEMPLATES = ("summary", "topics", "qa")
 
 
 class ConfigError(ValueError):
@@ -60,6 +63,41 @@ class Resources(_Strict):
         return self
 
 
+class SecondPassOptions(_Strict):
+    """A second pass with a Granite language model over committed transcripts (see second_pass.py)."""
+
+    template: str = Field("summary", description="summary | topics | qa, or the path of a Jinja template file")
+    name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="output dataset OUTPUT/second_pass/<name>; default: the template's name or file stem",
+    )
+    question: str | None = Field(None, description="the question, for template qa (and custom templates)")
+    model: str = DEFAULT_LM_MODEL
+    revision: str | None = None
+    max_new_tokens: int = Field(256, ge=1, le=8192)
+    batch_size: int = Field(8, ge=1, description="prompts in one generate() call")
+    max_batch_tokens: int = Field(32768, ge=1, description="padded prompt tokens in one generate() call")
+    context_tokens: int | None = Field(
+        None, ge=64, description="cap on prompt + new tokens; default: the model's max_position_embeddings"
+    )
+    model_actors: int = Field(1, ge=1, description="language model actors (one GPU each when GPUs exist)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    @model_validator(mode="after")
+    def _question_for_qa(self) -> "SecondPassOptions":
+        if self.template == "qa" and not (self.question or "").strip():
+            raise ValueError("template qa needs a question")
+        return self
+
+    @property
+    def dataset_name(self) -> str:
+        """The output dataset's name: `name`, else the template's name or its file's stem."""
+        if self.name:
+            return self.name
+        return self.template if self.template in SECOND_PASS_TEMPLATES else Path(self.template).stem
+
+
 class JobConfig(_Strict):
     """Everything one run needs. Secrets never live here: credentials come from the environment."""
 
@@ -82,6 +120,9 @@ class JobConfig(_Strict):
     decode_batch_size: int = Field(4, ge=1, description="recordings per decode task")
     max_segment_s: float = Field(30.0, ge=1.0, le=120.0)
     max_duration_s: float = Field(6 * 3600.0, gt=0)
+    subtitles: list[Literal["srt", "vtt"]] = Field(
+        default_factory=list, description="also write OUTPUT/subtitles/<format>/<id>.<format> from the segments"
+    )
     decode_timeout_s: float = Field(900.0, gt=0, description="longest time one recording may take to decode")
     allowed_prefixes: list[str] = Field(
         default_factory=list, description="if set, recordings outside these URI/path prefixes become error rows"
@@ -93,6 +134,7 @@ class JobConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
+    second_pass: SecondPassOptions | None = Field(None, description="after transcription, run this second pass")
 
     rows_per_file: int = Field(200_000, ge=1, description="rows before a Parquet file is closed")
     commit_interval_s: float = Field(600.0, gt=0, description="seconds before open files are closed")

@@ -85,8 +85,10 @@ class TranscriptWriter:
     """
 
     def __init__(self, output_uri: str, run_id: str, schema: pa.Schema, storage_options: dict | None = None,
-                 rows_per_file: int = 200_000, commit_interval_s: float = 600.0):
+                 rows_per_file: int = 200_000, commit_interval_s: float = 600.0,
+                 dataset_dir: str = TRANSCRIPTS_DIR):
         self.fs, self.root = filesystem(output_uri, storage_options)
+        self.dataset_dir = dataset_dir  # relative to the output root; other datasets (second_pass/<name>) too
         self.run_id = run_id
         self.schema = schema
         self.rows_per_file = rows_per_file
@@ -126,7 +128,7 @@ class TranscriptWriter:
         self.fs.makedirs(posixpath.dirname(staged), exist_ok=True)
         stream = self.fs.open(staged, "wb")
         writer = pq.ParquetWriter(stream, file_schema(self.schema), compression="zstd")
-        handle = _OpenFile(staged, posixpath.join(self.root, TRANSCRIPTS_DIR, relative), stream, writer)
+        handle = _OpenFile(staged, posixpath.join(self.root, self.dataset_dir, relative), stream, writer)
         self._open[language] = handle
         return handle
 

@@ -21,6 +21,7 @@ from granite_batch.config import JobConfig
 from granite_batch.manifest import Defaults, list_recordings, read_manifest
 from granite_batch.model import ModelRef, SpeechModel, resolve_model, transcribe_table
 from granite_batch.speculative import SpeculativeOptions
+from granite_batch.subtitles import write_subtitles
 from granite_batch.output import (
     RunStats,
     TranscriptWriter,
@@ -124,6 +125,16 @@ def build_dataset(rows_to_do: pa.Table, config: JobConfig, model_ref: ModelRef, 
     )
 
 
+def _quality(table: pa.Table) -> dict:
+    """Corpus-level WER/CER/BLEU/chrF of this run's rows that have a reference (needs the eval extra)."""
+    try:
+        from granite_batch.evaluate import score_table
+    except ImportError as exc:
+        return {"skipped": f"install granite-batch[eval] for quality figures ({exc.name} missing)"}
+    scores = score_table(table)
+    return {key: scores[key] for key in ("rows_scored", "rows_skipped", "overall", "by_task")}
+
+
 def run(config: JobConfig, progress: bool = True) -> RunResult:
     """Run one job end to end. Raises ManifestError / ModelLoadError before any work is done,
     TooManyFailures after writing everything when failed rows exceed `max_failed_fraction`.
@@ -152,6 +163,8 @@ def run(config: JobConfig, progress: bool = True) -> RunResult:
              already_done, manifest.duplicates, config.manifest or config.input)
 
     stats = RunStats()
+    scored_columns = ["id", "language", "task", "target_language", "text", "error", "reference"]
+    with_reference: list[pa.Table] = []  # the small part of each batch that quality figures need
     schema = transcript_schema(manifest.table.schema)
     writer = TranscriptWriter(config.output, run_id, schema, config.storage_options,
                               config.rows_per_file, config.commit_interval_s)
@@ -191,9 +204,15 @@ def run(config: JobConfig, progress: bool = True) -> RunResult:
         ray.data.DataContext.get_current().enable_progress_bars = progress
         ds = build_dataset(todo, config, model_ref, run_id)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            # Before the rows: once a row is committed its id is done, so its subtitles must exist.
+            write_subtitles(batch, config.output, config.subtitles, run_id, config.storage_options)
             files_before = len(writer.committed)
             writer.write(batch)
             stats.add(batch)
+            if "reference" in batch.column_names:
+                referenced = batch.filter(pc.is_valid(batch.column("reference")))
+                if referenced.num_rows:
+                    with_reference.append(referenced.select(scored_columns))
             if len(writer.committed) != files_before:
                 write_summary(config.output, run_id, summary("running"), config.storage_options)
     writer.close()
@@ -201,7 +220,12 @@ def run(config: JobConfig, progress: bool = True) -> RunResult:
     failed_fraction = stats.rows_failed / stats.rows_written if stats.rows_written else 0.0
     too_many = failed_fraction > config.max_failed_fraction
     final = summary("too_many_failures" if too_many else "succeeded")
+    if with_reference:
+        final["quality"] = _quality(pa.concat_tables(with_reference))
     path = write_summary(config.output, run_id, final, config.storage_options)
+    if config.second_pass is not None:  # over every committed transcript, this run's included
+        from granite_batch.second_pass import run_second_pass
+        run_second_pass(config.output, config.second_pass, config.storage_options, run_id, progress)
     if too_many:
         raise TooManyFailures(
             f"{stats.rows_failed} of {stats.rows_written} rows failed ({failed_fraction:.1%}), "

@@ -1,54 +1,220 @@
-"""Split a long recording into segments the model can take in one pass.
+"""Find the speech in a recording and cut it into segments the model can take in one pass.
 
-Granite Speech is trained on short utterances, so a recording longer than `max_segment_s` is cut
-into consecutive pieces no longer than that. Each cut falls at the quietest short frame in the
-second half of the allowed window, which puts it in a pause rather than mid-word when there is one.
-A recording no longer than the limit stays whole.
+Silero VAD gives a speech probability for every 32 ms frame. Frames above `threshold` start speech
+and frames below `neg_threshold` end it; speech regions get `pad_s` of context on each side, and
+neighbouring regions are merged into segments of at most `max_segment_s`. Speech that runs on longer
+than that is cut at the quietest 20 ms frame in the second half of each window, which falls in a
+pause rather than mid-word when there is one. Silence outside every segment is dropped.
+
+A recording no longer than `max_segment_s` that holds any speech stays whole (one segment); one
+with no speech, or too short to hold a word, has no segment.
+
+Memory: the VAD reads the samples through small (windows x 512) gathers, so segmenting a
+recording allocates a few MB however long it is, besides one float per 32 ms frame.
 """
 
 from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
 from granite_batch.audio import samples_from_arrow
 
-FRAME_S = 0.02
+FRAME_S = 0.02  # energy frame for choosing where to cut long speech
+VAD_RATE_HZ = 16000
+VAD_FRAME = 512  # samples per silero VAD frame at 16 kHz (32 ms)
 
 
-def plan_segments(samples: np.ndarray, sample_rate_hz: int, max_segment_s: float) -> list[tuple[int, int]]:
-    """Return (start, end) sample offsets that tile the recording, each at most `max_segment_s` long."""
+@dataclass(frozen=True)
+class VadOptions:
+    """How speech is found and merged into segments (`max_segment_s` comes from the job config)."""
+
+    threshold: float = 0.5  # speech probability at which speech starts
+    neg_threshold: float = 0.35  # speech goes on until the probability falls below this
+    min_speech_s: float = 0.25  # shorter bursts are noise, not words
+    min_silence_s: float = 0.1  # shorter dips do not end a speech region
+    pad_s: float = 0.2  # context kept before and after speech (clipped halfway into short pauses)
+    max_merge_gap_s: float = 3.0  # longer pauses end a segment even when the next speech would fit
+    # The VAD runs over windows side by side as one batch (one frame of each window per call, 16x
+    # faster than one frame at a time): up to `batch_windows` windows of 4..16 s each, each after
+    # `warmup_s` of the audio before it so that its state has settled.
+    min_window_s: float = 4.0
+    max_window_s: float = 16.0
+    warmup_s: float = 0.5
+    batch_windows: int = 64
+
+
+@functools.cache
+def vad_model():
+    """Silero VAD (its TorchScript model, shipped in the package), loaded once per process."""
+    import torch
+
+    threads = torch.get_num_threads()
+    from silero_vad import load_silero_vad  # its import sets torch to 1 thread for the whole process
+
+    torch.set_num_threads(threads)
+    with warnings.catch_warnings():
+        # torch.jit.load's and importlib.resources.path's deprecation notices: nothing we can act on.
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return load_silero_vad()
+
+
+def speech_probabilities(samples: np.ndarray, options: VadOptions = VadOptions()) -> np.ndarray:
+    """Silero's speech probability for each 512-sample frame of 16 kHz `samples` (last one padded).
+
+    The recording is read as windows that run as one batch, each after `warmup_s` of the audio
+    before it; one step reads one (windows x 512) gather, never a copy of the audio.
+    """
+    import torch
+
+    model = vad_model()
+    threads = torch.get_num_threads()
+    # One thread, as silero advises: a (windows x 512) step is too small to share, and spinning
+    # threads cost several times the work on a machine whose cores are busy with other stages.
+    torch.set_num_threads(1)
+    try:
+        return _probabilities(model, samples, options)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _probabilities(model, samples: np.ndarray, options: VadOptions) -> np.ndarray:
+    import torch
+
     n = len(samples)
+    frames = -(-n // VAD_FRAME)
+    probs = np.zeros(frames, np.float32)
+    if frames == 0:
+        return probs
+    per_s = VAD_RATE_HZ / VAD_FRAME
+    window = min(round(options.max_window_s * per_s),
+                 max(round(options.min_window_s * per_s), -(-frames // options.batch_windows)), frames)
+    warmup = round(options.warmup_s * per_s)
+    windows = -(-frames // window)
+    within = np.arange(VAD_FRAME)
+    with torch.inference_mode():
+        for first in range(0, windows, options.batch_windows):
+            ks = np.arange(first, min(first + options.batch_windows, windows))
+            starts = (ks * window - warmup) * VAD_FRAME
+            outside = starts[0] < 0 or starts[-1] + (warmup + window) * VAD_FRAME > n
+            model.reset_states()
+            for step in range(warmup + window):
+                index = starts[:, None] + step * VAD_FRAME + within
+                chunk = samples.take(index, mode="clip").astype(np.float32, copy=False)
+                if outside:
+                    chunk[(index < 0) | (index >= n)] = 0.0  # before the start and after the end: silence
+                out = model(torch.from_numpy(chunk), VAD_RATE_HZ)[:, 0].numpy()
+                if step >= warmup:
+                    frame = ks * window + step - warmup
+                    keep = frame < frames
+                    probs[frame[keep]] = out[keep]
+    return probs
+
+
+def speech_regions(probs: np.ndarray, n: int, options: VadOptions = VadOptions()) -> list[tuple[int, int]]:
+    """(start, end) sample offsets of speech in a recording of `n` samples, from VAD frame probabilities."""
+    # Hysteresis: above threshold is speech, below neg_threshold is not, in between keeps the last state.
+    state = np.where(probs >= options.threshold, 1, np.where(probs < options.neg_threshold, 0, -1))
+    decided = np.where(state >= 0, np.arange(len(state)), -1)
+    np.maximum.accumulate(decided, out=decided)
+    speech = np.where(decided >= 0, state[np.maximum(decided, 0)], 0).astype(np.int8)
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], speech, [0]))))
+    runs = edges.reshape(-1, 2) * VAD_FRAME  # [start, end) in samples
+    regions: list[list[int]] = []
+    for start, end in runs.tolist():
+        if regions and start - regions[-1][1] < options.min_silence_s * VAD_RATE_HZ:
+            regions[-1][1] = end
+        else:
+            regions.append([start, end])
+    min_speech = options.min_speech_s * VAD_RATE_HZ
+    return [(start, min(end, n)) for start, end in regions if min(end, n) - start >= min_speech]
+
+
+def plan_segments(samples: np.ndarray, sample_rate_hz: int, max_segment_s: float,
+                  options: VadOptions = VadOptions()) -> list[tuple[int, int]]:
+    """(start, end) sample offsets of the speech segments, in order, each at most `max_segment_s`.
+
+    A recording no longer than the limit that holds speech is one segment (0, len(samples));
+    a recording without speech gives no segment.
+    """
+    if sample_rate_hz != VAD_RATE_HZ:
+        raise ValueError(f"segmentation needs {VAD_RATE_HZ} Hz samples, not {sample_rate_hz}")
+    n = len(samples)
+    if n < options.min_speech_s * sample_rate_hz:
+        return []
+    regions = speech_regions(speech_probabilities(samples, options), n, options)
+    if not regions:
+        return []
     max_len = int(max_segment_s * sample_rate_hz)
     if n <= max_len:
         return [(0, n)]
+    pieces: list[tuple[int, int]] = []
+    for start, end in _padded(regions, n, int(options.pad_s * sample_rate_hz)):
+        pieces.extend(_cut_long(samples, start, end, max_len, sample_rate_hz))
+    return _merge(pieces, max_len, int(options.max_merge_gap_s * sample_rate_hz))
+
+
+def _padded(regions: list[tuple[int, int]], n: int, pad: int) -> list[tuple[int, int]]:
+    """Regions widened by `pad`, but never past the middle of the pause to the next one."""
+    padded = []
+    for i, (start, end) in enumerate(regions):
+        low = 0 if i == 0 else (regions[i - 1][1] + start) // 2
+        high = n if i == len(regions) - 1 else (end + regions[i + 1][0]) // 2
+        padded.append((max(low, start - pad), min(high, end + pad)))
+    return padded
+
+
+def _cut_long(samples: np.ndarray, start: int, end: int, max_len: int, sample_rate_hz: int) -> list[tuple[int, int]]:
+    """Cut [start, end) into pieces of at most `max_len`, each cut at the quietest frame of the
+    second half of its window (the latest of equally quiet ones, so pieces stay long)."""
     frame = max(1, int(FRAME_S * sample_rate_hz))
-    bounds: list[tuple[int, int]] = []
-    start = 0
-    while n - start > max_len:
+    pieces = []
+    while end - start > max_len:
         window_start = start + max_len // 2
         window = samples[window_start : start + max_len]
         usable = (len(window) // frame) * frame
         energy = np.square(window[:usable], dtype=np.float64).reshape(-1, frame).mean(axis=1)
-        # Latest among the quietest frames keeps segments long; cut in the middle of that frame.
         quietest = len(energy) - 1 - int(np.argmin(energy[::-1]))
         cut = window_start + quietest * frame + frame // 2
-        bounds.append((start, cut))
+        pieces.append((start, cut))
         start = cut
-    bounds.append((start, n))
-    return bounds
+    pieces.append((start, end))
+    return pieces
 
 
-def segment_table(table: pa.Table, sample_rate_hz: int, max_segment_s: float) -> pa.Table:
-    """Segment stage: add `segment_starts` / `segment_ends` (sample offsets) for each decoded row."""
+def _merge(pieces: list[tuple[int, int]], max_len: int, max_gap: int) -> list[tuple[int, int]]:
+    """Join consecutive pieces while the result stays within `max_len` and no pause exceeds `max_gap`."""
+    segments = [pieces[0]]
+    for start, end in pieces[1:]:
+        first, last = segments[-1]
+        if end - first <= max_len and start - last <= max_gap:
+            segments[-1] = (first, end)
+        else:
+            segments.append((start, end))
+    return segments
+
+
+def segment_table(table: pa.Table, sample_rate_hz: int, max_segment_s: float,
+                  options: VadOptions = VadOptions()) -> pa.Table:
+    """Segment stage: add `segment_starts` / `segment_ends` (sample offsets) for each decoded row.
+
+    Rows without samples get nulls; rows without speech get empty lists.
+    """
     starts: list[list[int] | None] = []
     ends: list[list[int] | None] = []
-    for samples in samples_from_arrow(table.column("samples")):
+    # Chunk by chunk: combining the chunks first would copy every recording.
+    column = table.column("samples")
+    for samples in (row for chunk in column.chunks for row in samples_from_arrow(chunk)):
         if samples is None:
             starts.append(None)
             ends.append(None)
             continue
-        bounds = plan_segments(samples, sample_rate_hz, max_segment_s)
+        bounds = plan_segments(samples, sample_rate_hz, max_segment_s, options)
         starts.append([b[0] for b in bounds])
         ends.append([b[1] for b in bounds])
     table = table.append_column("segment_starts", pa.array(starts, pa.list_(pa.int64())))

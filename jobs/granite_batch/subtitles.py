@@ -1,0 +1,103 @@
+"""Subtitles from transcript segments: SubRip (.srt) and WebVTT (.vtt), one file per recording.
+
+Files go to `OUTPUT/subtitles/<format>/<id>.<format>` on any URI the job can write. The id is
+percent-encoded where it holds anything but letters, digits and `-_.~` (a `/` becomes `%2F`), so
+no id can reach outside that folder. Each file appears whole: locally it is written under
+`_staging/` and renamed; an object store's single PUT is already atomic.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from urllib.parse import quote
+
+import pyarrow as pa
+
+from granite_batch.storage import LOCAL_PROTOCOLS, filesystem, protocol_of
+
+FORMATS = ("srt", "vtt")
+SUBTITLES_DIR = "subtitles"
+STAGING_DIR = "_staging"
+
+
+def _timestamp(seconds: float, separator: str) -> str:
+    millis = max(0, round(seconds * 1000))
+    hours, millis = divmod(millis, 3_600_000)
+    minutes, millis = divmod(millis, 60_000)
+    secs, millis = divmod(millis, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{separator}{millis:03d}"
+
+
+def _cues(segments: list[dict]) -> list[tuple[float, float, str]]:
+    """(start, end, text) per segment with words, text on one line (a blank line would end a cue)."""
+    cues = []
+    for segment in segments:
+        text = re.sub(r"\s+", " ", segment["text"] or "").strip()
+        if text:
+            cues.append((segment["start"], max(segment["end"], segment["start"] + 0.001), text))
+    return cues
+
+
+def to_srt(segments: list[dict]) -> str:
+    """SubRip: numbered cues, `HH:MM:SS,mmm --> HH:MM:SS,mmm`, the text, a blank line.
+
+    Segments without text make no cue; `segments` are dicts with `start`, `end` (seconds), `text`.
+    """
+    blocks = [
+        f"{number}\n{_timestamp(start, ',')} --> {_timestamp(end, ',')}\n{text}\n"
+        for number, (start, end, text) in enumerate(_cues(segments), start=1)
+    ]
+    return "\n".join(blocks)
+
+
+def to_vtt(segments: list[dict]) -> str:
+    """WebVTT: the `WEBVTT` header, then cues `HH:MM:SS.mmm --> HH:MM:SS.mmm` with escaped text."""
+    blocks = ["WEBVTT\n"]
+    for start, end, text in _cues(segments):
+        # `&`, `<` and `>` are markup in cue text; escaping `>` also keeps `-->` out of it.
+        text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        blocks.append(f"{_timestamp(start, '.')} --> {_timestamp(end, '.')}\n{text}\n")
+    return "\n".join(blocks)
+
+
+RENDER = {"srt": to_srt, "vtt": to_vtt}
+
+
+def subtitle_path(root: str, subtitle_format: str, row_id: str) -> str:
+    """Where the `subtitle_format` file of `row_id` lives under the output root `root`."""
+    name = quote(row_id, safe="-_.~")
+    if name in (".", ".."):
+        name = name.replace(".", "%2E")
+    return posixpath.join(root, SUBTITLES_DIR, subtitle_format, f"{name}.{subtitle_format}")
+
+
+def write_subtitles(table: pa.Table, output_uri: str, formats: list[str], run_id: str,
+                    storage_options: dict | None = None) -> list[str]:
+    """Write one file per format for each row of `table` that succeeded and has segments;
+    return the paths written. Rows with an error or without segments are skipped."""
+    if not formats or table.num_rows == 0:
+        return []
+    fs, root = filesystem(output_uri, storage_options)
+    local = protocol_of(output_uri) in LOCAL_PROTOCOLS
+    written = []
+    rows = table.select(["id", "error", "segments"]).to_pylist()
+    for subtitle_format in formats:
+        folder = posixpath.join(root, SUBTITLES_DIR, subtitle_format)
+        fs.makedirs(folder, exist_ok=True)
+        staging = posixpath.join(root, STAGING_DIR, run_id, SUBTITLES_DIR, subtitle_format)
+        if local:
+            fs.makedirs(staging, exist_ok=True)
+        for row in rows:
+            if row["error"] is not None or not row["segments"]:
+                continue
+            data = RENDER[subtitle_format](row["segments"]).encode("utf-8")
+            final = subtitle_path(root, subtitle_format, row["id"])
+            if local:
+                staged = posixpath.join(staging, posixpath.basename(final))
+                fs.pipe_file(staged, data)
+                fs.mv(staged, final)
+            else:
+                fs.pipe_file(final, data)
+            written.append(final)
+    return written

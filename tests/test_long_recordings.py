@@ -1,0 +1,227 @@
+"""Long recordings: a quarter of an hour of real speech (espeak-ng) with pauses of every length.
+
+The recording is built here from known pieces, so where speech is, and how loud each moment is,
+is known independently of the VAD: segments must stay within the limit, start and end in quiet
+moments, cover the speech and leave long silences out. Then the real job runs on it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+import soundfile as sf
+import soxr
+import srt
+import webvtt
+
+from conftest import run_cli, write_jsonl
+from granite_batch.audio import load_recording
+from granite_batch.segment import VadOptions, plan_segments
+
+RATE = 16000
+FRAME = 320  # 20 ms, for measuring loudness
+SENTENCES = [
+    "The weather today is mild, with a light breeze from the west.",
+    "Later in the afternoon, clouds will gather over the hills.",
+    "Our train leaves the central station at half past eight every morning.",
+    "Please remember to bring your ticket and a form of identification.",
+    "The library will be closed on Sunday for the annual inventory.",
+    "She opened the window, looked at the garden, and decided to stay inside.",
+    "Fresh bread, cheese and apples were sold at the market near the river.",
+    "In the evening the museum offers free guided tours in three languages.",
+    "He counted the boxes twice before signing the delivery form.",
+    "The committee will publish its report at the end of the month.",
+    "A small boat drifted slowly along the canal under the old stone bridge.",
+    "Children played football in the park until the street lights came on.",
+    "Turn left at the bakery, then walk straight on for about five minutes.",
+    "The meeting has been moved to Thursday morning at ten o'clock.",
+    "Our new neighbours brought a cake to welcome us to the street.",
+    "The doctor said the results would be ready by the end of the week.",
+]
+PAUSES_S = [0.15, 0.25, 0.4, 0.6, 0.9, 1.3, 2.0, 3.0, 5.0, 8.0]
+LONG_SILENCE_S = 45.0  # longer than any segment may be: must not end up inside one
+
+
+def espeak(text: str, path: Path, speed: int, pitch: int) -> np.ndarray:
+    subprocess.run(["/usr/bin/espeak-ng", "-v", "en-us", "-s", str(speed), "-p", str(pitch), "-w", str(path), text],
+                   check=True, capture_output=True)
+    samples, rate = sf.read(path, dtype="float32")
+    return soxr.resample(samples, rate, RATE).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def long_recording(tmp_path_factory) -> dict:
+    """~15 minutes at 16 kHz: >= 10 minutes of espeak-ng speech, pauses from 0.15 s to 45 s, an
+    isolated one-word answer, a faint noise floor; written as FLAC, with where the speech is."""
+    folder = tmp_path_factory.mktemp("long")
+    clips = [espeak(text, folder / f"{i}-{speed}.wav", speed, pitch)
+             for i, text in enumerate(SENTENCES) for speed, pitch in ((150, 40), (185, 60))]
+    yes = espeak("Yes.", folder / "yes.wav", 160, 50)
+    rng = np.random.default_rng(7)
+    parts, speech, position = [], [], 0
+
+    def add(samples: np.ndarray, is_speech: bool) -> None:
+        nonlocal position
+        parts.append(samples)
+        if is_speech:
+            speech.append((position, position + len(samples)))
+        position += len(samples)
+
+    def silence(seconds: float) -> None:
+        add(np.zeros(int(seconds * RATE), np.float32), False)
+
+    silence(1.5)
+    i = 0
+    while sum(end - start for start, end in speech) < 620 * RATE:
+        add(clips[rng.integers(len(clips))], True)
+        if i == 40:
+            silence(LONG_SILENCE_S)
+        elif i == 80:
+            silence(12.0)
+            add(yes, True)  # a lone word between long silences is still speech
+            silence(15.0)
+        elif i % 20 < 8:
+            silence(rng.choice(PAUSES_S[:3]))  # a run of quick talk: long stretches, few pauses
+        else:
+            silence(rng.choice(PAUSES_S))
+        i += 1
+    silence(2.0)
+    clean = np.concatenate(parts)
+    noisy = clean + rng.normal(0.0, 1e-3, len(clean)).astype(np.float32)
+    path = folder / "long.flac"
+    sf.write(path, noisy, RATE, subtype="PCM_16")
+    return {"path": path, "clean": clean, "speech": speech, "yes": speech[81], "long_silence": _silence_after(speech, 40)}
+
+
+def _silence_after(speech: list[tuple[int, int]], index: int) -> tuple[int, int]:
+    return speech[index][1], speech[index + 1][0]
+
+
+def frame_energy(samples: np.ndarray) -> np.ndarray:
+    usable = len(samples) // FRAME * FRAME
+    return np.square(samples[:usable], dtype=np.float64).reshape(-1, FRAME).mean(axis=1)
+
+
+def voiced_frames(recording: dict) -> np.ndarray:
+    """20 ms frames inside the inserted speech that carry sound (espeak's own gaps are silent)."""
+    energy = frame_energy(recording["clean"])
+    inside = np.zeros(len(energy), bool)
+    for start, end in recording["speech"]:
+        inside[start // FRAME : end // FRAME] = True
+    return inside & (energy > 1e-4)
+
+
+@pytest.fixture(scope="session")
+def decoded(long_recording) -> np.ndarray:
+    return load_recording(str(long_recording["path"])).samples
+
+
+def test_the_recording_is_long_real_speech(long_recording, decoded):
+    speech_s = sum(end - start for start, end in long_recording["speech"]) / RATE
+    assert speech_s >= 600 and len(decoded) == len(long_recording["clean"])
+    assert voiced_frames(long_recording).sum() * FRAME / RATE > 400
+
+
+@pytest.mark.parametrize("max_segment_s, options", [
+    (30.0, VadOptions()),
+    (12.0, VadOptions()),
+    # Pauses under 2 s no longer end speech: long speech regions must be cut inside, at quiet points.
+    (30.0, VadOptions(min_silence_s=2.0)),
+], ids=["30s", "12s", "30s-long-regions"])
+def test_segments_cover_the_speech_within_the_limit_and_cut_in_quiet(long_recording, decoded, max_segment_s, options):
+    bounds = plan_segments(decoded, RATE, max_segment_s, options)
+    n = len(decoded)
+    starts = [start for start, _ in bounds]
+    assert starts == sorted(set(starts)) and starts[0] >= 0 and bounds[-1][1] <= n
+    assert all(0 < end - start <= max_segment_s * RATE for start, end in bounds)
+    assert all(a[1] <= b[0] for a, b in zip(bounds, bounds[1:]))  # in order, no overlap
+
+    clean = long_recording["clean"]
+    voiced = voiced_frames(long_recording)
+    typical = np.median(frame_energy(clean)[voiced])
+    for boundary in {b for bound in bounds for b in bound} - {0, n}:
+        around = np.square(clean[boundary - FRAME // 2 : boundary + FRAME // 2], dtype=np.float64).mean()
+        assert around < 0.01 * typical, f"boundary at {boundary / RATE:.2f} s is not in a quiet moment"
+
+    covered = np.zeros(len(voiced), bool)
+    for start, end in bounds:
+        covered[start // FRAME : -(-end // FRAME)] = True
+    assert (covered & voiced).sum() >= 0.95 * voiced.sum()
+    yes_start, yes_end = long_recording["yes"]
+    assert covered[yes_start // FRAME : yes_end // FRAME][voiced[yes_start // FRAME : yes_end // FRAME]].all()
+    # Pure silence is dropped: the 45 s pause is (nearly) outside every segment, and every
+    # segment holds speech.
+    quiet_start, quiet_end = long_recording["long_silence"]
+    inside = sum(max(0, min(end, quiet_end) - max(start, quiet_start)) for start, end in bounds)
+    assert inside < 1.0 * RATE
+    assert all(voiced[start // FRAME : end // FRAME].any() for start, end in bounds)
+    if max_segment_s == 30.0:
+        assert covered.mean() < 0.9 and len(bounds) < 2 * n / (max_segment_s * RATE)  # merged, not per word
+
+
+@pytest.fixture(scope="module")
+def long_job(tmp_path_factory, tiny_model_dir, long_recording):
+    """The real job over the long recording, a silent one and a too-short one, with subtitles."""
+    work = tmp_path_factory.mktemp("long-job")
+    rng = np.random.default_rng(3)
+    sf.write(work / "silence.flac", rng.normal(0, 1e-3, 40 * RATE).astype(np.float32), RATE, subtype="PCM_16")
+    sf.write(work / "blip.wav", np.full(800, 0.3, np.float32), RATE)  # 50 ms
+    manifest = write_jsonl(work / "manifest.jsonl", [
+        {"audio": str(long_recording["path"]), "id": "long/talk"},
+        {"audio": str(work / "silence.flac"), "id": "silence"},
+        {"audio": str(work / "blip.wav"), "id": "blip"},
+    ])
+    output = work / "out"
+    result = run_cli(["run", "--manifest", str(manifest), "--output", str(output), "--model", str(tiny_model_dir),
+                      "--max-new-tokens", "4", "--subtitles", "srt,vtt", "--no-progress", "--run-id", "long-run"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = pads.dataset(output / "transcripts", format="parquet", partitioning="hive").to_table()
+    return {"rows": {row["id"]: row for row in table.to_pylist()}, "output": output}
+
+
+def test_job_writes_ordered_timestamped_segments(long_job, decoded):
+    row = long_job["rows"]["long/talk"]
+    assert row["error"] is None and row["duration_s"] == pytest.approx(len(decoded) / RATE)
+    expected = plan_segments(decoded, RATE, 30.0)
+    assert [(s["start"], s["end"]) for s in row["segments"]] == [(a / RATE, b / RATE) for a, b in expected]
+    assert row["text"] == " ".join(s["text"] for s in row["segments"] if s["text"])
+    summary = json.loads((long_job["output"] / "runs" / "long-run.json").read_text())
+    assert summary["config"]["subtitles"] == ["srt", "vtt"] and summary["rows_failed"] == 0
+
+
+def test_silent_and_too_short_recordings_have_empty_text_and_no_segments(long_job):
+    for row_id in ("silence", "blip"):
+        row = long_job["rows"][row_id]
+        assert row["error"] is None and row["text"] == "" and row["segments"] == [], row
+
+
+def test_job_writes_subtitles_per_recording(long_job):
+    row = long_job["rows"]["long/talk"]
+    cues = [(s["start"], s["end"], " ".join(s["text"].split())) for s in row["segments"] if s["text"].strip()]
+    assert cues
+    folder = long_job["output"] / "subtitles"
+    assert sorted(p.name for p in folder.rglob("*") if p.is_file()) == ["long%2Ftalk.srt", "long%2Ftalk.vtt"]
+
+    parsed = list(srt.parse((folder / "srt" / "long%2Ftalk.srt").read_text(encoding="utf-8")))
+    assert [s.index for s in parsed] == list(range(1, len(cues) + 1))
+    for subtitle, (start, end, text) in zip(parsed, cues, strict=True):
+        assert subtitle.start.total_seconds() == pytest.approx(start, abs=0.0006)
+        assert subtitle.end.total_seconds() == pytest.approx(end, abs=0.0006)
+        assert subtitle.content == text
+
+    captions = webvtt.read(str(folder / "vtt" / "long%2Ftalk.vtt")).captions
+    assert len(captions) == len(cues)
+    for caption, (start, end, _) in zip(captions, cues):
+        assert vtt_seconds(caption.start) == pytest.approx(start, abs=0.0006)
+        assert vtt_seconds(caption.end) == pytest.approx(end, abs=0.0006)
+    assert captions[-1].end_in_seconds <= row["duration_s"]
+
+
+def vtt_seconds(timestamp: str) -> float:
+    hours, minutes, rest = timestamp.split(":")
+    return int(hours) * 3600 + int(minutes) * 60 + float(rest)

@@ -1,0 +1,92 @@
+"""Subtitles from segments: valid SRT and WebVTT, read back with real parsers, on disk and on S3."""
+
+from __future__ import annotations
+
+import html
+import re
+from datetime import timedelta
+
+import pyarrow as pa
+import srt
+import webvtt
+
+from granite_batch.output import SEGMENT_TYPE
+from granite_batch.subtitles import subtitle_path, to_srt, to_vtt, write_subtitles
+
+SEGMENTS = [
+    {"start": 0.0, "end": 1.5, "text": "The weather today is mild."},
+    {"start": 2.25, "end": 2.25, "text": "   "},  # no words: no cue
+    {"start": 4.0004, "end": 31.9996, "text": "Fish & chips\n\nare <cheap> --> here"},
+    {"start": 3725.5, "end": 3727.125, "text": "An hour later."},
+]
+CUES = [(0.0, 1.5, "The weather today is mild."), (4.0, 32.0, "Fish & chips are <cheap> --> here"),
+        (3725.5, 3727.125, "An hour later.")]
+SRT_TIME = r"\d{2,}:\d{2}:\d{2},\d{3}"
+VTT_TIME = r"\d{2,}:\d{2}:\d{2}\.\d{3}"
+
+
+def seconds(value: str) -> float:
+    hours, minutes, rest = value.replace(",", ".").split(":")
+    return int(hours) * 3600 + int(minutes) * 60 + float(rest)
+
+
+def test_srt_is_numbered_cues_with_comma_milliseconds():
+    text = to_srt(SEGMENTS)
+    parsed = list(srt.parse(text))
+    assert [s.index for s in parsed] == [1, 2, 3]
+    assert [(s.start, s.end, s.content) for s in parsed] == [
+        (timedelta(seconds=a), timedelta(seconds=b), words) for a, b, words in CUES
+    ]
+    timing_lines = [line for line in text.splitlines() if "-->" in line and line[0].isdigit()]
+    assert len(timing_lines) == 3
+    assert all(re.fullmatch(f"{SRT_TIME} --> {SRT_TIME}", line) for line in timing_lines)
+    assert "01:02:05,500 --> 01:02:07,125" in timing_lines
+
+
+def test_vtt_has_header_dot_milliseconds_and_escaped_text():
+    text = to_vtt(SEGMENTS)
+    assert text.startswith("WEBVTT\n\n")
+    captions = list(webvtt.from_string(text, strict=True))
+    assert [(seconds(c.start), seconds(c.end), html.unescape(c.text)) for c in captions] == CUES
+    assert all(re.fullmatch(VTT_TIME, value) for c in captions for value in (c.start, c.end))
+    # Markup characters are escaped, and no cue text can hold the timing arrow.
+    assert "Fish &amp; chips are &lt;cheap&gt; --&gt; here" in text
+    assert sum("-->" in line for line in text.splitlines()) == 3
+
+
+def test_no_segments_make_valid_empty_files():
+    assert list(srt.parse(to_srt([]))) == []
+    assert list(webvtt.from_string(to_vtt([]), strict=True)) == []
+
+
+def test_ids_cannot_leave_the_subtitles_folder():
+    assert subtitle_path("out", "srt", "rec-1") == "out/subtitles/srt/rec-1.srt"
+    assert subtitle_path("out", "vtt", "../../etc/passwd") == "out/subtitles/vtt/..%2F..%2Fetc%2Fpasswd.vtt"
+    assert subtitle_path("out", "srt", "..") == "out/subtitles/srt/%2E%2E.srt"
+
+
+def transcript_rows() -> pa.Table:
+    return pa.table({
+        "id": ["ok", "failed", "silent", "a/b"],
+        "error": [None, "decode failed: empty file (0 bytes)", None, None],
+        "segments": pa.array([SEGMENTS, [], [], SEGMENTS[:1]], pa.list_(SEGMENT_TYPE)),
+    })
+
+
+def test_write_one_file_per_format_for_rows_with_segments_only(tmp_path):
+    written = write_subtitles(transcript_rows(), str(tmp_path), ["srt", "vtt"], "run-1")
+    assert len(written) == 4
+    files = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "subtitles").rglob("*") if p.is_file())
+    assert files == ["subtitles/srt/a%2Fb.srt", "subtitles/srt/ok.srt", "subtitles/vtt/a%2Fb.vtt", "subtitles/vtt/ok.vtt"]
+    assert len(list(srt.parse((tmp_path / "subtitles/srt/ok.srt").read_text(encoding="utf-8")))) == 3
+    assert len(webvtt.read(str(tmp_path / "subtitles/vtt/a%2Fb.vtt")).captions) == 1
+    assert not any((tmp_path / "_staging" / "run-1").rglob("*.srt"))  # staged files were moved, not copied
+
+
+def test_write_to_s3(s3, s3_server):
+    s3.mkdir("subs")
+    options = {"s3": {"endpoint_url": s3_server}}
+    write_subtitles(transcript_rows(), "s3://subs/out", ["vtt"], "run-1", options)
+    assert sorted(s3.ls("subs/out/subtitles/vtt")) == ["subs/out/subtitles/vtt/a%2Fb.vtt", "subs/out/subtitles/vtt/ok.vtt"]
+    captions = webvtt.from_string(s3.cat("subs/out/subtitles/vtt/ok.vtt").decode("utf-8"), strict=True)
+    assert len(captions) == 3
