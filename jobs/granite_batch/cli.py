@@ -151,6 +151,19 @@ def _print_summary(summary: dict, path: str) -> None:
     print(f"summary: {path}")
 
 
+def _could_not_finish(what: str, exc: Exception) -> int:
+    """Say in one line why a run stopped (details in the debug log); a model that failed to load in a
+    Ray actor arrives wrapped in a Ray error and still exits with EXIT_MODEL."""
+    reason = str(exc).strip().splitlines()
+    if "ModelLoadError" in str(exc):
+        line = next((part for part in reason if "cannot load model" in part), reason[-1])
+        print(f"granite-batch: {line.split('ModelLoadError: ')[-1]}", file=sys.stderr)
+        return EXIT_MODEL
+    log.debug("%s failed", what, exc_info=True)
+    print(f"granite-batch: {what} failed: {type(exc).__name__}: {reason[0] if reason else ''}", file=sys.stderr)
+    return EXIT_RUNTIME
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from granite_batch.config import ConfigError, load_config
     from granite_batch.manifest import ManifestError
@@ -175,15 +188,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except TooManyFailures as exc:
         print(f"granite-batch: {exc}", file=sys.stderr)
         return EXIT_TOO_MANY_FAILURES
-    except Exception as exc:  # the job could not finish; say why in one line, details in the log
-        reason = str(exc).strip().splitlines()
-        if "ModelLoadError" in str(exc):
-            line = next((part for part in reason if "cannot load model" in part), reason[-1])
-            print(f"granite-batch: {line.split('ModelLoadError: ')[-1]}", file=sys.stderr)
-            return EXIT_MODEL
-        log.debug("job failed", exc_info=True)
-        print(f"granite-batch: job failed: {type(exc).__name__}: {reason[0] if reason else ''}", file=sys.stderr)
-        return EXIT_RUNTIME
+    except Exception as exc:  # the job could not finish
+        return _could_not_finish("job", exc)
     _print_summary(result.summary, result.summary_path)
     return EXIT_OK
 
@@ -254,12 +260,8 @@ def _cmd_second_pass(args: argparse.Namespace) -> int:
     except ModelLoadError as exc:
         print(f"granite-batch: {exc}", file=sys.stderr)
         return EXIT_MODEL
-    except Exception as exc:  # the run could not finish; say why in one line, details in the log
-        reason = str(exc).strip().splitlines()
-        log.debug("second pass failed", exc_info=True)
-        print(f"granite-batch: second pass failed: {type(exc).__name__}: {reason[0] if reason else ''}",
-              file=sys.stderr)
-        return EXIT_RUNTIME
+    except Exception as exc:  # the run could not finish
+        return _could_not_finish("second pass", exc)
     s = result.summary
     print(f"\nsecond pass {s['name']} (run {s['run_id']}): {s['rows_ok']} ok, {s['rows_failed']} failed, "
           f"{s['rows_chunked']} chunked, {s['rows_already_done']} already done; skipped transcripts: "
