@@ -144,3 +144,21 @@ def test_segment_stage_rows_without_samples_or_speech(clip):
     out = segment_table(pa.concat_tables([table.slice(0, 1), table.slice(2, 1)]), RATE, 30.0)  # two chunks
     assert out.column("segment_starts")[1].as_py() == [] and out.column("segment_ends")[1].as_py() == []
     assert out.column("segment_starts")[0].as_py() == [s for s, _ in plan_segments(speech, RATE, 30.0)]
+
+
+def test_recordings_segmented_together_get_the_segments_they_get_alone(clip):
+    long_speech, _ = speech_with_pauses(clip, [8, 12, 6, 9, 14, 7] * 4, pause_s=0.8)  # 243 s
+    # Together over 256 s: more than 64 windows of 4 s, so a window length taken from the batch's total
+    # (rather than each recording's own) would move every window and change the segments.
+    recordings = [clip, np.concatenate([np.zeros(RATE * 3, np.float32), clip]), long_speech,
+                  np.zeros(RATE * 4, np.float32), clip[: int(0.1 * RATE)], long_speech[: RATE * 90]]
+    together = segment_table(pa.table({"samples": samples_to_arrow(recordings)}), RATE, 30.0)
+    alone = [plan_segments(samples, RATE, 30.0) for samples in recordings]
+    assert together.column("segment_starts").to_pylist() == [[s for s, _ in bounds] for bounds in alone]
+    assert together.column("segment_ends").to_pylist() == [[e for _, e in bounds] for bounds in alone]
+    assert len(alone[2]) >= 2 and alone[3] == [] and alone[4] == []  # the mix holds every kind of row
+    values = np.concatenate(recordings)
+    offsets = np.concatenate(([0], np.cumsum([len(r) for r in recordings])))
+    spans = [(int(offsets[i]), len(r)) for i, r in enumerate(recordings)]
+    for many, samples in zip(segment.speech_probabilities_many(values, spans), recordings):
+        np.testing.assert_allclose(many, speech_probabilities(samples), atol=1e-4)

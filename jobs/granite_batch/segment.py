@@ -10,7 +10,8 @@ A recording no longer than `max_segment_s` that holds any speech stays whole (on
 with no speech, or too short to hold a word, has no segment.
 
 Memory: the VAD reads the samples through small (windows x 512) gathers, so segmenting a
-recording allocates a few MB however long it is, besides one float per 32 ms frame.
+recording allocates a few MB however long it is, besides one float per 32 ms frame. Speed: the
+windows of every recording in a batch run side by side (`speech_probabilities_many`).
 """
 
 from __future__ import annotations
@@ -65,10 +66,19 @@ def vad_model():
 
 
 def speech_probabilities(samples: np.ndarray, options: VadOptions = VadOptions()) -> np.ndarray:
-    """Silero's speech probability for each 512-sample frame of 16 kHz `samples` (last one padded).
+    """Silero's speech probability for each 512-sample frame of 16 kHz `samples` (last one padded)."""
+    return speech_probabilities_many(samples, [(0, len(samples))], options)[0]
 
-    The recording is read as windows that run as one batch, each after `warmup_s` of the audio
-    before it; one step reads one (windows x 512) gather, never a copy of the audio.
+
+def speech_probabilities_many(values: np.ndarray, spans: list[tuple[int, int]],
+                              options: VadOptions = VadOptions()) -> list[np.ndarray]:
+    """`speech_probabilities` of each recording `values[offset:offset + length]`, for (offset, length)
+    in `spans`, computed together: windows of all the recordings run side by side as one batch.
+
+    Each recording is read as windows of `min_window_s`..`max_window_s` (chosen from its own length),
+    each after `warmup_s` of the audio before it (silence before the recording's start), so a short
+    clip runs beside its neighbours instead of being stepped alone; one step reads one
+    (windows x 512) gather, never a copy of the audio.
     """
     import torch
 
@@ -78,42 +88,47 @@ def speech_probabilities(samples: np.ndarray, options: VadOptions = VadOptions()
     # threads cost several times the work on a machine whose cores are busy with other stages.
     torch.set_num_threads(1)
     try:
-        return _probabilities(model, samples, options)
+        return _probabilities(model, values, spans, options)
     finally:
         torch.set_num_threads(threads)
 
 
-def _probabilities(model, samples: np.ndarray, options: VadOptions) -> np.ndarray:
+def _probabilities(model, values: np.ndarray, spans: list[tuple[int, int]], options: VadOptions) -> list[np.ndarray]:
     import torch
 
-    n = len(samples)
-    frames = -(-n // VAD_FRAME)
-    probs = np.zeros(frames, np.float32)
-    if frames == 0:
-        return probs
+    frames = np.array([-(-length // VAD_FRAME) for _, length in spans], dtype=np.int64)
+    frame_offsets = np.concatenate(([0], np.cumsum(frames)))
+    probs = np.zeros(int(frame_offsets[-1]), np.float32)
     per_s = VAD_RATE_HZ / VAD_FRAME
-    window = min(round(options.max_window_s * per_s),
-                 max(round(options.min_window_s * per_s), -(-frames // options.batch_windows)), frames)
     warmup = round(options.warmup_s * per_s)
-    windows = -(-frames // window)
+    # One job per window: (recording, its first frame, its length in frames). Each recording's windows
+    # depend on its own length only, so its segments do not depend on what it was batched with.
+    jobs = []
+    for i, count in enumerate(frames.tolist()):
+        window = min(round(options.max_window_s * per_s),
+                     max(round(options.min_window_s * per_s), -(-count // options.batch_windows)))
+        jobs.extend((i, first, min(window, count - first)) for first in range(0, count, window))
+    # Similar lengths side by side, so few steps run past a window's end.
+    jobs.sort(key=lambda job: job[2], reverse=True)
     within = np.arange(VAD_FRAME)
     with torch.inference_mode():
-        for first in range(0, windows, options.batch_windows):
-            ks = np.arange(first, min(first + options.batch_windows, windows))
-            starts = (ks * window - warmup) * VAD_FRAME
-            outside = starts[0] < 0 or starts[-1] + (warmup + window) * VAD_FRAME > n
+        for group in range(0, len(jobs), options.batch_windows):
+            recording, first, length = (np.array(column, dtype=np.int64)
+                                        for column in zip(*jobs[group:group + options.batch_windows]))
+            offset = np.array([spans[i][0] for i in recording], dtype=np.int64)
+            low, high = offset[:, None], (offset + [spans[i][1] for i in recording])[:, None]
+            starts = offset + (first - warmup) * VAD_FRAME
+            destination = frame_offsets[recording] + first
             model.reset_states()
-            for step in range(warmup + window):
+            for step in range(warmup + int(length.max())):
                 index = starts[:, None] + step * VAD_FRAME + within
-                chunk = samples.take(index, mode="clip").astype(np.float32, copy=False)
-                if outside:
-                    chunk[(index < 0) | (index >= n)] = 0.0  # before the start and after the end: silence
+                chunk = values.take(index, mode="clip").astype(np.float32, copy=False)
+                chunk[(index < low) | (index >= high)] = 0.0  # outside its recording: silence
                 out = model(torch.from_numpy(chunk), VAD_RATE_HZ)[:, 0].numpy()
                 if step >= warmup:
-                    frame = ks * window + step - warmup
-                    keep = frame < frames
-                    probs[frame[keep]] = out[keep]
-    return probs
+                    keep = step - warmup < length
+                    probs[destination[keep] + step - warmup] = out[keep]
+    return [probs[frame_offsets[i]:frame_offsets[i + 1]] for i in range(len(spans))]
 
 
 def speech_regions(probs: np.ndarray, n: int, options: VadOptions = VadOptions()) -> list[tuple[int, int]]:
@@ -136,18 +151,21 @@ def speech_regions(probs: np.ndarray, n: int, options: VadOptions = VadOptions()
 
 
 def plan_segments(samples: np.ndarray, sample_rate_hz: int, max_segment_s: float,
-                  options: VadOptions = VadOptions()) -> list[tuple[int, int]]:
+                  options: VadOptions = VadOptions(), probabilities: np.ndarray | None = None) -> list[tuple[int, int]]:
     """(start, end) sample offsets of the speech segments, in order, each at most `max_segment_s`.
 
     A recording no longer than the limit that holds speech is one segment (0, len(samples));
-    a recording without speech gives no segment.
+    a recording without speech gives no segment. `probabilities`, when given, are the recording's
+    `speech_probabilities` already computed (with other recordings').
     """
     if sample_rate_hz != VAD_RATE_HZ:
         raise ValueError(f"segmentation needs {VAD_RATE_HZ} Hz samples, not {sample_rate_hz}")
     n = len(samples)
     if n < options.min_speech_s * sample_rate_hz:
         return []
-    regions = speech_regions(speech_probabilities(samples, options), n, options)
+    if probabilities is None:
+        probabilities = speech_probabilities(samples, options)
+    regions = speech_regions(probabilities, n, options)
     if not regions:
         return []
     max_len = int(max_segment_s * sample_rate_hz)
@@ -203,19 +221,28 @@ def segment_table(table: pa.Table, sample_rate_hz: int, max_segment_s: float,
                   options: VadOptions = VadOptions()) -> pa.Table:
     """Segment stage: add `segment_starts` / `segment_ends` (sample offsets) for each decoded row.
 
-    Rows without samples get nulls; rows without speech get empty lists.
+    Rows without samples get nulls; rows without speech get empty lists. The VAD runs over all the
+    recordings of a chunk at once, so many short clips cost about what one long recording of their
+    total length does.
     """
     starts: list[list[int] | None] = []
     ends: list[list[int] | None] = []
-    # Chunk by chunk: combining the chunks first would copy every recording.
-    column = table.column("samples")
-    for samples in (row for chunk in column.chunks for row in samples_from_arrow(chunk)):
-        if samples is None:
-            starts.append(None)
-            ends.append(None)
-            continue
-        bounds = plan_segments(samples, sample_rate_hz, max_segment_s, options)
-        starts.append([b[0] for b in bounds])
-        ends.append([b[1] for b in bounds])
+    # Chunk by chunk, on the chunk's own buffer: combining the chunks first would copy every recording.
+    for chunk in table.column("samples").chunks:
+        recordings = samples_from_arrow(chunk)
+        values = chunk.values.to_numpy(zero_copy_only=True)
+        offsets = chunk.offsets.to_numpy()
+        min_samples = options.min_speech_s * sample_rate_hz
+        rows = [i for i, samples in enumerate(recordings) if samples is not None and len(samples) >= min_samples]
+        spans = [(int(offsets[i]), len(recordings[i])) for i in rows]
+        probabilities = dict(zip(rows, speech_probabilities_many(values, spans, options))) if rows else {}
+        for i, samples in enumerate(recordings):
+            if samples is None:
+                starts.append(None)
+                ends.append(None)
+                continue
+            bounds = plan_segments(samples, sample_rate_hz, max_segment_s, options, probabilities.get(i))
+            starts.append([b[0] for b in bounds])
+            ends.append([b[1] for b in bounds])
     table = table.append_column("segment_starts", pa.array(starts, pa.list_(pa.int64())))
     return table.append_column("segment_ends", pa.array(ends, pa.list_(pa.int64())))
