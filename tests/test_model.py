@@ -101,3 +101,29 @@ def test_tiny_checkpoint_keeps_an_integer_embedding_multiplier(tiny_model_dir):
     assert isinstance(config["text_config"]["embedding_multiplier"], int)
     ref = resolve_model(str(tiny_model_dir))
     assert ref.name == str(tiny_model_dir.resolve())
+
+
+def test_short_segments_stop_at_their_own_token_budget(tiny_model_dir, recordings, monkeypatch):
+    from granite_batch.speculative import SpeculativeOptions
+
+    limited = SpeechModel.load(str(tiny_model_dir), max_new_tokens=60, max_new_tokens_per_audio_s=4.0)
+    items = [(recordings[0][: int(seconds * 16000)], Request()) for seconds in (0.5, 1.5, 3.0)]
+    budgets = [limited.token_budget(samples) for samples, _ in items]
+    assert budgets == [16 + 2, 16 + 6, 16 + 12]
+    assert limited.token_budget(np.zeros(16000 * 20, np.float32)) == 60  # never above max_new_tokens
+    with torch.inference_mode():
+        embeds, _ = limited._prompt_embeddings(items, [0, 1, 2])
+        unlimited = limited._autoregressive(embeds, [60] * 3)
+        steps = []
+        language_model = limited.model.model.language_model
+        original = language_model.forward
+        monkeypatch.setattr(language_model, "forward", lambda *a, **k: steps.append(1) or original(*a, **k))
+        within_budgets = limited._autoregressive(embeds, budgets)
+    assert all(len(tokens) > budget for tokens, budget in zip(unlimited, budgets))  # would have run on
+    assert within_budgets == [tokens[:budget] for tokens, budget in zip(unlimited, budgets)]
+    assert len(steps) == max(budgets)  # the batch stopped at its longest budget, not at 60
+    monkeypatch.undo()
+    assert limited.generate(items) == [limited.generate([item])[0] for item in items]
+    strict = SpeechModel.load(str(tiny_model_dir), max_new_tokens=60, max_new_tokens_per_audio_s=4.0,
+                              speculative=SpeculativeOptions("speculative-strict"))
+    assert strict.generate(items) == limited.generate(items)

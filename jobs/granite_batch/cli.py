@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, help="recordings per model batch (default 16)")
     run.add_argument("--max-batch-audio-s", type=float, help="audio seconds per generate call (default 480)")
     run.add_argument("--max-new-tokens", type=int, help="generation limit per segment (default 200)")
+    run.add_argument("--max-new-tokens-per-audio-s", type=float,
+                     help="lower limit for short segments: 16 + this per audio second (default 12)")
     run.add_argument("--num-beams", type=int, help="beam search width (default 1: greedy)")
     run.add_argument("--decoding", choices=["autoregressive", "speculative-strict", "speculative"],
                      help="autoregressive (default), speculative-strict (CTC drafts, output identical to "
@@ -111,7 +113,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    generation = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams, "decoding": args.decoding}
+    generation = {"max_new_tokens": args.max_new_tokens, "max_new_tokens_per_audio_s": args.max_new_tokens_per_audio_s,
+                  "num_beams": args.num_beams, "decoding": args.decoding}
     resources = {}
     if args.model_actors is not None:
         resources["model_actors_min"] = args.model_actors

@@ -28,6 +28,10 @@ class GenerationOptions(_Strict):
     """Decoding settings; defaults follow the model card (greedy, 200 new tokens)."""
 
     max_new_tokens: int = Field(200, ge=1, le=4096)
+    max_new_tokens_per_audio_s: float | None = Field(
+        12.0, gt=0, description="a segment's limit is 16 tokens + this per audio second (at most max_new_tokens); "
+        "null: max_new_tokens for every segment",
+    )
     num_beams: int = Field(1, ge=1, le=16)
     repetition_penalty: float = Field(1.0, gt=0)
     decoding: Literal["autoregressive", "speculative-strict", "speculative"] = "autoregressive"

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 # A segment shorter than this holds no word; it gets empty text instead of a model call.
 MIN_SEGMENT_S = 0.1
+# New tokens any segment may have, on top of `max_new_tokens_per_audio_s` for each of its seconds.
+BASE_NEW_TOKENS = 16
 
 
 class ModelLoadError(RuntimeError):
@@ -113,7 +115,7 @@ class SpeechModel:
 
     def __init__(self, model, processor, device: str, max_new_tokens: int = 200, num_beams: int = 1,
                  repetition_penalty: float = 1.0, max_batch_audio_s: float = 480.0,
-                 speculative: SpeculativeOptions | None = None):
+                 speculative: SpeculativeOptions | None = None, max_new_tokens_per_audio_s: float | None = None):
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -122,6 +124,7 @@ class SpeechModel:
         self.num_beams = num_beams
         self.repetition_penalty = repetition_penalty
         self.max_batch_audio_s = max_batch_audio_s
+        self.max_new_tokens_per_audio_s = max_new_tokens_per_audio_s
         self.speculative = speculative or SpeculativeOptions()
         if self.speculative.mode != "autoregressive" and (num_beams != 1 or repetition_penalty != 1.0):
             raise ValueError("speculative decoding needs greedy search: num_beams 1, repetition_penalty 1")
@@ -158,6 +161,16 @@ class SpeechModel:
             self._prompts[request] = render_prompt(self.tokenizer, request)
         return self._prompts[request]
 
+    def token_budget(self, samples: np.ndarray) -> int:
+        """New tokens a segment may generate: `max_new_tokens`, or less for a short segment when
+        `max_new_tokens_per_audio_s` is set. A row that loops (on noise, music) then stops about where
+        speech of its length must have ended, and a batch of short segments runs for its longest
+        budget instead of `max_new_tokens` steps."""
+        if self.max_new_tokens_per_audio_s is None:
+            return self.max_new_tokens
+        seconds = len(samples) / self.sample_rate_hz
+        return min(self.max_new_tokens, BASE_NEW_TOKENS + math.ceil(self.max_new_tokens_per_audio_s * seconds))
+
     def generate(self, items: list[tuple[np.ndarray, Request]]) -> list[str]:
         """Transcribe or translate each (16 kHz mono samples, request); results in input order."""
         return [text for text, _ in self.generate_with_decisions(items)]
@@ -187,11 +200,12 @@ class SpeechModel:
         with torch.inference_mode():
             embeds, ctc_logits = self._prompt_embeddings(items, batch, with_ctc=speculative)
             requests = [items[i][1] for i in batch]
+            budgets = [self.token_budget(items[i][0]) for i in batch]
             if speculative:
                 drafts = [self._draft(items[i], logits) for i, logits in zip(batch, ctc_logits)]
-                tokens, decisions = self._speculative(embeds, requests, drafts)
+                tokens, decisions = self._speculative(embeds, requests, drafts, budgets)
             else:
-                tokens = self._autoregressive(embeds, [self.max_new_tokens] * len(batch))
+                tokens = self._autoregressive(embeds, budgets)
                 decisions = [BY_AUTOREGRESSIVE] * len(batch)
         texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
         for index, text, decision in zip(batch, texts, decisions):
@@ -211,7 +225,8 @@ class SpeechModel:
         return inputs, mask
 
     def _autoregressive(self, embeds: list, budgets: list[int]) -> list[list[int]]:
-        """Greedy (or beam) generation on left-padded prompt embeddings; new tokens per row."""
+        """Greedy (or beam) generation on left-padded prompt embeddings; at most `budgets[row]` new
+        tokens per row (the batch runs to the largest; batches are formed from similar lengths)."""
         inputs, mask = self._left_pad(embeds)
         tokens = self.model.generate(
             inputs_embeds=inputs, attention_mask=mask, max_new_tokens=max(budgets),
@@ -238,7 +253,8 @@ class SpeechModel:
         text = text.strip()
         return (self.tokenizer.encode(text, add_special_tokens=False) if text else []), text, entropy
 
-    def _speculative(self, embeds: list, requests: list[Request], drafts: list) -> tuple[list, list[str]]:
+    def _speculative(self, embeds: list, requests: list[Request], drafts: list,
+                     budgets: list[int]) -> tuple[list, list[str]]:
         """Decide each row by CTC, by one batched verification pass, or by decoding on after it."""
         import torch
 
@@ -253,13 +269,13 @@ class SpeechModel:
                 continue
             decisions[row] = BY_FALLBACK
             if relaxed and ids and entropy <= self.speculative.ctc_entropy_threshold:
-                tokens[row], decisions[row] = ids[: self.max_new_tokens], BY_CTC
+                tokens[row], decisions[row] = ids[: budgets[row]], BY_CTC
         verify = [row for row in range(n) if tokens[row] is None and drafts[row][0]]
         if verify:
             embed_tokens = self.model.get_input_embeddings()
             sequences, lengths = [], []
             for row in verify:
-                draft = drafts[row][0][: self.max_new_tokens]
+                draft = drafts[row][0][: budgets[row]]
                 ids = torch.tensor(draft, dtype=torch.long, device=self.device)
                 sequences.append(torch.cat([embeds[row], embed_tokens(ids).to(embeds[row].dtype)]))
                 lengths.append(len(draft))
@@ -283,15 +299,15 @@ class SpeechModel:
                     accepted = strict_accepted(draft, greedy[:length])
                 following = greedy[accepted]  # the model's own token where the draft stops
                 prefix = draft[:accepted] if following == eos else draft[:accepted] + [following]
-                if following == eos or len(prefix) >= self.max_new_tokens:
+                if following == eos or len(prefix) >= budgets[row]:
                     # Finished without a single autoregressive step: the verification pass decided it.
-                    tokens[row], decisions[row] = prefix[: self.max_new_tokens], BY_VERIFICATION
+                    tokens[row], decisions[row] = prefix[: budgets[row]], BY_VERIFICATION
                     continue
                 prefixes[row] = prefix
         rest = [row for row in range(n) if tokens[row] is None]
         if rest:
             embed_tokens = self.model.get_input_embeddings()
-            sequences, budgets = [], []
+            sequences, remaining = [], []
             for row in rest:
                 prefix = prefixes.get(row, [])
                 sequence = embeds[row]
@@ -299,8 +315,8 @@ class SpeechModel:
                     ids = torch.tensor(prefix, dtype=torch.long, device=self.device)
                     sequence = torch.cat([sequence, embed_tokens(ids).to(sequence.dtype)])
                 sequences.append(sequence)
-                budgets.append(self.max_new_tokens - len(prefix))
-            for row, generated in zip(rest, self._autoregressive(sequences, budgets)):
+                remaining.append(budgets[row] - len(prefix))
+            for row, generated in zip(rest, self._autoregressive(sequences, remaining)):
                 tokens[row] = prefixes.get(row, []) + generated
         return tokens, decisions
 

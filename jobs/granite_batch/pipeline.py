@@ -60,7 +60,8 @@ class Transcriber:
         self.speech_model = SpeechModel.load(
             config.model, config.revision, device=device, dtype=config.dtype,
             trust_remote_code=config.trust_remote_code,
-            max_new_tokens=config.generation.max_new_tokens, num_beams=config.generation.num_beams,
+            max_new_tokens=config.generation.max_new_tokens,
+            max_new_tokens_per_audio_s=config.generation.max_new_tokens_per_audio_s, num_beams=config.generation.num_beams,
             repetition_penalty=config.generation.repetition_penalty, max_batch_audio_s=config.max_batch_audio_s,
             speculative=SpeculativeOptions(config.generation.decoding, config.generation.ctc_entropy_threshold,
                                            config.generation.verify_threshold),
