@@ -81,4 +81,6 @@ def test_bench_prints_the_three_figures_with_their_baselines(tmp_path):
         overlap["pipeline_s"] / overlap["stages_alone_s"][overlap["slowest_stage"]], rel=0.01)
     ray = figures["ray"]
     assert ray["rows"] == 16 and ray["ratio"] == pytest.approx(ray["job_s"] / ray["loop_s"], rel=0.01)
+    assert figures["features"]["x"] > 0
+    assert re.search(rf"log-mel features alone .*: {figures['features']['x']:.0f}x; at RTFx 3000 per GPU", out)
     assert not list(tmp_path.iterdir())  # its temporary files are gone

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import resource
 import subprocess
@@ -280,6 +281,28 @@ def stage_rates(loop: dict) -> dict:
             **{k: round(loop["audio_s"] / max(v, 1e-9), 1) for k, v in loop["stages_cpu_s"].items()}}
 
 
+def feature_speed(model_dir: Path, segment_s: float = 20.0, repeats: int = 20) -> dict:
+    """Audio seconds per CPU second of the model's log-mel step on one CPU thread (a `segment_s`
+    segment, best of `repeats`): the host work the model actor moves onto its GPU."""
+    import torch
+    from transformers import AutoFeatureExtractor
+
+    extractor = AutoFeatureExtractor.from_pretrained(str(model_dir))
+    waveform = torch.from_numpy(speech_source(segment_s)[0, : int(segment_s * SAMPLE_RATE_HZ)].copy())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        extractor(waveform, device="cpu")
+        best = math.inf
+        for _ in range(repeats):
+            start = time.process_time()
+            extractor(waveform, device="cpu")
+            best = min(best, time.process_time() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return {"segment_s": segment_s, "x": round(segment_s / max(best, 1e-9), 1)}
+
+
 def run_bench(audio_s: float = 180.0, overlap_rows: int = 48, rows: int = 300, repeats: int = 3,
               work_dir: str | None = None) -> dict:
     """Measure all three figures; returns them as a dict (see `report`)."""
@@ -301,6 +324,7 @@ def run_bench(audio_s: float = 180.0, overlap_rows: int = 48, rows: int = 300, r
         # then the in-process loops, and only then Ray (whose driver threads would count too).
         results["decode"] = decode_speed(work, audio_s, repeats)
         model_dir = write_tiny_model(work / "tiny-model")
+        results["features"] = feature_speed(model_dir)
         overlap = _config(write_rows_manifest(work / "overlap.jsonl", overlap_rows), work / "overlap-loop",
                           model_dir, "bench-overlap-loop")
         half = overlap_rows // 2
@@ -380,6 +404,9 @@ def report(results: dict) -> str:
         f"CPU cost per stage in the loop ({results['stage_rates']['audio_s']:.0f} s of audio), audio seconds per "
         f"CPU second: decode {results['stage_rates']['decode']:.0f}x, segment {results['stage_rates']['segment']:.0f}x"
         f", transcribe {results['stage_rates']['transcribe']:.0f}x (tiny checkpoint: features and fixed costs only)",
+        f"log-mel features alone (the model's feature extractor, {results['features']['segment_s']:.0f} s segment, "
+        f"1 thread): {results['features']['x']:.0f}x; at RTFx 3000 per GPU that would be "
+        f"{3000 / results['features']['x']:.1f} cores, so the model actor computes them on its GPU",
         "",
         "load average at the end: " + " ".join(f"{x:.2f}" for x in results["load_average_end"]),
         json.dumps({"bench": "granite-batch", **results}, sort_keys=True),
