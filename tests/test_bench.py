@@ -54,14 +54,14 @@ def test_gpu_bench_runs_tiny_on_cpu_without_ray():
 
 
 def test_bench_prints_the_three_figures_with_their_baselines(tmp_path):
-    result = run_cli(["bench", "--audio-s", "5", "--overlap-rows", "16", "--rows", "16", "--repeats", "1",
+    result = run_cli(["bench", "--audio-s", "5", "--overlap-rows", "48", "--rows", "16", "--repeats", "1",
                       "--work-dir", str(tmp_path)], timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "baseline: ffmpeg CLI" in out and "goal >= 300x real time per core" in out
     for codec in ("flac", "mp3", "opus", "aac"):
         assert re.search(rf"^\s+{codec}\s+\d+x\s+\d+x\s+[\d.]+x\s+(met|NOT met)$", out, re.M), codec
-    assert re.search(r"stage overlap, 16 rows.*Ray pipeline [\d.]+ s vs its slowest stage alone \(\w+\) [\d.]+ s "
+    assert re.search(r"stage overlap, 48 rows.*Ray pipeline [\d.]+ s vs its slowest stage alone \(\w+\) [\d.]+ s "
                      r"= [\d.]+x \(goal <= 1.25x", out)
     assert re.search(r"Ray overhead, 16 rows.*whole job [\d.]+ s vs plain in-process loop [\d.]+ s = [\d.]+x "
                      r"\(goal <= 1.3x", out)
@@ -79,6 +79,10 @@ def test_bench_prints_the_three_figures_with_their_baselines(tmp_path):
     assert overlap["stages_alone_s"][overlap["slowest_stage"]] == max(overlap["stages_alone_s"].values())
     assert overlap["ratio"] == pytest.approx(
         overlap["pipeline_s"] / overlap["stages_alone_s"][overlap["slowest_stage"]], rel=0.01)
+    stages = overlap["stages_alone_s"].values()
+    assert overlap["bound_s"] == pytest.approx(max(max(stages), sum(stages) / overlap["cpus"]), rel=0.01)
+    assert overlap["bound_ratio"] == pytest.approx(overlap["pipeline_s"] / overlap["bound_s"], rel=0.01)
+    assert overlap["steady_ratio"] > 0 and re.search(r"once rows flow .* = [\d.]+x \(goal <= 1.25x", out)
     ray = figures["ray"]
     assert ray["rows"] == 16 and ray["ratio"] == pytest.approx(ray["job_s"] / ray["loop_s"], rel=0.01)
     assert figures["features"]["x"] > 0

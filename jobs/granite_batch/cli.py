@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="measure decode speed, stage overlap and Ray overhead on this machine")
     bench.add_argument("--audio-s", type=float, default=180.0, help="test audio per codec, seconds (default 180)")
-    bench.add_argument("--overlap-rows", type=int, default=48, help="rows for the stage overlap figure (default 48)")
+    bench.add_argument("--overlap-rows", type=int, default=240, help="rows for the stage overlap figure (default 240)")
     bench.add_argument("--rows", type=int, default=300, help="rows for the Ray overhead figure (default 300)")
     bench.add_argument("--repeats", type=int, default=3, help="decode timings per codec; the best counts (default 3)")
     bench.add_argument("--work-dir", help="folder for temporary files (default: the system's)")

@@ -93,9 +93,10 @@ def build_dataset(rows_to_do: pa.Table, config: JobConfig, model_ref: ModelRef, 
         gpus_per_actor = 1.0 if cluster.get("GPU", 0) >= 1 else 0.0
     device = config.device if config.device != "auto" else ("cuda" if gpus_per_actor > 0 else "cpu")
 
-    # Enough blocks to keep every CPU busy, small enough that decoded audio stays bounded per task.
+    # Enough blocks to keep every CPU busy; at most 16 rows each, so the model actor gets its first
+    # batch after 16 recordings are decoded, not 64 (300 short clips on 2 cores: 9.9 s instead of 13.5).
     rows = rows_to_do.num_rows
-    block_rows = max(1, min(64, math.ceil(rows / max(2, 2 * int(cluster.get("CPU", 1))))))
+    block_rows = max(1, min(16, math.ceil(rows / max(2, 2 * int(cluster.get("CPU", 1))))))
     blocks = [rows_to_do.slice(i, block_rows) for i in range(0, rows, block_rows)]
     ds = ray.data.from_arrow(blocks)
 
