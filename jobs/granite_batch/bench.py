@@ -331,6 +331,8 @@ def feature_speed(model_dir: Path, segment_s: float = 20.0, repeats: int = 20) -
 def run_bench(audio_s: float = 180.0, overlap_rows: int = 240, rows: int = 300, repeats: int = 3,
               work_dir: str | None = None) -> dict:
     """Measure all three figures; returns them as a dict (see `report`)."""
+    import ray
+
     from granite_batch.pipeline import run
     from granite_batch.tiny_model import write_tiny_model
 
@@ -367,8 +369,6 @@ def run_bench(audio_s: float = 180.0, overlap_rows: int = 240, rows: int = 300, 
         start = time.perf_counter()
         job = run(_config(job_manifest, work / "job-ray", model_dir, "bench-job-ray"), progress=False)
         job_s = time.perf_counter() - start
-
-        import ray
 
         results["overlap"] = stage_overlap(alone, piped, piped_half, half, int(ray.cluster_resources()["CPU"]))
         results["ray"] = ray_overhead(loop, job_s, job.summary["rows_written"])

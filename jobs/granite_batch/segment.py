@@ -222,8 +222,7 @@ def segment_table(table: pa.Table, sample_rate_hz: int, max_segment_s: float,
     """Segment stage: add `segment_starts` / `segment_ends` (sample offsets) for each decoded row.
 
     Rows without samples get nulls; rows without speech get empty lists. The VAD runs over all the
-    recordings of a chunk at once, so many short clips cost about what one long recording of their
-    total length does.
+    recordings of a chunk at once, so short clips run side by side instead of a window at a time.
     """
     starts: list[list[int] | None] = []
     ends: list[list[int] | None] = []
