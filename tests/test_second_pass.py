@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -22,9 +23,10 @@ from hypothesis import strategies as st
 
 from conftest import SAMPLES, run_cli
 from granite_batch.config import ConfigError, SecondPassOptions
-from granite_batch.output import TranscriptWriter, transcript_schema
+from granite_batch.output import TranscriptWriter, drop_rows, transcript_schema
 from granite_batch.second_pass import (
     SECOND_PASS_FIELDS,
+    SECOND_PASS_SCHEMA,
     TEMPLATES,
     LanguageModel,
     Prompter,
@@ -167,6 +169,35 @@ def test_rerun_skips_ids_already_done(job):
     assert summary["rows_to_do"] == 0 and summary["rows_already_done"] == job["first_rows"].num_rows
     assert read_dataset(output / "second_pass" / "qa").sort_by("id").equals(job["first_rows"].sort_by("id"))
     assert not list((output / "second_pass" / "qa").rglob("part-qa-2-*"))
+
+
+def test_retry_failed_redoes_failed_second_pass_rows_with_one_row_per_id(job, tmp_path):
+    output = tmp_path / "out"
+    shutil.copytree(job["output"], output)
+    qa = output / "second_pass" / "qa"
+    # What an earlier run leaves when a batch fails (out of memory, say): a row with `error` set.
+    holder = next(f.path for f in pads.dataset(qa, format="parquet", partitioning="hive").get_fragments()
+                  if "injection" in f.to_table(columns=["id"]).column("id").to_pylist())
+    drop_rows(str(output), {holder: ["injection"]})
+    writer = TranscriptWriter(str(output), "qa-0", SECOND_PASS_SCHEMA, dataset_dir="second_pass/qa")
+    writer.write(pa.table({"id": ["injection"], "language": ["fr"], "name": ["qa"], "output": [None],
+                           "model": ["m"], "model_revision": [None], "run_id": ["qa-0"],
+                           "error": ["inference failed: OutOfMemoryError: CUDA out of memory"],
+                           "chunked": [False]}, schema=SECOND_PASS_SCHEMA))
+    writer.close()
+    args = ["second-pass", str(output), "--template", "qa", "--question", QUESTION, "--model", str(job["lm"]),
+            "--max-new-tokens", "8", "--no-progress"]
+    plain = run_cli([*args, "--run-id", "qa-plain"])
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert json.loads((qa / "_runs" / "qa-plain.json").read_text())["rows_to_do"] == 0  # failed counts as done
+    retried = run_cli([*args, "--retry-failed", "--run-id", "qa-retry"])
+    assert retried.returncode == 0, retried.stderr[-3000:]
+    assert json.loads((qa / "_runs" / "qa-retry.json").read_text())["rows_to_do"] == 1
+    rows = read_dataset(qa).to_pylist()
+    assert sorted(r["id"] for r in rows) == sorted(job["first_rows"].column("id").to_pylist())  # one row per id
+    by_id = {r["id"]: r for r in rows}
+    assert by_id["injection"]["error"] is None and by_id["injection"]["run_id"] == "qa-retry"
+    assert {r["run_id"] for r in rows if r["id"] != "injection"} == {"qa-1"}
 
 
 def test_a_transcript_longer_than_the_context_goes_through_map_reduce(job):

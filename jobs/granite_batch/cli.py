@@ -86,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     second.add_argument("--model-actors", type=int, help="language model actors (default 1)")
     second.add_argument("--device", choices=["auto", "cpu", "cuda"])
     second.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    second.add_argument("--retry-failed", action="store_true",
+                        help="also redo transcripts whose second-pass row has an error (that row is replaced)")
     second.add_argument("--run-id", help="name this run (default: UTC time + random suffix)")
     second.add_argument("--endpoint-url", help="S3-compatible endpoint")
     second.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -244,7 +246,7 @@ def _cmd_second_pass(args: argparse.Namespace) -> int:
     fields = {"template": args.template, "question": args.question, "name": args.name, "model": args.model,
               "revision": args.revision, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
               "context_tokens": args.context_tokens, "model_actors": args.model_actors, "device": args.device,
-              "dtype": args.dtype}
+              "dtype": args.dtype, "retry_failed": args.retry_failed or None}
     try:
         options = SecondPassOptions.model_validate({k: v for k, v in fields.items() if v is not None})
     except ValidationError as exc:

@@ -87,6 +87,7 @@ class SecondPassOptions(_Strict):
     model_actors: int = Field(1, ge=1, description="language model actors (one GPU each when GPUs exist)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    retry_failed: bool = Field(False, description="also redo transcripts whose second-pass row has an error")
 
     @model_validator(mode="after")
     def _question_for_qa(self) -> "SecondPassOptions":

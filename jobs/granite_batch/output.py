@@ -162,10 +162,12 @@ class Committed:
         return pa.concat_arrays(chunks) if chunks else pa.array([], pa.string())
 
 
-def read_committed(output_uri: str, storage_options: dict | None = None) -> Committed:
-    """Scan the committed transcripts (only `id` and `error`), one file at a time."""
+def read_committed(output_uri: str, storage_options: dict | None = None,
+                   dataset_dir: str = TRANSCRIPTS_DIR) -> Committed:
+    """Scan the committed rows of a dataset under the output root (only `id` and `error`), one file
+    at a time: the transcripts, or another dataset such as a second pass's."""
     fs, root = filesystem(output_uri, storage_options)
-    base = posixpath.join(root, TRANSCRIPTS_DIR)
+    base = posixpath.join(root, dataset_dir)
     ok: list[pa.Array] = []
     failed: dict[str, list[str]] = {}
     reasons: Counter = Counter()

@@ -1,7 +1,8 @@
-"""The one place that assembles the Ray Data graph and runs a job.
+"""The one place that assembles Ray Data graphs, and runs a job.
 
     manifest rows -> decode (CPU tasks) -> segment (CPU tasks) -> Granite Speech (actor pool)
                   -> driver: Parquet files per language + run summary
+    transcripts -> second pass (language model actor pool) -> driver: its Parquet dataset
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from granite_batch import audio, segment
-from granite_batch.config import JobConfig
+from granite_batch.config import JobConfig, SecondPassOptions
 from granite_batch.manifest import Defaults, list_recordings, read_manifest
 from granite_batch.model import ModelRef, SpeechModel, resolve_model, transcribe_table
+from granite_batch.second_pass import LanguageModel, Prompter, second_pass_table
 from granite_batch.speculative import SpeculativeOptions
 from granite_batch.subtitles import write_subtitles
 from granite_batch.output import (
@@ -75,6 +77,30 @@ class Transcriber:
         return table.append_column("run_id", pa.array([self.run_id] * n, pa.string()))
 
 
+class SecondPassWorker:
+    """Language model actor: loads the model once, then maps batches of transcripts to second-pass rows."""
+
+    def __init__(self, options: SecondPassOptions, template_source: str, model_ref: ModelRef, run_id: str,
+                 device: str):
+        self.options = options
+        self.model_ref = model_ref
+        self.run_id = run_id
+        self.lm = LanguageModel.load(
+            options.model, options.revision, device=device, dtype=options.dtype,
+            max_new_tokens=options.max_new_tokens, batch_size=options.batch_size,
+            max_batch_tokens=options.max_batch_tokens, context_tokens=options.context_tokens,
+        )
+        self.prompter = Prompter(self.lm.tokenizer, template_source, options.question)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        table = second_pass_table(batch, self.lm, self.prompter)
+        n = table.num_rows
+        for column, value in [("name", self.options.dataset_name), ("model", self.model_ref.name),
+                              ("model_revision", self.model_ref.revision), ("run_id", self.run_id)]:
+            table = table.append_column(column, pa.array([value] * n, pa.string()))
+        return table
+
+
 def _ensure_ray():
     import ray
 
@@ -82,6 +108,13 @@ def _ensure_ray():
         # Connects to RAY_ADDRESS / a running cluster when there is one, else starts a local Ray.
         ray.init(logging_level=logging.WARNING, log_to_driver=True)
     return ray
+
+
+def _input_blocks(table: pa.Table, cluster: dict, max_rows: int) -> list[pa.Table]:
+    """Slices of `table`: enough to keep every CPU of the cluster busy, at most `max_rows` rows each."""
+    rows = table.num_rows
+    block_rows = max(1, min(max_rows, math.ceil(rows / max(2, 2 * int(cluster.get("CPU", 1))))))
+    return [table.slice(i, block_rows) for i in range(0, rows, block_rows)]
 
 
 def build_dataset(rows_to_do: pa.Table, config: JobConfig, model_ref: ModelRef, run_id: str):
@@ -93,12 +126,9 @@ def build_dataset(rows_to_do: pa.Table, config: JobConfig, model_ref: ModelRef, 
         gpus_per_actor = 1.0 if cluster.get("GPU", 0) >= 1 else 0.0
     device = config.device if config.device != "auto" else ("cuda" if gpus_per_actor > 0 else "cpu")
 
-    # Enough blocks to keep every CPU busy; at most 16 rows each, so the model actor gets its first
-    # batch after 16 recordings are decoded, not 64 (300 short clips on 2 cores: 9.9 s instead of 13.5).
-    rows = rows_to_do.num_rows
-    block_rows = max(1, min(16, math.ceil(rows / max(2, 2 * int(cluster.get("CPU", 1))))))
-    blocks = [rows_to_do.slice(i, block_rows) for i in range(0, rows, block_rows)]
-    ds = ray.data.from_arrow(blocks)
+    # At most 16 rows a block, so the model actor gets its first batch after 16 recordings are
+    # decoded, not 64 (300 short clips on 2 cores: 9.9 s instead of 13.5).
+    ds = ray.data.from_arrow(_input_blocks(rows_to_do, cluster, max_rows=16))
 
     ds = ds.map_batches(
         audio.decode_table,
@@ -124,6 +154,23 @@ def build_dataset(rows_to_do: pa.Table, config: JobConfig, model_ref: ModelRef, 
         ),
         batch_format="pyarrow", batch_size=config.batch_size,
         num_gpus=gpus_per_actor, num_cpus=config.resources.cpus_per_actor, **actor_options,
+    )
+
+
+def build_second_pass_dataset(todo: pa.Table, options: SecondPassOptions, template_source: str,
+                              model_ref: ModelRef, run_id: str):
+    """The lazy Ray Dataset of second-pass rows for the transcripts in `todo` (id, language, text)."""
+    ray = _ensure_ray()
+    cluster = ray.cluster_resources()
+    gpus = 1.0 if options.device != "cpu" and cluster.get("GPU", 0) >= 1 else 0.0
+    device = options.device if options.device != "auto" else ("cuda" if gpus else "cpu")
+    ds = ray.data.from_arrow(_input_blocks(todo, cluster, max_rows=256))
+    return ds.map_batches(
+        SecondPassWorker,
+        fn_constructor_kwargs={"options": options, "template_source": template_source, "model_ref": model_ref,
+                               "run_id": run_id, "device": device},
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=options.model_actors),
+        batch_format="pyarrow", batch_size=options.batch_size, num_gpus=gpus, num_cpus=1,
     )
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import posixpath
 import re
 import time
@@ -32,7 +31,7 @@ import pyarrow.dataset as pads
 
 from granite_batch.config import SECOND_PASS_TEMPLATES, ConfigError, SecondPassOptions
 from granite_batch.model import ModelLoadError, ModelRef, _first_line, _load_hint, resolve_model
-from granite_batch.output import TRANSCRIPTS_DIR, TranscriptWriter, error_reason
+from granite_batch.output import TRANSCRIPTS_DIR, TranscriptWriter, drop_rows, error_reason, read_committed
 from granite_batch.storage import filesystem, uri_of
 
 log = logging.getLogger(__name__)
@@ -492,30 +491,6 @@ def resolve_language_model(options: SecondPassOptions) -> tuple[ModelRef, object
     return model_ref, tokenizer, model_context(config, tokenizer, options.context_tokens)
 
 
-class SecondPassWorker:
-    """Language model actor: loads the model once, then maps batches of transcripts to second-pass rows."""
-
-    def __init__(self, options: SecondPassOptions, template_source: str, model_ref: ModelRef, run_id: str,
-                 device: str):
-        self.options = options
-        self.model_ref = model_ref
-        self.run_id = run_id
-        self.lm = LanguageModel.load(
-            options.model, options.revision, device=device, dtype=options.dtype,
-            max_new_tokens=options.max_new_tokens, batch_size=options.batch_size,
-            max_batch_tokens=options.max_batch_tokens, context_tokens=options.context_tokens,
-        )
-        self.prompter = Prompter(self.lm.tokenizer, template_source, options.question)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        table = second_pass_table(batch, self.lm, self.prompter)
-        n = table.num_rows
-        for column, value in [("name", self.options.dataset_name), ("model", self.model_ref.name),
-                              ("model_revision", self.model_ref.revision), ("run_id", self.run_id)]:
-            table = table.append_column(column, pa.array([value] * n, pa.string()))
-        return table
-
-
 @dataclass
 class SecondPassResult:
     run_id: str
@@ -529,10 +504,9 @@ def run_second_pass(output_uri: str, options: SecondPassOptions, storage_options
     """Run the second pass over the committed transcripts of `output_uri`.
 
     Raises ConfigError (bad template, no transcripts, a context too small for the template) or
-    ModelLoadError before any work. Ids already in the dataset are skipped. (This stage's few lines
-    of Ray Data wiring live here, so that it runs on its own as well as at the end of a job.)
+    ModelLoadError before any work. Ids already in the dataset are skipped.
     """
-    from granite_batch.pipeline import _ensure_ray, new_run_id
+    from granite_batch.pipeline import _ensure_ray, build_second_pass_dataset, new_run_id
 
     started_at = datetime.now(timezone.utc)
     clock = time.monotonic()
@@ -558,9 +532,12 @@ def run_second_pass(output_uri: str, options: SecondPassOptions, storage_options
     failed = pc.is_valid(transcripts.column("error"))
     empty = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(pc.fill_null(transcripts.column("text"), "")), ""), True)
     usable = transcripts.filter(pc.and_(pc.invert(failed), pc.invert(empty)))
-    done = _read_dataset(output_uri, dataset_path(name), ["id"], storage_options)
-    done_ids = done.column("id") if done is not None else pa.chunked_array([], pa.string())
-    todo = usable.filter(pc.invert(pc.is_in(usable.column("id"), value_set=done_ids.combine_chunks())))
+    committed = read_committed(output_uri, storage_options, dataset_dir=dataset_path(name))
+    if options.retry_failed and committed.failed:
+        # Rewritten first: a crash after this leaves those ids with no row, never with two.
+        drop_rows(output_uri, committed.failed, storage_options)
+    done_ids = committed.ids(include_failed=not options.retry_failed)
+    todo = usable.filter(pc.invert(pc.is_in(usable.column("id"), value_set=done_ids)))
     todo = todo.select(["id", "language", "text"])
     log.info("second pass %s (run %s): %d transcripts to do, %d already done", name, run_id, todo.num_rows,
              usable.num_rows - todo.num_rows)
@@ -592,20 +569,8 @@ def run_second_pass(output_uri: str, options: SecondPassOptions, storage_options
 
     _write_run_summary(output_uri, name, run_id, summary("running"), storage_options)
     if todo.num_rows:
-        ray = _ensure_ray()
-        ray.data.DataContext.get_current().enable_progress_bars = progress
-        gpus = 1.0 if options.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-        device = options.device if options.device != "auto" else ("cuda" if gpus else "cpu")
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        block_rows = max(1, min(256, math.ceil(todo.num_rows / max(2, 2 * cpus))))
-        ds = ray.data.from_arrow([todo.slice(i, block_rows) for i in range(0, todo.num_rows, block_rows)])
-        ds = ds.map_batches(
-            SecondPassWorker,
-            fn_constructor_kwargs={"options": options, "template_source": template_source, "model_ref": model_ref,
-                                   "run_id": run_id, "device": device},
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=options.model_actors),
-            batch_format="pyarrow", batch_size=options.batch_size, num_gpus=gpus, num_cpus=1,
-        )
+        _ensure_ray().data.DataContext.get_current().enable_progress_bars = progress
+        ds = build_second_pass_dataset(todo, options, template_source, model_ref, run_id)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             writer.write(batch)
             errors = batch.column("error").to_pylist()
