@@ -178,3 +178,16 @@ def test_too_many_failures_exit_non_zero_with_the_summary_written(tmp_path, tiny
     summary = only_summary(tmp_path / "out")
     assert summary["status"] == "too_many_failures" and summary["rows_failed"] == 2
     assert read_output(tmp_path / "out").num_rows == 3
+
+
+@pytest.mark.parametrize("rows, block_rows", [(1, 1), (48, 3), (300, 16), (2_000_000, 20)])
+def test_input_blocks_cover_every_row_once_in_small_blocks_and_few_objects(rows, block_rows):
+    from granite_batch.pipeline import MAX_INPUT_BLOCKS, _input_blocks
+
+    table = pa.table({"id": pa.array(range(rows))})
+    # 8 CPUs: small manifests are spread two blocks a CPU, larger ones in blocks of 16, and beyond
+    # 1.6 M rows the blocks grow so the driver never puts more than MAX_INPUT_BLOCKS objects.
+    blocks = _input_blocks(table, {"CPU": 8}, max_rows=16)
+    assert pa.concat_tables(blocks).column("id").to_pylist() == list(range(rows))
+    assert {b.num_rows for b in blocks[:-1]} <= {block_rows} and blocks[0].num_rows == block_rows
+    assert len(blocks) <= MAX_INPUT_BLOCKS

@@ -110,10 +110,16 @@ def _ensure_ray():
     return ray
 
 
+# Each input block is one object put by the driver: past this many, blocks grow instead.
+MAX_INPUT_BLOCKS = 100_000
+
+
 def _input_blocks(table: pa.Table, cluster: dict, max_rows: int) -> list[pa.Table]:
-    """Slices of `table`: enough to keep every CPU of the cluster busy, at most `max_rows` rows each."""
+    """Slices of `table`: enough to keep every CPU of the cluster busy, at most `max_rows` rows each
+    (more for manifests of over `MAX_INPUT_BLOCKS` * `max_rows` rows)."""
     rows = table.num_rows
-    block_rows = max(1, min(max_rows, math.ceil(rows / max(2, 2 * int(cluster.get("CPU", 1))))))
+    per_cpu = math.ceil(rows / max(2, 2 * int(cluster.get("CPU", 1))))
+    block_rows = max(1, min(max_rows, per_cpu), math.ceil(rows / MAX_INPUT_BLOCKS))
     return [table.slice(i, block_rows) for i in range(0, rows, block_rows)]
 
 
