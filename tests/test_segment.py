@@ -157,8 +157,17 @@ def test_recordings_segmented_together_get_the_segments_they_get_alone(clip):
     assert together.column("segment_starts").to_pylist() == [[s for s, _ in bounds] for bounds in alone]
     assert together.column("segment_ends").to_pylist() == [[e for _, e in bounds] for bounds in alone]
     assert len(alone[2]) >= 2 and alone[3] == [] and alone[4] == []  # the mix holds every kind of row
-    values = np.concatenate(recordings)
-    offsets = np.concatenate(([0], np.cumsum([len(r) for r in recordings])))
-    spans = [(int(offsets[i]), len(r)) for i, r in enumerate(recordings)]
-    for many, samples in zip(segment.speech_probabilities_many(values, spans), recordings):
+    # Packed two buffers deep, as two Arrow chunks hold them.
+    buffers = [np.concatenate(recordings[:3]), np.concatenate(recordings[3:])]
+    spans = []
+    for b, members in enumerate((recordings[:3], recordings[3:])):
+        offsets = np.concatenate(([0], np.cumsum([len(r) for r in members])))
+        spans += [(b, int(offsets[i]), len(r)) for i, r in enumerate(members)]
+    for many, samples in zip(segment.speech_probabilities_many(buffers, spans), recordings):
         np.testing.assert_allclose(many, speech_probabilities(samples), atol=1e-4)
+    # A table of several chunks (decode batches gathered into one block) segments as one batch too.
+    table = pa.table({"samples": samples_to_arrow(recordings[:2])})
+    chunked = pa.concat_tables([table, pa.table({"samples": samples_to_arrow(recordings[2:])})])
+    assert chunked.column("samples").num_chunks == 2
+    assert segment_table(chunked, RATE, 30.0).column("segment_starts").to_pylist() == \
+        together.column("segment_starts").to_pylist()

@@ -202,11 +202,11 @@ def in_process(config, mark_rows: int | None = None) -> dict:
             batch = table.slice(offset, config.batch_size)
             for name, step in steps.items():
                 wall, cpu = time.perf_counter(), time.process_time()
-                if name == "transcribe":
-                    batch = step(batch)
-                else:  # decode and segment see decode_batch_size rows at a time, as in the pipeline
+                if name == "decode":  # decode_batch_size rows at a time, as in the pipeline
                     size = config.decode_batch_size
                     batch = pa.concat_tables([step(batch.slice(i, size)) for i in range(0, batch.num_rows, size)])
+                else:  # a block of up to 16 short clips at a time, as the pipeline hands them over
+                    batch = step(batch)
                 stages[name] += time.perf_counter() - wall
                 stages_cpu[name] += time.process_time() - cpu
             writer.write(batch)

@@ -142,10 +142,13 @@ def build_dataset(rows_to_do: pa.Table, config: JobConfig, model_ref: ModelRef, 
                    "max_duration_s": config.max_duration_s, "timeout_s": config.decode_timeout_s},
         batch_format="pyarrow", batch_size=config.decode_batch_size, num_cpus=config.resources.decode_cpus,
     )
+    # Whole blocks: Ray Data gathers decoded batches into a block until it passes its target size
+    # (128 MB), so the VAD sees a block's short clips side by side (16 of them: 408x real time, against
+    # 171x at 4) while long recordings still come one decode batch at a time.
     ds = ds.map_batches(
         segment.segment_table,
         fn_kwargs={"sample_rate_hz": config.sample_rate_hz, "max_segment_s": config.max_segment_s},
-        batch_format="pyarrow", batch_size=config.decode_batch_size, num_cpus=config.resources.decode_cpus,
+        batch_format="pyarrow", batch_size=None, num_cpus=config.resources.decode_cpus,
     )
     actor_options = {}
     if config.resources.accelerator_type:

@@ -67,13 +67,14 @@ def vad_model():
 
 def speech_probabilities(samples: np.ndarray, options: VadOptions = VadOptions()) -> np.ndarray:
     """Silero's speech probability for each 512-sample frame of 16 kHz `samples` (last one padded)."""
-    return speech_probabilities_many(samples, [(0, len(samples))], options)[0]
+    return speech_probabilities_many([samples], [(0, 0, len(samples))], options)[0]
 
 
-def speech_probabilities_many(values: np.ndarray, spans: list[tuple[int, int]],
+def speech_probabilities_many(buffers: list[np.ndarray], spans: list[tuple[int, int, int]],
                               options: VadOptions = VadOptions()) -> list[np.ndarray]:
-    """`speech_probabilities` of each recording `values[offset:offset + length]`, for (offset, length)
-    in `spans`, computed together: windows of all the recordings run side by side as one batch.
+    """`speech_probabilities` of each recording `buffers[b][offset:offset + length]`, for
+    (b, offset, length) in `spans` (recordings packed in a few buffers, as Arrow chunks hold them),
+    computed together: windows of all the recordings run side by side as one batch.
 
     Each recording is read as windows of `min_window_s`..`max_window_s` (chosen from its own length),
     each after `warmup_s` of the audio before it (silence before the recording's start), so a short
@@ -88,15 +89,16 @@ def speech_probabilities_many(values: np.ndarray, spans: list[tuple[int, int]],
     # threads cost several times the work on a machine whose cores are busy with other stages.
     torch.set_num_threads(1)
     try:
-        return _probabilities(model, values, spans, options)
+        return _probabilities(model, buffers, spans, options)
     finally:
         torch.set_num_threads(threads)
 
 
-def _probabilities(model, values: np.ndarray, spans: list[tuple[int, int]], options: VadOptions) -> list[np.ndarray]:
+def _probabilities(model, buffers: list[np.ndarray], spans: list[tuple[int, int, int]],
+                   options: VadOptions) -> list[np.ndarray]:
     import torch
 
-    frames = np.array([-(-length // VAD_FRAME) for _, length in spans], dtype=np.int64)
+    frames = np.array([-(-length // VAD_FRAME) for _, _, length in spans], dtype=np.int64)
     frame_offsets = np.concatenate(([0], np.cumsum(frames)))
     probs = np.zeros(int(frame_offsets[-1]), np.float32)
     per_s = VAD_RATE_HZ / VAD_FRAME
@@ -115,14 +117,22 @@ def _probabilities(model, values: np.ndarray, spans: list[tuple[int, int]], opti
         for group in range(0, len(jobs), options.batch_windows):
             recording, first, length = (np.array(column, dtype=np.int64)
                                         for column in zip(*jobs[group:group + options.batch_windows]))
-            offset = np.array([spans[i][0] for i in recording], dtype=np.int64)
-            low, high = offset[:, None], (offset + [spans[i][1] for i in recording])[:, None]
+            buffer = np.array([spans[i][0] for i in recording], dtype=np.int64)
+            offset = np.array([spans[i][1] for i in recording], dtype=np.int64)
+            low, high = offset[:, None], (offset + [spans[i][2] for i in recording])[:, None]
             starts = offset + (first - warmup) * VAD_FRAME
             destination = frame_offsets[recording] + first
+            # The windows of each buffer in this group: one gather per buffer and step.
+            readers = [(buffers[b], buffer == b) for b in np.unique(buffer).tolist()]
             model.reset_states()
             for step in range(warmup + int(length.max())):
                 index = starts[:, None] + step * VAD_FRAME + within
-                chunk = values.take(index, mode="clip").astype(np.float32, copy=False)
+                if len(readers) == 1:
+                    chunk = readers[0][0].take(index, mode="clip").astype(np.float32, copy=False)
+                else:  # a fresh array each step: the model may keep a view of its input as context
+                    chunk = np.empty(index.shape, np.float32)
+                    for values, rows in readers:
+                        chunk[rows] = values.take(index[rows], mode="clip")
                 chunk[(index < low) | (index >= high)] = 0.0  # outside its recording: silence
                 out = model(torch.from_numpy(chunk), VAD_RATE_HZ)[:, 0].numpy()
                 if step >= warmup:
@@ -222,26 +232,29 @@ def segment_table(table: pa.Table, sample_rate_hz: int, max_segment_s: float,
     """Segment stage: add `segment_starts` / `segment_ends` (sample offsets) for each decoded row.
 
     Rows without samples get nulls; rows without speech get empty lists. The VAD runs over all the
-    recordings of a chunk at once, so short clips run side by side instead of a window at a time.
+    recordings of the table at once, so short clips run side by side instead of a window at a time.
     """
     starts: list[list[int] | None] = []
     ends: list[list[int] | None] = []
-    # Chunk by chunk, on the chunk's own buffer: combining the chunks first would copy every recording.
+    # Read in place from each chunk's buffer: combining the chunks first would copy every recording.
+    buffers: list[np.ndarray] = []
+    recordings: list[np.ndarray | None] = []
+    spans: dict[int, tuple[int, int, int]] = {}  # row -> (buffer, offset, length), for rows long enough
     for chunk in table.column("samples").chunks:
-        recordings = samples_from_arrow(chunk)
-        values = chunk.values.to_numpy(zero_copy_only=True)
+        buffers.append(chunk.values.to_numpy(zero_copy_only=True))
         offsets = chunk.offsets.to_numpy()
-        min_samples = options.min_speech_s * sample_rate_hz
-        rows = [i for i, samples in enumerate(recordings) if samples is not None and len(samples) >= min_samples]
-        spans = [(int(offsets[i]), len(recordings[i])) for i in rows]
-        probabilities = dict(zip(rows, speech_probabilities_many(values, spans, options))) if rows else {}
-        for i, samples in enumerate(recordings):
-            if samples is None:
-                starts.append(None)
-                ends.append(None)
-                continue
-            bounds = plan_segments(samples, sample_rate_hz, max_segment_s, options, probabilities.get(i))
-            starts.append([b[0] for b in bounds])
-            ends.append([b[1] for b in bounds])
+        for i, samples in enumerate(samples_from_arrow(chunk)):
+            if samples is not None and len(samples) >= options.min_speech_s * sample_rate_hz:
+                spans[len(recordings)] = (len(buffers) - 1, int(offsets[i]), len(samples))
+            recordings.append(samples)
+    probabilities = dict(zip(spans, speech_probabilities_many(buffers, list(spans.values()), options))) if spans else {}
+    for row, samples in enumerate(recordings):
+        if samples is None:
+            starts.append(None)
+            ends.append(None)
+            continue
+        bounds = plan_segments(samples, sample_rate_hz, max_segment_s, options, probabilities.get(row))
+        starts.append([b[0] for b in bounds])
+        ends.append([b[1] for b in bounds])
     table = table.append_column("segment_starts", pa.array(starts, pa.list_(pa.int64())))
     return table.append_column("segment_ends", pa.array(ends, pa.list_(pa.int64())))
