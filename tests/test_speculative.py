@@ -30,9 +30,9 @@ def recordings():
     return [(load_recording(str(SAMPLES / n)).samples, Request(language=n[:2])) for n in names]
 
 
-def model(tiny_model_dir, mode: str, **options) -> SpeechModel:
+def model(tiny_model_dir, mode: str, drafter=None, **options) -> SpeechModel:
     return SpeechModel.load(str(tiny_model_dir), max_new_tokens=MAX_NEW,
-                            speculative=SpeculativeOptions(mode, **options))
+                            speculative=SpeculativeOptions(mode, **options), drafter=drafter)
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +69,8 @@ def test_strict_mode_equals_greedy_with_real_ctc_drafts(tiny_model_dir, recordin
 
 
 def test_a_correct_draft_is_accepted_whole_in_one_forward_pass(tiny_model_dir, recordings, greedy, monkeypatch):
-    strict = model(tiny_model_dir, "speculative-strict")
     answers = {id(samples): tokens for (samples, _), tokens in zip(recordings, greedy[1])}
-    strict.draft_hook = lambda samples, request: answers[id(samples)]
+    strict = model(tiny_model_dir, "speculative-strict", drafter=lambda samples, request: answers[id(samples)])
     counter = ForwardCounter(strict, monkeypatch)
     results = strict.generate_with_decisions(recordings)
     assert [text for text, _ in results] == greedy[0]
@@ -81,13 +80,14 @@ def test_a_correct_draft_is_accepted_whole_in_one_forward_pass(tiny_model_dir, r
 
 def test_a_draft_right_for_a_prefix_resumes_at_the_first_wrong_token(tiny_model_dir, recordings, greedy,
                                                                        monkeypatch):
-    strict = model(tiny_model_dir, "speculative-strict")
     index = max(range(len(recordings)), key=lambda i: len(greedy[1][i]))
     right = greedy[1][index]
     assert len(right) >= 8
     keep = 5
+    drafts = []
+    strict = model(tiny_model_dir, "speculative-strict", drafter=lambda samples, request: drafts[0])
     wrong = (right[keep] + 1) % len(strict.tokenizer)
-    strict.draft_hook = lambda samples, request: right[:keep] + [wrong] + right[keep + 1:]
+    drafts.append(right[:keep] + [wrong] + right[keep + 1:])
     seen = []
     original = strict._autoregressive
 
@@ -103,8 +103,8 @@ def test_a_draft_right_for_a_prefix_resumes_at_the_first_wrong_token(tiny_model_
 
 
 def test_translation_and_japanese_are_not_drafted(tiny_model_dir, recordings, monkeypatch):
-    strict = model(tiny_model_dir, "speculative-strict")
-    strict.draft_hook = lambda samples, request: pytest.fail("no draft expected")
+    strict = model(tiny_model_dir, "speculative-strict",
+                   drafter=lambda samples, request: pytest.fail("no draft expected"))
     samples = recordings[0][0]
     results = strict.generate_with_decisions([(samples, Request("ast", "fr", language="en")),
                                               (samples, Request(language="ja"))])

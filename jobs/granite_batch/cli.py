@@ -97,13 +97,6 @@ def _parser() -> argparse.ArgumentParser:
     tiny_lm.add_argument("directory")
     tiny_lm.add_argument("--seed", type=int, default=0)
 
-    bench = commands.add_parser("bench", help="measure decode speed, stage overlap and Ray overhead on this machine")
-    bench.add_argument("--audio-s", type=float, default=180.0, help="test audio per codec, seconds (default 180)")
-    bench.add_argument("--overlap-rows", type=int, default=240, help="rows for the stage overlap figure (default 240)")
-    bench.add_argument("--rows", type=int, default=300, help="rows for the Ray overhead figure (default 300)")
-    bench.add_argument("--repeats", type=int, default=3, help="decode timings per codec; the best counts (default 3)")
-    bench.add_argument("--work-dir", help="folder for temporary files (default: the system's)")
-
     evaluate = commands.add_parser("eval", help="score transcripts and translations against the manifest's "
                                    "reference column (WER/CER, BLEU/chrF); writes OUTPUT/eval/RUN_ID.json")
     evaluate.add_argument("output", help="output dataset root")
@@ -180,10 +173,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"granite-batch: {exc}", file=sys.stderr)
         return EXIT_CONFIG
 
-    from granite_batch.pipeline import TooManyFailures, run
+    from granite_batch.drivers import TooManyFailures, run_job
 
     try:
-        result = run(config, progress=not args.no_progress)
+        result = run_job(config, progress=not args.no_progress)
+    except ConfigError as exc:
+        print(f"granite-batch: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except ManifestError as exc:
         print(f"granite-batch: bad manifest: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -254,7 +250,7 @@ def _cmd_second_pass(args: argparse.Namespace) -> int:
         print(f"granite-batch: invalid second pass options: {problems}", file=sys.stderr)
         return EXIT_CONFIG
 
-    from granite_batch.second_pass import run_second_pass
+    from granite_batch.drivers import run_second_pass
 
     storage = {"s3": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else {}
     try:
@@ -283,16 +279,10 @@ def _cmd_tiny_lm(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from granite_batch.bench import report, run_bench
-
-    print(report(run_bench(args.audio_s, args.overlap_rows, args.rows, args.repeats, args.work_dir)))
-    return EXIT_OK
-
-
 def _cmd_eval(args: argparse.Namespace) -> int:
     try:
-        from granite_batch.evaluate import evaluate_output, format_report
+        from granite_batch.drivers import evaluate_output
+        from granite_batch.evaluate import format_report
     except ImportError as exc:
         print(f"granite-batch: eval needs the eval extra (pip install 'granite-batch[eval]'): {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -317,8 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     handler = {"run": _cmd_run, "status": _cmd_status, "eval": _cmd_eval, "tiny-model": _cmd_tiny_model,
-               "second-pass": _cmd_second_pass, "tiny-lm": _cmd_tiny_lm,
-               "bench": _cmd_bench}[args.command]
+               "second-pass": _cmd_second_pass, "tiny-lm": _cmd_tiny_lm}[args.command]
     return handler(args)
 
 

@@ -14,10 +14,7 @@ Only plain Python on Arrow tables here: no Ray.
 
 from __future__ import annotations
 
-import json
-import posixpath
 from collections import Counter
-from datetime import datetime, timezone
 from functools import lru_cache
 
 import jiwer
@@ -26,10 +23,8 @@ import sacrebleu
 from whisper_normalizer.basic import BasicTextNormalizer
 from whisper_normalizer.english import EnglishTextNormalizer
 
-from granite_batch.storage import filesystem, uri_of
+from granite_batch.prompts import UNSPACED_LANGUAGES
 
-EVAL_DIR = "eval"
-CHARACTER_LANGUAGES = frozenset({"ja", "zh"})  # no spaces between words: scored by characters
 NEEDED_COLUMNS = ("task", "language", "target_language", "text", "error")
 
 
@@ -43,12 +38,12 @@ def normalise(text: str, language: str) -> str:
     """`text` as ASR scoring compares it: Whisper's normaliser for `language`, single spaces,
     and for languages written without spaces, no whitespace at all."""
     words = _normaliser(language)(text).split()
-    return "".join(words) if language in CHARACTER_LANGUAGES else " ".join(words)
+    return "".join(words) if language in UNSPACED_LANGUAGES else " ".join(words)
 
 
 def asr_metric(language: str) -> str:
     """`cer` for languages written without spaces, else `wer`."""
-    return "cer" if language in CHARACTER_LANGUAGES else "wer"
+    return "cer" if language in UNSPACED_LANGUAGES else "wer"
 
 
 @lru_cache(maxsize=None)
@@ -200,47 +195,6 @@ def score_rows(table: pa.Table) -> pa.Table:
             out[name].append(value)
     types = {"wer": pa.float64(), "cer": pa.float64(), "bleu": pa.float64(), "chrf": pa.float64()}
     return pa.table({name: pa.array(values, types.get(name, pa.string())) for name, values in out.items()})
-
-
-def evaluate_output(output_uri: str, run_id: str | None = None, language: str | None = None,
-                    task: str | None = None, storage_options: dict | None = None) -> tuple[dict, str]:
-    """Score the rows of one run of an output root (the newest when `run_id` is None; every row
-    when it is "all"), optionally of one language and task, and write the report to
-    `OUTPUT/eval/<run_id>.json` (`<run_id>.language=L.task=T.json` when filtered).
-    Returns (report, its path). Raises ValueError when the root has no run to score."""
-    from granite_batch import results
-
-    if run_id != "all":
-        known = [summary["run_id"] for summary in results.runs(output_uri, storage_options)]
-        if not known:
-            raise ValueError(f"no runs under {output_uri}/runs; give --run all to score every row")
-        if run_id is not None and run_id not in known:
-            raise ValueError(f"no run {run_id} under {output_uri}/runs; newest: {known[-1]}")
-        run_id = run_id or known[-1]
-    table = results.load(output_uri, language=language, task=task,
-                         run_id=None if run_id == "all" else run_id, storage_options=storage_options)
-    filters = {"language": language, "task": task}
-    report = {
-        "run_id": run_id,
-        "output": output_uri,
-        "filters": filters,
-        "evaluated_at": datetime.now(timezone.utc).isoformat(),
-        "models": sorted(set(table.column("model").to_pylist())) if "model" in table.column_names else [],
-        **score_table(table),
-    }
-    name = run_id + "".join(f".{key}={value}" for key, value in filters.items() if value)
-    return report, write_report(output_uri, name, report, storage_options)
-
-
-def write_report(output_uri: str, name: str, report: dict, storage_options: dict | None = None) -> str:
-    """Write `OUTPUT/eval/<name>.json`; return its path."""
-    fs, root = filesystem(output_uri, storage_options)
-    path = posixpath.join(root, EVAL_DIR, f"{name}.json")
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    with fs.open(path, "w") as handle:
-        json.dump(report, handle, indent=2, ensure_ascii=False)
-        handle.write("\n")
-    return uri_of(fs, path)
 
 
 def format_report(report: dict) -> str:

@@ -43,6 +43,12 @@ class Defaults:
     keywords: tuple[str, ...] = ()
     allowed_prefixes: tuple[str, ...] = ()  # when set, recordings elsewhere become error rows
 
+    @classmethod
+    def from_config(cls, config) -> "Defaults":
+        """The defaults a job config (`config.JobConfig`) gives rows."""
+        return cls(config.language, config.task, config.target_language, tuple(config.keywords),
+                   tuple(config.allowed_prefixes))
+
 
 @dataclass
 class Manifest:

@@ -51,7 +51,7 @@ class ModelRef:
     revision: str | None
 
 
-def _load_hint(name: str) -> str:
+def load_hint(name: str) -> str:
     if os.path.isdir(name):
         return "check that the folder holds config.json, the weights and the processor files"
     return (
@@ -72,7 +72,7 @@ def resolve_model(name: str, revision: str | None = None, trust_remote_code: boo
         AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
         AutoProcessor.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for a bad model
-        raise ModelLoadError(f"cannot load model {name!r}: {_first_line(exc)}; {_load_hint(name)}") from None
+        raise ModelLoadError(f"cannot load model {name!r}: {first_line(exc)}; {load_hint(name)}") from None
     if os.path.isdir(name):
         _check_local_weights(Path(name))
         return ModelRef(str(Path(name).resolve()), revision)
@@ -100,12 +100,12 @@ def _check_local_weights(folder: Path) -> None:
                 handle.keys()
         except Exception as exc:
             raise ModelLoadError(
-                f"cannot load model {str(folder)!r}: corrupt weights in {path.name} ({_first_line(exc)}); "
+                f"cannot load model {str(folder)!r}: corrupt weights in {path.name} ({first_line(exc)}); "
                 "download the model again"
             ) from None
 
 
-def _first_line(exc: Exception) -> str:
+def first_line(exc: Exception) -> str:
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:300]
 
@@ -115,7 +115,8 @@ class SpeechModel:
 
     def __init__(self, model, processor, device: str, max_new_tokens: int = 200, num_beams: int = 1,
                  repetition_penalty: float = 1.0, max_batch_audio_s: float = 480.0,
-                 speculative: SpeculativeOptions | None = None, max_new_tokens_per_audio_s: float | None = None):
+                 speculative: SpeculativeOptions | None = None, max_new_tokens_per_audio_s: float | None = None,
+                 drafter=None):
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -130,8 +131,9 @@ class SpeechModel:
             raise ValueError("speculative decoding needs greedy search: num_beams 1, repetition_penalty 1")
         self.sample_rate_hz = processor.audio_processor.sampling_rate
         self.logits_scaling = float(getattr(model.config.text_config, "logits_scaling", 1.0) or 1.0)
-        # Test hook: (samples, request) -> draft token ids, in place of the CTC draft.
-        self.draft_hook = None
+        # (samples, request) -> draft token ids, in place of the CTC head's draft (benchmarks and tests
+        # use it to force right or wrong drafts); None drafts with the CTC head, as IBM's notebook does.
+        self.drafter = drafter
         self._prompts: dict[Request, str] = {}
 
     @classmethod
@@ -152,7 +154,7 @@ class SpeechModel:
                 trust_remote_code=trust_remote_code,
             )
         except Exception as exc:
-            raise ModelLoadError(f"cannot load model {name!r}: {_first_line(exc)}; {_load_hint(name)}") from None
+            raise ModelLoadError(f"cannot load model {name!r}: {first_line(exc)}; {load_hint(name)}") from None
         model = model.to(device).eval()
         return cls(model, processor, device, **options)
 
@@ -246,8 +248,8 @@ class SpeechModel:
         samples, request = item
         if not draftable(request.task, request.language):
             return None, "", math.inf
-        if self.draft_hook is not None:
-            ids = list(self.draft_hook(samples, request))
+        if self.drafter is not None:
+            ids = list(self.drafter(samples, request))
             return ids, self.tokenizer.decode(ids), math.inf
         text, entropy = ctc_draft(ctc_logits)
         text = text.strip()
@@ -352,89 +354,3 @@ class SpeechModel:
                 embeds[index] = merged[row]
                 ctc[index] = None if logits is None else logits[row]
         return [embeds[index] for index in batch], [ctc[index] for index in batch]
-
-
-# Scripts written without spaces between words.
-_UNSPACED_LANGUAGES = {"ja", "zh"}
-
-
-def transcribe_table(table, speech_model: SpeechModel):
-    """Inference stage: every segment of every decoded row in one batched call; adds `text`, `segments`.
-
-    Drops the samples and segment offsets: what leaves this stage is small enough to write.
-    """
-    import pyarrow as pa
-
-    from granite_batch.audio import samples_from_arrow
-    from granite_batch.output import SEGMENT_TYPE
-
-    recordings = samples_from_arrow(table.column("samples"))
-    starts = table.column("segment_starts").to_pylist()
-    ends = table.column("segment_ends").to_pylist()
-    errors = table.column("error").to_pylist()
-    tasks = table.column("task").to_pylist()
-    targets = table.column("target_language").to_pylist()
-    languages = table.column("language").to_pylist()
-    keywords = table.column("keywords").to_pylist()
-
-    items: list[tuple[np.ndarray, Request]] = []
-    owners: list[tuple[int, int]] = []  # (row, segment index) for each item
-    for row, samples in enumerate(recordings):
-        if samples is None or errors[row] is not None:
-            continue
-        request = Request(tasks[row], targets[row], tuple(keywords[row] or ()), languages[row])
-        for k, (start, end) in enumerate(zip(starts[row], ends[row])):
-            items.append((samples[start:end], request))
-            owners.append((row, k))
-
-    generated = _generate_or_isolate(speech_model, items, owners, errors)
-    rate = speech_model.sample_rate_hz
-    segments: list[list[dict] | None] = [[] for _ in recordings]
-    decided: list[set] = [set() for _ in recordings]
-    for (row, k), result in zip(owners, generated):
-        if result is not None:
-            text, decision = result
-            segments[row].append({"start": starts[row][k] / rate, "end": ends[row][k] / rate, "text": text})
-            decided[row].add(decision)
-    joined: list[str | None] = []
-    for row in range(len(recordings)):
-        if errors[row] is not None:
-            joined.append(None)
-            segments[row] = []
-            continue
-        language = targets[row] if tasks[row] == "ast" else languages[row]
-        separator = "" if language in _UNSPACED_LANGUAGES else " "
-        joined.append(separator.join(s["text"] for s in segments[row] if s["text"]))
-    # A row is decided by the costliest path any of its segments took.
-    ranking = (BY_FALLBACK, BY_AUTOREGRESSIVE, BY_VERIFICATION, BY_CTC)
-    decoded_by = [next((d for d in ranking if d in decided[row]), None) if errors[row] is None else None
-                  for row in range(len(recordings))]
-
-    table = table.drop_columns(["samples", "segment_starts", "segment_ends"])
-    table = table.set_column(table.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
-    table = table.append_column("text", pa.array(joined, pa.string()))
-    table = table.append_column("segments", pa.array(segments, pa.list_(SEGMENT_TYPE)))
-    # Not an output column: the driver counts it for the run summary.
-    return table.append_column("decoded_by", pa.array(decoded_by, pa.string()))
-
-
-def _generate_or_isolate(speech_model: SpeechModel, items, owners, errors: list) -> list:
-    """Generate for all items; if the batch fails, retry row by row so one bad row fails alone."""
-    try:
-        return speech_model.generate_with_decisions(items)
-    except Exception as exc:  # a failed batch must not take its neighbours down
-        log.warning("batch of %d segments failed (%s); retrying row by row", len(items), _first_line(exc))
-    texts: list = [None] * len(items)
-    by_row: dict[int, list[int]] = defaultdict(list)
-    for position, (row, _) in enumerate(owners):
-        by_row[row].append(position)
-    for row, positions in by_row.items():
-        try:
-            results = speech_model.generate_with_decisions([items[p] for p in positions])
-            for position, result in zip(positions, results):
-                texts[position] = result
-        except Exception as exc:
-            errors[row] = f"inference failed: {type(exc).__name__}: {_first_line(exc)}"[:300]
-            for position in positions:
-                texts[position] = None
-    return texts

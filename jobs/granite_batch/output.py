@@ -4,6 +4,7 @@ Layout under the output root (any fsspec URI):
 
     transcripts/language=<lang>/part-<run_id>-<n>.parquet   hive-partitioned; `language` lives in the path
     runs/<run_id>.json                                     one summary per run
+    second_pass/<name>/language=<lang>/part-<run_id>-<n>.parquet, second_pass/<name>/_runs/<run_id>.json
 
 Files are written under `_staging/<run_id>/` and moved into `transcripts/` only once complete, so
 readers never see a partial file.
@@ -23,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from granite_batch.storage import filesystem, uri_of
+from granite_batch.storage import filesystem, uri_of, write_json
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,27 @@ TRANSCRIPT_FIELDS = [
 TRANSCRIPTS_DIR = "transcripts"
 RUNS_DIR = "runs"
 STAGING_DIR = "_staging"
+SECOND_PASS_DIR = "second_pass"
+EVAL_DIR = "eval"
+
+# A second pass's dataset: OUTPUT/second_pass/<name>/, partitioned by language like the transcripts.
+SECOND_PASS_FIELDS = [
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("language", pa.string(), nullable=False),
+    pa.field("name", pa.string(), nullable=False),
+    pa.field("output", pa.string()),
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("model_revision", pa.string()),
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("error", pa.string()),
+    pa.field("chunked", pa.bool_(), nullable=False),
+]
+SECOND_PASS_SCHEMA = pa.schema(SECOND_PASS_FIELDS)
+
+
+def second_pass_dir(name: str) -> str:
+    """The folder of second pass `name`, relative to the output root."""
+    return posixpath.join(SECOND_PASS_DIR, name)
 
 
 def transcript_schema(passthrough: pa.Schema | None = None) -> pa.Schema:
@@ -258,12 +280,7 @@ class RunStats:
                     self.decoding.setdefault(language, Counter())[decided] += 1
 
 
-def write_summary(output_uri: str, run_id: str, summary: dict, storage_options: dict | None = None) -> str:
-    """Write `runs/<run_id>.json` under the output root; return its path."""
-    fs, root = filesystem(output_uri, storage_options)
-    path = posixpath.join(root, RUNS_DIR, f"{run_id}.json")
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    with fs.open(path, "w") as handle:
-        json.dump(summary, handle, indent=2, sort_keys=False, default=str)
-        handle.write("\n")
-    return uri_of(fs, path)
+def write_summary(output_uri: str, run_id: str, summary: dict, storage_options: dict | None = None,
+                  runs_dir: str = RUNS_DIR) -> str:
+    """Write `<runs_dir>/<run_id>.json` under the output root; return its path."""
+    return write_json(output_uri, posixpath.join(runs_dir, f"{run_id}.json"), summary, storage_options)

@@ -1,57 +1,30 @@
-"""The one place that assembles Ray Data graphs, and runs a job.
+"""The one place that assembles Ray Data graphs.
 
     manifest rows -> decode (CPU tasks) -> segment (CPU tasks) -> Granite Speech (actor pool)
-                  -> driver: Parquet files per language + run summary
-    transcripts -> second pass (language model actor pool) -> driver: its Parquet dataset
+    transcripts   -> second pass (language model actor pool)
+    a transcripts dataset read back as a Ray Dataset (results.to_ray)
+
+Each graph is lazy; the drivers (drivers.py) iterate it and write what comes out. The stages are
+plain functions and classes on Arrow tables (audio, segment, transcribe, second_pass); here they
+are wrapped in Ray Data's `map_batches` with their resources.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
-import uuid
-from dataclasses import dataclass
-from datetime import datetime, timezone
+import posixpath
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from granite_batch import audio, segment
 from granite_batch.config import JobConfig, SecondPassOptions
-from granite_batch.manifest import Defaults, list_recordings, read_manifest
-from granite_batch.model import ModelRef, SpeechModel, resolve_model, transcribe_table
-from granite_batch.second_pass import LanguageModel, Prompter, second_pass_table
+from granite_batch.language_model import LanguageModel
+from granite_batch.model import ModelRef, SpeechModel
+from granite_batch.second_pass import second_pass_table
+from granite_batch.second_pass_prompts import Prompter
 from granite_batch.speculative import SpeculativeOptions
-from granite_batch.subtitles import write_subtitles
-from granite_batch.output import (
-    RunStats,
-    TranscriptWriter,
-    drop_rows,
-    read_committed,
-    transcript_schema,
-    write_summary,
-)
-
-log = logging.getLogger(__name__)
-
-
-class TooManyFailures(RuntimeError):
-    """More rows failed than `max_failed_fraction` allows; the summary is written all the same."""
-
-
-@dataclass
-class RunResult:
-    run_id: str
-    summary: dict
-    summary_path: str
-    files: list[str]
-
-
-def new_run_id() -> str:
-    """Sortable by start time, unique across concurrent runs."""
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
-
+from granite_batch.transcribe import transcribe_table
 
 class Transcriber:
     """Model actor: loads the model once, then maps batches of decoded recordings to transcripts."""
@@ -101,7 +74,7 @@ class SecondPassWorker:
         return table
 
 
-def _ensure_ray():
+def ensure_ray():
     import ray
 
     if not ray.is_initialized():
@@ -125,7 +98,7 @@ def _input_blocks(table: pa.Table, cluster: dict, max_rows: int) -> list[pa.Tabl
 
 def build_dataset(rows_to_do: pa.Table, config: JobConfig, model_ref: ModelRef, run_id: str):
     """The lazy Ray Dataset of transcript rows for `rows_to_do` (nothing runs until it is iterated)."""
-    ray = _ensure_ray()
+    ray = ensure_ray()
     cluster = ray.cluster_resources()
     gpus_per_actor = config.resources.gpus_per_actor
     if gpus_per_actor is None:
@@ -169,7 +142,7 @@ def build_dataset(rows_to_do: pa.Table, config: JobConfig, model_ref: ModelRef, 
 def build_second_pass_dataset(todo: pa.Table, options: SecondPassOptions, template_source: str,
                               model_ref: ModelRef, run_id: str):
     """The lazy Ray Dataset of second-pass rows for the transcripts in `todo` (id, language, text)."""
-    ray = _ensure_ray()
+    ray = ensure_ray()
     cluster = ray.cluster_resources()
     gpus = 1.0 if options.device != "cpu" and cluster.get("GPU", 0) >= 1 else 0.0
     device = options.device if options.device != "auto" else ("cuda" if gpus else "cpu")
@@ -183,110 +156,20 @@ def build_second_pass_dataset(todo: pa.Table, options: SecondPassOptions, templa
     )
 
 
-def _quality(table: pa.Table) -> dict:
-    """Corpus-level WER/CER/BLEU/chrF of this run's rows that have a reference (needs the eval extra)."""
-    try:
-        from granite_batch.evaluate import score_table
-    except ImportError as exc:
-        return {"skipped": f"install granite-batch[eval] for quality figures ({exc.name} missing)"}
-    scores = score_table(table)
-    return {key: scores[key] for key in ("rows_scored", "rows_skipped", "overall", "by_task")}
+def transcripts_dataset(fs, base: str, languages: list[str] | None = None, row_filter=None):
+    """The transcripts under `base` (a folder of `fs`) as a lazy Ray Dataset with hive partitioning,
+    so `language` is a column; only `languages` when given, rows matching `row_filter` (a pyarrow
+    expression) when given."""
+    import pyarrow.fs as pafs
+    from ray.data.datasource import Partitioning
 
-
-def run(config: JobConfig, progress: bool = True) -> RunResult:
-    """Run one job end to end. Raises ManifestError / ModelLoadError before any work is done,
-    TooManyFailures after writing everything when failed rows exceed `max_failed_fraction`.
-
-    Ids that already have a row in the output are skipped (with `retry_failed`, only those with a
-    successful row), so re-running the same command after a crash finishes the rest.
-    """
-    started_at = datetime.now(timezone.utc)
-    clock = time.monotonic()
-    run_id = config.run_id or new_run_id()
-    defaults = Defaults(config.language, config.task, config.target_language, tuple(config.keywords),
-                        tuple(config.allowed_prefixes))
-    if config.manifest is not None:
-        manifest = read_manifest(config.manifest, defaults, config.storage_options)
-    else:
-        manifest = list_recordings(config.input, defaults, config.storage_options)
-    model_ref = resolve_model(config.model, config.revision, config.trust_remote_code)
-
-    committed = read_committed(config.output, config.storage_options)
-    if config.retry_failed and committed.failed:
-        drop_rows(config.output, committed.failed, config.storage_options)
-    skip = committed.ids(include_failed=not config.retry_failed)
-    todo = manifest.table.filter(pc.invert(pc.is_in(manifest.table.column("id"), value_set=skip)))
-    already_done = manifest.table.num_rows - todo.num_rows
-    log.info("run %s: %d rows to do, %d already done, %d duplicates, from %s", run_id, todo.num_rows,
-             already_done, manifest.duplicates, config.manifest or config.input)
-
-    stats = RunStats()
-    scored_columns = ["id", "language", "task", "target_language", "text", "error", "reference"]
-    with_reference: list[pa.Table] = []  # the small part of each batch that quality figures need
-    schema = transcript_schema(manifest.table.schema)
-    writer = TranscriptWriter(config.output, run_id, schema, config.storage_options,
-                              config.rows_per_file, config.commit_interval_s)
-
-    def summary(status: str) -> dict:
-        wall_s = time.monotonic() - clock
-        return {
-            "run_id": run_id,
-            "status": status,
-            "started_at": started_at.isoformat(),
-            "finished_at": datetime.now(timezone.utc).isoformat() if status != "running" else None,
-            "manifest_files": manifest.files,
-            "rows_in": manifest.rows_in,
-            "duplicates": manifest.duplicates,
-            "rows_already_done": already_done,
-            "rows_to_do": todo.num_rows,
-            "rows_written": stats.rows_written,
-            "rows_ok": stats.rows_ok,
-            "rows_failed": stats.rows_failed,
-            "failures_by_reason": dict(stats.failures_by_reason.most_common()),
-            "rows_by_language": dict(sorted(stats.rows_by_language.items())),
-            "decoding": {language: dict(sorted(counts.items())) for language, counts in sorted(stats.decoding.items())},
-            "audio_s": round(stats.audio_s, 3),
-            "audio_hours": round(stats.audio_s / 3600, 4),
-            "wall_s": round(wall_s, 3),
-            "real_time_factor": round(stats.audio_s / wall_s, 3) if wall_s > 0 else None,
-            "model": model_ref.name,
-            "model_revision": model_ref.revision,
-            "files": list(writer.committed),
-            "config": config.public_dict(),
-        }
-
-    # A summary exists from the start, so a run killed at any moment still shows what it did.
-    write_summary(config.output, run_id, summary("running"), config.storage_options)
-    if todo.num_rows:
-        ray = _ensure_ray()
-        ray.data.DataContext.get_current().enable_progress_bars = progress
-        ds = build_dataset(todo, config, model_ref, run_id)
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            # Before the rows: once a row is committed its id is done, so its subtitles must exist.
-            write_subtitles(batch, config.output, config.subtitles, run_id, config.storage_options)
-            files_before = len(writer.committed)
-            writer.write(batch)
-            stats.add(batch)
-            if "reference" in batch.column_names:
-                referenced = batch.filter(pc.is_valid(batch.column("reference")))
-                if referenced.num_rows:
-                    with_reference.append(referenced.select(scored_columns))
-            if len(writer.committed) != files_before:
-                write_summary(config.output, run_id, summary("running"), config.storage_options)
-    writer.close()
-
-    failed_fraction = stats.rows_failed / stats.rows_written if stats.rows_written else 0.0
-    too_many = failed_fraction > config.max_failed_fraction
-    final = summary("too_many_failures" if too_many else "succeeded")
-    if with_reference:
-        final["quality"] = _quality(pa.concat_tables(with_reference))
-    path = write_summary(config.output, run_id, final, config.storage_options)
-    if config.second_pass is not None:  # over every committed transcript, this run's included
-        from granite_batch.second_pass import run_second_pass
-        run_second_pass(config.output, config.second_pass, config.storage_options, run_id, progress)
-    if too_many:
-        raise TooManyFailures(
-            f"{stats.rows_failed} of {stats.rows_written} rows failed ({failed_fraction:.1%}), "
-            f"more than max_failed_fraction {config.max_failed_fraction:.1%}; summary: {path}"
-        )
-    return RunResult(run_id, final, path, list(writer.committed))
+    ray = ensure_ray()
+    arrow_fs = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+    paths = [posixpath.join(base, f"language={lang}") for lang in languages] if languages else base
+    ds = ray.data.read_parquet(
+        paths, filesystem=arrow_fs, ignore_missing_paths=True,
+        partitioning=Partitioning("hive", base_dir=base, field_types={"language": str}, filesystem=arrow_fs),
+    )
+    if row_filter is not None:
+        ds = ds.map_batches(lambda batch: batch.filter(row_filter), batch_format="pyarrow")
+    return ds

@@ -36,6 +36,8 @@ AST_PAIRS = frozenset({(src, "en") for src in ("fr", "de", "es", "pt", "ja")}) |
     {("en", tgt) for tgt in ("fr", "de", "es", "pt", "ja", "it", "zh")}
 )
 TASKS = ("asr", "ast")
+# Written without spaces between words: segments join without spaces, and scoring counts characters.
+UNSPACED_LANGUAGES = frozenset({"ja", "zh"})
 
 # Anything that looks like a special token (`<|audio|>`, `<|start_of_role|>`, ...) or a line break
 # would change the prompt's structure or its number of audio tokens if it reached the template.

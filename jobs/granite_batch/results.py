@@ -1,5 +1,6 @@
 """A job's output for notebooks and scripts: transcripts as Arrow, pandas or Ray, the run
-summaries, and a small job over a list of files.
+summaries, and second-pass outputs joined to their transcripts. (To run a small job over a list
+of files, see `drivers.transcribe_files`.)
 
     from granite_batch import results
     table = results.load("s3://archive/out", language="fr", task="asr")
@@ -7,17 +8,15 @@ summaries, and a small job over a list of files.
 
 from __future__ import annotations
 
-import json
 import posixpath
-import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from granite_batch.output import TRANSCRIPT_FIELDS, TRANSCRIPTS_DIR, read_summaries
+from granite_batch.output import TRANSCRIPT_FIELDS, TRANSCRIPTS_DIR, read_summaries, second_pass_dir
 from granite_batch.storage import filesystem
 
 # `language` lives in the folder names; declared as a plain string so it never comes back as a dictionary.
@@ -71,23 +70,11 @@ def to_ray(output_uri: str | Path, language: str | Sequence[str] | None = None, 
            run_id: str | Sequence[str] | None = None, storage_options: dict | None = None):
     """The transcripts as a lazy Ray Dataset, read in parallel by Ray with hive partitioning, so
     `language` is a column; the same rows as `load` with the same filters."""
-    import pyarrow.fs as pafs
-    import ray
-    from ray.data.datasource import Partitioning
+    from granite_batch.pipeline import transcripts_dataset
 
     fs, root = filesystem(str(output_uri), storage_options)
-    base = posixpath.join(root, TRANSCRIPTS_DIR)
-    arrow_fs = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
-    languages = _one_or_many(language)
-    paths = [posixpath.join(base, f"language={lang}") for lang in languages] if languages else base
-    ds = ray.data.read_parquet(
-        paths, filesystem=arrow_fs, ignore_missing_paths=True,
-        partitioning=Partitioning("hive", base_dir=base, field_types={"language": str}, filesystem=arrow_fs),
-    )
-    condition = _row_filter(task=task, run_id=run_id)
-    if condition is not None:
-        ds = ds.map_batches(lambda batch: batch.filter(condition), batch_format="pyarrow")
-    return ds
+    return transcripts_dataset(fs, posixpath.join(root, TRANSCRIPTS_DIR), _one_or_many(language),
+                               _row_filter(task=task, run_id=run_id))
 
 
 def runs(output_uri: str | Path, storage_options: dict | None = None) -> list[dict]:
@@ -95,33 +82,24 @@ def runs(output_uri: str | Path, storage_options: dict | None = None) -> list[di
     return read_summaries(str(output_uri), storage_options)
 
 
-def transcribe_files(paths: Iterable[str | Path | dict], output: str | Path, model: str | None = None,
-                     progress: bool = False, **options) -> pa.Table:
-    """Run a job over `paths` (recording paths or URIs, or manifest rows as dicts) into `output`
-    and return those recordings' rows. `options` are job config fields (`language`, `task`,
-    `target_language`, `generation={"max_new_tokens": 64}`, ...). Recordings that already have a
-    row in `output` are not redone; their existing rows are returned with the new ones.
-    Raises ConfigError, ManifestError, ModelLoadError or TooManyFailures, as `granite-batch run`
-    exits on them."""
-    from granite_batch.config import load_config
-    from granite_batch.manifest import Defaults, read_manifest
-    from granite_batch.pipeline import run
+def second_pass_results(output_uri: str | Path, name: str, storage_options: dict | None = None) -> pa.Table:
+    """Transcripts joined with their second-pass rows on `id`: every transcript column, then
+    `output`, `chunked`, `second_pass_error`, `second_pass_model`, `second_pass_run_id`.
 
-    rows = [dict(p) if isinstance(p, dict) else {"audio": str(p)} for p in paths]
-    for row in rows:
-        # The manifest lives in a temporary folder: relative paths must not resolve against it.
-        if "://" not in row["audio"]:
-            row["audio"] = str(Path(row["audio"]).resolve())
-    with tempfile.TemporaryDirectory(prefix="granite-batch-") as folder:
-        manifest_path = Path(folder) / "manifest.jsonl"
-        manifest_path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows),
-                                 encoding="utf-8")
-        overrides = {"manifest": str(manifest_path), "output": str(output), "model": model, **options}
-        config = load_config(overrides=overrides)
-        defaults = Defaults(config.language, config.task, config.target_language, tuple(config.keywords),
-                            tuple(config.allowed_prefixes))
-        ids = read_manifest(config.manifest, defaults, config.storage_options).table.column("id")
-        run(config, progress=progress)
-    table = load(config.output, storage_options=config.storage_options)
-    return table.filter(pc.is_in(table.column("id"), value_set=ids.combine_chunks()))
-
+    Only ids that have a second-pass row; in the order of the transcripts.
+    """
+    transcripts = load(output_uri, storage_options=storage_options)
+    fs, root = filesystem(str(output_uri), storage_options)
+    base = posixpath.join(root, second_pass_dir(name))
+    if transcripts.num_rows == 0 or not fs.exists(base):
+        raise FileNotFoundError(f"no transcripts or no second pass {name!r} under {output_uri}")
+    second = pads.dataset(base, filesystem=fs, format="parquet", partitioning=PARTITIONING).to_table(
+        columns=["id", "output", "chunked", "error", "model", "run_id"])
+    positions = pc.index_in(transcripts.column("id"), value_set=second.column("id"))
+    has_row = pc.is_valid(positions)
+    joined = transcripts.filter(has_row)
+    matched = second.take(positions.filter(has_row))
+    for column, as_name in [("output", "output"), ("chunked", "chunked"), ("error", "second_pass_error"),
+                            ("model", "second_pass_model"), ("run_id", "second_pass_run_id")]:
+        joined = joined.append_column(as_name, matched.column(column))
+    return joined

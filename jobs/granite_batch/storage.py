@@ -7,6 +7,8 @@ never options here: they come from the standard chains (environment, profiles, i
 
 from __future__ import annotations
 
+import json
+import posixpath
 from typing import Any
 
 import fsspec
@@ -53,3 +55,18 @@ def uri_of(fs, path: str) -> str:
     """A path inside `fs` written back as a URI (plain path for local files)."""
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return path if protocol in LOCAL_PROTOCOLS else f"{protocol}://{path}"
+
+
+def write_json(root_uri: str, relative_path: str, document: dict,
+               storage_options: dict[str, dict[str, Any]] | None = None) -> str:
+    """Write `document` as indented JSON to `relative_path` under `root_uri`; return its URI.
+
+    The one writer of the job's JSON files: run summaries, second-pass summaries, eval reports.
+    """
+    fs, root = filesystem(root_uri, storage_options)
+    path = posixpath.join(root, relative_path)
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    with fs.open(path, "w", encoding="utf-8") as handle:
+        json.dump(document, handle, indent=2, ensure_ascii=False, default=str)
+        handle.write("\n")
+    return uri_of(fs, path)

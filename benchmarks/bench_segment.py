@@ -1,6 +1,6 @@
 """Benchmark: peak memory and speed of decode + segmentation for hour-long recordings.
 
-    python -m granite_batch.bench_segment [--hours 1 3] [--speech samples/en_weather.flac]
+    python benchmarks/bench_segment.py [--hours 1 3] [--speech samples/en_weather.flac]
 
 Builds each recording by repeating a speech clip between pauses of varied length, writes it as
 FLAC to a temporary folder, then runs the decode and segment stages (`audio.decode_table`,
@@ -25,7 +25,7 @@ import numpy as np
 
 from granite_batch.audio import SAMPLE_RATE_HZ
 
-DEFAULT_SPEECH = Path(__file__).resolve().parents[2] / "samples" / "en_weather.flac"
+DEFAULT_SPEECH = Path(__file__).resolve().parents[1] / "samples" / "en_weather.flac"
 PAUSES_S = (0.3, 0.8, 1.5, 0.4, 3.0, 0.6, 6.0)
 MB = 1024 * 1024
 
@@ -138,7 +138,7 @@ def measure(path: str, max_segment_s: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m granite_batch.bench_segment", description=__doc__,
+    parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hours", type=float, nargs="+", default=[1.0, 3.0])
     parser.add_argument("--speech", default=str(DEFAULT_SPEECH), help="speech clip to repeat (any format)")
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             path = Path(folder) / f"long-{hours:g}h.flac"
             write_long_recording(path, speech, hours)
             result = subprocess.run(
-                [sys.executable, "-m", "granite_batch.bench_segment", "--measure", str(path),
+                [sys.executable, __file__, "--measure", str(path),
                  "--max-segment-s", str(args.max_segment_s)],
                 capture_output=True, text=True, check=True,
             )

@@ -8,21 +8,24 @@ averages printed beside them):
    against the ffmpeg command-line tool decoding the same files (CPU time of the child process);
 2. stage overlap: the Ray pipeline (`pipeline.build_dataset`) against its slowest stage run alone,
    in-process, on the same rows;
-3. Ray's overhead: the whole job (`pipeline.run`) against a plain in-process loop calling the same
+3. Ray's overhead: the whole job (`drivers.run_job`) against a plain in-process loop calling the same
    stage functions on the same rows, reading the manifest and writing the same Parquet.
 
-`granite-batch bench` runs all three with the tiny checkpoint and prints them (see README,
-"Performance"). This is a measurement, not a test: goals are reported as met or not met.
+From the repository root, `python benchmarks/bench_pipeline.py` runs all three with the tiny
+checkpoint and prints them (see README, "Performance"). This is a measurement, not a test: goals
+are reported as met or not met.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
 import os
 import resource
 import subprocess
+import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -32,7 +35,7 @@ import numpy as np
 
 from granite_batch.audio import SAMPLE_RATE_HZ, decode_audio
 
-SAMPLES_DIR = Path(__file__).resolve().parents[2] / "samples"
+SAMPLES_DIR = Path(__file__).resolve().parents[1] / "samples"
 SOURCE_RATE_HZ = 44100
 DECODE_GOAL = 300.0  # audio seconds per CPU second, per core
 OVERLAP_GOAL = 1.25  # pipeline wall time / slowest stage alone
@@ -151,13 +154,6 @@ def _config(manifest: Path, output: Path, model_dir: Path, run_id: str):
                               "run_id": run_id})
 
 
-def _defaults(config):
-    from granite_batch.manifest import Defaults
-
-    return Defaults(config.language, config.task, config.target_language, tuple(config.keywords),
-                    tuple(config.allowed_prefixes))
-
-
 def in_process(config, mark_rows: int | None = None) -> dict:
     """The job as a plain loop in this process: read the manifest, load the model, run decode_table,
     segment_table and transcribe_table (through the model actor's class) batch by batch, write the
@@ -168,7 +164,7 @@ def in_process(config, mark_rows: int | None = None) -> dict:
     import torch
 
     from granite_batch import audio, segment
-    from granite_batch.manifest import read_manifest
+    from granite_batch.manifest import Defaults, read_manifest
     from granite_batch.model import resolve_model
     from granite_batch.output import TranscriptWriter, transcript_schema
     from granite_batch.pipeline import Transcriber
@@ -178,7 +174,7 @@ def in_process(config, mark_rows: int | None = None) -> dict:
     torch.set_num_threads(max(1, int(config.resources.cpus_per_actor)))
     try:
         start = time.perf_counter()
-        manifest = read_manifest(config.manifest, _defaults(config), config.storage_options)
+        manifest = read_manifest(config.manifest, Defaults.from_config(config), config.storage_options)
         model_ref = resolve_model(config.model, config.revision, config.trust_remote_code)
         transcriber = Transcriber(config, model_ref, config.run_id, "cpu")
         writer = TranscriptWriter(config.output, config.run_id, transcript_schema(manifest.table.schema),
@@ -221,11 +217,11 @@ def in_process(config, mark_rows: int | None = None) -> dict:
 
 def pipeline_wall(config) -> dict:
     """The Ray Data pipeline of `pipeline.build_dataset` over the same rows, iterated to the end."""
-    from granite_batch.manifest import read_manifest
+    from granite_batch.manifest import Defaults, read_manifest
     from granite_batch.model import resolve_model
     from granite_batch.pipeline import build_dataset
 
-    manifest = read_manifest(config.manifest, _defaults(config), config.storage_options)
+    manifest = read_manifest(config.manifest, Defaults.from_config(config), config.storage_options)
     model_ref = resolve_model(config.model, config.revision, config.trust_remote_code)
     start = time.perf_counter()
     first = None
@@ -241,12 +237,10 @@ def pipeline_wall(config) -> dict:
 
 def start_ray() -> float:
     """Start (or join) Ray as the job does; seconds it took. Paid once per driver, so kept apart."""
-    import ray
+    from granite_batch.pipeline import ensure_ray
 
     start = time.perf_counter()
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ensure_ray().data.DataContext.get_current().enable_progress_bars = False
     return time.perf_counter() - start
 
 
@@ -331,13 +325,12 @@ def feature_speed(model_dir: Path, segment_s: float = 20.0, repeats: int = 20) -
 def run_bench(audio_s: float = 180.0, overlap_rows: int = 240, rows: int = 300, repeats: int = 3,
               work_dir: str | None = None) -> dict:
     """Measure all three figures; returns them as a dict (see `report`)."""
-    import ray
-
-    from granite_batch.pipeline import run
+    from granite_batch.drivers import run_job
+    from granite_batch.pipeline import ensure_ray
     from granite_batch.tiny_model import write_tiny_model
 
     if not (SAMPLES_DIR / "manifest.jsonl").is_file():
-        raise FileNotFoundError(f"granite-batch bench needs the repository's samples/ ({SAMPLES_DIR}): "
+        raise FileNotFoundError(f"this benchmark needs the repository's samples/ ({SAMPLES_DIR}): "
                                 "run it from a checkout")
     _quiet()
     with tempfile.TemporaryDirectory(prefix="granite-bench-", dir=work_dir) as tmp:
@@ -367,10 +360,10 @@ def run_bench(audio_s: float = 180.0, overlap_rows: int = 240, rows: int = 300, 
             piped_half = pipeline_wall(_config(write_rows_manifest(work / "overlap-half.jsonl", half),
                                                work / "overlap-ray-half", model_dir, "bench-overlap-ray-half"))
         start = time.perf_counter()
-        job = run(_config(job_manifest, work / "job-ray", model_dir, "bench-job-ray"), progress=False)
+        job = run_job(_config(job_manifest, work / "job-ray", model_dir, "bench-job-ray"), progress=False)
         job_s = time.perf_counter() - start
 
-        results["overlap"] = stage_overlap(alone, piped, piped_half, half, int(ray.cluster_resources()["CPU"]))
+        results["overlap"] = stage_overlap(alone, piped, piped_half, half, int(ensure_ray().cluster_resources()["CPU"]))
         results["ray"] = ray_overhead(loop, job_s, job.summary["rows_written"])
         results["stage_rates"] = stage_rates(loop)
         results["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -393,7 +386,7 @@ def _verdict(met: bool) -> str:
 def report(results: dict) -> str:
     """The figures as text, then one JSON line of everything."""
     load = " ".join(f"{x:.2f}" for x in results["load_average_start"])
-    lines = [f"granite-batch bench, {results['date']}, {results['cpus']} CPUs, "
+    lines = [f"granite-batch pipeline bench, {results['date']}, {results['cpus']} CPUs, "
              f"load average {load} (1/5/15 min) at the start", ""]
     decode = results["decode"]
     lines += [
@@ -449,3 +442,19 @@ def report(results: dict) -> str:
         json.dumps({"bench": "granite-batch", **results}, sort_keys=True),
     ]
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--audio-s", type=float, default=180.0, help="test audio per codec, seconds (default 180)")
+    parser.add_argument("--overlap-rows", type=int, default=240, help="rows for the stage overlap figure (default 240)")
+    parser.add_argument("--rows", type=int, default=300, help="rows for the Ray overhead figure (default 300)")
+    parser.add_argument("--repeats", type=int, default=3, help="decode timings per codec; the best counts (default 3)")
+    parser.add_argument("--work-dir", help="folder for temporary files (default: the system's)")
+    args = parser.parse_args(argv)
+    print(report(run_bench(args.audio_s, args.overlap_rows, args.rows, args.repeats, args.work_dir)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,8 +14,11 @@ second on average, so random weights do a real transcript's work), and reports R
   the language model batched on left-padded `inputs_embeds`), one call per batch, as the job's
   model actor gets them.
 
-    python jobs/granite_batch/bench_gpu.py                       # H200: a few minutes, < 8
-    python jobs/granite_batch/bench_gpu.py --tiny --device cpu   # tiny dims, a few clips (a smoke test)
+From the repository root (where granite-batch is not installed, `PYTHONPATH=jobs` finds the package;
+only model.py, prompts.py, speculative.py and tiny_model.py are imported, none needing pyarrow or Ray):
+
+    PYTHONPATH=jobs python3 benchmarks/bench_gpu.py                       # H200: a few minutes, < 8
+    PYTHONPATH=jobs python3 benchmarks/bench_gpu.py --tiny --device cpu   # tiny dims, a few clips (smoke test)
 
 The last line printed is one JSON object with every figure.
 """
@@ -33,12 +36,6 @@ import wave
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):
-    # Run as a script: import our modules as the package they are, not as top-level files.
-    _here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-    sys.path.insert(0, str(_here.parent))
-
 import numpy as np
 import torch
 
@@ -48,7 +45,7 @@ from granite_batch.speculative import SpeculativeOptions
 from granite_batch.tiny_model import CHAT_TEMPLATE, build_tokenizer
 
 SAMPLE_RATE_HZ = 16000
-SPEECH_WAV = Path(__file__).resolve().parents[2] / "samples" / "pt_praia.wav"  # 16 kHz mono PCM
+SPEECH_WAV = Path(__file__).resolve().parents[1] / "samples" / "pt_praia.wav"  # 16 kHz mono PCM
 
 
 @dataclass(frozen=True)
@@ -322,11 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     english = Request(language="en")
     failing = SpeechModel(model, processor, device, max_new_tokens=tokens, max_batch_audio_s=max(batch_sizes) * max_s + 1,
                           speculative=SpeculativeOptions("speculative-strict"))
+    drafts = {} if args.no_speculative else greedy_tokens(speech_model, clips, max(batch_sizes), tokens)
     right = SpeechModel(model, processor, device, max_new_tokens=tokens, max_batch_audio_s=max(batch_sizes) * max_s + 1,
-                        speculative=SpeculativeOptions("speculative-strict"))
-    if not args.no_speculative:
-        drafts = greedy_tokens(speech_model, clips, max(batch_sizes), tokens)
-        right.draft_hook = lambda samples, request: drafts[id(samples)]
+                        speculative=SpeculativeOptions("speculative-strict"),
+                        drafter=lambda samples, request: drafts[id(samples)])
 
     plan = [("naive", 1, clips[:naive_count], lambda: naive(model, processor, prompt, clips[:naive_count], tokens))]
     for size in batch_sizes:
