@@ -5,10 +5,9 @@ from __future__ import annotations
 import re
 import shlex
 import tomllib
-from pathlib import Path
 
-import pytest
 import yaml
+from ray.runtime_env import RuntimeEnv
 
 from conftest import REPO
 from granite_batch import __version__
@@ -121,6 +120,10 @@ def test_runtime_env_ships_our_package():
     for module in env["py_modules"]:
         assert (REPO / module / "__init__.py").exists()
     assert all(isinstance(v, str) for v in env["env_vars"].values())  # Ray requires string values
+    # Ray's own parser of `--runtime-env`: it checks the types of the fields it knows, and passes any
+    # other key on to a plugin, so an unknown key is checked here.
+    assert set(env) <= set(RuntimeEnv.known_fields), set(env) - set(RuntimeEnv.known_fields)
+    RuntimeEnv(**env)
 
 
 def test_dockerfile_agrees_with_pyproject():
