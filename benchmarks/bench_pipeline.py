@@ -167,7 +167,8 @@ def in_process(config, mark_rows: int | None = None) -> dict:
     from granite_batch.manifest import Defaults, read_manifest
     from granite_batch.model import resolve_model
     from granite_batch.output import TranscriptWriter, transcript_schema
-    from granite_batch.pipeline import Transcriber
+    from granite_batch.pipeline import SORT_POOL_CALLS, Transcriber
+    from granite_batch.transcribe import RecordingAssembler
 
     # Ray runs each task and actor with OMP_NUM_THREADS = its CPUs (1 here): the same for the loop.
     threads = torch.get_num_threads()
@@ -183,19 +184,27 @@ def in_process(config, mark_rows: int | None = None) -> dict:
         decode_kwargs = {"storage_options": config.storage_options, "sample_rate_hz": config.sample_rate_hz,
                          "max_duration_s": config.max_duration_s, "timeout_s": config.decode_timeout_s}
         segment_kwargs = {"sample_rate_hz": config.sample_rate_hz, "max_segment_s": config.max_segment_s}
+        assembler = RecordingAssembler()
+        actor_batch = config.model_batch(gpu=False)[0] * SORT_POOL_CALLS
+
+        def transcribe(segments):  # the actor's batches of segments, then the driver's assembly
+            parts = [transcriber(segments.slice(i, actor_batch)) for i in range(0, segments.num_rows, actor_batch)]
+            return assembler.add(pa.concat_tables(parts))
+
         steps = {"decode": lambda t: audio.decode_table(t, **decode_kwargs),
                  "segment": lambda t: segment.segment_table(t, **segment_kwargs),
-                 "transcribe": transcriber}
+                 "transcribe": transcribe}
         stages = dict.fromkeys(steps, 0.0)
         stages_cpu = dict.fromkeys(steps, 0.0)
         marked = None
         rows = 0
         audio_s = 0.0
         table = manifest.table
-        for offset in range(0, table.num_rows, config.batch_size):
+        block_rows = 16  # the pipeline's input blocks
+        for offset in range(0, table.num_rows, block_rows):
             if offset == mark_rows:
                 marked = dict(stages)
-            batch = table.slice(offset, config.batch_size)
+            batch = table.slice(offset, block_rows)
             for name, step in steps.items():
                 wall, cpu = time.perf_counter(), time.process_time()
                 if name == "decode":  # decode_batch_size rows at a time, as in the pipeline
@@ -205,6 +214,8 @@ def in_process(config, mark_rows: int | None = None) -> dict:
                     batch = step(batch)
                 stages[name] += time.perf_counter() - wall
                 stages_cpu[name] += time.process_time() - cpu
+            if batch is None:  # no recording completed in this block
+                continue
             writer.write(batch)
             rows += batch.num_rows
             audio_s += sum(d or 0.0 for d in batch.column("duration_s").to_pylist())
@@ -348,7 +359,7 @@ def run_bench(audio_s: float = 180.0, overlap_rows: int = 240, rows: int = 300, 
         overlap = _config(write_rows_manifest(work / "overlap.jsonl", overlap_rows), work / "overlap-loop",
                           model_dir, "bench-overlap-loop")
         half = overlap_rows // 2
-        half -= half % overlap.batch_size  # on a batch boundary, where the loop notes its stage times
+        half -= half % 16  # on an input block boundary, where the loop notes its stage times
         job_manifest = write_rows_manifest(work / "job.jsonl", rows)
         alone = in_process(overlap, mark_rows=half)
         loop = in_process(_config(job_manifest, work / "job-loop", model_dir, "bench-job-loop"))

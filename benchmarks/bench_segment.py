@@ -116,8 +116,8 @@ def measure(path: str, max_segment_s: float) -> dict:
     segment_peak = _high_water_mb()
 
     duration_s = decoded.column("duration_s")[0].as_py()
-    starts = segmented.column("segment_starts")[0].as_py()
-    ends = segmented.column("segment_ends")[0].as_py()
+    starts = [round(s * SAMPLE_RATE_HZ) for s in segmented.column("start_s").to_pylist()]
+    ends = [round(e * SAMPLE_RATE_HZ) for e in segmented.column("end_s").to_pylist()]
     return {
         "audio_s": duration_s,
         "samples_mb": round(duration_s * SAMPLE_RATE_HZ * 4 / MB, 1),

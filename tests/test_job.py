@@ -95,6 +95,8 @@ def test_successful_rows_have_text_segments_and_model(job, tiny_model_dir):
         segment = row["segments"][0]
         assert segment["start"] == 0.0 and segment["end"] == pytest.approx(row["duration_s"])
         assert segment["text"] == row["text"]
+        # The tiny model never stops on its own: the segment ran to its budget, and says so.
+        assert segment["truncated"] is True and segment["words"] is None and segment["channel"] is None
         assert row["model"] == str(Path(tiny_model_dir).resolve()) and row["run_id"] == "test-run"
     by_id = {r["id"]: r for r in rows}
     assert by_id["format-speech.flac"]["duration_s"] == pytest.approx(3.4845, abs=0.02)
@@ -133,6 +135,14 @@ def test_run_summary(job):
     assert summary["config"]["batch_size"] == 3  # the flag overrode the YAML
     assert summary["config"]["generation"]["max_new_tokens"] == 12  # from the YAML
     assert summary["model_revision"] is None and summary["model"].endswith(Path(summary["model"]).name)
+    # How the model was fed: 14 one-segment recordings in generate calls of at most 3 segments.
+    inference = summary["inference"][summary["model"]]
+    assert inference["segments"] == 14 and inference["truncated_segments"] == 14
+    assert inference["new_tokens"] == 14 * 12  # every budget hit: max_new_tokens caps the per-second one
+    assert inference["generate_calls"] >= 5 and inference["mean_segments_per_call"] <= 3
+    assert inference["mean_segments_per_call"] == pytest.approx(14 / inference["generate_calls"], abs=0.01)
+    assert 0 <= inference["padding_fraction"] < 1
+    assert summary["rows_incomplete"] == 0
     # Quality figures from the rows that carry a reference: the 8 sample rows (7 ASR, 1 AST).
     quality = summary["quality"]
     assert quality["rows_scored"] == 8

@@ -6,6 +6,7 @@ import tracemalloc
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import torch
 
@@ -135,15 +136,34 @@ def test_vad_model_loads_once_and_leaves_torch_threads_alone(clip):
     assert torch.get_num_threads() == threads
 
 
-def test_segment_stage_rows_without_samples_or_speech(clip):
+def segment_bounds(out: pa.Table) -> dict[int, list[tuple[int, int]]]:
+    """Per input recording (its `rec` column), the (start, end) sample offsets of its segment rows."""
+    bounds: dict[int, list[tuple[int, int]]] = {}
+    for row in out.select(["rec", "segment_index", "segment_count", "start_s", "end_s"]).to_pylist():
+        segments = bounds.setdefault(row["rec"], [])
+        if row["segment_count"]:
+            assert row["segment_index"] == len(segments)  # in order, none missing
+            segments.append((round(row["start_s"] * RATE), round(row["end_s"] * RATE)))
+    return bounds
+
+
+def test_segment_stage_emits_one_row_per_segment_and_one_per_recording_without(clip):
     speech, _ = speech_with_pauses(clip, [20, 25, 10])
-    table = pa.table({"samples": samples_to_arrow([speech, None, np.zeros(RATE * 5, np.float32)])})
+    table = pa.table({"rec": [0, 1, 2], "samples": samples_to_arrow([speech, None, np.zeros(RATE * 5, np.float32)])})
     out = segment_table(table.slice(0, 2), RATE, 30.0)  # a slice, as Ray hands batches over
-    assert len(out.column("segment_starts")[0].as_py()) >= 2
-    assert out.column("segment_starts")[1].as_py() is None
+    planned = plan_segments(speech, RATE, 30.0)
+    assert len(planned) >= 2
+    assert out.num_rows == len(planned) + 1
+    assert segment_bounds(out) == {0: planned, 1: []}
+    # Each segment row carries the segment's own samples, no more than max_segment_s of them.
+    for row, (start, end) in zip(out.filter(pc.equal(out.column("rec"), 0)).to_pylist(), planned):
+        assert row["segment_count"] == len(planned)
+        np.testing.assert_array_equal(np.asarray(row["samples"], np.float32), speech[start:end])
+        assert len(row["samples"]) <= 30 * RATE
+    no_samples = out.filter(pc.equal(out.column("rec"), 1)).to_pylist()
+    assert [(r["segment_count"], r["segment_index"], r["samples"]) for r in no_samples] == [(0, None, None)]
     out = segment_table(pa.concat_tables([table.slice(0, 1), table.slice(2, 1)]), RATE, 30.0)  # two chunks
-    assert out.column("segment_starts")[1].as_py() == [] and out.column("segment_ends")[1].as_py() == []
-    assert out.column("segment_starts")[0].as_py() == [s for s, _ in plan_segments(speech, RATE, 30.0)]
+    assert segment_bounds(out) == {0: planned, 2: []}  # silence: one row, no segment
 
 
 def test_recordings_segmented_together_get_the_segments_they_get_alone(clip):
@@ -152,10 +172,11 @@ def test_recordings_segmented_together_get_the_segments_they_get_alone(clip):
     # (rather than each recording's own) would move every window and change the segments.
     recordings = [clip, np.concatenate([np.zeros(RATE * 3, np.float32), clip]), long_speech,
                   np.zeros(RATE * 4, np.float32), clip[: int(0.1 * RATE)], long_speech[: RATE * 90]]
-    together = segment_table(pa.table({"samples": samples_to_arrow(recordings)}), RATE, 30.0)
+    rec = list(range(len(recordings)))
+    together = segment_bounds(segment_table(pa.table({"rec": rec, "samples": samples_to_arrow(recordings)}),
+                                            RATE, 30.0))
     alone = [plan_segments(samples, RATE, 30.0) for samples in recordings]
-    assert together.column("segment_starts").to_pylist() == [[s for s, _ in bounds] for bounds in alone]
-    assert together.column("segment_ends").to_pylist() == [[e for _, e in bounds] for bounds in alone]
+    assert together == dict(enumerate(alone))
     assert len(alone[2]) >= 2 and alone[3] == [] and alone[4] == []  # the mix holds every kind of row
     # Packed two buffers deep, as two Arrow chunks hold them.
     buffers = [np.concatenate(recordings[:3]), np.concatenate(recordings[3:])]
@@ -166,8 +187,7 @@ def test_recordings_segmented_together_get_the_segments_they_get_alone(clip):
     for many, samples in zip(segment.speech_probabilities_many(buffers, spans), recordings):
         np.testing.assert_allclose(many, speech_probabilities(samples), atol=1e-4)
     # A table of several chunks (decode batches gathered into one block) segments as one batch too.
-    table = pa.table({"samples": samples_to_arrow(recordings[:2])})
-    chunked = pa.concat_tables([table, pa.table({"samples": samples_to_arrow(recordings[2:])})])
+    table = pa.table({"rec": rec[:2], "samples": samples_to_arrow(recordings[:2])})
+    chunked = pa.concat_tables([table, pa.table({"rec": rec[2:], "samples": samples_to_arrow(recordings[2:])})])
     assert chunked.column("samples").num_chunks == 2
-    assert segment_table(chunked, RATE, 30.0).column("segment_starts").to_pylist() == \
-        together.column("segment_starts").to_pylist()
+    assert segment_bounds(segment_table(chunked, RATE, 30.0)) == together

@@ -31,11 +31,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--task", choices=["asr", "ast"], help="asr (transcribe) or ast (translate); default asr")
     run.add_argument("--target-language", help="translation target where a row does not say")
     run.add_argument("--keywords", help="comma-separated keywords for rows without their own")
-    run.add_argument("--batch-size", type=int, help="recordings per model batch (default 16)")
-    run.add_argument("--max-batch-audio-s", type=float, help="audio seconds per generate call (default 480)")
-    run.add_argument("--max-new-tokens", type=int, help="generation limit per segment (default 200)")
+    run.add_argument("--batch-size", type=int, help="speech segments per generate call (default 256 on a GPU, 32 on CPU)")
+    run.add_argument("--max-batch-audio-s", type=float,
+                     help="padded audio seconds per generate call (default 7680 on a GPU, 480 on CPU)")
+    run.add_argument("--max-new-tokens", type=int, help="cap on any segment's new tokens (default: none beyond "
+                     "the per-second budget)")
     run.add_argument("--max-new-tokens-per-audio-s", type=float,
-                     help="lower limit for short segments: 16 + this per audio second (default 12)")
+                     help="a segment's token budget: 16 + this per audio second (default 12)")
     run.add_argument("--num-beams", type=int, help="beam search width (default 1: greedy)")
     run.add_argument("--decoding", choices=["autoregressive", "speculative-strict", "speculative"],
                      help="autoregressive (default), speculative-strict (CTC drafts, output identical to "
@@ -146,6 +148,11 @@ def _print_summary(summary: dict, path: str) -> None:
     )
     for reason, count in summary["failures_by_reason"].items():
         print(f"  failed: {count:>6}  {reason}")
+    for model, figures in summary.get("inference", {}).items():
+        padding = figures["padding_fraction"]
+        print(f"  inference ({model}): {figures['segments']} segments in {figures['generate_calls']} generate calls "
+              f"({figures['mean_segments_per_call']} per call), padding {'-' if padding is None else f'{padding:.1%}'}, "
+              f"{figures['new_tokens']} new tokens, {figures['truncated_segments']} segments stopped at their budget")
     print(f"summary: {path}")
 
 

@@ -14,6 +14,9 @@ DEFAULT_MODEL = "ibm-granite/granite-4.0-1b-speech"
 # The second pass's language model: Granite 4.0 Micro, the 3B dense instruct model (Apache 2.0).
 DEFAULT_LM_MODEL = "ibm-granite/granite-4.0-micro"
 SECOND_PASS_TEMPLATES = ("summary", "topics", "qa")
+# Speech segments per generate() call when the job does not say.
+GPU_BATCH_SEGMENTS = 256
+CPU_BATCH_SEGMENTS = 32
 
 
 class ConfigError(ValueError):
@@ -25,11 +28,13 @@ class _Strict(BaseModel):
 
 
 class GenerationOptions(_Strict):
-    """Decoding settings; defaults follow the model card (greedy, 200 new tokens)."""
+    """Decoding settings: greedy as the model card; the token budget follows each segment's length."""
 
-    max_new_tokens: int = Field(200, ge=1, le=4096)
+    max_new_tokens: int | None = Field(
+        None, ge=1, le=4096, description="cap on any segment's new tokens; null: no cap beyond the per-second budget",
+    )
     max_new_tokens_per_audio_s: float | None = Field(
-        12.0, gt=0, description="a segment's limit is 16 tokens + this per audio second (at most max_new_tokens); "
+        12.0, gt=0, description="a segment's budget is 16 tokens + this per audio second (at most max_new_tokens); "
         "null: max_new_tokens for every segment",
     )
     num_beams: int = Field(1, ge=1, le=16)
@@ -37,6 +42,12 @@ class GenerationOptions(_Strict):
     decoding: Literal["autoregressive", "speculative-strict", "speculative"] = "autoregressive"
     ctc_entropy_threshold: float = Field(0.7, ge=0, description="speculative: accept a CTC draft below this")
     verify_threshold: float = Field(0.1, ge=0, le=1, description="speculative: least draft token probability")
+
+    @model_validator(mode="after")
+    def _some_budget(self) -> "GenerationOptions":
+        if self.max_new_tokens is None and self.max_new_tokens_per_audio_s is None:
+            raise ValueError("give max_new_tokens, max_new_tokens_per_audio_s or both")
+        return self
 
     @model_validator(mode="after")
     def _greedy_for_speculation(self) -> "GenerationOptions":
@@ -118,11 +129,16 @@ class JobConfig(_Strict):
     target_language: str | None = None
     keywords: list[str] = Field(default_factory=list)
 
-    batch_size: int = Field(16, ge=1, description="recordings handed to a model actor at once")
-    max_batch_audio_s: float = Field(
-        480.0, gt=0, description="audio seconds in one generate() call; bounds padding and memory"
+    batch_size: int | None = Field(
+        None, ge=1, description="speech segments in one generate() call; default 256 on a GPU, 32 on the CPU",
     )
-    decode_batch_size: int = Field(4, ge=1, description="recordings per decode task")
+    max_batch_audio_s: float | None = Field(
+        None, gt=0, description="padded audio seconds in one generate() call (bounds memory); default "
+        "7680 on a GPU (256 segments of 30 s), 480 on the CPU",
+    )
+    decode_batch_size: int = Field(
+        1, ge=1, description="recordings per decode call; decoded clips are gathered into blocks for the VAD",
+    )
     max_segment_s: float = Field(30.0, ge=1.0, le=120.0)
     max_duration_s: float = Field(6 * 3600.0, gt=0)
     subtitles: list[Literal["srt", "vtt"]] = Field(
@@ -179,6 +195,13 @@ class JobConfig(_Strict):
             if (self.language, self.target_language) not in AST_PAIRS:
                 raise ValueError(f"unsupported translation pair {self.language} -> {self.target_language}")
         return self
+
+    def model_batch(self, gpu: bool) -> tuple[int, float]:
+        """(segments, padded audio seconds) per generate() call: the configured values, else the
+        defaults for the device. The leaderboard runs Granite Speech at 128-256 per call on an H200."""
+        segments = self.batch_size or (GPU_BATCH_SEGMENTS if gpu else CPU_BATCH_SEGMENTS)
+        audio_s = self.max_batch_audio_s or (GPU_BATCH_SEGMENTS * 30.0 if gpu else 480.0)
+        return segments, audio_s
 
     def public_dict(self) -> dict[str, Any]:
         """The configuration as recorded in run summaries (storage options reduced to their keys)."""

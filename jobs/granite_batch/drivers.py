@@ -45,6 +45,7 @@ from granite_batch.output import (
 from granite_batch.second_pass_prompts import Prompter, load_template
 from granite_batch.storage import filesystem, write_json
 from granite_batch.subtitles import write_subtitles
+from granite_batch.transcribe import RecordingAssembler
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +102,10 @@ class _Run:
         self.last = {**self.summary(status), **extra}
         return write_summary(self.output_uri, self.run_id, self.last, self.storage_options, runs_dir=self.runs_dir)
 
-    def stream(self, ds, writer: TranscriptWriter, on_batch: Callable[[pa.Table], None]) -> None:
-        """Write every batch of `ds` (after `on_batch` has seen it); the summary follows each commit."""
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+    def stream(self, batches: Iterable[pa.Table], writer: TranscriptWriter,
+               on_batch: Callable[[pa.Table], None]) -> None:
+        """Write every batch (after `on_batch` has seen it); the summary follows each commit."""
+        for batch in batches:
             on_batch(batch)
             files_before = len(writer.committed)
             writer.write(batch)
@@ -173,6 +175,7 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
              already_done, manifest.duplicates, config.manifest or config.input)
 
     stats = RunStats()
+    assembler: RecordingAssembler | None = None
     scored_columns = ["id", "language", "task", "target_language", "text", "error", "reference"]
     with_reference: list[pa.Table] = []  # the small part of each batch that quality figures need
     writer = TranscriptWriter(config.output, run.run_id, transcript_schema(manifest.table.schema),
@@ -192,7 +195,9 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
             "rows_failed": stats.rows_failed,
             "failures_by_reason": dict(stats.failures_by_reason.most_common()),
             "rows_by_language": dict(sorted(stats.rows_by_language.items())),
+            "rows_incomplete": assembler.pending if assembler else 0,
             "decoding": {language: dict(sorted(counts.items())) for language, counts in sorted(stats.decoding.items())},
+            "inference": {model: figures.summary() for model, figures in assembler.inference.items()} if assembler else {},
             "audio_s": round(stats.audio_s, 3),
             "audio_hours": round(stats.audio_s / 3600, 4),
             "wall_s": round(wall_s, 3),
@@ -216,7 +221,12 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
     with run:
         if todo.num_rows:
             pipeline.ensure_ray().data.DataContext.get_current().enable_progress_bars = progress
-            run.stream(pipeline.build_dataset(todo, config, model_ref, run.run_id), writer, on_batch)
+            segments = pipeline.build_dataset(todo, config, model_ref, run.run_id)
+            assembler = RecordingAssembler()
+            run.stream(_recordings(segments, assembler), writer, on_batch)
+            if assembler.pending:  # never written half: the next run redoes them
+                log.warning("%d recordings did not receive all their segments; a re-run redoes them",
+                            assembler.pending)
         writer.close()
         failed_fraction = stats.rows_failed / stats.rows_written if stats.rows_written else 0.0
         too_many = failed_fraction > config.max_failed_fraction
@@ -230,6 +240,14 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
             f"more than max_failed_fraction {config.max_failed_fraction:.1%}; summary: {path}"
         )
     return RunResult(run.run_id, run.last, path, list(writer.committed))
+
+
+def _recordings(segments, assembler: RecordingAssembler):
+    """The complete recordings' rows, as their last segments arrive from the Ray dataset."""
+    for batch in segments.iter_batches(batch_format="pyarrow", batch_size=None):
+        recordings = assembler.add(batch)
+        if recordings is not None:
+            yield recordings
 
 
 def run_second_pass(output_uri: str, options: SecondPassOptions, storage_options: dict | None = None,
@@ -304,7 +322,7 @@ def run_second_pass(output_uri: str, options: SecondPassOptions, storage_options
         if todo.num_rows:
             pipeline.ensure_ray().data.DataContext.get_current().enable_progress_bars = progress
             ds = pipeline.build_second_pass_dataset(todo, options, template_source, model_ref, run.run_id)
-            run.stream(ds, writer, on_batch)
+            run.stream(ds.iter_batches(batch_format="pyarrow", batch_size=None), writer, on_batch)
         writer.close()
         path = run.write("succeeded")
     return RunResult(run.run_id, run.last, path, list(writer.committed))

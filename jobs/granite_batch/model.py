@@ -110,13 +110,28 @@ def first_line(exc: Exception) -> str:
     return (text[0] if text else type(exc).__name__)[:300]
 
 
+@dataclass(frozen=True)
+class SegmentResult:
+    """What generation made of one segment."""
+
+    text: str
+    decided_by: str | None  # see speculative.py; None for audio too short to hold a word
+    new_tokens: int = 0
+    truncated: bool = False  # stopped at its token budget, not at the end of its text
+    positions: int = 0  # language-model positions computed for this segment, padding included
+    padded_positions: int = 0
+    first_of_call: bool = False  # the first segment of its generate call: these count the calls
+
+
 class SpeechModel:
     """A Granite Speech model and its processor on one device, ready for batched generation."""
 
-    def __init__(self, model, processor, device: str, max_new_tokens: int = 200, num_beams: int = 1,
+    def __init__(self, model, processor, device: str, max_new_tokens: int | None = 200, num_beams: int = 1,
                  repetition_penalty: float = 1.0, max_batch_audio_s: float = 480.0,
                  speculative: SpeculativeOptions | None = None, max_new_tokens_per_audio_s: float | None = None,
-                 drafter=None):
+                 drafter=None, max_batch_segments: int | None = None):
+        if max_new_tokens is None and max_new_tokens_per_audio_s is None:
+            raise ValueError("give max_new_tokens, max_new_tokens_per_audio_s or both")
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -125,6 +140,7 @@ class SpeechModel:
         self.num_beams = num_beams
         self.repetition_penalty = repetition_penalty
         self.max_batch_audio_s = max_batch_audio_s
+        self.max_batch_segments = max_batch_segments
         self.max_new_tokens_per_audio_s = max_new_tokens_per_audio_s
         self.speculative = speculative or SpeculativeOptions()
         if self.speculative.mode != "autoregressive" and (num_beams != 1 or repetition_penalty != 1.0):
@@ -164,22 +180,38 @@ class SpeechModel:
         return self._prompts[request]
 
     def token_budget(self, samples: np.ndarray) -> int:
-        """New tokens a segment may generate: `max_new_tokens`, or less for a short segment when
-        `max_new_tokens_per_audio_s` is set. A row that loops (on noise, music) then stops about where
-        speech of its length must have ended, and a batch of short segments runs for its longest
-        budget instead of `max_new_tokens` steps."""
+        """New tokens a segment may generate: 16 + `max_new_tokens_per_audio_s` per audio second
+        (at most `max_new_tokens` when that is set), or `max_new_tokens` alone when the rate is None.
+
+        The budget follows the segment's length with no lower cap, so a 30 s segment of dense speech
+        (Japanese, ~8 tokens/s, or an en->ja translation) has room for all of it (12 per second is
+        about 1.5x the densest speech and 3x fast English); a segment the model loops on stops about
+        where speech of its length must have ended. IBM's card uses 200 new tokens for short clips;
+        our segments run to `max_segment_s`. A segment that stops at its budget is marked `truncated`.
+        """
         if self.max_new_tokens_per_audio_s is None:
             return self.max_new_tokens
         seconds = len(samples) / self.sample_rate_hz
-        return min(self.max_new_tokens, BASE_NEW_TOKENS + math.ceil(self.max_new_tokens_per_audio_s * seconds))
+        budget = BASE_NEW_TOKENS + math.ceil(self.max_new_tokens_per_audio_s * seconds)
+        return budget if self.max_new_tokens is None else min(self.max_new_tokens, budget)
 
     def generate(self, items: list[tuple[np.ndarray, Request]]) -> list[str]:
         """Transcribe or translate each (16 kHz mono samples, request); results in input order."""
-        return [text for text, _ in self.generate_with_decisions(items)]
+        return [result.text for result in self.generate_segments(items)]
 
     def generate_with_decisions(self, items: list[tuple[np.ndarray, Request]]) -> list[tuple[str, str | None]]:
         """Like `generate`, with what decided each text (see speculative.py; None for too-short audio)."""
-        results: list[tuple[str, str | None]] = [("", None)] * len(items)
+        return [(result.text, result.decided_by) for result in self.generate_segments(items)]
+
+    def generate_segments(self, items: list[tuple[np.ndarray, Request]]) -> list["SegmentResult"]:
+        """Like `generate`, with each segment's decoding facts: what decided it, its new tokens, whether
+        it stopped at its budget, and its share of the language model's (padded) positions.
+
+        Items are sorted by length and cut into language-model batches of at most
+        `max_batch_segments` items and `max_batch_audio_s` padded audio seconds, so a batch pads to
+        items of similar length. Results do not depend on the batching (tested).
+        """
+        results = [SegmentResult("", None)] * len(items)
         min_samples = int(MIN_SEGMENT_S * self.sample_rate_hz)
         order = sorted((i for i in range(len(items)) if len(items[i][0]) >= min_samples),
                        key=lambda i: len(items[i][0]), reverse=True)
@@ -187,7 +219,8 @@ class SpeechModel:
         batch: list[int] = []
         for index in order:
             # Sorted longest first, so the first item of a batch sets its padded length.
-            if batch and len(items[batch[0]][0]) * (len(batch) + 1) > budget:
+            full = self.max_batch_segments is not None and len(batch) >= self.max_batch_segments
+            if batch and (full or len(items[batch[0]][0]) * (len(batch) + 1) > budget):
                 self._generate_batch(items, batch, results)
                 batch = []
             batch.append(index)
@@ -210,8 +243,16 @@ class SpeechModel:
                 tokens = self._autoregressive(embeds, budgets)
                 decisions = [BY_AUTOREGRESSIVE] * len(batch)
         texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        for index, text, decision in zip(batch, texts, decisions):
-            results[index] = (text.strip(), decision)
+        # Positions the language model computed for this batch: the left-padded prompts, then one per
+        # row at each decoding step until the longest row stops (its eos included).
+        prompt_width = max(e.shape[0] for e in embeds)
+        steps = max(min(len(t) + 1, b) for t, b in zip(tokens, budgets))
+        for position, (index, text, decision, row_tokens, row_budget, embed) in enumerate(
+                zip(batch, texts, decisions, tokens, budgets, embeds)):
+            truncated = len(row_tokens) >= row_budget  # no eos within the budget
+            useful = embed.shape[0] + min(len(row_tokens) + (0 if truncated else 1), steps)
+            results[index] = SegmentResult(text.strip(), decision, len(row_tokens), truncated,
+                                           prompt_width + steps, prompt_width + steps - useful, position == 0)
 
     def _left_pad(self, sequences: list):
         """Stack [length, hidden] embeddings into a left-padded batch with its attention mask."""

@@ -28,7 +28,15 @@ from granite_batch.storage import filesystem, uri_of, write_json
 
 log = logging.getLogger(__name__)
 
-SEGMENT_TYPE = pa.struct([("start", pa.float64()), ("end", pa.float64()), ("text", pa.string())])
+WORD_TYPE = pa.struct([("start", pa.float64()), ("end", pa.float64()), ("text", pa.string())])
+# One speech segment of a recording (../shared/CONTRACT.md, `segments`): seconds from the recording's
+# start; `truncated` when decoding stopped at the token budget; `avg_logprob`, `speaker`, `words` and
+# `channel` stay null until something computes them (confidence, speaker labels, word times, split channels).
+SEGMENT_TYPE = pa.struct([
+    ("start", pa.float64()), ("end", pa.float64()), ("text", pa.string()), ("truncated", pa.bool_()),
+    ("avg_logprob", pa.float64()), ("speaker", pa.string()), ("words", pa.list_(WORD_TYPE)),
+    ("channel", pa.int32()),
+])
 
 # The contract's columns, in order; passthrough columns follow them.
 TRANSCRIPT_FIELDS = [
@@ -39,6 +47,7 @@ TRANSCRIPT_FIELDS = [
     pa.field("target_language", pa.string()),
     pa.field("text", pa.string()),
     pa.field("segments", pa.list_(SEGMENT_TYPE)),
+    pa.field("language_detected", pa.string()),
     pa.field("duration_s", pa.float64()),
     pa.field("error", pa.string()),
     pa.field("model", pa.string(), nullable=False),
@@ -90,8 +99,12 @@ def file_schema(schema: pa.Schema) -> pa.Schema:
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """Select and cast `table`'s columns into `schema`'s order and types."""
-    return pa.Table.from_arrays([table.column(f.name).cast(f.type) for f in schema], schema=schema)
+    """Select and cast `table`'s columns into `schema`'s order and types; a nullable column the
+    table lacks (e.g. `language_detected` when detection is off) is all nulls."""
+    names = set(table.column_names)
+    return pa.Table.from_arrays(
+        [table.column(f.name).cast(f.type) if f.name in names or not f.nullable else pa.nulls(table.num_rows, f.type)
+         for f in schema], schema=schema)
 
 
 def error_reason(error: str) -> str:

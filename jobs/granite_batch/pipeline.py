@@ -24,26 +24,28 @@ from granite_batch.model import ModelRef, SpeechModel
 from granite_batch.second_pass import second_pass_table
 from granite_batch.second_pass_prompts import Prompter
 from granite_batch.speculative import SpeculativeOptions
-from granite_batch.transcribe import transcribe_table
+from granite_batch.transcribe import transcribe_segments
 
 class Transcriber:
-    """Model actor: loads the model once, then maps batches of decoded recordings to transcripts."""
+    """Model actor: loads the model once, then maps batches of segment rows to their texts."""
 
     def __init__(self, config: JobConfig, model_ref: ModelRef, run_id: str, device: str):
         self.model_ref = model_ref
         self.run_id = run_id
+        segments, audio_s = config.model_batch(gpu=device.startswith("cuda"))
         self.speech_model = SpeechModel.load(
             config.model, config.revision, device=device, dtype=config.dtype,
             trust_remote_code=config.trust_remote_code,
             max_new_tokens=config.generation.max_new_tokens,
             max_new_tokens_per_audio_s=config.generation.max_new_tokens_per_audio_s, num_beams=config.generation.num_beams,
-            repetition_penalty=config.generation.repetition_penalty, max_batch_audio_s=config.max_batch_audio_s,
+            repetition_penalty=config.generation.repetition_penalty, max_batch_audio_s=audio_s,
+            max_batch_segments=segments,
             speculative=SpeculativeOptions(config.generation.decoding, config.generation.ctc_entropy_threshold,
                                            config.generation.verify_threshold),
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        table = transcribe_table(batch, self.speech_model)
+        table = transcribe_segments(batch, self.speech_model)
         n = table.num_rows
         table = table.append_column("model", pa.array([self.model_ref.name] * n, pa.string()))
         table = table.append_column("model_revision", pa.array([self.model_ref.revision] * n, pa.string()))
@@ -96,8 +98,15 @@ def _input_blocks(table: pa.Table, cluster: dict, max_rows: int) -> list[pa.Tabl
     return [table.slice(i, block_rows) for i in range(0, rows, block_rows)]
 
 
+# The model actor takes this many generate() calls' worth of segments at a time and sorts them by
+# length before cutting them into calls, so each call pads to segments of similar length.
+SORT_POOL_CALLS = 4
+
+
 def build_dataset(rows_to_do: pa.Table, config: JobConfig, model_ref: ModelRef, run_id: str):
-    """The lazy Ray Dataset of transcript rows for `rows_to_do` (nothing runs until it is iterated)."""
+    """The lazy Ray Dataset of segment results for `rows_to_do` (nothing runs until it is iterated):
+    one row per speech segment, and one per recording that gave no segment; the driver assembles
+    them into recordings (transcribe.RecordingAssembler)."""
     ray = ensure_ray()
     cluster = ray.cluster_resources()
     gpus_per_actor = config.resources.gpus_per_actor
@@ -117,7 +126,8 @@ def build_dataset(rows_to_do: pa.Table, config: JobConfig, model_ref: ModelRef, 
     )
     # Whole blocks: Ray Data gathers decoded batches into a block until it passes its target size
     # (128 MB), so the VAD sees a block's short clips side by side (16 of them: 408x real time, against
-    # 171x at 4) while long recordings still come one decode batch at a time.
+    # 171x at 4) while a long recording (over 128 MB of samples: 35 minutes) comes alone. What leaves
+    # this stage is segments of at most max_segment_s, however long the recording.
     ds = ds.map_batches(
         segment.segment_table,
         fn_kwargs={"sample_rate_hz": config.sample_rate_hz, "max_segment_s": config.max_segment_s},
@@ -128,13 +138,14 @@ def build_dataset(rows_to_do: pa.Table, config: JobConfig, model_ref: ModelRef, 
         actor_options["accelerator_type"] = config.resources.accelerator_type
     if config.resources.actor_resources:
         actor_options["resources"] = dict(config.resources.actor_resources)
+    segments_per_call, _ = config.model_batch(gpu=device.startswith("cuda"))
     return ds.map_batches(
         Transcriber,
         fn_constructor_kwargs={"config": config, "model_ref": model_ref, "run_id": run_id, "device": device},
         compute=ray.data.ActorPoolStrategy(
             min_size=config.resources.model_actors_min, max_size=config.resources.model_actors_max
         ),
-        batch_format="pyarrow", batch_size=config.batch_size,
+        batch_format="pyarrow", batch_size=segments_per_call * SORT_POOL_CALLS,
         num_gpus=gpus_per_actor, num_cpus=config.resources.cpus_per_actor, **actor_options,
     )
 

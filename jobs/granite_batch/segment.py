@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from granite_batch.audio import samples_from_arrow
+from granite_batch.audio import samples_from_arrow, samples_to_arrow
 
 FRAME_S = 0.02  # energy frame for choosing where to cut long speech
 VAD_RATE_HZ = 16000
@@ -229,13 +229,15 @@ def _merge(pieces: list[tuple[int, int]], max_len: int, max_gap: int) -> list[tu
 
 def segment_table(table: pa.Table, sample_rate_hz: int, max_segment_s: float,
                   options: VadOptions = VadOptions()) -> pa.Table:
-    """Segment stage: add `segment_starts` / `segment_ends` (sample offsets) for each decoded row.
+    """Segment stage: decoded recordings in, one row per speech segment out.
 
-    Rows without samples get nulls; rows without speech get empty lists. The VAD runs over all the
-    recordings of the table at once, so short clips run side by side instead of a window at a time.
+    Each segment row carries its recording's columns (all but `samples`), `segment_index` (0-based),
+    `segment_count` (the recording's), `start_s` / `end_s` and the segment's own `samples`, at most
+    `max_segment_s` long: what leaves this stage is bounded however long the recording. A recording
+    with no segment (an error, silence, too short to hold speech) gives one row with
+    `segment_count` 0 and no samples, so every recording still reaches the driver. The VAD runs over
+    all the recordings of the table at once, so short clips run side by side.
     """
-    starts: list[list[int] | None] = []
-    ends: list[list[int] | None] = []
     # Read in place from each chunk's buffer: combining the chunks first would copy every recording.
     buffers: list[np.ndarray] = []
     recordings: list[np.ndarray | None] = []
@@ -248,13 +250,32 @@ def segment_table(table: pa.Table, sample_rate_hz: int, max_segment_s: float,
                 spans[len(recordings)] = (len(buffers) - 1, int(offsets[i]), len(samples))
             recordings.append(samples)
     probabilities = dict(zip(spans, speech_probabilities_many(buffers, list(spans.values()), options))) if spans else {}
+    rows: list[int] = []  # the recording each output row comes from
+    index: list[int | None] = []
+    count: list[int] = []
+    starts: list[float | None] = []
+    ends: list[float | None] = []
+    pieces: list[np.ndarray | None] = []
     for row, samples in enumerate(recordings):
-        if samples is None:
+        bounds = [] if samples is None else plan_segments(samples, sample_rate_hz, max_segment_s, options,
+                                                           probabilities.get(row))
+        if not bounds:  # one row all the same, so the recording reaches the driver
+            rows.append(row)
+            index.append(None)
+            count.append(0)
             starts.append(None)
             ends.append(None)
-            continue
-        bounds = plan_segments(samples, sample_rate_hz, max_segment_s, options, probabilities.get(row))
-        starts.append([b[0] for b in bounds])
-        ends.append([b[1] for b in bounds])
-    table = table.append_column("segment_starts", pa.array(starts, pa.list_(pa.int64())))
-    return table.append_column("segment_ends", pa.array(ends, pa.list_(pa.int64())))
+            pieces.append(None)
+        for k, (start, end) in enumerate(bounds):
+            rows.append(row)
+            index.append(k)
+            count.append(len(bounds))
+            starts.append(start / sample_rate_hz)
+            ends.append(end / sample_rate_hz)
+            pieces.append(samples[start:end])
+    out = table.drop_columns(["samples"]).take(pa.array(rows, pa.int64()))
+    out = out.append_column("segment_index", pa.array(index, pa.int32()))
+    out = out.append_column("segment_count", pa.array(count, pa.int32()))
+    out = out.append_column("start_s", pa.array(starts, pa.float64()))
+    out = out.append_column("end_s", pa.array(ends, pa.float64()))
+    return out.append_column("samples", samples_to_arrow(pieces))

@@ -1,100 +1,211 @@
-"""The inference stage on Arrow tables: decoded, segmented recordings in, transcript rows out.
+"""The inference stage on Arrow tables, and the assembly of recordings from their segments.
 
-The model itself (prompting, batching, generation) is `model.py`, which knows nothing of Arrow;
-this module turns a table's rows into (samples, request) items, one per speech segment, and the
-model's texts back into the contract's `text` and `segments` columns.
+Segments, not recordings, are the unit of GPU work: the segment stage emits one row per speech
+segment (segment.py), `transcribe_segments` turns a batch of such rows, from any recordings, into
+their texts with one batched model call, and the driver's `RecordingAssembler` joins a recording's
+segments back into its one output row once the last of them has arrived. The model itself
+(prompting, batching, generation) is model.py, which knows nothing of Arrow.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
 from granite_batch.audio import samples_from_arrow
-from granite_batch.model import SpeechModel, first_line
+from granite_batch.model import SegmentResult, SpeechModel, first_line
 from granite_batch.output import SEGMENT_TYPE
 from granite_batch.prompts import UNSPACED_LANGUAGES, Request
 from granite_batch.speculative import BY_AUTOREGRESSIVE, BY_CTC, BY_FALLBACK, BY_VERIFICATION
 
 log = logging.getLogger(__name__)
 
+# Columns a segment row has beyond its recording's.
+SEGMENT_COLUMNS = ("segment_index", "segment_count", "start_s", "end_s")
+# Columns the inference stage adds to each segment row; the driver folds them into the recording's row
+# (`segment_text`, `segment_truncated`) and into the run summary's inference figures.
+RESULT_COLUMNS = ("segment_text", "segment_truncated", "decoded_by", "new_tokens", "lm_positions",
+                  "lm_padded_positions", "first_of_call")
 # A row is decided by the costliest path any of its segments took.
 _DECISION_RANKING = (BY_FALLBACK, BY_AUTOREGRESSIVE, BY_VERIFICATION, BY_CTC)
 
 
-def transcribe_table(table: pa.Table, speech_model: SpeechModel) -> pa.Table:
-    """Every segment of every decoded row in one batched call; adds `text`, `segments`.
+def transcribe_segments(table: pa.Table, speech_model: SpeechModel) -> pa.Table:
+    """Every segment row of `table` (from any recordings and requests) in one batched model call.
 
-    Drops the samples and segment offsets: what leaves this stage is small enough to write.
+    Adds RESULT_COLUMNS and drops `samples`. Rows without samples (recordings that gave no segment)
+    pass through with null results. If the batched call fails, each recording's segments are
+    retried on their own, so one bad recording fails alone (its rows get `error`).
     """
-    recordings = samples_from_arrow(table.column("samples"))
-    starts = table.column("segment_starts").to_pylist()
-    ends = table.column("segment_ends").to_pylist()
+    samples = samples_from_arrow(table.column("samples"))
     errors = table.column("error").to_pylist()
+    ids = table.column("id").to_pylist()
     tasks = table.column("task").to_pylist()
     targets = table.column("target_language").to_pylist()
     languages = table.column("language").to_pylist()
     keywords = table.column("keywords").to_pylist()
 
-    items: list[tuple[np.ndarray, Request]] = []
-    owners: list[tuple[int, int]] = []  # (row, segment index) for each item
-    for row, samples in enumerate(recordings):
-        if samples is None or errors[row] is not None:
-            continue
-        request = Request(tasks[row], targets[row], tuple(keywords[row] or ()), languages[row])
-        for k, (start, end) in enumerate(zip(starts[row], ends[row])):
-            items.append((samples[start:end], request))
-            owners.append((row, k))
+    rows = [row for row, piece in enumerate(samples) if piece is not None and errors[row] is None]
+    items = [(samples[row], Request(tasks[row], targets[row], tuple(keywords[row] or ()), languages[row]))
+             for row in rows]
+    results: list[SegmentResult | None] = [None] * table.num_rows
+    for row, result in zip(rows, _generate_or_isolate(speech_model, items, [ids[row] for row in rows], errors,
+                                                      rows)):
+        results[row] = result
 
-    generated = _generate_or_isolate(speech_model, items, owners, errors)
-    rate = speech_model.sample_rate_hz
-    segments: list[list[dict] | None] = [[] for _ in recordings]
-    decided: list[set] = [set() for _ in recordings]
-    for (row, k), result in zip(owners, generated):
-        if result is not None:
-            text, decision = result
-            segments[row].append({"start": starts[row][k] / rate, "end": ends[row][k] / rate, "text": text})
-            decided[row].add(decision)
-    joined: list[str | None] = []
-    for row in range(len(recordings)):
-        if errors[row] is not None:
-            joined.append(None)
-            segments[row] = []
-            continue
-        language = targets[row] if tasks[row] == "ast" else languages[row]
-        separator = "" if language in UNSPACED_LANGUAGES else " "
-        joined.append(separator.join(s["text"] for s in segments[row] if s["text"]))
-    decoded_by = [next((d for d in _DECISION_RANKING if d in decided[row]), None) if errors[row] is None else None
-                  for row in range(len(recordings))]
+    def column(name, kind):
+        return pa.array([None if r is None else getattr(r, name) for r in results], kind)
 
-    table = table.drop_columns(["samples", "segment_starts", "segment_ends"])
+    table = table.drop_columns(["samples"])
     table = table.set_column(table.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
-    table = table.append_column("text", pa.array(joined, pa.string()))
-    table = table.append_column("segments", pa.array(segments, pa.list_(SEGMENT_TYPE)))
-    # Not an output column: the driver counts it for the run summary.
-    return table.append_column("decoded_by", pa.array(decoded_by, pa.string()))
+    for name, values in [
+        ("segment_text", column("text", pa.string())),
+        ("segment_truncated", column("truncated", pa.bool_())),
+        ("decoded_by", column("decided_by", pa.string())),
+        ("new_tokens", column("new_tokens", pa.int64())),
+        ("lm_positions", column("positions", pa.int64())),
+        ("lm_padded_positions", column("padded_positions", pa.int64())),
+        ("first_of_call", column("first_of_call", pa.bool_())),
+    ]:
+        table = table.append_column(name, values)
+    return table
 
 
-def _generate_or_isolate(speech_model: SpeechModel, items, owners, errors: list) -> list:
-    """Generate for all items; if the batch fails, retry row by row so one bad row fails alone."""
+def _generate_or_isolate(speech_model: SpeechModel, items: list[tuple[np.ndarray, Request]], owners: list[str],
+                         errors: list, rows: list[int]) -> list[SegmentResult | None]:
+    """Generate for all items; if the batch fails, retry recording by recording (`owners` are the
+    items' recording ids) so one bad recording fails alone: its rows' `errors` are set."""
     try:
-        return speech_model.generate_with_decisions(items)
+        return speech_model.generate_segments(items)
     except Exception as exc:  # a failed batch must not take its neighbours down
-        log.warning("batch of %d segments failed (%s); retrying row by row", len(items), first_line(exc))
-    texts: list = [None] * len(items)
-    by_row: dict[int, list[int]] = defaultdict(list)
-    for position, (row, _) in enumerate(owners):
-        by_row[row].append(position)
-    for row, positions in by_row.items():
+        log.warning("batch of %d segments failed (%s); retrying recording by recording", len(items),
+                    first_line(exc))
+    results: list[SegmentResult | None] = [None] * len(items)
+    by_owner: dict[str, list[int]] = defaultdict(list)
+    for position, owner in enumerate(owners):
+        by_owner[owner].append(position)
+    for positions in by_owner.values():
         try:
-            results = speech_model.generate_with_decisions([items[p] for p in positions])
-            for position, result in zip(positions, results):
-                texts[position] = result
+            for position, result in zip(positions, speech_model.generate_segments([items[p] for p in positions])):
+                results[position] = result
         except Exception as exc:
-            errors[row] = f"inference failed: {type(exc).__name__}: {first_line(exc)}"[:300]
             for position in positions:
-                texts[position] = None
-    return texts
+                errors[rows[position]] = f"inference failed: {type(exc).__name__}: {first_line(exc)}"[:300]
+    return results
+
+
+@dataclass
+class InferenceStats:
+    """How the model was fed, for the run summary (`../shared/CONTRACT.md`, `inference`)."""
+
+    generate_calls: int = 0
+    segments: int = 0
+    new_tokens: int = 0
+    truncated_segments: int = 0
+    positions: int = 0
+    padded_positions: int = 0
+
+    def summary(self) -> dict:
+        return {
+            "generate_calls": self.generate_calls,
+            "segments": self.segments,
+            "mean_segments_per_call": round(self.segments / self.generate_calls, 2) if self.generate_calls else None,
+            "padding_fraction": round(self.padded_positions / self.positions, 4) if self.positions else None,
+            "new_tokens": self.new_tokens,
+            "truncated_segments": self.truncated_segments,
+        }
+
+
+@dataclass
+class _Pending:
+    recording: dict  # the recording's columns, from its first segment row to arrive
+    count: int
+    segments: dict[int, dict] = field(default_factory=dict)
+    error: str | None = None
+    decided: set = field(default_factory=set)
+
+
+class RecordingAssembler:
+    """Joins segment results back into one row per recording, written only when complete.
+
+    `add(batch)` takes segment-result rows (in any order, interleaved across recordings, as Ray
+    Data delivers them) and returns the rows of the recordings completed by them: the recording's
+    columns, `text` (its segments' texts in order, joined with spaces, or without for Japanese and
+    Mandarin), `segments` and `decoded_by`. A recording is never returned half; `pending` says how
+    many are waiting for segments.
+    """
+
+    def __init__(self):
+        self.recording_schema: pa.Schema | None = None
+        self.inference: dict[str, InferenceStats] = defaultdict(InferenceStats)
+        self._pending: dict[str, _Pending] = {}
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def add(self, batch: pa.Table) -> pa.Table | None:
+        if self.recording_schema is None:
+            # The recording's own columns: everything the segment rows carry but the segment's.
+            self.recording_schema = pa.schema(
+                [f for f in batch.schema if f.name not in SEGMENT_COLUMNS + RESULT_COLUMNS])
+        done: list[_Pending] = []
+        names = self.recording_schema.names
+        for row in batch.to_pylist():
+            self._count(row)
+            key = row["id"]
+            pending = self._pending.get(key)
+            if pending is None:
+                pending = _Pending({name: row[name] for name in names}, row["segment_count"])
+                self._pending[key] = pending
+            if row["segment_count"] and row["segment_index"] not in pending.segments:
+                pending.segments[row["segment_index"]] = {
+                    "start": row["start_s"], "end": row["end_s"], "text": row["segment_text"] or "",
+                    "truncated": bool(row["segment_truncated"]), "avg_logprob": None, "speaker": None,
+                    "words": None, "channel": None,
+                }
+                if row["decoded_by"] is not None:
+                    pending.decided.add(row["decoded_by"])
+            if row["error"] is not None and pending.error is None:
+                pending.error = row["error"]
+            if len(pending.segments) >= pending.count:
+                done.append(self._pending.pop(key))
+        return self._rows(done) if done else None
+
+    def _count(self, row: dict) -> None:
+        if row["new_tokens"] is None:
+            return
+        stats = self.inference[row.get("model") or ""]
+        stats.generate_calls += bool(row["first_of_call"])
+        stats.segments += 1
+        stats.new_tokens += row["new_tokens"]
+        stats.truncated_segments += bool(row["segment_truncated"])
+        stats.positions += row["lm_positions"]
+        stats.padded_positions += row["lm_padded_positions"]
+
+    def _rows(self, done: list[_Pending]) -> pa.Table:
+        texts, segments, decoded_by = [], [], []
+        for pending in done:
+            recording = pending.recording
+            if pending.error is not None:
+                recording["error"] = pending.error
+                texts.append(None)
+                segments.append([])
+                decoded_by.append(None)
+                continue
+            ordered = [pending.segments[k] for k in sorted(pending.segments)]
+            language = recording["target_language"] if recording["task"] == "ast" else recording["language"]
+            separator = "" if language in UNSPACED_LANGUAGES else " "
+            texts.append(separator.join(s["text"] for s in ordered if s["text"]))
+            segments.append(ordered)
+            decoded_by.append(next((d for d in _DECISION_RANKING if d in pending.decided), None))
+        table = pa.Table.from_pylist([p.recording for p in done], schema=self.recording_schema)
+        table = table.append_column("text", pa.array(texts, pa.string()))
+        table = table.append_column("segments", pa.array(segments, pa.list_(SEGMENT_TYPE)))
+        # Not an output column: the driver counts it for the run summary.
+        return table.append_column("decoded_by", pa.array(decoded_by, pa.string()))
+

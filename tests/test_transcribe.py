@@ -1,0 +1,166 @@
+"""Segments are the unit of model work: mixed batches equal one-at-a-time output, recordings are
+assembled whole from segments arriving in any order, and the inference figures add up."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from conftest import SAMPLES
+from granite_batch.audio import load_recording, samples_to_arrow
+from granite_batch.model import SpeechModel
+from granite_batch.output import SEGMENT_TYPE
+from granite_batch.prompts import Request
+from granite_batch.transcribe import RecordingAssembler, transcribe_segments
+
+RATE = 16000
+NAMES = ["en_weather.flac", "fr_gare.mp3", "ja_tenki.flac", "pt_praia.wav", "de_bibliothek.ogg"]
+
+
+@pytest.fixture(scope="module")
+def clips():
+    return [load_recording(str(SAMPLES / name)).samples for name in NAMES]
+
+
+def model(tiny_model_dir, **options) -> SpeechModel:
+    return SpeechModel.load(str(tiny_model_dir), max_new_tokens=None, max_new_tokens_per_audio_s=3.0, **options)
+
+
+def segment_rows(recordings: list[dict]) -> pa.Table:
+    """Segment rows as segment.segment_table makes them, for recordings given as dicts with
+    `id`, `language`, `task`, `target_language`, `keywords`, `error` and `pieces` (sample arrays)."""
+    rows, samples = [], []
+    for rec in recordings:
+        pieces = rec["pieces"]
+        start = 0.0
+        for k, piece in enumerate(pieces or [None]):
+            length = 0 if piece is None else len(piece) / RATE
+            rows.append({
+                "id": rec["id"], "audio": f"{rec['id']}.flac", "language": rec.get("language", "en"),
+                "task": rec.get("task", "asr"), "target_language": rec.get("target_language"),
+                "keywords": list(rec.get("keywords", [])), "error": rec.get("error"), "duration_s": 60.0,
+                "reference": rec.get("reference"),
+                "segment_index": k if pieces else None, "segment_count": len(pieces),
+                "start_s": start if pieces else None, "end_s": start + length if pieces else None,
+            })
+            samples.append(piece)
+            start += length + 1.0
+    table = pa.Table.from_pylist(rows, schema=pa.schema([
+        ("id", pa.string()), ("audio", pa.string()), ("language", pa.string()), ("task", pa.string()),
+        ("target_language", pa.string()), ("keywords", pa.list_(pa.string())), ("error", pa.string()),
+        ("duration_s", pa.float64()), ("reference", pa.string()), ("segment_index", pa.int32()),
+        ("segment_count", pa.int32()), ("start_s", pa.float64()), ("end_s", pa.float64()),
+    ]))
+    return table.append_column("samples", samples_to_arrow(samples))
+
+
+def test_a_batch_mixing_recordings_and_requests_equals_one_segment_at_a_time(tiny_model_dir, clips):
+    speech_model = model(tiny_model_dir, max_batch_segments=3)
+    recordings = [
+        {"id": "a", "pieces": [clips[0], clips[1][: 2 * RATE]]},
+        {"id": "b", "task": "ast", "target_language": "fr", "pieces": [clips[3]]},
+        {"id": "c", "keywords": ["praia", "Lisboa"], "pieces": [clips[4], clips[2], clips[0][: 3 * RATE]]},
+        {"id": "d", "language": "ja", "pieces": [clips[2]]},
+    ]
+    table = segment_rows(recordings)
+    batched = transcribe_segments(table, speech_model)
+    alone = [transcribe_segments(table.slice(i, 1), speech_model) for i in range(table.num_rows)]
+    assert batched.column("segment_text").to_pylist() == [t.column("segment_text")[0].as_py() for t in alone]
+    assert "samples" not in batched.column_names
+    texts = batched.column("segment_text").to_pylist()
+    assert len(set(texts)) >= 4  # informative: the random model's output depends on the audio
+    # 7 segments in calls of at most 3: three calls, each counted once.
+    assert sum(batched.column("first_of_call").to_pylist()) == 3
+    # The tiny model never stops on its own: every segment ran to its budget, 16 + 3 per audio second.
+    for row in batched.to_pylist():
+        assert row["segment_truncated"] is True
+        assert row["new_tokens"] == 16 + int(np.ceil(3.0 * (row["end_s"] - row["start_s"]) - 1e-9))
+        assert 0 <= row["lm_padded_positions"] < row["lm_positions"]
+
+
+def test_recordings_are_assembled_whole_from_segments_in_any_order(tiny_model_dir, clips):
+    speech_model = model(tiny_model_dir, max_batch_segments=4)
+    # "long" has more segments than several model batches hold; the others cover every kind of row.
+    pieces = [clips[i % 5][: (2 + i % 4) * RATE] for i in range(11)]
+    recordings = [
+        {"id": "long", "pieces": pieces, "reference": "r"},
+        {"id": "ja", "language": "ja", "pieces": [clips[2], clips[2][: 2 * RATE]]},
+        {"id": "silent", "pieces": []},
+        {"id": "failed", "pieces": [], "error": "decode failed: no audio stream in container mp4"},
+    ]
+    table = segment_rows(recordings)
+    results = transcribe_segments(table, speech_model)
+    expected_long = " ".join(t for t in results.filter(pa.compute.equal(results.column("id"), "long"))
+                             .column("segment_text").to_pylist() if t)
+
+    order = list(range(results.num_rows))
+    random.Random(7).shuffle(order)
+    assembler = RecordingAssembler()
+    written = []
+    for start in range(0, len(order), 3):  # batches of 3 rows, interleaved across recordings
+        rows = assembler.add(results.take(order[start:start + 3]))
+        if rows is not None:
+            written.extend(rows.to_pylist())
+            # A recording is returned only once all its segments are in.
+            for row in rows.to_pylist():
+                assert not [i for i in order[start + 3:] if results.column("id")[i].as_py() == row["id"]]
+    assert assembler.pending == 0
+    by_id = {row["id"]: row for row in written}
+    assert sorted(by_id) == ["failed", "ja", "long", "silent"] and len(written) == 4
+
+    long = by_id["long"]
+    assert long["text"] == expected_long and long["reference"] == "r"
+    assert [s["start"] for s in long["segments"]] == sorted(s["start"] for s in long["segments"])
+    assert len(long["segments"]) == 11 and all(s["truncated"] for s in long["segments"])
+    assert set(long["segments"][0]) == set(SEGMENT_TYPE.names)
+    ja_texts = results.filter(pa.compute.equal(results.column("id"), "ja")).column("segment_text").to_pylist()
+    assert by_id["ja"]["text"] == "".join(t for t in ja_texts if t)  # Japanese joins without spaces
+    assert (by_id["silent"]["text"], by_id["silent"]["segments"], by_id["silent"]["error"]) == ("", [], None)
+    assert by_id["failed"]["text"] is None and by_id["failed"]["error"].startswith("decode failed")
+
+    stats = assembler.inference[""].summary()  # no model column in these rows
+    assert stats["segments"] == 13 and stats["truncated_segments"] == 13
+    assert stats["generate_calls"] == sum(bool(f) for f in results.column("first_of_call").to_pylist())
+    assert stats["mean_segments_per_call"] == pytest.approx(13 / stats["generate_calls"], abs=0.01)
+    assert stats["new_tokens"] == sum(n for n in results.column("new_tokens").to_pylist() if n is not None)
+    assert 0 < stats["padding_fraction"] < 1
+
+
+def test_a_segment_delivered_twice_is_counted_once(tiny_model_dir, clips):
+    results = transcribe_segments(segment_rows([{"id": "a", "pieces": [clips[0], clips[1]]}]), model(tiny_model_dir))
+    assembler = RecordingAssembler()
+    assert assembler.add(results.slice(0, 1)) is None
+    assert assembler.add(results.slice(0, 1)) is None  # a retried task's output seen again
+    rows = assembler.add(results.slice(1, 1)).to_pylist()
+    assert len(rows) == 1 and len(rows[0]["segments"]) == 2
+
+
+def test_a_segment_that_fails_fails_its_recording_alone(tiny_model_dir, clips):
+    speech_model = model(tiny_model_dir)
+    table = segment_rows([{"id": "good", "pieces": [clips[0]]},
+                          {"id": "bad", "pieces": [clips[1], np.full(RATE, np.nan, np.float32)]}])
+    original = speech_model.generate_segments
+
+    def fails_on_nan(items):
+        if any(np.isnan(samples).any() for samples, _ in items):
+            raise RuntimeError("NaN in the audio")
+        return original(items)
+
+    speech_model.generate_segments = fails_on_nan
+    results = transcribe_segments(table, speech_model)
+    rows = RecordingAssembler().add(results).to_pylist()
+    by_id = {row["id"]: row for row in rows}
+    assert by_id["good"]["error"] is None and by_id["good"]["text"]
+    assert by_id["bad"]["error"] == "inference failed: RuntimeError: NaN in the audio"
+    assert by_id["bad"]["text"] is None
+
+
+def test_requests_of_one_recording_apply_to_all_its_segments(tiny_model_dir, clips):
+    speech_model = model(tiny_model_dir)
+    table = segment_rows([{"id": "t", "task": "ast", "target_language": "de", "pieces": [clips[0], clips[3]]}])
+    results = transcribe_segments(table, speech_model).column("segment_text").to_pylist()
+    direct = speech_model.generate([(clips[0], Request("ast", "de")), (clips[3], Request("ast", "de"))])
+    assert results == direct
