@@ -270,12 +270,12 @@ class Lease:
     commit of data: it raises `LeaseLost` once another run took the dataset over.
     """
 
-    def __init__(self, store, dataset_uri: str, holder: Holder, renew_every_s: float):
+    def __init__(self, store, dataset_uri: str, holder: Holder, renew_every_s: float, confirmed_at: float):
         self.dataset_uri = dataset_uri
         self.holder = holder
         self._store = store
         self._renew_every_s = renew_every_s
-        self._confirmed_at = time.monotonic()  # set before the write that confirmed it: conservative
+        self._confirmed_at = confirmed_at  # monotonic time before the write that confirmed it: conservative
         self._lost: LeaseLost | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -311,7 +311,7 @@ class Lease:
             if latest is None or latest.released or _stale(latest, now - watched[1], clock_skew_s):
                 if latest is not None and not latest.released:
                     log.warning("taking over the stale lease on %s from %s", dataset_uri, latest.describe())
-                stamp = _now()
+                attempt_at, stamp = time.monotonic(), _now()
                 holder = Holder(run_id, socket.gethostname(), os.getpid(), stamp, stamp, expiry_s, token,
                                 generation=(latest.generation + 1) if latest else 1)
                 data = holder.to_bytes()
@@ -326,7 +326,7 @@ class Lease:
                     _prune(store, holder.generation)
                     log.info("took the lease on %s for run %s (generation %d)", dataset_uri, run_id,
                              holder.generation)
-                    return cls(store, dataset_uri, holder, renew_every_s)
+                    return cls(store, dataset_uri, holder, renew_every_s, attempt_at)
                 continue  # another run made that generation first: look again
             if now >= deadline:
                 raise LeaseHeld(dataset_uri, latest, now - started)
@@ -456,3 +456,13 @@ class NoLease:
 
     def __exit__(self, *exc_info) -> None:
         pass
+
+
+def take_lease(dataset_uri: str, run_id: str, storage_options: dict | None = None, *, mode: str = "auto",
+               expiry_s: float = DEFAULT_EXPIRY_S, wait_s: float = DEFAULT_WAIT_S) -> Lease | NoLease:
+    """The lease a run holds on `dataset_uri` while it writes: a `Lease` (mode "auto"), or a `NoLease`
+    when the operator opted out (mode "none"). Raises LeaseHeld / LeaseUnsupported as `Lease.acquire`."""
+    if mode == "none":
+        log.warning("no lease on %s (lease: none): make sure no other run writes it at the same time", dataset_uri)
+        return NoLease(dataset_uri)
+    return Lease.acquire(dataset_uri, run_id, storage_options, expiry_s=expiry_s, wait_s=wait_s)
