@@ -68,6 +68,17 @@ def _report(process: subprocess.Popen) -> dict:
     return json.loads(line)
 
 
+def _take_then_sigkill(uri: str, options: dict, run_id: str, expiry_s: float) -> None:
+    """A process takes the lease and is killed with SIGKILL while holding it."""
+    holder = _spawn(RACER, uri, run_id, json.dumps(options), str(expiry_s))
+    assert holder.stdout.readline().strip() == "ready"
+    holder.stdin.write("go\n")
+    holder.stdin.flush()
+    assert "won" in _report(holder)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=30)
+
+
 @pytest.fixture(params=["local", "s3"])
 def dataset(request, tmp_path):
     """(dataset URI, storage options) on a local directory or in a fresh bucket on the S3 server
@@ -111,13 +122,7 @@ def test_many_racers_exactly_one_wins(dataset):
 def test_killed_holder_is_taken_over_after_its_expiry(dataset):
     uri, options = dataset
     expiry_s = 1.0
-    holder = _spawn(RACER, uri, "killed", json.dumps(options), str(expiry_s))
-    assert holder.stdout.readline().strip() == "ready"
-    holder.stdin.write("go\n")
-    holder.stdin.flush()
-    assert "won" in _report(holder)
-    holder.send_signal(signal.SIGKILL)
-    holder.wait(timeout=30)
+    _take_then_sigkill(uri, options, "killed", expiry_s)
 
     # Not before the expiry: a fresh look finds it held (clocks may disagree by a minute here).
     with pytest.raises(LeaseHeld) as held:
@@ -135,13 +140,7 @@ def test_killed_holder_is_taken_over_after_its_expiry(dataset):
 
 def test_lease_left_long_ago_is_taken_without_watching(dataset):
     uri, options = dataset
-    holder = _spawn(RACER, uri, "yesterday", json.dumps(options), "0.2")
-    assert holder.stdout.readline().strip() == "ready"
-    holder.stdin.write("go\n")
-    holder.stdin.flush()
-    assert "won" in _report(holder)
-    holder.send_signal(signal.SIGKILL)
-    holder.wait(timeout=30)
+    _take_then_sigkill(uri, options, "yesterday", 0.2)
     # Each attempt is a fresh run that waits not at all: only the record's renewal time can free it.
     deadline = time.monotonic() + 30
     while True:
