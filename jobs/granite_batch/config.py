@@ -8,6 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from granite_batch.lease import DEFAULT_EXPIRY_S, DEFAULT_WAIT_S
 from granite_batch.prompts import ASR_LANGUAGES, AST_PAIRS, LANGUAGE_NAMES
 
 DEFAULT_MODEL = "ibm-granite/granite-4.0-1b-speech"
@@ -152,10 +153,10 @@ class JobConfig(_Strict):
         "none: no lease, one run at a time per output is then up to you",
     )
     lease_expiry_s: float = Field(
-        600.0, gt=0, description="a lease unrenewed this long may be taken over (renewed every third of it)"
+        DEFAULT_EXPIRY_S, gt=0, description="a lease unrenewed this long may be taken over (renewed every third of it)"
     )
     lease_wait_s: float = Field(
-        3600.0, ge=0, description="how long a run waits for another run's lease before exiting 4; 0 (--no-wait): not at all"
+        DEFAULT_WAIT_S, ge=0, description="how long a run waits for another run's lease before exiting 4; 0 (--no-wait): not at all"
     )
     storage_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict,

@@ -1,8 +1,9 @@
 """A lease on a dataset under the output root, so two runs never write the same dataset at once.
 
-The lease is a sequence of small JSON records, one per *generation*, under `<dataset>/_lease/`:
+The lease is a sequence of small JSON records, one per *generation*, beside the datasets:
 
-    <dataset>/_lease/000000000007.json   {run_id, host, pid, started_at, renewed_at, expiry_s, token, ...}
+    OUTPUT/_leases/transcripts/000000000007.json   {run_id, host, pid, started_at, renewed_at, expiry_s, ...}
+    OUTPUT/_leases/second_pass/<name>/...          a second pass's dataset has its own
 
 The record with the highest generation says who holds the dataset. Every change (taking the lease,
 renewing it, taking over a stale one, releasing it) is the creation of the *next* generation with an
@@ -48,7 +49,7 @@ from granite_batch.storage import LOCAL_PROTOCOLS, filesystem, protocol_of, uri_
 
 log = logging.getLogger(__name__)
 
-LEASE_DIR = "_lease"
+LEASES_DIR = "_leases"  # OUTPUT/_leases/<dataset>/: beside the datasets, so readers of one never see it
 DEFAULT_EXPIRY_S = 600.0
 DEFAULT_WAIT_S = 3600.0
 _RECORD = re.compile(r"^(\d{12})\.json$")
@@ -227,10 +228,11 @@ class _ConditionalPutStore:
             pass
 
 
-def _store(dataset_uri: str, storage_options: dict | None):
-    protocol = protocol_of(dataset_uri)
-    fs, root = filesystem(dataset_uri, storage_options)
-    directory = posixpath.join(root, LEASE_DIR)
+def _store(output_uri: str, dataset_dir: str, storage_options: dict | None):
+    dataset_uri = posixpath.join(output_uri, dataset_dir)
+    protocol = protocol_of(output_uri)
+    fs, root = filesystem(output_uri, storage_options)
+    directory = posixpath.join(root, LEASES_DIR, dataset_dir)
     if protocol in LOCAL_PROTOCOLS:
         return _LocalStore(directory)
     if protocol == "s3":
@@ -254,10 +256,11 @@ def _latest(store, default_expiry_s: float) -> Holder | None:
         # Pruned between listing and reading: a newer generation exists, list again.
 
 
-def read_holder(dataset_uri: str, storage_options: dict | None = None) -> Holder | None:
-    """Who holds the dataset's lease now (the latest record, expired or not); None if nobody does."""
+def read_holder(output_uri: str, dataset_dir: str, storage_options: dict | None = None) -> Holder | None:
+    """Who holds the lease on dataset `dataset_dir` of `output_uri` now (the latest record, expired or
+    not); None if nobody does."""
     try:
-        holder = _latest(_store(dataset_uri, storage_options), DEFAULT_EXPIRY_S)
+        holder = _latest(_store(output_uri, dataset_dir, storage_options), DEFAULT_EXPIRY_S)
     except LeaseUnsupported:
         return None
     return None if holder is None or holder.released else holder
@@ -283,10 +286,11 @@ class Lease:
         self._thread.start()
 
     @classmethod
-    def acquire(cls, dataset_uri: str, run_id: str, storage_options: dict | None = None, *,
+    def acquire(cls, output_uri: str, dataset_dir: str, run_id: str, storage_options: dict | None = None, *,
                 expiry_s: float = DEFAULT_EXPIRY_S, wait_s: float = DEFAULT_WAIT_S, poll_s: float | None = None,
                 renew_every_s: float | None = None, clock_skew_s: float | None = None) -> "Lease":
-        """Take the dataset's lease for `run_id`, waiting up to `wait_s` seconds while another run holds it.
+        """Take the lease on dataset `dataset_dir` (e.g. "transcripts") of `output_uri` for `run_id`,
+        waiting up to `wait_s` seconds while another run holds it.
 
         Raises LeaseHeld (naming the holder) when the wait runs out (at once with `wait_s=0`), and
         LeaseUnsupported when the store has no exclusive create. `renew_every_s` defaults to
@@ -295,7 +299,8 @@ class Lease:
         """
         if expiry_s <= 0:
             raise ValueError("expiry_s must be positive")
-        store = _store(dataset_uri, storage_options)
+        store = _store(output_uri, dataset_dir, storage_options)
+        dataset_uri = posixpath.join(output_uri, dataset_dir)
         poll_s = poll_s if poll_s is not None else max(0.05, min(10.0, expiry_s / 10))
         renew_every_s = renew_every_s if renew_every_s is not None else expiry_s / 3
         started = time.monotonic()
@@ -458,11 +463,24 @@ class NoLease:
         pass
 
 
-def take_lease(dataset_uri: str, run_id: str, storage_options: dict | None = None, *, mode: str = "auto",
-               expiry_s: float = DEFAULT_EXPIRY_S, wait_s: float = DEFAULT_WAIT_S) -> Lease | NoLease:
-    """The lease a run holds on `dataset_uri` while it writes: a `Lease` (mode "auto"), or a `NoLease`
-    when the operator opted out (mode "none"). Raises LeaseHeld / LeaseUnsupported as `Lease.acquire`."""
-    if mode == "none":
+@dataclass(frozen=True)
+class LeaseTerms:
+    """How a run holds its lease: `mode` "auto" (take one) or "none" (the operator's opt-out), the
+    expiry after which an unrenewed lease may be taken over, and how long to wait for another run's."""
+
+    mode: str = "auto"
+    expiry_s: float = DEFAULT_EXPIRY_S
+    wait_s: float = DEFAULT_WAIT_S
+
+
+def take_lease(output_uri: str, dataset_dir: str, run_id: str, storage_options: dict | None = None,
+               terms: LeaseTerms = LeaseTerms()) -> Lease | NoLease:
+    """The lease a run holds on dataset `dataset_dir` of `output_uri` while it writes: a `Lease`, or a
+    `NoLease` when the operator opted out (mode "none"). Raises LeaseHeld / LeaseUnsupported as
+    `Lease.acquire`."""
+    dataset_uri = posixpath.join(output_uri, dataset_dir)
+    if terms.mode == "none":
         log.warning("no lease on %s (lease: none): make sure no other run writes it at the same time", dataset_uri)
         return NoLease(dataset_uri)
-    return Lease.acquire(dataset_uri, run_id, storage_options, expiry_s=expiry_s, wait_s=wait_s)
+    return Lease.acquire(output_uri, dataset_dir, run_id, storage_options, expiry_s=terms.expiry_s,
+                         wait_s=terms.wait_s)
