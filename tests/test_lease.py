@@ -21,7 +21,7 @@ import pytest
 from granite_batch.lease import Lease, LeaseHeld, LeaseLost, LeaseUnsupported, read_holder
 from granite_batch.output import TranscriptWriter, read_committed, transcript_schema
 
-from conftest import REPO, SAMPLES, FaultyProxy, write_jsonl
+from conftest import REPO, SAMPLES, FaultyProxy, run_cli, write_jsonl
 
 # A racer: announce "ready", wait for "go" on stdin, try the lease once (no wait), report, and hold it
 # until stdin says "release". Exit 4 when another run holds it, as the job does.
@@ -244,6 +244,17 @@ def test_scheme_without_exclusive_create_is_refused_with_the_opt_out_named():
         Lease.acquire("memory://out", "transcripts", "r")
 
 
+def test_status_shows_who_holds_the_output(tmp_path):
+    output = str(tmp_path / "out")
+    with Lease.acquire(output, "transcripts", "nightly", expiry_s=60):
+        held = run_cli(["status", output])
+    assert held.returncode == 0, held.stderr
+    assert "lease on transcripts: held by run nightly on host" in held.stdout
+    assert "stale after 60 s unrenewed" in held.stdout
+    free = run_cli(["status", output])
+    assert "lease on transcripts: free" in free.stdout
+
+
 def _rows(ids: list[str], run_id: str) -> pa.Table:
     return pa.Table.from_pylist([{"id": i, "audio": f"{i}.wav", "language": "en", "task": "asr", "text": i,
                                   "model": "m", "run_id": run_id} for i in ids], schema=transcript_schema())
@@ -314,3 +325,11 @@ def test_two_runs_started_together_on_s3_the_second_exits_4_naming_the_holder(
     assert sorted(table.column("id").to_pylist()) == sorted(f"row-{i}" for i in range(6))
     assert not s3.exists(f"{bucket}/out/runs/{refused}.json")  # the refused run did nothing at all
     assert read_holder(output, "transcripts", {"s3": {"endpoint_url": atomic_s3_server}}) is None
+
+
+def test_job_on_a_store_without_exclusive_create_stops_with_exit_2_naming_the_opt_out(tmp_path, tiny_model_dir):
+    result = run_cli(["run", "--manifest", str(_manifest(tmp_path, 2)), "--output", "memory://lease-test/out",
+                      "--model", str(tiny_model_dir), "--no-progress"])
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "cannot take a lease on memory://lease-test/out/transcripts" in result.stderr
+    assert "--no-lease" in result.stderr
