@@ -14,9 +14,10 @@ exclusive create, so of two runs that try the same change exactly one succeeds:
   Linux open(2) man page for NFS, where O_EXCL is not reliable (a link that reports failure but raised
   the unique file's link count to 2 also succeeded).
 - S3 and S3-compatible stores: PutObject with `If-None-Match: *` (AWS S3 conditional writes,
-  https://docs.aws.amazon.com/AmazonS3/latest/userguide/conditional-writes.html; also MinIO, Ceph,
-  R2 and moto's server). A store that silently ignores the header is found out when the lease is taken
-  (a second exclusive create of the same key must fail) and refused.
+  https://docs.aws.amazon.com/AmazonS3/latest/userguide/conditional-writes.html), and S3-compatible
+  stores that honour it (moto's server does; others were not tried here). A store that silently
+  ignores the header is found out when the lease is taken (a second exclusive create of the same key
+  must fail) and refused.
 - other fsspec schemes: refused with `LeaseUnsupported`; the job's `lease: none` is the explicit
   opt-out (one run at a time is then the operator's promise), never silent sharing.
 
@@ -43,9 +44,8 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from typing import Any
 
-from granite_batch.storage import LOCAL_PROTOCOLS, filesystem, protocol_of, uri_of
+from granite_batch.storage import LOCAL_PROTOCOLS, filesystem, protocol_of
 
 log = logging.getLogger(__name__)
 
@@ -321,8 +321,13 @@ class Lease:
                                 generation=(latest.generation + 1) if latest else 1)
                 data = holder.to_bytes()
                 if store.create(holder.generation, data):
-                    if isinstance(store, _ConditionalPutStore) and not store.honours_exclusive_create(
-                            holder.generation, data):
+                    try:
+                        honoured = not isinstance(store, _ConditionalPutStore) or store.honours_exclusive_create(
+                            holder.generation, data)
+                    except BaseException:
+                        store.delete(holder.generation)  # not left behind to block the next run
+                        raise
+                    if not honoured:
                         store.delete(holder.generation)
                         raise LeaseUnsupported(
                             f"the store of {dataset_uri} accepted an object over an existing one despite "
@@ -388,7 +393,7 @@ class Lease:
                     _prune(self._store, released.generation)
                     self._lost = LeaseLost(f"the lease on {self.dataset_uri} was released")
                     log.info("released the lease on %s (run %s)", self.dataset_uri, self.holder.run_id)
-            except OSError as exc:  # it expires on its own
+            except Exception as exc:  # it expires on its own; the run's own outcome matters more
                 log.warning("could not release the lease on %s (%s); it expires after %g s",
                             self.dataset_uri, exc, self.holder.expiry_s)
 
