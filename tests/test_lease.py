@@ -333,3 +333,20 @@ def test_job_on_a_store_without_exclusive_create_stops_with_exit_2_naming_the_op
     assert result.returncode == 2, result.stderr[-2000:]
     assert "cannot take a lease on memory://lease-test/out/transcripts" in result.stderr
     assert "--no-lease" in result.stderr
+
+
+def test_second_pass_takes_a_lease_on_its_own_dataset(tmp_path):
+    output = str(tmp_path / "out")
+    writer = TranscriptWriter(output, "transcribed", transcript_schema())
+    writer.write(_rows(["a", "b"], "transcribed"))
+    writer.close()
+    tiny_lm = tmp_path / "tiny-lm"
+    assert run_cli(["tiny-lm", str(tiny_lm)]).returncode == 0
+    # A run holding the transcripts does not stop a second pass; one holding its dataset does.
+    with Lease.acquire(output, "transcripts", "transcribing", expiry_s=60), \
+            Lease.acquire(output, "second_pass/summary", "summarising", expiry_s=60):
+        refused = run_cli(["second-pass", output, "--model", str(tiny_lm), "--max-new-tokens", "16", "--no-wait",
+                           "--no-progress"])
+    assert refused.returncode == 4, refused.stderr[-2000:]
+    assert f"{output}/second_pass/summary is held by run summarising on host" in refused.stderr
+    assert not (tmp_path / "out" / "second_pass" / "summary" / "_runs").exists()
