@@ -85,10 +85,13 @@ class _Run:
         self.summary: Callable[[str], dict] | None = None
         self.last: dict = {}
         self.lease = NoLease(output_uri)  # the dataset's lease once taken; released when the run ends
-        fs, root = filesystem(output_uri, storage_options)
-        if fs.exists(posixpath.join(root, runs_dir, f"{self.run_id}.json")):
+        self._refuse_existing_run_id()
+
+    def _refuse_existing_run_id(self) -> None:
+        fs, root = filesystem(self.output_uri, self.storage_options)
+        if fs.exists(posixpath.join(root, self.runs_dir, f"{self.run_id}.json")):
             # Its files are named after the run id: a second run of that name would replace them.
-            raise ConfigError(f"run id {self.run_id!r} already exists in {output_uri}; pick another --run-id "
+            raise ConfigError(f"run id {self.run_id!r} already exists in {self.output_uri}; pick another --run-id "
                               "(or leave it out for a new one)")
 
     def wall_s(self) -> float:
@@ -131,7 +134,10 @@ class _Run:
         """Take the lease on the dataset this run writes (held until the run ends; waits for or
         raises LeaseHeld naming another holder), then return the ids to skip in it."""
         self.lease = take_lease(self.output_uri, dataset_dir, self.run_id, self.storage_options, terms)
+        # The run starts now: time spent waiting for the lease is not its wall time.
+        self.started_at, self.clock = datetime.now(timezone.utc), time.monotonic()
         try:
+            self._refuse_existing_run_id()  # a run of the same id may have held the lease meanwhile
             return _ids_to_skip(self.output_uri, dataset_dir, retry_failed, self.storage_options)
         except BaseException:
             self.lease.release()
