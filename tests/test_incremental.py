@@ -69,8 +69,10 @@ def test_driver_killed_mid_run_then_rerun_gives_exactly_one_row_per_id(tmp_path,
     manifest = write_jsonl(tmp_path / "m.jsonl", rows)
     output = tmp_path / "out"
     config = tmp_path / "job.yaml"
-    # Small files and batches so that some rows are committed long before the run ends.
-    config.write_text("rows_per_file: 2\nbatch_size: 2\ndecode_batch_size: 1\ncommit_interval_s: 1\n")
+    # Small files and batches so that some rows are committed long before the run ends; a short lease
+    # expiry, so the rerun takes over the killed run's lease after 2 s instead of 10 min.
+    config.write_text("rows_per_file: 2\nbatch_size: 2\ndecode_batch_size: 1\ncommit_interval_s: 1\n"
+                      "lease_expiry_s: 2\n")
     args = base_args(manifest, output, tiny_model_dir) + ["--config", str(config)]
 
     process = subprocess.Popen([sys.executable, "-m", "granite_batch.cli", *args], cwd=REPO,
@@ -90,6 +92,7 @@ def test_driver_killed_mid_run_then_rerun_gives_exactly_one_row_per_id(tmp_path,
 
     again = run_cli(args)
     assert again.returncode == 0, again.stderr[-2000:]
+    assert f"taking over the stale lease on {output}/transcripts from run {summaries(output)[0]['run_id']}" in again.stderr
     final = output_rows(output)
     ids = [r["id"] for r in final]
     assert len(ids) == len(set(ids)) == 40

@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--retry-failed", action="store_true", default=None,
                      help="also redo ids whose row in the output has an error (done ids are always skipped)")
     run.add_argument("--run-id", help="name this run (default: UTC time + random suffix)")
+    _lease_arguments(run)
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("-v", "--verbose", action="store_true")
 
@@ -91,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     second.add_argument("--retry-failed", action="store_true",
                         help="also redo transcripts whose second-pass row has an error (that row is replaced)")
     second.add_argument("--run-id", help="name this run (default: UTC time + random suffix)")
+    _lease_arguments(second)
     second.add_argument("--endpoint-url", help="S3-compatible endpoint")
     second.add_argument("--no-progress", action="store_true", help="no progress bars")
     second.add_argument("-v", "--verbose", action="store_true")
@@ -107,6 +109,18 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--task", choices=["asr", "ast"], help="only rows of this task")
     evaluate.add_argument("--endpoint-url", help="S3-compatible endpoint")
     return parser
+
+
+def _lease_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--no-wait", action="store_true", default=None,
+                         help="exit 4 at once when another run holds the output (default: wait, see --lease-wait-s)")
+    command.add_argument("--lease-wait-s", type=float, help="longest wait for another run's lease (default 3600)")
+    command.add_argument("--no-lease", action="store_true", default=None,
+                         help="take no lease: for stores without conditional writes; one run at a time is then up to you")
+
+
+def _lease_overrides(args: argparse.Namespace) -> dict:
+    return {"lease": "none" if args.no_lease else None, "lease_wait_s": 0.0 if args.no_wait else args.lease_wait_s}
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -136,6 +150,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         "generation": {k: v for k, v in generation.items() if v is not None} or None,
         "resources": resources or None,
         "storage_options": {"s3": s3} if s3 else None,
+        **_lease_overrides(args),
     }
 
 
@@ -181,12 +196,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
 
     from granite_batch.drivers import TooManyFailures, run_job
+    from granite_batch.lease import LeaseError, LeaseUnsupported
 
     try:
         result = run_job(config, progress=not args.no_progress)
-    except ConfigError as exc:
+    except (ConfigError, LeaseUnsupported) as exc:
         print(f"granite-batch: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except LeaseError as exc:  # another run holds the output, or took it over from this one
+        print(f"granite-batch: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
     except ManifestError as exc:
         print(f"granite-batch: bad manifest: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -216,6 +235,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         started = (run.get("started_at") or "")[:19].replace("T", " ")
         print(f"{run['run_id']:<34} {run['status']:<18} {started:<20} {run['rows_ok']:>8} "
               f"{run['rows_failed']:>8} {run['wall_s']:>9.1f}")
+    _print_leases(args.output, options)
     failed = len(committed.failed_ids)
     print(f"\nrows done: {len(committed.ok_ids) + failed} ({len(committed.ok_ids)} ok, {failed} failed)")
     for reason, count in committed.failures_by_reason.most_common():
@@ -230,6 +250,30 @@ def _cmd_status(args: argparse.Namespace) -> int:
         pending = manifest.table.num_rows - pc.sum(pc.is_in(manifest.table.column("id"), value_set=done)).as_py()
         print(f"pending: {pending} of {manifest.table.num_rows} manifest ids have no row yet")
     return EXIT_OK
+
+
+def _print_leases(output: str, options: dict) -> None:
+    """Who holds the transcripts' lease, and any second pass's."""
+    import posixpath
+
+    from granite_batch.lease import read_holder
+    from granite_batch.output import SECOND_PASS_DIR, TRANSCRIPTS_DIR
+    from granite_batch.storage import filesystem
+
+    fs, root = filesystem(output, options)
+    folder = posixpath.join(root, SECOND_PASS_DIR)
+    passes = sorted(posixpath.basename(p) for p in fs.ls(folder, detail=False)) if fs.isdir(folder) else []
+    print()
+    for dataset in [TRANSCRIPTS_DIR] + [posixpath.join(SECOND_PASS_DIR, name) for name in passes]:
+        holder = read_holder(output, dataset, options)
+        if holder is None:
+            if dataset == TRANSCRIPTS_DIR:
+                print(f"lease on {dataset}: free")
+            continue
+        age = holder.renewed_age_s()
+        state = (f"renewed {age:.0f} s ago" if age is not None else "renewal time unknown") + (
+            f"; stale after {holder.expiry_s:g} s unrenewed, then the next run takes it over")
+        print(f"lease on {dataset}: held by {holder.describe()} ({state})")
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
@@ -258,13 +302,21 @@ def _cmd_second_pass(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
 
     from granite_batch.drivers import run_second_pass
+    from granite_batch.lease import DEFAULT_WAIT_S, LeaseError, LeaseTerms, LeaseUnsupported
 
     storage = {"s3": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else {}
+    lease = _lease_overrides(args)
+    terms = LeaseTerms(mode=lease["lease"] or "auto",
+                       wait_s=DEFAULT_WAIT_S if lease["lease_wait_s"] is None else lease["lease_wait_s"])
     try:
-        result = run_second_pass(args.output, options, storage, run_id=args.run_id, progress=not args.no_progress)
-    except ConfigError as exc:
+        result = run_second_pass(args.output, options, storage, run_id=args.run_id, progress=not args.no_progress,
+                                 lease_terms=terms)
+    except (ConfigError, LeaseUnsupported) as exc:
         print(f"granite-batch: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except LeaseError as exc:
+        print(f"granite-batch: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
     except ModelLoadError as exc:
         print(f"granite-batch: {exc}", file=sys.stderr)
         return EXIT_MODEL

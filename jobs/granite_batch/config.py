@@ -8,6 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from granite_batch.lease import DEFAULT_EXPIRY_S, DEFAULT_WAIT_S
 from granite_batch.prompts import ASR_LANGUAGES, AST_PAIRS, LANGUAGE_NAMES
 
 DEFAULT_MODEL = "ibm-granite/granite-4.0-1b-speech"
@@ -162,6 +163,17 @@ class JobConfig(_Strict):
     max_failed_fraction: float = Field(1.0, ge=0.0, le=1.0)
     retry_failed: bool = Field(False, description="also redo ids whose committed row has an error")
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+    lease: Literal["auto", "none"] = Field(
+        "auto", description="auto: hold a lease on each dataset the run writes, so a second run waits or stops "
+        "(exclusive create on local/POSIX files, conditional writes on S3; other stores are refused); "
+        "none: no lease, one run at a time per output is then up to you",
+    )
+    lease_expiry_s: float = Field(
+        DEFAULT_EXPIRY_S, gt=0, description="a lease unrenewed this long may be taken over (renewed every third of it)"
+    )
+    lease_wait_s: float = Field(
+        DEFAULT_WAIT_S, ge=0, description="how long a run waits for another run's lease before exiting 4; 0 (--no-wait): not at all"
+    )
     storage_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="fsspec options per URI scheme, e.g. {s3: {endpoint_url: ..., anon: true}}; no secrets",

@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 from granite_batch import pipeline, results
 from granite_batch.config import ConfigError, JobConfig, SecondPassOptions, load_config
 from granite_batch.language_model import resolve_language_model
+from granite_batch.lease import LeaseTerms, NoLease, take_lease
 from granite_batch.manifest import Defaults, list_recordings, read_manifest
 from granite_batch.model import first_line, resolve_model
 from granite_batch.output import (
@@ -84,10 +85,14 @@ class _Run:
         self.clock = time.monotonic()
         self.summary: Callable[[str], dict] | None = None
         self.last: dict = {}
-        fs, root = filesystem(output_uri, storage_options)
-        if fs.exists(posixpath.join(root, runs_dir, f"{self.run_id}.json")):
+        self.lease = NoLease(output_uri)  # the dataset's lease once taken; released when the run ends
+        self._refuse_existing_run_id()
+
+    def _refuse_existing_run_id(self) -> None:
+        fs, root = filesystem(self.output_uri, self.storage_options)
+        if fs.exists(posixpath.join(root, self.runs_dir, f"{self.run_id}.json")):
             # Its files are named after the run id: a second run of that name would replace them.
-            raise ConfigError(f"run id {self.run_id!r} already exists in {output_uri}; pick another --run-id "
+            raise ConfigError(f"run id {self.run_id!r} already exists in {self.output_uri}; pick another --run-id "
                               "(or leave it out for a new one)")
 
     def wall_s(self) -> float:
@@ -118,11 +123,27 @@ class _Run:
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
-        if error is not None and self.summary is not None:
-            try:
-                self.write("failed", error=f"{kind.__name__}: {first_line(error)}")
-            except Exception:  # the output itself may be what failed; the original error matters more
-                log.warning("could not record the failure in the run summary", exc_info=True)
+        try:
+            if error is not None and self.summary is not None:
+                try:
+                    self.write("failed", error=f"{kind.__name__}: {first_line(error)}")
+                except Exception:  # the output itself may be what failed; the original error matters more
+                    log.warning("could not record the failure in the run summary", exc_info=True)
+        finally:
+            self.lease.release()
+
+    def plan(self, dataset_dir: str, retry_failed: bool, terms: LeaseTerms) -> pa.Array:
+        """Take the lease on the dataset this run writes (held until the run ends; waits for or
+        raises LeaseHeld naming another holder), then return the ids to skip in it."""
+        self.lease = take_lease(self.output_uri, dataset_dir, self.run_id, self.storage_options, terms)
+        # The run starts now: time spent waiting for the lease is not its wall time.
+        self.started_at, self.clock = datetime.now(timezone.utc), time.monotonic()
+        try:
+            self._refuse_existing_run_id()  # a run of the same id may have held the lease meanwhile
+            return _ids_to_skip(self.output_uri, dataset_dir, retry_failed, self.storage_options)
+        except BaseException:
+            self.lease.release()
+            raise
 
 
 def _ids_to_skip(output_uri: str, dataset_dir: str, retry_failed: bool, storage_options: dict | None) -> pa.Array:
@@ -168,7 +189,8 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
         manifest = list_recordings(config.input, defaults, config.storage_options)
     model_ref = resolve_model(config.model, config.revision, config.trust_remote_code)
 
-    skip = _ids_to_skip(config.output, "transcripts", config.retry_failed, config.storage_options)
+    lease_terms = LeaseTerms(config.lease, config.lease_expiry_s, config.lease_wait_s)
+    skip = run.plan("transcripts", config.retry_failed, lease_terms)
     todo = manifest.table.filter(pc.invert(pc.is_in(manifest.table.column("id"), value_set=skip)))
     already_done = manifest.table.num_rows - todo.num_rows
     log.info("run %s: %d rows to do, %d already done, %d duplicates, from %s", run.run_id, todo.num_rows,
@@ -179,7 +201,8 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
     scored_columns = ["id", "language", "task", "target_language", "text", "error", "reference"]
     with_reference: list[pa.Table] = []  # the small part of each batch that quality figures need
     writer = TranscriptWriter(config.output, run.run_id, transcript_schema(manifest.table.schema),
-                              config.storage_options, config.rows_per_file, config.commit_interval_s)
+                              config.storage_options, config.rows_per_file, config.commit_interval_s,
+                              before_commit=run.lease.check)
 
     def summary(status: str) -> dict:
         wall_s = run.wall_s()
@@ -233,7 +256,7 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
         extra = {"quality": _quality(pa.concat_tables(with_reference))} if with_reference else {}
         path = run.write("too_many_failures" if too_many else "succeeded", **extra)
     if config.second_pass is not None:  # over every committed transcript, this run's included
-        run_second_pass(config.output, config.second_pass, config.storage_options, run.run_id, progress)
+        run_second_pass(config.output, config.second_pass, config.storage_options, run.run_id, progress, lease_terms)
     if too_many:
         raise TooManyFailures(
             f"{stats.rows_failed} of {stats.rows_written} rows failed ({failed_fraction:.1%}), "
@@ -251,11 +274,13 @@ def _recordings(segments, assembler: RecordingAssembler):
 
 
 def run_second_pass(output_uri: str, options: SecondPassOptions, storage_options: dict | None = None,
-                    run_id: str | None = None, progress: bool = True) -> RunResult:
+                    run_id: str | None = None, progress: bool = True,
+                    lease_terms: LeaseTerms = LeaseTerms()) -> RunResult:
     """Run the second pass over the committed transcripts of `output_uri`.
 
     Raises ConfigError (bad template, no transcripts, a context too small for the template) or
-    ModelLoadError before any work. Ids already in the dataset are skipped.
+    ModelLoadError before any work, LeaseHeld when another run holds its dataset. Ids already in the
+    dataset are skipped.
     """
     name = options.dataset_name
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
@@ -281,13 +306,14 @@ def run_second_pass(output_uri: str, options: SecondPassOptions, storage_options
     failed = pc.is_valid(transcripts.column("error"))
     empty = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(pc.fill_null(transcripts.column("text"), "")), ""), True)
     usable = transcripts.filter(pc.and_(pc.invert(failed), pc.invert(empty)))
-    done_ids = _ids_to_skip(output_uri, dataset_dir, options.retry_failed, storage_options)
+    done_ids = run.plan(dataset_dir, options.retry_failed, lease_terms)
     todo = usable.filter(pc.invert(pc.is_in(usable.column("id"), value_set=done_ids)))
     todo = todo.select(["id", "language", "text"])
     log.info("second pass %s (run %s): %d transcripts to do, %d already done", name, run.run_id, todo.num_rows,
              usable.num_rows - todo.num_rows)
 
-    writer = TranscriptWriter(output_uri, run.run_id, SECOND_PASS_SCHEMA, storage_options, dataset_dir=dataset_dir)
+    writer = TranscriptWriter(output_uri, run.run_id, SECOND_PASS_SCHEMA, storage_options, dataset_dir=dataset_dir,
+                              before_commit=run.lease.check)
     counts: Counter = Counter()
     failures: Counter = Counter()
 

@@ -17,6 +17,7 @@ import logging
 import posixpath
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -121,8 +122,9 @@ class TranscriptWriter:
 
     def __init__(self, output_uri: str, run_id: str, schema: pa.Schema, storage_options: dict | None = None,
                  rows_per_file: int = 200_000, commit_interval_s: float = 600.0,
-                 dataset_dir: str = TRANSCRIPTS_DIR):
+                 dataset_dir: str = TRANSCRIPTS_DIR, before_commit: Callable[[], None] | None = None):
         self.fs, self.root = filesystem(output_uri, storage_options)
+        self.before_commit = before_commit  # raises to stop a commit, e.g. a lease check
         self.dataset_dir = dataset_dir  # relative to the output root; other datasets (second_pass/<name>) too
         self.run_id = run_id
         self.schema = schema
@@ -172,6 +174,8 @@ class TranscriptWriter:
         handle.writer.close()
         handle.stream.close()
         self.fs.makedirs(posixpath.dirname(handle.final), exist_ok=True)
+        if self.before_commit is not None:
+            self.before_commit()  # last moment: the file stays staged if this raises
         self.fs.mv(handle.staged, handle.final)
         self.committed.append(uri_of(self.fs, handle.final))
         log.info("committed %s (%d rows)", handle.final, handle.rows)
