@@ -305,7 +305,10 @@ def _json_fast(chunk: bytes) -> pa.Table | None:
 
 def _count_lines(chunk: bytes) -> int:
     """Lines as bytes.splitlines counts them (\\n, \\r, \\r\\n), for the next chunk's first line."""
-    return chunk.count(b"\n") + chunk.count(b"\r") - chunk.count(b"\r\n")
+    lines = chunk.count(b"\n")
+    if b"\r" in chunk:
+        lines += chunk.count(b"\r") - chunk.count(b"\r\n")
+    return lines
 
 
 def _json_blocks(fs, file: str, name: str, block_bytes: int) -> Iterator[_Block]:
