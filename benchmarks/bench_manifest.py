@@ -92,7 +92,9 @@ def run_case(case: str, manifest: Path, output: Path) -> dict:
     else:
         raise SystemExit(f"unknown case {case}")
     result["wall_s"] = time.perf_counter() - start
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result["cpu_s"] = usage.ru_utime + usage.ru_stime  # every thread's; steadier than wall on a busy machine
+    result["peak_rss_mb"] = usage.ru_maxrss / 1024
     del pa
     return result
 
@@ -130,7 +132,8 @@ def main() -> None:
             manifest, output = write_inputs(folder, rows)
             figures[rows] = {case: measure(case, manifest, output, args.repeat) for case in CASES}
             for case, result in figures[rows].items():
-                print(f"{rows:>10,} rows  {case:<11} {result['wall_s']:7.2f} s  {result['peak_rss_mb']:8.0f} MB peak RSS"
+                print(f"{rows:>10,} rows  {case:<11} {result['wall_s']:7.2f} s wall  {result['cpu_s']:7.2f} s CPU  "
+                      f"{result['peak_rss_mb']:8.0f} MB peak RSS"
                       + (f"  ({result['buckets']} buckets)" if "buckets" in result else ""), flush=True)
                 assert result["rows"] == rows and result.get("rows_to_do", 0) == 0, result
         if len(args.rows) >= 2:
@@ -139,7 +142,8 @@ def main() -> None:
             print(f"\nper extra row between {small:,} and {big:,} rows:")
             for case in CASES:
                 a, b = figures[small][case], figures[big][case]
-                print(f"  {case:<11} {(b['wall_s'] - a['wall_s']) / extra * 1e6:6.2f} us  "
+                print(f"  {case:<11} {(b['wall_s'] - a['wall_s']) / extra * 1e6:6.2f} us wall  "
+                      f"{(b['cpu_s'] - a['cpu_s']) / extra * 1e6:6.2f} us CPU  "
                       f"{(b['peak_rss_mb'] - a['peak_rss_mb']) * 2**20 / extra:7.0f} bytes")
 
 

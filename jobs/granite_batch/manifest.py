@@ -333,8 +333,14 @@ def _json_blocks(fs, file: str, name: str, block_bytes: int) -> Iterator[_Block]
                 return
 
 
+_ODD_LINE_STARTS = (b"\n\n", b"\n ", b"\n\t", b"\n\x0b", b"\n\x0c", b"\r")
+
+
 def _json_block(chunk: bytes, first_line: int, name: str) -> _Block:
-    def line_numbers() -> list[int]:
+    def line_numbers():
+        padded = b"\n" + chunk
+        if not any(odd in padded for odd in _ODD_LINE_STARTS):  # no blank line: one row a line
+            return range(first_line, first_line + chunk.count(b"\n") + 1)
         return [n for n, raw in enumerate(chunk.splitlines(), start=first_line) if raw.strip()]
 
     return _Block(_json_fast(chunk), lambda: _json_slow(chunk, first_line, name), line_numbers)
@@ -516,7 +522,7 @@ def _strip_or_null(array) -> pa.Array:
     return pc.if_else(pc.equal(stripped, ""), pa.scalar(None, pa.string()), stripped)
 
 
-def _text_column(table: pa.Table, column: str, where: _Where) -> pa.Array | None:
+def _text_column(table: pa.Table, column: str, where: _Where, strip: bool = True) -> pa.Array | None:
     if column not in table.column_names:
         return None
     array = table.column(column).combine_chunks()
@@ -525,7 +531,8 @@ def _text_column(table: pa.Table, column: str, where: _Where) -> pa.Array | None
         return pa.nulls(len(array), pa.string())
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_integer(kind)):
         where.fail(_first_valid(array), f"field {column!r} must be a string or an integer, not {_type_name(kind)}")
-    return _strip_or_null(array.cast(pa.string()))
+    array = array.cast(pa.string())
+    return _strip_or_null(array) if strip else array
 
 
 def _clean_keyword_lists(lists: pa.Array) -> pa.Array:
@@ -591,24 +598,63 @@ def _resolve_audio(audio: pa.Array, base: str, protocol: str) -> pa.Array:
     return resolved
 
 
-def _request_errors(language: pa.Array, task: pa.Array, target: pa.Array) -> pa.Array:
-    """check_request over the few distinct (language, task, target) triples, spread back to every row."""
-    code = np.zeros(len(language), dtype=np.int64)
-    dictionaries = []
-    for array in (language, task, target):
-        encoded = pc.dictionary_encode(array, null_encoding="encode")
-        dictionaries.append(encoded.dictionary.to_pylist())
-        code = code * len(encoded.dictionary) + encoded.indices.to_numpy(zero_copy_only=False)
-    triples, inverse = np.unique(code, return_inverse=True)
-    errors = []
-    for value in triples.tolist():
-        parts = []
-        for values in reversed(dictionaries):
-            value, index = divmod(value, len(values))
-            parts.append(values[index])
-        row_target, row_task, row_language = parts
-        errors.append(check_request(row_language, row_task, row_target))
-    return pa.array(errors, pa.string()).take(pa.array(inverse.reshape(-1)))
+def _as_str(value) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _request_columns(table: pa.Table, where: _Where, defaults: Defaults) -> tuple[pa.Array, ...]:
+    """(language, task, target_language, error) of every row.
+
+    A manifest has few distinct (language, task, target_language) triples, so each distinct triple
+    is normalised and checked once in Python and spread back to its rows.
+    """
+    n = table.num_rows
+    dictionaries: list[list] = []
+    combined = np.zeros(n, np.int64)
+    history: list[tuple[np.ndarray, int]] = []  # per step: the distinct combined codes, the column's size
+    for step, column in enumerate(("language", "task", "target_language")):
+        array = _text_column(table, column, where, strip=False)
+        if array is None:
+            dictionaries.append([None])
+            indices, size = np.zeros(n, np.int64), 1
+        else:
+            encoded = pc.dictionary_encode(array, null_encoding="encode")
+            dictionaries.append(encoded.dictionary.to_pylist())
+            indices, size = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64), len(encoded.dictionary)
+        if step == 0:
+            combined = indices
+            continue
+        # Re-encoded at each step, so the codes stay below rows * size, far from overflowing.
+        encoded = pc.dictionary_encode(pa.array(combined * size + indices))
+        history.append((encoded.dictionary.to_numpy(), size))
+        combined = encoded.indices.to_numpy(zero_copy_only=False)
+
+    columns: list[list] = [[], [], [], []]
+    for unique in range(len(history[-1][0])):
+        code, picks = unique, []
+        for distinct, size in reversed(history):
+            code, pick = divmod(int(distinct[code]), size)
+            picks.append(pick)
+        picks.append(code)
+        raw_language, raw_task, raw_target = (d[i] for d, i in zip(dictionaries, reversed(picks)))
+        language = (_as_str(raw_language) or defaults.language).lower()
+        task = (_as_str(raw_task) or defaults.task).lower()
+        target = _as_str(raw_target)
+        if target is None and task == "ast":
+            target = defaults.target_language
+        if task == "asr":
+            target = None
+        target = target.lower() if target else None
+        error = check_request(language, task, target)
+        if language not in ASR_LANGUAGES:
+            language = UNDETERMINED_LANGUAGE  # keeps the partition path safe; the error names the value
+        for values, value in zip(columns, (language, task, target, error)):
+            values.append(value)
+    rows = pa.array(combined)
+    return tuple(pa.array(values, pa.string()).take(rows) for values in columns)
 
 
 def _normalise(table: pa.Table, where: _Where, base: str, protocol: str, defaults: Defaults
@@ -623,30 +669,14 @@ def _normalise(table: pa.Table, where: _Where, base: str, protocol: str, default
         where.fail(pc.index(missing_audio, True).as_py(), "field 'audio' is missing or empty")
     audio = _resolve_audio(audio, base, protocol)
 
-    def with_default(column: str, value: str | None) -> pa.Array:
-        array = _text_column(table, column, where)
-        if array is None:
-            array = pa.nulls(n, pa.string())
-        return array if value is None else pc.fill_null(array, value)
-
-    language = pc.utf8_lower(with_default("language", defaults.language))
-    task = pc.utf8_lower(with_default("task", defaults.task))
-    target = with_default("target_language", None)
-    is_ast, is_asr = pc.equal(task, "ast"), pc.equal(task, "asr")
-    if defaults.target_language is not None:
-        target = pc.if_else(pc.and_(pc.is_null(target), is_ast), pa.scalar(defaults.target_language), target)
-    target = pc.utf8_lower(pc.if_else(is_asr, pa.scalar(None, pa.string()), target))
+    language, task, target, error = _request_columns(table, where, defaults)
     keywords = _keywords_column(table, n, where, defaults.keywords)
 
-    error = _request_errors(language, task, target)
     if defaults.allowed_prefixes:
         refused = [None if e is not None or is_allowed(a, defaults.allowed_prefixes)
                    else f"not allowed: {a} is outside the allowed prefixes"
                    for a, e in zip(audio.to_pylist(), error.to_pylist())]
         error = pc.coalesce(error, pa.array(refused, pa.string()))
-    # Keeps the partition path safe; the error names the value.
-    language = pc.if_else(pc.is_in(language, value_set=pa.array(ASR_LANGUAGES)), language,
-                          pa.scalar(UNDETERMINED_LANGUAGE))
 
     ids = _text_column(table, "id", where)
     replaced = 0 if ids is None else ids.null_count
