@@ -517,8 +517,18 @@ def _type_name(kind: pa.DataType) -> str:
     return str(kind)
 
 
-def _strip_or_null(array) -> pa.Array:
+def _value_bytes(array: pa.Array) -> np.ndarray:
+    """Each string's length in bytes, from its offsets."""
+    offsets = np.frombuffer(array.buffers()[1], dtype=np.int32)[array.offset: array.offset + len(array) + 1]
+    return np.diff(offsets)
+
+
+def _strip_or_null(array: pa.Array) -> pa.Array:
+    """Surrounding whitespace removed; empty (or blank) values become null."""
     stripped = pc.utf8_trim_whitespace(array)
+    lengths = _value_bytes(stripped)
+    if lengths.sum() == _value_bytes(array).sum() and (len(lengths) == 0 or lengths.min() > 0):
+        return array  # the common case: nothing to strip, nothing empty
     return pc.if_else(pc.equal(stripped, ""), pa.scalar(None, pa.string()), stripped)
 
 
