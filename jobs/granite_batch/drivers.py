@@ -27,14 +27,16 @@ import pyarrow.compute as pc
 from granite_batch import pipeline, results
 from granite_batch.config import ConfigError, JobConfig, SecondPassOptions, load_config
 from granite_batch.language_model import resolve_language_model
-from granite_batch.manifest import Defaults, list_recordings, read_manifest
+from granite_batch.manifest import Defaults, ManifestStream, read_manifest
 from granite_batch.model import first_line, resolve_model
+from granite_batch.plan import plan_counts, plan_folder, prepare_plan
 from granite_batch.output import (
     EVAL_DIR,
     RUNS_DIR,
     SECOND_PASS_SCHEMA,
     RunStats,
     TranscriptWriter,
+    drop_failed_rows,
     drop_rows,
     error_reason,
     read_committed,
@@ -159,34 +161,37 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
     successful row), so re-running the same command after a crash finishes the rest.
     """
     run = _Run(config.output, RUNS_DIR, config.run_id, config.storage_options)
-    defaults = Defaults.from_config(config)
-    if config.manifest is not None:
-        manifest = read_manifest(config.manifest, defaults, config.storage_options)
-    else:
-        manifest = list_recordings(config.input, defaults, config.storage_options)
+    stream = ManifestStream(config.manifest or config.input, Defaults.from_config(config), config.storage_options,
+                            listing=config.manifest is None)
+    # Bucketed by id on the output's filesystem, so the driver never holds the manifest (plan.py).
+    layout = prepare_plan(stream, config.output, plan_folder(config.output, run.run_id), config.storage_options,
+                          retry_failed=config.retry_failed)
     model_ref = resolve_model(config.model, config.revision, config.trust_remote_code)
-
-    skip = _ids_to_skip(config.output, "transcripts", config.retry_failed, config.storage_options)
-    todo = manifest.table.filter(pc.invert(pc.is_in(manifest.table.column("id"), value_set=skip)))
-    already_done = manifest.table.num_rows - todo.num_rows
-    log.info("run %s: %d rows to do, %d already done, %d duplicates, from %s", run.run_id, todo.num_rows,
-             already_done, manifest.duplicates, config.manifest or config.input)
+    planned = plan_counts(layout)
+    if config.retry_failed and layout.committed.failed_files:
+        # A crash after this leaves the failed ids with no row, so they are redone, never with two.
+        drop_failed_rows(config.output, layout.committed.failed_files, config.storage_options)
+    log.info("run %s: %d rows to do, %d already done, %d duplicates, from %s", run.run_id, planned["rows_to_do"],
+             planned["rows_already_done"], planned["duplicates"], config.manifest or config.input)
 
     stats = RunStats()
     scored_columns = ["id", "language", "task", "target_language", "text", "error", "reference"]
     with_reference: list[pa.Table] = []  # the small part of each batch that quality figures need
-    writer = TranscriptWriter(config.output, run.run_id, transcript_schema(manifest.table.schema),
+    writer = TranscriptWriter(config.output, run.run_id, transcript_schema(layout.schema),
                               config.storage_options, config.rows_per_file, config.commit_interval_s)
 
     def summary(status: str) -> dict:
         wall_s = run.wall_s()
         return {
             **run.times(status),
-            "manifest_files": manifest.files,
-            "rows_in": manifest.rows_in,
-            "duplicates": manifest.duplicates,
-            "rows_already_done": already_done,
-            "rows_to_do": todo.num_rows,
+            "manifest_files": layout.manifest_files,
+            "rows_in": layout.rows_in,
+            "duplicates": planned["duplicates"],
+            "ids_replaced": layout.ids_replaced,
+            "rows_already_done": planned["rows_already_done"],
+            "rows_to_do": planned["rows_to_do"],
+            "rows_retried": planned["rows_retried"],
+            "foreign_files": layout.committed.foreign_files,
             "rows_written": stats.rows_written,
             "rows_ok": stats.rows_ok,
             "rows_failed": stats.rows_failed,
@@ -214,10 +219,11 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
 
     run.summary = summary
     with run:
-        if todo.num_rows:
+        if planned["rows_to_do"]:
             pipeline.ensure_ray().data.DataContext.get_current().enable_progress_bars = progress
-            run.stream(pipeline.build_dataset(todo, config, model_ref, run.run_id), writer, on_batch)
-        writer.close()
+            dataset = pipeline.build_dataset((layout, planned["rows_to_do"]), config, model_ref, run.run_id)
+            run.stream(dataset, writer, on_batch)
+        writer.close()  # removes the run's staging folder, the plan's included
         failed_fraction = stats.rows_failed / stats.rows_written if stats.rows_written else 0.0
         too_many = failed_fraction > config.max_failed_fraction
         extra = {"quality": _quality(pa.concat_tables(with_reference))} if with_reference else {}

@@ -9,8 +9,9 @@ planning goes by buckets of a digest of the id instead:
    by `bucket_of(id)` under a plan folder on the output's filesystem (so cluster workers read it);
 2. `plan_bucket(layout, b)` plans one bucket on its own: the first row of each id in manifest order,
    the others counted as duplicates, then an anti-join against the bucket's done ids (`retry_failed`
-   counts failed ids as not done). Its rows are ready to flow into the pipeline; summing the buckets'
-   counts gives the run's (`sum_counts`).
+   counts failed ids as not done). A read task per bucket feeds its rows into the pipeline
+   (pipeline.planned_rows); `plan_counts` runs the same plan over the `id` column alone, for the
+   counts the run summary starts with.
 
 The driver holds one manifest block and the spool's write buffer; a read task holds one bucket,
 about ROWS_PER_BUCKET rows whatever the manifest's size.
@@ -18,7 +19,6 @@ about ROWS_PER_BUCKET rows whatever the manifest's size.
 
 from __future__ import annotations
 
-import json
 import math
 import posixpath
 import tempfile
@@ -141,17 +141,24 @@ class _Spool:
         self._bytes = 0
 
 
-def _read_bucket(fs, folder: str, bucket: int, schema: pa.Schema) -> pa.Table:
-    """Every piece of one bucket, in the order written, conformed to `schema`."""
+def _read_bucket(fs, folder: str, bucket: int, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
+    """Every piece of one bucket, in the order written, conformed to `schema` (or its `columns`)."""
+    if columns is not None:
+        schema = pa.schema([schema.field(c) for c in columns])
     directory = posixpath.join(folder, f"{bucket:05d}")
     try:
         paths = sorted(fs.ls(directory, detail=False))
     except FileNotFoundError:
         paths = []
+    local = (fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]) in LOCAL_PROTOCOLS
     tables = []
     for path in paths:
-        with fs.open(path, "rb") as handle:
-            tables.append(conform_rows(pa.ipc.open_file(pa.py_buffer(handle.read())).read_all(), schema))
+        if local:  # mapped, so reading only the `id` column touches only its pages
+            piece = pa.ipc.open_file(pa.memory_map(path)).read_all()
+        else:
+            with fs.open(path, "rb") as handle:
+                piece = pa.ipc.open_file(pa.py_buffer(handle.read())).read_all()
+        tables.append(conform_rows(piece, schema))
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
@@ -268,15 +275,15 @@ def _parquet_rows(fs, path: str) -> int:
         return 0  # iter_committed_batches names the file when it is read
 
 
-def plan_bucket(layout: PlanLayout, bucket: int, record: bool = False) -> tuple[pa.Table, dict]:
+def plan_bucket(layout: PlanLayout, bucket: int) -> tuple[pa.Table, dict]:
     """The rows of one bucket still to do (the first row of each id, in manifest order, whose id has
-    no row in the output; with `retry_failed`, or whose row failed), and the bucket's counts.
+    no row in the output; with `retry_failed`, or whose row failed), and the bucket's counts."""
+    return _plan(layout, bucket)
 
-    With `record`, the counts are also written beside the plan for `recorded_counts` to sum (a
-    Ray read task cannot hand them back to the driver otherwise).
-    """
+
+def _plan(layout: PlanLayout, bucket: int, columns: list[str] | None = None) -> tuple[pa.Table, dict]:
     fs, folder = filesystem(layout.folder, layout.storage_options)
-    rows = _read_bucket(fs, posixpath.join(folder, "manifest"), bucket, layout.schema)
+    rows = _read_bucket(fs, posixpath.join(folder, "manifest"), bucket, layout.schema, columns)
     done = _read_bucket(fs, posixpath.join(folder, "done"), bucket, DONE_SCHEMA)
     unique = first_of_each_id(rows)
     ok = done.column("ok")
@@ -290,11 +297,6 @@ def plan_bucket(layout: PlanLayout, bucket: int, record: bool = False) -> tuple[
     counts = {"rows_in": rows.num_rows, "duplicates": rows.num_rows - unique.num_rows,
               "rows_already_done": pc.sum(is_done).as_py() or 0, "rows_to_do": todo.num_rows,
               "rows_retried": retried}
-    if record:
-        path = posixpath.join(folder, "counts", f"{bucket:05d}.json")
-        fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        with fs.open(path, "w") as handle:
-            json.dump(counts, handle)
     return todo, counts
 
 
@@ -305,16 +307,10 @@ def sum_counts(counts: list[dict]) -> dict:
     return total
 
 
-def recorded_counts(layout: PlanLayout) -> dict:
-    """The sum of the counts that plan_bucket(record=True) wrote, over the buckets planned so far."""
-    fs, folder = filesystem(layout.folder, layout.storage_options)
-    directory = posixpath.join(folder, "counts")
-    counts = []
-    if fs.exists(directory):
-        for path in sorted(fs.ls(directory, detail=False)):
-            with fs.open(path, "r") as handle:
-                counts.append(json.load(handle))
-    return sum_counts(counts)
+def plan_counts(layout: PlanLayout) -> dict:
+    """The whole plan's counts, bucket after bucket, reading only the `id` column of the manifest
+    rows: what the run summary says from the start, and whether there is anything to do at all."""
+    return sum_counts([_plan(layout, b, columns=["id"])[1] for b in range(layout.buckets)])
 
 
 def remove_plan(layout: PlanLayout) -> None:
@@ -347,5 +343,5 @@ def count_status(output_uri: str, stream: ManifestStream | None = None, storage_
         return Status(counts)
     with tempfile.TemporaryDirectory(prefix="granite-batch-status-") as folder:
         layout = prepare_plan(stream, output_uri, folder, storage_options, buckets=buckets, dataset_dir=dataset_dir)
-        totals = sum_counts([plan_bucket(layout, b)[1] for b in range(layout.buckets)])
+        totals = plan_counts(layout)
     return Status(layout.committed, totals)
