@@ -88,6 +88,9 @@ def run_case(case: str, manifest: Path, output: Path) -> dict:
         with tempfile.TemporaryDirectory(dir=output.parent) as folder:
             layout = prepare_plan(ManifestStream(str(manifest), Defaults()), str(output), folder)
             counts = sum_counts([plan_bucket(layout, b)[1] for b in range(layout.buckets)])
+            plan_files = [p for p in Path(folder).rglob("*.arrow")]
+            result["plan_mb"] = sum(p.stat().st_size for p in plan_files) / 2**20
+            result["plan_files"] = len(plan_files)
         result.update(rows=counts["rows_in"], rows_to_do=counts["rows_to_do"], buckets=layout.buckets)
     else:
         raise SystemExit(f"unknown case {case}")
@@ -134,7 +137,8 @@ def main() -> None:
             for case, result in figures[rows].items():
                 print(f"{rows:>10,} rows  {case:<11} {result['wall_s']:7.2f} s wall  {result['cpu_s']:7.2f} s CPU  "
                       f"{result['peak_rss_mb']:8.0f} MB peak RSS"
-                      + (f"  ({result['buckets']} buckets)" if "buckets" in result else ""), flush=True)
+                      + (f"  ({result['buckets']} buckets, {result['plan_files']} plan files, "
+                         f"{result['plan_mb']:.0f} MB)" if "buckets" in result else ""), flush=True)
                 assert result["rows"] == rows and result.get("rows_to_do", 0) == 0, result
         if len(args.rows) >= 2:
             small, big = args.rows[0], args.rows[-1]

@@ -33,7 +33,7 @@ def base_args(manifest: Path, output: Path, model: Path) -> list[str]:
 
 def test_second_run_processes_nothing_and_retry_failed_redoes_error_rows(tmp_path, tiny_model_dir):
     broken = tmp_path / "later.wav"
-    rows = [{"audio": str(SAMPLES / "pt_praia.wav"), "language": "pt"},
+    rows = [{"audio": str(SAMPLES / "pt_praia.wav"), "language": "pt", "id": " "},  # blank: the digest id
             {"audio": str(SAMPLES / "fr_gare.mp3"), "language": "fr"},
             {"audio": str(broken), "language": "en", "id": "fixed-later"}]
     manifest = write_jsonl(tmp_path / "m.jsonl", rows)
@@ -42,12 +42,18 @@ def test_second_run_processes_nothing_and_retry_failed_redoes_error_rows(tmp_pat
     first = run_cli(base_args(manifest, output, tiny_model_dir))
     assert first.returncode == 0, first.stderr[-2000:]
     assert len(output_rows(output)) == 3
+    assert summaries(output)[0]["ids_replaced"] == 2  # the blank id, and the key missing from a row
+    stray = output / "transcripts" / "language=pt" / "README.txt"
+    stray.write_text("notes someone left in the output\n")  # a foreign file: skipped by name
 
     second = run_cli(base_args(manifest, output, tiny_model_dir))
     assert second.returncode == 0, second.stderr[-2000:]
+    stray.unlink()
     assert len(output_rows(output)) == 3
     last = summaries(output)[-1]
-    assert last["rows_already_done"] == 3 and last["rows_written"] == 0
+    assert last["rows_already_done"] == 3 and last["rows_written"] == 0 and last["rows_to_do"] == 0
+    assert last["foreign_files"] == [str(stray)]
+    assert not (output / "_staging").exists() or not any((output / "_staging").iterdir())  # plan removed
 
     status = run_cli(["status", str(output), "--manifest", str(manifest)])
     assert status.returncode == 0, status.stderr

@@ -29,7 +29,7 @@ from granite_batch.config import ConfigError, JobConfig, SecondPassOptions, load
 from granite_batch.language_model import resolve_language_model
 from granite_batch.manifest import Defaults, ManifestStream, read_manifest
 from granite_batch.model import first_line, resolve_model
-from granite_batch.plan import plan_counts, plan_folder, prepare_plan
+from granite_batch.plan import discard_plan, plan_counts, plan_folder, prepare_plan
 from granite_batch.output import (
     EVAL_DIR,
     RUNS_DIR,
@@ -163,10 +163,16 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
     run = _Run(config.output, RUNS_DIR, config.run_id, config.storage_options)
     stream = ManifestStream(config.manifest or config.input, Defaults.from_config(config), config.storage_options,
                             listing=config.manifest is None)
-    # Bucketed by id on the output's filesystem, so the driver never holds the manifest (plan.py).
-    layout = prepare_plan(stream, config.output, plan_folder(config.output, run.run_id), config.storage_options,
-                          retry_failed=config.retry_failed)
-    model_ref = resolve_model(config.model, config.revision, config.trust_remote_code)
+    fs, root = filesystem(config.output, config.storage_options)
+    output_existed = fs.exists(root)
+    try:
+        # Bucketed by id on the output's filesystem, so the driver never holds the manifest (plan.py).
+        layout = prepare_plan(stream, config.output, plan_folder(config.output, run.run_id),
+                              config.storage_options, retry_failed=config.retry_failed)
+        model_ref = resolve_model(config.model, config.revision, config.trust_remote_code)
+    except BaseException:  # a bad manifest or model: nothing was done, so nothing is left behind
+        discard_plan(config.output, run.run_id, config.storage_options, output_created=not output_existed)
+        raise
     planned = plan_counts(layout)
     if config.retry_failed and layout.committed.failed_files:
         # A crash after this leaves the failed ids with no row, so they are redone, never with two.

@@ -43,9 +43,6 @@ PLAN_DIR = "plan"
 ROWS_PER_BUCKET = 250_000  # what one read task holds: ~60 MB of manifest rows
 MAX_BUCKETS = 4096
 SPOOL_BYTES = 64 << 20  # the driver's write buffer over all buckets
-# Bytes of manifest file per row, at the least, to guess a big manifest's rows before reading it all.
-MIN_TEXT_BYTES_PER_ROW = 60
-MIN_PARQUET_BYTES_PER_ROW = 10
 LISTING_BUCKETS = 256
 DONE_SCHEMA = pa.schema([("id", pa.string()), ("ok", pa.bool_())])
 COUNT_KEYS = ("rows_in", "duplicates", "rows_already_done", "rows_to_do", "rows_retried")
@@ -225,13 +222,13 @@ def prepare_plan(stream: ManifestStream, output_uri: str, folder: str, storage_o
                 break
         else:
             exhausted = True
+        held_rows = sum(t.num_rows for t in held)
         if exhausted:
-            rows = sum(t.num_rows for t in held)
+            rows = held_rows
         elif stream.listing:
             rows = LISTING_BUCKETS * ROWS_PER_BUCKET
-        else:
-            parquet = all(f.endswith(".parquet") for f in stream.files)
-            rows = stream.size_bytes() // (MIN_PARQUET_BYTES_PER_ROW if parquet else MIN_TEXT_BYTES_PER_ROW)
+        else:  # as if the rest of the files held rows like these (compressed Parquet holds more)
+            rows = int(stream.size_bytes() / (held_bytes / max(1, held_rows)))
         buckets = _buckets_for(max(rows, committed_rows))
 
     spool = _Spool(plan_fs, posixpath.join(plan_path, "manifest"), buckets, spool_bytes)
@@ -313,10 +310,20 @@ def plan_counts(layout: PlanLayout) -> dict:
     return sum_counts([_plan(layout, b, columns=["id"])[1] for b in range(layout.buckets)])
 
 
-def remove_plan(layout: PlanLayout) -> None:
-    fs, folder = filesystem(layout.folder, layout.storage_options)
-    if fs.exists(folder):
-        fs.rm(folder, recursive=True)
+def discard_plan(output_uri: str, run_id: str, storage_options: dict | None = None,
+                 output_created: bool = False) -> None:
+    """Remove what planning left in the output of a run that stopped before any work: the run's
+    staging folder, `_staging` when nothing else is in it, and the output root if the run made it."""
+    fs, root = filesystem(output_uri, storage_options)
+    run_folder = posixpath.join(root, STAGING_DIR, run_id)
+    if fs.exists(run_folder):
+        fs.rm(run_folder, recursive=True)
+    for folder in [posixpath.join(root, STAGING_DIR)] + ([root] if output_created else []):
+        try:
+            if fs.exists(folder) and not fs.ls(folder, detail=False):
+                fs.rmdir(folder)
+        except OSError:  # someone else's files arrived meanwhile: leave them
+            return
 
 
 @dataclass
