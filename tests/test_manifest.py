@@ -232,6 +232,8 @@ def test_empty_blank_and_null_ids_are_replaced_by_the_digest_and_counted(tmp_pat
         (['{"audio": "/a.wav"}', '{"audio": "/b.wav", "keywords": ["x", 3]}'],
          r"m\.jsonl line 2: field 'keywords' must be a list of strings .*not a list holding float"),
         (['{"audio": "/a.wav", "id": 1.5}'], r"m\.jsonl line 1: field 'id' must be a string or an integer"),
+        (['{"audio": "/a.wav", "x": []}', '{"audio": "/b.wav", "x": [false, 0]}'],
+         r"m\.jsonl: line 2: field 'x' is a list whose items cannot share one type"),
     ],
 )
 @pytest.mark.parametrize("block_bytes", [1 << 20, 40])

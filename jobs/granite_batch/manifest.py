@@ -190,6 +190,9 @@ def _value_conflict(values: list, lines: list[int], column: str) -> str | None:
         else:
             low = middle + 1
     bad = values[high]
+    if fails([bad]):  # the value alone: a list or object whose own items cannot share a type
+        return (f"line {lines[high]}: field {column!r} is a {_python_kind(bad)} whose items cannot share "
+                "one type")
     earlier = next((j for j in range(high) if values[j] is not None and fails([values[j], bad])), None)
     if earlier is None:
         return f"line {lines[high]}: field {column!r} has a value Arrow cannot type ({_python_kind(bad)})"
