@@ -153,3 +153,149 @@ def test_missing_manifest_and_unknown_format(tmp_path):
     (tmp_path / "m.txt").write_text("audio\n")
     with pytest.raises(ManifestError, match="unknown manifest format"):
         read_manifest(str(tmp_path / "m.txt"), DEFAULTS)
+
+
+# --- every allowed form, in blocks ----------------------------------------------------------------
+
+from granite_batch.manifest import ManifestStream, first_of_each_id  # noqa: E402
+
+MIXED_ROWS = [  # each contract column in every allowed form, varying from row to row
+    {"audio": "/r/0.wav", "id": 7, "keywords": ["Lyon", " Paris "], "note": "a"},
+    {"audio": "/r/1.wav", "id": "k-1", "keywords": "Lyon, Paris", "note": None},
+    {"audio": "/r/2.wav", "id": None, "keywords": None},
+    {"audio": "/r/3.wav", "keywords": "", "language": "FR"},
+    {"audio": "/r/4.wav", "id": "  ", "keywords": [], "task": "AST", "target_language": "EN", "language": "fr"},
+    {"audio": "/r/5.wav", "id": 12, "keywords": "solo"},
+]
+UNIFORM_ROWS = [  # the same requests, each column in one form
+    {"audio": "/r/0.wav", "id": "7", "keywords": ["Lyon", "Paris"], "note": "a"},
+    {"audio": "/r/1.wav", "id": "k-1", "keywords": ["Lyon", "Paris"], "note": None},
+    {"audio": "/r/2.wav", "id": None, "keywords": None},
+    {"audio": "/r/3.wav", "id": None, "keywords": [], "language": "fr"},
+    {"audio": "/r/4.wav", "id": None, "keywords": [], "task": "ast", "target_language": "en", "language": "fr"},
+    {"audio": "/r/5.wav", "id": "12", "keywords": ["solo"]},
+]
+
+
+def mixed_csv(path):
+    path.write_text("audio,id,keywords,language,task,target_language,note\n"
+                    '/r/0.wav,7,"Lyon, Paris ",,,,a\n'
+                    "/r/1.wav,k-1,\"Lyon,Paris\",,,,\n"
+                    "/r/2.wav,,,,,,\n"
+                    "/r/3.wav,,,FR,,,\n"
+                    "/r/4.wav,  ,,fr,AST,EN,\n"
+                    "/r/5.wav,12,solo,,,,\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("block_bytes", [1 << 20, 90])  # one block, and a block every line or two
+def test_mixed_forms_in_jsonl_and_csv_give_the_rows_of_uniform_forms(tmp_path, block_bytes):
+    uniform = read_manifest(str(write_jsonl(tmp_path / "uniform.jsonl", UNIFORM_ROWS)), DEFAULTS)
+    expected = rows_of(uniform)
+    assert [r["keywords"] for r in expected] == [["Lyon", "Paris"], ["Lyon", "Paris"], [], [], [], ["solo"]]
+    assert expected[0]["id"] == "7" and expected[5]["id"] == "12" and expected[4]["task"] == "ast"
+
+    jsonl = write_jsonl(tmp_path / "mixed.jsonl", MIXED_ROWS)
+    csv_path = mixed_csv(tmp_path / "mixed.csv")
+    pq.write_table(pa.Table.from_struct_array(pa.array(UNIFORM_ROWS)), tmp_path / "uniform.parquet")
+    for source in (jsonl, csv_path, tmp_path / "uniform.parquet"):
+        stream = ManifestStream(str(source), DEFAULTS, block_bytes=block_bytes)
+        table = pa.concat_tables(list(stream), promote_options="permissive")
+        rows = table.to_pylist()
+        assert [{k: r[k] for k in r if k != "note"} for r in rows] == \
+               [{k: r[k] for k in r if k != "note"} for r in expected], source.name
+        assert [r["note"] for r in rows] == ["a", None, None, None, None, None]
+        assert stream.rows_in == 6 and stream.ids_replaced == 3
+
+
+def test_empty_blank_and_null_ids_are_replaced_by_the_digest_and_counted(tmp_path):
+    path = write_jsonl(tmp_path / "m.jsonl", [{"audio": "/a.wav", "id": ""}, {"audio": "/b.wav", "id": "  "},
+                                              {"audio": "/c.wav", "id": None}, {"audio": "/d.wav", "id": "d"},
+                                              {"audio": "/e.wav"}])
+    manifest = read_manifest(str(path), DEFAULTS)
+    assert manifest.ids_replaced == 4  # the missing key in a manifest that has the column counts too
+    assert [r["id"] for r in rows_of(manifest)][:3] == [default_id(f"/{c}.wav", "asr", None, []) for c in "abc"]
+    assert read_manifest(str(write_jsonl(tmp_path / "n.jsonl", [{"audio": "/a.wav"}])), DEFAULTS).ids_replaced == 0
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (['{"audio": "/a.wav", "n": 1}', '{"audio": "/b.wav"}', '{"audio": "/c.wav", "n": "two"}'],
+         r"m\.jsonl: line 3: field 'n' is str, but line 1 has float"),
+        (['{"audio": "/a.wav", "meta": {"a": 1}}', '{"audio": "/b.wav", "meta": 2}'],
+         r"m\.jsonl: line 2: field 'meta' is float, but line 1 has dict"),
+        (['{"audio": "/a.wav", "meta": {"a": {"b": 1}}}', '{"audio": "/b.wav", "meta": {"a": 2}}'],
+         r"m\.jsonl: line 2: field 'meta' is struct<a: int64>, but line 1 has struct<a: struct<b: int64>>"),
+        (['{"audio": "/a.wav"}', '{"audio": "/b.wav", "keywords": 5}'],
+         r"m\.jsonl line 2: field 'keywords' must be a list of strings or one comma-separated string, not float"),
+        (['{"audio": "/a.wav"}', '{"audio": "/b.wav", "keywords": ["x", 3]}'],
+         r"m\.jsonl line 2: field 'keywords' must be a list of strings .*not a list holding float"),
+        (['{"audio": "/a.wav", "id": 1.5}'], r"m\.jsonl line 1: field 'id' must be a string or an integer"),
+        (['{"audio": "/a.wav", "x": []}', '{"audio": "/b.wav", "x": [false, 0]}'],
+         r"m\.jsonl: line 2: field 'x' is a list whose items cannot share one type"),
+    ],
+)
+@pytest.mark.parametrize("block_bytes", [1 << 20, 40])
+def test_type_clashes_and_keyword_errors_name_column_and_lines_in_any_block(tmp_path, lines, message, block_bytes):
+    path = tmp_path / "m.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(ManifestError, match=message):
+        list(ManifestStream(str(path), DEFAULTS, block_bytes=block_bytes))
+
+
+def test_malformed_line_far_into_a_big_manifest_names_its_line(tmp_path):
+    rows = [f'{{"audio": "/r/{i}.wav", "id": "r{i}"}}' for i in range(3000)]
+    rows[2500] = '{"audio": "/r/2500.wav", "id": '
+    rows.insert(10, "")  # a blank line still counts as a line
+    path = tmp_path / "m.jsonl"
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    with pytest.raises(ManifestError, match=r"m\.jsonl line 2502: malformed JSON"):
+        list(ManifestStream(str(path), DEFAULTS, block_bytes=4096))
+    rows[2501] = '{"id": "no audio"}'
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    with pytest.raises(ManifestError, match=r"m\.jsonl line 2502: field 'audio' is missing or empty"):
+        list(ManifestStream(str(path), DEFAULTS, block_bytes=4096))
+
+
+def test_csv_in_many_blocks_reads_as_one_file_and_names_bad_lines(tmp_path):
+    lines = ["audio,n,reference"] + [f'/r/{i}.wav,{i},"said ""{i}"",\nthen"' for i in range(2000)]
+    lines[1500] = '/r/1499.wav,many,"x"'  # a word in a number column, far from the first block
+    path = tmp_path / "m.csv"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    whole = read_manifest(str(path), DEFAULTS).table
+    streamed = pa.concat_tables(list(ManifestStream(str(path), DEFAULTS, block_bytes=4096)))
+    assert whole.schema.field("n").type == pa.string() == streamed.schema.field("n").type
+    assert streamed.to_pylist() == whole.to_pylist() and streamed.num_rows == 2000
+    assert streamed.column("reference")[0].as_py() == 'said "0",\nthen'
+
+    lines[1800] = "/r/x.wav,1,2,3"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    # The header, 1799 rows of two lines but one of one line before it: data row 1799 is line 3599.
+    with pytest.raises(ManifestError, match=r"m\.csv line 3599: 4 fields, the header has 3"):
+        list(ManifestStream(str(path), DEFAULTS, block_bytes=4096))
+
+
+def test_parquet_keyword_type_error_names_the_row(tmp_path):
+    pq.write_table(pa.table({"audio": ["/a.wav", "/b.wav"], "keywords": [None, [1, 2]]}), tmp_path / "m.parquet")
+    with pytest.raises(ManifestError, match=r"m\.parquet row 2: field 'keywords' must be a list of strings"):
+        read_manifest(str(tmp_path / "m.parquet"), DEFAULTS)
+
+
+def test_passthrough_types_unify_across_blocks_and_files(tmp_path):
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [{"audio": "/a.wav", "n": 1, "meta": {"x": 1}}, {"audio": "/b.wav"}])
+    write_jsonl(folder / "b.jsonl", [{"audio": "/c.wav", "n": 2.5, "meta": {"y": "z"}, "day": "2026-12-01"}])
+    manifest = read_manifest(str(folder), DEFAULTS)
+    assert manifest.table.schema.field("n").type == pa.float64()
+    assert [r["meta"] for r in rows_of(manifest)] == [{"x": 1, "y": None}, None, {"x": None, "y": "z"}]
+    assert rows_of(manifest)[2]["day"] == "2026-12-01"  # a date stays the text it was
+    write_jsonl(folder / "c.jsonl", [{"audio": "/d.wav", "n": "three"}])
+    with pytest.raises(ManifestError, match=r"c\.jsonl: line 1: field 'n' is str, but .*a\.jsonl line 1 has float"):
+        read_manifest(str(folder), DEFAULTS)
+
+
+def test_first_of_each_id_keeps_manifest_order():
+    table = pa.table({"id": ["b", "a", "b", "c", "a"], "n": [0, 1, 2, 3, 4]})
+    assert first_of_each_id(table).to_pylist() == [{"id": "b", "n": 0}, {"id": "a", "n": 1}, {"id": "c", "n": 3}]

@@ -222,33 +222,34 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    import pyarrow.compute as pc
-
-    from granite_batch.manifest import Defaults, ManifestError, read_manifest
-    from granite_batch.output import read_committed, read_summaries
+    from granite_batch.manifest import Defaults, ManifestError, ManifestStream
+    from granite_batch.output import read_summaries
+    from granite_batch.plan import count_status
 
     options = {"s3": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else {}
     runs = read_summaries(args.output, options)
-    committed = read_committed(args.output, options)
     print(f"{'run':<34} {'status':<18} {'started (UTC)':<20} {'ok':>8} {'failed':>8} {'wall s':>9}")
     for run in runs:
         started = (run.get("started_at") or "")[:19].replace("T", " ")
         print(f"{run['run_id']:<34} {run['status']:<18} {started:<20} {run['rows_ok']:>8} "
               f"{run['rows_failed']:>8} {run['wall_s']:>9.1f}")
     _print_leases(args.output, options)
-    failed = len(committed.failed_ids)
-    print(f"\nrows done: {len(committed.ok_ids) + failed} ({len(committed.ok_ids)} ok, {failed} failed)")
-    for reason, count in committed.failures_by_reason.most_common():
+    try:
+        stream = ManifestStream(args.manifest, Defaults(language=args.language), options) if args.manifest else None
+        # Counted file by file and bucket by bucket: never every id in memory at once (plan.py).
+        status = count_status(args.output, stream, options)
+    except ManifestError as exc:
+        print(f"granite-batch: bad manifest: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    done = status.committed
+    print(f"\nrows done: {done.rows_ok + done.rows_failed} ({done.rows_ok} ok, {done.rows_failed} failed)")
+    for reason, count in done.failures_by_reason.most_common():
         print(f"  failed: {count:>6}  {reason}")
-    if args.manifest:
-        try:
-            manifest = read_manifest(args.manifest, Defaults(language=args.language), options)
-        except ManifestError as exc:
-            print(f"granite-batch: bad manifest: {exc}", file=sys.stderr)
-            return EXIT_CONFIG
-        done = committed.ids()
-        pending = manifest.table.num_rows - pc.sum(pc.is_in(manifest.table.column("id"), value_set=done)).as_py()
-        print(f"pending: {pending} of {manifest.table.num_rows} manifest ids have no row yet")
+    for path in done.foreign_files:
+        print(f"  skipped (not written by granite-batch): {path}")
+    if status.manifest is not None:
+        distinct = status.manifest["rows_in"] - status.manifest["duplicates"]
+        print(f"pending: {status.manifest['rows_to_do']} of {distinct} manifest ids have no row yet")
     return EXIT_OK
 
 

@@ -28,14 +28,17 @@ from granite_batch import pipeline, results
 from granite_batch.config import ConfigError, JobConfig, SecondPassOptions, load_config
 from granite_batch.language_model import resolve_language_model
 from granite_batch.lease import LeaseTerms, NoLease, take_lease
-from granite_batch.manifest import Defaults, list_recordings, read_manifest
+from granite_batch.manifest import Defaults, ManifestStream, read_manifest
 from granite_batch.model import first_line, resolve_model
+from granite_batch.plan import discard_plan, plan_counts, plan_folder, prepare_plan
 from granite_batch.output import (
     EVAL_DIR,
     RUNS_DIR,
+    TRANSCRIPTS_DIR,
     SECOND_PASS_SCHEMA,
     RunStats,
     TranscriptWriter,
+    drop_failed_rows,
     drop_rows,
     error_reason,
     read_committed,
@@ -132,15 +135,15 @@ class _Run:
         finally:
             self.lease.release()
 
-    def plan(self, dataset_dir: str, retry_failed: bool, terms: LeaseTerms) -> pa.Array:
+    def plan(self, dataset_dir: str, terms: LeaseTerms, planner: Callable[[], object]):
         """Take the lease on the dataset this run writes (held until the run ends; waits for or
-        raises LeaseHeld naming another holder), then return the ids to skip in it."""
+        raises LeaseHeld naming another holder), then plan what is left to do: `planner()`."""
         self.lease = take_lease(self.output_uri, dataset_dir, self.run_id, self.storage_options, terms)
         # The run starts now: time spent waiting for the lease is not its wall time.
         self.started_at, self.clock = datetime.now(timezone.utc), time.monotonic()
         try:
             self._refuse_existing_run_id()  # a run of the same id may have held the lease meanwhile
-            return _ids_to_skip(self.output_uri, dataset_dir, retry_failed, self.storage_options)
+            return planner()
         except BaseException:
             self.lease.release()
             raise
@@ -182,25 +185,36 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
     successful row), so re-running the same command after a crash finishes the rest.
     """
     run = _Run(config.output, RUNS_DIR, config.run_id, config.storage_options)
-    defaults = Defaults.from_config(config)
-    if config.manifest is not None:
-        manifest = read_manifest(config.manifest, defaults, config.storage_options)
-    else:
-        manifest = list_recordings(config.input, defaults, config.storage_options)
-    model_ref = resolve_model(config.model, config.revision, config.trust_remote_code)
-
+    stream = ManifestStream(config.manifest or config.input, Defaults.from_config(config), config.storage_options,
+                            listing=config.manifest is None)
+    fs, root = filesystem(config.output, config.storage_options)
+    output_existed = fs.exists(root)
     lease_terms = LeaseTerms(config.lease, config.lease_expiry_s, config.lease_wait_s)
-    skip = run.plan("transcripts", config.retry_failed, lease_terms)
-    todo = manifest.table.filter(pc.invert(pc.is_in(manifest.table.column("id"), value_set=skip)))
-    already_done = manifest.table.num_rows - todo.num_rows
-    log.info("run %s: %d rows to do, %d already done, %d duplicates, from %s", run.run_id, todo.num_rows,
-             already_done, manifest.duplicates, config.manifest or config.input)
+
+    def plan():
+        # Bucketed by id on the output's filesystem, so the driver never holds the manifest (plan.py).
+        return prepare_plan(stream, config.output, plan_folder(config.output, run.run_id), config.storage_options,
+                            retry_failed=config.retry_failed)
+
+    try:
+        layout = run.plan(TRANSCRIPTS_DIR, lease_terms, plan)
+        model_ref = resolve_model(config.model, config.revision, config.trust_remote_code)
+    except BaseException:  # a bad manifest or model: nothing was done, so nothing is left behind
+        run.lease.release()
+        discard_plan(config.output, run.run_id, config.storage_options, output_created=not output_existed)
+        raise
+    planned = plan_counts(layout)
+    if config.retry_failed and layout.committed.failed_files:
+        # A crash after this leaves the failed ids with no row, so they are redone, never with two.
+        drop_failed_rows(config.output, layout.committed.failed_files, config.storage_options)
+    log.info("run %s: %d rows to do, %d already done, %d duplicates, from %s", run.run_id, planned["rows_to_do"],
+             planned["rows_already_done"], planned["duplicates"], config.manifest or config.input)
 
     stats = RunStats()
     assembler: RecordingAssembler | None = None
     scored_columns = ["id", "language", "task", "target_language", "text", "error", "reference"]
     with_reference: list[pa.Table] = []  # the small part of each batch that quality figures need
-    writer = TranscriptWriter(config.output, run.run_id, transcript_schema(manifest.table.schema),
+    writer = TranscriptWriter(config.output, run.run_id, transcript_schema(layout.schema),
                               config.storage_options, config.rows_per_file, config.commit_interval_s,
                               before_commit=run.lease.check)
 
@@ -208,11 +222,14 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
         wall_s = run.wall_s()
         return {
             **run.times(status),
-            "manifest_files": manifest.files,
-            "rows_in": manifest.rows_in,
-            "duplicates": manifest.duplicates,
-            "rows_already_done": already_done,
-            "rows_to_do": todo.num_rows,
+            "manifest_files": layout.manifest_files,
+            "rows_in": layout.rows_in,
+            "duplicates": planned["duplicates"],
+            "ids_replaced": layout.ids_replaced,
+            "rows_already_done": planned["rows_already_done"],
+            "rows_to_do": planned["rows_to_do"],
+            "rows_retried": planned["rows_retried"],
+            "foreign_files": layout.committed.foreign_files,
             "rows_written": stats.rows_written,
             "rows_ok": stats.rows_ok,
             "rows_failed": stats.rows_failed,
@@ -242,15 +259,15 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
 
     run.summary = summary
     with run:
-        if todo.num_rows:
+        if planned["rows_to_do"]:
             pipeline.ensure_ray().data.DataContext.get_current().enable_progress_bars = progress
-            segments = pipeline.build_dataset(todo, config, model_ref, run.run_id)
+            segments = pipeline.build_dataset((layout, planned["rows_to_do"]), config, model_ref, run.run_id)
             assembler = RecordingAssembler()
             run.stream(_recordings(segments, assembler), writer, on_batch)
             if assembler.pending:  # never written half: the next run redoes them
                 log.warning("%d recordings did not receive all their segments; a re-run redoes them",
                             assembler.pending)
-        writer.close()
+        writer.close()  # removes the run's staging folder, the plan's included
         failed_fraction = stats.rows_failed / stats.rows_written if stats.rows_written else 0.0
         too_many = failed_fraction > config.max_failed_fraction
         extra = {"quality": _quality(pa.concat_tables(with_reference))} if with_reference else {}
@@ -306,7 +323,8 @@ def run_second_pass(output_uri: str, options: SecondPassOptions, storage_options
     failed = pc.is_valid(transcripts.column("error"))
     empty = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(pc.fill_null(transcripts.column("text"), "")), ""), True)
     usable = transcripts.filter(pc.and_(pc.invert(failed), pc.invert(empty)))
-    done_ids = run.plan(dataset_dir, options.retry_failed, lease_terms)
+    done_ids = run.plan(dataset_dir, lease_terms,
+                        lambda: _ids_to_skip(output_uri, dataset_dir, options.retry_failed, storage_options))
     todo = usable.filter(pc.invert(pc.is_in(usable.column("id"), value_set=done_ids)))
     todo = todo.select(["id", "language", "text"])
     log.info("second pass %s (run %s): %d transcripts to do, %d already done", name, run.run_id, todo.num_rows,

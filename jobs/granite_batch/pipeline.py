@@ -21,6 +21,7 @@ from granite_batch import audio, segment
 from granite_batch.config import JobConfig, SecondPassOptions
 from granite_batch.language_model import LanguageModel
 from granite_batch.model import ModelRef, SpeechModel
+from granite_batch.plan import PlanLayout, plan_bucket
 from granite_batch.second_pass import second_pass_table
 from granite_batch.second_pass_prompts import Prompter
 from granite_batch.speculative import SpeculativeOptions
@@ -89,13 +90,35 @@ def ensure_ray():
 MAX_INPUT_BLOCKS = 100_000
 
 
-def _input_blocks(table: pa.Table, cluster: dict, max_rows: int) -> list[pa.Table]:
-    """Slices of `table`: enough to keep every CPU of the cluster busy, at most `max_rows` rows each
-    (more for manifests of over `MAX_INPUT_BLOCKS` * `max_rows` rows)."""
-    rows = table.num_rows
+def _block_rows(rows: int, cluster: dict, max_rows: int) -> int:
+    """Rows per input block: enough blocks to keep every CPU of the cluster busy, at most `max_rows`
+    rows each (more for manifests of over `MAX_INPUT_BLOCKS` * `max_rows` rows)."""
     per_cpu = math.ceil(rows / max(2, 2 * int(cluster.get("CPU", 1))))
-    block_rows = max(1, min(max_rows, per_cpu), math.ceil(rows / MAX_INPUT_BLOCKS))
-    return [table.slice(i, block_rows) for i in range(0, rows, block_rows)]
+    return max(1, min(max_rows, per_cpu), math.ceil(rows / MAX_INPUT_BLOCKS))
+
+
+def _input_blocks(table: pa.Table, cluster: dict, max_rows: int) -> list[pa.Table]:
+    """Slices of `table` of `_block_rows` rows each."""
+    block_rows = _block_rows(table.num_rows, cluster, max_rows)
+    return [table.slice(i, block_rows) for i in range(0, table.num_rows, block_rows)]
+
+
+def _plan_buckets(buckets: pa.Table, layout: PlanLayout):
+    for bucket in buckets.column("id").to_pylist():
+        todo, _ = plan_bucket(layout, bucket)
+        if todo.num_rows:
+            yield todo
+
+
+def planned_rows(layout: PlanLayout, rows_to_do: int, cluster: dict, max_rows: int):
+    """The rows still to do as a lazy Ray Dataset: one task plans each bucket of the plan (plan.py),
+    so rows reach the next stage as soon as their bucket is planned, in blocks of `_block_rows`."""
+    import ray
+
+    ds = ray.data.range(layout.buckets, override_num_blocks=layout.buckets)
+    ds = ds.map_batches(_plan_buckets, fn_kwargs={"layout": layout}, batch_size=1, batch_format="pyarrow")
+    # Streaming, fused into the planning tasks: a bucket's rows leave them in small blocks.
+    return ds.repartition(target_num_rows_per_block=_block_rows(rows_to_do, cluster, max_rows))
 
 
 # The model actor takes this many generate() calls' worth of segments at a time and sorts them by
@@ -103,10 +126,12 @@ def _input_blocks(table: pa.Table, cluster: dict, max_rows: int) -> list[pa.Tabl
 SORT_POOL_CALLS = 4
 
 
-def build_dataset(rows_to_do: pa.Table, config: JobConfig, model_ref: ModelRef, run_id: str):
-    """The lazy Ray Dataset of segment results for `rows_to_do` (nothing runs until it is iterated):
-    one row per speech segment, and one per recording that gave no segment; the driver assembles
-    them into recordings (transcribe.RecordingAssembler)."""
+def build_dataset(rows_to_do: pa.Table | tuple[PlanLayout, int], config: JobConfig, model_ref: ModelRef,
+                  run_id: str):
+    """The lazy Ray Dataset of segment results for `rows_to_do`, a table or a prepared plan and its
+    number of rows to do (nothing runs until it is iterated): one row per speech segment, and one per
+    recording that gave no segment; the driver assembles them into recordings
+    (transcribe.RecordingAssembler)."""
     ray = ensure_ray()
     cluster = ray.cluster_resources()
     gpus_per_actor = config.resources.gpus_per_actor
@@ -116,7 +141,10 @@ def build_dataset(rows_to_do: pa.Table, config: JobConfig, model_ref: ModelRef, 
 
     # At most 16 rows a block, so the model actor gets its first batch after 16 recordings are
     # decoded, not 64 (300 short clips on 2 cores: 9.9 s instead of 13.5).
-    ds = ray.data.from_arrow(_input_blocks(rows_to_do, cluster, max_rows=16))
+    if isinstance(rows_to_do, pa.Table):
+        ds = ray.data.from_arrow(_input_blocks(rows_to_do, cluster, max_rows=16))
+    else:
+        ds = planned_rows(*rows_to_do, cluster, max_rows=16)
 
     ds = ds.map_batches(
         audio.decode_table,
