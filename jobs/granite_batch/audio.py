@@ -75,8 +75,12 @@ def _decode_stream(container, stream, sample_rate_hz: int, max_duration_s: float
     if not source_rate:
         raise DecodeError("decode failed: the audio stream has no sample rate")
     channels = stream.codec_context.channels or 1
-    # Planar float at the stream's own rate and layout: channel downmix and resampling are ours.
-    converter = av.AudioResampler(format="fltp", rate=source_rate)
+    # Interleaved float at the stream's own rate and layout: channel downmix and resampling are ours.
+    # Not planar: PyAV 18.1's AudioFrame.planes counts planes by walking extended_data to a NULL
+    # that a frame of 8 or more planes does not have (AV_NUM_DATA_POINTERS is 8), so to_ndarray()
+    # read wild pointers and crashed the worker on any 8+ channel recording. An interleaved frame has
+    # one plane whatever its channels (torchcodec hit the same limit: meta-pytorch/torchcodec#1166).
+    converter = av.AudioResampler(format="flt", rate=source_rate)
     resampler = None if source_rate == sample_rate_hz else soxr.ResampleStream(
         source_rate, sample_rate_hz, 1, dtype="float32", quality="HQ"
     )
@@ -86,9 +90,9 @@ def _decode_stream(container, stream, sample_rate_hz: int, max_duration_s: float
     filled = _BLOCK_SAMPLES  # samples used in the last block
     total = 0
 
-    def push(planar: np.ndarray, last: bool = False) -> None:
+    def push(interleaved: np.ndarray, last: bool = False) -> None:
         nonlocal total, filled
-        mono = planar.mean(axis=0, dtype=np.float32) if planar.shape[0] > 1 else planar[0]
+        mono = _downmix(interleaved)
         out = mono if resampler is None else resampler.resample_chunk(mono, last=last)
         while out.size:
             if filled == _BLOCK_SAMPLES:
@@ -112,17 +116,18 @@ def _decode_stream(container, stream, sample_rate_hz: int, max_duration_s: float
     pending_samples = 0
     for frame in container.decode(stream):
         for converted in converter.resample(frame):
-            pending.append(converted.to_ndarray())
-            pending_samples += pending[-1].shape[1]
+            pending.append(_interleaved(converted))
+            pending_samples += converted.samples
         if pending_samples >= source_rate:
-            push(np.concatenate(pending, axis=1) if len(pending) > 1 else pending[0])
+            # One layout throughout: the converter refuses a frame that changes it.
+            push(np.concatenate(pending) if len(pending) > 1 else pending[0])
             pending, pending_samples = [], 0
     for converted in converter.resample(None):
-        pending.append(converted.to_ndarray())
+        pending.append(_interleaved(converted))
     if pending:
-        push(np.concatenate(pending, axis=1) if len(pending) > 1 else pending[0])
+        push(np.concatenate(pending) if len(pending) > 1 else pending[0])
     if resampler is not None:
-        push(np.zeros((1, 0), dtype=np.float32), last=True)
+        push(np.zeros((0, 1), dtype=np.float32), last=True)
 
     if total == 0:
         raise DecodeError("decode failed: no audio samples decoded (empty or truncated recording)")
@@ -136,6 +141,25 @@ def _decode_stream(container, stream, sample_rate_hz: int, max_duration_s: float
     if not np.isfinite(np.sum(samples, dtype=np.float64)):
         np.nan_to_num(samples, copy=False, nan=0.0, posinf=1.0, neginf=-1.0)
     return Recording(samples, sample_rate_hz, int(source_rate), int(channels))
+
+
+def _interleaved(frame) -> np.ndarray:
+    """An interleaved float frame as a (samples, channels) view of its one plane."""
+    channels = len(frame.layout.channels)
+    return np.frombuffer(frame.planes[0], dtype=np.float32, count=frame.samples * channels).reshape(-1, channels)
+
+
+def _downmix(interleaved: np.ndarray) -> np.ndarray:
+    """The mean of the channels of (samples, channels), one column at a time: as fast as averaging
+    planar channels (numpy's reduction along the short last axis is about 2x slower)."""
+    channels = interleaved.shape[1]
+    if channels == 1:
+        return interleaved[:, 0]
+    mono = interleaved[:, 0].copy()
+    for channel in range(1, channels):
+        mono += interleaved[:, channel]
+    mono *= np.float32(1.0 / channels)
+    return mono
 
 
 def _ffmpeg_reason(exc: Exception) -> str:
