@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import soxr
 
+from granite_batch.isolation import Crash, CrashTest, map_isolated
 from granite_batch.storage import filesystem
 
 SAMPLE_RATE_HZ = 16000
@@ -221,25 +222,34 @@ def samples_from_arrow(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray | 
 
 
 def decode_table(table: pa.Table, storage_options: dict | None = None, sample_rate_hz: int = SAMPLE_RATE_HZ,
-                 max_duration_s: float | None = None, timeout_s: float | None = None) -> pa.Table:
-    """Decode stage: add `samples` and `duration_s`; a row that cannot be decoded gets `error`."""
+                 max_duration_s: float | None = None, timeout_s: float | None = None, isolate: bool = True,
+                 crash_test: CrashTest | None = None) -> pa.Table:
+    """Decode stage: add `samples` and `duration_s`; a row that cannot be decoded gets `error`.
+
+    With `isolate`, the decoding runs in a forked child process (isolation.py): a recording that
+    crashes it becomes an error row ("decode crashed the worker: signal 11 (SIGSEGV)") and the
+    others are decoded as usual. `crash_test` is for tests only.
+    """
     errors = table.column("error").to_pylist()
-    recordings: list[np.ndarray | None] = []
-    durations: list[float | None] = []
-    for i, uri in enumerate(table.column("audio").to_pylist()):
-        if errors[i] is not None:
-            recordings.append(None)
-            durations.append(None)
-            continue
+    uris = table.column("audio").to_pylist()
+    todo = [i for i in range(table.num_rows) if errors[i] is None]
+
+    def decode_row(uri: str) -> tuple[np.ndarray | None, float | None, str | None]:
+        if crash_test is not None:
+            crash_test.check("decode", [uri])
         try:
             recording = load_recording(uri, storage_options, sample_rate_hz, max_duration_s, timeout_s)
         except DecodeError as exc:
-            errors[i] = str(exc)
-            recordings.append(None)
-            durations.append(None)
-            continue
-        recordings.append(recording.samples)
-        durations.append(recording.duration_s)
+            return None, None, str(exc)
+        return recording.samples, recording.duration_s, None
+
+    recordings: list[np.ndarray | None] = [None] * table.num_rows
+    durations: list[float | None] = [None] * table.num_rows
+    for i, result in zip(todo, map_isolated(decode_row, [uris[i] for i in todo], isolate=isolate)):
+        if isinstance(result, Crash):
+            errors[i] = result.reason("decode")
+        else:
+            recordings[i], durations[i], errors[i] = result
     table = table.set_column(table.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
     table = table.append_column("duration_s", pa.array(durations, pa.float64()))
     return table.append_column("samples", samples_to_arrow(recordings))
