@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pyarrow as pa
+import pytest
 
 from granite_batch.evaluate import quality_summary, score_table
 
@@ -29,3 +30,63 @@ def test_quality_summary_never_raises():
     assert quality_summary(transcripts(pa.array([42])))["rows_scored"] == 1
     broken = pa.table({"reference": ["x"]})  # no text/error columns: score_table refuses it
     assert quality_summary(broken)["skipped"].startswith("quality scoring failed: ValueError: cannot score")
+
+
+def test_an_output_that_is_a_file_is_refused(tmp_path, s3, s3_server):
+    from granite_batch.config import ConfigError
+    from granite_batch.preflight import check_output_root
+
+    (tmp_path / "out.txt").write_text("not a folder")
+    with pytest.raises(ConfigError, match=r"output .*out.txt is a file, not a folder"):
+        check_output_root(str(tmp_path / "out.txt"))
+    check_output_root(str(tmp_path / "new"))  # not there yet: fine
+    (tmp_path / "root").mkdir()
+    check_output_root(str(tmp_path / "root"))
+    s3.mkdir("pre")
+    s3.pipe("pre/object", b"x")
+    options = {"s3": {"endpoint_url": s3_server}}
+    with pytest.raises(ConfigError, match="is a file"):
+        check_output_root("s3://pre/object", options)
+    s3.pipe("pre/root/runs/a.json", b"{}")
+    check_output_root("s3://pre/root", options)
+
+
+@pytest.mark.parametrize("existing", ["runs/R1.json", "transcripts/language=en/part-R1-00001.parquet",
+                                      "_staging/R1/language=en/part-R1-00001.parquet"])
+def test_a_run_id_already_in_the_output_is_refused(tmp_path, existing):
+    from granite_batch.config import ConfigError
+    from granite_batch.preflight import check_run_id_unused
+
+    check_run_id_unused(str(tmp_path), "R1")  # an empty root
+    (tmp_path / "transcripts" / "language=en").mkdir(parents=True)
+    (tmp_path / "transcripts" / "language=en" / "part-R10-00001.parquet").write_text("")  # another run's
+    check_run_id_unused(str(tmp_path), "R1")
+    (tmp_path / existing).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / existing).write_text("")
+    with pytest.raises(ConfigError, match=r"run id R1 already exists in .* a new run needs a new --run-id"):
+        check_run_id_unused(str(tmp_path), "R1")
+    check_run_id_unused(str(tmp_path), "R2")
+
+
+def test_fifos_and_devices_are_named_for_what_they_are_without_blocking(tmp_path):
+    import os
+
+    from granite_batch.audio import DecodeError, load_recording
+
+    fifo = tmp_path / "pipe.wav"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
+    for uri, kind in [(str(fifo), "fifo"), (f"file://{fifo}", "fifo"), ("/dev/null", "character device")]:
+        with pytest.raises(DecodeError) as caught:
+            load_recording(uri)
+        assert str(caught.value) == f"not a regular file: {uri} is a {kind}"
+
+
+def test_a_config_file_that_is_not_text_is_refused_by_name(tmp_path):
+    from conftest import run_cli
+
+    config = tmp_path / "job.yaml"
+    config.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    result = run_cli(["run", "--config", str(config), "--manifest", "m.jsonl", "--output", str(tmp_path / "out")])
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"granite-batch: config file {config} is not text: byte 0x89 at offset 0 "
+                                     "is not UTF-8 (give a YAML file)")

@@ -7,6 +7,8 @@ size of the output. Everything a single recording can do wrong comes back as a s
 
 from __future__ import annotations
 
+import os
+import stat
 import time
 from dataclasses import dataclass
 
@@ -16,7 +18,7 @@ import pyarrow as pa
 import soxr
 
 from granite_batch.isolation import Crash, CrashTest, map_isolated
-from granite_batch.storage import filesystem
+from granite_batch.storage import LOCAL_PROTOCOLS, filesystem, protocol_of
 
 SAMPLE_RATE_HZ = 16000
 # Decoded audio accumulates in 32 MB blocks: large enough that freed blocks go back to the OS (glibc
@@ -176,6 +178,11 @@ def load_recording(
     name = uri.rsplit("/", 1)[-1] or uri
     try:
         fs, path = filesystem(uri, storage_options)
+        if protocol_of(uri) in LOCAL_PROTOCOLS:
+            # Before anything opens it: opening a FIFO for reading waits for a writer, forever.
+            kind = _special_file_kind(os.stat(path).st_mode)
+            if kind is not None:
+                raise DecodeError(f"not a regular file: {uri} is a {kind}")
         size = fs.size(path)
         if size == 0:
             raise DecodeError("decode failed: empty file (0 bytes)")
@@ -193,6 +200,15 @@ def load_recording(
         raise DecodeError(f"read failed: no filesystem for {uri.split('://')[0]}:// ({exc.name} missing)") from None
     except (OSError, ValueError) as exc:
         raise DecodeError(f"read failed: {type(exc).__name__}: {exc}"[:300]) from None
+
+
+def _special_file_kind(mode: int) -> str | None:
+    """What a local path that is neither a regular file nor a directory is, or None."""
+    for test, kind in ((stat.S_ISFIFO, "fifo"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return kind
+    return None
 
 
 def samples_to_arrow(recordings: list[np.ndarray | None]) -> pa.LargeListArray:

@@ -219,6 +219,9 @@ def load_config(yaml_path: str | Path | None = None, overrides: dict[str, Any] |
                 loaded = yaml.safe_load(handle) or {}
         except OSError as exc:
             raise ConfigError(f"cannot read config file {yaml_path}: {exc.strerror or exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {yaml_path} is not text: byte 0x{exc.object[exc.start]:02x} at "
+                              f"offset {exc.start} is not UTF-8 (give a YAML file)") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {yaml_path} is not valid YAML: {exc}") from exc
         if not isinstance(loaded, dict):
