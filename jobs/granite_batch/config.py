@@ -8,6 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from granite_batch.isolation import CrashTest
 from granite_batch.prompts import ASR_LANGUAGES, AST_PAIRS, LANGUAGE_NAMES
 
 DEFAULT_MODEL = "ibm-granite/granite-4.0-1b-speech"
@@ -149,6 +150,10 @@ class JobConfig(_Strict):
     storage_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="fsspec options per URI scheme, e.g. {s3: {endpoint_url: ..., anon: true}}; no secrets",
+    )
+    crash_test: CrashTest | None = Field(
+        None, description="test only: the worker of stage decode|segment|model kills itself (signal, default 11) "
+        "on the row whose audio is `audio`, to test that the job survives native crashes; never set it in production",
     )
 
     @field_validator("language")
