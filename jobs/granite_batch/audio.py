@@ -7,6 +7,7 @@ size of the output. Everything a single recording can do wrong comes back as a s
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 import time
@@ -237,6 +238,18 @@ def samples_from_arrow(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray | 
     return rows
 
 
+def _decode_row(uri: str, storage_options: dict | None, sample_rate_hz: int, max_duration_s: float | None,
+                timeout_s: float | None, crash_test: CrashTest | None) -> tuple[np.ndarray | None, float | None, str | None]:
+    """(samples, duration_s, None) for one recording, or (None, None, the reason it failed)."""
+    if crash_test is not None:
+        crash_test.check("decode", [uri])
+    try:
+        recording = load_recording(uri, storage_options, sample_rate_hz, max_duration_s, timeout_s)
+    except DecodeError as exc:
+        return None, None, str(exc)
+    return recording.samples, recording.duration_s, None
+
+
 def decode_table(table: pa.Table, storage_options: dict | None = None, sample_rate_hz: int = SAMPLE_RATE_HZ,
                  max_duration_s: float | None = None, timeout_s: float | None = None, isolate: bool = True,
                  crash_test: CrashTest | None = None) -> pa.Table:
@@ -249,19 +262,11 @@ def decode_table(table: pa.Table, storage_options: dict | None = None, sample_ra
     errors = table.column("error").to_pylist()
     uris = table.column("audio").to_pylist()
     todo = [i for i in range(table.num_rows) if errors[i] is None]
-
-    def decode_row(uri: str) -> tuple[np.ndarray | None, float | None, str | None]:
-        if crash_test is not None:
-            crash_test.check("decode", [uri])
-        try:
-            recording = load_recording(uri, storage_options, sample_rate_hz, max_duration_s, timeout_s)
-        except DecodeError as exc:
-            return None, None, str(exc)
-        return recording.samples, recording.duration_s, None
-
+    decode = functools.partial(_decode_row, storage_options=storage_options, sample_rate_hz=sample_rate_hz,
+                               max_duration_s=max_duration_s, timeout_s=timeout_s, crash_test=crash_test)
     recordings: list[np.ndarray | None] = [None] * table.num_rows
     durations: list[float | None] = [None] * table.num_rows
-    for i, result in zip(todo, map_isolated(decode_row, [uris[i] for i in todo], isolate=isolate)):
+    for i, result in zip(todo, map_isolated(decode, [uris[i] for i in todo], isolate=isolate)):
         if isinstance(result, Crash):
             errors[i] = result.reason("decode")
         else:

@@ -10,8 +10,10 @@ A recording no longer than `max_segment_s` that holds any speech stays whole (on
 with no speech, or too short to hold a word, has no segment.
 
 Memory: the VAD reads the samples through small (windows x 512) gathers, so segmenting a
-recording allocates a few MB however long it is, besides one float per 32 ms frame. Speed: the
-windows of every recording in a batch run side by side (`speech_probabilities_many`).
+recording allocates a few MB however long it is, besides one float per 32 ms frame, and the copy
+of the batch's samples that the helper process it runs in receives (isolation.py: a crash in it
+costs one row, not the worker). Speed: the windows of every recording in a batch run side by side
+(`speech_probabilities_many`).
 """
 
 from __future__ import annotations
@@ -237,6 +239,24 @@ def _merge(pieces: list[tuple[int, int]], max_len: int, max_gap: int) -> list[tu
     return segments
 
 
+def _segment_rows(rows: list[tuple[np.ndarray, str | None]], sample_rate_hz: int, max_segment_s: float,
+                  options: VadOptions, crash_test: CrashTest | None) -> list[list[tuple[int, int]]]:
+    """`plan_segments` of each (samples, audio) in `rows`, the VAD over all of them at once."""
+    if crash_test is not None:
+        crash_test.check("segment", [audio for _, audio in rows])
+    long_enough = [i for i, (samples, _) in enumerate(rows) if len(samples) >= options.min_speech_s * sample_rate_hz]
+    probabilities: dict[int, np.ndarray] = {}
+    if long_enough:
+        # One buffer, so each VAD step is one gather (a copy of the audio: 2 ms per minute of it).
+        pieces = [rows[i][0] for i in long_enough]
+        buffer = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+        starts = np.concatenate(([0], np.cumsum([len(piece) for piece in pieces])[:-1]))
+        spans = [(0, int(start), len(piece)) for start, piece in zip(starts, pieces)]
+        probabilities = dict(zip(long_enough, speech_probabilities_many([buffer], spans, options)))
+    return [plan_segments(samples, sample_rate_hz, max_segment_s, options, probabilities.get(i))
+            for i, (samples, _) in enumerate(rows)]
+
+
 def segment_table(table: pa.Table, sample_rate_hz: int, max_segment_s: float,
                   options: VadOptions = VadOptions(), isolate: bool = True,
                   crash_test: CrashTest | None = None) -> pa.Table:
@@ -244,39 +264,21 @@ def segment_table(table: pa.Table, sample_rate_hz: int, max_segment_s: float,
 
     Rows without samples get nulls; rows without speech get empty lists. The VAD runs over all the
     recordings of the table at once, so short clips run side by side instead of a window at a time.
-    With `isolate` it runs in a forked child process (isolation.py): a recording that crashes it
-    becomes an error row ("segment crashed the worker: signal 11 (SIGSEGV)"). `crash_test` is for
-    tests only.
+    With `isolate` it runs in a helper process (isolation.py): a recording that crashes it becomes
+    an error row ("segment crashed the worker: signal 11 (SIGSEGV)"). `crash_test` is for tests only.
     """
-    # Read in place from each chunk's buffer: combining the chunks first would copy every recording.
-    buffers: list[np.ndarray] = []
-    recordings: list[np.ndarray | None] = []
-    spans: dict[int, tuple[int, int, int]] = {}  # row -> (buffer, offset, length), for rows long enough
-    for chunk in table.column("samples").chunks:
-        buffers.append(chunk.values.to_numpy(zero_copy_only=True))
-        offsets = chunk.offsets.to_numpy()
-        for i, samples in enumerate(samples_from_arrow(chunk)):
-            if samples is not None and len(samples) >= options.min_speech_s * sample_rate_hz:
-                spans[len(recordings)] = (len(buffers) - 1, int(offsets[i]), len(samples))
-            recordings.append(samples)
-    audio = table.column("audio").to_pylist() if crash_test is not None else []
-
-    def plan(rows: list[int]) -> list[list[tuple[int, int]]]:
-        if crash_test is not None:
-            crash_test.check("segment", [audio[row] for row in rows])
-        long_enough = [row for row in rows if row in spans]
-        found = speech_probabilities_many(buffers, [spans[row] for row in long_enough], options) if long_enough else []
-        probabilities = dict(zip(long_enough, found))
-        return [plan_segments(recordings[row], sample_rate_hz, max_segment_s, options, probabilities.get(row))
-                for row in rows]
-
+    recordings = samples_from_arrow(table.column("samples"))
+    audio = table.column("audio").to_pylist() if "audio" in table.column_names else [None] * table.num_rows
     decoded = [row for row, samples in enumerate(recordings) if samples is not None]
-    if isolate and spans:
-        warm_vad()
+    if isolate and any(len(recordings[row]) >= options.min_speech_s * sample_rate_hz for row in decoded):
+        warm_vad()  # before the helper is forked, so that it starts warm
+    plan = functools.partial(_segment_rows, sample_rate_hz=sample_rate_hz, max_segment_s=max_segment_s,
+                             options=options, crash_test=crash_test)
     starts: list[list[int] | None] = [None] * len(recordings)
     ends: list[list[int] | None] = [None] * len(recordings)
     crashed: dict[int, str] = {}
-    for row, bounds in zip(decoded, call_isolated(plan, decoded, isolate=isolate)):
+    planned = call_isolated(plan, [(recordings[row], audio[row]) for row in decoded], isolate=isolate)
+    for row, bounds in zip(decoded, planned):
         if isinstance(bounds, Crash):
             crashed[row] = bounds.reason("segment")
             continue
