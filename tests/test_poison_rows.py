@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pytest
+
+from conftest import SAMPLES, run_cli, write_jsonl
 
 from granite_batch.evaluate import score_table
 
@@ -45,7 +50,7 @@ def test_an_output_that_is_a_file_is_refused(tmp_path, s3, s3_server):
     check_output_root("s3://pre/root", options)
 
 
-@pytest.mark.parametrize("existing", ["runs/R1.json", "transcripts/language=en/part-R1-00001.parquet",
+@pytest.mark.parametrize("existing", ["transcripts/language=en/part-R1-00001.parquet",
                                       "_staging/R1/language=en/part-R1-00001.parquet"])
 def test_a_run_id_already_in_the_output_is_refused(tmp_path, existing):
     from granite_batch.config import ConfigError
@@ -104,3 +109,55 @@ def test_rows_lost_with_their_batch_become_error_rows_in_the_output_schema():
     assert rows.column("speaker").to_pylist() == ["s2", "s3"] and rows.column("text").null_count == 2
     assert rows.column("segments").to_pylist() == [[], []]
     assert lost_rows(todo, []).num_rows == 4
+
+
+# --- the job, end to end (tiny checkpoint, real Ray) ----------------------------------------------
+
+def run_job(tmp_path, tiny_model_dir, rows, config: str = "", extra: list[str] = ()):
+    manifest = write_jsonl(tmp_path / "m.jsonl", rows)
+    (tmp_path / "job.yaml").write_text(config or "{}\n")
+    command = ["run", "--config", str(tmp_path / "job.yaml"), "--manifest", str(manifest),
+               "--output", str(tmp_path / "out"), "--model", str(tiny_model_dir), "--max-new-tokens", "6",
+               "--no-progress", *extra]
+    return command, run_cli(command)
+
+
+def output_rows(tmp_path) -> dict:
+    table = pads.dataset(tmp_path / "out" / "transcripts", format="parquet", partitioning="hive").to_table()
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids)), "an id has two rows"
+    return {row["id"]: row for row in table.to_pylist()}
+
+
+def summaries(tmp_path) -> list[dict]:
+    return [json.loads(path.read_text()) for path in sorted((tmp_path / "out" / "runs").glob("*.json"))]
+
+
+CRASH_ROWS = [{"id": "en", "audio": str(SAMPLES / "en_weather.flac")},
+              {"id": "fr", "audio": str(SAMPLES / "fr_gare.mp3"), "language": "fr"},
+              {"id": "de", "audio": str(SAMPLES / "de_bibliothek.ogg"), "language": "de"},
+              {"id": "pt", "audio": str(SAMPLES / "pt_praia.wav"), "language": "pt"}]
+CRASH_REASONS = {"decode": "decode crashed the worker: signal 11 (SIGSEGV)",
+                 "segment": "segment crashed the worker: signal 11 (SIGSEGV)",
+                 "model": "model crashed the worker: the model actor died on this row, also alone (see the worker logs)"}
+
+
+@pytest.mark.parametrize("stage", ["decode", "segment", "model"])
+def test_a_row_that_kills_its_worker_becomes_one_error_row_and_the_job_goes_on(tmp_path, tiny_model_dir, stage):
+    config = (f"crash_test: {{stage: {stage}, audio: {json.dumps(CRASH_ROWS[1]['audio'])}}}\n"
+              "decode_batch_size: 2\nbatch_size: 4\n")
+    command, result = run_job(tmp_path, tiny_model_dir, CRASH_ROWS, config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = output_rows(tmp_path)
+    assert sorted(rows) == ["de", "en", "fr", "pt"]
+    assert rows["fr"]["error"] == CRASH_REASONS[stage] and rows["fr"]["text"] is None
+    for neighbour in ("en", "de", "pt"):
+        assert rows[neighbour]["error"] is None and rows[neighbour]["text"], rows[neighbour]
+    summary = summaries(tmp_path)[0]
+    assert summary["status"] == "succeeded" and summary["rows_failed"] == 1
+    if stage == "model":
+        assert summary["rows_redone_alone"] >= 1  # the lost batch's rows, each alone
+    again = run_cli(command)  # the same command again: nothing left to do, nothing doubled
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(output_rows(tmp_path)) == 4
+    assert summaries(tmp_path)[-1]["status"] == "succeeded"

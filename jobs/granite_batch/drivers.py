@@ -42,6 +42,8 @@ from granite_batch.output import (
     transcript_schema,
     write_summary,
 )
+from granite_batch.preflight import check_output_root, check_run_id_unused
+from granite_batch.recovery import crashed_rows, lost_rows
 from granite_batch.second_pass_prompts import Prompter, load_template
 from granite_batch.storage import filesystem, write_json
 from granite_batch.subtitles import write_subtitles
@@ -158,6 +160,9 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
     Ids that already have a row in the output are skipped (with `retry_failed`, only those with a
     successful row), so re-running the same command after a crash finishes the rest.
     """
+    check_output_root(config.output, config.storage_options)
+    if config.run_id is not None:
+        check_run_id_unused(config.output, config.run_id, config.storage_options)
     run = _Run(config.output, RUNS_DIR, config.run_id, config.storage_options)
     defaults = Defaults.from_config(config)
     if config.manifest is not None:
@@ -175,6 +180,9 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
     stats = RunStats()
     scored_columns = ["id", "language", "task", "target_language", "text", "error", "reference"]
     with_reference: list[pa.Table] = []  # the small part of each batch that quality figures need
+    returned: list[pa.ChunkedArray] = []  # the ids of every row that came back from the pipeline
+    redone_alone = 0
+    keywords_dropped = Counter()
     writer = TranscriptWriter(config.output, run.run_id, transcript_schema(manifest.table.schema),
                               config.storage_options, config.rows_per_file, config.commit_interval_s)
 
@@ -200,6 +208,8 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
             "model": model_ref.name,
             "model_revision": model_ref.revision,
             "files": list(writer.committed),
+            "rows_redone_alone": redone_alone,
+            "keywords_dropped": dict(keywords_dropped),
             "config": config.public_dict(),
         }
 
@@ -207,6 +217,10 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
         # Before the rows: once a row is committed its id is done, so its subtitles must exist.
         write_subtitles(batch, config.output, config.subtitles, run.run_id, config.storage_options)
         stats.add(batch)
+        returned.append(batch.column("id"))
+        if "keywords_dropped" in batch.column_names:
+            dropped = [count for count in batch.column("keywords_dropped").to_pylist() if count]
+            keywords_dropped.update(rows=len(dropped), keywords=sum(dropped))
         if "reference" in batch.column_names:
             referenced = batch.filter(pc.is_valid(batch.column("reference")))
             if referenced.num_rows:
@@ -217,6 +231,16 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
         if todo.num_rows:
             pipeline.ensure_ray().data.DataContext.get_current().enable_progress_bars = progress
             run.stream(pipeline.build_dataset(todo, config, model_ref, run.run_id), writer, on_batch)
+            lost = lost_rows(todo, returned)
+            if lost.num_rows:  # their batch's worker died twice (recovery.py): each row alone, then an error row
+                log.warning("%d rows lost with batches whose worker died; redoing them one by one", lost.num_rows)
+                redone_alone = lost.num_rows
+                run.stream(pipeline.build_dataset(lost, config, model_ref, run.run_id, alone=True), writer, on_batch)
+                crashed = crashed_rows(lost_rows(lost, returned), writer.schema, model_ref.name, model_ref.revision,
+                                       run.run_id)
+                if crashed.num_rows:
+                    on_batch(crashed)
+                    writer.write(crashed)
         writer.close()
         failed_fraction = stats.rows_failed / stats.rows_written if stats.rows_written else 0.0
         too_many = failed_fraction > config.max_failed_fraction

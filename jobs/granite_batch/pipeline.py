@@ -17,7 +17,7 @@ import posixpath
 
 import pyarrow as pa
 
-from granite_batch import audio, segment
+from granite_batch import audio, recovery, segment
 from granite_batch.config import JobConfig, SecondPassOptions
 from granite_batch.language_model import LanguageModel
 from granite_batch.model import ModelRef, SpeechModel
@@ -32,6 +32,7 @@ class Transcriber:
     def __init__(self, config: JobConfig, model_ref: ModelRef, run_id: str, device: str):
         self.model_ref = model_ref
         self.run_id = run_id
+        self.crash_test = config.crash_test
         self.speech_model = SpeechModel.load(
             config.model, config.revision, device=device, dtype=config.dtype,
             trust_remote_code=config.trust_remote_code,
@@ -43,6 +44,8 @@ class Transcriber:
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.crash_test is not None:
+            self.crash_test.check("model", batch.column("audio").to_pylist())
         table = transcribe_table(batch, self.speech_model)
         n = table.num_rows
         table = table.append_column("model", pa.array([self.model_ref.name] * n, pa.string()))
@@ -96,8 +99,12 @@ def _input_blocks(table: pa.Table, cluster: dict, max_rows: int) -> list[pa.Tabl
     return [table.slice(i, block_rows) for i in range(0, rows, block_rows)]
 
 
-def build_dataset(rows_to_do: pa.Table, config: JobConfig, model_ref: ModelRef, run_id: str):
-    """The lazy Ray Dataset of transcript rows for `rows_to_do` (nothing runs until it is iterated)."""
+def build_dataset(rows_to_do: pa.Table, config: JobConfig, model_ref: ModelRef, run_id: str, alone: bool = False):
+    """The lazy Ray Dataset of transcript rows for `rows_to_do` (nothing runs until it is iterated).
+
+    A batch whose worker dies twice is dropped, not retried forever (recovery.py): the driver
+    finds its rows missing and runs them again with `alone`, one row per block and batch.
+    """
     ray = ensure_ray()
     cluster = ray.cluster_resources()
     gpus_per_actor = config.resources.gpus_per_actor
@@ -107,21 +114,25 @@ def build_dataset(rows_to_do: pa.Table, config: JobConfig, model_ref: ModelRef, 
 
     # At most 16 rows a block, so the model actor gets its first batch after 16 recordings are
     # decoded, not 64 (300 short clips on 2 cores: 9.9 s instead of 13.5).
-    ds = ray.data.from_arrow(_input_blocks(rows_to_do, cluster, max_rows=16))
+    ds = ray.data.from_arrow(_input_blocks(rows_to_do, cluster, max_rows=1 if alone else 16))
+    ds.context.max_errored_blocks = recovery.MAX_LOST_BATCHES  # this dataset's own copy of the context
 
     ds = ds.map_batches(
         audio.decode_table,
         fn_kwargs={"storage_options": config.storage_options, "sample_rate_hz": config.sample_rate_hz,
-                   "max_duration_s": config.max_duration_s, "timeout_s": config.decode_timeout_s},
-        batch_format="pyarrow", batch_size=config.decode_batch_size, num_cpus=config.resources.decode_cpus,
+                   "max_duration_s": config.max_duration_s, "timeout_s": config.decode_timeout_s,
+                   "crash_test": config.crash_test},
+        batch_format="pyarrow", batch_size=1 if alone else config.decode_batch_size,
+        num_cpus=config.resources.decode_cpus, **recovery.TASK_RETRIES,
     )
     # Whole blocks: Ray Data gathers decoded batches into a block until it passes its target size
     # (128 MB), so the VAD sees a block's short clips side by side (16 of them: 408x real time, against
     # 171x at 4) while long recordings still come one decode batch at a time.
     ds = ds.map_batches(
         segment.segment_table,
-        fn_kwargs={"sample_rate_hz": config.sample_rate_hz, "max_segment_s": config.max_segment_s},
-        batch_format="pyarrow", batch_size=None, num_cpus=config.resources.decode_cpus,
+        fn_kwargs={"sample_rate_hz": config.sample_rate_hz, "max_segment_s": config.max_segment_s,
+                   "crash_test": config.crash_test},
+        batch_format="pyarrow", batch_size=None, num_cpus=config.resources.decode_cpus, **recovery.TASK_RETRIES,
     )
     actor_options = {}
     if config.resources.accelerator_type:
@@ -134,8 +145,9 @@ def build_dataset(rows_to_do: pa.Table, config: JobConfig, model_ref: ModelRef, 
         compute=ray.data.ActorPoolStrategy(
             min_size=config.resources.model_actors_min, max_size=config.resources.model_actors_max
         ),
-        batch_format="pyarrow", batch_size=config.batch_size,
-        num_gpus=gpus_per_actor, num_cpus=config.resources.cpus_per_actor, **actor_options,
+        batch_format="pyarrow", batch_size=1 if alone else config.batch_size,
+        num_gpus=gpus_per_actor, num_cpus=config.resources.cpus_per_actor,
+        **recovery.MODEL_ACTOR_RETRIES, **actor_options,
     )
 
 

@@ -8,8 +8,9 @@ import posixpath
 from granite_batch.config import ConfigError
 from granite_batch.storage import filesystem
 
-# Where a run's id appears under an output root (output.py and subtitles.py name them so).
-_RUN_FILES = ("runs/{run_id}.json", "transcripts/*/part-{run_id}-*.parquet", "_staging/{run_id}")
+# Where a run's files are named with its id (output.py names them so); its summary is checked by
+# the driver's _Run.
+_RUN_FILES = ("transcripts/*/part-{run_id}-*.parquet", "_staging/{run_id}")
 
 
 def check_output_root(output_uri: str, storage_options: dict | None = None) -> None:
@@ -25,8 +26,8 @@ def check_output_root(output_uri: str, storage_options: dict | None = None) -> N
 
 
 def check_run_id_unused(output_uri: str, run_id: str, storage_options: dict | None = None) -> None:
-    """Raise ConfigError when `run_id` already has a summary, files or staged files under the output
-    root: a second run with the same id would replace the first one's files and summary."""
+    """Raise ConfigError when `run_id` already has files or staged files under the output root
+    (`part-<run_id>-<n>.parquet`): a second run with the same id would replace them."""
     fs, root = filesystem(output_uri, storage_options)
     for pattern in _RUN_FILES:
         path = posixpath.join(root, pattern.format(run_id=run_id))

@@ -13,6 +13,7 @@ Sources for the instruction texts:
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -118,8 +119,13 @@ def audio_token_count(audio_processor, samples: int) -> int:
 def prompt_positions(tokenizer, request: Request, audio_tokens: int) -> int:
     """Positions the rendered prompt of `request` takes once its one `<|audio|>` token is expanded
     into `audio_tokens` of them."""
-    ids = tokenizer(render_prompt(tokenizer, request))["input_ids"]
-    return len(ids) - 1 + audio_tokens
+    return _text_positions(tokenizer, request) - 1 + audio_tokens
+
+
+@functools.lru_cache(maxsize=4096)
+def _text_positions(tokenizer, request: Request) -> int:
+    # Cached: most rows of a job share one request, so each costs a lookup, not a tokenizer call.
+    return len(tokenizer(render_prompt(tokenizer, request))["input_ids"])
 
 
 def fit_keywords(tokenizer, request: Request, audio_tokens: int, new_tokens: int,

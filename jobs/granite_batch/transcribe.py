@@ -16,7 +16,7 @@ import pyarrow as pa
 from granite_batch.audio import samples_from_arrow
 from granite_batch.model import SpeechModel, first_line
 from granite_batch.output import SEGMENT_TYPE
-from granite_batch.prompts import UNSPACED_LANGUAGES, Request
+from granite_batch.prompts import UNSPACED_LANGUAGES, PromptTooLong, Request, audio_token_count, fit_keywords
 from granite_batch.speculative import BY_AUTOREGRESSIVE, BY_CTC, BY_FALLBACK, BY_VERIFICATION
 
 log = logging.getLogger(__name__)
@@ -41,10 +41,18 @@ def transcribe_table(table: pa.Table, speech_model: SpeechModel) -> pa.Table:
 
     items: list[tuple[np.ndarray, Request]] = []
     owners: list[tuple[int, int]] = []  # (row, segment index) for each item
+    keywords_dropped = [0] * len(recordings)
     for row, samples in enumerate(recordings):
         if samples is None or errors[row] is not None:
             continue
         request = Request(tasks[row], targets[row], tuple(keywords[row] or ()), languages[row])
+        if starts[row]:
+            try:
+                start, end = max(zip(starts[row], ends[row]), key=lambda bounds: bounds[1] - bounds[0])
+                request, keywords_dropped[row] = fit_context(speech_model, request, samples[start:end])
+            except PromptTooLong as exc:
+                errors[row] = str(exc)
+                continue
         for k, (start, end) in enumerate(zip(starts[row], ends[row])):
             items.append((samples[start:end], request))
             owners.append((row, k))
@@ -74,8 +82,23 @@ def transcribe_table(table: pa.Table, speech_model: SpeechModel) -> pa.Table:
     table = table.set_column(table.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
     table = table.append_column("text", pa.array(joined, pa.string()))
     table = table.append_column("segments", pa.array(segments, pa.list_(SEGMENT_TYPE)))
-    # Not an output column: the driver counts it for the run summary.
+    # Not output columns: the driver counts them for the run summary.
+    table = table.append_column("keywords_dropped", pa.array(keywords_dropped, pa.int32()))
     return table.append_column("decoded_by", pa.array(decoded_by, pa.string()))
+
+
+def fit_context(speech_model: SpeechModel, request: Request, longest: np.ndarray) -> tuple[Request, int]:
+    """`request` with the keywords that fit the language model's context beside the row's longest
+    segment and its token budget, and how many were dropped (prompts.fit_keywords). Raises
+    PromptTooLong when the row cannot fit at all; a model without a known context is not checked."""
+    text_config = getattr(speech_model.model.config, "text_config", speech_model.model.config)
+    max_positions = getattr(text_config, "max_position_embeddings", None)
+    audio_processor = getattr(speech_model.processor, "audio_processor", None)
+    if not max_positions or not hasattr(audio_processor, "_get_num_audio_features"):
+        return request, 0
+    audio_tokens = audio_token_count(audio_processor, len(longest))
+    new_tokens = speech_model.token_budget(longest)
+    return fit_keywords(speech_model.tokenizer, request, audio_tokens, new_tokens, max_positions)
 
 
 def _generate_or_isolate(speech_model: SpeechModel, items, owners, errors: list) -> list:
