@@ -86,7 +86,7 @@ def test_isolate_false_runs_in_this_process():
 def test_decode_stage_turns_a_crashing_recording_into_an_error_row_and_decodes_its_neighbours():
     table = pa.table({"audio": [str(SPEECH), MP3, str(SPEECH)], "error": [None, None, None]})
     alone = decode_table(table, isolate=False)
-    out = decode_table(table, crash_test=CrashTest("decode", MP3))
+    out = decode_table(table, crash_test=CrashTest(decode=MP3))
     assert out.column("error").to_pylist() == [None, "decode crashed the worker: signal 11 (SIGSEGV)", None]
     assert out.column("duration_s").to_pylist()[1] is None
     samples = out.column("samples").to_pylist()
@@ -97,7 +97,7 @@ def test_decode_stage_turns_a_crashing_recording_into_an_error_row_and_decodes_i
 def test_segment_stage_turns_a_crashing_recording_into_an_error_row_and_segments_its_neighbours():
     decoded = decode_table(pa.table({"audio": [str(SPEECH), MP3, str(SPEECH)], "error": [None, None, None]}))
     expected = segment_table(decoded, 16000, 30.0, isolate=False)
-    out = segment_table(decoded, 16000, 30.0, crash_test=CrashTest("segment", MP3))
+    out = segment_table(decoded, 16000, 30.0, crash_test=CrashTest(segment=MP3))
     assert out.column("error").to_pylist() == [None, "segment crashed the worker: signal 11 (SIGSEGV)", None]
     starts = out.column("segment_starts").to_pylist()
     assert starts[1] is None

@@ -152,8 +152,8 @@ class JobConfig(_Strict):
         description="fsspec options per URI scheme, e.g. {s3: {endpoint_url: ..., anon: true}}; no secrets",
     )
     crash_test: CrashTest | None = Field(
-        None, description="test only: the worker of stage decode|segment|model kills itself (signal, default 11) "
-        "on the row whose audio is `audio`, to test that the job survives native crashes; never set it in production",
+        None, description="test only: {decode|segment|model: AUDIO, signal: 11}: that stage's worker kills itself "
+        "on the row whose audio is AUDIO, to test that the job survives native crashes; never set it in production",
     )
 
     @field_validator("language")

@@ -56,17 +56,19 @@ class Crash:
 
 @dataclass(frozen=True)
 class CrashTest:
-    """Test only: the process working on the row whose `audio` equals `audio` in `stage` kills
-    itself with `signal`, as a native crash would. Given to a stage as an argument (JobConfig's
-    `crash_test`), never set in production."""
+    """Test only: the process working on the row whose `audio` is the one named for its stage
+    kills itself with `signal`, as a native crash would. Given to the stages as an argument
+    (JobConfig's `crash_test`), never set in production."""
 
-    stage: Literal["decode", "segment", "model"]
-    audio: str
+    decode: str | None = None
+    segment: str | None = None
+    model: str | None = None
     signal: int = int(signals.SIGSEGV)
 
-    def check(self, stage: str, audio: Sequence[str | None]) -> None:
-        """Kill this process if `stage` is the one to crash and `audio` holds the chosen row."""
-        if stage == self.stage and self.audio in audio:
+    def check(self, stage: Literal["decode", "segment", "model"], audio: Sequence[str | None]) -> None:
+        """Kill this process if the row chosen for `stage` is among `audio`."""
+        chosen = getattr(self, stage)
+        if chosen is not None and chosen in audio:
             os.kill(os.getpid(), self.signal)
 
 

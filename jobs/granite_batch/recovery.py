@@ -6,12 +6,14 @@ crashes it (a native fault in a kernel, the tokenizer, the processor) kills the 
 actor pools restart a dead actor and retry its task without end by default (`max_restarts=-1`,
 `max_task_retries=-1`): one poison batch would crash-loop the job forever. The driver instead:
 
-1. runs the job with a finite retry (`MODEL_ACTOR_RETRIES`: the actor is still restarted, a batch is
-   retried once, so an actor killed once, by an operator or the OOM killer, costs nothing) and lets
-   Ray Data drop a batch that fails again (`DataContext.max_errored_blocks = MAX_LOST_BATCHES`);
+1. runs the job with the actor restarted but its task not retried (`MODEL_ACTOR_RETRIES`) and lets
+   Ray Data drop a batch whose actor died (`DataContext.max_errored_blocks = MAX_LOST_BATCHES`);
 2. takes the rows of this run that never came back (`lost_rows`) and runs them again one row per
-   block and batch (`solo_blocks`), so each can only take itself down;
+   block and batch, so each can only take itself down (an actor killed once, by an operator or the
+   OOM killer, costs its batch this second round, nothing more);
 3. writes the rows still lost as error rows (`crashed_rows`): "model crashed the worker: ...".
+
+Each death costs an actor restart (the model loaded again), so a poison row costs two.
 
 More than `MAX_LOST_BATCHES` lost batches in one round is not a poison row but a broken stage:
 the round then stops the job as before.
@@ -22,8 +24,9 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-# Passed to map_batches for the model actor pool: restart a dead actor, retry its batch once.
-MODEL_ACTOR_RETRIES = {"max_restarts": -1, "max_task_retries": 1}
+# Passed to map_batches for the model actor pool: restart a dead actor, do not retry its batch (the
+# driver redoes its rows one by one).
+MODEL_ACTOR_RETRIES = {"max_restarts": -1, "max_task_retries": 0}
 # Passed to map_batches for the decode and segment tasks: their native work runs in a forked child
 # (isolation.py), so a worker that dies anyway (killed, out of memory) is retried once, not forever.
 TASK_RETRIES = {"max_retries": 1}
@@ -41,11 +44,6 @@ def lost_rows(todo: pa.Table, returned_ids: list[pa.Array | pa.ChunkedArray]) ->
     if not len(returned):
         return todo
     return todo.filter(pc.invert(pc.is_in(todo.column("id"), value_set=returned.combine_chunks())))
-
-
-def solo_blocks(table: pa.Table) -> list[pa.Table]:
-    """One block per row, for a round where a batch is one row (`batch_size=1` at every stage)."""
-    return [table.slice(i, 1) for i in range(table.num_rows)]
 
 
 def crashed_rows(lost: pa.Table, schema: pa.Schema, model: str, model_revision: str | None, run_id: str,
