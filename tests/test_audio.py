@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -92,3 +94,33 @@ def test_decode_stage_marks_failures_and_skips_rows_already_failed(broken_corpus
     assert out.column("error").to_pylist()[2] == "unsupported language: 'xx'"
     durations = out.column("duration_s").to_pylist()
     assert durations[0] == pytest.approx(3.4845, abs=0.001) and durations[1] is None and durations[2] is None
+
+
+@pytest.mark.parametrize("channels", [7, 8, 12, 16, 24, 64])
+def test_recordings_of_many_channels_decode_to_their_mean(tmp_path, channels):
+    # PyAV's planar frames of 8+ channels used to crash the decoding process (SIGSEGV).
+    t = np.arange(16000) / 16000
+    levels = np.linspace(0.1, 0.9, channels)
+    planar = np.stack([level * np.sin(2 * np.pi * 440 * t) for level in levels], axis=1)
+    path = tmp_path / f"{channels}ch.wav"
+    sf.write(path, planar.astype(np.float32), 16000, subtype="FLOAT")
+    recording = load_recording(str(path))
+    assert recording.source_channels == channels
+    assert recording.duration_s == pytest.approx(1.0)
+    assert np.max(np.abs(recording.samples - planar.mean(axis=1))) < 1e-6
+
+
+def test_eight_channel_aac_decodes(tmp_path):
+    # A planar codec: the decoder itself hands out 8-plane frames (the issue's own recipe, as AAC).
+    path = tmp_path / "7.1.m4a"
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "sine=d=1:sample_rate=16000", "-ac", "8",
+                    "-c:a", "aac", str(path)], check=True)
+    recording = load_recording(str(path))
+    assert recording.source_channels == 8
+    # ffmpeg's own decode of all eight channels, averaged as ours are.
+    raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-ar", "16000", "-f", "f32le", "-"],
+                         check=True, capture_output=True).stdout
+    reference = np.frombuffer(raw, dtype="<f4").reshape(-1, 8).mean(axis=1)
+    assert abs(len(recording.samples) - len(reference)) <= 1024
+    assert np.sqrt(np.mean(recording.samples**2)) == pytest.approx(np.sqrt(np.mean(reference**2)), rel=0.05)
+    assert np.sqrt(np.mean(recording.samples**2)) > 0.005  # not silence

@@ -11,7 +11,7 @@ import srt
 import webvtt
 
 from granite_batch.output import SEGMENT_TYPE
-from granite_batch.subtitles import subtitle_path, to_srt, to_vtt, write_subtitles
+from granite_batch.subtitles import subtitle_name, subtitle_path, to_srt, to_vtt, write_subtitles
 
 SEGMENTS = [
     {"start": 0.0, "end": 1.5, "text": "The weather today is mild."},
@@ -90,3 +90,21 @@ def test_write_to_s3(s3, s3_server):
     assert sorted(s3.ls("subs/out/subtitles/vtt")) == ["subs/out/subtitles/vtt/a%2Fb.vtt", "subs/out/subtitles/vtt/ok.vtt"]
     captions = webvtt.from_string(s3.cat("subs/out/subtitles/vtt/ok.vtt").decode("utf-8"), strict=True)
     assert len(captions) == 3
+
+
+def test_long_ids_get_names_that_fit_every_filesystem_and_stay_distinct(tmp_path):
+    long = "a" * 5000
+    ids = [long, long[:-1] + "b", "日本語" * 400, "%" * 300, "x" * 251, "x" * 252]
+    names = [subtitle_name(row_id, "srt") for row_id in ids]
+    assert all(len(name.encode("utf-8")) <= 255 for name in names)
+    assert len(set(names)) == len(ids)
+    assert names[4] == "x" * 251 + ".srt"  # short enough: the id itself, as before
+    assert names[0].startswith("a" * 100) and "%-" in names[0]  # readable, then the digest
+    # An id spelled like another id's shortened name is still its own file.
+    lookalike = names[0][:-len(".srt")]
+    assert subtitle_name(lookalike, "srt") != names[0]
+    table = pa.table({"id": ids, "error": [None] * len(ids),
+                      "segments": pa.array([SEGMENTS[:1]] * len(ids), pa.list_(SEGMENT_TYPE))})
+    written = write_subtitles(table, str(tmp_path), ["srt", "vtt"], "run-1")
+    assert len(written) == 2 * len(ids)
+    assert len(list((tmp_path / "subtitles" / "vtt").iterdir())) == len(ids)

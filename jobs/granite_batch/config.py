@@ -8,6 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from granite_batch.isolation import CrashTest
 from granite_batch.lease import DEFAULT_EXPIRY_S, DEFAULT_WAIT_S
 from granite_batch.prompts import ASR_LANGUAGES, AST_PAIRS, LANGUAGE_NAMES
 
@@ -178,6 +179,10 @@ class JobConfig(_Strict):
         default_factory=dict,
         description="fsspec options per URI scheme, e.g. {s3: {endpoint_url: ..., anon: true}}; no secrets",
     )
+    crash_test: CrashTest | None = Field(
+        None, description="test only: {decode|segment|model: AUDIO, signal: 11}: that stage's worker kills itself "
+        "on the row whose audio is AUDIO, to test that the job survives native crashes; never set it in production",
+    )
 
     @field_validator("language")
     @classmethod
@@ -254,6 +259,9 @@ def load_config(yaml_path: str | Path | None = None, overrides: dict[str, Any] |
                 loaded = yaml.safe_load(handle) or {}
         except OSError as exc:
             raise ConfigError(f"cannot read config file {yaml_path}: {exc.strerror or exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {yaml_path} is not text: byte 0x{exc.object[exc.start]:02x} at "
+                              f"offset {exc.start} is not UTF-8 (give a YAML file)") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {yaml_path} is not valid YAML: {exc}") from exc
         if not isinstance(loaded, dict):

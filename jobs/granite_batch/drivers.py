@@ -30,7 +30,7 @@ from granite_batch.language_model import resolve_language_model
 from granite_batch.lease import LeaseTerms, NoLease, take_lease
 from granite_batch.manifest import Defaults, ManifestStream, read_manifest
 from granite_batch.model import first_line, resolve_model
-from granite_batch.plan import discard_plan, plan_counts, plan_folder, prepare_plan
+from granite_batch.plan import discard_plan, plan_bucket, plan_counts, plan_folder, prepare_plan
 from granite_batch.output import (
     EVAL_DIR,
     RUNS_DIR,
@@ -46,6 +46,8 @@ from granite_batch.output import (
     transcript_schema,
     write_summary,
 )
+from granite_batch.preflight import check_output_root, check_run_id_unused
+from granite_batch.recovery import crashed_rows
 from granite_batch.second_pass_prompts import Prompter, load_template
 from granite_batch.storage import filesystem, write_json
 from granite_batch.subtitles import write_subtitles
@@ -184,6 +186,9 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
     Ids that already have a row in the output are skipped (with `retry_failed`, only those with a
     successful row), so re-running the same command after a crash finishes the rest.
     """
+    check_output_root(config.output, config.storage_options)
+    if config.run_id is not None:
+        check_run_id_unused(config.output, config.run_id, config.storage_options)
     run = _Run(config.output, RUNS_DIR, config.run_id, config.storage_options)
     stream = ManifestStream(config.manifest or config.input, Defaults.from_config(config), config.storage_options,
                             listing=config.manifest is None)
@@ -214,6 +219,8 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
     assembler: RecordingAssembler | None = None
     scored_columns = ["id", "language", "task", "target_language", "text", "error", "reference"]
     with_reference: list[pa.Table] = []  # the small part of each batch that quality figures need
+    redone_alone = 0
+    keywords_dropped = Counter()
     writer = TranscriptWriter(config.output, run.run_id, transcript_schema(layout.schema),
                               config.storage_options, config.rows_per_file, config.commit_interval_s,
                               before_commit=run.lease.check)
@@ -245,6 +252,8 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
             "model": model_ref.name,
             "model_revision": model_ref.revision,
             "files": list(writer.committed),
+            "rows_redone_alone": redone_alone,
+            "keywords_dropped": dict(keywords_dropped),
             "config": config.public_dict(),
         }
 
@@ -252,6 +261,9 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
         # Before the rows: once a row is committed its id is done, so its subtitles must exist.
         write_subtitles(batch, config.output, config.subtitles, run.run_id, config.storage_options)
         stats.add(batch)
+        if "keywords_dropped" in batch.column_names:
+            dropped = [count for count in batch.column("keywords_dropped").to_pylist() if count]
+            keywords_dropped.update(rows=len(dropped), keywords=sum(dropped))
         if "reference" in batch.column_names:
             referenced = batch.filter(pc.is_valid(batch.column("reference")))
             if referenced.num_rows:
@@ -264,10 +276,26 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
             segments = pipeline.build_dataset((layout, planned["rows_to_do"]), config, model_ref, run.run_id)
             assembler = RecordingAssembler()
             run.stream(_recordings(segments, assembler), writer, on_batch)
+            if stats.rows_written + assembler.pending < planned["rows_to_do"]:
+                # Batches whose worker died twice were dropped (recovery.py): find their rows by planning
+                # again against what is now committed, redo each recording alone, then error rows.
+                writer.commit_open()
+                lost = _still_to_do(config, run.run_id, attempt=1)
+                log.warning("%d rows lost with batches whose worker died; redoing them one by one", lost.num_rows)
+                redone_alone = lost.num_rows
+                if lost.num_rows:
+                    alone = pipeline.build_dataset(lost, config, model_ref, run.run_id, alone=True)
+                    run.stream(_recordings(alone, assembler), writer, on_batch)
+                    writer.commit_open()
+                    crashed = crashed_rows(_still_to_do(config, run.run_id, attempt=2), writer.schema,
+                                           model_ref.name, model_ref.revision, run.run_id)
+                    if crashed.num_rows:
+                        on_batch(crashed)
+                        writer.write(crashed)
             if assembler.pending:  # never written half: the next run redoes them
                 log.warning("%d recordings did not receive all their segments; a re-run redoes them",
                             assembler.pending)
-        writer.close()  # removes the run's staging folder, the plan's included
+        writer.close()  # removes the run's staging folder, the plans included
         failed_fraction = stats.rows_failed / stats.rows_written if stats.rows_written else 0.0
         too_many = failed_fraction > config.max_failed_fraction
         extra = {"quality": _quality(pa.concat_tables(with_reference))} if with_reference else {}
@@ -280,6 +308,17 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
             f"more than max_failed_fraction {config.max_failed_fraction:.1%}; summary: {path}"
         )
     return RunResult(run.run_id, run.last, path, list(writer.committed))
+
+
+def _still_to_do(config: JobConfig, run_id: str, attempt: int) -> pa.Table:
+    """The manifest rows that still have no committed row, planned again (bounded like the first plan);
+    used only when a run got back fewer rows than it planned, so the result is small."""
+    stream = ManifestStream(config.manifest or config.input, Defaults.from_config(config), config.storage_options,
+                            listing=config.manifest is None)
+    layout = prepare_plan(stream, config.output, f"{plan_folder(config.output, run_id)}-lost-{attempt}",
+                          config.storage_options)
+    tables = [todo for todo, _ in (plan_bucket(layout, b) for b in range(layout.buckets)) if todo.num_rows]
+    return pa.concat_tables(tables, promote_options="permissive") if tables else layout.schema.empty_table()
 
 
 def _recordings(segments, assembler: RecordingAssembler):

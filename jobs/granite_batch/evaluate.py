@@ -14,6 +14,7 @@ Only plain Python on Arrow tables here: no Ray.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from functools import lru_cache
 
@@ -53,6 +54,19 @@ def _bleu(target_language: str, sentence: bool = False) -> sacrebleu.BLEU:
     return sacrebleu.BLEU(trg_lang=target_language, effective_order=sentence)
 
 
+def reference_text(value) -> str | None:
+    """A `reference` value as text to score: strings as they are, numbers as written (`42` is
+    "42": a manifest's JSON or CSV may type a transcript that is a number), nothing as ""; None for
+    values that are no transcript (lists, structs, bytes, booleans), which are counted, not scored."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return str(value)
+    return None
+
+
 def scorable_rows(table: pa.Table) -> tuple[list[dict], Counter]:
     """The rows that can be scored, as dicts with `reference_scored` and `hypothesis_scored`, the
     texts as compared (normalised for ASR, stripped for AST); and the others counted by reason."""
@@ -65,7 +79,11 @@ def scorable_rows(table: pa.Table) -> tuple[list[dict], Counter]:
     rows, skipped = [], Counter()
     for values in zip(*data.values()):
         row = dict(zip(columns, values))
-        if not (row["reference"] or "").strip():
+        row["reference"] = reference_text(row["reference"])
+        if row["reference"] is None:
+            skipped["reference is not text"] += 1
+            continue
+        if not row["reference"].strip():
             skipped["no reference"] += 1
             continue
         if row["error"] is not None:

@@ -148,10 +148,14 @@ class TranscriptWriter:
         for language in [lang for lang, h in self._open.items() if now - h.opened_at >= self.commit_interval_s]:
             self._commit(language)
 
-    def close(self) -> list[str]:
-        """Commit every open file; return the paths of all files this writer committed."""
+    def commit_open(self) -> None:
+        """Commit every open file now (the writer goes on: later rows open new files)."""
         for language in list(self._open):
             self._commit(language)
+
+    def close(self) -> list[str]:
+        """Commit every open file; return the paths of all files this writer committed."""
+        self.commit_open()
         staging = posixpath.join(self.root, STAGING_DIR, self.run_id)
         if self.fs.exists(staging):
             self.fs.rm(staging, recursive=True)

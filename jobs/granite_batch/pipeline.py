@@ -17,7 +17,7 @@ import posixpath
 
 import pyarrow as pa
 
-from granite_batch import audio, segment
+from granite_batch import audio, recovery, segment
 from granite_batch.config import JobConfig, SecondPassOptions
 from granite_batch.language_model import LanguageModel
 from granite_batch.model import ModelRef, SpeechModel
@@ -34,6 +34,7 @@ class Transcriber:
         self.model_ref = model_ref
         self.run_id = run_id
         segments, audio_s = config.model_batch(gpu=device.startswith("cuda"))
+        self.crash_test = config.crash_test
         self.speech_model = SpeechModel.load(
             config.model, config.revision, device=device, dtype=config.dtype,
             trust_remote_code=config.trust_remote_code,
@@ -46,6 +47,8 @@ class Transcriber:
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.crash_test is not None:
+            self.crash_test.check("model", batch.column("audio").to_pylist())
         table = transcribe_segments(batch, self.speech_model)
         n = table.num_rows
         table = table.append_column("model", pa.array([self.model_ref.name] * n, pa.string()))
@@ -127,11 +130,15 @@ SORT_POOL_CALLS = 4
 
 
 def build_dataset(rows_to_do: pa.Table | tuple[PlanLayout, int], config: JobConfig, model_ref: ModelRef,
-                  run_id: str):
+                  run_id: str, alone: bool = False):
     """The lazy Ray Dataset of segment results for `rows_to_do`, a table or a prepared plan and its
     number of rows to do (nothing runs until it is iterated): one row per speech segment, and one per
     recording that gave no segment; the driver assembles them into recordings
-    (transcribe.RecordingAssembler)."""
+    (transcribe.RecordingAssembler).
+
+    A batch whose worker dies twice is dropped, not retried forever (recovery.py): the driver
+    finds its rows missing and runs them again with `alone`, one recording per block and batch.
+    """
     ray = ensure_ray()
     cluster = ray.cluster_resources()
     gpus_per_actor = config.resources.gpus_per_actor
@@ -142,15 +149,18 @@ def build_dataset(rows_to_do: pa.Table | tuple[PlanLayout, int], config: JobConf
     # At most 16 rows a block, so the model actor gets its first batch after 16 recordings are
     # decoded, not 64 (300 short clips on 2 cores: 9.9 s instead of 13.5).
     if isinstance(rows_to_do, pa.Table):
-        ds = ray.data.from_arrow(_input_blocks(rows_to_do, cluster, max_rows=16))
+        ds = ray.data.from_arrow(_input_blocks(rows_to_do, cluster, max_rows=1 if alone else 16))
     else:
         ds = planned_rows(*rows_to_do, cluster, max_rows=16)
+    ds.context.max_errored_blocks = recovery.MAX_LOST_BATCHES  # this dataset's own copy of the context
 
     ds = ds.map_batches(
         audio.decode_table,
         fn_kwargs={"storage_options": config.storage_options, "sample_rate_hz": config.sample_rate_hz,
-                   "max_duration_s": config.max_duration_s, "timeout_s": config.decode_timeout_s},
-        batch_format="pyarrow", batch_size=config.decode_batch_size, num_cpus=config.resources.decode_cpus,
+                   "max_duration_s": config.max_duration_s, "timeout_s": config.decode_timeout_s,
+                   "crash_test": config.crash_test},
+        batch_format="pyarrow", batch_size=1 if alone else config.decode_batch_size,
+        num_cpus=config.resources.decode_cpus, **recovery.TASK_RETRIES,
     )
     # Whole blocks: Ray Data gathers decoded batches into a block until it passes its target size
     # (128 MB), so the VAD sees a block's short clips side by side (16 of them: 408x real time, against
@@ -158,8 +168,9 @@ def build_dataset(rows_to_do: pa.Table | tuple[PlanLayout, int], config: JobConf
     # this stage is segments of at most max_segment_s, however long the recording.
     ds = ds.map_batches(
         segment.segment_table,
-        fn_kwargs={"sample_rate_hz": config.sample_rate_hz, "max_segment_s": config.max_segment_s},
-        batch_format="pyarrow", batch_size=None, num_cpus=config.resources.decode_cpus,
+        fn_kwargs={"sample_rate_hz": config.sample_rate_hz, "max_segment_s": config.max_segment_s,
+                   "crash_test": config.crash_test},
+        batch_format="pyarrow", batch_size=None, num_cpus=config.resources.decode_cpus, **recovery.TASK_RETRIES,
     )
     actor_options = {}
     if config.resources.accelerator_type:
@@ -174,7 +185,8 @@ def build_dataset(rows_to_do: pa.Table | tuple[PlanLayout, int], config: JobConf
             min_size=config.resources.model_actors_min, max_size=config.resources.model_actors_max
         ),
         batch_format="pyarrow", batch_size=segments_per_call * SORT_POOL_CALLS,
-        num_gpus=gpus_per_actor, num_cpus=config.resources.cpus_per_actor, **actor_options,
+        num_gpus=gpus_per_actor, num_cpus=config.resources.cpus_per_actor,
+        **recovery.MODEL_ACTOR_RETRIES, **actor_options,
     )
 
 

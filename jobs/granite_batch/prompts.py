@@ -13,6 +13,7 @@ Sources for the instruction texts:
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -101,3 +102,56 @@ def render_prompt(tokenizer, request: Request) -> str:
     """The full prompt string through the model's own chat template."""
     messages = [{"role": "user", "content": instruction(request)}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+class PromptTooLong(ValueError):
+    """A row's prompt, audio and new tokens do not fit the model's context even without keywords;
+    str() is the reason for the output row."""
+
+
+def audio_token_count(audio_processor, samples: int) -> int:
+    """How many `<|audio|>` positions the processor expands a segment of `samples` into: its own
+    computation (GraniteSpeechFeatureExtractor._get_num_audio_features; for 4.0-1b about 10 per
+    second), so the count is the one generation will see."""
+    return int(audio_processor._get_num_audio_features([samples])[0])
+
+
+def prompt_positions(tokenizer, request: Request, audio_tokens: int) -> int:
+    """Positions the rendered prompt of `request` takes once its one `<|audio|>` token is expanded
+    into `audio_tokens` of them."""
+    return _text_positions(tokenizer, request) - 1 + audio_tokens
+
+
+@functools.lru_cache(maxsize=4096)
+def _text_positions(tokenizer, request: Request) -> int:
+    # Cached: most rows of a job share one request, so each costs a lookup, not a tokenizer call.
+    return len(tokenizer(render_prompt(tokenizer, request))["input_ids"])
+
+
+def fit_keywords(tokenizer, request: Request, audio_tokens: int, new_tokens: int,
+                 max_positions: int) -> tuple[Request, int]:
+    """`request` with as many of its cleaned keywords (in order, the first kept) as let the prompt,
+    `audio_tokens` audio positions and `new_tokens` generated ones fit in `max_positions` (the text
+    model's `max_position_embeddings`); and how many keywords were dropped. Raises PromptTooLong
+    when they do not fit even without keywords."""
+    keywords = tuple(clean_keywords(list(request.keywords)))
+    request = Request(request.task, request.target_language, keywords, request.language)
+
+    def fits(count: int) -> bool:
+        trial = Request(request.task, request.target_language, keywords[:count], request.language)
+        return prompt_positions(tokenizer, trial, audio_tokens) + new_tokens <= max_positions
+
+    if fits(len(keywords)):
+        return request, 0
+    if not fits(0):
+        needed = prompt_positions(tokenizer, Request(request.task, request.target_language, (), request.language),
+                                  audio_tokens) + new_tokens
+        raise PromptTooLong(
+            f"prompt too long: {needed} positions (prompt, {audio_tokens} audio, {new_tokens} new tokens) "
+            f"exceed the model's {max_positions} (shorten max_segment_s or max_new_tokens)")
+    # Positions grow with the keyword count: the most that fit, by bisection (a few tokenizer calls).
+    low, high = 0, len(keywords)  # fits(low), not fits(high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return Request(request.task, request.target_language, keywords[:low], request.language), len(keywords) - low

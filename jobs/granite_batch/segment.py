@@ -10,8 +10,10 @@ A recording no longer than `max_segment_s` that holds any speech stays whole (on
 with no speech, or too short to hold a word, has no segment.
 
 Memory: the VAD reads the samples through small (windows x 512) gathers, so segmenting a
-recording allocates a few MB however long it is, besides one float per 32 ms frame. Speed: the
-windows of every recording in a batch run side by side (`speech_probabilities_many`).
+recording allocates a few MB however long it is, besides one float per 32 ms frame, and the copy
+of the batch's samples that the helper process it runs in receives (isolation.py: a crash in it
+costs one row, not the worker). Speed: the windows of every recording in a batch run side by side
+(`speech_probabilities_many`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from granite_batch.audio import samples_from_arrow, samples_to_arrow
+from granite_batch.isolation import Crash, CrashTest, call_isolated
 
 FRAME_S = 0.02  # energy frame for choosing where to cut long speech
 VAD_RATE_HZ = 16000
@@ -63,6 +66,15 @@ def vad_model():
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         return load_silero_vad()
+
+
+@functools.cache
+def warm_vad() -> None:
+    """Load the VAD and run it once in this process, so that children forked from it (isolation.py)
+    start with the model loaded and TorchScript's profiling runs done: a cold child spends 2-6 s
+    on them (measured on 2 busy cores) against 0.2 s for a batch of 16 short clips."""
+    for length in (VAD_RATE_HZ, 8 * VAD_RATE_HZ):
+        speech_probabilities(np.zeros(length, np.float32))
 
 
 def speech_probabilities(samples: np.ndarray, options: VadOptions = VadOptions()) -> np.ndarray:
@@ -227,8 +239,27 @@ def _merge(pieces: list[tuple[int, int]], max_len: int, max_gap: int) -> list[tu
     return segments
 
 
+def _segment_rows(rows: list[tuple[np.ndarray, str | None]], sample_rate_hz: int, max_segment_s: float,
+                  options: VadOptions, crash_test: CrashTest | None) -> list[list[tuple[int, int]]]:
+    """`plan_segments` of each (samples, audio) in `rows`, the VAD over all of them at once."""
+    if crash_test is not None:
+        crash_test.check("segment", [audio for _, audio in rows])
+    long_enough = [i for i, (samples, _) in enumerate(rows) if len(samples) >= options.min_speech_s * sample_rate_hz]
+    probabilities: dict[int, np.ndarray] = {}
+    if long_enough:
+        # One buffer, so each VAD step is one gather (a copy of the audio: 2 ms per minute of it).
+        pieces = [rows[i][0] for i in long_enough]
+        buffer = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+        starts = np.concatenate(([0], np.cumsum([len(piece) for piece in pieces])[:-1]))
+        spans = [(0, int(start), len(piece)) for start, piece in zip(starts, pieces)]
+        probabilities = dict(zip(long_enough, speech_probabilities_many([buffer], spans, options)))
+    return [plan_segments(samples, sample_rate_hz, max_segment_s, options, probabilities.get(i))
+            for i, (samples, _) in enumerate(rows)]
+
+
 def segment_table(table: pa.Table, sample_rate_hz: int, max_segment_s: float,
-                  options: VadOptions = VadOptions()) -> pa.Table:
+                  options: VadOptions = VadOptions(), isolate: bool = True,
+                  crash_test: CrashTest | None = None) -> pa.Table:
     """Segment stage: decoded recordings in, one row per speech segment out.
 
     Each segment row carries its recording's columns (all but `samples`), `segment_index` (0-based),
@@ -236,20 +267,25 @@ def segment_table(table: pa.Table, sample_rate_hz: int, max_segment_s: float,
     `max_segment_s` long: what leaves this stage is bounded however long the recording. A recording
     with no segment (an error, silence, too short to hold speech) gives one row with
     `segment_count` 0 and no samples, so every recording still reaches the driver. The VAD runs over
-    all the recordings of the table at once, so short clips run side by side.
+    all the recordings of the table at once, so short clips run side by side. With `isolate` it
+    runs in a helper process (isolation.py): a recording that crashes it becomes an error row
+    ("segment crashed the worker: signal 11 (SIGSEGV)"). `crash_test` is for tests only.
     """
-    # Read in place from each chunk's buffer: combining the chunks first would copy every recording.
-    buffers: list[np.ndarray] = []
-    recordings: list[np.ndarray | None] = []
-    spans: dict[int, tuple[int, int, int]] = {}  # row -> (buffer, offset, length), for rows long enough
-    for chunk in table.column("samples").chunks:
-        buffers.append(chunk.values.to_numpy(zero_copy_only=True))
-        offsets = chunk.offsets.to_numpy()
-        for i, samples in enumerate(samples_from_arrow(chunk)):
-            if samples is not None and len(samples) >= options.min_speech_s * sample_rate_hz:
-                spans[len(recordings)] = (len(buffers) - 1, int(offsets[i]), len(samples))
-            recordings.append(samples)
-    probabilities = dict(zip(spans, speech_probabilities_many(buffers, list(spans.values()), options))) if spans else {}
+    recordings = samples_from_arrow(table.column("samples"))
+    audio = table.column("audio").to_pylist() if "audio" in table.column_names else [None] * table.num_rows
+    errors = table.column("error").to_pylist() if "error" in table.column_names else [None] * table.num_rows
+    decoded = [row for row, samples in enumerate(recordings) if samples is not None]
+    if isolate and any(len(recordings[row]) >= options.min_speech_s * sample_rate_hz for row in decoded):
+        warm_vad()  # before the helper is forked, so that it starts warm
+    plan = functools.partial(_segment_rows, sample_rate_hz=sample_rate_hz, max_segment_s=max_segment_s,
+                             options=options, crash_test=crash_test)
+    bounds_of: dict[int, list[tuple[int, int]]] = {}
+    for row, bounds in zip(decoded, call_isolated(plan, [(recordings[row], audio[row]) for row in decoded],
+                                                  isolate=isolate)):
+        if isinstance(bounds, Crash):
+            errors[row] = bounds.reason("segment")
+        else:
+            bounds_of[row] = bounds
     rows: list[int] = []  # the recording each output row comes from
     index: list[int | None] = []
     count: list[int] = []
@@ -257,8 +293,7 @@ def segment_table(table: pa.Table, sample_rate_hz: int, max_segment_s: float,
     ends: list[float | None] = []
     pieces: list[np.ndarray | None] = []
     for row, samples in enumerate(recordings):
-        bounds = [] if samples is None else plan_segments(samples, sample_rate_hz, max_segment_s, options,
-                                                           probabilities.get(row))
+        bounds = bounds_of.get(row, [])
         if not bounds:  # one row all the same, so the recording reaches the driver
             rows.append(row)
             index.append(None)
@@ -273,7 +308,8 @@ def segment_table(table: pa.Table, sample_rate_hz: int, max_segment_s: float,
             starts.append(start / sample_rate_hz)
             ends.append(end / sample_rate_hz)
             pieces.append(samples[start:end])
-    out = table.drop_columns(["samples"]).take(pa.array(rows, pa.int64()))
+    out = table.drop_columns([c for c in ("samples", "error") if c in table.column_names])
+    out = out.append_column("error", pa.array(errors, pa.string())).take(pa.array(rows, pa.int64()))
     out = out.append_column("segment_index", pa.array(index, pa.int32()))
     out = out.append_column("segment_count", pa.array(count, pa.int32()))
     out = out.append_column("start_s", pa.array(starts, pa.float64()))

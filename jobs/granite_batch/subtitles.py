@@ -2,12 +2,14 @@
 
 Files go to `OUTPUT/subtitles/<format>/<id>.<format>` on any URI the job can write. The id is
 percent-encoded where it holds anything but letters, digits and `-_.~` (a `/` becomes `%2F`), so
-no id can reach outside that folder. Each file appears whole: locally it is written under
+no id can reach outside that folder; a name that would pass 255 bytes is shortened to a prefix of
+it and a digest of the whole id (`subtitle_name`). Each file appears whole: locally it is written under
 `_staging/` and renamed; an object store's single PUT is already atomic.
 """
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
 import re
 from urllib.parse import quote
@@ -17,6 +19,11 @@ import pyarrow as pa
 from granite_batch.storage import LOCAL_PROTOCOLS, filesystem, protocol_of
 
 FORMATS = ("srt", "vtt")
+# One path component: at most 255 bytes on ext4, XFS, btrfs, APFS and NTFS (255 UTF-16 units); S3
+# and GCS keys may be 1024 bytes in all, which leaves the output root about 750 of them.
+MAX_NAME_BYTES = 255
+DIGEST_MARK = "%-"
+DIGEST_CHARS = 32  # 128 bits of SHA-256
 SUBTITLES_DIR = "subtitles"
 STAGING_DIR = "_staging"
 
@@ -64,12 +71,28 @@ def to_vtt(segments: list[dict]) -> str:
 RENDER = {"srt": to_srt, "vtt": to_vtt}
 
 
-def subtitle_path(root: str, subtitle_format: str, row_id: str) -> str:
-    """Where the `subtitle_format` file of `row_id` lives under the output root `root`."""
+def subtitle_name(row_id: str, subtitle_format: str) -> str:
+    """The file name of `row_id`'s subtitles: the id percent-encoded, or, when that would pass
+    `MAX_NAME_BYTES` with its extension, a readable prefix of it, `%-` and a digest of the whole id.
+    Distinct ids get distinct names: an encoded id never holds `%-` (its `%` is always followed by
+    two hex digits), so a shortened name is never some other id's full one."""
     name = quote(row_id, safe="-_.~")
     if name in (".", ".."):
         name = name.replace(".", "%2E")
-    return posixpath.join(root, SUBTITLES_DIR, subtitle_format, f"{name}.{subtitle_format}")
+    extension = f".{subtitle_format}"
+    if len(name) + len(extension) > MAX_NAME_BYTES:  # ASCII after quote(): characters are bytes
+        digest = hashlib.sha256(row_id.encode("utf-8", "surrogatepass")).hexdigest()[:DIGEST_CHARS]
+        prefix = name[:MAX_NAME_BYTES - len(extension) - len(DIGEST_MARK) - DIGEST_CHARS]
+        escape = prefix.rfind("%", len(prefix) - 2)
+        if escape != -1:
+            prefix = prefix[:escape]  # never half of a %XX
+        name = f"{prefix}{DIGEST_MARK}{digest}"
+    return name + extension
+
+
+def subtitle_path(root: str, subtitle_format: str, row_id: str) -> str:
+    """Where the `subtitle_format` file of `row_id` lives under the output root `root`."""
+    return posixpath.join(root, SUBTITLES_DIR, subtitle_format, subtitle_name(row_id, subtitle_format))
 
 
 def write_subtitles(table: pa.Table, output_uri: str, formats: list[str], run_id: str,

@@ -19,7 +19,7 @@ import pyarrow as pa
 from granite_batch.audio import samples_from_arrow
 from granite_batch.model import SegmentResult, SpeechModel, first_line
 from granite_batch.output import SEGMENT_TYPE
-from granite_batch.prompts import UNSPACED_LANGUAGES, Request
+from granite_batch.prompts import UNSPACED_LANGUAGES, PromptTooLong, Request, audio_token_count, fit_keywords
 from granite_batch.speculative import BY_AUTOREGRESSIVE, BY_CTC, BY_FALLBACK, BY_VERIFICATION
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ SEGMENT_COLUMNS = ("segment_index", "segment_count", "start_s", "end_s")
 # Columns the inference stage adds to each segment row; the driver folds them into the recording's row
 # (`segment_text`, `segment_truncated`) and into the run summary's inference figures.
 RESULT_COLUMNS = ("segment_text", "segment_truncated", "decoded_by", "new_tokens", "lm_positions",
-                  "lm_padded_positions", "first_of_call")
+                  "lm_padded_positions", "first_of_call", "keywords_dropped")
 # A row is decided by the costliest path any of its segments took.
 _DECISION_RANKING = (BY_FALLBACK, BY_AUTOREGRESSIVE, BY_VERIFICATION, BY_CTC)
 
@@ -49,9 +49,20 @@ def transcribe_segments(table: pa.Table, speech_model: SpeechModel) -> pa.Table:
     languages = table.column("language").to_pylist()
     keywords = table.column("keywords").to_pylist()
 
-    rows = [row for row, piece in enumerate(samples) if piece is not None and errors[row] is None]
-    items = [(samples[row], Request(tasks[row], targets[row], tuple(keywords[row] or ()), languages[row]))
-             for row in rows]
+    rows: list[int] = []
+    items: list[tuple[np.ndarray, Request]] = []
+    keywords_dropped: list[int | None] = [None] * table.num_rows
+    for row, piece in enumerate(samples):
+        if piece is None or errors[row] is not None:
+            continue
+        request = Request(tasks[row], targets[row], tuple(keywords[row] or ()), languages[row])
+        try:
+            request, keywords_dropped[row] = fit_context(speech_model, request, piece)
+        except PromptTooLong as exc:
+            errors[row] = str(exc)
+            continue
+        rows.append(row)
+        items.append((piece, request))
     results: list[SegmentResult | None] = [None] * table.num_rows
     for row, result in zip(rows, _generate_or_isolate(speech_model, items, [ids[row] for row in rows], errors,
                                                       rows)):
@@ -70,9 +81,24 @@ def transcribe_segments(table: pa.Table, speech_model: SpeechModel) -> pa.Table:
         ("lm_positions", column("positions", pa.int64())),
         ("lm_padded_positions", column("padded_positions", pa.int64())),
         ("first_of_call", column("first_of_call", pa.bool_())),
+        ("keywords_dropped", pa.array(keywords_dropped, pa.int32())),
     ]:
         table = table.append_column(name, values)
     return table
+
+
+def fit_context(speech_model: SpeechModel, request: Request, longest: np.ndarray) -> tuple[Request, int]:
+    """`request` with the keywords that fit the language model's context beside the segment and its
+    token budget, and how many were dropped (prompts.fit_keywords). Raises
+    PromptTooLong when the row cannot fit at all; a model without a known context is not checked."""
+    text_config = getattr(speech_model.model.config, "text_config", speech_model.model.config)
+    max_positions = getattr(text_config, "max_position_embeddings", None)
+    audio_processor = getattr(speech_model.processor, "audio_processor", None)
+    if not max_positions or not hasattr(audio_processor, "_get_num_audio_features"):
+        return request, 0
+    audio_tokens = audio_token_count(audio_processor, len(longest))
+    new_tokens = speech_model.token_budget(longest)
+    return fit_keywords(speech_model.tokenizer, request, audio_tokens, new_tokens, max_positions)
 
 
 def _generate_or_isolate(speech_model: SpeechModel, items: list[tuple[np.ndarray, Request]], owners: list[str],
@@ -127,6 +153,7 @@ class _Pending:
     segments: dict[int, dict] = field(default_factory=dict)
     error: str | None = None
     decided: set = field(default_factory=set)
+    keywords_dropped: int = 0
 
 
 class RecordingAssembler:
@@ -170,6 +197,7 @@ class RecordingAssembler:
                 }
                 if row["decoded_by"] is not None:
                     pending.decided.add(row["decoded_by"])
+            pending.keywords_dropped = max(pending.keywords_dropped, row.get("keywords_dropped") or 0)
             if row["error"] is not None and pending.error is None:
                 pending.error = row["error"]
             if len(pending.segments) >= pending.count:
@@ -206,6 +234,7 @@ class RecordingAssembler:
         table = pa.Table.from_pylist([p.recording for p in done], schema=self.recording_schema)
         table = table.append_column("text", pa.array(texts, pa.string()))
         table = table.append_column("segments", pa.array(segments, pa.list_(SEGMENT_TYPE)))
-        # Not an output column: the driver counts it for the run summary.
+        # Not output columns: the driver counts them for the run summary.
+        table = table.append_column("keywords_dropped", pa.array([p.keywords_dropped for p in done], pa.int32()))
         return table.append_column("decoded_by", pa.array(decoded_by, pa.string()))
 

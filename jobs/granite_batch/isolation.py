@@ -1,0 +1,268 @@
+"""Run a stage's native work in a forked child process, so a crash costs one row, not the worker.
+
+A segfault or abort in native code (FFmpeg through PyAV, soxr, torch in the VAD) ends the process it
+happens in. In a Ray worker that loses every row of the task, and Ray retries the same task on the
+same rows without end: one poison recording stops the job. Here the work runs in a helper process
+forked from the worker, which keeps it for the next batches (a fork server: forking a worker that
+holds torch costs about 30 ms, and a fresh child would redo TorchScript's warm-up every time). Work
+goes to it and results come back through pipes, row by row as they are done. When the helper dies
+by a signal, the rows done before are kept, the row it was working on is retried alone in a fresh
+helper, and if that one dies too the row gets a `Crash` (the stage makes it an error row:
+"decode crashed the worker: signal 11 (SIGSEGV)"); the rows after it go on. The worker itself never
+runs the native code, so it never dies of it.
+
+The helper runs only our plain code (PyAV, numpy, soxr, torch on one thread), never Ray; it ends
+when its worker does (its request pipe closes) and leaves with os._exit. The functions it runs must
+pickle by reference (module-level functions, or functools.partial of one). Arguments and results
+travel as pickle protocol 5 with out-of-band buffers: a sample array is written to the pipe from its
+own memory and read into the one buffer the receiver keeps.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal as signals
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Sequence
+
+import numpy as np
+
+_HEADER = struct.Struct("<BQI")  # kind, metadata bytes, out-of-band buffers
+_LENGTH = struct.Struct("<Q")
+_WORK, _RESULT, _RAISED, _DONE = 1, 2, 3, 4
+_PIPE_BYTES = 1 << 20  # a larger pipe: fewer wake-ups while a recording's samples stream through
+
+
+@dataclass(frozen=True)
+class Crash:
+    """The work on one item killed its process, also when retried alone in a fresh one."""
+
+    signal: int | None = None
+    exit_code: int | None = None
+
+    def reason(self, stage: str) -> str:
+        """The error row's text, e.g. "decode crashed the worker: signal 11 (SIGSEGV)"."""
+        if self.signal is not None:
+            try:
+                name = f" ({signals.Signals(self.signal).name})"
+            except ValueError:
+                name = ""
+            return f"{stage} crashed the worker: signal {self.signal}{name}"
+        return f"{stage} crashed the worker: exit status {self.exit_code}"
+
+
+@dataclass(frozen=True)
+class CrashTest:
+    """Test only: the process working on the row whose `audio` is the one named for its stage
+    kills itself with `signal`, as a native crash would. Given to the stages as an argument
+    (JobConfig's `crash_test`), never set in production."""
+
+    decode: str | None = None
+    segment: str | None = None
+    model: str | None = None
+    signal: int = int(signals.SIGSEGV)
+
+    def check(self, stage: Literal["decode", "segment", "model"], audio: Sequence[str | None]) -> None:
+        """Kill this process if the row chosen for `stage` is among `audio`."""
+        chosen = getattr(self, stage)
+        if chosen is not None and chosen in audio:
+            os.kill(os.getpid(), self.signal)
+
+
+def can_fork() -> bool:
+    """Whether this platform forks safely (Linux); elsewhere the work runs in the worker itself."""
+    return hasattr(os, "fork") and os.uname().sysname == "Linux"
+
+
+def map_isolated(fn: Callable[[Any], Any], items: Sequence[Any], isolate: bool = True) -> list[Any]:
+    """`[fn(item) for item in items]`, computed in the helper process. An item whose `fn` kills
+    the helper, twice (among the others, then alone in a fresh helper), gives a `Crash` in its
+    place; the other items' results are those of `fn`. An exception `fn` raises is raised here."""
+    if not isolate or _in_helper or not can_fork():
+        return [fn(item) for item in items]
+    return _run(fn, list(items), batched=False)
+
+
+def call_isolated(fn: Callable[[list], list], items: Sequence[Any], isolate: bool = True) -> list[Any]:
+    """`fn(items)` for an `fn` that works on a whole batch at once and returns one result per item,
+    computed in the helper process. If the helper dies, each item is redone on its own (as
+    `map_isolated` does with `fn([item])[0]`), so only the items that crash alone get a `Crash`."""
+    if not isolate or _in_helper or not can_fork():
+        return fn(list(items))
+    with _lock:
+        done, crash = _helper().run(fn, [list(items)], batched=False)
+    if crash is None:
+        return done[0]
+    return _run(fn, list(items), batched=True)
+
+
+def _run(fn, items: list, batched: bool) -> list:
+    results: list[Any] = [None] * len(items)
+    start = 0
+    with _lock:
+        while start < len(items):
+            done, crash = _helper().run(fn, items[start:], batched)
+            results[start:start + len(done)] = done
+            start += len(done)
+            if crash is None:
+                break
+            # The helper died on items[start]: once more, alone, in a fresh helper, so a crash its
+            # neighbours caused, or a transient one, does not fail it.
+            alone, crash = _helper().run(fn, [items[start]], batched)
+            results[start] = alone[0] if crash is None else crash
+            start += 1
+    return results
+
+
+class _Helper:
+    """A child forked from this process that runs work sent to it until its pipes close."""
+
+    def __init__(self):
+        request_read, self._request = os.pipe()
+        self._results, results_write = os.pipe()
+        for fd in (self._request, results_write):
+            _grow_pipe(fd)
+        self.owner = os.getpid()
+        self.pid = os.fork()
+        if self.pid == 0:  # the helper: never returns
+            os.close(self._request)
+            os.close(self._results)
+            _serve(request_read, results_write)
+        os.close(request_read)
+        os.close(results_write)
+        self._reader = os.fdopen(self._results, "rb", buffering=_PIPE_BYTES)
+        self.alive = True
+
+    def run(self, fn, items: list, batched: bool) -> tuple[list, Crash | None]:
+        """The results of `fn` on `items` (`fn([item])[0]` each when `batched`), in order, until the
+        helper ends the work (Crash None) or dies (the results it sent, and how it died)."""
+        done: list[Any] = []
+        try:
+            _write_message(self._request, _WORK, (fn, items, batched))
+        except (BrokenPipeError, OSError):
+            return done, self._died()
+        while True:
+            message = _read_message(self._reader)
+            if message is None:
+                return done, self._died()
+            kind, value = message
+            if kind == _DONE:
+                return done, None
+            if kind == _RAISED:
+                _read_message(self._reader)  # its _DONE
+                raise value
+            done.append(value)
+
+    def _died(self) -> Crash:
+        self.alive = False
+        self._reader.close()
+        os.close(self._request)
+        _, status = os.waitpid(self.pid, 0)
+        if os.WIFSIGNALED(status):
+            return Crash(signal=os.WTERMSIG(status))
+        return Crash(exit_code=os.waitstatus_to_exitcode(status))
+
+
+_lock = threading.Lock()  # one batch at a time through this process's helper
+_current: _Helper | None = None
+_in_helper = False  # in the helper itself, work nested in work runs in place
+
+
+def _helper() -> _Helper:
+    global _current
+    if _current is None or not _current.alive or _current.owner != os.getpid():
+        _current = _Helper()
+    return _current
+
+
+def _grow_pipe(fd: int) -> None:
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+    except (ImportError, AttributeError, OSError):
+        pass  # a smaller pipe only means more round trips
+
+
+def _serve(request_read: int, results_write: int) -> None:
+    global _in_helper
+    _in_helper = True
+    _die_with_parent()
+    code = 0
+    try:
+        with os.fdopen(request_read, "rb", buffering=_PIPE_BYTES) as requests:
+            while (message := _read_message(requests)) is not None:
+                fn, items, batched = message[1]
+                try:
+                    for item in items:
+                        _write_message(results_write, _RESULT, fn([item])[0] if batched else fn(item))
+                except Exception as exc:  # noqa: BLE001 - the worker raises it as its own
+                    _send_exception(results_write, exc)
+                _write_message(results_write, _DONE, None)
+    except BaseException:  # noqa: BLE001 - a broken pipe: the worker is gone
+        code = 1
+    finally:
+        os._exit(code)  # no atexit handlers, no flushing of the worker's buffers, no Ray shutdown
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this helper when the worker that forked it dies, even mid-recording."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signals.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # then it ends at its next read of the closed request pipe
+
+
+def _send_exception(fd: int, exc: Exception) -> None:
+    try:
+        _write_message(fd, _RAISED, exc)
+    except Exception:  # noqa: BLE001 - not picklable: its text, at least
+        _write_message(fd, _RAISED, RuntimeError(f"{type(exc).__name__}: {exc}"))
+
+
+def _write_message(fd: int, kind: int, value: Any) -> None:
+    buffers: list[pickle.PickleBuffer] = []
+    metadata = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+    views = [buffer.raw() for buffer in buffers]
+    header = _HEADER.pack(kind, len(metadata), len(views)) + b"".join(_LENGTH.pack(v.nbytes) for v in views)
+    for part in (header, metadata, *views):
+        view = memoryview(part).cast("B")
+        while view:
+            view = view[os.write(fd, view):]
+
+
+def _read_exactly(pipe, length: int) -> np.ndarray | None:
+    buffer = np.empty(length, np.uint8)  # not bytearray: no pass to zero it first
+    view, filled = memoryview(buffer), 0
+    while filled < length:
+        got = pipe.readinto(view[filled:])
+        if not got:
+            return None
+        filled += got
+    return buffer
+
+
+def _read_message(pipe) -> tuple[int, Any] | None:
+    """One message, or None at the end of the pipe (also in the middle of a message: the sender died)."""
+    header = pipe.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        return None
+    kind, metadata_bytes, count = _HEADER.unpack(header)
+    lengths_raw = pipe.read(_LENGTH.size * count)
+    if len(lengths_raw) < _LENGTH.size * count:
+        return None
+    metadata = pipe.read(metadata_bytes)
+    if len(metadata) < metadata_bytes:
+        return None
+    buffers = []
+    for i in range(count):
+        buffer = _read_exactly(pipe, _LENGTH.unpack_from(lengths_raw, i * _LENGTH.size)[0])
+        if buffer is None:
+            return None
+        buffers.append(buffer)
+    return kind, pickle.loads(metadata, buffers=buffers)

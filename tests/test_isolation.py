@@ -1,0 +1,106 @@
+"""Crash isolation: native work that kills its process costs one row, never the worker or its neighbours."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from conftest import SAMPLES, SPEECH
+from granite_batch.audio import decode_table
+from granite_batch.isolation import Crash, CrashTest, call_isolated, map_isolated
+from granite_batch.segment import segment_table
+
+MP3 = str(SAMPLES / "fr_gare.mp3")
+
+
+def work(item, kill=None, signal_number=signal.SIGSEGV):
+    """Module level, so that it pickles by reference into the helper process."""
+    if item == kill:
+        os.kill(os.getpid(), signal_number)
+    if item == "exit":
+        os._exit(3)
+    if item == 0:
+        raise ZeroDivisionError("item 0")
+    return np.full(item, item, np.float32)
+
+
+def batch(items, kill=None):
+    if kill in items:
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return [(item * 10, os.getpid()) for item in items]
+
+
+def slice_of(item, source):
+    return source[item:]
+
+
+def test_an_item_that_kills_its_process_becomes_a_crash_and_the_others_are_computed():
+    pid = os.getpid()
+    results = map_isolated(functools.partial(work, kill=3), [1, 2, 3, 4, 5])
+    assert os.getpid() == pid  # this process lived on
+    assert results[2] == Crash(signal=signal.SIGSEGV)
+    assert results[2].reason("decode") == "decode crashed the worker: signal 11 (SIGSEGV)"
+    for i in (0, 1, 3, 4):
+        assert results[i].tolist() == [i + 1] * (i + 1)
+
+
+def test_aborts_and_exits_are_crashes_too():
+    abort = functools.partial(work, kill=2, signal_number=signal.SIGABRT)
+    assert map_isolated(abort, [2])[0].reason("segment") == "segment crashed the worker: signal 6 (SIGABRT)"
+    assert map_isolated(work, ["exit", 1])[0].reason("decode") == "decode crashed the worker: exit status 3"
+
+
+def test_an_exception_is_raised_in_the_caller_as_itself_and_the_helper_goes_on():
+    with pytest.raises(ZeroDivisionError, match="item 0"):
+        map_isolated(work, [1, 0])
+    assert map_isolated(work, [2])[0].tolist() == [2, 2]
+
+
+def test_large_results_and_arguments_travel_whole():
+    hour = np.arange(16000 * 3600, dtype=np.float32)
+    back = map_isolated(functools.partial(slice_of, source=hour), [0, 5])
+    assert np.array_equal(back[0], hour) and np.array_equal(back[1], hour[5:])
+    assert back[0].flags.writeable
+
+
+def test_the_helper_is_kept_for_the_next_batch_and_replaced_after_a_crash():
+    first = call_isolated(batch, [1, 2, 3])
+    assert [value for value, _ in first] == [10, 20, 30]
+    helper = first[0][1]
+    assert helper != os.getpid() and call_isolated(batch, [4])[0][1] == helper  # the same helper
+    crashed = call_isolated(functools.partial(batch, kill=7), [1, 7, 3])
+    assert crashed[1] == Crash(signal=signal.SIGSEGV)
+    assert [crashed[0][0], crashed[2][0]] == [10, 30]  # redone one by one, in fresh helpers
+    assert crashed[0][1] != helper
+
+
+def test_isolate_false_runs_in_this_process():
+    assert [pid for _, pid in call_isolated(batch, [1, 2], isolate=False)] == [os.getpid()] * 2
+
+
+def test_decode_stage_turns_a_crashing_recording_into_an_error_row_and_decodes_its_neighbours():
+    table = pa.table({"audio": [str(SPEECH), MP3, str(SPEECH)], "error": [None, None, None]})
+    alone = decode_table(table, isolate=False)
+    out = decode_table(table, crash_test=CrashTest(decode=MP3))
+    assert out.column("error").to_pylist() == [None, "decode crashed the worker: signal 11 (SIGSEGV)", None]
+    assert out.column("duration_s").to_pylist()[1] is None
+    samples = out.column("samples").to_pylist()
+    assert samples[1] is None
+    assert samples[0] == samples[2] == alone.column("samples").to_pylist()[0]
+
+
+def test_segment_stage_turns_a_crashing_recording_into_an_error_row_and_segments_its_neighbours():
+    decoded = decode_table(pa.table({"audio": [str(SPEECH), MP3, str(SPEECH)], "error": [None, None, None]}))
+    expected = segment_table(decoded, 16000, 30.0, isolate=False)
+    out = segment_table(decoded, 16000, 30.0, crash_test=CrashTest(segment=MP3))
+    assert out.column("error").to_pylist() == [None, "segment crashed the worker: signal 11 (SIGSEGV)", None]
+    starts = out.column("segment_starts").to_pylist()
+    assert starts[1] is None
+    assert starts[0] == starts[2] == expected.column("segment_starts").to_pylist()[0] != []
+    # Without a crash the isolated stage gives what the plain one gives.
+    assert segment_table(decoded, 16000, 30.0).column("segment_ends") == expected.column("segment_ends")
