@@ -137,7 +137,8 @@ def build_dataset(rows_to_do: pa.Table | tuple[PlanLayout, int], config: JobConf
     (transcribe.RecordingAssembler).
 
     A batch whose worker dies twice is dropped, not retried forever (recovery.py): the driver
-    finds its rows missing and runs them again with `alone`, one recording per block and batch.
+    finds its rows missing and runs them again with `alone`: one recording per block, one segment
+    per model call.
     """
     ray = ensure_ray()
     cluster = ray.cluster_resources()
@@ -184,7 +185,8 @@ def build_dataset(rows_to_do: pa.Table | tuple[PlanLayout, int], config: JobConf
         compute=ray.data.ActorPoolStrategy(
             min_size=config.resources.model_actors_min, max_size=config.resources.model_actors_max
         ),
-        batch_format="pyarrow", batch_size=segments_per_call * SORT_POOL_CALLS,
+        # Alone, one segment per call: a poison recording can only take its own segments down.
+        batch_format="pyarrow", batch_size=1 if alone else segments_per_call * SORT_POOL_CALLS,
         num_gpus=gpus_per_actor, num_cpus=config.resources.cpus_per_actor,
         **recovery.MODEL_ACTOR_RETRIES, **actor_options,
     )
