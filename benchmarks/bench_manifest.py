@@ -65,7 +65,6 @@ def write_inputs(folder: Path, rows: int) -> tuple[Path, Path]:
 
 def run_case(case: str, manifest: Path, output: Path) -> dict:
     """One case in this process: its figures, wall time and this process's peak RSS."""
-    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
     import pyarrow.json as pajson
@@ -98,7 +97,6 @@ def run_case(case: str, manifest: Path, output: Path) -> dict:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     result["cpu_s"] = usage.ru_utime + usage.ru_stime  # every thread's; steadier than wall on a busy machine
     result["peak_rss_mb"] = usage.ru_maxrss / 1024
-    del pa
     return result
 
 

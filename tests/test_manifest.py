@@ -299,3 +299,13 @@ def test_passthrough_types_unify_across_blocks_and_files(tmp_path):
 def test_first_of_each_id_keeps_manifest_order():
     table = pa.table({"id": ["b", "a", "b", "c", "a"], "n": [0, 1, 2, 3, 4]})
     assert first_of_each_id(table).to_pylist() == [{"id": "b", "n": 0}, {"id": "a", "n": 1}, {"id": "c", "n": 3}]
+
+
+def test_lists_of_nulls_pass_through_and_meet_other_blocks(tmp_path):
+    # pyarrow 26 reads [null, null] into an invalid list<null> array and casts one wrongly.
+    path = write_jsonl(tmp_path / "m.jsonl", [{"audio": "/a.wav", "x": [None, None]}, {"audio": "/b.wav", "x": ["y"]}])
+    for block_bytes in (1 << 20, 30):
+        table = read_manifest(str(path), DEFAULTS).table if block_bytes > 30 else \
+            pa.concat_tables(list(ManifestStream(str(path), DEFAULTS, block_bytes=block_bytes)),
+                             promote_options="permissive")
+        assert table.column("x").to_pylist() == [[None, None], ["y"]]

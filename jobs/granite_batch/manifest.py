@@ -117,10 +117,24 @@ def normalised_schema(passthrough: list[pa.Field] | pa.Schema = ()) -> pa.Schema
     return pa.schema(NORMALISED_FIELDS + [f for f in passthrough if f.name not in KNOWN_COLUMNS + ("error",)])
 
 
+def _holds_null_type(kind: pa.DataType) -> bool:
+    if pa.types.is_null(kind):
+        return True
+    return any(_holds_null_type(kind.field(i).type) for i in range(kind.num_fields))
+
+
+def _cast(column: pa.ChunkedArray, kind: pa.DataType) -> pa.ChunkedArray:
+    if column.type == kind:
+        return column
+    if _holds_null_type(column.type):  # pyarrow 26 casts list<null> into offsets past its values
+        return pa.chunked_array([pa.array(column.to_pylist(), kind)], kind)
+    return column.cast(kind)
+
+
 def conform_rows(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """`table` with `schema`'s columns in its order and types (absent ones null)."""
     n = table.num_rows
-    arrays = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(n, f.type)
+    arrays = [_cast(table.column(f.name), f.type) if f.name in table.column_names else pa.nulls(n, f.type)
               for f in schema]
     return pa.Table.from_arrays(arrays, schema=schema)
 

@@ -7,7 +7,8 @@ Layout under the output root (any fsspec URI):
     second_pass/<name>/language=<lang>/part-<run_id>-<n>.parquet, second_pass/<name>/_runs/<run_id>.json
 
 Files are written under `_staging/<run_id>/` and moved into `transcripts/` only once complete, so
-readers never see a partial file.
+readers never see a partial file. Reading back, a file is ours by that name alone: anything else
+under a dataset folder is foreign, skipped with a warning and reported (`list_dataset_files`).
 """
 
 from __future__ import annotations
