@@ -177,8 +177,8 @@ def test_relaxed_mode_takes_a_draft_whose_every_token_reaches_the_threshold(tiny
     assert expected != greedy[0][1]
     at = model(tiny_model_dir, "speculative", drafter=lambda samples, request: draft,
                verify_threshold=least * 0.999)
-    at._logits_divisor  # its one probe pass, before counting
-    counter = ForwardCounter(at, monkeypatch)
+    assert at.generate_with_decisions([item])[0] == (expected, BY_VERIFICATION)
+    counter = ForwardCounter(at, monkeypatch)  # counted once the model has made its one probe pass
     assert at.generate_with_decisions([item])[0] == (expected, BY_VERIFICATION)
     assert counter.calls == 1  # the verification pass alone
     above = model(tiny_model_dir, "speculative", drafter=lambda samples, request: draft,
