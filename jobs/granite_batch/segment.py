@@ -3,8 +3,8 @@
 Silero VAD gives a speech probability for every 32 ms frame. Frames above `threshold` start speech
 and frames below `neg_threshold` end it; speech regions get `pad_s` of context on each side, and
 neighbouring regions are merged into segments of at most `max_segment_s`. Speech that runs on longer
-than that is cut at the quietest 20 ms frame in the second half of each window, which falls in a
-pause rather than mid-word when there is one. Silence outside every segment is dropped.
+than that is cut in the longest pause (VAD probability, then energy) of the second half of each
+window, so a cut falls between words, not inside one. Silence outside every segment is dropped.
 
 A recording no longer than `max_segment_s` that holds any speech stays whole (one segment); one
 with no speech, or too short to hold a word, has no segment.
@@ -25,7 +25,8 @@ import pyarrow as pa
 
 from granite_batch.audio import samples_from_arrow, samples_to_arrow
 
-FRAME_S = 0.02  # energy frame for choosing where to cut long speech
+PAUSE_FRAME_S = 0.01  # frame for finding the pauses where long speech is cut
+PAUSE_DB = 35.0  # a frame this far below the window's median energy is a pause
 VAD_RATE_HZ = 16000
 VAD_FRAME = 512  # samples per silero VAD frame at 16 kHz (32 ms)
 
@@ -183,7 +184,7 @@ def plan_segments(samples: np.ndarray, sample_rate_hz: int, max_segment_s: float
         return [(0, n)]
     pieces: list[tuple[int, int]] = []
     for start, end in _padded(regions, n, int(options.pad_s * sample_rate_hz)):
-        pieces.extend(_cut_long(samples, start, end, max_len, sample_rate_hz))
+        pieces.extend(_cut_long(samples, start, end, max_len, sample_rate_hz, probabilities, options))
     return _merge(pieces, max_len, int(options.max_merge_gap_s * sample_rate_hz))
 
 
@@ -197,22 +198,50 @@ def _padded(regions: list[tuple[int, int]], n: int, pad: int) -> list[tuple[int,
     return padded
 
 
-def _cut_long(samples: np.ndarray, start: int, end: int, max_len: int, sample_rate_hz: int) -> list[tuple[int, int]]:
-    """Cut [start, end) into pieces of at most `max_len`, each cut at the quietest frame of the
-    second half of its window (the latest of equally quiet ones, so pieces stay long)."""
-    frame = max(1, int(FRAME_S * sample_rate_hz))
+def _cut_long(samples: np.ndarray, start: int, end: int, max_len: int, sample_rate_hz: int,
+              probabilities: np.ndarray, options: VadOptions) -> list[tuple[int, int]]:
+    """Cut [start, end) into pieces of at most `max_len`, each cut in the longest pause of the
+    second half of its window (`_cut_point`), so pieces stay long and words stay whole."""
     pieces = []
     while end - start > max_len:
-        window_start = start + max_len // 2
-        window = samples[window_start : start + max_len]
-        usable = (len(window) // frame) * frame
-        energy = np.square(window[:usable], dtype=np.float64).reshape(-1, frame).mean(axis=1)
-        quietest = len(energy) - 1 - int(np.argmin(energy[::-1]))
-        cut = window_start + quietest * frame + frame // 2
+        cut = _cut_point(samples, start + max_len // 2, start + max_len, sample_rate_hz, probabilities, options)
         pieces.append((start, cut))
         start = cut
     pieces.append((start, end))
     return pieces
+
+
+def _cut_point(samples: np.ndarray, low: int, high: int, sample_rate_hz: int, probabilities: np.ndarray,
+               options: VadOptions) -> int:
+    """Where to cut speech inside [low, high): in its longest pause.
+
+    A 10 ms frame is a pause when the VAD calls it non-speech (probability below `neg_threshold`) or
+    its energy is `PAUSE_DB` below the window's median frame (a gap between words: silero's
+    probability barely dips in gaps under 100 ms, so energy finds most of them). The longest run of
+    pause frames wins (then the one the VAD is surest of, then the latest), as silero's own splitter
+    prefers pauses of 98 ms or more over cutting at its limit; the cut is at the run's quietest frame.
+    With no pause at all (noise, music under speech) the cut is at the frame of least speech
+    probability, then least energy.
+    """
+    frame = max(1, int(PAUSE_FRAME_S * sample_rate_hz))
+    count = (high - low) // frame
+    if count < 1:
+        return high
+    energy = np.square(samples[low: low + count * frame], dtype=np.float64).reshape(count, frame).mean(axis=1)
+    centres = low + np.arange(count) * frame + frame // 2
+    speech = probabilities[np.minimum(centres // VAD_FRAME, len(probabilities) - 1)]
+    quiet_level = np.median(energy) * 10 ** (-PAUSE_DB / 10)
+    pause = (speech < options.neg_threshold) | (energy <= quiet_level)
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], pause.astype(np.int8), [0]))))
+    runs = edges.reshape(-1, 2)
+    if len(runs):
+        first, last = max(runs.tolist(), key=lambda run: (run[1] - run[0], -speech[run[0]:run[1]].mean(), run[0]))
+    else:
+        first, last = 0, count
+    # Least speech probability, then least energy, then nearest the pause's middle.
+    order = np.lexsort((np.abs(np.arange(first, last) - (first + last - 1) / 2), energy[first:last],
+                        speech[first:last]))
+    return int(centres[first + order[0]])
 
 
 def _merge(pieces: list[tuple[int, int]], max_len: int, max_gap: int) -> list[tuple[int, int]]:
