@@ -10,6 +10,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import os
 import posixpath
 import re
@@ -19,8 +20,10 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from granite_batch.prompts import ASR_LANGUAGES, check_request
+from granite_batch.prompts import ASR_LANGUAGES, check_request, unlisted_request
 from granite_batch.storage import LOCAL_PROTOCOLS, filesystem, protocol_of, uri_of
+
+log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 KNOWN_COLUMNS = ("id", "audio", "language", "task", "target_language", "keywords")
@@ -279,6 +282,7 @@ def _normalise(table, line_numbers, name, kind, base, protocol, defaults: Defaul
                for column in KNOWN_COLUMNS}
     n = table.num_rows
     out = {key: [] for key in ("id", "audio", "language", "task", "target_language", "keywords", "error")}
+    notes: dict[str, int] = {}  # requests the model card does not list: served, with a warning
     for i in range(n):
         audio = _as_str(columns["audio"][i])
         if audio is None:
@@ -296,6 +300,9 @@ def _normalise(table, line_numbers, name, kind, base, protocol, defaults: Defaul
         keywords = _keywords(columns["keywords"][i] if columns["keywords"] else None, defaults.keywords)
         row_id = _as_str(columns["id"][i]) if columns["id"] else None
         error = check_request(language, task, target)
+        note = None if error else unlisted_request(language, task, target, keywords)
+        if note:
+            notes[note] = notes.get(note, 0) + 1
         if error is None and not is_allowed(audio, defaults.allowed_prefixes):
             error = f"not allowed: {audio} is outside the allowed prefixes"
         if language not in ASR_LANGUAGES:
@@ -311,6 +318,8 @@ def _normalise(table, line_numbers, name, kind, base, protocol, defaults: Defaul
         ("id", pa.string()), ("audio", pa.string()), ("language", pa.string()), ("task", pa.string()),
         ("target_language", pa.string()), ("keywords", pa.list_(pa.string())), ("error", pa.string()),
     ])
+    for note, count in notes.items():
+        log.warning("%s: %d row(s): %s", name, count, note)
     normalised = pa.Table.from_pydict(out, schema=schema)
     for column in table.column_names:
         if column not in KNOWN_COLUMNS:
