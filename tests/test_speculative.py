@@ -191,6 +191,21 @@ def test_speculative_modes_need_greedy_search(tiny_model_dir):
         SpeechModel.load(str(tiny_model_dir), num_beams=2, speculative=SpeculativeOptions("speculative-strict"))
 
 
+def test_the_job_config_carries_ibms_settings_to_the_model_actor(tiny_model_dir):
+    from granite_batch.config import GenerationOptions, load_config
+    from granite_batch.model import ModelRef
+    from granite_batch.pipeline import Transcriber
+
+    assert GenerationOptions().model_dump(include={"ctc_entropy_threshold", "verify_threshold", "fallback_beams"}) == {
+        "ctc_entropy_threshold": 0.7, "verify_threshold": 0.1, "fallback_beams": 1}  # IBM's notebook
+    leaderboard = {"decoding": "speculative", "ctc_entropy_threshold": 0.7, "verify_threshold": 0.2, "fallback_beams": 2}
+    config = load_config(overrides={"manifest": "m.jsonl", "output": "out", "model": str(tiny_model_dir),
+                                    "generation": leaderboard})
+    actor = Transcriber(config, ModelRef(str(tiny_model_dir), None), "run", "cpu")
+    assert actor.speech_model.speculative == SpeculativeOptions("speculative", 0.7, 0.2, 2)
+    with pytest.raises(ValueError, match="num_beams 1"):
+        GenerationOptions(decoding="speculative", num_beams=2)  # beams belong to the fallback
+
 # --- the acceptance rules on hand-made distributions ---------------------------------------------
 
 def test_ctc_draft_collapses_repeats_drops_blanks_and_reports_entropy():
