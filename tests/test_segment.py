@@ -151,6 +151,26 @@ def test_windowed_vad_agrees_with_silero_frame_by_frame(clip):
     assert (ours == theirs).mean() > 0.98
 
 
+@pytest.mark.parametrize("name", ["en_weather.flac", "fr_gare.mp3", "de_bibliothek.ogg", "pt_praia.wav",
+                                  "es_mercado.m4a", "ja_tenki.flac"])
+def test_speech_regions_of_the_samples_are_silero_get_speech_timestamps(name):
+    from silero_vad import get_speech_timestamps
+
+    samples = load_recording(str(SAMPLES / name)).samples
+    regions = speech_regions(speech_probabilities(samples), len(samples))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference = get_speech_timestamps(torch.from_numpy(samples), segment.vad_model(), speech_pad_ms=0)
+    finally:
+        torch.set_num_threads(threads)
+    # Same rule on the probabilities, so the same regions; the windowed probabilities move an edge by
+    # at most a frame or two here (README "Long recordings").
+    assert len(regions) == len(reference)
+    for (start, end), region in zip(regions, reference):
+        assert abs(start - region["start"]) <= 2 * segment.VAD_FRAME and abs(end - region["end"]) <= 2 * segment.VAD_FRAME
+
+
 def test_vad_reads_the_audio_without_copying_it(clip):
     samples = np.resize(clip, RATE * 600)  # 38 MB
     plan_segments(samples[: RATE * 5], RATE, 30.0)  # load the model first

@@ -1,8 +1,9 @@
 """Find the speech in a recording and cut it into segments the model can take in one pass.
 
 Silero VAD gives a speech probability for every 32 ms frame. Frames above `threshold` start speech
-and frames below `neg_threshold` end it; speech regions get `pad_s` of context on each side, and
-neighbouring regions are merged into segments of at most `max_segment_s`. Speech that runs on longer
+and frames below `neg_threshold` end it (silero's own rule, `speech_regions`); speech regions get
+`pad_s` of context on each side, and neighbouring regions are merged into segments of at most
+`max_segment_s`. Speech that runs on longer
 than that is cut in the longest pause (VAD probability, then energy) of the second half of each
 window, so a cut falls between words, not inside one. Silence outside every segment is dropped.
 
@@ -143,22 +144,21 @@ def _probabilities(model, buffers: list[np.ndarray], spans: list[tuple[int, int,
 
 
 def speech_regions(probs: np.ndarray, n: int, options: VadOptions = VadOptions()) -> list[tuple[int, int]]:
-    """(start, end) sample offsets of speech in a recording of `n` samples, from VAD frame probabilities."""
-    # Hysteresis: above threshold is speech, below neg_threshold is not, in between keeps the last state.
-    state = np.where(probs >= options.threshold, 1, np.where(probs < options.neg_threshold, 0, -1))
-    decided = np.where(state >= 0, np.arange(len(state)), -1)
-    np.maximum.accumulate(decided, out=decided)
-    speech = np.where(decided >= 0, state[np.maximum(decided, 0)], 0).astype(np.int8)
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], speech, [0]))))
-    runs = edges.reshape(-1, 2) * VAD_FRAME  # [start, end) in samples
-    regions: list[list[int]] = []
-    for start, end in runs.tolist():
-        if regions and start - regions[-1][1] < options.min_silence_s * VAD_RATE_HZ:
-            regions[-1][1] = end
-        else:
-            regions.append([start, end])
-    min_speech = options.min_speech_s * VAD_RATE_HZ
-    return [(start, min(end, n)) for start, end in regions if min(end, n) - start >= min_speech]
+    """(start, end) sample offsets of speech in a recording of `n` samples, from VAD frame probabilities.
+
+    silero's own rule, `get_speech_timestamps_from_probs` (what `get_speech_timestamps` runs on its
+    probabilities), without its padding (`_padded` pads): speech starts at a frame >= `threshold`
+    and ends at a frame < `neg_threshold` once a later frame, `min_silence_s` on, is still below
+    it with no frame >= `threshold` between; shorter bursts than `min_speech_s` are dropped.
+    """
+    from silero_vad import get_speech_timestamps_from_probs
+
+    regions = get_speech_timestamps_from_probs(
+        probs.tolist(), sampling_rate=VAD_RATE_HZ, threshold=options.threshold,
+        neg_threshold=options.neg_threshold, min_speech_duration_ms=options.min_speech_s * 1000,
+        min_silence_duration_ms=options.min_silence_s * 1000, speech_pad_ms=0, audio_length_samples=n,
+    )
+    return [(region["start"], region["end"]) for region in regions]
 
 
 def plan_segments(samples: np.ndarray, sample_rate_hz: int, max_segment_s: float,
