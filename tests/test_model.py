@@ -127,3 +127,85 @@ def test_short_segments_stop_at_their_own_token_budget(tiny_model_dir, recording
     strict = SpeechModel.load(str(tiny_model_dir), max_new_tokens=60, max_new_tokens_per_audio_s=4.0,
                               speculative=SpeculativeOptions("speculative-strict"))
     assert strict.generate(items) == limited.generate(items)
+
+
+# --- beams score Granite's scaled logits; eos comes from the tokenizer -----------------------------
+
+def reference_beam_search(speech_model: SpeechModel, prompt, steps: int, beams: int = 2) -> list[int]:
+    """Beam search written out on `lm_head(h) / logits_scaling`, h the language model's last hidden
+    state (IBM's verify() scores that way; GraniteForCausalLM, which IBM's fallback() generates with,
+    divides its logits so). No length penalty matters: every hypothesis has the same length, so the
+    check below that no hypothesis could end keeps this equal to transformers' beam search."""
+    model = speech_model.model
+    scaling = model.config.text_config.logits_scaling
+    eos = speech_model.tokenizer.eos_token_id
+    hypotheses = [([], 0.0)]
+    with torch.inference_mode():
+        for _ in range(steps):
+            candidates = []
+            for tokens, score in hypotheses:
+                sequence = torch.cat([prompt, model.get_input_embeddings()(torch.tensor(tokens, dtype=torch.long))])
+                hidden = model.model.language_model(inputs_embeds=sequence[None]).last_hidden_state[0, -1]
+                log_probs = torch.log_softmax(model.lm_head(hidden).float() / scaling, dim=-1)
+                top = log_probs.topk(2 * beams)
+                candidates += [(tokens + [int(t)], score + float(v)) for v, t in zip(top.values, top.indices)]
+            candidates.sort(key=lambda candidate: -candidate[1])
+            assert all(tokens[-1] != eos for tokens, _ in candidates[: 2 * beams])
+            hypotheses = candidates[:beams]
+    return hypotheses[0][0]
+
+
+def test_transformers_returns_granite_speech_logits_unscaled(speech_model, recordings):
+    """Pins transformers 5.24: GraniteSpeechForConditionalGeneration.forward returns lm_head(h), not
+    lm_head(h) / logits_scaling. If an upgrade divides, this fails, and `_logits_divisor` (1 then)
+    keeps beams from being divided twice (next test)."""
+    model = speech_model.model
+    with torch.inference_mode():
+        embeds, _ = speech_model._prompt_embeddings([(recordings[0], Request())], [0])
+        logits = model(inputs_embeds=embeds[0][None]).logits[0, -1]
+        hidden = model.model.language_model(inputs_embeds=embeds[0][None]).last_hidden_state[0, -1]
+        raw = model.lm_head(hidden)
+    assert model.config.text_config.logits_scaling == 8.0
+    torch.testing.assert_close(logits, raw)
+    assert not torch.allclose(logits, raw / 8.0)
+    assert speech_model._logits_divisor == 8.0
+
+
+@pytest.mark.parametrize("model_divides", [False, True], ids=["transformers-5.24", "a-model-that-divides"])
+def test_two_beams_equal_a_reference_beam_search_on_scaled_logits(tiny_model_dir, recordings, model_divides):
+    beams = SpeechModel.load(str(tiny_model_dir), max_new_tokens=10, num_beams=2)
+    if model_divides:  # what an upstream fix would look like: forward divides by itself
+        def divide(module, args, kwargs, output):
+            output.logits = output.logits / module.config.text_config.logits_scaling
+            return output
+
+        beams.model.register_forward_hook(divide, with_kwargs=True)
+    items = [(samples, Request()) for samples in recordings[:3]]
+    with torch.inference_mode():
+        prompts, _ = beams._prompt_embeddings(items, [0, 1, 2])
+    expected = [reference_beam_search(beams, prompt, 10) for prompt in prompts]
+    assert beams.generate(items) == [beams.tokenizer.decode(t, skip_special_tokens=True).strip() for t in expected]
+    assert beams._logits_divisor == (1.0 if model_divides else 8.0)
+    # Informative: a beam search on the unscaled logits picks other words for some of them.
+    beams.__dict__["_logits_divisor"] = 1.0 if not model_divides else 1 / 8.0
+    assert beams.generate(items) != [beams.tokenizer.decode(t, skip_special_tokens=True).strip() for t in expected]
+
+
+def test_generation_stops_at_the_tokenizers_eos_whatever_the_generation_config_says(tmp_path, tiny_model_dir,
+                                                                                    speech_model, recordings):
+    """A checkpoint whose generation_config.json names another eos (a fine-tune's, say) must not stop
+    the model at that token: IBM's code passes `eos_token_id=tokenizer.eos_token_id` to generate."""
+    import json
+    import shutil
+
+    tokens = speech_model._autoregressive(speech_model._prompt_embeddings([(recordings[0], Request())], [0])[0],
+                                          [24])[0]
+    foreign = tokens[3]  # a token the model emits early
+    copy = tmp_path / "foreign-eos"
+    shutil.copytree(tiny_model_dir, copy)
+    config = json.loads((copy / "generation_config.json").read_text())
+    config["eos_token_id"] = foreign
+    (copy / "generation_config.json").write_text(json.dumps(config))
+    loaded = SpeechModel.load(str(copy), max_new_tokens=24)
+    assert loaded.generate([(recordings[0], Request())]) == speech_model.generate([(recordings[0], Request())])
+    assert foreign != speech_model.tokenizer.eos_token_id and len(tokens) == 24

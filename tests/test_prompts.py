@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from transformers import AutoProcessor
 
-from granite_batch.prompts import Request, check_request, clean_keywords, instruction, render_prompt
+from granite_batch.prompts import Request, check_request, clean_keywords, instruction, render_prompt, unlisted_request
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +58,30 @@ def test_clean_keywords_drops_empty_and_duplicates():
 )
 def test_supported_requests(language, task, target, ok):
     assert (check_request(language, task, target) is None) == ok
+
+
+@pytest.mark.parametrize(
+    "language, task, target, keywords, listed",
+    [("ja", "ast", "en", (), False), ("fr", "ast", "en", ("Lyon",), False), ("en", "ast", "ja", (), True),
+     ("fr", "ast", "en", (), True), ("ja", "asr", None, ("Tokyo",), True), ("en", "asr", None, (), True)],
+)
+def test_requests_the_model_card_does_not_list_are_named(language, task, target, keywords, listed):
+    assert (unlisted_request(language, task, target, keywords) is None) == listed
+
+
+def test_the_manifest_reader_warns_of_unlisted_requests_and_serves_them(tmp_path, caplog):
+    from conftest import write_jsonl
+    from granite_batch.manifest import Defaults, read_manifest
+
+    manifest = write_jsonl(tmp_path / "m.jsonl", [
+        {"audio": "a.wav", "language": "ja", "task": "ast", "target_language": "en"},
+        {"audio": "b.wav", "language": "ja", "task": "ast", "target_language": "en"},
+        {"audio": "c.wav", "language": "fr", "task": "ast", "target_language": "en", "keywords": ["Lyon"]},
+        {"audio": "d.wav", "language": "en", "keywords": ["Ray"]},
+    ])
+    with caplog.at_level("WARNING", logger="granite_batch.manifest"):
+        table = read_manifest(str(manifest), Defaults()).table
+    assert table.column("error").to_pylist() == [None] * 4
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 2
+    assert "2 row(s): ja -> en translation" in warnings[0] and "1 row(s): keywords on a translation" in warnings[1]

@@ -95,6 +95,41 @@ def test_speech_without_pauses_is_still_cut_within_the_limit(clip):
     assert bounds[0][0] < 0.1 * RATE and bounds[-1][1] == len(samples)
 
 
+def espeak_sentences_with_short_gaps(gap_s: tuple[float, float], repeats: int):
+    """The sample recordings (espeak-ng sentences in five languages), trimmed, joined by gaps that
+    alternate between `gap_s[0]` and `gap_s[1]`; the samples and every gap's (start, end, seconds)."""
+    names = ["en_weather.flac", "fr_gare.mp3", "de_bibliothek.ogg", "pt_praia.wav", "es_mercado.m4a"]
+    sentences = []
+    for name in names:
+        samples = load_recording(str(SAMPLES / name)).samples
+        loud = np.flatnonzero(np.abs(samples) > 3e-3)
+        sentences.append(samples[loud[0] : loud[-1] + 1])
+    parts, gaps, position = [], [], 0
+    for i in range(repeats):
+        parts.append(sentences[i % len(sentences)])
+        position += len(parts[-1])
+        seconds = gap_s[i % 2]
+        parts.append(np.zeros(int(seconds * RATE), np.float32))
+        gaps.append((position, position + len(parts[-1]), seconds))
+        position += len(parts[-1])
+    return np.concatenate(parts), gaps
+
+
+def test_speech_with_only_short_pauses_is_cut_in_the_longest_pause(clip):
+    # Gaps of 50 and 90 ms, too short for the VAD to end speech (silero's probability barely dips in
+    # them): 41 s of speech is one region to cut. Inside the sentences, quiet stretches run up to 55 ms
+    # (stop closures, word boundaries), so only the 90 ms gaps are the longest pauses. Every 12 s
+    # window's second half holds one of them.
+    samples, gaps = espeak_sentences_with_short_gaps((0.05, 0.09), 16)
+    bounds = plan_segments(samples, RATE, 12.0)
+    assert len(bounds) >= 3 and bounds[0][0] == 0 and bounds[-1][1] == len(samples)
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))  # one region, cut, not split
+    long_gaps = [(start, end) for start, end, seconds in gaps if seconds == 0.09]
+    for _, cut in bounds[:-1]:
+        inside = [(start, end) for start, end in long_gaps if start + 0.02 * RATE <= cut <= end - 0.02 * RATE]
+        assert inside, f"cut at {cut / RATE:.3f} s is not well inside a 90 ms pause"
+
+
 def test_windowed_vad_agrees_with_silero_frame_by_frame(clip):
     from silero_vad import get_speech_timestamps
 
@@ -114,6 +149,26 @@ def test_windowed_vad_agrees_with_silero_frame_by_frame(clip):
         theirs[region["start"] : region["end"]] = True
     assert len(regions) == len(reference)
     assert (ours == theirs).mean() > 0.98
+
+
+@pytest.mark.parametrize("name", ["en_weather.flac", "fr_gare.mp3", "de_bibliothek.ogg", "pt_praia.wav",
+                                  "es_mercado.m4a", "ja_tenki.flac"])
+def test_speech_regions_of_the_samples_are_silero_get_speech_timestamps(name):
+    from silero_vad import get_speech_timestamps
+
+    samples = load_recording(str(SAMPLES / name)).samples
+    regions = speech_regions(speech_probabilities(samples), len(samples))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference = get_speech_timestamps(torch.from_numpy(samples), segment.vad_model(), speech_pad_ms=0)
+    finally:
+        torch.set_num_threads(threads)
+    # Same rule on the probabilities, so the same regions; the windowed probabilities move an edge by
+    # at most a frame or two here (README "Long recordings").
+    assert len(regions) == len(reference)
+    for (start, end), region in zip(regions, reference):
+        assert abs(start - region["start"]) <= 2 * segment.VAD_FRAME and abs(end - region["end"]) <= 2 * segment.VAD_FRAME
 
 
 def test_vad_reads_the_audio_without_copying_it(clip):

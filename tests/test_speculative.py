@@ -17,7 +17,7 @@ from granite_batch.speculative import (
     BY_VERIFICATION,
     SpeculativeOptions,
     ctc_draft,
-    relaxed_accepted,
+    draft_verified,
     strict_accepted,
 )
 
@@ -91,9 +91,9 @@ def test_a_draft_right_for_a_prefix_resumes_at_the_first_wrong_token(tiny_model_
     seen = []
     original = strict._autoregressive
 
-    def spy(sequences, budgets):
+    def spy(sequences, budgets, *beams):
         seen.extend(budgets)
-        return original(sequences, budgets)
+        return original(sequences, budgets, *beams)
 
     monkeypatch.setattr(strict, "_autoregressive", spy)
     text, decision = strict.generate_with_decisions([recordings[index]])[0]
@@ -121,10 +121,90 @@ def test_relaxed_mode_accepts_a_confident_ctc_draft_without_the_language_model(t
     assert drafted == ["ctc", "ctc"] and counter.calls == 0
 
 
+# --- speculative (relaxed): IBM's notebook flow on hand-made drafts -------------------------------
+
+def scaled_probabilities(speech_model: SpeechModel, item, draft: list[int]) -> torch.Tensor:
+    """[len(draft), vocab]: softmax(lm_head(h) / logits_scaling) at each draft position, the way IBM's
+    verify() computes them (the language model's last hidden state, then lm_head, then the scale)."""
+    with torch.inference_mode():
+        embeds, _ = speech_model._prompt_embeddings([item], [0])
+        embed = speech_model.model.get_input_embeddings()
+        sequence = torch.cat([embeds[0], embed(torch.tensor(draft))])[None]
+        hidden = speech_model.model.model.language_model(inputs_embeds=sequence).last_hidden_state[0]
+        scaling = speech_model.model.config.text_config.logits_scaling
+        logits = speech_model.model.lm_head(hidden[-len(draft) - 1: -1]).float() / scaling
+        return torch.softmax(logits, dim=-1)
+
+
+def test_relaxed_mode_decodes_a_rejected_draft_from_scratch(tiny_model_dir, recordings, greedy):
+    item = recordings[0]
+    plain = model(tiny_model_dir, "autoregressive")
+    first = scaled_probabilities(plain, item, [greedy[1][0][0]])[0]
+    runner_up = int(first.argsort(descending=True)[1])  # probable, but not the model's choice
+    second = scaled_probabilities(plain, item, [runner_up, 0])[1]
+    unlikely = int(second.argmin())
+    draft = [runner_up, unlikely]
+    threshold = float(first[runner_up]) / 2  # the first token passes, the second does not
+    assert float(second[unlikely]) < threshold
+    relaxed = model(tiny_model_dir, "speculative", drafter=lambda samples, request: draft,
+                    verify_threshold=threshold)
+    text, decision = relaxed.generate_with_decisions([item])[0]
+    # IBM's fallback() decodes the prompt alone: no draft token survives, even the probable first one.
+    assert (text, decision) == (greedy[0][0], BY_FALLBACK)
+
+
+def test_relaxed_mode_falls_back_with_its_beams(tiny_model_dir, recordings):
+    items = recordings[:2]
+    beams = SpeechModel.load(str(tiny_model_dir), max_new_tokens=MAX_NEW, num_beams=2)
+    relaxed = model(tiny_model_dir, "speculative", drafter=lambda samples, request: [0, 0, 0],
+                    verify_threshold=1.0, fallback_beams=2)
+    results = relaxed.generate_with_decisions(items)
+    assert [text for text, _ in results] == beams.generate(items)
+    assert [decision for _, decision in results] == [BY_FALLBACK, BY_FALLBACK]
+    assert beams.generate(items) != model(tiny_model_dir, "autoregressive").generate(items)  # informative
+
+
+def test_relaxed_mode_takes_a_draft_whose_every_token_reaches_the_threshold(tiny_model_dir, recordings,
+                                                                               greedy, monkeypatch):
+    item = recordings[1]
+    plain = model(tiny_model_dir, "autoregressive")
+    # Not the model's own output: the runner-up token at every step after the first.
+    draft = [greedy[1][1][0]]
+    for _ in range(5):
+        draft.append(int(scaled_probabilities(plain, item, draft + [0])[-1].argsort(descending=True)[1]))
+    least = float(scaled_probabilities(plain, item, draft).gather(1, torch.tensor(draft)[:, None]).min())
+    expected = plain.tokenizer.decode(draft, skip_special_tokens=True).strip()
+    assert expected != greedy[0][1]
+    at = model(tiny_model_dir, "speculative", drafter=lambda samples, request: draft,
+               verify_threshold=least * 0.999)
+    assert at.generate_with_decisions([item])[0] == (expected, BY_VERIFICATION)
+    counter = ForwardCounter(at, monkeypatch)  # counted once the model has made its one probe pass
+    assert at.generate_with_decisions([item])[0] == (expected, BY_VERIFICATION)
+    assert counter.calls == 1  # the verification pass alone
+    above = model(tiny_model_dir, "speculative", drafter=lambda samples, request: draft,
+                  verify_threshold=least * 1.001)
+    assert above.generate_with_decisions([item])[0] == (greedy[0][1], BY_FALLBACK)
+
+
 def test_speculative_modes_need_greedy_search(tiny_model_dir):
     with pytest.raises(ValueError, match="greedy"):
         SpeechModel.load(str(tiny_model_dir), num_beams=2, speculative=SpeculativeOptions("speculative-strict"))
 
+
+def test_the_job_config_carries_ibms_settings_to_the_model_actor(tiny_model_dir):
+    from granite_batch.config import GenerationOptions, load_config
+    from granite_batch.model import ModelRef
+    from granite_batch.pipeline import Transcriber
+
+    assert GenerationOptions().model_dump(include={"ctc_entropy_threshold", "verify_threshold", "fallback_beams"}) == {
+        "ctc_entropy_threshold": 0.7, "verify_threshold": 0.1, "fallback_beams": 1}  # IBM's notebook
+    leaderboard = {"decoding": "speculative", "ctc_entropy_threshold": 0.7, "verify_threshold": 0.2, "fallback_beams": 2}
+    config = load_config(overrides={"manifest": "m.jsonl", "output": "out", "model": str(tiny_model_dir),
+                                    "generation": leaderboard})
+    actor = Transcriber(config, ModelRef(str(tiny_model_dir), None), "run", "cpu")
+    assert actor.speech_model.speculative == SpeculativeOptions("speculative", 0.7, 0.2, 2)
+    with pytest.raises(ValueError, match="num_beams 1"):
+        GenerationOptions(decoding="speculative", num_beams=2)  # beams belong to the fallback
 
 # --- the acceptance rules on hand-made distributions ---------------------------------------------
 
@@ -147,12 +227,19 @@ def test_strict_rule_accepts_up_to_the_first_disagreement():
 
 
 @pytest.mark.parametrize(
-    "probabilities, threshold, accepted",
-    [([0.9, 0.5, 0.2], 0.1, 3), ([0.9, 0.05, 0.9], 0.1, 1), ([0.1, 0.1], 0.1, 2), ([0.09], 0.1, 0),
-     ([0.3, 0.25, 0.19], 0.2, 2)],
+    "probabilities, threshold, verified",
+    [([0.9, 0.5, 0.2], 0.1, True), ([0.9, 0.05, 0.9], 0.1, False), ([0.1, 0.1], 0.1, True), ([0.09], 0.1, False),
+     ([0.3, 0.25, 0.19], 0.2, False), ([], 0.0, False)],
 )
-def test_relaxed_rule_respects_its_threshold(probabilities, threshold, accepted):
-    assert relaxed_accepted(probabilities, threshold) == accepted
+def test_relaxed_rule_needs_every_token_at_the_threshold(probabilities, threshold, verified):
+    assert draft_verified(probabilities, threshold) == verified
+
+
+def test_unknown_modes_and_beam_counts_are_refused():
+    with pytest.raises(ValueError, match="speculative-prefix"):
+        SpeculativeOptions("speculative-prefix")
+    with pytest.raises(ValueError, match="fallback_beams"):
+        SpeculativeOptions("speculative", fallback_beams=0)
 
 
 def test_job_with_strict_speculation_writes_the_same_text_and_counts_decisions(tmp_path, tiny_model_dir):

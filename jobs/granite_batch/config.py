@@ -42,8 +42,14 @@ class GenerationOptions(_Strict):
     num_beams: int = Field(1, ge=1, le=16)
     repetition_penalty: float = Field(1.0, gt=0)
     decoding: Literal["autoregressive", "speculative-strict", "speculative"] = "autoregressive"
-    ctc_entropy_threshold: float = Field(0.7, ge=0, description="speculative: accept a CTC draft below this")
-    verify_threshold: float = Field(0.1, ge=0, le=1, description="speculative: least draft token probability")
+    # speculative: IBM's relaxed procedure (speculative.py). Defaults from IBM's notebook; the Open ASR
+    # leaderboard's run of granite-4.0-1b-speech uses 0.7, 0.2 and 2 beams.
+    ctc_entropy_threshold: float = Field(
+        0.7, ge=0, description="speculative: take a CTC draft whose max frame entropy is at most this")
+    verify_threshold: float = Field(
+        0.1, ge=0, le=1, description="speculative: a verified draft has every token at least this probable")
+    fallback_beams: int = Field(
+        1, ge=1, le=16, description="speculative: beams when a rejected draft is decoded from scratch")
 
     @model_validator(mode="after")
     def _some_budget(self) -> "GenerationOptions":

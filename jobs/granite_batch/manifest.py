@@ -15,6 +15,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import os
 import posixpath
 import re
@@ -28,8 +29,10 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from granite_batch.prompts import ASR_LANGUAGES, check_request
+from granite_batch.prompts import ASR_LANGUAGES, check_request, unlisted_request
 from granite_batch.storage import LOCAL_PROTOCOLS, filesystem, protocol_of, uri_of
+
+log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 KNOWN_COLUMNS = ("id", "audio", "language", "task", "target_language", "keywords")
@@ -676,6 +679,10 @@ def _request_columns(table: pa.Table, where: _Where, defaults: Defaults) -> tupl
             target = None
         target = target.lower() if target else None
         error = check_request(language, task, target)
+        # Requests the model card does not list are served, with a warning and their count.
+        note = None if error else unlisted_request(language, task, target, ())
+        if note:
+            log.warning("%s: %d row(s): %s", where.name, int(np.count_nonzero(combined == unique)), note)
         if language not in ASR_LANGUAGES:
             language = UNDETERMINED_LANGUAGE  # keeps the partition path safe; the error names the value
         for values, value in zip(columns, (language, task, target, error)):
@@ -698,6 +705,11 @@ def _normalise(table: pa.Table, where: _Where, base: str, protocol: str, default
 
     language, task, target, error = _request_columns(table, where, defaults)
     keywords = _keywords_column(table, n, where, defaults.keywords)
+    keyworded_translations = pc.sum(pc.and_(pc.and_(pc.equal(task, "ast"), pc.is_null(error)),
+                                            pc.greater(pc.list_value_length(keywords), 0))).as_py()
+    if keyworded_translations:
+        log.warning("%s: %d row(s): %s", where.name, keyworded_translations,
+                    unlisted_request("en", "ast", "fr", ("keyword",)))
 
     if defaults.allowed_prefixes:
         refused = [None if e is not None or is_allowed(a, defaults.allowed_prefixes)

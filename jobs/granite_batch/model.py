@@ -9,6 +9,8 @@ left-padded `inputs_embeds` with an attention mask. Greedy output is then the sa
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 import os
@@ -26,8 +28,8 @@ from granite_batch.speculative import (
     BY_VERIFICATION,
     SpeculativeOptions,
     ctc_draft,
+    draft_verified,
     draftable,
-    relaxed_accepted,
     strict_accepted,
 )
 
@@ -267,22 +269,72 @@ class SpeechModel:
             mask[row, width - e.shape[0]:] = 1
         return inputs, mask
 
-    def _autoregressive(self, embeds: list, budgets: list[int]) -> list[list[int]]:
+    def _autoregressive(self, embeds: list, budgets: list[int], num_beams: int | None = None) -> list[list[int]]:
         """Greedy (or beam) generation on left-padded prompt embeddings; at most `budgets[row]` new
         tokens per row (the batch runs to the largest; batches are formed from similar lengths)."""
+        num_beams = self.num_beams if num_beams is None else num_beams
         inputs, mask = self._left_pad(embeds)
-        tokens = self.model.generate(
-            inputs_embeds=inputs, attention_mask=mask, max_new_tokens=max(budgets),
-            num_beams=self.num_beams, do_sample=False, repetition_penalty=self.repetition_penalty,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
+        eos = self.tokenizer.eos_token_id
+        # Beams score log-softmax sums, which change with the logits' scale (greedy's argmax does not),
+        # and transformers' beam search applies logits processors after its log-softmax, so the
+        # division happens on the model's output (see `_scaled_logits`). IBM's fallback() passes
+        # early_stopping=num_beams > 1 and the tokenizer's eos, not the checkpoint's generation config's.
+        scaled = self._scaled_logits() if num_beams > 1 else contextlib.nullcontext()
+        with scaled:
+            tokens = self.model.generate(
+                inputs_embeds=inputs, attention_mask=mask, max_new_tokens=max(budgets),
+                num_beams=num_beams, early_stopping=num_beams > 1, do_sample=False,
+                repetition_penalty=self.repetition_penalty, eos_token_id=eos,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
         out = []
         for row, budget in zip(tokens.tolist(), budgets):
             row = row[:budget]
-            if self.tokenizer.eos_token_id in row:
-                row = row[: row.index(self.tokenizer.eos_token_id)]
+            if eos in row:
+                row = row[: row.index(eos)]
             out.append([t for t in row if t != self.tokenizer.pad_token_id])
         return out
+
+    @functools.cached_property
+    def _logits_divisor(self) -> float:
+        """What the model's logits must still be divided by to be Granite's scaled logits.
+
+        Granite's language model divides `lm_head` output by `logits_scaling` (8 for 4.0-1b);
+        IBM's reference code scores `lm_head(h) / logits_scaling`. transformers 5.24's
+        GraniteSpeechForConditionalGeneration returns `lm_head(h)` undivided (tests pin this). One
+        probe forward pass decides, so a later upstream fix is not divided twice.
+        """
+        if self.logits_scaling == 1.0:
+            return 1.0
+        import torch
+
+        head = self.model.get_output_embeddings()
+        seen = []
+        handle = head.register_forward_hook(lambda module, args, output: seen.append(output))
+        try:
+            with torch.inference_mode():
+                ids = torch.tensor([self.tokenizer.encode("a b c", add_special_tokens=False)], device=self.device)
+                logits = self.model(inputs_embeds=self.model.get_input_embeddings()(ids), use_cache=False).logits
+        finally:
+            handle.remove()
+        raw = seen[-1].float()
+        undivided = (logits.float() - raw).abs().max()
+        divided = (logits.float() - raw / self.logits_scaling).abs().max()
+        return self.logits_scaling if undivided <= divided else 1.0
+
+    @contextlib.contextmanager
+    def _scaled_logits(self):
+        """Within: the model's logits are Granite's scaled logits (`lm_head(h) / logits_scaling`)."""
+        divisor = self._logits_divisor
+        if divisor == 1.0:
+            yield
+            return
+        handle = self.model.get_output_embeddings().register_forward_hook(
+            lambda module, args, output: output / divisor)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def _draft(self, item, ctc_logits) -> tuple[list[int] | None, str, float]:
         """(draft token ids or None when this request is not drafted, draft text, max CTC entropy)."""
@@ -298,20 +350,23 @@ class SpeechModel:
 
     def _speculative(self, embeds: list, requests: list[Request], drafts: list,
                      budgets: list[int]) -> tuple[list, list[str]]:
-        """Decide each row by CTC, by one batched verification pass, or by decoding on after it."""
+        """Decide each row by CTC, by one batched verification pass, or by decoding after it
+        (speculative.py says how each mode decides)."""
         import torch
 
         n = len(embeds)
         eos = self.tokenizer.eos_token_id
-        relaxed = self.speculative.mode == "speculative"
+        options = self.speculative
+        relaxed = options.mode == "speculative"
         tokens: list[list[int] | None] = [None] * n
         decisions = [BY_AUTOREGRESSIVE] * n
-        prefixes: dict[int, list[int]] = {}
+        prefixes: dict[int, list[int]] = {}  # strict: accepted draft + the model's next token
         for row, (ids, _, entropy) in enumerate(drafts):
             if ids is None:
                 continue
             decisions[row] = BY_FALLBACK
-            if relaxed and ids and entropy <= self.speculative.ctc_entropy_threshold:
+            # IBM: `if ent <= ctc_threshold and text.strip(): predictions[i] = text.strip()`
+            if relaxed and ids and entropy <= options.ctc_entropy_threshold:
                 tokens[row], decisions[row] = ids[: budgets[row]], BY_CTC
         verify = [row for row in range(n) if tokens[row] is None and drafts[row][0]]
         if verify:
@@ -323,23 +378,23 @@ class SpeechModel:
                 sequences.append(torch.cat([embeds[row], embed_tokens(ids).to(embeds[row].dtype)]))
                 lengths.append(len(draft))
             inputs, mask = self._left_pad(sequences)
-            logits = self.model(inputs_embeds=inputs, attention_mask=mask, use_cache=False).logits
+            # IBM: softmax(lm_head(hidden) / logits_scaling); strict compares argmaxes, which need no scale.
+            with self._scaled_logits() if relaxed else contextlib.nullcontext():
+                logits = self.model(inputs_embeds=inputs, attention_mask=mask, use_cache=False).logits
             width = inputs.shape[1]
             for position, (row, length) in enumerate(zip(verify, lengths)):
                 draft = drafts[row][0][:length]
                 # Logits at the last prompt position predict draft[0]; the last one predicts what follows.
                 start = width - length - 1
                 step_logits = logits[position, start: start + length + 1].float()
-                greedy = step_logits.argmax(dim=-1).tolist()
                 if relaxed:
-                    probs = torch.softmax(step_logits[:length] / self.logits_scaling, dim=-1)
+                    probs = torch.softmax(step_logits[:length], dim=-1)
                     chosen = probs[torch.arange(length), torch.tensor(draft)].tolist()
-                    accepted = relaxed_accepted(chosen, self.speculative.verify_threshold)
-                    if accepted == length:
+                    if draft_verified(chosen, options.verify_threshold):
                         tokens[row], decisions[row] = draft, BY_VERIFICATION
-                        continue
-                else:
-                    accepted = strict_accepted(draft, greedy[:length])
+                    continue  # rejected: IBM discards the draft and decodes from scratch below
+                greedy = step_logits.argmax(dim=-1).tolist()
+                accepted = strict_accepted(draft, greedy[:length])
                 following = greedy[accepted]  # the model's own token where the draft stops
                 prefix = draft[:accepted] if following == eos else draft[:accepted] + [following]
                 if following == eos or len(prefix) >= budgets[row]:
@@ -347,11 +402,17 @@ class SpeechModel:
                     tokens[row], decisions[row] = prefix[: budgets[row]], BY_VERIFICATION
                     continue
                 prefixes[row] = prefix
-        rest = [row for row in range(n) if tokens[row] is None]
-        if rest:
-            embed_tokens = self.model.get_input_embeddings()
+        # The rest decode autoregressively: not drafted (as in autoregressive mode), strict after its
+        # prefix, relaxed fallback from scratch with its own beam count (one generate per beam count).
+        rest: dict[int, list[int]] = defaultdict(list)
+        for row in range(n):
+            if tokens[row] is None:
+                fallback = relaxed and decisions[row] == BY_FALLBACK
+                rest[options.fallback_beams if fallback else self.num_beams].append(row)
+        embed_tokens = self.model.get_input_embeddings()
+        for num_beams, rows in rest.items():
             sequences, remaining = [], []
-            for row in rest:
+            for row in rows:
                 prefix = prefixes.get(row, [])
                 sequence = embeds[row]
                 if prefix:
@@ -359,7 +420,7 @@ class SpeechModel:
                     sequence = torch.cat([sequence, embed_tokens(ids).to(sequence.dtype)])
                 sequences.append(sequence)
                 remaining.append(budgets[row] - len(prefix))
-            for row, generated in zip(rest, self._autoregressive(sequences, remaining)):
+            for row, generated in zip(rows, self._autoregressive(sequences, remaining, num_beams)):
                 tokens[row] = prefixes.get(row, []) + generated
         return tokens, decisions
 

@@ -43,7 +43,7 @@ class Transcriber:
             repetition_penalty=config.generation.repetition_penalty, max_batch_audio_s=audio_s,
             max_batch_segments=segments,
             speculative=SpeculativeOptions(config.generation.decoding, config.generation.ctc_entropy_threshold,
-                                           config.generation.verify_threshold),
+                                           config.generation.verify_threshold, config.generation.fallback_beams),
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -60,6 +60,24 @@ def check_request(language: str, task: str, target_language: str | None) -> str 
     return None
 
 
+def unlisted_request(language: str, task: str, target_language: str | None, keywords) -> str | None:
+    """Why IBM's model card does not vouch for this servable request, or None.
+
+    Such rows are served (the 4.1 card lists what 4.0's does not), and the manifest reader warns
+    with their count. granite-4.0-1b-speech's card trains AST De/Es/Fr/Pt->En and
+    En->De/Es/Fr/It/Ja/Pt/Zh (no Ja->En; granite-speech-4.1-2b's card translates both ways), and its
+    keyword biasing is "keyword-biased ASR" on both cards: no card shows keywords on a translation.
+    """
+    if task != "ast":
+        return None
+    if (language, target_language) == ("ja", "en"):
+        return ("ja -> en translation is not in granite-4.0-1b-speech's training (its card lists no "
+                "Japanese-to-English data; granite-speech-4.1-2b's card does)")
+    if keywords:
+        return "keywords on a translation: IBM's model cards describe keyword biasing for transcription (asr) only"
+    return None
+
+
 def clean_keyword(keyword: str) -> str:
     """A keyword as it may appear in a prompt: no special-token markup, no line breaks."""
     return _WHITESPACE.sub(" ", _SPECIAL_TOKEN.sub(" ", keyword)).strip()

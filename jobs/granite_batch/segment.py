@@ -1,10 +1,11 @@
 """Find the speech in a recording and cut it into segments the model can take in one pass.
 
 Silero VAD gives a speech probability for every 32 ms frame. Frames above `threshold` start speech
-and frames below `neg_threshold` end it; speech regions get `pad_s` of context on each side, and
-neighbouring regions are merged into segments of at most `max_segment_s`. Speech that runs on longer
-than that is cut at the quietest 20 ms frame in the second half of each window, which falls in a
-pause rather than mid-word when there is one. Silence outside every segment is dropped.
+and frames below `neg_threshold` end it (silero's own rule, `speech_regions`); speech regions get
+`pad_s` of context on each side, and neighbouring regions are merged into segments of at most
+`max_segment_s`. Speech that runs on longer
+than that is cut in the longest pause (VAD probability, then energy) of the second half of each
+window, so a cut falls between words, not inside one. Silence outside every segment is dropped.
 
 A recording no longer than `max_segment_s` that holds any speech stays whole (one segment); one
 with no speech, or too short to hold a word, has no segment.
@@ -28,7 +29,8 @@ import pyarrow as pa
 from granite_batch.audio import samples_from_arrow, samples_to_arrow
 from granite_batch.isolation import Crash, CrashTest, call_isolated
 
-FRAME_S = 0.02  # energy frame for choosing where to cut long speech
+PAUSE_FRAME_S = 0.01  # frame for finding the pauses where long speech is cut
+PAUSE_DB = 35.0  # a frame this far below the window's median energy is a pause
 VAD_RATE_HZ = 16000
 VAD_FRAME = 512  # samples per silero VAD frame at 16 kHz (32 ms)
 
@@ -154,22 +156,21 @@ def _probabilities(model, buffers: list[np.ndarray], spans: list[tuple[int, int,
 
 
 def speech_regions(probs: np.ndarray, n: int, options: VadOptions = VadOptions()) -> list[tuple[int, int]]:
-    """(start, end) sample offsets of speech in a recording of `n` samples, from VAD frame probabilities."""
-    # Hysteresis: above threshold is speech, below neg_threshold is not, in between keeps the last state.
-    state = np.where(probs >= options.threshold, 1, np.where(probs < options.neg_threshold, 0, -1))
-    decided = np.where(state >= 0, np.arange(len(state)), -1)
-    np.maximum.accumulate(decided, out=decided)
-    speech = np.where(decided >= 0, state[np.maximum(decided, 0)], 0).astype(np.int8)
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], speech, [0]))))
-    runs = edges.reshape(-1, 2) * VAD_FRAME  # [start, end) in samples
-    regions: list[list[int]] = []
-    for start, end in runs.tolist():
-        if regions and start - regions[-1][1] < options.min_silence_s * VAD_RATE_HZ:
-            regions[-1][1] = end
-        else:
-            regions.append([start, end])
-    min_speech = options.min_speech_s * VAD_RATE_HZ
-    return [(start, min(end, n)) for start, end in regions if min(end, n) - start >= min_speech]
+    """(start, end) sample offsets of speech in a recording of `n` samples, from VAD frame probabilities.
+
+    silero's own rule, `get_speech_timestamps_from_probs` (what `get_speech_timestamps` runs on its
+    probabilities), without its padding (`_padded` pads): speech starts at a frame >= `threshold`
+    and ends at a frame < `neg_threshold` once a later frame, `min_silence_s` on, is still below
+    it with no frame >= `threshold` between; shorter bursts than `min_speech_s` are dropped.
+    """
+    from silero_vad import get_speech_timestamps_from_probs
+
+    regions = get_speech_timestamps_from_probs(
+        probs.tolist(), sampling_rate=VAD_RATE_HZ, threshold=options.threshold,
+        neg_threshold=options.neg_threshold, min_speech_duration_ms=options.min_speech_s * 1000,
+        min_silence_duration_ms=options.min_silence_s * 1000, speech_pad_ms=0, audio_length_samples=n,
+    )
+    return [(region["start"], region["end"]) for region in regions]
 
 
 def plan_segments(samples: np.ndarray, sample_rate_hz: int, max_segment_s: float,
@@ -195,7 +196,7 @@ def plan_segments(samples: np.ndarray, sample_rate_hz: int, max_segment_s: float
         return [(0, n)]
     pieces: list[tuple[int, int]] = []
     for start, end in _padded(regions, n, int(options.pad_s * sample_rate_hz)):
-        pieces.extend(_cut_long(samples, start, end, max_len, sample_rate_hz))
+        pieces.extend(_cut_long(samples, start, end, max_len, sample_rate_hz, probabilities, options))
     return _merge(pieces, max_len, int(options.max_merge_gap_s * sample_rate_hz))
 
 
@@ -209,22 +210,50 @@ def _padded(regions: list[tuple[int, int]], n: int, pad: int) -> list[tuple[int,
     return padded
 
 
-def _cut_long(samples: np.ndarray, start: int, end: int, max_len: int, sample_rate_hz: int) -> list[tuple[int, int]]:
-    """Cut [start, end) into pieces of at most `max_len`, each cut at the quietest frame of the
-    second half of its window (the latest of equally quiet ones, so pieces stay long)."""
-    frame = max(1, int(FRAME_S * sample_rate_hz))
+def _cut_long(samples: np.ndarray, start: int, end: int, max_len: int, sample_rate_hz: int,
+              probabilities: np.ndarray, options: VadOptions) -> list[tuple[int, int]]:
+    """Cut [start, end) into pieces of at most `max_len`, each cut in the longest pause of the
+    second half of its window (`_cut_point`), so pieces stay long and words stay whole."""
     pieces = []
     while end - start > max_len:
-        window_start = start + max_len // 2
-        window = samples[window_start : start + max_len]
-        usable = (len(window) // frame) * frame
-        energy = np.square(window[:usable], dtype=np.float64).reshape(-1, frame).mean(axis=1)
-        quietest = len(energy) - 1 - int(np.argmin(energy[::-1]))
-        cut = window_start + quietest * frame + frame // 2
+        cut = _cut_point(samples, start + max_len // 2, start + max_len, sample_rate_hz, probabilities, options)
         pieces.append((start, cut))
         start = cut
     pieces.append((start, end))
     return pieces
+
+
+def _cut_point(samples: np.ndarray, low: int, high: int, sample_rate_hz: int, probabilities: np.ndarray,
+               options: VadOptions) -> int:
+    """Where to cut speech inside [low, high): in its longest pause.
+
+    A 10 ms frame is a pause when the VAD calls it non-speech (probability below `neg_threshold`) or
+    its energy is `PAUSE_DB` below the window's median frame (a gap between words: silero's
+    probability barely dips in gaps under 100 ms, so energy finds most of them). The longest run of
+    pause frames wins (then the one the VAD is surest of, then the latest), as silero's own splitter
+    prefers pauses of 98 ms or more over cutting at its limit; the cut is at the run's quietest frame.
+    With no pause at all (noise, music under speech) the cut is at the frame of least speech
+    probability, then least energy.
+    """
+    frame = max(1, int(PAUSE_FRAME_S * sample_rate_hz))
+    count = (high - low) // frame
+    if count < 1:
+        return high
+    energy = np.square(samples[low: low + count * frame], dtype=np.float64).reshape(count, frame).mean(axis=1)
+    centres = low + np.arange(count) * frame + frame // 2
+    speech = probabilities[np.minimum(centres // VAD_FRAME, len(probabilities) - 1)]
+    quiet_level = np.median(energy) * 10 ** (-PAUSE_DB / 10)
+    pause = (speech < options.neg_threshold) | (energy <= quiet_level)
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], pause.astype(np.int8), [0]))))
+    runs = edges.reshape(-1, 2)
+    if len(runs):
+        first, last = max(runs.tolist(), key=lambda run: (run[1] - run[0], -speech[run[0]:run[1]].mean(), run[0]))
+    else:
+        first, last = 0, count
+    # Least speech probability, then least energy, then nearest the pause's middle.
+    order = np.lexsort((np.abs(np.arange(first, last) - (first + last - 1) / 2), energy[first:last],
+                        speech[first:last]))
+    return int(centres[first + order[0]])
 
 
 def _merge(pieces: list[tuple[int, int]], max_len: int, max_gap: int) -> list[tuple[int, int]]:
