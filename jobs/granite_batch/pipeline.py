@@ -182,8 +182,10 @@ def build_dataset(rows_to_do: pa.Table | tuple[PlanLayout, int], config: JobConf
     return ds.map_batches(
         Transcriber,
         fn_constructor_kwargs={"config": config, "model_ref": model_ref, "run_id": run_id, "device": device},
+        # Alone, an actor works on one call at a time: calls queued on an actor die with it.
         compute=ray.data.ActorPoolStrategy(
-            min_size=config.resources.model_actors_min, max_size=config.resources.model_actors_max
+            min_size=config.resources.model_actors_min, max_size=config.resources.model_actors_max,
+            **({"max_tasks_in_flight_per_actor": 1} if alone else {}),
         ),
         # Alone, one segment per call: a poison recording can only take its own segments down.
         batch_format="pyarrow", batch_size=1 if alone else segments_per_call * SORT_POOL_CALLS,
