@@ -58,7 +58,7 @@ def _detector():
 
 def _prepare(text: str) -> str:
     """One line (fastText reads one), at most MAX_CHARS, cut between words."""
-    line = _WHITESPACE.sub(" ", text).strip()
+    line = _WHITESPACE.sub(" ", text.lstrip()[: 4 * MAX_CHARS]).strip()
     if len(line) > MAX_CHARS:
         cut = line.rfind(" ", 0, MAX_CHARS + 1)
         line = line[: cut if cut > 0 else MAX_CHARS]
