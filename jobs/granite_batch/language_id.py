@@ -1,8 +1,8 @@
 """Which of the model's languages a transcript is written in, for `language: auto`.
 
-Granite Speech does not identify languages (its prompt never names one, and IBM's own library
-treats the language as a hint only), so a recording of unknown language is transcribed with the
-language-neutral ASR prompt and its transcript is identified here.
+Granite Speech does not identify languages: the ASR prompt IBM documents names none (prompts.py),
+so a recording of unknown language is transcribed with that language-neutral prompt and its
+transcript is identified here.
 
 The identifier is fastText's compressed language-identification model `lid.176.ftz` (176
 languages; Joulin et al., "Bag of Tricks for Efficient Text Classification" and "FastText.zip",
