@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 from granite_batch import pipeline, results
 from granite_batch.config import ConfigError, JobConfig, SecondPassOptions, load_config
 from granite_batch.language_model import resolve_language_model
-from granite_batch.lease import LeaseTerms, NoLease, take_lease
+from granite_batch.lease import LeaseTerms, NoLease, discard_own_records, take_lease
 from granite_batch.manifest import Defaults, ManifestStream, read_manifest
 from granite_batch.model import first_line, resolve_model
 from granite_batch.plan import discard_plan, plan_bucket, plan_counts, plan_folder, prepare_plan
@@ -206,6 +206,8 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
         model_ref = resolve_model(config.model, config.revision, config.trust_remote_code)
     except BaseException:  # a bad manifest or model: nothing was done, so nothing is left behind
         run.lease.release()
+        if not output_existed:
+            discard_own_records(config.output, run.run_id, config.storage_options)
         discard_plan(config.output, run.run_id, config.storage_options, output_created=not output_existed)
         raise
     planned = plan_counts(layout)

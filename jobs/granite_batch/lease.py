@@ -489,3 +489,20 @@ def take_lease(output_uri: str, dataset_dir: str, run_id: str, storage_options: 
         return NoLease(dataset_uri)
     return Lease.acquire(output_uri, dataset_dir, run_id, storage_options, expiry_s=terms.expiry_s,
                          wait_s=terms.wait_s)
+
+
+def discard_own_records(output_uri: str, run_id: str, storage_options: dict | None = None) -> None:
+    """Remove `OUTPUT/_leases` when every record in it is `run_id`'s: a run that stopped before any
+    work, in an output root it created, leaves nothing behind. Another run's record keeps them all."""
+    fs, root = filesystem(output_uri, storage_options)
+    folder = posixpath.join(root, LEASES_DIR)
+    if not fs.exists(folder):
+        return
+    for path in fs.find(folder):
+        try:
+            with fs.open(path, "rb") as handle:
+                if json.loads(handle.read()).get("run_id") != run_id:
+                    return
+        except (OSError, ValueError):
+            return
+    fs.rm(folder, recursive=True)
