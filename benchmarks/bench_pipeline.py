@@ -150,8 +150,10 @@ def write_rows_manifest(path: Path, rows: int) -> Path:
 def _config(manifest: Path, output: Path, model_dir: Path, run_id: str):
     from granite_batch.config import load_config
 
+    # 4 segments a generate call, so the actor takes 16 one-segment clips a call (as it took 16
+    # recordings before segments were the unit): enough calls on a few hundred rows to see overlap.
     return load_config(None, {"manifest": str(manifest), "output": str(output), "model": str(model_dir),
-                              "run_id": run_id})
+                              "run_id": run_id, "batch_size": 4})
 
 
 def in_process(config, mark_rows: int | None = None) -> dict:
