@@ -113,5 +113,7 @@ def test_language_id_bench_reports_accuracy_and_cost_against_decode_and_segment(
         seconds = int(shape.split("s ")[0])
         per_text_s = ours["cpu_us_per_text_of_words"][str(figures["words"])] * 1e-6
         assert figures["cpu_s_per_audio_h"] == pytest.approx(3600 / seconds * per_text_s, rel=0.01, abs=1e-4)
+        # cpu_s_per_audio_h is rounded to 4 decimals and the share to 5: allow what those roundings move.
+        rounding = 5e-5 / baseline_h + 5e-6
         assert figures["share_of_decode_segment"] == pytest.approx(figures["cpu_s_per_audio_h"] / baseline_h,
-                                                                   rel=0.02, abs=1e-5)
+                                                                   rel=0.02, abs=rounding)
