@@ -13,6 +13,11 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+
+# Ray fixes its authentication mode once per process (RayConfig), at the first Ray call, whichever
+# test makes it. Ray enables token auth for a new local cluster anyway; saying so for the whole session
+# keeps the state API (test_faults, test_ray_job_submit) sending the token whatever ran first.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 import soundfile as sf
 
 # Tests never touch the network; the Hub client answers "not cached" at once instead of retrying.
