@@ -8,8 +8,9 @@ actor pools restart a dead actor and retry its task without end by default (`max
 
 1. runs the job with the actor restarted but its task not retried (`MODEL_ACTOR_RETRIES`) and lets
    Ray Data drop a batch whose actor died (`DataContext.max_errored_blocks = MAX_LOST_BATCHES`);
-2. takes the rows of this run that never came back (`lost_rows`) and runs them again one row per
-   block and batch, so each can only take itself down (an actor killed once, by an operator or the
+2. when fewer rows came back than were planned, finds the lost ones by planning again against what
+   is now committed (drivers._still_to_do, bounded like the first plan) and runs them again one
+   recording per block and one segment per model call, so each can only take itself down (an actor killed once, by an operator or the
    OOM killer, costs its batch this second round, nothing more);
 3. writes the rows still lost as error rows (`crashed_rows`): "model crashed the worker: ...".
 
@@ -22,7 +23,6 @@ the round then stops the job as before.
 from __future__ import annotations
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 # Passed to map_batches for the model actor pool: restart a dead actor, do not retry its batch (the
 # driver redoes its rows one by one).
@@ -32,18 +32,6 @@ MODEL_ACTOR_RETRIES = {"max_restarts": -1, "max_task_retries": 0}
 TASK_RETRIES = {"max_retries": 1}
 MAX_LOST_BATCHES = 16
 CRASH_REASON = "model crashed the worker: the model actor died on this row, also alone (see the worker logs)"
-
-
-def lost_rows(todo: pa.Table, returned_ids: list[pa.Array | pa.ChunkedArray]) -> pa.Table:
-    """The rows of `todo` whose id is not among the ids the run got back."""
-    if not returned_ids:
-        return todo
-    chunks = [chunk for ids in returned_ids
-              for chunk in (ids.chunks if isinstance(ids, pa.ChunkedArray) else [ids])]
-    returned = pa.chunked_array(chunks, pa.string()) if chunks else pa.chunked_array([], pa.string())
-    if not len(returned):
-        return todo
-    return todo.filter(pc.invert(pc.is_in(todo.column("id"), value_set=returned.combine_chunks())))
 
 
 def crashed_rows(lost: pa.Table, schema: pa.Schema, model: str, model_revision: str | None, run_id: str,
