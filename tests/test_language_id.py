@@ -210,7 +210,7 @@ def test_auto_rows_take_the_identified_language_as_their_partition():
     out = language_id.identify_recordings(table, tally=tally).to_pylist()
     by_id = {row["id"]: row for row in out}
     assert {k: (v["language"], v["language_detected"]) for k, v in by_id.items()} == {
-        "fr": ("fr", "fr"), "ja": ("ja", "ja"), "junk": ("und", "und"), "failed": ("und", "und"),
+        "fr": ("fr", "fr"), "ja": ("ja", "ja"), "junk": ("und", "und"), "failed": ("und", None),
         "given": ("de", None)}
     assert by_id["ja"]["text"] == "今日はとても良い天気です。"  # joined again without spaces
     assert by_id["fr"]["text"] == "Le train pour Lyon part de la gare à huit heures."
@@ -228,3 +228,72 @@ def test_detect_language_keeps_the_manifest_language_and_counts_disagreements():
     assert [(out[k]["language"], out[k]["language_detected"]) for k in ("agrees", "disputed", "translation")] == [
         ("es", "es"), ("en", "de"), ("fr", None)]
     assert tally.as_dict()["disagreements"] == {"rows": 1, "by_pair": {"en->de": 1}}
+
+
+def test_language_auto_rows_and_ast_auto_refused_at_the_request_check():
+    from granite_batch.prompts import check_request
+
+    assert check_request("auto", "asr", None) is None
+    assert "needs task asr" in check_request("auto", "ast", "en")
+    assert "or auto" in check_request("xx", "asr", None)
+
+
+def test_the_config_threshold_default_is_the_identifiers():
+    from granite_batch.config import ConfigError, JobConfig, load_config
+
+    assert JobConfig.model_fields["language_threshold"].default == language_id.DEFAULT_THRESHOLD
+    assert load_config(overrides={"manifest": "m.jsonl", "output": "out", "language": "auto"}).language == "auto"
+    with pytest.raises(ConfigError, match="language auto needs task asr"):
+        load_config(overrides={"manifest": "m.jsonl", "output": "out", "language": "auto", "task": "ast",
+                               "target_language": "en"})
+
+
+def test_a_job_with_language_auto_files_each_row_under_the_language_its_transcript_shows(
+        tmp_path, tiny_model_dir, broken_corpus):
+    """The whole job: auto rows go to the partition the identifier chose for their (tiny-model)
+    transcript, failed ones to `und`; a row naming its language keeps it, and with
+    --detect-language it is identified and disagreements counted."""
+    import pyarrow.dataset as pads
+    from conftest import run_cli, write_jsonl
+
+    rows = [{"audio": str(path), "id": path.name} for path in sorted(SAMPLES.glob("*_*.*"))]
+    rows.append({"audio": str(broken_corpus["random.mp3"]), "id": "broken"})
+    rows.append({"audio": str(SAMPLES / "fr_gare.mp3"), "id": "named", "language": "fr"})
+    rows.append({"audio": str(SAMPLES / "fr_gare.mp3"), "id": "ast-auto", "task": "ast", "target_language": "en"})
+    manifest = write_jsonl(tmp_path / "manifest.jsonl", rows)
+    output = tmp_path / "out"
+    result = run_cli(["run", "--manifest", str(manifest), "--output", str(output), "--model", str(tiny_model_dir),
+                      "--language", "auto", "--detect-language", "--max-new-tokens", "24", "--no-progress"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "languages identified:" in result.stdout
+
+    files = pads.dataset(output / "transcripts", format="parquet", partitioning="hive").files
+    table = pads.dataset(output / "transcripts", format="parquet", partitioning="hive").to_table()
+    by_id = {row["id"]: row for row in table.to_pylist()}
+    assert len(by_id) == table.num_rows == len(rows)
+    folder_of = {}
+    for path in files:
+        import pyarrow.parquet as pq
+        for row_id in pq.read_table(path, columns=["id"]).column("id").to_pylist():
+            folder_of[row_id] = path.split("/language=")[1].split("/")[0]
+    expected_tally = collections.Counter()
+    for row_id, row in by_id.items():
+        assert folder_of[row_id] == row["language"]
+        if row_id == "named":
+            assert row["language"] == "fr"
+        elif row["error"] is None:
+            assert row["language"] == row["language_detected"]
+        if row["error"] is not None:
+            assert row["language"] == "und" and row["language_detected"] is None
+            continue
+        found, _ = identify(row["text"])
+        assert row["language_detected"] == found  # the identifier's own verdict on what was written
+        expected_tally[found] += 1
+    assert "needs task asr" in by_id["ast-auto"]["error"]
+    assert by_id["broken"]["error"] is not None
+    summary = json.loads(next((output / "runs").glob("*.json")).read_text())
+    detection = summary["language_detection"]
+    assert {k: v["rows"] for k, v in detection["by_language"].items()} == dict(expected_tally)
+    named = by_id["named"]["language_detected"]
+    assert detection["disagreements"]["rows"] == int(named not in ("fr", UNDETERMINED))
+    assert summary["rows_by_language"] == dict(sorted(collections.Counter(r["language"] for r in by_id.values()).items()))

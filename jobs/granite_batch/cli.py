@@ -27,7 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--output", help="output dataset root (local path or URI)")
     run.add_argument("--model", help="model id on the Hub or local folder (default ibm-granite/granite-4.0-1b-speech)")
     run.add_argument("--revision", help="model revision (branch, tag or commit)")
-    run.add_argument("--language", help="language spoken where a row does not say (default en)")
+    run.add_argument("--language", help="language spoken where a row does not say (default en), or auto: "
+                     "identify it from the transcript")
+    run.add_argument("--detect-language", action="store_true", default=None,
+                     help="also identify rows that name their language; disagreements are counted in the summary")
     run.add_argument("--task", choices=["asr", "ast"], help="asr (transcribe) or ast (translate); default asr")
     run.add_argument("--target-language", help="translation target where a row does not say")
     run.add_argument("--keywords", help="comma-separated keywords for rows without their own")
@@ -140,7 +143,7 @@ def _overrides(args: argparse.Namespace) -> dict:
     keywords = None if args.keywords is None else [k.strip() for k in args.keywords.split(",") if k.strip()]
     return {
         "manifest": args.manifest, "input": args.input, "output": args.output, "model": args.model, "revision": args.revision,
-        "language": args.language, "task": args.task, "target_language": args.target_language,
+        "language": args.language, "detect_language": args.detect_language, "task": args.task, "target_language": args.target_language,
         "keywords": keywords, "batch_size": args.batch_size, "max_batch_audio_s": args.max_batch_audio_s,
         "max_segment_s": args.max_segment_s, "max_duration_s": args.max_duration_s,
         "subtitles": None if args.subtitles is None else [f.strip() for f in args.subtitles.split(",") if f.strip()],
@@ -168,6 +171,11 @@ def _print_summary(summary: dict, path: str) -> None:
         print(f"  inference ({model}): {figures['segments']} segments in {figures['generate_calls']} generate calls "
               f"({figures['mean_segments_per_call']} per call), padding {'-' if padding is None else f'{padding:.1%}'}, "
               f"{figures['new_tokens']} new tokens, {figures['truncated_segments']} segments stopped at their budget")
+    detection = summary.get("language_detection")
+    if detection:
+        found = ", ".join(f"{language} {figures['rows']} (mean confidence {figures['mean_confidence']:.2f})"
+                          for language, figures in detection["by_language"].items())
+        print(f"  languages identified: {found}; {detection['disagreements']['rows']} disagree with the manifest")
     print(f"summary: {path}")
 
 

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from granite_batch.isolation import CrashTest
 from granite_batch.lease import DEFAULT_EXPIRY_S, DEFAULT_WAIT_S
-from granite_batch.prompts import ASR_LANGUAGES, AST_PAIRS, LANGUAGE_NAMES
+from granite_batch.prompts import ASR_LANGUAGES, AST_PAIRS, AUTO_LANGUAGE, LANGUAGE_NAMES
 
 DEFAULT_MODEL = "ibm-granite/granite-4.0-1b-speech"
 # The second pass's language model: Granite 4.0 Micro, the 3B dense instruct model (Apache 2.0).
@@ -132,7 +132,16 @@ class JobConfig(_Strict):
     output: str
     model: str = DEFAULT_MODEL
     revision: str | None = None
-    language: str = "en"
+    language: str = Field("en", description="spoken language where a row does not say, or auto (identified "
+                          "from the transcript; README, 'Archives without language metadata')")
+    detect_language: bool = Field(
+        False, description="also identify rows that name their language, counting disagreements in the summary "
+        "(the row keeps its own language)",
+    )
+    language_threshold: float = Field(
+        0.5, ge=0.1, le=1.0, description=  # language_id.DEFAULT_THRESHOLD (a test keeps them equal)
+        "identifier probability a language must reach; below it an auto row is und",
+    )
     task: Literal["asr", "ast"] = "asr"
     target_language: str | None = None
     keywords: list[str] = Field(default_factory=list)
@@ -193,8 +202,8 @@ class JobConfig(_Strict):
     @field_validator("language")
     @classmethod
     def _language(cls, value: str) -> str:
-        if value not in ASR_LANGUAGES:
-            raise ValueError(f"unsupported language {value!r}; supported: {' '.join(ASR_LANGUAGES)}")
+        if value not in ASR_LANGUAGES and value != AUTO_LANGUAGE:
+            raise ValueError(f"unsupported language {value!r}; supported: {' '.join(ASR_LANGUAGES)} or auto")
         return value
 
     @field_validator("target_language")
@@ -215,6 +224,8 @@ class JobConfig(_Strict):
         if self.task == "ast":
             if self.target_language is None:
                 raise ValueError("task ast needs target_language")
+            if self.language == AUTO_LANGUAGE:
+                raise ValueError("language auto needs task asr: a translation cannot tell which language was spoken")
             if (self.language, self.target_language) not in AST_PAIRS:
                 raise ValueError(f"unsupported translation pair {self.language} -> {self.target_language}")
         return self

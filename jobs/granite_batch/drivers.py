@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 
 from granite_batch import pipeline, results
 from granite_batch.config import ConfigError, JobConfig, SecondPassOptions, load_config
+from granite_batch.language_id import DetectionTally, identify_recordings
 from granite_batch.language_model import resolve_language_model
 from granite_batch.lease import LeaseTerms, NoLease, discard_own_records, take_lease
 from granite_batch.manifest import Defaults, ManifestStream, read_manifest
@@ -218,6 +219,14 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
              planned["rows_already_done"], planned["duplicates"], config.manifest or config.input)
 
     stats = RunStats()
+    detection = DetectionTally(config.language_threshold)
+
+    def identified(recordings: pa.Table) -> pa.Table:
+        # `language: auto` rows get their partition from their transcript (language_id.py), so this
+        # runs before anything reads a row's language: subtitles, counts, the writer's partitions.
+        return identify_recordings(recordings, detect_all=config.detect_language,
+                                   threshold=config.language_threshold, tally=detection)
+
     assembler: RecordingAssembler | None = None
     scored_columns = ["id", "language", "task", "target_language", "text", "error", "reference"]
     with_reference: list[pa.Table] = []  # the small part of each batch that quality figures need
@@ -244,6 +253,7 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
             "rows_failed": stats.rows_failed,
             "failures_by_reason": dict(stats.failures_by_reason.most_common()),
             "rows_by_language": dict(sorted(stats.rows_by_language.items())),
+            "language_detection": detection.as_dict() if detection.rows else None,
             "rows_incomplete": assembler.pending if assembler else 0,
             "decoding": {language: dict(sorted(counts.items())) for language, counts in sorted(stats.decoding.items())},
             "inference": {model: figures.summary() for model, figures in assembler.inference.items()} if assembler else {},
@@ -277,7 +287,7 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
             pipeline.ensure_ray().data.DataContext.get_current().enable_progress_bars = progress
             segments = pipeline.build_dataset((layout, planned["rows_to_do"]), config, model_ref, run.run_id)
             assembler = RecordingAssembler()
-            run.stream(_recordings(segments, assembler), writer, on_batch)
+            run.stream(_recordings(segments, assembler, identified), writer, on_batch)
             if stats.rows_written + assembler.pending < planned["rows_to_do"]:
                 # Batches whose worker died twice were dropped (recovery.py): find their rows by planning
                 # again against what is now committed, redo each recording alone, then error rows.
@@ -287,11 +297,12 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
                 redone_alone = lost.num_rows
                 if lost.num_rows:
                     alone = pipeline.build_dataset(lost, config, model_ref, run.run_id, alone=True)
-                    run.stream(_recordings(alone, assembler), writer, on_batch)
+                    run.stream(_recordings(alone, assembler, identified), writer, on_batch)
                     writer.commit_open()
                     crashed = crashed_rows(_still_to_do(config, run.run_id, attempt=2), writer.schema,
                                            model_ref.name, model_ref.revision, run.run_id)
                     if crashed.num_rows:
+                        crashed = identified(crashed)
                         on_batch(crashed)
                         writer.write(crashed)
             if assembler.pending:  # never written half: the next run redoes them
@@ -323,12 +334,12 @@ def _still_to_do(config: JobConfig, run_id: str, attempt: int) -> pa.Table:
     return pa.concat_tables(tables, promote_options="permissive") if tables else layout.schema.empty_table()
 
 
-def _recordings(segments, assembler: RecordingAssembler):
-    """The complete recordings' rows, as their last segments arrive from the Ray dataset."""
+def _recordings(segments, assembler: RecordingAssembler, finish: Callable[[pa.Table], pa.Table]):
+    """The complete recordings' rows, as their last segments arrive from the Ray dataset, through `finish`."""
     for batch in segments.iter_batches(batch_format="pyarrow", batch_size=None):
         recordings = assembler.add(batch)
         if recordings is not None:
-            yield recordings
+            yield finish(recordings)
 
 
 def run_second_pass(output_uri: str, options: SecondPassOptions, storage_options: dict | None = None,

@@ -26,10 +26,11 @@ import re
 from collections.abc import Iterable, Sequence
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from granite_batch.prompts import ASR_LANGUAGES, UNSPACED_LANGUAGES
+from granite_batch.prompts import ASR_LANGUAGES, AUTO_LANGUAGE, UNDETERMINED_LANGUAGE, UNSPACED_LANGUAGES
 
-UNDETERMINED = "und"
+UNDETERMINED = UNDETERMINED_LANGUAGE
 # Probability over fastText's 176 languages the best candidate must reach. On the short phrases in
 # tests/data (2-10 words) 0.5 keeps 97% of them right and 1% wrong, and sends 94% of random letter
 # strings and 21 of 22 phrases in other languages to `und` (README, "Language identification").
@@ -101,7 +102,7 @@ def identify_many(
     return [identify(text, allowed, threshold) for text in texts]
 
 
-AUTO = "auto"  # the manifest/config value that asks for identification
+AUTO = AUTO_LANGUAGE  # the manifest/config value that asks for identification
 
 
 class DetectionTally:
@@ -123,6 +124,11 @@ class DetectionTally:
         if manifest_language not in (None, AUTO, UNDETERMINED) and detected not in (UNDETERMINED, manifest_language):
             pair = f"{manifest_language}->{detected}"
             self._disagreements[pair] = self._disagreements.get(pair, 0) + 1
+
+    @property
+    def rows(self) -> int:
+        """Rows identified so far."""
+        return sum(self._rows.values())
 
     def as_dict(self) -> dict:
         """The summary block: identifier, threshold, per language rows / mean / min confidence, disagreements."""
@@ -147,11 +153,16 @@ def identify_recordings(table: pa.Table, detect_all: bool = False, candidates: I
 
     Rows whose `language` is `auto`, and with `detect_all` every transcription row, get
     `language_detected`; an `auto` row takes it as its `language` (its partition; `und` when below
-    the threshold or when the row failed), and if that language is written without spaces its text
+    the threshold, and for a failed row, which gets no `language_detected`), and if that language is written without spaces its text
     is joined again from its segments without them. Other rows keep their language, and `tally`
     counts where the identifier disagrees with it.
     """
     allowed = tuple(candidates)
+    asked = pc.equal(table.column("language"), AUTO)
+    if detect_all:
+        asked = pc.or_(asked, pc.equal(table.column("task"), "asr"))
+    if not pc.any(asked).as_py():  # the common case: nothing asked, nothing read
+        return table
     languages = table.column("language").to_pylist()
     tasks = table.column("task").to_pylist()
     texts = table.column("text").to_pylist()
@@ -164,11 +175,14 @@ def identify_recordings(table: pa.Table, detect_all: bool = False, candidates: I
         if not auto and not (detect_all and tasks[row] == "asr"):
             continue
         if errors[row] is not None or texts[row] is None:
-            found, confidence = UNDETERMINED, 0.0
-        else:
-            found, confidence = identify(texts[row], allowed, threshold)
-            if tally is not None:
-                tally.add(found, confidence, None if auto else requested)
+            # Nothing to identify: a failed auto row is filed under `und`, `language_detected` stays
+            # null (as for rows the manifest reader already refused); others keep their language.
+            if auto:
+                languages[row] = UNDETERMINED
+            continue
+        found, confidence = identify(texts[row], allowed, threshold)
+        if tally is not None:
+            tally.add(found, confidence, None if auto else requested)
         detected[row] = found
         if auto:
             languages[row] = found

@@ -29,7 +29,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from granite_batch.prompts import ASR_LANGUAGES, check_request, unlisted_request
+from granite_batch.prompts import ASR_LANGUAGES, AUTO_LANGUAGE, UNDETERMINED_LANGUAGE, check_request, unlisted_request
 from granite_batch.storage import LOCAL_PROTOCOLS, filesystem, protocol_of, uri_of
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,6 @@ KNOWN_COLUMNS = ("id", "audio", "language", "task", "target_language", "keywords
 TEXT_COLUMNS = ("id", "audio", "language", "task", "target_language")
 # Output columns a manifest may not carry: they would be silently overwritten.
 RESERVED_COLUMNS = ("text", "segments", "duration_s", "error", "model", "model_revision", "run_id")
-UNDETERMINED_LANGUAGE = "und"
 BLOCK_BYTES = 16 << 20  # text read per block: ~100,000 rows of a typical JSON Lines manifest
 PARQUET_BLOCK_ROWS = 131_072
 
@@ -683,8 +682,10 @@ def _request_columns(table: pa.Table, where: _Where, defaults: Defaults) -> tupl
         note = None if error else unlisted_request(language, task, target, ())
         if note:
             log.warning("%s: %d row(s): %s", where.name, int(np.count_nonzero(combined == unique)), note)
-        if language not in ASR_LANGUAGES:
-            language = UNDETERMINED_LANGUAGE  # keeps the partition path safe; the error names the value
+        if language not in ASR_LANGUAGES and not (language == AUTO_LANGUAGE and error is None):
+            # Keeps the partition path safe; the error names the value. An `auto` row keeps `auto`
+            # until its transcript is identified (language_id.identify_recordings).
+            language = UNDETERMINED_LANGUAGE
         for values, value in zip(columns, (language, task, target, error)):
             values.append(value)
     rows = pa.array(combined)

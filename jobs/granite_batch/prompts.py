@@ -37,6 +37,10 @@ AST_PAIRS = frozenset({(src, "en") for src in ("fr", "de", "es", "pt", "ja")}) |
     {("en", tgt) for tgt in ("fr", "de", "es", "pt", "ja", "it", "zh")}
 )
 TASKS = ("asr", "ast")
+# `language: auto`: transcribe with the language-neutral ASR prompt, then identify the transcript's
+# language (language_id.py); `und` is the partition of rows whose language stayed unknown.
+AUTO_LANGUAGE = "auto"
+UNDETERMINED_LANGUAGE = "und"
 # Written without spaces between words: segments join without spaces, and scoring counts characters.
 UNSPACED_LANGUAGES = frozenset({"ja", "zh"})
 
@@ -50,8 +54,14 @@ def check_request(language: str, task: str, target_language: str | None) -> str 
     """Return why (language, task, target_language) cannot be served, or None when it can."""
     if task not in TASKS:
         return f"unsupported task: {task!r} (use asr or ast)"
+    if language == AUTO_LANGUAGE:
+        if task == "ast":
+            # A translation is in the target language: nothing in it says which language was spoken.
+            return ("language auto needs task asr: the spoken language is identified from a transcript, "
+                    "so a translation row must name its language")
+        return None
     if language not in ASR_LANGUAGES:
-        return f"unsupported language: {language!r} (supported: {' '.join(ASR_LANGUAGES)})"
+        return f"unsupported language: {language!r} (supported: {' '.join(ASR_LANGUAGES)} or auto)"
     if task == "ast":
         if not target_language:
             return "missing target_language: task ast needs a target_language"
