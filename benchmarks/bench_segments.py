@@ -54,6 +54,23 @@ def _descendants(root: int) -> list[int]:
     return found
 
 
+def _kind(pid: int) -> str:
+    """What a process of the job is: its Ray process title (`ray::MapBatches(...)`) or program name."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            words = handle.read().split(b"\0")
+    except OSError:
+        return "gone"
+    first = words[0].decode(errors="replace")
+    if first.startswith("ray::"):
+        return first.split(" ")[0][:60]
+    name = os.path.basename(first)
+    if name.startswith("python"):  # the script or module it runs
+        rest = [w.decode(errors="replace") for w in words[1:3] if w]
+        return " ".join([name, *[os.path.basename(w) for w in rest]])[:60]
+    return name[:60]
+
+
 def _pss_mb(pid: int) -> float:
     try:
         with open(f"/proc/{pid}/smaps_rollup") as rollup:
@@ -65,16 +82,25 @@ def _pss_mb(pid: int) -> float:
     return 0.0
 
 
-def run_measured(command: list[str], env: dict) -> tuple[subprocess.CompletedProcess, float]:
-    """Run `command`, sampling the PSS of its process tree; (the process, peak MB)."""
+def run_measured(command: list[str], env: dict) -> tuple[subprocess.CompletedProcess, float, dict[str, float]]:
+    """Run `command`, sampling the PSS of its process tree; (the process, peak MB, MB by kind of process then)."""
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     peak = [0.0]
+    breakdown: dict[str, float] = {}  # PSS by kind of process at the peak
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            peak[0] = max(peak[0], sum(_pss_mb(pid) for pid in _descendants(process.pid)))
+            sizes = [(pid, _pss_mb(pid)) for pid in _descendants(process.pid)]
+            total = sum(size for _, size in sizes)
+            if total > peak[0]:
+                peak[0] = total
+                by_kind: dict[str, float] = {}
+                for pid, size in sizes:
+                    by_kind[_kind(pid)] = by_kind.get(_kind(pid), 0.0) + size
+                breakdown.clear()
+                breakdown.update(by_kind)
             done.wait(0.25)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -82,7 +108,7 @@ def run_measured(command: list[str], env: dict) -> tuple[subprocess.CompletedPro
     stdout, stderr = process.communicate()
     done.set()
     sampler.join()
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr), peak[0]
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr), peak[0], breakdown
 
 
 def _job(manifest: Path, output: Path, model: Path, extra: list[str]) -> list[str]:
@@ -119,21 +145,31 @@ def memory(args) -> dict:
                                         for i in range(args.recordings)))
             output = work / f"out-{minutes:g}"
             start = time.perf_counter()
-            done, peak = run_measured(_job(manifest, output, model, ["--max-new-tokens", str(args.max_new_tokens)]),
+            extra = ["--max-new-tokens", str(args.max_new_tokens)]
+            if args.object_store_mb is not None:
+                config = work / "job.yaml"
+                config.write_text(f"resources:\n  object_store_mb: {args.object_store_mb}\n")
+                extra += ["--config", str(config)]
+            done, peak, breakdown = run_measured(_job(manifest, output, model, extra),
                                       _env(Path(args.jobs_dir).resolve()))
             if done.returncode != 0:
                 raise RuntimeError(done.stderr[-3000:])
             summary = _summary(output)
             results.append({"minutes": minutes, "recordings": args.recordings, "peak_pss_mb": round(peak),
                             "wall_s": round(time.perf_counter() - start, 1), "rows_ok": summary["rows_ok"],
-                            "samples_mb_per_recording": round(minutes * 60 * RATE * 4 / MB)})
+                            "samples_mb_per_recording": round(minutes * 60 * RATE * 4 / MB),
+                            "peak_by_process_mb": {kind: round(size) for kind, size in
+                                                   sorted(breakdown.items(), key=lambda item: -item[1])}})
             path.unlink()
             print(f"{minutes:>6g} min x {args.recordings}: peak PSS of the job's processes {peak:,.0f} MB, "
                   f"{results[-1]['wall_s']} s, {summary['rows_ok']} rows ok", flush=True)
+            for kind, size in list(results[-1]["peak_by_process_mb"].items())[:8]:
+                print(f"         {size:>7,} MB  {kind}")
     ratio = results[-1]["peak_pss_mb"] / results[0]["peak_pss_mb"]
     print(f"peak memory, {args.minutes[-1]:g} min against {args.minutes[0]:g} min: {ratio:.2f}x (goal <= 1.25x: "
           f"{'met' if ratio <= 1.25 else 'NOT met'})")
-    return {"memory": results, "ratio": round(ratio, 3), "jobs_dir": str(Path(args.jobs_dir).resolve())}
+    return {"memory": results, "ratio": round(ratio, 3), "jobs_dir": str(Path(args.jobs_dir).resolve()),
+            "object_store_mb": args.object_store_mb}
 
 
 def batching(args) -> dict:
@@ -183,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     mem.add_argument("--minutes", type=float, nargs="+", default=[10.0, 60.0])
     mem.add_argument("--recordings", type=int, default=8)
     mem.add_argument("--max-new-tokens", type=int, default=8, help="the same for every size (default 8)")
+    mem.add_argument("--object-store-mb", type=float, help="the job's resources.object_store_mb (default: Ray's)")
     mem.add_argument("--jobs-dir", default=str(REPO / "jobs"), help="the package's source root to run")
     bat = modes.add_parser("batching")
     bat.add_argument("--clips", type=int, default=300)

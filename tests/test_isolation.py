@@ -113,3 +113,26 @@ def test_segment_stage_turns_a_crashing_recording_into_an_error_row_and_segments
     assert got[str(SPEECH)] == want[str(SPEECH)] and want[str(SPEECH)][1]
     # Without a crash the isolated stage gives what the plain one gives.
     assert by_recording(segment_table(decoded, 16000, 30.0)) == want
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+
+def test_the_helper_does_not_keep_a_request_s_samples_while_it_waits_for_the_next():
+    from granite_batch import isolation
+
+    assert isolation.map_isolated(len, [np.zeros(10, np.float32)]) == [10]  # the helper is up
+    helper = isolation._current.pid
+    before = _rss_mb(helper)
+    hour = np.ones(16000 * 3600, np.float32)  # an hour of 16 kHz samples: 230 MB
+    assert isolation.map_isolated(len, [hour]) == [len(hour)]
+    assert isolation._current.pid == helper  # the same helper did the work and lives on
+    # The helper frees the request after its reply; wait (up to 10 s) for it to be idle again.
+    import time
+
+    deadline = time.monotonic() + 10
+    while _rss_mb(helper) - before >= 40 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _rss_mb(helper) - before < 40, "the helper still holds the last request's samples"

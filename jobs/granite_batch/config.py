@@ -78,6 +78,10 @@ class Resources(_Strict):
     actor_resources: dict[str, float] = Field(
         default_factory=dict, description="custom Ray resources each model actor needs, e.g. {speech_gpu: 1}"
     )
+    object_store_mb: float | None = Field(
+        None, gt=0, description="object store memory the job's pipeline may fill (cluster-wide, MB); decoding "
+        "waits while queued recordings and segments hold this much. Default: Ray Data's own share of the store",
+    )
 
     @model_validator(mode="after")
     def _pool_bounds(self) -> "Resources":

@@ -195,17 +195,25 @@ def _serve(request_read: int, results_write: int) -> None:
     try:
         with os.fdopen(request_read, "rb", buffering=_PIPE_BYTES) as requests:
             while (message := _read_message(requests)) is not None:
-                fn, items, batched = message[1]
-                try:
-                    for item in items:
-                        _write_message(results_write, _RESULT, fn([item])[0] if batched else fn(item))
-                except Exception as exc:  # noqa: BLE001 - the worker raises it as its own
-                    _send_exception(results_write, exc)
-                _write_message(results_write, _DONE, None)
+                _work(message[1], results_write)
+                # Not kept while waiting for the next work: the last request's samples (a whole
+                # recording's, hundreds of MB for an hour) would stay in the helper until then.
+                del message
     except BaseException:  # noqa: BLE001 - a broken pipe: the worker is gone
         code = 1
     finally:
         os._exit(code)  # no atexit handlers, no flushing of the worker's buffers, no Ray shutdown
+
+
+def _work(request: tuple, results_write: int) -> None:
+    """Send the result of each item of one request, then _DONE; its locals go when it returns."""
+    fn, items, batched = request
+    try:
+        for item in items:
+            _write_message(results_write, _RESULT, fn([item])[0] if batched else fn(item))
+    except Exception as exc:  # noqa: BLE001 - the worker raises it as its own
+        _send_exception(results_write, exc)
+    _write_message(results_write, _DONE, None)
 
 
 def _die_with_parent() -> None:

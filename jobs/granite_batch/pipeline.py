@@ -154,6 +154,11 @@ def build_dataset(rows_to_do: pa.Table | tuple[PlanLayout, int], config: JobConf
     else:
         ds = planned_rows(*rows_to_do, cluster, max_rows=16)
     ds.context.max_errored_blocks = recovery.MAX_LOST_BATCHES  # this dataset's own copy of the context
+    if config.resources.object_store_mb is not None:
+        # Ray Data's backpressure: operators stop launching tasks while their queued outputs would pass it.
+        limits = ds.context.execution_options.resource_limits
+        ds.context.execution_options.resource_limits = limits.copy(
+            object_store_memory=config.resources.object_store_mb * 1e6)
 
     ds = ds.map_batches(
         audio.decode_table,
