@@ -16,7 +16,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import posixpath
 import re
 from dataclasses import dataclass, field
@@ -30,24 +29,30 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from granite_batch.prompts import ASR_LANGUAGES, check_request, unlisted_request
-from granite_batch.storage import LOCAL_PROTOCOLS, filesystem, protocol_of, uri_of
+from granite_batch.storage import LOCAL_PROTOCOLS, filesystem, is_allowed, uri_of  # noqa: F401 (is_allowed: re-exported)
 
 log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-KNOWN_COLUMNS = ("id", "audio", "language", "task", "target_language", "keywords")
-TEXT_COLUMNS = ("id", "audio", "language", "task", "target_language")
+KNOWN_COLUMNS = ("id", "audio", "language", "task", "target_language", "keywords", "channels")
+TEXT_COLUMNS = ("id", "audio", "language", "task", "target_language", "channels")
 # Output columns a manifest may not carry: they would be silently overwritten.
 RESERVED_COLUMNS = ("text", "segments", "duration_s", "error", "model", "model_revision", "run_id")
 UNDETERMINED_LANGUAGE = "und"
 BLOCK_BYTES = 16 << 20  # text read per block: ~100,000 rows of a typical JSON Lines manifest
 PARQUET_BLOCK_ROWS = 131_072
+CHANNEL_MODES = ("mix", "split")
+EMBEDDED_PREFIX = "embedded:"  # the source name of embedded audio that came without a path
 
 NORMALISED_FIELDS = [
     pa.field("id", pa.string()), pa.field("audio", pa.string()), pa.field("language", pa.string()),
     pa.field("task", pa.string()), pa.field("target_language", pa.string()),
     pa.field("keywords", pa.list_(pa.string())), pa.field("error", pa.string()),
+    # Inputs of the row's work, not output columns: the recording's bytes when the manifest (or a tar
+    # shard) carries them, and how its channels are transcribed.
+    pa.field("audio_bytes", pa.large_binary()), pa.field("channels", pa.string()),
 ]
+INPUT_ONLY_COLUMNS = ("audio_bytes", "channels")
 
 
 class ManifestError(ValueError):
@@ -67,12 +72,13 @@ class Defaults:
     target_language: str | None = None
     keywords: tuple[str, ...] = ()
     allowed_prefixes: tuple[str, ...] = ()  # when set, recordings elsewhere become error rows
+    channels: str = "mix"  # mix: downmix to mono; split: each channel transcribed on its own
 
     @classmethod
     def from_config(cls, config) -> "Defaults":
         """The defaults a job config (`config.JobConfig`) gives rows."""
         return cls(config.language, config.task, config.target_language, tuple(config.keywords),
-                   tuple(config.allowed_prefixes))
+                   tuple(config.allowed_prefixes), config.channels)
 
 
 @dataclass
@@ -85,28 +91,6 @@ class Manifest:
     files: list[str]
     passthrough: list[str] = field(default_factory=list)
     ids_replaced: int = 0  # rows whose `id` was empty, blank or null and got the digest id
-
-
-def _canonical(uri: str) -> str:
-    """A URI with `..`, symlinks (local files) and scheme aliases resolved, for prefix checks."""
-    protocol = protocol_of(uri)
-    if protocol in LOCAL_PROTOCOLS:
-        path = uri[len("file://"):] if uri.startswith("file://") else uri
-        return os.path.realpath(path)
-    path = uri.split("://", 1)[1] if "://" in uri else uri
-    return f"{protocol}://{posixpath.normpath('/' + path).lstrip('/')}"
-
-
-def is_allowed(uri: str, prefixes: tuple[str, ...]) -> bool:
-    """Whether `uri` lies under one of `prefixes` (whole path components; no prefixes allows all)."""
-    if not prefixes:
-        return True
-    target = _canonical(uri)
-    for prefix in prefixes:
-        base = _canonical(prefix).rstrip("/")
-        if target == base or target.startswith(base + "/"):
-            return True
-    return False
 
 
 def default_id(audio: str, task: str, target_language: str | None, keywords: list[str]) -> str:
@@ -490,7 +474,7 @@ def _parquet_blocks(fs, file: str, name: str, block_bytes: int) -> Iterator[_Blo
     with handle:
         done = 0
         try:
-            for batch in parquet.iter_batches(batch_size=PARQUET_BLOCK_ROWS):
+            for batch in parquet.iter_batches(batch_size=_parquet_batch_rows(parquet.metadata, block_bytes)):
                 table = pa.Table.from_batches([batch])
                 start = done
                 done += table.num_rows
@@ -499,6 +483,14 @@ def _parquet_blocks(fs, file: str, name: str, block_bytes: int) -> Iterator[_Blo
                              where="row")
         except (pa.ArrowInvalid, OSError) as exc:
             raise ManifestError(f"{name}: not a readable Parquet file ({exc})") from None
+
+
+def _parquet_batch_rows(metadata, block_bytes: int) -> int:
+    """Rows per block: PARQUET_BLOCK_ROWS, fewer when rows are large (embedded audio), so a block
+    holds about `block_bytes` of them, not 131,072 recordings."""
+    sizes = [metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups)]
+    per_row = sum(sizes) / max(1, metadata.num_rows)
+    return max(1, min(PARQUET_BLOCK_ROWS, int(block_bytes // max(1.0, per_row))))
 
 
 _BLOCK_READERS = {"json": _json_blocks, "csv": _csv_blocks, "parquet": _parquet_blocks}
@@ -600,6 +592,58 @@ def _keywords_column(table: pa.Table, n: int, where: _Where, default: tuple[str,
     return pc.if_else(pc.is_null(lists), default_list, cleaned) if default else cleaned
 
 
+def _audio_columns(table: pa.Table, where: _Where) -> tuple[pa.Array | None, pa.Array]:
+    """(names or URIs, embedded bytes) of the `audio` column: a string (a URI or path), bytes (the
+    recording itself) or Hugging Face's `Audio` struct<bytes, path> (bytes, named by their path; a
+    row with null bytes is read from its path)."""
+    n = table.num_rows
+    no_bytes = pa.nulls(n, pa.large_binary())
+    if "audio" not in table.column_names:
+        return None, no_bytes
+    array = table.column("audio").combine_chunks()
+    kind = array.type
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        return pa.nulls(n, pa.string()), array.cast(pa.large_binary())
+    if pa.types.is_struct(kind):
+        names = {kind.field(i).name for i in range(kind.num_fields)}
+        if not names & {"bytes", "path"}:
+            where.fail(_first_valid(array), "field 'audio' is a struct without 'bytes' or 'path'")
+        fields = dict(zip([kind.field(i).name for i in range(kind.num_fields)], array.flatten()))
+        path = fields.get("path", pa.nulls(n, pa.string()))
+        data = fields.get("bytes", no_bytes)
+        if not (pa.types.is_string(path.type) or pa.types.is_large_string(path.type) or pa.types.is_null(path.type)):
+            where.fail(_first_valid(path), f"field 'audio.path' must be a string, not {_type_name(path.type)}")
+        if not (pa.types.is_binary(data.type) or pa.types.is_large_binary(data.type) or pa.types.is_null(data.type)):
+            where.fail(_first_valid(data), f"field 'audio.bytes' must be bytes, not {_type_name(data.type)}")
+        return _strip_or_null(path.cast(pa.string())), data.cast(pa.large_binary())
+    return _text_column(table, "audio", where), no_bytes
+
+
+def _embedded_names(names: pa.Array, data: pa.Array) -> pa.Array:
+    """Embedded audio's source names: its path, or for bytes without one a digest of the bytes
+    (`embedded:<sha256>`), so the default id stays the same in every run."""
+    missing = pc.and_(pc.is_null(names), pc.is_valid(data))
+    if not pc.any(missing).as_py():
+        return names
+    rows = pc.indices_nonzero(missing)
+    digests = [EMBEDDED_PREFIX + hashlib.sha256(value.as_buffer()).hexdigest()[:32]
+               for value in data.take(rows)]
+    return pc.replace_with_mask(names, missing, pa.array(digests, pa.string()))
+
+
+def _channels_column(table: pa.Table, n: int, where: _Where, default: str) -> tuple[pa.Array, pa.Array]:
+    """(channels, error): `mix` or `split` per row (the job's default where empty); another value is
+    that row's error."""
+    array = _text_column(table, "channels", where)
+    if array is None or array.null_count == n:
+        return pa.array([default] * n, pa.string()), pa.nulls(n, pa.string())
+    array = pc.fill_null(pc.utf8_lower(array), default)
+    bad = pc.invert(pc.is_in(array, value_set=pa.array(CHANNEL_MODES)))
+    errors = pc.if_else(bad, pc.binary_join_element_wise(
+        pa.scalar("unsupported channels '"), array, pa.scalar("'; use mix or split"), ""), pa.scalar(None, pa.string()))
+    return array, errors
+
+
 def _resolve_audio(audio: pa.Array, base: str, protocol: str) -> pa.Array:
     """Relative paths are relative to the manifest's folder; URIs and absolute paths stay."""
     local = protocol in LOCAL_PROTOCOLS
@@ -695,13 +739,17 @@ def _normalise(table: pa.Table, where: _Where, base: str, protocol: str, default
                ) -> tuple[pa.Table, int]:
     """The block's rows in the normalised schema, and how many had an empty id replaced."""
     n = table.num_rows
-    audio = _text_column(table, "audio", where)
+    audio, data = _audio_columns(table, where)
     if audio is None:  # a later block where no row has the column
         where.fail(0, "field 'audio' is missing or empty")
-    missing_audio = pc.is_null(audio)
+    embedded = pc.is_valid(data)
+    missing_audio = pc.and_(pc.is_null(audio), pc.invert(embedded))
     if pc.any(missing_audio).as_py():
         where.fail(pc.index(missing_audio, True).as_py(), "field 'audio' is missing or empty")
-    audio = _resolve_audio(audio, base, protocol)
+    if data.null_count == n:
+        audio = _resolve_audio(audio, base, protocol)
+    else:  # embedded audio keeps its path as its name (HF's `Audio` layout); the rest are read from storage
+        audio = pc.if_else(embedded, _embedded_names(audio, data), _resolve_audio(audio, base, protocol))
 
     language, task, target, error = _request_columns(table, where, defaults)
     keywords = _keywords_column(table, n, where, defaults.keywords)
@@ -711,10 +759,13 @@ def _normalise(table: pa.Table, where: _Where, base: str, protocol: str, default
         log.warning("%s: %d row(s): %s", where.name, keyworded_translations,
                     unlisted_request("en", "ast", "fr", ("keyword",)))
 
-    if defaults.allowed_prefixes:
-        refused = [None if e is not None or is_allowed(a, defaults.allowed_prefixes)
+    channels, channels_error = _channels_column(table, n, where, defaults.channels)
+    error = pc.coalesce(error, channels_error)
+
+    if defaults.allowed_prefixes:  # embedded audio is read from nowhere: no prefix applies to it
+        refused = [None if e is not None or inside or is_allowed(a, defaults.allowed_prefixes)
                    else f"not allowed: {a} is outside the allowed prefixes"
-                   for a, e in zip(audio.to_pylist(), error.to_pylist())]
+                   for a, e, inside in zip(audio.to_pylist(), error.to_pylist(), embedded.to_pylist())]
         error = pc.coalesce(error, pa.array(refused, pa.string()))
 
     ids = _text_column(table, "id", where)
@@ -730,7 +781,7 @@ def _normalise(table: pa.Table, where: _Where, base: str, protocol: str, default
         ids = pc.replace_with_mask(ids, missing, pa.array(digests, pa.string()))
 
     passthrough = [f for f in table.schema if f.name not in KNOWN_COLUMNS]
-    arrays = [ids, audio, language, task, target, keywords, error]
+    arrays = [ids, audio, language, task, target, keywords, error, data, channels]
     arrays += [table.column(f.name) for f in passthrough]
     return pa.Table.from_arrays(arrays, schema=normalised_schema(passthrough)), replaced
 
