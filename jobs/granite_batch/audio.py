@@ -20,7 +20,7 @@ import pyarrow as pa
 import soxr
 
 from granite_batch.isolation import Crash, CrashTest, map_isolated
-from granite_batch.storage import HTTP_PROTOCOLS, LOCAL_PROTOCOLS, NotAllowed, filesystem, protocol_of, resolve_redirects
+from granite_batch.storage import HTTP_PROTOCOLS, LOCAL_PROTOCOLS, NotAllowed, filesystem, probe_url, protocol_of
 
 SAMPLE_RATE_HZ = 16000
 # Decoded audio accumulates in 32 MB blocks: large enough that freed blocks go back to the OS (glibc
@@ -248,7 +248,7 @@ def load_recording(
     web = protocol_of(uri) in HTTP_PROTOCOLS
     for attempt in range(HTTP_ATTEMPTS if web else 1):
         try:
-            return _load(uri, storage_options, decode, allowed_prefixes if web else None)
+            return _load(uri, storage_options, decode, tuple(allowed_prefixes) if web else None)
         except DecodeError:
             raise
         except NotAllowed as exc:
@@ -284,18 +284,24 @@ HTTP_BACKOFF_S = 0.25  # doubled after each failed attempt
 
 
 def _load(uri: str, storage_options: dict | None, decode, allowed_prefixes: tuple[str, ...] | None) -> Recording:
-    if allowed_prefixes:  # follow the redirects ourselves, hop by hop, and never let the reads follow one
-        uri = resolve_redirects(uri, allowed_prefixes)
+    """Open and decode one recording; `allowed_prefixes` is None except for http(s) URLs."""
+    if allowed_prefixes is not None:
+        # The redirects are followed here, hop by hop (checked against the allow-list), and the
+        # reads then follow none: fsspec's HTTP reads would follow any, and its errors all read
+        # "not found"; the HEAD tells a 404 from a 403 from a dropped connection.
+        uri, size = probe_url(uri, allowed_prefixes)
         scheme = protocol_of(uri)
         storage_options = {**(storage_options or {}),
                            scheme: {**(storage_options or {}).get(scheme, {}), "allow_redirects": False}}
-    fs, path = filesystem(uri, storage_options)
-    if protocol_of(uri) in LOCAL_PROTOCOLS:
-        # Before anything opens it: opening a FIFO for reading waits for a writer, forever.
-        kind = _special_file_kind(os.stat(path).st_mode)
-        if kind is not None:
-            raise DecodeError(f"not a regular file: {uri} is a {kind}")
-    size = fs.size(path)
+        fs, path = filesystem(uri, storage_options)
+    else:
+        fs, path = filesystem(uri, storage_options)
+        if protocol_of(uri) in LOCAL_PROTOCOLS:
+            # Before anything opens it: opening a FIFO for reading waits for a writer, forever.
+            kind = _special_file_kind(os.stat(path).st_mode)
+            if kind is not None:
+                raise DecodeError(f"not a regular file: {uri} is a {kind}")
+        size = fs.size(path)
     if size == 0:
         raise DecodeError("decode failed: empty file (0 bytes)")
     with fs.open(path, "rb") as handle:

@@ -29,6 +29,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from granite_batch.prompts import ASR_LANGUAGES, check_request, unlisted_request
+from granite_batch.shards import TAR_SUFFIXES, ShardError, is_shard, iter_samples, member_uri
 from granite_batch.storage import LOCAL_PROTOCOLS, filesystem, is_allowed, uri_of  # noqa: F401 (is_allowed: re-exported)
 
 log = logging.getLogger(__name__)
@@ -906,33 +907,50 @@ class ManifestStream:
         return name, f"{block.where} {numbers[index]}"
 
     def _listing_blocks(self) -> Iterator[pa.Table]:
-        audio: list[str] = []
-        language: list[str | None] = []
+        """Rows of the recordings listed, and of every audio member of each tar shard listed (its
+        bytes, and its sidecar's columns), in blocks of `listing_rows` rows or `block_bytes` of audio."""
+        rows: list[dict] = []
+        held_bytes = 0
         done = 0
+        embedded = pa.struct([("bytes", pa.large_binary()), ("path", pa.string())])
 
         def flush() -> pa.Table:
-            chunk = pa.table({"audio": pa.array(audio, pa.string()), "language": pa.array(language, pa.string())})
-            lines = list(range(done + 1, done + len(audio) + 1))
-            out, _ = _normalise(chunk, _Where(self.uri, "listing line", lines), "", self.protocol, self.defaults)
-            audio.clear()
-            language.clear()
+            nonlocal done, held_bytes
+            lines = list(range(done + 1, done + len(rows) + 1))
+            where = f"{self.uri} listing"
+            audio = pa.array([row.pop("audio") for row in rows], embedded)
+            table = _rows_to_table(rows, lines, where).append_column("audio", audio)  # every row has `language`
+            out, replaced = _normalise(table, _Where(where, "line", lines), "", self.protocol, self.defaults)
+            self._unify(out, where, _Block(None, None, lambda: lines), lines)
+            self.rows_in += out.num_rows
+            self.ids_replaced += replaced
+            done += len(rows)
+            rows.clear()
+            held_bytes = 0
             return out
 
         try:
             for path, path_language in _iter_listing(self.fs, self._pattern):
-                audio.append(uri_of(self.fs, path))
-                language.append(path_language)
-                if len(audio) >= self.listing_rows:
-                    done += len(audio)
-                    block = flush()
-                    self.rows_in += block.num_rows
-                    yield block
+                uri = uri_of(self.fs, path)
+                if not is_shard(path):
+                    rows.append({"audio": {"bytes": None, "path": uri}, "language": path_language})
+                else:
+                    try:
+                        for member, data, sidecar in iter_samples(self.fs, path, AUDIO_SUFFIXES, uri):
+                            columns = {k: v for k, v in sidecar.items() if k != "audio"}
+                            columns.setdefault("language", path_language)
+                            rows.append({**columns, "audio": {"bytes": data, "path": member_uri(uri, member)}})
+                            held_bytes += len(data)
+                            if len(rows) >= self.listing_rows or held_bytes >= self.block_bytes:
+                                yield flush()
+                    except ShardError as exc:
+                        raise ManifestError(str(exc)) from None
+                if len(rows) >= self.listing_rows:
+                    yield flush()
         except FileNotFoundError:
             raise ManifestError(f"{self.uri}: no such prefix") from None
-        if audio:
-            block = flush()
-            self.rows_in += block.num_rows
-            yield block
+        if rows:
+            yield flush()
         if self.rows_in == 0:
             raise ManifestError(f"{self.uri}: no recordings match")
 
@@ -1004,7 +1022,7 @@ def _iter_listing(fs, pattern: str):
         for name in sorted(names):
             path = posixpath.join(folder, name)
             match = matcher.match(path)
-            if match and (has_glob or posixpath.splitext(name)[1].lower() in AUDIO_SUFFIXES):
+            if match and (has_glob or posixpath.splitext(name)[1].lower() in AUDIO_SUFFIXES + TAR_SUFFIXES):
                 yield path, match.groupdict().get("language")
 
 

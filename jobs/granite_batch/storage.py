@@ -95,19 +95,22 @@ def filesystem(uri: str, storage_options: dict[str, dict[str, Any]] | None = Non
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args, **kwargs):
-        return None  # each hop is checked by `resolve_redirects` before it is followed
+        return None  # each hop is checked by `probe_url` before it is followed
 
 
-def resolve_redirects(url: str, allowed_prefixes: tuple[str, ...], timeout_s: float = 30.0) -> str:
-    """The URL `url` leads to after its HTTP redirects, each hop checked against `allowed_prefixes`
-    (HEAD requests; a server that refuses HEAD is taken at its word). Raises NotAllowed for a hop
-    outside them, FileNotFoundError (404/410), PermissionError (401/403), OSError otherwise."""
+def probe_url(url: str, allowed_prefixes: tuple[str, ...] = (), timeout_s: float = 30.0) -> tuple[str, int | None]:
+    """(the URL `url` leads to after its redirects, its Content-Length or None), by HEAD requests,
+    each redirect's target checked against `allowed_prefixes` before it is followed (a server that
+    refuses HEAD is taken at its word). Raises NotAllowed for a target outside them,
+    FileNotFoundError (404, 410), PermissionError (401, 403), OSError otherwise (dropped
+    connections, timeouts, other statuses: `status` holds the HTTP status when there is one)."""
     opener = urllib.request.build_opener(_NoRedirect())
     for _ in range(HTTP_MAX_REDIRECTS + 1):
-        request = urllib.request.Request(url, method="HEAD")
+        request = urllib.request.Request(url, method="HEAD", headers={"Accept-Encoding": "identity"})
         try:
-            with opener.open(request, timeout=timeout_s):
-                return url
+            with opener.open(request, timeout=timeout_s) as response:
+                length = response.headers.get("Content-Length")
+                return url, int(length) if length and length.isdigit() else None
         except urllib.error.HTTPError as exc:
             if exc.code in (301, 302, 303, 307, 308) and exc.headers.get("Location"):
                 target = urllib.parse.urljoin(url, exc.headers["Location"])
@@ -120,8 +123,10 @@ def resolve_redirects(url: str, allowed_prefixes: tuple[str, ...], timeout_s: fl
             if exc.code in (401, 403):
                 raise PermissionError(url) from None
             if exc.code in (405, 501):
-                return url
-            raise OSError(f"HTTP {exc.code} {exc.reason}") from None
+                return url, None
+            error = OSError(f"HTTP {exc.code} {exc.reason}")
+            error.status = exc.code
+            raise error from None
     raise OSError(f"more than {HTTP_MAX_REDIRECTS} redirects")
 
 
