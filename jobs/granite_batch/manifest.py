@@ -1012,6 +1012,9 @@ def _glob_regex(pattern: str) -> re.Pattern:
 def _iter_listing(fs, pattern: str):
     """Yield (path, language or None) for each recording matching `pattern`, folder by folder."""
     has_glob = any(ch in pattern for ch in _GLOB_CHARS)
+    if not has_glob and is_shard(pattern) and fs.isfile(pattern):  # one shard, listed alone
+        yield pattern, None
+        return
     if not has_glob:
         pattern = pattern.rstrip("/") + "/**"
     root = pattern[: min((pattern.find(ch) for ch in _GLOB_CHARS if ch in pattern), default=len(pattern))]
