@@ -245,6 +245,14 @@ def test_split_channels_give_each_channel_its_own_segments_in_time_order(tmp_pat
     assert [s["text"] for s in one_sided] == [s["text"] for s in out["alone-0"]["segments"]]
 
 
+def test_reference_column_is_read_as_reference(tmp_path):
+    path = hf_parquet(tmp_path / "m.parquet", text=[f"said {n}" for n in NAMES])
+    with pytest.raises(ManifestError, match="column 'text' is reserved"):
+        read_manifest(path, Defaults())
+    table = read_manifest(path, Defaults(reference_column="text")).table
+    assert table.column("reference").to_pylist() == [f"said {n}" for n in NAMES]
+
+
 def test_channels_mode_comes_from_the_row_or_the_job(tmp_path):
     rows = [{"audio": "/a.wav"}, {"audio": "/b.wav", "channels": "split"}, {"audio": "/c.wav", "channels": "Mix"},
             {"audio": "/d.wav", "channels": "left"}]
@@ -260,7 +268,7 @@ def test_channels_mode_comes_from_the_row_or_the_job(tmp_path):
 def test_job_over_embedded_audio_urls_and_paths_gives_one_transcript_per_recording(tmp_path, tiny_model_dir, web):
     """One real run (Ray, the CLI): the same recordings embedded, by URL and by path give the same
     text; URL failures are row errors; a split-channel row carries its channels; the run is scored
-    against the embedded dataset's `reference` column."""
+    against the embedded dataset's reference texts (its `text` column, as HF's test sets name it)."""
     names = NAMES[:3]
     audio = ([{"bytes": (SAMPLES / n).read_bytes(), "path": n} for n in names]
              + [{"bytes": None, "path": f"{web.url}/files/{n}"} for n in names]
@@ -272,12 +280,12 @@ def test_job_over_embedded_audio_urls_and_paths_gives_one_transcript_per_recordi
         "audio": pa.array(audio, HF_AUDIO), "id": ids,
         "language": [LANGUAGES[n] for n in names] * 3 + ["en", "en", "pt"],
         "channels": [None] * 11 + ["split"],
-        "reference": [f"reference {i}" for i in range(12)],
+        "text": [f"reference {i}" for i in range(12)],  # HF test sets' name for the reference
     })
     pq.write_table(table, tmp_path / "hf.parquet", row_group_size=3)
     output = tmp_path / "out"
     result = run_cli(["run", "--manifest", str(tmp_path / "hf.parquet"), "--output", str(output), "--model",
-                      str(tiny_model_dir), "--max-new-tokens", "8", "--no-progress",
+                      str(tiny_model_dir), "--max-new-tokens", "8", "--no-progress", "--reference-column", "text",
                       "--allowed-prefixes", f"{SAMPLES},{web.url}/files/,{web.url}/missing/,{web.url}/away/"])
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {r["id"]: r for r in pads.dataset(output / "transcripts", format="parquet",
@@ -289,6 +297,7 @@ def test_job_over_embedded_audio_urls_and_paths_gives_one_transcript_per_recordi
         assert embedded["error"] is None and url["error"] is None and path["error"] is None
         assert embedded["text"] == url["text"] == path["text"] and embedded["text"]
         assert embedded["audio"] == n and url["audio"] == f"{web.url}/files/{n}"
+        assert embedded["reference"] == f"reference {ids.index(embedded['id'])}"
     assert rows["missing"]["error"] == f"not found: {web.url}/missing/x.flac"
     assert rows["away"]["error"].startswith("not allowed: ")
     assert rows["split"]["error"] is None and {s["channel"] for s in rows["split"]["segments"]} == {0}
@@ -296,3 +305,13 @@ def test_job_over_embedded_audio_urls_and_paths_gives_one_transcript_per_recordi
     summary = json.loads(next((output / "runs").glob("*.json")).read_text())
     assert summary["rows_ok"] == 10 and summary["rows_failed"] == 2
     assert summary["quality"]["rows_scored"] == 10  # scored against the dataset's own `reference` column
+
+
+def test_channel_labels_are_not_scored_as_words():
+    from granite_batch.evaluate import scorable_rows
+
+    table = pa.table({"id": ["a"], "task": ["asr"], "language": ["en"], "target_language": [None],
+                      "text": ["[channel 0] Hello there.\n[channel 1] Hi."], "error": [None],
+                      "reference": ["hello there hi"]})
+    rows, _ = scorable_rows(table)
+    assert rows[0]["hypothesis_scored"] == rows[0]["reference_scored"] == "hello there hi"

@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--allowed-prefixes", help="comma-separated URI/path prefixes recordings must lie under; "
                      "others become error rows (e.g. 's3://archive/,/mnt/audio/')")
     run.add_argument("--decode-timeout-s", type=float, help="longest decode of one recording (default 900)")
+    run.add_argument("--reference-column", help="manifest column of reference texts when not `reference` "
+                     "(e.g. text)")
     run.add_argument("--channels", choices=["mix", "split"],
                      help="mix: downmix to mono (default); split: transcribe each channel on its own")
     run.add_argument("--retry-failed", action="store_true", default=None,
@@ -149,6 +151,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         "max_failed_fraction": args.max_failed_fraction, "device": args.device, "dtype": args.dtype,
         "trust_remote_code": args.trust_remote_code, "run_id": args.run_id, "retry_failed": args.retry_failed,
         "allowed_prefixes": allowed, "decode_timeout_s": args.decode_timeout_s, "channels": args.channels,
+        "reference_column": args.reference_column,
         "generation": {k: v for k, v in generation.items() if v is not None} or None,
         "resources": resources or None,
         "storage_options": {"s3": s3} if s3 else None,

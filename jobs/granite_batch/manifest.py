@@ -74,12 +74,13 @@ class Defaults:
     keywords: tuple[str, ...] = ()
     allowed_prefixes: tuple[str, ...] = ()  # when set, recordings elsewhere become error rows
     channels: str = "mix"  # mix: downmix to mono; split: each channel transcribed on its own
+    reference_column: str | None = None  # the column read as `reference` (e.g. HF test sets' `text`)
 
     @classmethod
     def from_config(cls, config) -> "Defaults":
         """The defaults a job config (`config.JobConfig`) gives rows."""
         return cls(config.language, config.task, config.target_language, tuple(config.keywords),
-                   tuple(config.allowed_prefixes), config.channels)
+                   tuple(config.allowed_prefixes), config.channels, config.reference_column)
 
 
 @dataclass
@@ -787,6 +788,15 @@ def _normalise(table: pa.Table, where: _Where, base: str, protocol: str, default
     return pa.Table.from_arrays(arrays, schema=normalised_schema(passthrough)), replaced
 
 
+def _as_reference(table: pa.Table, column: str | None, name: str) -> pa.Table:
+    """`table` with `column` renamed `reference` (the job's `reference_column`)."""
+    if not column or column == "reference" or column not in table.column_names:
+        return table
+    if "reference" in table.column_names:
+        raise ManifestError(f"{name}: has both 'reference' and the reference column {column!r}; keep one")
+    return table.rename_columns(["reference" if c == column else c for c in table.column_names])
+
+
 def _check_columns(table: pa.Table, name: str, first_block: bool) -> None:
     if first_block and "audio" not in table.column_names:
         raise ManifestError(f"{name}: missing required column 'audio'")
@@ -855,12 +865,14 @@ class ManifestStream:
                     table, lines = block.slow()
                 if table.num_rows == 0:
                     continue
+                table = _as_reference(table, self.defaults.reference_column, name)
                 _check_columns(table, name, first)
                 try:
                     out, replaced = _normalise(table, _Where(name, block.where, lines),
                                                posixpath.dirname(path), self.protocol, self.defaults)
                 except _SlowPath:
                     table, lines = block.slow()
+                    table = _as_reference(table, self.defaults.reference_column, name)
                     _check_columns(table, name, first)
                     out, replaced = _normalise(table, _Where(name, block.where, lines),
                                                posixpath.dirname(path), self.protocol, self.defaults)
@@ -920,6 +932,7 @@ class ManifestStream:
             where = f"{self.uri} listing"
             audio = pa.array([row.pop("audio") for row in rows], embedded)
             table = _rows_to_table(rows, lines, where).append_column("audio", audio)  # every row has `language`
+            table = _as_reference(table, self.defaults.reference_column, where)
             out, replaced = _normalise(table, _Where(where, "line", lines), "", self.protocol, self.defaults)
             self._unify(out, where, _Block(None, None, lambda: lines), lines)
             self.rows_in += out.num_rows
