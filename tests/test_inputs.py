@@ -176,12 +176,13 @@ def test_a_shard_that_is_not_a_tar_stops_the_job_naming_it(tmp_path):
 # --- http(s) -----------------------------------------------------------------------------------------
 
 def test_url_rows_decode_and_failures_are_row_errors(web):
-    allowed = (f"{web.url}/files/", f"{web.url}/moved/", f"{web.url}/missing/", f"{web.url}/forbidden/",
-               f"{web.url}/drop/", f"{web.url}/away/")
+    allowed = tuple(f"{web.url}/{kind}/" for kind in ("files", "moved", "missing", "forbidden", "drop", "away",
+                                                       "flaky", "cut"))
     rows = read_manifest_rows([{"audio": url} for url in [
         f"{web.url}/files/fr_gare.mp3", f"{web.url}/files/es_mercado.m4a", f"{web.url}/moved/fr_gare.mp3",
         f"{web.url}/missing/x.flac", f"{web.url}/forbidden/x.flac", f"{web.url}/drop/x.flac",
-        f"{web.url}/away/fr_gare.mp3", "http://localhost:1/files/fr_gare.mp3"]], "/tmp/granite-batch-urls.jsonl")
+        f"{web.url}/away/fr_gare.mp3", "http://localhost:1/files/fr_gare.mp3", f"{web.url}/flaky/fr_gare.mp3",
+        f"{web.url}/cut/en_weather.flac"]], "/tmp/granite-batch-urls.jsonl")
     rows = read_manifest("/tmp/granite-batch-urls.jsonl", Defaults(allowed_prefixes=allowed)).table
     decoded = decode_table(rows, isolate=False, allowed_prefixes=allowed)
     errors = decoded.column("error").to_pylist()
@@ -197,6 +198,9 @@ def test_url_rows_decode_and_failures_are_row_errors(web):
                          f"http://localhost:{web.port}/files/fr_gare.mp3, outside the allowed prefixes")
     assert errors[7] == "not allowed: http://localhost:1/files/fr_gare.mp3 is outside the allowed prefixes"
     assert not any(request.startswith("GET /away") for request in web.requests)
+    # A dropped connection is retried: the second try succeeds; a body cut short every time fails.
+    assert errors[8] is None and np.array_equal(np.asarray(samples[8], np.float32), samples[0])
+    assert errors[9].startswith("read failed: ") and errors[9].endswith("(after 4 attempts)")
 
 
 # --- split channels ----------------------------------------------------------------------------------

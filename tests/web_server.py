@@ -9,12 +9,15 @@ from pathlib import Path
 
 class WebServer:
     """Serves `root` under `/files/`; `/missing/...` answers 404, `/forbidden/...` 403, `/drop/...`
-    closes the connection without an answer, `/moved/<name>` redirects to `/files/<name>`, and
-    `/away/<name>` redirects to the same file under another host name (`localhost`)."""
+    closes the connection without an answer, `/flaky/<name>` does so on the first request of each
+    kind and then serves the file, `/cut/<name>` ends every answer halfway through its body,
+    `/moved/<name>` redirects to `/files/<name>`, and `/away/<name>` redirects to the same file under
+    another host name (`localhost`)."""
 
     def __init__(self, root: Path):
         self.root = root
         self.requests: list[str] = []
+        self.seen: set[str] = set()
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -32,7 +35,9 @@ class WebServer:
             def _answer(self, body: bool):
                 server.requests.append(f"{self.command} {self.path}")
                 kind, _, name = self.path.lstrip("/").partition("/")
-                if kind == "drop":
+                first_time = self.path not in server.seen
+                server.seen.add(self.path)
+                if kind == "drop" or (kind == "flaky" and first_time):
                     self.close_connection = True
                     self.connection.shutdown(2)
                     return
@@ -42,7 +47,7 @@ class WebServer:
                 path = server.root / name
                 if kind == "forbidden":
                     return self._status(403)
-                if kind != "files" or not path.is_file():
+                if kind not in ("files", "flaky", "cut") or not path.is_file():
                     return self._status(404)
                 data = path.read_bytes()
                 start, end = 0, len(data) - 1
@@ -56,7 +61,11 @@ class WebServer:
                 if ranged:
                     self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
                 self.end_headers()
-                if body:
+                if body and kind == "cut":  # the connection ends halfway through the answer
+                    self.wfile.write(data[start:start + (end - start + 1) // 2])
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                elif body:
                     self.wfile.write(data[start:end + 1])
 
             def _status(self, code: int, headers: dict | None = None):

@@ -304,7 +304,8 @@ def _load(uri: str, storage_options: dict | None, decode, allowed_prefixes: tupl
         size = fs.size(path)
     if size == 0:
         raise DecodeError("decode failed: empty file (0 bytes)")
-    with fs.open(path, "rb") as handle:
+    # Over http(s) the probe's length saves fsspec a second HEAD.
+    with fs.open(path, "rb", **({"size": size} if allowed_prefixes is not None and size else {})) as handle:
         return decode(handle)
 
 
