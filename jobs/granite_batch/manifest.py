@@ -597,7 +597,9 @@ def _keywords_column(table: pa.Table, n: int, where: _Where, default: tuple[str,
 def _audio_columns(table: pa.Table, where: _Where) -> tuple[pa.Array | None, pa.Array]:
     """(names or URIs, embedded bytes) of the `audio` column: a string (a URI or path), bytes (the
     recording itself) or Hugging Face's `Audio` struct<bytes, path> (bytes, named by their path; a
-    row with null bytes is read from its path)."""
+    row with null bytes is read from its path). That struct is how `datasets` stores an `Audio`
+    feature in Arrow and Parquet (its `Audio.pa_type`), so a leaderboard test set's Parquet files
+    are manifests as they are."""
     n = table.num_rows
     no_bytes = pa.nulls(n, pa.large_binary())
     if "audio" not in table.column_names:

@@ -2,7 +2,9 @@
 
 A shard holds samples as consecutive members sharing a key, the member's name up to the first dot
 of its file name: `calls/0001.flac` and `calls/0001.json` are sample `calls/0001`, with the
-extensions `flac` and `json` (WebDataset's convention, which NeMo's and HF's tar datasets follow).
+extensions `flac` and `json` (WebDataset's convention: "any text after the first '.' in the filename
+is used as a key/extension", as torchdata's WebDataset reader documents it,
+https://pytorch.org/data/0.8/generated/torchdata.datapipes.iter.WebDataset.html).
 Each audio member becomes a row with its bytes; the sample's `.json` sidecar, when it has one,
 gives the row's columns (`id`, `language`, `reference`, anything else). The shard is read once,
 front to back, in tarfile's stream mode over the fsspec file: only the current sample is held,
