@@ -112,29 +112,10 @@ def _decode_stream(container, stream, sample_rate_hz: int, max_duration_s: float
             filled += take
             total += take
             out = out[take:]
-        if limit is not None and total > limit:
-            raise DecodeError(
-                f"too long: more than {max_duration_s:.0f} s of audio (raise max_duration_s to allow it)"
-            )
-        if deadline is not None and time.monotonic() > deadline:
-            raise DecodeError(f"decode timed out: more than {timeout_s:.0f} s (raise decode_timeout_s to allow it)")
+        _check_limits(total, limit, max_duration_s, deadline, timeout_s)
 
-    # Frames are gathered into about a second of audio before the downmix and resampling: per 20 ms
-    # Opus frame those cost more than the decoding (block by block: 1.3-1.5x faster for every codec).
-    pending: list[np.ndarray] = []
-    pending_samples = 0
-    for frame in container.decode(stream):
-        for converted in converter.resample(frame):
-            pending.append(_interleaved(converted))
-            pending_samples += converted.samples
-        if pending_samples >= source_rate:
-            # One layout throughout: the converter refuses a frame that changes it.
-            push(np.concatenate(pending) if len(pending) > 1 else pending[0])
-            pending, pending_samples = [], 0
-    for converted in converter.resample(None):
-        pending.append(_interleaved(converted))
-    if pending:
-        push(np.concatenate(pending) if len(pending) > 1 else pending[0])
+    for interleaved in _interleaved_seconds(container, stream, converter, source_rate):
+        push(interleaved)
     if resampler is not None:
         push(np.zeros((0, 1), dtype=np.float32), last=True)
 
@@ -175,25 +156,10 @@ def _decode_channels(container, stream, sample_rate_hz: int, max_duration_s: flo
         if len(out):
             chunks.append(out)
             total += len(out)
-        if limit is not None and total > limit:
-            raise DecodeError(
-                f"too long: more than {max_duration_s:.0f} s of audio (raise max_duration_s to allow it)")
-        if deadline is not None and time.monotonic() > deadline:
-            raise DecodeError(f"decode timed out: more than {timeout_s:.0f} s (raise decode_timeout_s to allow it)")
+        _check_limits(total, limit, max_duration_s, deadline, timeout_s)
 
-    pending: list[np.ndarray] = []
-    pending_samples = 0
-    for frame in container.decode(stream):
-        for converted in converter.resample(frame):
-            pending.append(_interleaved(converted))
-            pending_samples += converted.samples
-        if pending_samples >= source_rate:
-            push(np.concatenate(pending))
-            pending, pending_samples = [], 0
-    for converted in converter.resample(None):
-        pending.append(_interleaved(converted))
-    if pending:
-        push(np.concatenate(pending))
+    for interleaved in _interleaved_seconds(container, stream, converter, source_rate):
+        push(interleaved)
     if resampler is not None:
         push(np.zeros((0, chunks[-1].shape[1] if chunks else 1), dtype=np.float32), last=True)
     if total == 0:
@@ -203,6 +169,36 @@ def _decode_channels(container, stream, sample_rate_hz: int, max_duration_s: flo
     if not np.isfinite(np.sum(samples, dtype=np.float64)):
         np.nan_to_num(samples, copy=False, nan=0.0, posinf=1.0, neginf=-1.0)
     return Recording(samples, sample_rate_hz, int(source_rate), samples.shape[0])
+
+
+def _interleaved_seconds(container, stream, converter, source_rate: int):
+    """The stream's audio as interleaved (samples, channels) float arrays of about a second each.
+
+    Frames are gathered into about a second of audio before the downmix and resampling: per 20 ms
+    Opus frame those cost more than the decoding (block by block: 1.3-1.5x faster for every codec).
+    One layout throughout: the converter refuses a frame that changes it.
+    """
+    pending: list[np.ndarray] = []
+    pending_samples = 0
+    for frame in container.decode(stream):
+        for converted in converter.resample(frame):
+            pending.append(_interleaved(converted))
+            pending_samples += converted.samples
+        if pending_samples >= source_rate:
+            yield np.concatenate(pending) if len(pending) > 1 else pending[0]
+            pending, pending_samples = [], 0
+    for converted in converter.resample(None):
+        pending.append(_interleaved(converted))
+    if pending:
+        yield np.concatenate(pending) if len(pending) > 1 else pending[0]
+
+
+def _check_limits(total: int, limit: int | None, max_duration_s: float | None, deadline: float | None,
+                  timeout_s: float | None) -> None:
+    if limit is not None and total > limit:
+        raise DecodeError(f"too long: more than {max_duration_s:.0f} s of audio (raise max_duration_s to allow it)")
+    if deadline is not None and time.monotonic() > deadline:
+        raise DecodeError(f"decode timed out: more than {timeout_s:.0f} s (raise decode_timeout_s to allow it)")
 
 
 def _interleaved(frame) -> np.ndarray:
