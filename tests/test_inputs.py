@@ -162,6 +162,27 @@ def test_tar_shard_listed_like_a_folder_gives_the_by_path_transcripts(tmp_path, 
         assert from_shards[row["id"]]["segments"] == from_paths[name]["segments"]
 
 
+def test_shards_stream_from_object_storage(tmp_path, s3, s3_server):
+    write_shard(tmp_path / "part-000.tar", NAMES[:2])
+    s3.mkdir("shard-bucket")
+    s3.put(str(tmp_path / "part-000.tar"), "shard-bucket/shards/part-000.tar")
+    listed = list_recordings("s3://shard-bucket/shards/*.tar", Defaults(),
+                             {"s3": {"client_kwargs": {"endpoint_url": s3_server}}}).table.to_pylist()
+    assert [r["audio"] for r in listed] == ["tar://sample0000.flac::s3://shard-bucket/shards/part-000.tar",
+                                            "tar://sample0001.mp3::s3://shard-bucket/shards/part-000.tar"]
+    assert [r["audio_bytes"] for r in listed] == [(SAMPLES / n).read_bytes() for n in NAMES[:2]]
+
+
+def test_a_sidecar_text_column_asks_for_the_reference_column(tmp_path):
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        add_member(tar, "a.flac", (SAMPLES / "en_weather.flac").read_bytes())
+        add_member(tar, "a.json", json.dumps({"text": "the weather"}).encode())
+    with pytest.raises(ManifestError, match=r"'text' is reserved .*--reference-column text"):
+        list_recordings(str(tmp_path / "s.tar"), Defaults())
+    rows = list_recordings(str(tmp_path / "s.tar"), Defaults(reference_column="text")).table
+    assert rows.column("reference").to_pylist() == ["the weather"]
+
+
 def test_a_shard_that_is_not_a_tar_stops_the_job_naming_it(tmp_path):
     (tmp_path / "broken.tar").write_bytes(b"\x01" * 2000)
     with pytest.raises(ManifestError, match="broken.tar: not a readable tar shard"):

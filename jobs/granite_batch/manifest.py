@@ -804,7 +804,8 @@ def _check_columns(table: pa.Table, name: str, first_block: bool) -> None:
         raise ManifestError(f"{name}: missing required column 'audio'")
     reserved = [column for column in RESERVED_COLUMNS if column in table.column_names]
     if reserved:
-        raise ManifestError(f"{name}: column {reserved[0]!r} is reserved for the output; rename it")
+        hint = " (reference texts: --reference-column text)" if reserved[0] == "text" else ""
+        raise ManifestError(f"{name}: column {reserved[0]!r} is reserved for the output; rename it{hint}")
 
 
 # --- the stream ----------------------------------------------------------------------------------
@@ -935,6 +936,7 @@ class ManifestStream:
             audio = pa.array([row.pop("audio") for row in rows], embedded)
             table = _rows_to_table(rows, lines, where).append_column("audio", audio)  # every row has `language`
             table = _as_reference(table, self.defaults.reference_column, where)
+            _check_columns(table, where, first_block=False)  # a sidecar's `text` would shadow the output's
             out, replaced = _normalise(table, _Where(where, "line", lines), "", self.protocol, self.defaults)
             self._unify(out, where, _Block(None, None, lambda: lines), lines)
             self.rows_in += out.num_rows
