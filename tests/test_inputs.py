@@ -340,3 +340,21 @@ def test_channel_labels_are_not_scored_as_words():
                       "reference": ["hello there hi"]})
     rows, _ = scorable_rows(table)
     assert rows[0]["hypothesis_scored"] == rows[0]["reference_scored"] == "hello there hi"
+
+
+def test_plans_carry_embedded_audio_and_are_sized_by_its_bytes(tmp_path):
+    from granite_batch.plan import BYTES_PER_BUCKET, _buckets_for, plan_bucket, prepare_plan
+
+    layout = prepare_plan(ManifestStream(hf_parquet(tmp_path / "m.parquet"), Defaults()), str(tmp_path / "out"),
+                          str(tmp_path / "plan"))
+    todo = pa.concat_tables([plan_bucket(layout, b)[0] for b in range(layout.buckets)])
+    by_id = {row["id"]: row["audio_bytes"] for row in todo.to_pylist()}
+    assert by_id == {name: (SAMPLES / name).read_bytes() for name in NAMES}
+    sizes = [(SAMPLES / name).stat().st_size for name in NAMES]
+    assert min(sizes) < layout.bytes_per_row < max(sizes) + 1000
+    assert layout.input_block_rows(16) == 16 and _buckets_for(100, 10 * BYTES_PER_BUCKET) == 16
+    (tmp_path / "shards").mkdir()
+    write_shard(tmp_path / "shards" / "a.tar")
+    write_shard(tmp_path / "shards" / "b.tar")
+    stream = ManifestStream(str(tmp_path / "shards" / "*.tar"), Defaults(), listing=True)
+    assert stream.size_bytes() == sum((tmp_path / "shards" / n).stat().st_size for n in ("a.tar", "b.tar"))

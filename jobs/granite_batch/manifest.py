@@ -848,10 +848,11 @@ class ManifestStream:
     def passthrough(self) -> list[str]:
         return list(self._passthrough)
 
-    def size_bytes(self) -> int | None:
-        """Bytes of the manifest files (None for a listing), to size what reads them."""
+    def size_bytes(self) -> int:
+        """Bytes of the manifest files, or of a listing's tar shards (whose rows carry their audio;
+        listed once more), to size what reads them."""
         if self.listing:
-            return None
+            return sum(size for path, _, size in _iter_listing(self.fs, self._pattern, sizes=True) if is_shard(path))
         return sum(self.fs.size(p) for p in self._paths)
 
     def __iter__(self) -> Iterator[pa.Table]:
@@ -1026,11 +1027,12 @@ def _glob_regex(pattern: str) -> re.Pattern:
     return re.compile("".join(out) + r"\Z")
 
 
-def _iter_listing(fs, pattern: str):
-    """Yield (path, language or None) for each recording matching `pattern`, folder by folder."""
+def _iter_listing(fs, pattern: str, sizes: bool = False):
+    """Yield (path, language or None) for each recording matching `pattern`, folder by folder;
+    with `sizes`, (path, language, bytes)."""
     has_glob = any(ch in pattern for ch in _GLOB_CHARS)
     if not has_glob and is_shard(pattern) and fs.isfile(pattern):  # one shard, listed alone
-        yield pattern, None
+        yield (pattern, None, fs.size(pattern)) if sizes else (pattern, None)
         return
     if not has_glob:
         pattern = pattern.rstrip("/") + "/**"
@@ -1038,12 +1040,13 @@ def _iter_listing(fs, pattern: str):
     root = root.rsplit("/", 1)[0] if "/" in root else root
     matcher = _glob_regex(pattern)
     # fs.walk lists one folder at a time, so a prefix with millions of keys is never held whole.
-    for folder, _, names in fs.walk(root):
+    for folder, _, names in fs.walk(root, detail=sizes):
         for name in sorted(names):
             path = posixpath.join(folder, name)
             match = matcher.match(path)
             if match and (has_glob or posixpath.splitext(name)[1].lower() in AUDIO_SUFFIXES + TAR_SUFFIXES):
-                yield path, match.groupdict().get("language")
+                language = match.groupdict().get("language")
+                yield (path, language, names[name].get("size") or 0) if sizes else (path, language)
 
 
 def list_recordings(uri: str, defaults: Defaults, storage_options: dict | None = None,

@@ -42,6 +42,7 @@ from granite_batch.storage import LOCAL_PROTOCOLS, filesystem, uri_of
 PLAN_DIR = "plan"
 ROWS_PER_BUCKET = 250_000  # what one read task holds: ~60 MB of manifest rows
 BYTES_PER_BUCKET = 256 << 20  # ... or fewer rows, when they carry their audio (embedded bytes, tar shards)
+EMBEDDED_ROW_BYTES = 4096  # rows this large carry their audio
 INPUT_BLOCK_BYTES = 32 << 20  # rows with embedded audio leave planning in blocks of about this much
 MAX_BUCKETS = 4096
 SPOOL_BYTES = 64 << 20  # the driver's write buffer over all buckets
@@ -235,8 +236,9 @@ def prepare_plan(stream: ManifestStream, output_uri: str, folder: str, storage_o
         bytes_per_row = held_bytes / max(1, held_rows)
         if exhausted:
             rows, nbytes = held_rows, held_bytes
-        elif stream.listing:
-            rows, nbytes = LISTING_BUCKETS * ROWS_PER_BUCKET, 0
+        elif stream.listing:  # rows unknown; a listing of tar shards is sized by their bytes
+            rows = LISTING_BUCKETS * ROWS_PER_BUCKET
+            nbytes = stream.size_bytes() if bytes_per_row > EMBEDDED_ROW_BYTES else 0
         else:  # as if the rest of the files held rows like these (compressed Parquet holds more)
             nbytes = stream.size_bytes()
             rows = int(nbytes / bytes_per_row)
