@@ -8,6 +8,7 @@ size of the output. Everything a single recording can do wrong comes back as a s
 from __future__ import annotations
 
 import functools
+import io
 import os
 import stat
 import time
@@ -19,7 +20,7 @@ import pyarrow as pa
 import soxr
 
 from granite_batch.isolation import Crash, CrashTest, map_isolated
-from granite_batch.storage import LOCAL_PROTOCOLS, filesystem, protocol_of
+from granite_batch.storage import HTTP_PROTOCOLS, LOCAL_PROTOCOLS, NotAllowed, filesystem, probe_url, protocol_of
 
 SAMPLE_RATE_HZ = 16000
 # Decoded audio accumulates in 32 MB blocks: large enough that freed blocks go back to the OS (glibc
@@ -33,7 +34,8 @@ class DecodeError(Exception):
 
 @dataclass
 class Recording:
-    """A decoded recording: mono float32 samples at `sample_rate_hz`."""
+    """A decoded recording: float32 samples at `sample_rate_hz`, mono (samples,) or, decoded with
+    `split_channels`, one row per channel (channels, samples)."""
 
     samples: np.ndarray
     sample_rate_hz: int
@@ -42,14 +44,15 @@ class Recording:
 
     @property
     def duration_s(self) -> float:
-        return len(self.samples) / self.sample_rate_hz
+        return self.samples.shape[-1] / self.sample_rate_hz
 
 
 def decode_audio(
     source, sample_rate_hz: int = SAMPLE_RATE_HZ, max_duration_s: float | None = None, name: str = "file",
-    timeout_s: float | None = None,
+    timeout_s: float | None = None, split_channels: bool = False,
 ) -> Recording:
-    """Decode `source` (a path or a binary file object) to mono float32 at `sample_rate_hz`.
+    """Decode `source` (a path or a binary file object) to mono float32 at `sample_rate_hz`, or
+    with `split_channels` to one row of samples per channel.
 
     Raises DecodeError with a short reason when the recording cannot be used. A recording longer
     than `max_duration_s` is refused as soon as the decoder gets past that point, and one whose
@@ -68,6 +71,8 @@ def decode_audio(
         stream = container.streams.audio[0]
         stream.thread_type = "AUTO"
         try:
+            if split_channels:
+                return _decode_channels(container, stream, sample_rate_hz, max_duration_s, timeout_s)
             return _decode_stream(container, stream, sample_rate_hz, max_duration_s, timeout_s)
         except av.error.FFmpegError as exc:
             raise DecodeError(f"decode failed: {_ffmpeg_reason(exc)} ({stream.codec_context.name})") from None
@@ -107,29 +112,10 @@ def _decode_stream(container, stream, sample_rate_hz: int, max_duration_s: float
             filled += take
             total += take
             out = out[take:]
-        if limit is not None and total > limit:
-            raise DecodeError(
-                f"too long: more than {max_duration_s:.0f} s of audio (raise max_duration_s to allow it)"
-            )
-        if deadline is not None and time.monotonic() > deadline:
-            raise DecodeError(f"decode timed out: more than {timeout_s:.0f} s (raise decode_timeout_s to allow it)")
+        _check_limits(total, limit, max_duration_s, deadline, timeout_s)
 
-    # Frames are gathered into about a second of audio before the downmix and resampling: per 20 ms
-    # Opus frame those cost more than the decoding (block by block: 1.3-1.5x faster for every codec).
-    pending: list[np.ndarray] = []
-    pending_samples = 0
-    for frame in container.decode(stream):
-        for converted in converter.resample(frame):
-            pending.append(_interleaved(converted))
-            pending_samples += converted.samples
-        if pending_samples >= source_rate:
-            # One layout throughout: the converter refuses a frame that changes it.
-            push(np.concatenate(pending) if len(pending) > 1 else pending[0])
-            pending, pending_samples = [], 0
-    for converted in converter.resample(None):
-        pending.append(_interleaved(converted))
-    if pending:
-        push(np.concatenate(pending) if len(pending) > 1 else pending[0])
+    for interleaved in _interleaved_seconds(container, stream, converter, source_rate):
+        push(interleaved)
     if resampler is not None:
         push(np.zeros((0, 1), dtype=np.float32), last=True)
 
@@ -145,6 +131,74 @@ def _decode_stream(container, stream, sample_rate_hz: int, max_duration_s: float
     if not np.isfinite(np.sum(samples, dtype=np.float64)):
         np.nan_to_num(samples, copy=False, nan=0.0, posinf=1.0, neginf=-1.0)
     return Recording(samples, sample_rate_hz, int(source_rate), int(channels))
+
+
+def _decode_channels(container, stream, sample_rate_hz: int, max_duration_s: float | None,
+                     timeout_s: float | None) -> Recording:
+    """`_decode_stream` without the downmix: soxr resamples the interleaved channels together, and
+    the result is one row per channel (channels, samples)."""
+    source_rate = stream.codec_context.sample_rate or stream.rate
+    if not source_rate:
+        raise DecodeError("decode failed: the audio stream has no sample rate")
+    converter = av.AudioResampler(format="flt", rate=source_rate)
+    resampler = None
+    limit = None if max_duration_s is None else int(max_duration_s * sample_rate_hz)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    chunks: list[np.ndarray] = []
+    total = 0
+
+    def push(interleaved: np.ndarray, last: bool = False) -> None:
+        nonlocal total, resampler
+        if resampler is None and source_rate != sample_rate_hz:
+            resampler = soxr.ResampleStream(source_rate, sample_rate_hz, interleaved.shape[1], dtype="float32",
+                                            quality="HQ")
+        out = interleaved.copy() if resampler is None else resampler.resample_chunk(interleaved, last=last)
+        if len(out):
+            chunks.append(out)
+            total += len(out)
+        _check_limits(total, limit, max_duration_s, deadline, timeout_s)
+
+    for interleaved in _interleaved_seconds(container, stream, converter, source_rate):
+        push(interleaved)
+    if resampler is not None:
+        push(np.zeros((0, chunks[-1].shape[1] if chunks else 1), dtype=np.float32), last=True)
+    if total == 0:
+        raise DecodeError("decode failed: no audio samples decoded (empty or truncated recording)")
+    samples = np.ascontiguousarray(np.concatenate(chunks).T)
+    chunks.clear()
+    if not np.isfinite(np.sum(samples, dtype=np.float64)):
+        np.nan_to_num(samples, copy=False, nan=0.0, posinf=1.0, neginf=-1.0)
+    return Recording(samples, sample_rate_hz, int(source_rate), samples.shape[0])
+
+
+def _interleaved_seconds(container, stream, converter, source_rate: int):
+    """The stream's audio as interleaved (samples, channels) float arrays of about a second each.
+
+    Frames are gathered into about a second of audio before the downmix and resampling: per 20 ms
+    Opus frame those cost more than the decoding (block by block: 1.3-1.5x faster for every codec).
+    One layout throughout: the converter refuses a frame that changes it.
+    """
+    pending: list[np.ndarray] = []
+    pending_samples = 0
+    for frame in container.decode(stream):
+        for converted in converter.resample(frame):
+            pending.append(_interleaved(converted))
+            pending_samples += converted.samples
+        if pending_samples >= source_rate:
+            yield np.concatenate(pending) if len(pending) > 1 else pending[0]
+            pending, pending_samples = [], 0
+    for converted in converter.resample(None):
+        pending.append(_interleaved(converted))
+    if pending:
+        yield np.concatenate(pending) if len(pending) > 1 else pending[0]
+
+
+def _check_limits(total: int, limit: int | None, max_duration_s: float | None, deadline: float | None,
+                  timeout_s: float | None) -> None:
+    if limit is not None and total > limit:
+        raise DecodeError(f"too long: more than {max_duration_s:.0f} s of audio (raise max_duration_s to allow it)")
+    if deadline is not None and time.monotonic() > deadline:
+        raise DecodeError(f"decode timed out: more than {timeout_s:.0f} s (raise decode_timeout_s to allow it)")
 
 
 def _interleaved(frame) -> np.ndarray:
@@ -173,11 +227,70 @@ def _ffmpeg_reason(exc: Exception) -> str:
 
 def load_recording(
     uri: str, storage_options: dict | None = None, sample_rate_hz: int = SAMPLE_RATE_HZ,
-    max_duration_s: float | None = None, timeout_s: float | None = None,
+    max_duration_s: float | None = None, timeout_s: float | None = None, *, data: bytes | None = None,
+    split_channels: bool = False, allowed_prefixes: tuple[str, ...] = (),
 ) -> Recording:
-    """Open `uri` through fsspec (local path, file://, s3://, gs://, ...) and decode it."""
+    """Open `uri` through fsspec (local path, file://, s3://, gs://, https://, ...) and decode it;
+    with `data`, decode those bytes (embedded audio, `uri` only names them). Over http(s), transient
+    failures (dropped connections, timeouts, HTTP 5xx) are retried with backoff, and with
+    `allowed_prefixes` every redirect must stay inside them."""
     name = uri.rsplit("/", 1)[-1] or uri
-    try:
+    decode = functools.partial(decode_audio, sample_rate_hz=sample_rate_hz, max_duration_s=max_duration_s,
+                               name=name, timeout_s=timeout_s, split_channels=split_channels)
+    if data is not None:
+        if not data:
+            raise DecodeError("decode failed: empty file (0 bytes)")
+        return decode(io.BytesIO(data))  # PyAV reads (and seeks) the file object: no temporary file
+    web = protocol_of(uri) in HTTP_PROTOCOLS
+    for attempt in range(HTTP_ATTEMPTS if web else 1):
+        try:
+            return _load(uri, storage_options, decode, tuple(allowed_prefixes) if web else None)
+        except DecodeError:
+            raise
+        except NotAllowed as exc:
+            raise DecodeError(f"not allowed: {exc}") from None
+        except FileNotFoundError:
+            raise DecodeError(f"not found: {uri}") from None
+        except PermissionError:
+            raise DecodeError(f"access denied: {uri}") from None
+        except IsADirectoryError:
+            raise DecodeError(f"not a file: {uri} is a directory") from None
+        except ImportError as exc:
+            raise DecodeError(f"read failed: no filesystem for {uri.split('://')[0]}:// ({exc.name} missing)") from None
+        except Exception as exc:  # noqa: BLE001 - aiohttp's and fsspec's errors are not all OSErrors
+            status = getattr(exc, "status", None)
+            if status in (401, 403):
+                raise DecodeError(f"access denied: {uri}") from None
+            if status in (404, 410):
+                raise DecodeError(f"not found: {uri}") from None
+            transient = web and (status is None or status >= 500)
+            if transient and attempt + 1 < HTTP_ATTEMPTS:
+                time.sleep(HTTP_BACKOFF_S * 2 ** attempt)
+                continue
+            if not (web or isinstance(exc, (OSError, ValueError))):
+                raise
+            what = f"HTTP {status}" if status else type(exc).__name__
+            suffix = f" (after {HTTP_ATTEMPTS} attempts)" if web else ""
+            raise DecodeError(f"read failed: {what}: {exc}"[:280] + suffix) from None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+HTTP_ATTEMPTS = 4  # an http(s) recording is tried this often before its row fails
+HTTP_BACKOFF_S = 0.25  # doubled after each failed attempt
+
+
+def _load(uri: str, storage_options: dict | None, decode, allowed_prefixes: tuple[str, ...] | None) -> Recording:
+    """Open and decode one recording; `allowed_prefixes` is None except for http(s) URLs."""
+    if allowed_prefixes is not None:
+        # The redirects are followed here, hop by hop (checked against the allow-list), and the
+        # reads then follow none: fsspec's HTTP reads would follow any, and its errors all read
+        # "not found"; the HEAD tells a 404 from a 403 from a dropped connection.
+        uri, size = probe_url(uri, allowed_prefixes)
+        scheme = protocol_of(uri)
+        storage_options = {**(storage_options or {}),
+                           scheme: {**(storage_options or {}).get(scheme, {}), "allow_redirects": False}}
+        fs, path = filesystem(uri, storage_options)
+    else:
         fs, path = filesystem(uri, storage_options)
         if protocol_of(uri) in LOCAL_PROTOCOLS:
             # Before anything opens it: opening a FIFO for reading waits for a writer, forever.
@@ -185,22 +298,11 @@ def load_recording(
             if kind is not None:
                 raise DecodeError(f"not a regular file: {uri} is a {kind}")
         size = fs.size(path)
-        if size == 0:
-            raise DecodeError("decode failed: empty file (0 bytes)")
-        with fs.open(path, "rb") as handle:
-            return decode_audio(handle, sample_rate_hz, max_duration_s, name=name, timeout_s=timeout_s)
-    except DecodeError:
-        raise
-    except FileNotFoundError:
-        raise DecodeError(f"not found: {uri}") from None
-    except PermissionError:
-        raise DecodeError(f"access denied: {uri}") from None
-    except IsADirectoryError:
-        raise DecodeError(f"not a file: {uri} is a directory") from None
-    except ImportError as exc:
-        raise DecodeError(f"read failed: no filesystem for {uri.split('://')[0]}:// ({exc.name} missing)") from None
-    except (OSError, ValueError) as exc:
-        raise DecodeError(f"read failed: {type(exc).__name__}: {exc}"[:300]) from None
+    if size == 0:
+        raise DecodeError("decode failed: empty file (0 bytes)")
+    # Over http(s) the probe's length saves fsspec a second HEAD.
+    with fs.open(path, "rb", **({"size": size} if allowed_prefixes is not None and size else {})) as handle:
+        return decode(handle)
 
 
 def _special_file_kind(mode: int) -> str | None:
@@ -238,13 +340,17 @@ def samples_from_arrow(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray | 
     return rows
 
 
-def _decode_row(uri: str, storage_options: dict | None, sample_rate_hz: int, max_duration_s: float | None,
-                timeout_s: float | None, crash_test: CrashTest | None) -> tuple[np.ndarray | None, float | None, str | None]:
-    """(samples, duration_s, None) for one recording, or (None, None, the reason it failed)."""
+def _decode_row(item: tuple[str, bytes | None, bool], storage_options: dict | None, sample_rate_hz: int,
+                max_duration_s: float | None, timeout_s: float | None, crash_test: CrashTest | None,
+                allowed_prefixes: tuple[str, ...] = ()) -> tuple[np.ndarray | None, float | None, str | None]:
+    """(samples, duration_s, None) for one recording (uri, embedded bytes or None, split channels),
+    or (None, None, the reason it failed)."""
+    uri, data, split_channels = item
     if crash_test is not None:
         crash_test.check("decode", [uri])
     try:
-        recording = load_recording(uri, storage_options, sample_rate_hz, max_duration_s, timeout_s)
+        recording = load_recording(uri, storage_options, sample_rate_hz, max_duration_s, timeout_s, data=data,
+                                   split_channels=split_channels, allowed_prefixes=allowed_prefixes)
     except DecodeError as exc:
         return None, None, str(exc)
     return recording.samples, recording.duration_s, None
@@ -252,25 +358,41 @@ def _decode_row(uri: str, storage_options: dict | None, sample_rate_hz: int, max
 
 def decode_table(table: pa.Table, storage_options: dict | None = None, sample_rate_hz: int = SAMPLE_RATE_HZ,
                  max_duration_s: float | None = None, timeout_s: float | None = None, isolate: bool = True,
-                 crash_test: CrashTest | None = None) -> pa.Table:
-    """Decode stage: add `samples` and `duration_s`; a row that cannot be decoded gets `error`.
+                 crash_test: CrashTest | None = None, allowed_prefixes: tuple[str, ...] = ()) -> pa.Table:
+    """Decode stage: add `samples`, `channel_count` and `duration_s`; a row that cannot be decoded
+    gets `error`. Embedded audio (`audio_bytes`) is decoded from memory and its bytes dropped here;
+    a row whose `channels` is `split` keeps one run of samples per channel, channel after channel
+    (`channel_count` of them); the others are mono (`channel_count` null).
 
     With `isolate`, the decoding runs in a forked child process (isolation.py): a recording that
     crashes it becomes an error row ("decode crashed the worker: signal 11 (SIGSEGV)") and the
     others are decoded as usual. `crash_test` is for tests only.
     """
+    n = table.num_rows
     errors = table.column("error").to_pylist()
     uris = table.column("audio").to_pylist()
-    todo = [i for i in range(table.num_rows) if errors[i] is None]
+    data = table.column("audio_bytes").to_pylist() if "audio_bytes" in table.column_names else [None] * n
+    split = ([mode == "split" for mode in table.column("channels").to_pylist()]
+             if "channels" in table.column_names else [False] * n)
+    todo = [i for i in range(n) if errors[i] is None]
     decode = functools.partial(_decode_row, storage_options=storage_options, sample_rate_hz=sample_rate_hz,
-                               max_duration_s=max_duration_s, timeout_s=timeout_s, crash_test=crash_test)
-    recordings: list[np.ndarray | None] = [None] * table.num_rows
-    durations: list[float | None] = [None] * table.num_rows
-    for i, result in zip(todo, map_isolated(decode, [uris[i] for i in todo], isolate=isolate)):
+                               max_duration_s=max_duration_s, timeout_s=timeout_s, crash_test=crash_test,
+                               allowed_prefixes=tuple(allowed_prefixes))
+    recordings: list[np.ndarray | None] = [None] * n
+    channel_counts: list[int | None] = [None] * n
+    durations: list[float | None] = [None] * n
+    for i, result in zip(todo, map_isolated(decode, [(uris[i], data[i], split[i]) for i in todo], isolate=isolate)):
         if isinstance(result, Crash):
             errors[i] = result.reason("decode")
-        else:
-            recordings[i], durations[i], errors[i] = result
+            continue
+        samples, durations[i], errors[i] = result
+        if samples is not None:
+            channel_counts[i] = samples.shape[0] if samples.ndim == 2 else None
+            recordings[i] = samples.reshape(-1)  # channel-major: a view, no copy
+    del data
+    if "audio_bytes" in table.column_names:  # decoded: the bytes need not travel further
+        table = table.drop_columns(["audio_bytes"])
     table = table.set_column(table.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
     table = table.append_column("duration_s", pa.array(durations, pa.float64()))
+    table = table.append_column("channel_count", pa.array(channel_counts, pa.int32()))
     return table.append_column("samples", samples_to_arrow(recordings))

@@ -60,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--allowed-prefixes", help="comma-separated URI/path prefixes recordings must lie under; "
                      "others become error rows (e.g. 's3://archive/,/mnt/audio/')")
     run.add_argument("--decode-timeout-s", type=float, help="longest decode of one recording (default 900)")
+    run.add_argument("--reference-column", help="manifest column of reference texts when not `reference` "
+                     "(e.g. text)")
+    run.add_argument("--channels", choices=["mix", "split"],
+                     help="mix: downmix to mono (default); split: transcribe each channel on its own")
     run.add_argument("--retry-failed", action="store_true", default=None,
                      help="also redo ids whose row in the output has an error (done ids are always skipped)")
     run.add_argument("--run-id", help="name this run (default: UTC time + random suffix)")
@@ -149,7 +153,8 @@ def _overrides(args: argparse.Namespace) -> dict:
         "subtitles": None if args.subtitles is None else [f.strip() for f in args.subtitles.split(",") if f.strip()],
         "max_failed_fraction": args.max_failed_fraction, "device": args.device, "dtype": args.dtype,
         "trust_remote_code": args.trust_remote_code, "run_id": args.run_id, "retry_failed": args.retry_failed,
-        "allowed_prefixes": allowed, "decode_timeout_s": args.decode_timeout_s,
+        "allowed_prefixes": allowed, "decode_timeout_s": args.decode_timeout_s, "channels": args.channels,
+        "reference_column": args.reference_column,
         "generation": {k: v for k, v in generation.items() if v is not None} or None,
         "resources": resources or None,
         "storage_options": {"s3": s3} if s3 else None,

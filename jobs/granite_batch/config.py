@@ -170,6 +170,14 @@ class JobConfig(_Strict):
         default_factory=list, description="if set, recordings outside these URI/path prefixes become error rows"
     )
     sample_rate_hz: Literal[16000] = 16000
+    reference_column: str | None = Field(
+        None, description="the manifest column holding reference texts when it is not `reference` (e.g. `text` in "
+        "Hugging Face ASR test sets); it is read, and written, as `reference`",
+    )
+    channels: Literal["mix", "split"] = Field(
+        "mix", description="mix: downmix every recording to mono; split: segment and transcribe each channel on "
+        "its own (for rows without their own `channels`)",
+    )
 
     generation: GenerationOptions = Field(default_factory=GenerationOptions)
     resources: Resources = Field(default_factory=Resources)

@@ -15,6 +15,7 @@ Only plain Python on Arrow tables here: no Ray.
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from functools import lru_cache
 
@@ -27,6 +28,8 @@ from whisper_normalizer.english import EnglishTextNormalizer
 from granite_batch.prompts import UNSPACED_LANGUAGES
 
 NEEDED_COLUMNS = ("task", "language", "target_language", "text", "error")
+# The turn labels of split-channel transcripts (transcribe.join_segments) are not words the model said.
+CHANNEL_LABEL = re.compile(r"^\[channel \d+\] ", re.MULTILINE)
 
 
 @lru_cache(maxsize=None)
@@ -94,11 +97,11 @@ def scorable_rows(table: pa.Table) -> tuple[list[dict], Counter]:
             continue
         if row["task"] == "asr":
             row["reference_scored"] = normalise(row["reference"], row["language"])
-            row["hypothesis_scored"] = normalise(row["text"] or "", row["language"])
+            row["hypothesis_scored"] = normalise(CHANNEL_LABEL.sub("", row["text"] or ""), row["language"])
             row["target_language"] = None
         else:
             row["reference_scored"] = row["reference"].strip()
-            row["hypothesis_scored"] = (row["text"] or "").strip()
+            row["hypothesis_scored"] = CHANNEL_LABEL.sub("", row["text"] or "").strip()
         if not row["reference_scored"]:
             skipped["reference empty after normalisation"] += 1
             continue

@@ -16,7 +16,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import posixpath
 import re
 from dataclasses import dataclass, field
@@ -30,23 +29,30 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from granite_batch.prompts import ASR_LANGUAGES, AUTO_LANGUAGE, UNDETERMINED_LANGUAGE, check_request, unlisted_request
-from granite_batch.storage import LOCAL_PROTOCOLS, filesystem, protocol_of, uri_of
+from granite_batch.shards import TAR_SUFFIXES, ShardError, is_shard, iter_samples, member_uri
+from granite_batch.storage import LOCAL_PROTOCOLS, filesystem, is_allowed, uri_of  # noqa: F401 (is_allowed: re-exported)
 
 log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-KNOWN_COLUMNS = ("id", "audio", "language", "task", "target_language", "keywords")
-TEXT_COLUMNS = ("id", "audio", "language", "task", "target_language")
+KNOWN_COLUMNS = ("id", "audio", "language", "task", "target_language", "keywords", "channels")
+TEXT_COLUMNS = ("id", "audio", "language", "task", "target_language", "channels")
 # Output columns a manifest may not carry: they would be silently overwritten.
 RESERVED_COLUMNS = ("text", "segments", "duration_s", "error", "model", "model_revision", "run_id")
 BLOCK_BYTES = 16 << 20  # text read per block: ~100,000 rows of a typical JSON Lines manifest
 PARQUET_BLOCK_ROWS = 131_072
+CHANNEL_MODES = ("mix", "split")
+EMBEDDED_PREFIX = "embedded:"  # the source name of embedded audio that came without a path
 
 NORMALISED_FIELDS = [
     pa.field("id", pa.string()), pa.field("audio", pa.string()), pa.field("language", pa.string()),
     pa.field("task", pa.string()), pa.field("target_language", pa.string()),
     pa.field("keywords", pa.list_(pa.string())), pa.field("error", pa.string()),
+    # Inputs of the row's work, not output columns: the recording's bytes when the manifest (or a tar
+    # shard) carries them, and how its channels are transcribed.
+    pa.field("audio_bytes", pa.large_binary()), pa.field("channels", pa.string()),
 ]
+INPUT_ONLY_COLUMNS = ("audio_bytes", "channels")
 
 
 class ManifestError(ValueError):
@@ -66,12 +72,14 @@ class Defaults:
     target_language: str | None = None
     keywords: tuple[str, ...] = ()
     allowed_prefixes: tuple[str, ...] = ()  # when set, recordings elsewhere become error rows
+    channels: str = "mix"  # mix: downmix to mono; split: each channel transcribed on its own
+    reference_column: str | None = None  # the column read as `reference` (e.g. HF test sets' `text`)
 
     @classmethod
     def from_config(cls, config) -> "Defaults":
         """The defaults a job config (`config.JobConfig`) gives rows."""
         return cls(config.language, config.task, config.target_language, tuple(config.keywords),
-                   tuple(config.allowed_prefixes))
+                   tuple(config.allowed_prefixes), config.channels, config.reference_column)
 
 
 @dataclass
@@ -84,28 +92,6 @@ class Manifest:
     files: list[str]
     passthrough: list[str] = field(default_factory=list)
     ids_replaced: int = 0  # rows whose `id` was empty, blank or null and got the digest id
-
-
-def _canonical(uri: str) -> str:
-    """A URI with `..`, symlinks (local files) and scheme aliases resolved, for prefix checks."""
-    protocol = protocol_of(uri)
-    if protocol in LOCAL_PROTOCOLS:
-        path = uri[len("file://"):] if uri.startswith("file://") else uri
-        return os.path.realpath(path)
-    path = uri.split("://", 1)[1] if "://" in uri else uri
-    return f"{protocol}://{posixpath.normpath('/' + path).lstrip('/')}"
-
-
-def is_allowed(uri: str, prefixes: tuple[str, ...]) -> bool:
-    """Whether `uri` lies under one of `prefixes` (whole path components; no prefixes allows all)."""
-    if not prefixes:
-        return True
-    target = _canonical(uri)
-    for prefix in prefixes:
-        base = _canonical(prefix).rstrip("/")
-        if target == base or target.startswith(base + "/"):
-            return True
-    return False
 
 
 def default_id(audio: str, task: str, target_language: str | None, keywords: list[str]) -> str:
@@ -489,7 +475,7 @@ def _parquet_blocks(fs, file: str, name: str, block_bytes: int) -> Iterator[_Blo
     with handle:
         done = 0
         try:
-            for batch in parquet.iter_batches(batch_size=PARQUET_BLOCK_ROWS):
+            for batch in parquet.iter_batches(batch_size=_parquet_batch_rows(parquet.metadata, block_bytes)):
                 table = pa.Table.from_batches([batch])
                 start = done
                 done += table.num_rows
@@ -498,6 +484,14 @@ def _parquet_blocks(fs, file: str, name: str, block_bytes: int) -> Iterator[_Blo
                              where="row")
         except (pa.ArrowInvalid, OSError) as exc:
             raise ManifestError(f"{name}: not a readable Parquet file ({exc})") from None
+
+
+def _parquet_batch_rows(metadata, block_bytes: int) -> int:
+    """Rows per block: PARQUET_BLOCK_ROWS, fewer when rows are large (embedded audio), so a block
+    holds about `block_bytes` of them, not 131,072 recordings."""
+    sizes = [metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups)]
+    per_row = sum(sizes) / max(1, metadata.num_rows)
+    return max(1, min(PARQUET_BLOCK_ROWS, int(block_bytes // max(1.0, per_row))))
 
 
 _BLOCK_READERS = {"json": _json_blocks, "csv": _csv_blocks, "parquet": _parquet_blocks}
@@ -599,6 +593,60 @@ def _keywords_column(table: pa.Table, n: int, where: _Where, default: tuple[str,
     return pc.if_else(pc.is_null(lists), default_list, cleaned) if default else cleaned
 
 
+def _audio_columns(table: pa.Table, where: _Where) -> tuple[pa.Array | None, pa.Array]:
+    """(names or URIs, embedded bytes) of the `audio` column: a string (a URI or path), bytes (the
+    recording itself) or Hugging Face's `Audio` struct<bytes, path> (bytes, named by their path; a
+    row with null bytes is read from its path). That struct is how `datasets` stores an `Audio`
+    feature in Arrow and Parquet (its `Audio.pa_type`), so a leaderboard test set's Parquet files
+    are manifests as they are."""
+    n = table.num_rows
+    no_bytes = pa.nulls(n, pa.large_binary())
+    if "audio" not in table.column_names:
+        return None, no_bytes
+    array = table.column("audio").combine_chunks()
+    kind = array.type
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        return pa.nulls(n, pa.string()), array.cast(pa.large_binary())
+    if pa.types.is_struct(kind):
+        names = {kind.field(i).name for i in range(kind.num_fields)}
+        if not names & {"bytes", "path"}:
+            where.fail(_first_valid(array), "field 'audio' is a struct without 'bytes' or 'path'")
+        fields = dict(zip([kind.field(i).name for i in range(kind.num_fields)], array.flatten()))
+        path = fields.get("path", pa.nulls(n, pa.string()))
+        data = fields.get("bytes", no_bytes)
+        if not (pa.types.is_string(path.type) or pa.types.is_large_string(path.type) or pa.types.is_null(path.type)):
+            where.fail(_first_valid(path), f"field 'audio.path' must be a string, not {_type_name(path.type)}")
+        if not (pa.types.is_binary(data.type) or pa.types.is_large_binary(data.type) or pa.types.is_null(data.type)):
+            where.fail(_first_valid(data), f"field 'audio.bytes' must be bytes, not {_type_name(data.type)}")
+        return _strip_or_null(path.cast(pa.string())), data.cast(pa.large_binary())
+    return _text_column(table, "audio", where), no_bytes
+
+
+def _embedded_names(names: pa.Array, data: pa.Array) -> pa.Array:
+    """Embedded audio's source names: its path, or for bytes without one a digest of the bytes
+    (`embedded:<sha256>`), so the default id stays the same in every run."""
+    missing = pc.and_(pc.is_null(names), pc.is_valid(data))
+    if not pc.any(missing).as_py():
+        return names
+    rows = pc.indices_nonzero(missing)
+    digests = [EMBEDDED_PREFIX + hashlib.sha256(value.as_buffer()).hexdigest()[:32]
+               for value in data.take(rows)]
+    return pc.replace_with_mask(names, missing, pa.array(digests, pa.string()))
+
+
+def _channels_column(table: pa.Table, n: int, where: _Where, default: str) -> tuple[pa.Array, pa.Array]:
+    """(channels, error): `mix` or `split` per row (the job's default where empty); another value is
+    that row's error."""
+    array = _text_column(table, "channels", where)
+    if array is None or array.null_count == n:
+        return pa.array([default] * n, pa.string()), pa.nulls(n, pa.string())
+    array = pc.fill_null(pc.utf8_lower(array), default)
+    bad = pc.invert(pc.is_in(array, value_set=pa.array(CHANNEL_MODES)))
+    errors = pc.if_else(bad, pc.binary_join_element_wise(
+        pa.scalar("unsupported channels '"), array, pa.scalar("'; use mix or split"), ""), pa.scalar(None, pa.string()))
+    return array, errors
+
+
 def _resolve_audio(audio: pa.Array, base: str, protocol: str) -> pa.Array:
     """Relative paths are relative to the manifest's folder; URIs and absolute paths stay."""
     local = protocol in LOCAL_PROTOCOLS
@@ -696,13 +744,17 @@ def _normalise(table: pa.Table, where: _Where, base: str, protocol: str, default
                ) -> tuple[pa.Table, int]:
     """The block's rows in the normalised schema, and how many had an empty id replaced."""
     n = table.num_rows
-    audio = _text_column(table, "audio", where)
+    audio, data = _audio_columns(table, where)
     if audio is None:  # a later block where no row has the column
         where.fail(0, "field 'audio' is missing or empty")
-    missing_audio = pc.is_null(audio)
+    embedded = pc.is_valid(data)
+    missing_audio = pc.and_(pc.is_null(audio), pc.invert(embedded))
     if pc.any(missing_audio).as_py():
         where.fail(pc.index(missing_audio, True).as_py(), "field 'audio' is missing or empty")
-    audio = _resolve_audio(audio, base, protocol)
+    if data.null_count == n:
+        audio = _resolve_audio(audio, base, protocol)
+    else:  # embedded audio keeps its path as its name (HF's `Audio` layout); the rest are read from storage
+        audio = pc.if_else(embedded, _embedded_names(audio, data), _resolve_audio(audio, base, protocol))
 
     language, task, target, error = _request_columns(table, where, defaults)
     keywords = _keywords_column(table, n, where, defaults.keywords)
@@ -712,10 +764,13 @@ def _normalise(table: pa.Table, where: _Where, base: str, protocol: str, default
         log.warning("%s: %d row(s): %s", where.name, keyworded_translations,
                     unlisted_request("en", "ast", "fr", ("keyword",)))
 
-    if defaults.allowed_prefixes:
-        refused = [None if e is not None or is_allowed(a, defaults.allowed_prefixes)
+    channels, channels_error = _channels_column(table, n, where, defaults.channels)
+    error = pc.coalesce(error, channels_error)
+
+    if defaults.allowed_prefixes:  # embedded audio is read from nowhere: no prefix applies to it
+        refused = [None if e is not None or inside or is_allowed(a, defaults.allowed_prefixes)
                    else f"not allowed: {a} is outside the allowed prefixes"
-                   for a, e in zip(audio.to_pylist(), error.to_pylist())]
+                   for a, e, inside in zip(audio.to_pylist(), error.to_pylist(), embedded.to_pylist())]
         error = pc.coalesce(error, pa.array(refused, pa.string()))
 
     ids = _text_column(table, "id", where)
@@ -731,9 +786,18 @@ def _normalise(table: pa.Table, where: _Where, base: str, protocol: str, default
         ids = pc.replace_with_mask(ids, missing, pa.array(digests, pa.string()))
 
     passthrough = [f for f in table.schema if f.name not in KNOWN_COLUMNS]
-    arrays = [ids, audio, language, task, target, keywords, error]
+    arrays = [ids, audio, language, task, target, keywords, error, data, channels]
     arrays += [table.column(f.name) for f in passthrough]
     return pa.Table.from_arrays(arrays, schema=normalised_schema(passthrough)), replaced
+
+
+def _as_reference(table: pa.Table, column: str | None, name: str) -> pa.Table:
+    """`table` with `column` renamed `reference` (the job's `reference_column`)."""
+    if not column or column == "reference" or column not in table.column_names:
+        return table
+    if "reference" in table.column_names:
+        raise ManifestError(f"{name}: has both 'reference' and the reference column {column!r}; keep one")
+    return table.rename_columns(["reference" if c == column else c for c in table.column_names])
 
 
 def _check_columns(table: pa.Table, name: str, first_block: bool) -> None:
@@ -741,7 +805,8 @@ def _check_columns(table: pa.Table, name: str, first_block: bool) -> None:
         raise ManifestError(f"{name}: missing required column 'audio'")
     reserved = [column for column in RESERVED_COLUMNS if column in table.column_names]
     if reserved:
-        raise ManifestError(f"{name}: column {reserved[0]!r} is reserved for the output; rename it")
+        hint = " (reference texts: --reference-column text)" if reserved[0] == "text" else ""
+        raise ManifestError(f"{name}: column {reserved[0]!r} is reserved for the output; rename it{hint}")
 
 
 # --- the stream ----------------------------------------------------------------------------------
@@ -784,10 +849,11 @@ class ManifestStream:
     def passthrough(self) -> list[str]:
         return list(self._passthrough)
 
-    def size_bytes(self) -> int | None:
-        """Bytes of the manifest files (None for a listing), to size what reads them."""
+    def size_bytes(self) -> int:
+        """Bytes of the manifest files, or of a listing's tar shards (whose rows carry their audio;
+        listed once more), to size what reads them."""
         if self.listing:
-            return None
+            return sum(size for path, _, size in _iter_listing(self.fs, self._pattern, sizes=True) if is_shard(path))
         return sum(self.fs.size(p) for p in self._paths)
 
     def __iter__(self) -> Iterator[pa.Table]:
@@ -804,12 +870,14 @@ class ManifestStream:
                     table, lines = block.slow()
                 if table.num_rows == 0:
                     continue
+                table = _as_reference(table, self.defaults.reference_column, name)
                 _check_columns(table, name, first)
                 try:
                     out, replaced = _normalise(table, _Where(name, block.where, lines),
                                                posixpath.dirname(path), self.protocol, self.defaults)
                 except _SlowPath:
                     table, lines = block.slow()
+                    table = _as_reference(table, self.defaults.reference_column, name)
                     _check_columns(table, name, first)
                     out, replaced = _normalise(table, _Where(name, block.where, lines),
                                                posixpath.dirname(path), self.protocol, self.defaults)
@@ -856,33 +924,52 @@ class ManifestStream:
         return name, f"{block.where} {numbers[index]}"
 
     def _listing_blocks(self) -> Iterator[pa.Table]:
-        audio: list[str] = []
-        language: list[str | None] = []
+        """Rows of the recordings listed, and of every audio member of each tar shard listed (its
+        bytes, and its sidecar's columns), in blocks of `listing_rows` rows or `block_bytes` of audio."""
+        rows: list[dict] = []
+        held_bytes = 0
         done = 0
+        embedded = pa.struct([("bytes", pa.large_binary()), ("path", pa.string())])
 
         def flush() -> pa.Table:
-            chunk = pa.table({"audio": pa.array(audio, pa.string()), "language": pa.array(language, pa.string())})
-            lines = list(range(done + 1, done + len(audio) + 1))
-            out, _ = _normalise(chunk, _Where(self.uri, "listing line", lines), "", self.protocol, self.defaults)
-            audio.clear()
-            language.clear()
+            nonlocal done, held_bytes
+            lines = list(range(done + 1, done + len(rows) + 1))
+            where = f"{self.uri} listing"
+            audio = pa.array([row.pop("audio") for row in rows], embedded)
+            table = _rows_to_table(rows, lines, where).append_column("audio", audio)  # every row has `language`
+            table = _as_reference(table, self.defaults.reference_column, where)
+            _check_columns(table, where, first_block=False)  # a sidecar's `text` would shadow the output's
+            out, replaced = _normalise(table, _Where(where, "line", lines), "", self.protocol, self.defaults)
+            self._unify(out, where, _Block(None, None, lambda: lines), lines)
+            self.rows_in += out.num_rows
+            self.ids_replaced += replaced
+            done += len(rows)
+            rows.clear()
+            held_bytes = 0
             return out
 
         try:
             for path, path_language in _iter_listing(self.fs, self._pattern):
-                audio.append(uri_of(self.fs, path))
-                language.append(path_language)
-                if len(audio) >= self.listing_rows:
-                    done += len(audio)
-                    block = flush()
-                    self.rows_in += block.num_rows
-                    yield block
+                uri = uri_of(self.fs, path)
+                if not is_shard(path):
+                    rows.append({"audio": {"bytes": None, "path": uri}, "language": path_language})
+                else:
+                    try:
+                        for member, data, sidecar in iter_samples(self.fs, path, AUDIO_SUFFIXES, uri):
+                            columns = {k: v for k, v in sidecar.items() if k != "audio"}
+                            columns.setdefault("language", path_language)
+                            rows.append({**columns, "audio": {"bytes": data, "path": member_uri(uri, member)}})
+                            held_bytes += len(data)
+                            if len(rows) >= self.listing_rows or held_bytes >= self.block_bytes:
+                                yield flush()
+                    except ShardError as exc:
+                        raise ManifestError(str(exc)) from None
+                if len(rows) >= self.listing_rows:
+                    yield flush()
         except FileNotFoundError:
             raise ManifestError(f"{self.uri}: no such prefix") from None
-        if audio:
-            block = flush()
-            self.rows_in += block.num_rows
-            yield block
+        if rows:
+            yield flush()
         if self.rows_in == 0:
             raise ManifestError(f"{self.uri}: no recordings match")
 
@@ -941,21 +1028,26 @@ def _glob_regex(pattern: str) -> re.Pattern:
     return re.compile("".join(out) + r"\Z")
 
 
-def _iter_listing(fs, pattern: str):
-    """Yield (path, language or None) for each recording matching `pattern`, folder by folder."""
+def _iter_listing(fs, pattern: str, sizes: bool = False):
+    """Yield (path, language or None) for each recording matching `pattern`, folder by folder;
+    with `sizes`, (path, language, bytes)."""
     has_glob = any(ch in pattern for ch in _GLOB_CHARS)
+    if not has_glob and is_shard(pattern) and fs.isfile(pattern):  # one shard, listed alone
+        yield (pattern, None, fs.size(pattern)) if sizes else (pattern, None)
+        return
     if not has_glob:
         pattern = pattern.rstrip("/") + "/**"
     root = pattern[: min((pattern.find(ch) for ch in _GLOB_CHARS if ch in pattern), default=len(pattern))]
     root = root.rsplit("/", 1)[0] if "/" in root else root
     matcher = _glob_regex(pattern)
     # fs.walk lists one folder at a time, so a prefix with millions of keys is never held whole.
-    for folder, _, names in fs.walk(root):
+    for folder, _, names in fs.walk(root, detail=sizes):
         for name in sorted(names):
             path = posixpath.join(folder, name)
             match = matcher.match(path)
-            if match and (has_glob or posixpath.splitext(name)[1].lower() in AUDIO_SUFFIXES):
-                yield path, match.groupdict().get("language")
+            if match and (has_glob or posixpath.splitext(name)[1].lower() in AUDIO_SUFFIXES + TAR_SUFFIXES):
+                language = match.groupdict().get("language")
+                yield (path, language, names[name].get("size") or 0) if sizes else (path, language)
 
 
 def list_recordings(uri: str, defaults: Defaults, storage_options: dict | None = None,

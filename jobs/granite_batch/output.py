@@ -85,10 +85,11 @@ def second_pass_dir(name: str) -> str:
 def transcript_schema(passthrough: pa.Schema | None = None) -> pa.Schema:
     """The schema of transcript rows: the contract's columns, then the manifest's extra columns.
 
-    `keywords` is an input of the request (and part of the default id), not a passthrough column.
+    `keywords` is an input of the request (and part of the default id), not a passthrough column;
+    nor are the row's embedded audio bytes and its `channels` mode.
     """
     fields = list(TRANSCRIPT_FIELDS)
-    names = {f.name for f in fields} | {"keywords"}
+    names = {f.name for f in fields} | {"keywords", "audio_bytes", "channels"}
     for extra in passthrough or []:
         if extra.name not in names:
             fields.append(extra)

@@ -152,7 +152,7 @@ def build_dataset(rows_to_do: pa.Table | tuple[PlanLayout, int], config: JobConf
     if isinstance(rows_to_do, pa.Table):
         ds = ray.data.from_arrow(_input_blocks(rows_to_do, cluster, max_rows=1 if alone else 16))
     else:
-        ds = planned_rows(*rows_to_do, cluster, max_rows=16)
+        ds = planned_rows(*rows_to_do, cluster, max_rows=rows_to_do[0].input_block_rows(16))
     ds.context.max_errored_blocks = recovery.MAX_LOST_BATCHES  # this dataset's own copy of the context
     if config.resources.object_store_mb is not None:
         # Ray Data's backpressure: operators stop launching tasks while their queued outputs would pass it.
@@ -164,7 +164,7 @@ def build_dataset(rows_to_do: pa.Table | tuple[PlanLayout, int], config: JobConf
         audio.decode_table,
         fn_kwargs={"storage_options": config.storage_options, "sample_rate_hz": config.sample_rate_hz,
                    "max_duration_s": config.max_duration_s, "timeout_s": config.decode_timeout_s,
-                   "crash_test": config.crash_test},
+                   "crash_test": config.crash_test, "allowed_prefixes": tuple(config.allowed_prefixes)},
         batch_format="pyarrow", batch_size=1 if alone else config.decode_batch_size,
         num_cpus=config.resources.decode_cpus, **recovery.TASK_RETRIES,
     )

@@ -41,6 +41,9 @@ from granite_batch.storage import LOCAL_PROTOCOLS, filesystem, uri_of
 
 PLAN_DIR = "plan"
 ROWS_PER_BUCKET = 250_000  # what one read task holds: ~60 MB of manifest rows
+BYTES_PER_BUCKET = 256 << 20  # ... or fewer rows, when they carry their audio (embedded bytes, tar shards)
+EMBEDDED_ROW_BYTES = 4096  # rows this large carry their audio
+INPUT_BLOCK_BYTES = 32 << 20  # rows with embedded audio leave planning in blocks of about this much
 MAX_BUCKETS = 4096
 SPOOL_BYTES = 64 << 20  # the driver's write buffer over all buckets
 LISTING_BUCKETS = 256
@@ -89,9 +92,9 @@ def bucket_of(ids: pa.Array | pa.ChunkedArray, buckets: int) -> np.ndarray:
     return (hashes % np.uint64(buckets)).astype(np.uint32)
 
 
-def _buckets_for(rows: int) -> int:
-    """Buckets of about ROWS_PER_BUCKET rows each, a power of two."""
-    wanted = max(1, math.ceil(rows / ROWS_PER_BUCKET))
+def _buckets_for(rows: int, nbytes: int = 0) -> int:
+    """Buckets of about ROWS_PER_BUCKET rows and at most about BYTES_PER_BUCKET each, a power of two."""
+    wanted = max(1, math.ceil(rows / ROWS_PER_BUCKET), math.ceil(nbytes / BYTES_PER_BUCKET))
     return min(MAX_BUCKETS, 1 << (wanted - 1).bit_length())
 
 
@@ -103,6 +106,7 @@ class _Spool:
         self.fs, self.folder, self.buckets, self.budget_bytes = fs, folder, buckets, budget_bytes
         self._parts: list[list[pa.Table]] = [[] for _ in range(buckets)]
         self._bytes = 0
+        self.bytes_in = 0  # of every table added
         self._pieces = 0
 
     def add(self, table: pa.Table) -> None:
@@ -117,6 +121,7 @@ class _Spool:
             self._parts[b].append(ordered.slice(start, int(counts[b])))
             start += int(counts[b])
         self._bytes += ordered.nbytes
+        self.bytes_in += ordered.nbytes
         if self._bytes >= self.budget_bytes:
             self.flush()
 
@@ -185,6 +190,11 @@ class PlanLayout:
     retry_failed: bool
     committed: CommittedCounts
     storage_options: dict | None = None
+    bytes_per_row: float = 0.0  # of the manifest rows, embedded audio included (sizes input blocks)
+
+    def input_block_rows(self, max_rows: int) -> int:
+        """Rows per input block: `max_rows`, fewer when rows carry their audio (INPUT_BLOCK_BYTES)."""
+        return max(1, min(max_rows, int(INPUT_BLOCK_BYTES // max(1.0, self.bytes_per_row))))
 
     def bucket_uri(self, kind: str) -> str:
         return posixpath.join(self.folder, kind)
@@ -223,13 +233,18 @@ def prepare_plan(stream: ManifestStream, output_uri: str, folder: str, storage_o
         else:
             exhausted = True
         held_rows = sum(t.num_rows for t in held)
+        bytes_per_row = held_bytes / max(1, held_rows)
         if exhausted:
-            rows = held_rows
-        elif stream.listing:
+            rows, nbytes = held_rows, held_bytes
+        elif stream.listing:  # rows unknown; a listing of tar shards is sized by their bytes
             rows = LISTING_BUCKETS * ROWS_PER_BUCKET
+            nbytes = stream.size_bytes() if bytes_per_row > EMBEDDED_ROW_BYTES else 0
         else:  # as if the rest of the files held rows like these (compressed Parquet holds more)
-            rows = int(stream.size_bytes() / (held_bytes / max(1, held_rows)))
-        buckets = _buckets_for(max(rows, committed_rows))
+            nbytes = stream.size_bytes()
+            rows = int(nbytes / bytes_per_row)
+        buckets = _buckets_for(max(rows, committed_rows), nbytes)
+    else:
+        bytes_per_row = 0.0
 
     spool = _Spool(plan_fs, posixpath.join(plan_path, "manifest"), buckets, spool_bytes)
     for block in held:
@@ -239,6 +254,8 @@ def prepare_plan(stream: ManifestStream, output_uri: str, folder: str, storage_o
         for block in blocks:
             spool.add(block)
     spool.flush()
+    if not bytes_per_row and stream.rows_in:
+        bytes_per_row = spool.bytes_in / stream.rows_in
     if stream.rows_in == 0:
         raise ManifestError(f"{stream.uri}: the manifest has no rows")
 
@@ -259,7 +276,7 @@ def prepare_plan(stream: ManifestStream, output_uri: str, folder: str, storage_o
     return PlanLayout(folder=uri_of(plan_fs, plan_path), buckets=buckets, schema=stream.schema,
                       rows_in=stream.rows_in, ids_replaced=stream.ids_replaced, manifest_files=stream.files,
                       passthrough=stream.passthrough, retry_failed=retry_failed, committed=counts,
-                      storage_options=storage_options)
+                      storage_options=storage_options, bytes_per_row=bytes_per_row)
 
 
 def _parquet_rows(fs, path: str) -> int:

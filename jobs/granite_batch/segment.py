@@ -292,36 +292,57 @@ def segment_table(table: pa.Table, sample_rate_hz: int, max_segment_s: float,
     """Segment stage: decoded recordings in, one row per speech segment out.
 
     Each segment row carries its recording's columns (all but `samples`), `segment_index` (0-based),
-    `segment_count` (the recording's), `start_s` / `end_s` and the segment's own `samples`, at most
-    `max_segment_s` long: what leaves this stage is bounded however long the recording. A recording
-    with no segment (an error, silence, too short to hold speech) gives one row with
-    `segment_count` 0 and no samples, so every recording still reaches the driver. The VAD runs over
-    all the recordings of the table at once, so short clips run side by side. With `isolate` it
-    runs in a helper process (isolation.py): a recording that crashes it becomes an error row
-    ("segment crashed the worker: signal 11 (SIGSEGV)"). `crash_test` is for tests only.
+    `segment_count` (the recording's), `start_s` / `end_s`, `channel` and the segment's own
+    `samples`, at most `max_segment_s` long: what leaves this stage is bounded however long the
+    recording. A recording decoded with its channels split (`channel_count` set, audio.decode_table)
+    is segmented channel by channel; its segments carry their `channel` and are numbered in time
+    order over all channels (then by channel), so a silent channel costs its VAD and nothing more;
+    `channel` is null for mono recordings. A recording with no segment (an error, silence, too short
+    to hold speech) gives one row with `segment_count` 0 and no samples, so every recording still
+    reaches the driver. The VAD runs over all the recordings (and channels) of the table at once, so
+    short clips run side by side. With `isolate` it runs in a helper process (isolation.py): a
+    recording that crashes it becomes an error row ("segment crashed the worker: signal 11
+    (SIGSEGV)"). `crash_test` is for tests only.
     """
     recordings = samples_from_arrow(table.column("samples"))
-    audio = table.column("audio").to_pylist() if "audio" in table.column_names else [None] * table.num_rows
-    errors = table.column("error").to_pylist() if "error" in table.column_names else [None] * table.num_rows
-    decoded = [row for row, samples in enumerate(recordings) if samples is not None]
-    if isolate and any(len(recordings[row]) >= options.min_speech_s * sample_rate_hz for row in decoded):
+    n = table.num_rows
+    audio = table.column("audio").to_pylist() if "audio" in table.column_names else [None] * n
+    errors = table.column("error").to_pylist() if "error" in table.column_names else [None] * n
+    channel_counts = (table.column("channel_count").to_pylist() if "channel_count" in table.column_names
+                      else [None] * n)
+    # One unit of VAD work per mono recording, or per channel of a split one: (row, channel, samples).
+    units: list[tuple[int, int | None, np.ndarray]] = []
+    for row, samples in enumerate(recordings):
+        if samples is None:
+            continue
+        if channel_counts[row] is None:
+            units.append((row, None, samples))
+            continue
+        length = len(samples) // channel_counts[row]
+        units.extend((row, c, samples[c * length:(c + 1) * length]) for c in range(channel_counts[row]))
+    if isolate and any(len(samples) >= options.min_speech_s * sample_rate_hz for _, _, samples in units):
         warm_vad()  # before the helper is forked, so that it starts warm
     plan = functools.partial(_segment_rows, sample_rate_hz=sample_rate_hz, max_segment_s=max_segment_s,
                              options=options, crash_test=crash_test)
-    bounds_of: dict[int, list[tuple[int, int]]] = {}
-    for row, bounds in zip(decoded, call_isolated(plan, [(recordings[row], audio[row]) for row in decoded],
-                                                  isolate=isolate)):
+    bounds_of: dict[int, list[tuple[int, int, int | None, np.ndarray]]] = {}
+    for (row, channel, samples), bounds in zip(
+            units, call_isolated(plan, [(samples, audio[row]) for row, _, samples in units], isolate=isolate)):
         if isinstance(bounds, Crash):
             errors[row] = bounds.reason("segment")
         else:
-            bounds_of[row] = bounds
+            bounds_of.setdefault(row, []).extend((start, end, channel, samples) for start, end in bounds)
+    for row, bounds in bounds_of.items():
+        if errors[row] is not None:  # one channel crashed the VAD: the recording fails whole
+            bounds.clear()
+        bounds.sort(key=lambda bound: (bound[0], bound[2] or 0))
     rows: list[int] = []  # the recording each output row comes from
     index: list[int | None] = []
     count: list[int] = []
     starts: list[float | None] = []
     ends: list[float | None] = []
+    channels: list[int | None] = []
     pieces: list[np.ndarray | None] = []
-    for row, samples in enumerate(recordings):
+    for row in range(n):
         bounds = bounds_of.get(row, [])
         if not bounds:  # one row all the same, so the recording reaches the driver
             rows.append(row)
@@ -329,18 +350,21 @@ def segment_table(table: pa.Table, sample_rate_hz: int, max_segment_s: float,
             count.append(0)
             starts.append(None)
             ends.append(None)
+            channels.append(None)
             pieces.append(None)
-        for k, (start, end) in enumerate(bounds):
+        for k, (start, end, channel, samples) in enumerate(bounds):
             rows.append(row)
             index.append(k)
             count.append(len(bounds))
             starts.append(start / sample_rate_hz)
             ends.append(end / sample_rate_hz)
+            channels.append(channel)
             pieces.append(samples[start:end])
-    out = table.drop_columns([c for c in ("samples", "error") if c in table.column_names])
+    out = table.drop_columns([c for c in ("samples", "error", "channel_count") if c in table.column_names])
     out = out.append_column("error", pa.array(errors, pa.string())).take(pa.array(rows, pa.int64()))
     out = out.append_column("segment_index", pa.array(index, pa.int32()))
     out = out.append_column("segment_count", pa.array(count, pa.int32()))
     out = out.append_column("start_s", pa.array(starts, pa.float64()))
     out = out.append_column("end_s", pa.array(ends, pa.float64()))
+    out = out.append_column("channel", pa.array(channels, pa.int32()))
     return out.append_column("samples", samples_to_arrow(pieces))

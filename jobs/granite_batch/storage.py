@@ -8,7 +8,11 @@ never options here: they come from the standard chains (environment, profiles, i
 from __future__ import annotations
 
 import json
+import os
 import posixpath
+import urllib.error
+import urllib.parse
+import urllib.request
 from typing import Any
 
 import fsspec
@@ -26,6 +30,39 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 LOCAL_PROTOCOLS = ("file", "local")
+HTTP_PROTOCOLS = ("http", "https")
+HTTP_TIMEOUTS_S = {"sock_connect": 10, "sock_read": 60}  # per connection attempt, per read
+HTTP_MAX_REDIRECTS = 5
+
+
+class NotAllowed(Exception):
+    """A URI (or a redirect's target) lies outside the job's allowed prefixes; str() says which."""
+
+
+def _canonical(uri: str) -> str:
+    """A URI with `..`, symlinks (local files) and scheme aliases resolved, for prefix checks."""
+    protocol = protocol_of(uri)
+    if protocol in LOCAL_PROTOCOLS:
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        return os.path.realpath(path)
+    path = uri.split("://", 1)[1] if "://" in uri else uri
+    if protocol in HTTP_PROTOCOLS:  # host names are case-insensitive; the query is not a folder
+        parts = urllib.parse.urlsplit(uri)
+        path = parts.netloc.lower() + (parts.path or "/")
+    return f"{protocol}://{posixpath.normpath('/' + path).lstrip('/')}"
+
+
+def is_allowed(uri: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether `uri` lies under one of `prefixes` (whole path components; no prefixes allows all).
+    For http(s) a prefix names a host and a path prefix (`https://media.example.org/podcasts/`)."""
+    if not prefixes:
+        return True
+    target = _canonical(uri)
+    for prefix in prefixes:
+        base = _canonical(prefix).rstrip("/")
+        if target == base or target.startswith(base + "/"):
+            return True
+    return False
 
 
 def protocol_of(uri: str) -> str:
@@ -48,7 +85,49 @@ def options_for(uri: str, storage_options: dict[str, dict[str, Any]] | None) -> 
 
 def filesystem(uri: str, storage_options: dict[str, dict[str, Any]] | None = None):
     """(filesystem, path within it) for `uri`."""
-    return fsspec.core.url_to_fs(uri, **options_for(uri, storage_options))
+    options = options_for(uri, storage_options)
+    if protocol_of(uri) in HTTP_PROTOCOLS and "client_kwargs" not in options:
+        import aiohttp  # fsspec's HTTP filesystem is aiohttp's; its default read timeout is 5 minutes
+
+        options["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(total=None, **HTTP_TIMEOUTS_S)}
+    return fsspec.core.url_to_fs(uri, **options)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None  # each hop is checked by `probe_url` before it is followed
+
+
+def probe_url(url: str, allowed_prefixes: tuple[str, ...] = (), timeout_s: float = 30.0) -> tuple[str, int | None]:
+    """(the URL `url` leads to after its redirects, its Content-Length or None), by HEAD requests,
+    each redirect's target checked against `allowed_prefixes` before it is followed (a server that
+    refuses HEAD is taken at its word). Raises NotAllowed for a target outside them,
+    FileNotFoundError (404, 410), PermissionError (401, 403), OSError otherwise (dropped
+    connections, timeouts, other statuses: `status` holds the HTTP status when there is one)."""
+    opener = urllib.request.build_opener(_NoRedirect())
+    for _ in range(HTTP_MAX_REDIRECTS + 1):
+        request = urllib.request.Request(url, method="HEAD", headers={"Accept-Encoding": "identity"})
+        try:
+            with opener.open(request, timeout=timeout_s) as response:
+                length = response.headers.get("Content-Length")
+                return url, int(length) if length and length.isdigit() else None
+        except urllib.error.HTTPError as exc:
+            if exc.code in (301, 302, 303, 307, 308) and exc.headers.get("Location"):
+                target = urllib.parse.urljoin(url, exc.headers["Location"])
+                if not is_allowed(target, allowed_prefixes):
+                    raise NotAllowed(f"{url} redirects to {target}, outside the allowed prefixes") from None
+                url = target
+                continue
+            if exc.code in (404, 410):
+                raise FileNotFoundError(url) from None
+            if exc.code in (401, 403):
+                raise PermissionError(url) from None
+            if exc.code in (405, 501):
+                return url, None
+            error = OSError(f"HTTP {exc.code} {exc.reason}")
+            error.status = exc.code
+            raise error from None
+    raise OSError(f"more than {HTTP_MAX_REDIRECTS} redirects")
 
 
 def uri_of(fs, path: str) -> str:

@@ -25,7 +25,7 @@ from granite_batch.speculative import BY_AUTOREGRESSIVE, BY_CTC, BY_FALLBACK, BY
 log = logging.getLogger(__name__)
 
 # Columns a segment row has beyond its recording's.
-SEGMENT_COLUMNS = ("segment_index", "segment_count", "start_s", "end_s")
+SEGMENT_COLUMNS = ("segment_index", "segment_count", "start_s", "end_s", "channel")
 # Columns the inference stage adds to each segment row; the driver folds them into the recording's row
 # (`segment_text`, `segment_truncated`) and into the run summary's inference figures.
 RESULT_COLUMNS = ("segment_text", "segment_truncated", "decoded_by", "new_tokens", "lm_positions",
@@ -124,6 +124,21 @@ def _generate_or_isolate(speech_model: SpeechModel, items: list[tuple[np.ndarray
     return results
 
 
+def join_segments(ordered: list[dict], separator: str) -> str:
+    """A recording's text from its segments in time order. With split channels (segments with a
+    `channel`), each turn, a run of segments of one channel, is its own line labelled
+    `[channel N]`: "[channel 0] Hello.\n[channel 1] Hi there." """
+    spoken = [s for s in ordered if s["text"]]
+    if not any(s.get("channel") is not None for s in spoken):
+        return separator.join(s["text"] for s in spoken)
+    turns: list[tuple[int, list[str]]] = []
+    for s in spoken:
+        if not turns or turns[-1][0] != s["channel"]:
+            turns.append((s["channel"], []))
+        turns[-1][1].append(s["text"])
+    return "\n".join(f"[channel {channel}] {separator.join(texts)}" for channel, texts in turns)
+
+
 @dataclass
 class InferenceStats:
     """How the model was fed, for the run summary (`../shared/CONTRACT.md`, `inference`)."""
@@ -193,7 +208,7 @@ class RecordingAssembler:
                 pending.segments[row["segment_index"]] = {
                     "start": row["start_s"], "end": row["end_s"], "text": row["segment_text"] or "",
                     "truncated": bool(row["segment_truncated"]), "avg_logprob": None, "speaker": None,
-                    "words": None, "channel": None,
+                    "words": None, "channel": row.get("channel"),
                 }
                 if row["decoded_by"] is not None:
                     pending.decided.add(row["decoded_by"])
@@ -228,7 +243,7 @@ class RecordingAssembler:
             ordered = [pending.segments[k] for k in sorted(pending.segments)]
             language = recording["target_language"] if recording["task"] == "ast" else recording["language"]
             separator = "" if language in UNSPACED_LANGUAGES else " "
-            texts.append(separator.join(s["text"] for s in ordered if s["text"]))
+            texts.append(join_segments(ordered, separator))
             segments.append(ordered)
             decoded_by.append(next((d for d in _DECISION_RANKING if d in pending.decided), None))
         table = pa.Table.from_pylist([p.recording for p in done], schema=self.recording_schema)
