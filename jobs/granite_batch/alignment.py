@@ -80,9 +80,15 @@ def proportional_words(words: Sequence[str], start_s: float, end_s: float) -> li
     out, at = [], start_s
     for word, weight in zip(words, weights):
         step = span * weight / total
-        out.append(Word(round(at, 3), round(at + step, 3), word))
+        out.append(_word(at, at + step, word, None, start_s, start_s + span))
         at += step
     return out
+
+
+def _word(start: float, end: float, text: str, confidence: float | None, lo: float, hi: float) -> Word:
+    """A Word with times rounded to milliseconds, kept inside [lo, hi]."""
+    return Word(max(lo, round(start, 3)), min(hi, round(end, 3)), text,
+                None if confidence is None else round(confidence, 4))
 
 
 def _units(word: str, classes: int) -> list[object]:
@@ -173,8 +179,7 @@ def align_words(log_probs, text: str, frame_s: float, start_s: float = 0.0, end_
         start = min(start_s + first[index] * frame_s, end_s - frame_s)
         end = min(max(start_s + last[index] * frame_s, start + frame_s), end_s)
         confidence = sum(probabilities[index]) / len(probabilities[index]) if probabilities[index] else None
-        out.append(Word(round(start, 3), round(end, 3), word,
-                        None if confidence is None else round(confidence, 4)))
+        out.append(_word(start, end, word, confidence, start_s, end_s))
     return out
 
 
