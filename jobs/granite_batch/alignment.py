@@ -29,8 +29,9 @@ from typing import Sequence
 
 BLANK = 0
 SPACE = ord(" ")
-# One word per character run of these scripts' words, cut after their punctuation (no spaces there).
-_UNSPACED = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f]")
+# Characters of scripts written without spaces between words (Japanese, Chinese; their punctuation and
+# full-width forms): a run of them is cut into words after its punctuation.
+UNSPACED_SCRIPT = re.compile(r"[\u3000-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff01-\uff9f]")
 _UNSPACED_BREAK = re.compile(r"(?<=[、。，．！？!?,.」』）])")
 # Word pieces of sentencepiece (`▁`) and byte-level BPE (`Ġ`) vocabularies that start a word.
 _WORD_START_MARKS = ("▁", "Ġ", " ")
@@ -63,7 +64,7 @@ def split_words(text: str) -> list[str]:
     whitespace."""
     words = []
     for token in text.split():
-        if _UNSPACED.search(token):
+        if UNSPACED_SCRIPT.search(token):
             words.extend(piece for piece in _UNSPACED_BREAK.split(token) if piece)
         else:
             words.append(token)
