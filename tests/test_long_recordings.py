@@ -182,7 +182,7 @@ def long_job(tmp_path_factory, tiny_model_dir, long_recording):
                       "--run-id", "long-run"])
     assert result.returncode == 0, result.stderr[-3000:]
     table = pads.dataset(output / "transcripts", format="parquet", partitioning="hive").to_table()
-    return {"rows": {row["id"]: row for row in table.to_pylist()}, "output": output}
+    return {"rows": {row["id"]: row for row in table.to_pylist()}, "output": output, "stdout": result.stdout}
 
 
 def test_job_writes_ordered_timestamped_segments(long_job, decoded):
@@ -213,6 +213,8 @@ def test_job_gives_words_in_their_segments(long_job):
     summary = json.loads((long_job["output"] / "runs" / "long-run.json").read_text())
     figures = next(iter(summary["inference"].values()))
     assert figures["low_confidence_segments"] == len(row["segments"]) and figures["low_confidence_fraction"] == 1.0
+    assert f"low confidence ({next(iter(summary['inference']))}): {len(row['segments'])} segments (100.0%" \
+        in long_job["stdout"]
 
 
 def test_job_writes_subtitles_per_recording_cut_at_words(long_job):

@@ -171,6 +171,9 @@ def _print_summary(summary: dict, path: str) -> None:
         print(f"  inference ({model}): {figures['segments']} segments in {figures['generate_calls']} generate calls "
               f"({figures['mean_segments_per_call']} per call), padding {'-' if padding is None else f'{padding:.1%}'}, "
               f"{figures['new_tokens']} new tokens, {figures['truncated_segments']} segments stopped at their budget")
+        if figures.get("low_confidence_fraction") is not None:
+            print(f"  low confidence ({model}): {figures['low_confidence_segments']} segments "
+                  f"({figures['low_confidence_fraction']:.1%} of those scored) worth a look by hand")
     print(f"summary: {path}")
 
 
