@@ -203,7 +203,7 @@ def words_from_ctc_path(frame_ids: Sequence[int], pieces: Sequence[str], frame_s
     `pieces[id]` the text of a token (a character, or a word piece that starts a word with `▁`, `Ġ`
     or a space; a piece that is only a space separates words). A word spans its first token's first
     frame to its last token's last frame; with `frame_probs` (the chosen token's probability per
-    frame) its confidence is their mean over its tokens' frames."""
+    frame) its confidence is the mean over its tokens of their frames' mean probability."""
     path = [BLANK if i == blank_id else i + 1 for i in frame_ids]  # shift so that blank is 0 here
     spans = _token_spans(path, frame_probs)
     words: list[Word] = []

@@ -129,6 +129,9 @@ class SegmentResult:
     # a torch tensor on the model's device) and seconds per frame, for word alignment (alignment.py).
     ctc_log_probs: object = None
     frame_s: float | None = None
+    # Word times an engine knows itself (a CTC model's greedy path, the plus model's [T:N] tags):
+    # alignment.Word items, seconds from the segment's start; they take precedence over alignment.
+    words: list | None = None
 
 
 class SpeechModel:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -77,9 +77,14 @@ def transcribe_segments(table: pa.Table, speech_model: SpeechModel, word_timesta
         starts, ends = table.column("start_s").to_pylist(), table.column("end_s").to_pylist()
         for row, result in enumerate(results):
             # A translation's words were never spoken: no times for them.
-            if result is not None and tasks[row] == "asr":
+            if result is None or tasks[row] != "asr":
+                continue
+            if result.words is not None:  # the engine timed its words itself; its last frame may pass the end
+                aligned = [replace(w, start=min(w.start + starts[row], ends[row]), end=min(w.end + starts[row], ends[row]))
+                           for w in result.words if w.start + starts[row] < ends[row]]
+            else:
                 aligned = align_words(result.ctc_log_probs, result.text, result.frame_s or 0.0, starts[row], ends[row])
-                words[row] = [w.as_dict() for w in aligned]
+            words[row] = [w.as_dict() for w in aligned]
 
     def column(name, kind):
         return pa.array([None if r is None else getattr(r, name) for r in results], kind)
