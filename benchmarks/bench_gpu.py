@@ -15,7 +15,7 @@ second on average, so random weights do a real transcript's work), and reports R
   model actor gets them.
 
 From the repository root (where granite-batch is not installed, `PYTHONPATH=jobs` finds the package;
-only model.py, prompts.py, speculative.py and tiny_model.py are imported, none needing pyarrow or Ray):
+only model.py, prompts.py, speculative.py, confidence.py and tiny_model.py are imported, none needing pyarrow or Ray):
 
     PYTHONPATH=jobs python3 benchmarks/bench_gpu.py                       # H200: a few minutes, < 8
     PYTHONPATH=jobs python3 benchmarks/bench_gpu.py --tiny --device cpu   # tiny dims, a few clips (smoke test)

@@ -79,7 +79,7 @@ def test_layers_point_one_way():
 
 def test_model_code_needs_neither_arrow_nor_ray():
     # model.py runs on a bare GPU machine (benchmarks/bench_gpu.py): torch, numpy and transformers only.
-    for module in ("model", "speculative", "prompts", "tiny_model"):
+    for module in ("model", "speculative", "prompts", "tiny_model", "alignment", "confidence"):
         source = (PACKAGE / f"{module}.py").read_text(encoding="utf-8")
         names = {alias.name.split(".")[0] for node in ast.walk(ast.parse(source))
                  if isinstance(node, (ast.Import, ast.ImportFrom))

@@ -27,7 +27,7 @@ def job_output(tmp_path_factory, tiny_model_dir) -> Path:
     manifest = write_jsonl(work / "manifest.jsonl", rows)
     output = work / "out"
     result = run_cli(["run", "--manifest", str(manifest), "--output", str(output), "--model", str(tiny_model_dir),
-                      "--max-new-tokens", "8", "--no-progress", "--run-id", "notebook-run"])
+                      "--max-new-tokens", "8", "--word-timestamps", "--no-progress", "--run-id", "notebook-run"])
     assert result.returncode == 0, result.stderr[-3000:]
     return output
 
@@ -73,8 +73,9 @@ def test_notebooks_are_committed_without_outputs(name):
 
 def test_explore_results(job_output, tmp_path):
     notebook = execute("explore_results", output=str(job_output), figures=str(tmp_path))
-    assert_figures(tmp_path, ["rows_and_audio_per_language", "duration_histogram", "error_reasons"])
+    assert_figures(tmp_path, ["rows_and_audio_per_language", "duration_histogram", "error_reasons", "segment_words"])
     text = printed(notebook)
+    assert " words" in text and "no segment has words" not in text  # the timeline shows a segment's words
     assert f"{len(SAMPLE_ROWS) + 1} rows from 1 run(s)" in text
     assert "not found" in text  # the failed row and its reason, in pandas and in SQL
 

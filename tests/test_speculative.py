@@ -50,6 +50,9 @@ class ForwardCounter:
 
     def __init__(self, speech_model: SpeechModel, monkeypatch):
         self.calls = 0
+        # The one-time probe of the logits' scale (run at first use, for token log-probabilities) is
+        # not a generation pass: run it before counting.
+        assert speech_model._logits_divisor == 8.0
         language_model = speech_model.model.model.language_model
         original = language_model.forward
 

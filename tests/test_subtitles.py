@@ -11,15 +11,24 @@ import srt
 import webvtt
 
 from granite_batch.output import SEGMENT_TYPE
-from granite_batch.subtitles import subtitle_name, subtitle_path, to_srt, to_vtt, write_subtitles
+from granite_batch.subtitles import (
+    MAX_CUE_S,
+    MAX_LINE_CHARS,
+    MIN_CUE_S,
+    subtitle_name,
+    subtitle_path,
+    to_srt,
+    to_vtt,
+    write_subtitles,
+)
 
 SEGMENTS = [
     {"start": 0.0, "end": 1.5, "text": "The weather today is mild."},
     {"start": 2.25, "end": 2.25, "text": "   "},  # no words: no cue
-    {"start": 4.0004, "end": 31.9996, "text": "Fish & chips\n\nare <cheap> --> here"},
+    {"start": 4.0004, "end": 5.9996, "text": "Fish & chips\n\nare <cheap> --> here"},
     {"start": 3725.5, "end": 3727.125, "text": "An hour later."},
 ]
-CUES = [(0.0, 1.5, "The weather today is mild."), (4.0, 32.0, "Fish & chips are <cheap> --> here"),
+CUES = [(0.0, 1.5, "The weather today is mild."), (4.0, 6.0, "Fish & chips are <cheap> --> here"),
         (3725.5, 3727.125, "An hour later.")]
 SRT_TIME = r"\d{2,}:\d{2}:\d{2},\d{3}"
 VTT_TIME = r"\d{2,}:\d{2}:\d{2}\.\d{3}"
@@ -108,3 +117,72 @@ def test_long_ids_get_names_that_fit_every_filesystem_and_stay_distinct(tmp_path
     written = write_subtitles(table, str(tmp_path), ["srt", "vtt"], "run-1")
     assert len(written) == 2 * len(ids)
     assert len(list((tmp_path / "subtitles" / "vtt").iterdir())) == len(ids)
+
+
+LONG_TEXT = ("The weather today is mild, with a light breeze from the west. Tomorrow brings rain in the "
+             "morning and sunshine after lunch, so take an umbrella when you leave the house early. Fishermen "
+             "along the coast expect calm water until Thursday, when a storm from the Atlantic arrives.")
+
+
+def parsed_cues(segments: list[dict]) -> tuple[list, list]:
+    """The cues of both formats as (start s, end s, lines), read back by the `srt` and `webvtt` parsers."""
+    from_srt = [(s.start.total_seconds(), s.end.total_seconds(), s.content.split("\n"))
+                for s in srt.parse(to_srt(segments))]
+    from_vtt = [(seconds(c.start), seconds(c.end), html.unescape(c.text).split("\n"))
+                for c in webvtt.from_string(to_vtt(segments), strict=True)]
+    return from_srt, from_vtt
+
+
+def assert_readable(cues: list, text: str, span: tuple[float, float]) -> None:
+    assert cues
+    for start, end, lines in cues:
+        assert 1 <= len(lines) <= 2 and all(0 < len(line) <= MAX_LINE_CHARS for line in lines), lines
+        assert MIN_CUE_S - 1e-3 <= end - start <= MAX_CUE_S + 1e-3, (start, end, lines)
+        assert span[0] - 1e-3 <= start < end <= span[1] + MIN_CUE_S
+    assert all(a[1] <= b[0] + 1e-3 for a, b in zip(cues, cues[1:]))  # in order, never overlapping
+    assert " ".join(" ".join(lines) for _, _, lines in cues).split() == text.split()
+
+
+def test_a_long_segment_without_words_is_split_in_proportion_into_readable_cues():
+    segments = [{"start": 12.0, "end": 42.0, "text": LONG_TEXT}]
+    from_srt, from_vtt = parsed_cues(segments)
+    assert from_srt == from_vtt
+    assert_readable(from_srt, LONG_TEXT, (12.0, 42.0))
+    assert len(from_srt) >= 5 and from_srt[0][0] == 12.0 and from_srt[-1][1] == 42.0
+    # Sentences end cues: every sentence's last word closes a cue.
+    ends = [lines[-1].split()[-1] for _, _, lines in from_srt]
+    assert {"west.", "early.", "arrives."} <= set(ends)
+
+
+def timed_words(text: str, start: float, word_s: float = 0.3, pauses: dict[int, float] | None = None) -> list[dict]:
+    words, at = [], start
+    for index, word in enumerate(text.split()):
+        at += (pauses or {}).get(index, 0.05)
+        words.append({"start": round(at, 3), "end": round(at + word_s, 3), "text": word, "confidence": 0.9})
+        at += word_s
+    return words
+
+
+def test_cues_follow_word_times_and_break_at_pauses():
+    # Pauses of 1.2 s before word 8 and 0.8 s before word 30, mid-sentence: a cue starts at each.
+    words = timed_words(LONG_TEXT, 3.0, pauses={8: 1.2, 30: 0.8})
+    segments = [{"start": 3.0, "end": words[-1]["end"] + 0.2, "text": LONG_TEXT, "words": words}]
+    from_srt, from_vtt = parsed_cues(segments)
+    assert from_srt == from_vtt
+    assert_readable(from_srt, LONG_TEXT, (3.0, segments[0]["end"]))
+    starts = {round(start, 3) for start, _, _ in from_srt}
+    assert words[8]["start"] in starts and words[30]["start"] in starts
+    # A cue starts at its first word and ends at its last (or later, up to 1 s, when it is short).
+    by_start = {w["start"]: w for w in words}
+    assert all(round(start, 3) in by_start for start in starts)
+    ends = {w["end"] for w in words}
+    assert sum(round(end, 3) in ends for _, end, _ in from_srt) >= len(from_srt) - 1
+
+
+def test_short_and_unspaced_cues():
+    # One short word is shown for a second; Japanese words join without spaces.
+    from_srt, _ = parsed_cues([{"start": 1.0, "end": 1.2, "text": "Yes."}])
+    assert from_srt == [(1.0, 2.0, ["Yes."])]
+    words = [{"start": 0.0, "end": 0.8, "text": "今日は、"}, {"start": 0.8, "end": 1.6, "text": "いい天気です。"}]
+    from_srt, _ = parsed_cues([{"start": 0.0, "end": 1.6, "text": "今日は、いい天気です。", "words": words}])
+    assert from_srt == [(0.0, 1.6, ["今日は、いい天気です。"])]

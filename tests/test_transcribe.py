@@ -164,3 +164,54 @@ def test_requests_of_one_recording_apply_to_all_its_segments(tiny_model_dir, cli
     results = transcribe_segments(table, speech_model).column("segment_text").to_pylist()
     direct = speech_model.generate([(clips[0], Request("ast", "de")), (clips[3], Request("ast", "de"))])
     assert results == direct
+
+
+def test_word_timestamps_fill_words_and_confidence_of_assembled_segments(tiny_model_dir, clips):
+    speech_model = model(tiny_model_dir)
+    table = segment_rows([{"id": "en", "pieces": [clips[0], clips[3][: 2 * RATE]]},
+                          {"id": "ja", "language": "ja", "pieces": [clips[2]]},
+                          {"id": "fr-en", "task": "ast", "language": "fr", "target_language": "en", "pieces": [clips[1]]}])
+    plain = transcribe_segments(table, speech_model)
+    timed = transcribe_segments(table, speech_model, word_timestamps=True)
+    assert timed.column("segment_text").to_pylist() == plain.column("segment_text").to_pylist()
+    assert plain.column("segment_words").null_count == plain.num_rows
+    assembler = RecordingAssembler()
+    rows = {row["id"]: row for row in assembler.add(timed).to_pylist()}
+    for key in ("en", "ja"):
+        for segment in rows[key]["segments"]:
+            words = segment["words"]
+            assert words and "".join(w["text"] for w in words) == "".join(segment["text"].split())
+            assert all(segment["start"] <= w["start"] < w["end"] <= segment["end"] for w in words)
+            assert all(a["start"] <= b["start"] for a, b in zip(words, words[1:]))
+    assert rows["fr-en"]["segments"][0]["words"] is None  # a translation's words were never spoken
+    logprobs = [s["avg_logprob"] for row in rows.values() for s in row["segments"]]
+    assert all(value is not None and value < 0 for value in logprobs)
+    stats = assembler.inference[""].summary()
+    # The random tiny model is unsure of everything it says.
+    assert stats["low_confidence_segments"] == 4 and stats["low_confidence_fraction"] == 1.0
+
+
+def test_words_an_engine_times_itself_are_kept_and_placed_in_the_recording(tiny_model_dir, clips):
+    """A CTC engine's words from its greedy path (here the tiny checkpoint's own CTC head read as one)
+    replace alignment, shifted from the segment's start to the recording's."""
+    from dataclasses import replace
+
+    from granite_batch.alignment import words_from_ctc_path
+
+    speech_model = model(tiny_model_dir)
+    original = speech_model.generate_segments
+    pieces = [chr(c) for c in range(16)]  # the tiny head's 16 classes; "\t" to "\r" are spaces
+
+    def with_path_words(items, **options):
+        results = original(items, posteriors=True)
+        return [replace(r, words=words_from_ctc_path(r.ctc_log_probs.argmax(-1).tolist(), pieces, r.frame_s))
+                for r in results]
+
+    speech_model.generate_segments = with_path_words
+    table = segment_rows([{"id": "a", "pieces": [clips[0], clips[3]]}])
+    timed = transcribe_segments(table, speech_model, word_timestamps=True)
+    for row in timed.to_pylist():
+        words = row["segment_words"]
+        assert words and all(row["start_s"] <= w["start"] < w["end"] <= row["end_s"] for w in words)
+    second = timed.to_pylist()[1]
+    assert second["start_s"] > 0 and second["segment_words"][0]["start"] >= second["start_s"]

@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-segment-s", type=float, help="longest segment sent to the model (default 30)")
     run.add_argument("--max-duration-s", type=float, help="longer recordings become error rows (default 21600)")
     run.add_argument("--subtitles", help="comma-separated subtitle formats to write per recording: srt, vtt")
+    run.add_argument("--word-timestamps", action="store_true", default=None,
+                     help="also give each segment its words with start/end times and confidences (segments[].words)")
     run.add_argument("--max-failed-fraction", type=float, help="exit non-zero above this share of failed rows")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"])
     run.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
@@ -151,6 +153,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         "keywords": keywords, "batch_size": args.batch_size, "max_batch_audio_s": args.max_batch_audio_s,
         "max_segment_s": args.max_segment_s, "max_duration_s": args.max_duration_s,
         "subtitles": None if args.subtitles is None else [f.strip() for f in args.subtitles.split(",") if f.strip()],
+        "word_timestamps": args.word_timestamps,
         "max_failed_fraction": args.max_failed_fraction, "device": args.device, "dtype": args.dtype,
         "trust_remote_code": args.trust_remote_code, "run_id": args.run_id, "retry_failed": args.retry_failed,
         "allowed_prefixes": allowed, "decode_timeout_s": args.decode_timeout_s, "channels": args.channels,
@@ -176,6 +179,9 @@ def _print_summary(summary: dict, path: str) -> None:
         print(f"  inference ({model}): {figures['segments']} segments in {figures['generate_calls']} generate calls "
               f"({figures['mean_segments_per_call']} per call), padding {'-' if padding is None else f'{padding:.1%}'}, "
               f"{figures['new_tokens']} new tokens, {figures['truncated_segments']} segments stopped at their budget")
+        if figures.get("low_confidence_fraction") is not None:
+            print(f"  low confidence ({model}): {figures['low_confidence_segments']} segments "
+                  f"({figures['low_confidence_fraction']:.1%} of those scored) worth a look by hand")
     detection = summary.get("language_detection")
     if detection:
         found = ", ".join(f"{language} {figures['rows']} (mean confidence {figures['mean_confidence']:.2f})"

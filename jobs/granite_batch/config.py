@@ -165,6 +165,10 @@ class JobConfig(_Strict):
     subtitles: list[Literal["srt", "vtt"]] = Field(
         default_factory=list, description="also write OUTPUT/subtitles/<format>/<id>.<format> from the segments"
     )
+    word_timestamps: bool = Field(
+        False, description="give each ASR segment its words (segments[].words: start, end, text, confidence), "
+        "force-aligned to the encoder's CTC posteriors; subtitles then cut their cues at words",
+    )
     decode_timeout_s: float = Field(900.0, gt=0, description="longest time one recording may take to decode")
     allowed_prefixes: list[str] = Field(
         default_factory=list, description="if set, recordings outside these URI/path prefixes become error rows"

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from granite_batch.confidence import ChosenTokenLogprobs, mean_logprob
 from granite_batch.prompts import Request, render_prompt
 from granite_batch.speculative import (
     BY_AUTOREGRESSIVE,
@@ -123,6 +124,14 @@ class SegmentResult:
     positions: int = 0  # language-model positions computed for this segment, padding included
     padded_positions: int = 0
     first_of_call: bool = False  # the first segment of its generate call: these count the calls
+    avg_logprob: float | None = None  # mean scaled log-probability of its tokens; None where not computed
+    # With `posteriors`: the CTC head's log-posteriors over the segment's encoder frames ([frames, classes],
+    # a torch tensor on the model's device) and seconds per frame, for word alignment (alignment.py).
+    ctc_log_probs: object = None
+    frame_s: float | None = None
+    # Word times an engine knows itself (a CTC model's greedy path, the plus model's [T:N] tags):
+    # alignment.Word items, seconds from the segment's start; they take precedence over alignment.
+    words: list | None = None
 
 
 class SpeechModel:
@@ -205,9 +214,10 @@ class SpeechModel:
         """Like `generate`, with what decided each text (see speculative.py; None for too-short audio)."""
         return [(result.text, result.decided_by) for result in self.generate_segments(items)]
 
-    def generate_segments(self, items: list[tuple[np.ndarray, Request]]) -> list["SegmentResult"]:
+    def generate_segments(self, items: list[tuple[np.ndarray, Request]], posteriors: bool = False) -> list["SegmentResult"]:
         """Like `generate`, with each segment's decoding facts: what decided it, its new tokens, whether
-        it stopped at its budget, and its share of the language model's (padded) positions.
+        it stopped at its budget, its share of the language model's (padded) positions, its mean token
+        log-probability, and with `posteriors` its CTC log-posteriors for word alignment.
 
         Items are sorted by length and cut into language-model batches of at most
         `max_batch_segments` items and `max_batch_audio_s` padded audio seconds, so a batch pads to
@@ -223,27 +233,31 @@ class SpeechModel:
             # Sorted longest first, so the first item of a batch sets its padded length.
             full = self.max_batch_segments is not None and len(batch) >= self.max_batch_segments
             if batch and (full or len(items[batch[0]][0]) * (len(batch) + 1) > budget):
-                self._generate_batch(items, batch, results)
+                self._generate_batch(items, batch, results, posteriors)
                 batch = []
             batch.append(index)
         if batch:
-            self._generate_batch(items, batch, results)
+            self._generate_batch(items, batch, results, posteriors)
         return results
 
-    def _generate_batch(self, items, batch: list[int], results: list) -> None:
+    def _generate_batch(self, items, batch: list[int], results: list, posteriors: bool = False) -> None:
         import torch
 
         speculative = self.speculative.mode != "autoregressive"
         with torch.inference_mode():
-            embeds, ctc_logits = self._prompt_embeddings(items, batch, with_ctc=speculative)
+            embeds, ctc_logits = self._prompt_embeddings(items, batch, with_ctc=speculative or posteriors)
             requests = [items[i][1] for i in batch]
             budgets = [self.token_budget(items[i][0]) for i in batch]
             if speculative:
                 drafts = [self._draft(items[i], logits) for i, logits in zip(batch, ctc_logits)]
-                tokens, decisions = self._speculative(embeds, requests, drafts, budgets)
+                tokens, decisions, logprobs = self._speculative(embeds, requests, drafts, budgets)
             else:
-                tokens = self._autoregressive(embeds, budgets)
+                logprobs: list = []
+                tokens = self._autoregressive(embeds, budgets, logprobs_out=logprobs)
                 decisions = [BY_AUTOREGRESSIVE] * len(batch)
+            log_posteriors = [torch.log_softmax(logits.float(), dim=-1) if posteriors else None
+                              for logits in ctc_logits]
+        frame_s = self._frame_s if posteriors else None
         texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
         # Positions the language model computed for this batch: the left-padded prompts, then one per
         # row at each decoding step until the longest row stops (its eos included).
@@ -254,7 +268,15 @@ class SpeechModel:
             truncated = len(row_tokens) >= row_budget  # no eos within the budget
             useful = embed.shape[0] + min(len(row_tokens) + (0 if truncated else 1), steps)
             results[index] = SegmentResult(text.strip(), decision, len(row_tokens), truncated,
-                                           prompt_width + steps, prompt_width + steps - useful, position == 0)
+                                           prompt_width + steps, prompt_width + steps - useful, position == 0,
+                                           mean_logprob(logprobs[position]), log_posteriors[position], frame_s)
+
+    @functools.cached_property
+    def _frame_s(self) -> float:
+        """Seconds per encoder frame: two mel hops are stacked into one frame."""
+        from granite_batch.alignment import encoder_frame_s
+
+        return encoder_frame_s(self.processor.audio_processor)
 
     def _left_pad(self, sequences: list):
         """Stack [length, hidden] embeddings into a left-padded batch with its attention mask."""
@@ -269,9 +291,14 @@ class SpeechModel:
             mask[row, width - e.shape[0]:] = 1
         return inputs, mask
 
-    def _autoregressive(self, embeds: list, budgets: list[int], num_beams: int | None = None) -> list[list[int]]:
+    def _autoregressive(self, embeds: list, budgets: list[int], num_beams: int | None = None,
+                        logprobs_out: list | None = None) -> list[list[int]]:
         """Greedy (or beam) generation on left-padded prompt embeddings; at most `budgets[row]` new
-        tokens per row (the batch runs to the largest; batches are formed from similar lengths)."""
+        tokens per row (the batch runs to the largest; batches are formed from similar lengths).
+        `logprobs_out` gets, per row, its tokens' scaled log-probabilities under greedy search (None
+        with beams, whose chosen tokens are not the steps' argmax)."""
+        from transformers import LogitsProcessorList
+
         num_beams = self.num_beams if num_beams is None else num_beams
         inputs, mask = self._left_pad(embeds)
         eos = self.tokenizer.eos_token_id
@@ -280,12 +307,15 @@ class SpeechModel:
         # division happens on the model's output (see `_scaled_logits`). IBM's fallback() passes
         # early_stopping=num_beams > 1 and the tokenizer's eos, not the checkpoint's generation config's.
         scaled = self._scaled_logits() if num_beams > 1 else contextlib.nullcontext()
+        # Greedy: the chosen tokens' log-probabilities, recorded as they are chosen (confidence.py).
+        recorder = ChosenTokenLogprobs(self._logits_divisor) if num_beams == 1 else None
         with scaled:
             tokens = self.model.generate(
                 inputs_embeds=inputs, attention_mask=mask, max_new_tokens=max(budgets),
                 num_beams=num_beams, early_stopping=num_beams > 1, do_sample=False,
                 repetition_penalty=self.repetition_penalty, eos_token_id=eos,
                 pad_token_id=self.tokenizer.pad_token_id,
+                logits_processor=LogitsProcessorList([recorder] if recorder else []),
             )
         out = []
         for row, budget in zip(tokens.tolist(), budgets):
@@ -293,6 +323,9 @@ class SpeechModel:
             if eos in row:
                 row = row[: row.index(eos)]
             out.append([t for t in row if t != self.tokenizer.pad_token_id])
+        if logprobs_out is not None:
+            steps = recorder.rows() if recorder else []
+            logprobs_out.extend(steps[row][:len(row_tokens)] if steps else None for row, row_tokens in enumerate(out))
         return out
 
     @functools.cached_property
@@ -349,9 +382,10 @@ class SpeechModel:
         return (self.tokenizer.encode(text, add_special_tokens=False) if text else []), text, entropy
 
     def _speculative(self, embeds: list, requests: list[Request], drafts: list,
-                     budgets: list[int]) -> tuple[list, list[str]]:
+                     budgets: list[int]) -> tuple[list, list[str], list]:
         """Decide each row by CTC, by one batched verification pass, or by decoding after it
-        (speculative.py says how each mode decides)."""
+        (speculative.py says how each mode decides). Also returns each row's token log-probabilities
+        where the language model scored every token (None for CTC answers and beam fallbacks)."""
         import torch
 
         n = len(embeds)
@@ -359,6 +393,7 @@ class SpeechModel:
         options = self.speculative
         relaxed = options.mode == "speculative"
         tokens: list[list[int] | None] = [None] * n
+        logprobs: list[list[float] | None] = [None] * n
         decisions = [BY_AUTOREGRESSIVE] * n
         prefixes: dict[int, list[int]] = {}  # strict: accepted draft + the model's next token
         for row, (ids, _, entropy) in enumerate(drafts):
@@ -392,14 +427,18 @@ class SpeechModel:
                     chosen = probs[torch.arange(length), torch.tensor(draft)].tolist()
                     if draft_verified(chosen, options.verify_threshold):
                         tokens[row], decisions[row] = draft, BY_VERIFICATION
+                        logprobs[row] = [math.log(max(p, 1e-30)) for p in chosen]
                     continue  # rejected: IBM discards the draft and decodes from scratch below
                 greedy = step_logits.argmax(dim=-1).tolist()
                 accepted = strict_accepted(draft, greedy[:length])
                 following = greedy[accepted]  # the model's own token where the draft stops
                 prefix = draft[:accepted] if following == eos else draft[:accepted] + [following]
+                scored = torch.log_softmax(step_logits[:len(prefix)] / self._logits_divisor, dim=-1)
+                logprobs[row] = scored[torch.arange(len(prefix)), torch.tensor(prefix)].tolist()
                 if following == eos or len(prefix) >= budgets[row]:
                     # Finished without a single autoregressive step: the verification pass decided it.
                     tokens[row], decisions[row] = prefix[: budgets[row]], BY_VERIFICATION
+                    logprobs[row] = logprobs[row][: budgets[row]]
                     continue
                 prefixes[row] = prefix
         # The rest decode autoregressively: not drafted (as in autoregressive mode), strict after its
@@ -420,9 +459,12 @@ class SpeechModel:
                     sequence = torch.cat([sequence, embed_tokens(ids).to(sequence.dtype)])
                 sequences.append(sequence)
                 remaining.append(budgets[row] - len(prefix))
-            for row, generated in zip(rows, self._autoregressive(sequences, remaining, num_beams)):
+            scored: list = []
+            generated_rows = self._autoregressive(sequences, remaining, num_beams, scored)
+            for row, generated, scores in zip(rows, generated_rows, scored):
                 tokens[row] = prefixes.get(row, []) + generated
-        return tokens, decisions
+                logprobs[row] = None if scores is None else (logprobs[row] or []) + scores
+        return tokens, decisions, logprobs
 
     def _prompt_embeddings(self, items, batch: list[int], with_ctc: bool = False) -> tuple[list, list]:
         """Per item: prompt token embeddings with its audio embeddings in place of `<|audio|>` tokens,

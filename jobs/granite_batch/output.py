@@ -30,10 +30,14 @@ from granite_batch.storage import filesystem, uri_of, write_json
 
 log = logging.getLogger(__name__)
 
-WORD_TYPE = pa.struct([("start", pa.float64()), ("end", pa.float64()), ("text", pa.string())])
+# One word of a segment (alignment.py): seconds from the recording's start, its text, and the mean
+# CTC posterior probability of its aligned letters (null where none was aligned).
+WORD_TYPE = pa.struct([("start", pa.float64()), ("end", pa.float64()), ("text", pa.string()),
+                       ("confidence", pa.float64())])
 # One speech segment of a recording (../shared/CONTRACT.md, `segments`): seconds from the recording's
-# start; `truncated` when decoding stopped at the token budget; `avg_logprob`, `speaker`, `words` and
-# `channel` stay null until something computes them (confidence, speaker labels, word times, split channels).
+# start; `truncated` when decoding stopped at the token budget; `avg_logprob` the mean scaled log-probability
+# of its tokens (null where no language model scored them); `words` with word timestamps on; `speaker` and
+# `channel` stay null until something computes them (speaker labels, split channels).
 SEGMENT_TYPE = pa.struct([
     ("start", pa.float64()), ("end", pa.float64()), ("text", pa.string()), ("truncated", pa.bool_()),
     ("avg_logprob", pa.float64()), ("speaker", pa.string()), ("words", pa.list_(WORD_TYPE)),

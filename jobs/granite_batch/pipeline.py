@@ -35,6 +35,7 @@ class Transcriber:
         self.run_id = run_id
         segments, audio_s = config.model_batch(gpu=device.startswith("cuda"))
         self.crash_test = config.crash_test
+        self.word_timestamps = config.word_timestamps
         self.speech_model = SpeechModel.load(
             config.model, config.revision, device=device, dtype=config.dtype,
             trust_remote_code=config.trust_remote_code,
@@ -49,7 +50,7 @@ class Transcriber:
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.crash_test is not None:
             self.crash_test.check("model", batch.column("audio").to_pylist())
-        table = transcribe_segments(batch, self.speech_model)
+        table = transcribe_segments(batch, self.speech_model, word_timestamps=self.word_timestamps)
         n = table.num_rows
         table = table.append_column("model", pa.array([self.model_ref.name] * n, pa.string()))
         table = table.append_column("model_revision", pa.array([self.model_ref.revision] * n, pa.string()))

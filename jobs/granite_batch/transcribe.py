@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
 
+from granite_batch.alignment import align_words
 from granite_batch.audio import samples_from_arrow
+from granite_batch.confidence import low_confidence
 from granite_batch.model import SegmentResult, SpeechModel, first_line
-from granite_batch.output import SEGMENT_TYPE
+from granite_batch.output import SEGMENT_TYPE, WORD_TYPE
 from granite_batch.prompts import UNSPACED_LANGUAGES, PromptTooLong, Request, audio_token_count, fit_keywords
 from granite_batch.speculative import BY_AUTOREGRESSIVE, BY_CTC, BY_FALLBACK, BY_VERIFICATION
 
@@ -29,17 +31,20 @@ SEGMENT_COLUMNS = ("segment_index", "segment_count", "start_s", "end_s", "channe
 # Columns the inference stage adds to each segment row; the driver folds them into the recording's row
 # (`segment_text`, `segment_truncated`) and into the run summary's inference figures.
 RESULT_COLUMNS = ("segment_text", "segment_truncated", "decoded_by", "new_tokens", "lm_positions",
-                  "lm_padded_positions", "first_of_call", "keywords_dropped")
+                  "lm_padded_positions", "first_of_call", "keywords_dropped", "segment_avg_logprob",
+                  "segment_words")
 # A row is decided by the costliest path any of its segments took.
 _DECISION_RANKING = (BY_FALLBACK, BY_AUTOREGRESSIVE, BY_VERIFICATION, BY_CTC)
 
 
-def transcribe_segments(table: pa.Table, speech_model: SpeechModel) -> pa.Table:
+def transcribe_segments(table: pa.Table, speech_model: SpeechModel, word_timestamps: bool = False) -> pa.Table:
     """Every segment row of `table` (from any recordings and requests) in one batched model call.
 
     Adds RESULT_COLUMNS and drops `samples`. Rows without samples (recordings that gave no segment)
     pass through with null results. If the batched call fails, each recording's segments are
-    retried on their own, so one bad recording fails alone (its rows get `error`).
+    retried on their own, so one bad recording fails alone (its rows get `error`). With
+    `word_timestamps`, `segment_words` holds each segment's words aligned to the encoder's CTC
+    posteriors (alignment.py); otherwise it is null.
     """
     samples = samples_from_arrow(table.column("samples"))
     errors = table.column("error").to_pylist()
@@ -65,8 +70,21 @@ def transcribe_segments(table: pa.Table, speech_model: SpeechModel) -> pa.Table:
         items.append((piece, request))
     results: list[SegmentResult | None] = [None] * table.num_rows
     for row, result in zip(rows, _generate_or_isolate(speech_model, items, [ids[row] for row in rows], errors,
-                                                      rows)):
+                                                      rows, word_timestamps)):
         results[row] = result
+    words: list[list[dict] | None] = [None] * table.num_rows
+    if word_timestamps:
+        starts, ends = table.column("start_s").to_pylist(), table.column("end_s").to_pylist()
+        for row, result in enumerate(results):
+            # A translation's words were never spoken: no times for them.
+            if result is None or tasks[row] != "asr":
+                continue
+            if result.words is not None:  # the engine timed its words itself; its last frame may pass the end
+                aligned = [replace(w, start=min(w.start + starts[row], ends[row]), end=min(w.end + starts[row], ends[row]))
+                           for w in result.words if w.start + starts[row] < ends[row]]
+            else:
+                aligned = align_words(result.ctc_log_probs, result.text, result.frame_s or 0.0, starts[row], ends[row])
+            words[row] = [w.as_dict() for w in aligned]
 
     def column(name, kind):
         return pa.array([None if r is None else getattr(r, name) for r in results], kind)
@@ -82,6 +100,8 @@ def transcribe_segments(table: pa.Table, speech_model: SpeechModel) -> pa.Table:
         ("lm_padded_positions", column("padded_positions", pa.int64())),
         ("first_of_call", column("first_of_call", pa.bool_())),
         ("keywords_dropped", pa.array(keywords_dropped, pa.int32())),
+        ("segment_avg_logprob", column("avg_logprob", pa.float64())),
+        ("segment_words", pa.array(words, pa.list_(WORD_TYPE))),
     ]:
         table = table.append_column(name, values)
     return table
@@ -102,11 +122,12 @@ def fit_context(speech_model: SpeechModel, request: Request, longest: np.ndarray
 
 
 def _generate_or_isolate(speech_model: SpeechModel, items: list[tuple[np.ndarray, Request]], owners: list[str],
-                         errors: list, rows: list[int]) -> list[SegmentResult | None]:
+                         errors: list, rows: list[int], posteriors: bool = False) -> list[SegmentResult | None]:
     """Generate for all items; if the batch fails, retry recording by recording (`owners` are the
     items' recording ids) so one bad recording fails alone: its rows' `errors` are set."""
+    options = {"posteriors": True} if posteriors else {}
     try:
-        return speech_model.generate_segments(items)
+        return speech_model.generate_segments(items, **options)
     except Exception as exc:  # a failed batch must not take its neighbours down
         log.warning("batch of %d segments failed (%s); retrying recording by recording", len(items),
                     first_line(exc))
@@ -116,7 +137,8 @@ def _generate_or_isolate(speech_model: SpeechModel, items: list[tuple[np.ndarray
         by_owner[owner].append(position)
     for positions in by_owner.values():
         try:
-            for position, result in zip(positions, speech_model.generate_segments([items[p] for p in positions])):
+            for position, result in zip(positions, speech_model.generate_segments([items[p] for p in positions],
+                                                                                  **options)):
                 results[position] = result
         except Exception as exc:
             for position in positions:
@@ -149,6 +171,8 @@ class InferenceStats:
     truncated_segments: int = 0
     positions: int = 0
     padded_positions: int = 0
+    scored_segments: int = 0  # segments with an avg_logprob
+    low_confidence_segments: int = 0
 
     def summary(self) -> dict:
         return {
@@ -158,6 +182,10 @@ class InferenceStats:
             "padding_fraction": round(self.padded_positions / self.positions, 4) if self.positions else None,
             "new_tokens": self.new_tokens,
             "truncated_segments": self.truncated_segments,
+            # Segments to check by hand: mean token log-probability below confidence.LOW_CONFIDENCE_LOGPROB.
+            "low_confidence_segments": self.low_confidence_segments,
+            "low_confidence_fraction": (round(self.low_confidence_segments / self.scored_segments, 4)
+                                        if self.scored_segments else None),
         }
 
 
@@ -207,8 +235,8 @@ class RecordingAssembler:
             if row["segment_count"] and row["segment_index"] not in pending.segments:
                 pending.segments[row["segment_index"]] = {
                     "start": row["start_s"], "end": row["end_s"], "text": row["segment_text"] or "",
-                    "truncated": bool(row["segment_truncated"]), "avg_logprob": None, "speaker": None,
-                    "words": None, "channel": row.get("channel"),
+                    "truncated": bool(row["segment_truncated"]), "avg_logprob": row.get("segment_avg_logprob"),
+                    "speaker": None, "words": row.get("segment_words"), "channel": row.get("channel"),
                 }
                 if row["decoded_by"] is not None:
                     pending.decided.add(row["decoded_by"])
@@ -229,6 +257,9 @@ class RecordingAssembler:
         stats.truncated_segments += bool(row["segment_truncated"])
         stats.positions += row["lm_positions"]
         stats.padded_positions += row["lm_padded_positions"]
+        if row.get("segment_avg_logprob") is not None:
+            stats.scored_segments += 1
+            stats.low_confidence_segments += low_confidence(row["segment_avg_logprob"])
 
     def _rows(self, done: list[_Pending]) -> pa.Table:
         texts, segments, decoded_by = [], [], []
