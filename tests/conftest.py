@@ -38,6 +38,24 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_plus_dir(tmp_path_factory) -> Path:
+    """A tiny random granite_speech_plus (4.1-2b-plus architecture) checkpoint, written by the CLI."""
+    directory = tmp_path_factory.mktemp("tiny-plus")
+    result = run_cli(["tiny-model", str(directory), "--model-type", "granite_speech_plus"])
+    assert result.returncode == 0, result.stderr
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_ctc_dir(tmp_path_factory) -> Path:
+    """A tiny random granite_speech5_ctc (5.0 TurboCTC architecture) checkpoint, written by the CLI."""
+    directory = tmp_path_factory.mktemp("tiny-ctc")
+    result = run_cli(["tiny-model", str(directory), "--model-type", "granite_speech5_ctc"])
+    assert result.returncode == 0, result.stderr
+    return directory
+
+
+@pytest.fixture(scope="session")
 def speech() -> tuple[np.ndarray, int]:
     samples, rate = sf.read(SPEECH, dtype="float32")
     return samples, rate

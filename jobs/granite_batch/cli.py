@@ -73,6 +73,10 @@ def _parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("tiny-model", help="write a tiny random Granite Speech checkpoint to DIR")
     tiny.add_argument("directory")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--model-type", default="granite_speech",
+                      choices=("granite_speech", "granite_speech_plus", "granite_speech5_ctc"),
+                      help="architecture: granite_speech (4.0-1b, 4.1-2b), granite_speech_plus (4.1-2b-plus) or "
+                      "granite_speech5_ctc (5.0 TurboCTC); default granite_speech")
 
     second = commands.add_parser("second-pass", help="run a Granite language model over the transcripts of OUTPUT "
                                  "(summaries, topics, answers) into OUTPUT/second_pass/NAME")
@@ -280,8 +284,8 @@ def _print_leases(output: str, options: dict) -> None:
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     from granite_batch.tiny_model import write_tiny_model
 
-    path = write_tiny_model(args.directory, seed=args.seed)
-    print(f"wrote a tiny random Granite Speech checkpoint to {path}; use it with --model {path}")
+    path = write_tiny_model(args.directory, seed=args.seed, model_type=args.model_type)
+    print(f"wrote a tiny random {args.model_type} checkpoint to {path}; use it with --model {path}")
     return EXIT_OK
 
 

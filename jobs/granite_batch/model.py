@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from granite_batch.batching import length_batches
+from granite_batch.profiles import ModelProfile
 from granite_batch.prompts import Request, render_prompt
 from granite_batch.speculative import (
     BY_AUTOREGRESSIVE,
@@ -131,7 +133,7 @@ class SpeechModel:
     def __init__(self, model, processor, device: str, max_new_tokens: int | None = 200, num_beams: int = 1,
                  repetition_penalty: float = 1.0, max_batch_audio_s: float = 480.0,
                  speculative: SpeculativeOptions | None = None, max_new_tokens_per_audio_s: float | None = None,
-                 drafter=None, max_batch_segments: int | None = None):
+                 drafter=None, max_batch_segments: int | None = None, profile: ModelProfile | None = None):
         if max_new_tokens is None and max_new_tokens_per_audio_s is None:
             raise ValueError("give max_new_tokens, max_new_tokens_per_audio_s or both")
         self.model = model
@@ -152,6 +154,8 @@ class SpeechModel:
         # (samples, request) -> draft token ids, in place of the CTC head's draft (benchmarks and tests
         # use it to force right or wrong drafts); None drafts with the CTC head, as IBM's notebook does.
         self.drafter = drafter
+        # What the checkpoint can do and how it is prompted (profiles.py); None: the 4.0-1b prompts.
+        self.profile = profile
         self._prompts: dict[Request, str] = {}
 
     @classmethod
@@ -178,7 +182,8 @@ class SpeechModel:
 
     def prompt(self, request: Request) -> str:
         if request not in self._prompts:
-            self._prompts[request] = render_prompt(self.tokenizer, request)
+            self._prompts[request] = (render_prompt(self.tokenizer, request) if self.profile is None
+                                      else self.profile.render_prompt(self.tokenizer, request))
         return self._prompts[request]
 
     def token_budget(self, samples: np.ndarray) -> int:
@@ -215,18 +220,8 @@ class SpeechModel:
         """
         results = [SegmentResult("", None)] * len(items)
         min_samples = int(MIN_SEGMENT_S * self.sample_rate_hz)
-        order = sorted((i for i in range(len(items)) if len(items[i][0]) >= min_samples),
-                       key=lambda i: len(items[i][0]), reverse=True)
-        budget = self.max_batch_audio_s * self.sample_rate_hz
-        batch: list[int] = []
-        for index in order:
-            # Sorted longest first, so the first item of a batch sets its padded length.
-            full = self.max_batch_segments is not None and len(batch) >= self.max_batch_segments
-            if batch and (full or len(items[batch[0]][0]) * (len(batch) + 1) > budget):
-                self._generate_batch(items, batch, results)
-                batch = []
-            batch.append(index)
-        if batch:
+        lengths = [len(samples) if len(samples) >= min_samples else None for samples, _ in items]
+        for batch in length_batches(lengths, self.max_batch_segments, self.max_batch_audio_s * self.sample_rate_hz):
             self._generate_batch(items, batch, results)
         return results
 
@@ -339,7 +334,7 @@ class SpeechModel:
     def _draft(self, item, ctc_logits) -> tuple[list[int] | None, str, float]:
         """(draft token ids or None when this request is not drafted, draft text, max CTC entropy)."""
         samples, request = item
-        if not draftable(request.task, request.language):
+        if not draftable(request.task, request.language) or (self.profile and not self.profile.ctc_drafting):
             return None, "", math.inf
         if self.drafter is not None:
             ids = list(self.drafter(samples, request))
