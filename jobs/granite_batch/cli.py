@@ -25,7 +25,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--input", help="no manifest: list recordings under a prefix or glob, e.g. "
                      "'s3://bucket/archive/{language}/**/*.mp3' ({language} takes the language from the path)")
     run.add_argument("--output", help="output dataset root (local path or URI)")
-    run.add_argument("--model", help="model id on the Hub or local folder (default ibm-granite/granite-4.0-1b-speech)")
+    run.add_argument("--model", action="append",
+                     help="model id on the Hub or local folder (default ibm-granite/granite-4.0-1b-speech); repeat it "
+                     "to route each row to the first model that serves it")
+    run.add_argument("--speakers", action="store_true", default=None,
+                     help="speaker-attributed transcripts where the model labels speakers (4.1-2b-plus)")
+    run.add_argument("--punctuation", action=argparse.BooleanOptionalAction, default=None,
+                     help="punctuated transcripts (4.1-2b); default: wherever the model can")
     run.add_argument("--revision", help="model revision (branch, tag or commit)")
     run.add_argument("--language", help="language spoken where a row does not say (default en)")
     run.add_argument("--task", choices=["asr", "ast"], help="asr (transcribe) or ast (translate); default asr")
@@ -143,7 +149,8 @@ def _overrides(args: argparse.Namespace) -> dict:
     ]
     keywords = None if args.keywords is None else [k.strip() for k in args.keywords.split(",") if k.strip()]
     return {
-        "manifest": args.manifest, "input": args.input, "output": args.output, "model": args.model, "revision": args.revision,
+        "manifest": args.manifest, "input": args.input, "output": args.output, "revision": args.revision,
+        **_models(args.model), "speakers": args.speakers, "punctuation": args.punctuation,
         "language": args.language, "task": args.task, "target_language": args.target_language,
         "keywords": keywords, "batch_size": args.batch_size, "max_batch_audio_s": args.max_batch_audio_s,
         "max_segment_s": args.max_segment_s, "max_duration_s": args.max_duration_s,
@@ -279,6 +286,13 @@ def _print_leases(output: str, options: dict) -> None:
         state = (f"renewed {age:.0f} s ago" if age is not None else "renewal time unknown") + (
             f"; stale after {holder.expiry_s:g} s unrenewed, then the next run takes it over")
         print(f"lease on {dataset}: held by {holder.describe()} ({state})")
+
+
+def _models(names: list[str] | None) -> dict:
+    """`--model` once: the job's model; repeated: its routed model list."""
+    if not names:
+        return {}
+    return {"model": names[0], "models": []} if len(names) == 1 else {"models": [{"model": name} for name in names]}
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
