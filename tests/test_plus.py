@@ -3,6 +3,7 @@ tagged output becomes segments with speakers or words inside the call's span."""
 
 from __future__ import annotations
 
+import pyarrow as pa
 import pytest
 from test_transcribe import segment_rows
 
@@ -47,3 +48,15 @@ def test_tagged_calls_become_segments_inside_their_span(plus, pieces, flags, ask
 def test_without_flags_the_plain_prompt_and_no_parts(plus, pieces):
     results = transcribe_segments(segment_rows([{"id": "a", "pieces": pieces}]), plus)
     assert results.column("segment_parts").to_pylist() == [None, None]
+
+
+def test_41_rows_are_punctuated_by_default_and_not_when_a_row_says_no(tiny_model_dir, pieces):
+    from granite_batch.profiles import GRANITE_SPEECH_41
+
+    model = load_speech_model(str(tiny_model_dir), device="cpu", max_new_tokens=4, profile=GRANITE_SPEECH_41)
+    table = segment_rows([{"id": "a", "pieces": pieces[:1]}])
+    transcribe_segments(table, model)
+    transcribe_segments(table.append_column("punctuation", pa.array([False])), model)
+    prompts = {request.punctuation: prompt for request, prompt in model._prompts.items()}
+    assert "proper punctuation and capitalization" in prompts[True]
+    assert "can you transcribe the speech" in prompts[False]

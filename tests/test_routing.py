@@ -148,3 +148,25 @@ def test_only_the_speakers_row_can_carry_speakers(routed_job):
     for row in by_id.values():
         if row["id"] != "speakers" and row["error"] is None:
             assert all(s["speaker"] is None and s["words"] is None for s in row["segments"])
+
+
+def test_the_ctc_checkpoint_alone_runs_the_samples_and_refuses_what_it_cannot_serve(tmp_path, tiny_ctc_dir):
+    rows = [dict(row, audio=str(SAMPLES / row["audio"]), id=f"sample-{i}") for i, row in enumerate(SAMPLE_ROWS)]
+    manifest = write_jsonl(tmp_path / "manifest.jsonl", rows)
+    output = tmp_path / "out"
+    result = run_cli(["run", "--manifest", str(manifest), "--output", str(output), "--model", str(tiny_ctc_dir),
+                      "--batch-size", "4", "--no-progress"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = pads.dataset(output / "transcripts", format="parquet", partitioning="hive").to_table()
+    by_id = {row["id"]: row for row in table.to_pylist()}
+    assert set(by_id) == {row["id"] for row in rows}
+    for row in rows:
+        out = by_id[row["id"]]
+        assert out["model"] == str(tiny_ctc_dir.resolve())
+        if row["language"] == "en" and row.get("task", "asr") == "asr" and not row.get("keywords"):
+            assert out["error"] is None and out["text"] and out["segments"]
+        else:
+            assert out["error"].startswith(f"no listed model serves this row: {tiny_ctc_dir} has no "), out["error"]
+    reasons = {by_id[r["id"]]["error"].rsplit(" has no ", 1)[1] for r in rows if by_id[r["id"]]["error"]}
+    assert reasons == {"fr transcription", "de transcription", "es transcription", "pt transcription",
+                       "ja transcription", "translation (ast)", "keywords"}
