@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from granite_batch.batching import length_batches
-from granite_batch.model import MIN_SEGMENT_S, ModelLoadError, SegmentResult, first_line, load_hint
+from granite_batch.model import MIN_SEGMENT_S, SegmentResult, load_pretrained
 from granite_batch.profiles import GRANITE_SPEECH5_CTC, ModelProfile
 from granite_batch.prompts import Request
 
@@ -62,20 +62,8 @@ class CtcSpeechModel:
     def load(cls, name: str, revision: str | None = None, device: str = "auto", dtype: str = "auto",
              trust_remote_code: bool = False, **options) -> "CtcSpeechModel":
         """Load processor and weights once (hub id or local folder) onto `device`."""
-        import torch
-        from transformers import AutoModelForCTC, AutoProcessor
-
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if dtype == "auto":
-            dtype = "bfloat16" if device == "cuda" else "float32"
-        try:
-            processor = AutoProcessor.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
-            model = AutoModelForCTC.from_pretrained(name, revision=revision, dtype=getattr(torch, dtype),
-                                                    trust_remote_code=trust_remote_code)
-        except Exception as exc:
-            raise ModelLoadError(f"cannot load model {name!r}: {first_line(exc)}; {load_hint(name)}") from None
-        return cls(model.to(device).eval(), processor, device, **options)
+        model, processor, device = load_pretrained("AutoModelForCTC", name, revision, device, dtype, trust_remote_code)
+        return cls(model, processor, device, **options)
 
     def token_budget(self, samples: np.ndarray) -> int:
         """At most one token per encoder frame (a CTC model never stops early or late)."""

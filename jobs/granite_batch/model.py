@@ -114,6 +114,28 @@ def first_line(exc: Exception) -> str:
     return (text[0] if text else type(exc).__name__)[:300]
 
 
+def load_pretrained(auto_class: str, name: str, revision: str | None, device: str, dtype: str,
+                    trust_remote_code: bool, **model_options):
+    """(model on `device` in eval mode, processor, device) for `name` through transformers' `auto_class`
+    (e.g. AutoModelForSpeechSeq2Seq); `device`/`dtype` "auto": cuda and bfloat16 when there is a GPU.
+    ModelLoadError says what to do when it cannot load."""
+    import torch
+    import transformers
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(name, revision=revision,
+                                                               trust_remote_code=trust_remote_code)
+        model = getattr(transformers, auto_class).from_pretrained(
+            name, revision=revision, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, **model_options)
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for a bad model
+        raise ModelLoadError(f"cannot load model {name!r}: {first_line(exc)}; {load_hint(name)}") from None
+    return model.to(device).eval(), processor, device
+
+
 @dataclass(frozen=True)
 class SegmentResult:
     """What generation made of one segment."""
@@ -162,22 +184,8 @@ class SpeechModel:
     def load(cls, name: str, revision: str | None = None, device: str = "auto", dtype: str = "auto",
              trust_remote_code: bool = False, **options) -> "SpeechModel":
         """Load processor and weights once (hub id or local folder) onto `device`."""
-        import torch
-        from transformers import AutoModelForSpeechSeq2Seq, AutoProcessor
-
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if dtype == "auto":
-            dtype = "bfloat16" if device == "cuda" else "float32"
-        try:
-            processor = AutoProcessor.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
-            model = AutoModelForSpeechSeq2Seq.from_pretrained(
-                name, revision=revision, dtype=getattr(torch, dtype), attn_implementation="sdpa",
-                trust_remote_code=trust_remote_code,
-            )
-        except Exception as exc:
-            raise ModelLoadError(f"cannot load model {name!r}: {first_line(exc)}; {load_hint(name)}") from None
-        model = model.to(device).eval()
+        model, processor, device = load_pretrained("AutoModelForSpeechSeq2Seq", name, revision, device, dtype,
+                                                   trust_remote_code, attn_implementation="sdpa")
         return cls(model, processor, device, **options)
 
     def prompt(self, request: Request) -> str:
