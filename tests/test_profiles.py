@@ -64,6 +64,10 @@ def test_an_unknown_granite_speech_type_is_conservative_and_warned(caplog):
     (GRANITE_SPEECH_41, Request(language="en", punctuation=True), None),
     (GRANITE_SPEECH_41, Request("ast", "en", (), "ja"), None),
     (GRANITE_SPEECH, Request("ast", "fr", ("kw",), "en"), None),
+    (GRANITE_SPEECH, Request(language="auto"), None),
+    (GRANITE_SPEECH_PLUS, Request(language="auto"), None),
+    (GRANITE_SPEECH5_CTC, Request(language="auto"),
+     "transcription of recordings of unknown language (it transcribes only en)"),
 ])
 def test_what_each_profile_lacks(profile, request_, lack):
     assert profile.unsupported(request_) == lack

@@ -92,6 +92,12 @@ class ModelProfile:
                 return "translation (ast)"
             if (language, request.target_language) not in self.ast_pairs:
                 return f"translation {language} -> {request.target_language}"
+        elif language in (None, "auto"):
+            # The transcript is identified afterwards (language_id.py): a one-language model would
+            # transcribe every recording as its language, so unknown-language rows need several.
+            if len(self.asr_languages) < 2:
+                return "transcription of recordings of unknown language (it transcribes only " + \
+                    " ".join(sorted(self.asr_languages)) + ")"
         elif language not in self.asr_languages:
             return f"{language} transcription"
         if request.keywords and not self.keywords:
