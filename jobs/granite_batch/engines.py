@@ -7,6 +7,7 @@ ctc.CtcSpeechModel; both answer `generate_segments(items) -> [SegmentResult]`.
 
 from __future__ import annotations
 
+from granite_batch.bpe_draft import load_bpe_head
 from granite_batch.ctc import CtcSpeechModel
 from granite_batch.model import ModelLoadError, SpeechModel, first_line, load_hint
 from granite_batch.profiles import CTC, ModelProfile, detect_profile
@@ -26,5 +27,9 @@ def load_speech_model(name: str, revision: str | None = None, device: str = "aut
     """Load `name` (hub id or folder) with the engine of its profile (detected when not given)."""
     profile = profile or model_profile(name, revision, trust_remote_code)
     engine = CtcSpeechModel if profile.engine == CTC else SpeechModel
-    return engine.load(name, revision, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                       profile=profile, **options)
+    speech_model = engine.load(name, revision, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                               profile=profile, **options)
+    speculative = options.get("speculative")
+    if profile.bpe_drafting and speculative is not None and speculative.mode != "autoregressive":
+        speech_model.bpe_head = load_bpe_head(name, revision, speech_model.model, speech_model.device)
+    return speech_model

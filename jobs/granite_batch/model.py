@@ -155,7 +155,8 @@ class SpeechModel:
     def __init__(self, model, processor, device: str, max_new_tokens: int | None = 200, num_beams: int = 1,
                  repetition_penalty: float = 1.0, max_batch_audio_s: float = 480.0,
                  speculative: SpeculativeOptions | None = None, max_new_tokens_per_audio_s: float | None = None,
-                 drafter=None, max_batch_segments: int | None = None, profile: ModelProfile | None = None):
+                 drafter=None, max_batch_segments: int | None = None, profile: ModelProfile | None = None,
+                 bpe_head=None):
         if max_new_tokens is None and max_new_tokens_per_audio_s is None:
             raise ValueError("give max_new_tokens, max_new_tokens_per_audio_s or both")
         self.model = model
@@ -178,6 +179,9 @@ class SpeechModel:
         self.drafter = drafter
         # What the checkpoint can do and how it is prompted (profiles.py); None: the 4.0-1b prompts.
         self.profile = profile
+        # granite-speech-4.1-2b's BPE CTC head (bpe_draft.BpeDraftHead): drafts with it in place of the
+        # character head, as IBM's 4.1 script does; None: the character head, where the profile allows.
+        self.bpe_head = bpe_head
         self._prompts: dict[Request, str] = {}
 
     @classmethod
@@ -342,12 +346,14 @@ class SpeechModel:
     def _draft(self, item, ctc_logits) -> tuple[list[int] | None, str, float]:
         """(draft token ids or None when this request is not drafted, draft text, max CTC entropy)."""
         samples, request = item
-        if not draftable(request.task, request.language) or (self.profile and not self.profile.ctc_drafting):
+        character_head = self.profile is None or self.profile.ctc_drafting
+        if not draftable(request.task, request.language) or not (character_head or self.bpe_head is not None):
             return None, "", math.inf
         if self.drafter is not None:
             ids = list(self.drafter(samples, request))
             return ids, self.tokenizer.decode(ids), math.inf
-        text, entropy = ctc_draft(ctc_logits)
+        text, entropy = (ctc_draft(ctc_logits) if self.bpe_head is None
+                         else self.bpe_head.draft(ctc_logits, self.tokenizer))
         text = text.strip()
         return (self.tokenizer.encode(text, add_special_tokens=False) if text else []), text, entropy
 
@@ -447,14 +453,18 @@ class SpeechModel:
             # length, so at the GPU throughput we aim for (RTFx 3000) the actor's CPU could not keep up.
             features = self.processor(text=[prompt] * len(members), audio=waveforms, return_tensors="pt",
                                       device=self.device).to(self.device)
-            encoded = inner.encoder(features["input_features"].to(self.model.dtype)).last_hidden_state
+            bpe = with_ctc and self.bpe_head is not None
+            with self.bpe_head.capture() if bpe else contextlib.nullcontext():
+                encoded = inner.encoder(features["input_features"].to(self.model.dtype)).last_hidden_state
             audio = inner.projector(encoded)
             merged = inner.get_merged_audio_embeddings(
                 input_ids=features["input_ids"], audio_features=audio,
                 input_features_mask=features["input_features_mask"],
             )
             # IBM's notebook applies the (shared) CTC head `encoder.out` to the final encoder output.
-            logits = inner.encoder.out(encoded) if with_ctc else None
+            logits = inner.encoder.out(encoded) if with_ctc and not bpe else None
+            if bpe:
+                logits = self.bpe_head.pooled_logits(encoded, [len(items[i][0]) for i in members])
             for row, index in enumerate(members):
                 embeds[index] = merged[row]
                 ctc[index] = None if logits is None else logits[row]

@@ -73,6 +73,7 @@ class ModelProfile:
     speakers: bool = False  # `[Speaker N]:` turns by prompt
     word_times: bool = False  # `[T:N]` word end times by prompt (model-native, not alignment)
     ctc_drafting: bool = False  # the encoder's character CTC head drafts for speculative decoding
+    bpe_drafting: bool = False  # a separate BPE CTC head (out_llm.safetensors) drafts instead (bpe_draft.py)
     system_prompt: str | None = None
     instruction_separator: str = ""  # between `<|audio|>` and the instruction
     max_call_s: float | None = None  # longest audio one call may carry (None: no limit known)
@@ -165,9 +166,10 @@ GRANITE_SPEECH_41 = ModelProfile(
     ast_pairs=AST_PAIRS_41,
     keywords=True,
     punctuation=True,
-    # IBM's 4.1 leaderboard script (run_eval_speculative_bpe.py) drafts with a BPE CTC head loaded from
-    # separate weights, which this job does not load; the character head's mapping is not documented for 4.1.
+    # IBM's 4.1 leaderboard script (run_eval_speculative_bpe.py) drafts with the BPE CTC head of the
+    # checkpoint's out_llm.safetensors (bpe_draft.py), not with the character head.
     ctc_drafting=False,
+    bpe_drafting=True,
 )
 GRANITE_SPEECH_PLUS = ModelProfile(
     name="granite-speech-plus",

@@ -230,3 +230,23 @@ def write_tiny_ctc_model(directory: str | Path, seed: int = 0) -> Path:
 
 # Added to the blank's logit of the tiny CTC model (see write_tiny_ctc_model).
 CTC_BLANK_BIAS = 9.0
+
+
+def write_tiny_bpe_head(directory: str | Path, seed: int = 0) -> Path:
+    """Add a random BPE CTC head (`out_llm.safetensors`, as granite-speech-4.1-2b ships it: encoder hidden
+    size -> vocabulary + 1, label 0 the blank) to the tiny granite_speech checkpoint in `directory`."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    hidden = config["encoder_config"]["hidden_dim"]
+    vocab = config["text_config"]["vocab_size"]
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(vocab + 1, hidden, generator=generator) * 0.5
+    bias = torch.zeros(vocab + 1)
+    bias[0] = 2.0  # blanks are frequent, as in a trained CTC head
+    save_file({"weight": weight.contiguous(), "bias": bias}, str(directory / "out_llm.safetensors"))
+    return directory
