@@ -37,6 +37,25 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return directory
 
 
+def _tiny_checkpoint(tmp_path_factory, model_type: str) -> Path:
+    directory = tmp_path_factory.mktemp(f"tiny-{model_type}")
+    result = run_cli(["tiny-model", str(directory), "--model-type", model_type])
+    assert result.returncode == 0, result.stderr
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_plus_dir(tmp_path_factory) -> Path:
+    """A tiny random granite_speech_plus (4.1-2b-plus architecture) checkpoint, written by the CLI."""
+    return _tiny_checkpoint(tmp_path_factory, "granite_speech_plus")
+
+
+@pytest.fixture(scope="session")
+def tiny_ctc_dir(tmp_path_factory) -> Path:
+    """A tiny random granite_speech5_ctc (5.0 TurboCTC architecture) checkpoint, written by the CLI."""
+    return _tiny_checkpoint(tmp_path_factory, "granite_speech5_ctc")
+
+
 @pytest.fixture(scope="session")
 def speech() -> tuple[np.ndarray, int]:
     samples, rate = sf.read(SPEECH, dtype="float32")

@@ -15,7 +15,8 @@ PACKAGE = REPO / "jobs" / "granite_batch"
 DRIVERS = {"cli", "drivers"}
 RAY_GRAPHS = {"pipeline"}
 STAGES = {"manifest", "audio", "segment", "transcribe", "model", "speculative", "prompts", "second_pass",
-          "second_pass_prompts", "language_model", "subtitles", "evaluate", "output", "plan", "language_id"}
+          "second_pass_prompts", "language_model", "subtitles", "evaluate", "output", "plan", "language_id",
+          "profiles", "ctc", "engines", "batching", "routing", "tags", "bpe_draft"}
 
 
 def package_imports() -> dict[str, set[str]]:
@@ -79,7 +80,8 @@ def test_layers_point_one_way():
 
 def test_model_code_needs_neither_arrow_nor_ray():
     # model.py runs on a bare GPU machine (benchmarks/bench_gpu.py): torch, numpy and transformers only.
-    for module in ("model", "speculative", "prompts", "tiny_model", "alignment", "confidence"):
+    for module in ("model", "speculative", "prompts", "tiny_model", "alignment", "confidence", "profiles", "ctc",
+                   "engines", "batching", "tags", "bpe_draft"):
         source = (PACKAGE / f"{module}.py").read_text(encoding="utf-8")
         names = {alias.name.split(".")[0] for node in ast.walk(ast.parse(source))
                  if isinstance(node, (ast.Import, ast.ImportFrom))

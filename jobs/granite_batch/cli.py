@@ -25,7 +25,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--input", help="no manifest: list recordings under a prefix or glob, e.g. "
                      "'s3://bucket/archive/{language}/**/*.mp3' ({language} takes the language from the path)")
     run.add_argument("--output", help="output dataset root (local path or URI)")
-    run.add_argument("--model", help="model id on the Hub or local folder (default ibm-granite/granite-4.0-1b-speech)")
+    run.add_argument("--model", action="append",
+                     help="model id on the Hub or local folder (default ibm-granite/granite-4.0-1b-speech); repeat it "
+                     "to route each row to the first model that serves it")
+    run.add_argument("--speakers", action="store_true", default=None,
+                     help="speaker-attributed transcripts where the model labels speakers (4.1-2b-plus)")
+    run.add_argument("--punctuation", action=argparse.BooleanOptionalAction, default=None,
+                     help="punctuated transcripts (4.1-2b); default: wherever the model can")
     run.add_argument("--revision", help="model revision (branch, tag or commit)")
     run.add_argument("--language", help="language spoken where a row does not say (default en), or auto: "
                      "identify it from the transcript")
@@ -82,6 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("tiny-model", help="write a tiny random Granite Speech checkpoint to DIR")
     tiny.add_argument("directory")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--model-type", default="granite_speech",
+                      choices=("granite_speech", "granite_speech_plus", "granite_speech5_ctc"),
+                      help="architecture: granite_speech (4.0-1b, 4.1-2b), granite_speech_plus (4.1-2b-plus) or "
+                      "granite_speech5_ctc (5.0 TurboCTC); default granite_speech")
 
     second = commands.add_parser("second-pass", help="run a Granite language model over the transcripts of OUTPUT "
                                  "(summaries, topics, answers) into OUTPUT/second_pass/NAME")
@@ -148,8 +158,10 @@ def _overrides(args: argparse.Namespace) -> dict:
     ]
     keywords = None if args.keywords is None else [k.strip() for k in args.keywords.split(",") if k.strip()]
     return {
-        "manifest": args.manifest, "input": args.input, "output": args.output, "model": args.model, "revision": args.revision,
-        "language": args.language, "detect_language": args.detect_language, "task": args.task, "target_language": args.target_language,
+        "manifest": args.manifest, "input": args.input, "output": args.output, "revision": args.revision,
+        **_models(args.model), "speakers": args.speakers, "punctuation": args.punctuation,
+        "language": args.language, "detect_language": args.detect_language, "task": args.task,
+        "target_language": args.target_language,
         "keywords": keywords, "batch_size": args.batch_size, "max_batch_audio_s": args.max_batch_audio_s,
         "max_segment_s": args.max_segment_s, "max_duration_s": args.max_duration_s,
         "subtitles": None if args.subtitles is None else [f.strip() for f in args.subtitles.split(",") if f.strip()],
@@ -296,11 +308,18 @@ def _print_leases(output: str, options: dict) -> None:
         print(f"lease on {dataset}: held by {holder.describe()} ({state})")
 
 
+def _models(names: list[str] | None) -> dict:
+    """`--model` once: the job's model; repeated: its routed model list."""
+    if not names:
+        return {}
+    return {"model": names[0], "models": []} if len(names) == 1 else {"models": [{"model": name} for name in names]}
+
+
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     from granite_batch.tiny_model import write_tiny_model
 
-    path = write_tiny_model(args.directory, seed=args.seed)
-    print(f"wrote a tiny random Granite Speech checkpoint to {path}; use it with --model {path}")
+    path = write_tiny_model(args.directory, seed=args.seed, model_type=args.model_type)
+    print(f"wrote a tiny random {args.model_type} checkpoint to {path}; use it with --model {path}")
     return EXIT_OK
 
 

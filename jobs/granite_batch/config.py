@@ -90,6 +90,27 @@ class Resources(_Strict):
         return self
 
 
+class ModelSpec(_Strict):
+    """One model of a job that names several (`models:`): rows go to the first that serves them."""
+
+    model: str
+    revision: str | None = None
+    profile: str = Field("auto", description="auto: from the checkpoint's config; or a profile name (profiles.py)")
+    resources: dict[str, Any] = Field(
+        default_factory=dict, description="overrides of the job's resources for this model's actor pool, "
+        "e.g. {gpus_per_actor: 0.5, model_actors_max: 4}",
+    )
+
+    @field_validator("resources")
+    @classmethod
+    def _resource_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(value) - set(Resources.model_fields) - {"decode_cpus"}
+        if unknown:
+            raise ValueError(f"unknown resource field(s) {', '.join(sorted(unknown))}; "
+                             f"known: {', '.join(sorted(set(Resources.model_fields) - {'decode_cpus'}))}")
+        return value
+
+
 class SecondPassOptions(_Strict):
     """A second pass with a Granite language model over committed transcripts (see second_pass.py)."""
 
@@ -136,8 +157,18 @@ class JobConfig(_Strict):
     output: str
     model: str = DEFAULT_MODEL
     revision: str | None = None
+    models: list[ModelSpec] = Field(
+        default_factory=list, description="several models, in order: each row goes to the first that serves it "
+        "(overrides model/revision)",
+    )
+    profile: str = Field("auto", description="the model's profile: auto (from its config) or a name in profiles.py")
+    speakers: bool = Field(False, description="speaker-attributed transcripts, where the model labels speakers "
+                           "(granite-speech-4.1-2b-plus); a row's `speakers` column overrides it")
+    punctuation: bool | None = Field(
+        None, description="punctuated, capitalised transcripts (granite-speech-4.1-2b); null: wherever the model "
+        "can; a row's `punctuation` column overrides it")
     language: str = Field("en", description="spoken language where a row does not say, or auto (identified "
-                          "from the transcript; README, 'Archives without language metadata')")
+                          "from the transcript; README, 'Recordings of unknown language')")
     detect_language: bool = Field(
         False, description="also identify rows that name their language, counting disagreements in the summary "
         "(the row keeps its own language)",
@@ -245,6 +276,14 @@ class JobConfig(_Strict):
             if (self.language, self.target_language) not in AST_PAIRS:
                 raise ValueError(f"unsupported translation pair {self.language} -> {self.target_language}")
         return self
+
+    def model_specs(self) -> list[ModelSpec]:
+        """The job's models in routing order: `models`, else the one `model`."""
+        return list(self.models) or [ModelSpec(model=self.model, revision=self.revision, profile=self.profile)]
+
+    def resources_for(self, spec: ModelSpec) -> Resources:
+        """The job's resources with `spec`'s overrides."""
+        return Resources.model_validate({**self.resources.model_dump(), **spec.resources})
 
     def model_batch(self, gpu: bool) -> tuple[int, float]:
         """(segments, padded audio seconds) per generate() call: the configured values, else the

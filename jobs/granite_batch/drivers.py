@@ -30,6 +30,7 @@ from granite_batch.language_id import DetectionTally, identify_recordings
 from granite_batch.language_model import resolve_language_model
 from granite_batch.lease import LeaseTerms, NoLease, discard_own_records, take_lease
 from granite_batch.manifest import Defaults, ManifestStream, read_manifest
+from granite_batch.engines import model_profile
 from granite_batch.model import first_line, resolve_model
 from granite_batch.plan import discard_plan, plan_bucket, plan_counts, plan_folder, prepare_plan
 from granite_batch.output import (
@@ -204,7 +205,12 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
 
     try:
         layout = run.plan(TRANSCRIPTS_DIR, lease_terms, plan)
-        model_ref = resolve_model(config.model, config.revision, config.trust_remote_code)
+        # Every model of the job, in routing order; the first is the run's `model` in the summary.
+        model_refs = [resolve_model(spec.model, spec.revision, config.trust_remote_code)
+                      for spec in config.model_specs()]
+        for spec in config.model_specs():  # a checkpoint that is no Granite Speech stops the job here (exit 3)
+            model_profile(spec.model, spec.revision, config.trust_remote_code, spec.profile)
+        model_ref = model_refs[0]
     except BaseException:  # a bad manifest or model: nothing was done, so nothing is left behind
         run.lease.release()
         if not output_existed:
@@ -263,6 +269,7 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
             "real_time_factor": round(stats.audio_s / wall_s, 3) if wall_s > 0 else None,
             "model": model_ref.name,
             "model_revision": model_ref.revision,
+            "models": [{"model": ref.name, "model_revision": ref.revision} for ref in model_refs],
             "files": list(writer.committed),
             "rows_redone_alone": redone_alone,
             "keywords_dropped": dict(keywords_dropped),
@@ -285,7 +292,7 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
     with run:
         if planned["rows_to_do"]:
             pipeline.ensure_ray().data.DataContext.get_current().enable_progress_bars = progress
-            segments = pipeline.build_dataset((layout, planned["rows_to_do"]), config, model_ref, run.run_id)
+            segments = pipeline.build_dataset((layout, planned["rows_to_do"]), config, model_refs, run.run_id)
             assembler = RecordingAssembler()
             run.stream(_recordings(segments, assembler, identified), writer, on_batch)
             if stats.rows_written + assembler.pending < planned["rows_to_do"]:
@@ -296,7 +303,7 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
                 log.warning("%d rows lost with batches whose worker died; redoing them one by one", lost.num_rows)
                 redone_alone = lost.num_rows
                 if lost.num_rows:
-                    alone = pipeline.build_dataset(lost, config, model_ref, run.run_id, alone=True)
+                    alone = pipeline.build_dataset(lost, config, model_refs, run.run_id, alone=True)
                     run.stream(_recordings(alone, assembler, identified), writer, on_batch)
                     writer.commit_open()
                     crashed = crashed_rows(_still_to_do(config, run.run_id, attempt=2), writer.schema,

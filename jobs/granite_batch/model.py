@@ -20,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from granite_batch.batching import length_batches
 from granite_batch.confidence import ChosenTokenLogprobs, mean_logprob
+from granite_batch.profiles import ModelProfile
 from granite_batch.prompts import Request, render_prompt
 from granite_batch.speculative import (
     BY_AUTOREGRESSIVE,
@@ -113,6 +115,28 @@ def first_line(exc: Exception) -> str:
     return (text[0] if text else type(exc).__name__)[:300]
 
 
+def load_pretrained(auto_class: str, name: str, revision: str | None, device: str, dtype: str,
+                    trust_remote_code: bool, **model_options):
+    """(model on `device` in eval mode, processor, device) for `name` through transformers' `auto_class`
+    (e.g. AutoModelForSpeechSeq2Seq); `device`/`dtype` "auto": cuda and bfloat16 when there is a GPU.
+    ModelLoadError says what to do when it cannot load."""
+    import torch
+    import transformers
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(name, revision=revision,
+                                                               trust_remote_code=trust_remote_code)
+        model = getattr(transformers, auto_class).from_pretrained(
+            name, revision=revision, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, **model_options)
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for a bad model
+        raise ModelLoadError(f"cannot load model {name!r}: {first_line(exc)}; {load_hint(name)}") from None
+    return model.to(device).eval(), processor, device
+
+
 @dataclass(frozen=True)
 class SegmentResult:
     """What generation made of one segment."""
@@ -140,7 +164,8 @@ class SpeechModel:
     def __init__(self, model, processor, device: str, max_new_tokens: int | None = 200, num_beams: int = 1,
                  repetition_penalty: float = 1.0, max_batch_audio_s: float = 480.0,
                  speculative: SpeculativeOptions | None = None, max_new_tokens_per_audio_s: float | None = None,
-                 drafter=None, max_batch_segments: int | None = None):
+                 drafter=None, max_batch_segments: int | None = None, profile: ModelProfile | None = None,
+                 bpe_head=None):
         if max_new_tokens is None and max_new_tokens_per_audio_s is None:
             raise ValueError("give max_new_tokens, max_new_tokens_per_audio_s or both")
         self.model = model
@@ -161,33 +186,25 @@ class SpeechModel:
         # (samples, request) -> draft token ids, in place of the CTC head's draft (benchmarks and tests
         # use it to force right or wrong drafts); None drafts with the CTC head, as IBM's notebook does.
         self.drafter = drafter
+        # What the checkpoint can do and how it is prompted (profiles.py); None: the 4.0-1b prompts.
+        self.profile = profile
+        # granite-speech-4.1-2b's BPE CTC head (bpe_draft.BpeDraftHead): drafts with it in place of the
+        # character head, as IBM's 4.1 script does; None: the character head, where the profile allows.
+        self.bpe_head = bpe_head
         self._prompts: dict[Request, str] = {}
 
     @classmethod
     def load(cls, name: str, revision: str | None = None, device: str = "auto", dtype: str = "auto",
              trust_remote_code: bool = False, **options) -> "SpeechModel":
         """Load processor and weights once (hub id or local folder) onto `device`."""
-        import torch
-        from transformers import AutoModelForSpeechSeq2Seq, AutoProcessor
-
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if dtype == "auto":
-            dtype = "bfloat16" if device == "cuda" else "float32"
-        try:
-            processor = AutoProcessor.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
-            model = AutoModelForSpeechSeq2Seq.from_pretrained(
-                name, revision=revision, dtype=getattr(torch, dtype), attn_implementation="sdpa",
-                trust_remote_code=trust_remote_code,
-            )
-        except Exception as exc:
-            raise ModelLoadError(f"cannot load model {name!r}: {first_line(exc)}; {load_hint(name)}") from None
-        model = model.to(device).eval()
+        model, processor, device = load_pretrained("AutoModelForSpeechSeq2Seq", name, revision, device, dtype,
+                                                   trust_remote_code, attn_implementation="sdpa")
         return cls(model, processor, device, **options)
 
     def prompt(self, request: Request) -> str:
         if request not in self._prompts:
-            self._prompts[request] = render_prompt(self.tokenizer, request)
+            self._prompts[request] = (render_prompt(self.tokenizer, request) if self.profile is None
+                                      else self.profile.render_prompt(self.tokenizer, request))
         return self._prompts[request]
 
     def token_budget(self, samples: np.ndarray) -> int:
@@ -225,18 +242,8 @@ class SpeechModel:
         """
         results = [SegmentResult("", None)] * len(items)
         min_samples = int(MIN_SEGMENT_S * self.sample_rate_hz)
-        order = sorted((i for i in range(len(items)) if len(items[i][0]) >= min_samples),
-                       key=lambda i: len(items[i][0]), reverse=True)
-        budget = self.max_batch_audio_s * self.sample_rate_hz
-        batch: list[int] = []
-        for index in order:
-            # Sorted longest first, so the first item of a batch sets its padded length.
-            full = self.max_batch_segments is not None and len(batch) >= self.max_batch_segments
-            if batch and (full or len(items[batch[0]][0]) * (len(batch) + 1) > budget):
-                self._generate_batch(items, batch, results, posteriors)
-                batch = []
-            batch.append(index)
-        if batch:
+        lengths = [len(samples) if len(samples) >= min_samples else None for samples, _ in items]
+        for batch in length_batches(lengths, self.max_batch_segments, self.max_batch_audio_s * self.sample_rate_hz):
             self._generate_batch(items, batch, results, posteriors)
         return results
 
@@ -372,12 +379,14 @@ class SpeechModel:
     def _draft(self, item, ctc_logits) -> tuple[list[int] | None, str, float]:
         """(draft token ids or None when this request is not drafted, draft text, max CTC entropy)."""
         samples, request = item
-        if not draftable(request.task, request.language):
+        character_head = self.profile is None or self.profile.ctc_drafting
+        if not draftable(request.task, request.language) or not (character_head or self.bpe_head is not None):
             return None, "", math.inf
         if self.drafter is not None:
             ids = list(self.drafter(samples, request))
             return ids, self.tokenizer.decode(ids), math.inf
-        text, entropy = ctc_draft(ctc_logits)
+        text, entropy = (ctc_draft(ctc_logits) if self.bpe_head is None
+                         else self.bpe_head.draft(ctc_logits, self.tokenizer))
         text = text.strip()
         return (self.tokenizer.encode(text, add_special_tokens=False) if text else []), text, entropy
 
@@ -486,14 +495,18 @@ class SpeechModel:
             # length, so at the GPU throughput we aim for (RTFx 3000) the actor's CPU could not keep up.
             features = self.processor(text=[prompt] * len(members), audio=waveforms, return_tensors="pt",
                                       device=self.device).to(self.device)
-            encoded = inner.encoder(features["input_features"].to(self.model.dtype)).last_hidden_state
+            bpe = with_ctc and self.bpe_head is not None
+            with self.bpe_head.capture() if bpe else contextlib.nullcontext():
+                encoded = inner.encoder(features["input_features"].to(self.model.dtype)).last_hidden_state
             audio = inner.projector(encoded)
             merged = inner.get_merged_audio_embeddings(
                 input_ids=features["input_ids"], audio_features=audio,
                 input_features_mask=features["input_features_mask"],
             )
             # IBM's notebook applies the (shared) CTC head `encoder.out` to the final encoder output.
-            logits = inner.encoder.out(encoded) if with_ctc else None
+            logits = inner.encoder.out(encoded) if with_ctc and not bpe else None
+            if bpe:
+                logits = self.bpe_head.pooled_logits(encoded, [len(items[i][0]) for i in members])
             for row, index in enumerate(members):
                 embeds[index] = merged[row]
                 ctc[index] = None if logits is None else logits[row]

@@ -18,9 +18,12 @@ import posixpath
 import pyarrow as pa
 
 from granite_batch import audio, recovery, segment
-from granite_batch.config import JobConfig, SecondPassOptions
+from granite_batch.config import JobConfig, ModelSpec, SecondPassOptions
+from granite_batch.engines import load_speech_model, model_profile
 from granite_batch.language_model import LanguageModel
-from granite_batch.model import ModelRef, SpeechModel
+from granite_batch.model import ModelRef
+from granite_batch.profiles import ModelProfile
+from granite_batch.routing import RequestFlags, route_table
 from granite_batch.plan import PlanLayout, plan_bucket
 from granite_batch.second_pass import second_pass_table
 from granite_batch.second_pass_prompts import Prompter
@@ -30,15 +33,17 @@ from granite_batch.transcribe import transcribe_segments
 class Transcriber:
     """Model actor: loads the model once, then maps batches of segment rows to their texts."""
 
-    def __init__(self, config: JobConfig, model_ref: ModelRef, run_id: str, device: str):
+    def __init__(self, config: JobConfig, model_ref: ModelRef, run_id: str, device: str,
+                 spec: ModelSpec | None = None, profile: ModelProfile | None = None):
         self.model_ref = model_ref
         self.run_id = run_id
+        spec = spec or config.model_specs()[0]
         segments, audio_s = config.model_batch(gpu=device.startswith("cuda"))
         self.crash_test = config.crash_test
-        self.word_timestamps = config.word_timestamps
-        self.speech_model = SpeechModel.load(
-            config.model, config.revision, device=device, dtype=config.dtype,
-            trust_remote_code=config.trust_remote_code,
+        self.flags = request_flags(config)
+        self.speech_model = load_speech_model(
+            spec.model, spec.revision, device=device, dtype=config.dtype,
+            trust_remote_code=config.trust_remote_code, profile=profile,
             max_new_tokens=config.generation.max_new_tokens,
             max_new_tokens_per_audio_s=config.generation.max_new_tokens_per_audio_s, num_beams=config.generation.num_beams,
             repetition_penalty=config.generation.repetition_penalty, max_batch_audio_s=audio_s,
@@ -50,11 +55,17 @@ class Transcriber:
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.crash_test is not None:
             self.crash_test.check("model", batch.column("audio").to_pylist())
-        table = transcribe_segments(batch, self.speech_model, word_timestamps=self.word_timestamps)
+        table = transcribe_segments(batch, self.speech_model, self.flags)
         n = table.num_rows
         table = table.append_column("model", pa.array([self.model_ref.name] * n, pa.string()))
         table = table.append_column("model_revision", pa.array([self.model_ref.revision] * n, pa.string()))
         return table.append_column("run_id", pa.array([self.run_id] * n, pa.string()))
+
+
+def request_flags(config: JobConfig) -> RequestFlags:
+    """The job's request settings for rows that leave them unset (routing.py)."""
+    # word_timestamps belongs to the word-timings work; read it when the config has it.
+    return RequestFlags(config.speakers, config.punctuation, bool(getattr(config, "word_timestamps", False)))
 
 
 class SecondPassWorker:
@@ -130,12 +141,23 @@ def planned_rows(layout: PlanLayout, rows_to_do: int, cluster: dict, max_rows: i
 SORT_POOL_CALLS = 4
 
 
-def build_dataset(rows_to_do: pa.Table | tuple[PlanLayout, int], config: JobConfig, model_ref: ModelRef,
-                  run_id: str, alone: bool = False):
+def job_models(config: JobConfig, model_refs: list[ModelRef]) -> list[tuple[ModelSpec, ModelRef, ModelProfile]]:
+    """The job's models in routing order, each with its resolved ref and its profile (profiles.py)."""
+    return [(spec, ref, model_profile(spec.model, spec.revision, config.trust_remote_code, spec.profile))
+            for spec, ref in zip(config.model_specs(), model_refs)]
+
+
+def build_dataset(rows_to_do: pa.Table | tuple[PlanLayout, int], config: JobConfig,
+                  model_ref: ModelRef | list[ModelRef], run_id: str, alone: bool = False):
     """The lazy Ray Dataset of segment results for `rows_to_do`, a table or a prepared plan and its
     number of rows to do (nothing runs until it is iterated): one row per speech segment, and one per
     recording that gave no segment; the driver assembles them into recordings
     (transcribe.RecordingAssembler).
+
+    With several models (`model_ref` a list, in the order of `config.model_specs()`), each row is
+    routed first (routing.py: the first model that serves it), and each model has its own branch of
+    decode, segment (cut to the model's per-call limit) and actor pool, with its own resources; the
+    branches are one union. A row no model serves goes, with its error, through the first branch.
 
     A batch whose worker dies twice is dropped, not retried forever (recovery.py): the driver
     finds its rows missing and runs them again with `alone`: one recording per block, one segment
@@ -143,11 +165,21 @@ def build_dataset(rows_to_do: pa.Table | tuple[PlanLayout, int], config: JobConf
     """
     ray = ensure_ray()
     cluster = ray.cluster_resources()
-    gpus_per_actor = config.resources.gpus_per_actor
-    if gpus_per_actor is None:
-        gpus_per_actor = 1.0 if cluster.get("GPU", 0) >= 1 else 0.0
-    device = config.device if config.device != "auto" else ("cuda" if gpus_per_actor > 0 else "cpu")
+    refs = model_ref if isinstance(model_ref, list) else [model_ref]
+    models = job_models(config, refs)
+    branches = []
+    for index, (spec, ref, profile) in enumerate(models):
+        ds = _input_dataset(ray, rows_to_do, cluster, alone, config)
+        # Routing is cheap (no I/O): each branch routes its input and keeps its own rows.
+        ds = ds.map_batches(route_table, fn_kwargs={"models": [(s.model, p) for s, _, p in models],
+                                                    "flags": request_flags(config),
+                                                    "keep": index if len(models) > 1 else None},
+                            batch_format="pyarrow", batch_size=None, num_cpus=config.resources.decode_cpus)
+        branches.append(_model_branch(ray, ds, config, spec, ref, profile, run_id, cluster, alone))
+    return branches[0] if len(branches) == 1 else branches[0].union(*branches[1:])
 
+
+def _input_dataset(ray, rows_to_do, cluster: dict, alone: bool, config: JobConfig):
     # At most 16 rows a block, so the model actor gets its first batch after 16 recordings are
     # decoded, not 64 (300 short clips on 2 cores: 9.9 s instead of 13.5).
     if isinstance(rows_to_do, pa.Table):
@@ -160,7 +192,17 @@ def build_dataset(rows_to_do: pa.Table | tuple[PlanLayout, int], config: JobConf
         limits = ds.context.execution_options.resource_limits
         ds.context.execution_options.resource_limits = limits.copy(
             object_store_memory=config.resources.object_store_mb * 1e6)
+    return ds
 
+
+def _model_branch(ray, ds, config: JobConfig, spec: ModelSpec, model_ref: ModelRef, profile: ModelProfile,
+                  run_id: str, cluster: dict, alone: bool):
+    """decode -> segment -> this model's actor pool, for the rows routed to it."""
+    resources = config.resources_for(spec)
+    gpus_per_actor = resources.gpus_per_actor
+    if gpus_per_actor is None:
+        gpus_per_actor = 1.0 if cluster.get("GPU", 0) >= 1 else 0.0
+    device = config.device if config.device != "auto" else ("cuda" if gpus_per_actor > 0 else "cpu")
     ds = ds.map_batches(
         audio.decode_table,
         fn_kwargs={"storage_options": config.storage_options, "sample_rate_hz": config.sample_rate_hz,
@@ -172,30 +214,34 @@ def build_dataset(rows_to_do: pa.Table | tuple[PlanLayout, int], config: JobConf
     # Whole blocks: Ray Data gathers decoded batches into a block until it passes its target size
     # (128 MB), so the VAD sees a block's short clips side by side (16 of them: 408x real time, against
     # 171x at 4) while a long recording (over 128 MB of samples: 35 minutes) comes alone. What leaves
-    # this stage is segments of at most max_segment_s, however long the recording.
+    # this stage is segments of at most max_segment_s (and of the model's per-call limit), however
+    # long the recording.
+    limits = [config.max_segment_s] + [limit for limit in (profile.max_call_s, profile.max_speakers_call_s,
+                                                           profile.max_word_times_call_s) if limit]
     ds = ds.map_batches(
         segment.segment_table,
-        fn_kwargs={"sample_rate_hz": config.sample_rate_hz, "max_segment_s": config.max_segment_s,
+        fn_kwargs={"sample_rate_hz": config.sample_rate_hz, "max_segment_s": min(limits),
                    "crash_test": config.crash_test},
         batch_format="pyarrow", batch_size=None, num_cpus=config.resources.decode_cpus, **recovery.TASK_RETRIES,
     )
     actor_options = {}
-    if config.resources.accelerator_type:
-        actor_options["accelerator_type"] = config.resources.accelerator_type
-    if config.resources.actor_resources:
-        actor_options["resources"] = dict(config.resources.actor_resources)
+    if resources.accelerator_type:
+        actor_options["accelerator_type"] = resources.accelerator_type
+    if resources.actor_resources:
+        actor_options["resources"] = dict(resources.actor_resources)
     segments_per_call, _ = config.model_batch(gpu=device.startswith("cuda"))
     return ds.map_batches(
         Transcriber,
-        fn_constructor_kwargs={"config": config, "model_ref": model_ref, "run_id": run_id, "device": device},
+        fn_constructor_kwargs={"config": config, "model_ref": model_ref, "run_id": run_id, "device": device,
+                               "spec": spec, "profile": profile},
         # Alone, an actor works on one call at a time: calls queued on an actor die with it.
         compute=ray.data.ActorPoolStrategy(
-            min_size=config.resources.model_actors_min, max_size=config.resources.model_actors_max,
+            min_size=resources.model_actors_min, max_size=resources.model_actors_max,
             **({"max_tasks_in_flight_per_actor": 1} if alone else {}),
         ),
         # Alone, one segment per call: a poison recording can only take its own segments down.
         batch_format="pyarrow", batch_size=1 if alone else segments_per_call * SORT_POOL_CALLS,
-        num_gpus=gpus_per_actor, num_cpus=config.resources.cpus_per_actor,
+        num_gpus=gpus_per_actor, num_cpus=resources.cpus_per_actor,
         **recovery.MODEL_ACTOR_RETRIES, **actor_options,
     )
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 AUDIO_TOKEN = "<|audio|>"
 ASR_INSTRUCTION = "can you transcribe the speech into a written format?"
@@ -111,6 +111,9 @@ class Request:
     target_language: str | None = None
     keywords: tuple[str, ...] = ()
     language: str | None = None  # spoken language: not in the prompt, but decides CTC drafting
+    punctuation: bool = False  # a punctuated transcript, where the model has that prompt (profiles.py)
+    speakers: bool = False  # speaker-attributed transcript (`[Speaker N]:`), where the model has it
+    word_times: bool = False  # the model's own word end times (`[T:N]`), where it has them
 
 
 def instruction(request: Request) -> str:
@@ -144,36 +147,36 @@ def audio_token_count(audio_processor, samples: int) -> int:
     return int(audio_processor._get_num_audio_features([samples])[0])
 
 
-def prompt_positions(tokenizer, request: Request, audio_tokens: int) -> int:
+def prompt_positions(tokenizer, request: Request, audio_tokens: int, profile=None) -> int:
     """Positions the rendered prompt of `request` takes once its one `<|audio|>` token is expanded
-    into `audio_tokens` of them."""
-    return _text_positions(tokenizer, request) - 1 + audio_tokens
+    into `audio_tokens` of them (rendered by `profile.render_prompt` when a model profile is given)."""
+    return _text_positions(tokenizer, request, profile) - 1 + audio_tokens
 
 
 @functools.lru_cache(maxsize=4096)
-def _text_positions(tokenizer, request: Request) -> int:
+def _text_positions(tokenizer, request: Request, profile=None) -> int:
     # Cached: most rows of a job share one request, so each costs a lookup, not a tokenizer call.
-    return len(tokenizer(render_prompt(tokenizer, request))["input_ids"])
+    prompt = render_prompt(tokenizer, request) if profile is None else profile.render_prompt(tokenizer, request)
+    return len(tokenizer(prompt)["input_ids"])
 
 
 def fit_keywords(tokenizer, request: Request, audio_tokens: int, new_tokens: int,
-                 max_positions: int) -> tuple[Request, int]:
+                 max_positions: int, profile=None) -> tuple[Request, int]:
     """`request` with as many of its cleaned keywords (in order, the first kept) as let the prompt,
     `audio_tokens` audio positions and `new_tokens` generated ones fit in `max_positions` (the text
     model's `max_position_embeddings`); and how many keywords were dropped. Raises PromptTooLong
     when they do not fit even without keywords."""
     keywords = tuple(clean_keywords(list(request.keywords)))
-    request = Request(request.task, request.target_language, keywords, request.language)
+    request = replace(request, keywords=keywords)
 
     def fits(count: int) -> bool:
-        trial = Request(request.task, request.target_language, keywords[:count], request.language)
-        return prompt_positions(tokenizer, trial, audio_tokens) + new_tokens <= max_positions
+        trial = replace(request, keywords=keywords[:count])
+        return prompt_positions(tokenizer, trial, audio_tokens, profile) + new_tokens <= max_positions
 
     if fits(len(keywords)):
         return request, 0
     if not fits(0):
-        needed = prompt_positions(tokenizer, Request(request.task, request.target_language, (), request.language),
-                                  audio_tokens) + new_tokens
+        needed = prompt_positions(tokenizer, replace(request, keywords=()), audio_tokens, profile) + new_tokens
         raise PromptTooLong(
             f"prompt too long: {needed} positions (prompt, {audio_tokens} audio, {new_tokens} new tokens) "
             f"exceed the model's {max_positions} (shorten max_segment_s or max_new_tokens)")
@@ -182,4 +185,4 @@ def fit_keywords(tokenizer, request: Request, audio_tokens: int, new_tokens: int
     while high - low > 1:
         middle = (low + high) // 2
         low, high = (middle, high) if fits(middle) else (low, middle)
-    return Request(request.task, request.target_language, keywords[:low], request.language), len(keywords) - low
+    return replace(request, keywords=keywords[:low]), len(keywords) - low

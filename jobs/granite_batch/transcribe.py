@@ -22,7 +22,9 @@ from granite_batch.confidence import low_confidence
 from granite_batch.model import SegmentResult, SpeechModel, first_line
 from granite_batch.output import SEGMENT_TYPE, WORD_TYPE
 from granite_batch.prompts import UNSPACED_LANGUAGES, PromptTooLong, Request, audio_token_count, fit_keywords
+from granite_batch.routing import RequestFlags, row_requests, served_request
 from granite_batch.speculative import BY_AUTOREGRESSIVE, BY_CTC, BY_FALLBACK, BY_VERIFICATION
+from granite_batch.tags import tagged_parts
 
 log = logging.getLogger(__name__)
 
@@ -32,27 +34,30 @@ SEGMENT_COLUMNS = ("segment_index", "segment_count", "start_s", "end_s", "channe
 # (`segment_text`, `segment_truncated`) and into the run summary's inference figures.
 RESULT_COLUMNS = ("segment_text", "segment_truncated", "decoded_by", "new_tokens", "lm_positions",
                   "lm_padded_positions", "first_of_call", "keywords_dropped", "segment_avg_logprob",
-                  "segment_words")
+                  "segment_words", "segment_parts")
+# A tagged call (4.1-2b-plus speakers / word times) read into several output segments (tags.py).
+PART_TYPE = pa.struct([("start", pa.float64()), ("end", pa.float64()), ("text", pa.string()),
+                       ("speaker", pa.string()), ("words", SEGMENT_TYPE.field("words").type)])
 # A row is decided by the costliest path any of its segments took.
 _DECISION_RANKING = (BY_FALLBACK, BY_AUTOREGRESSIVE, BY_VERIFICATION, BY_CTC)
 
 
-def transcribe_segments(table: pa.Table, speech_model: SpeechModel, word_timestamps: bool = False) -> pa.Table:
+def transcribe_segments(table: pa.Table, speech_model: SpeechModel, flags: RequestFlags = RequestFlags()) -> pa.Table:
     """Every segment row of `table` (from any recordings and requests) in one batched model call.
 
     Adds RESULT_COLUMNS and drops `samples`. Rows without samples (recordings that gave no segment)
     pass through with null results. If the batched call fails, each recording's segments are
-    retried on their own, so one bad recording fails alone (its rows get `error`). With
-    `word_timestamps`, `segment_words` holds each segment's words aligned to the encoder's CTC
-    posteriors (alignment.py); otherwise it is null.
+    retried on their own, so one bad recording fails alone (its rows get `error`). Each row's request
+    is the one its model is asked (routing.served_request: punctuation, speakers, word times); a
+    tagged transcript (speakers, word times) becomes `segment_parts`. A transcription row asking for
+    word times that its model does not tag gets `segment_words`, its words aligned to the encoder's
+    CTC posteriors (alignment.py), or timed by the engine itself; otherwise it is null.
     """
     samples = samples_from_arrow(table.column("samples"))
     errors = table.column("error").to_pylist()
     ids = table.column("id").to_pylist()
-    tasks = table.column("task").to_pylist()
-    targets = table.column("target_language").to_pylist()
-    languages = table.column("language").to_pylist()
-    keywords = table.column("keywords").to_pylist()
+    profile = getattr(speech_model, "profile", None)
+    requests, punctuation, _ = row_requests(table, flags)
 
     rows: list[int] = []
     items: list[tuple[np.ndarray, Request]] = []
@@ -60,7 +65,7 @@ def transcribe_segments(table: pa.Table, speech_model: SpeechModel, word_timesta
     for row, piece in enumerate(samples):
         if piece is None or errors[row] is not None:
             continue
-        request = Request(tasks[row], targets[row], tuple(keywords[row] or ()), languages[row])
+        request = served_request(requests[row], punctuation[row], profile)
         try:
             request, keywords_dropped[row] = fit_context(speech_model, request, piece)
         except PromptTooLong as exc:
@@ -69,15 +74,23 @@ def transcribe_segments(table: pa.Table, speech_model: SpeechModel, word_timesta
         rows.append(row)
         items.append((piece, request))
     results: list[SegmentResult | None] = [None] * table.num_rows
-    for row, result in zip(rows, _generate_or_isolate(speech_model, items, [ids[row] for row in rows], errors,
-                                                      rows, word_timestamps)):
+    tasks = table.column("task").to_pylist()
+    tagged = bool(profile is not None and profile.word_times)  # word times from the model's own [T:N] tags
+    aligned_rows = [row for row, (_, request) in zip(rows, items)
+                    if request.word_times and tasks[row] == "asr" and not (request.speakers or tagged)]
+    parts: list[list[dict] | None] = [None] * table.num_rows
+    for row, (_, request), result in zip(rows, items, _generate_or_isolate(
+            speech_model, items, [ids[row] for row in rows], errors, rows, bool(aligned_rows))):
         results[row] = result
+        if result is not None and (request.speakers or (request.word_times and tagged)):
+            parts[row] = _parts(table, row, result.text, request)
     words: list[list[dict] | None] = [None] * table.num_rows
-    if word_timestamps:
+    if aligned_rows:
         starts, ends = table.column("start_s").to_pylist(), table.column("end_s").to_pylist()
-        for row, result in enumerate(results):
-            # A translation's words were never spoken: no times for them.
-            if result is None or tasks[row] != "asr":
+        for row in aligned_rows:
+            # A translation's words were never spoken: no times for them (aligned_rows are asr only).
+            result = results[row]
+            if result is None:
                 continue
             if result.words is not None:  # the engine timed its words itself; its last frame may pass the end
                 aligned = [replace(w, start=min(w.start + starts[row], ends[row]), end=min(w.end + starts[row], ends[row]))
@@ -102,9 +115,17 @@ def transcribe_segments(table: pa.Table, speech_model: SpeechModel, word_timesta
         ("keywords_dropped", pa.array(keywords_dropped, pa.int32())),
         ("segment_avg_logprob", column("avg_logprob", pa.float64())),
         ("segment_words", pa.array(words, pa.list_(WORD_TYPE))),
+        ("segment_parts", pa.array(parts, pa.list_(PART_TYPE))),
     ]:
         table = table.append_column(name, values)
     return table
+
+
+def _parts(table: pa.Table, row: int, text: str, request: Request) -> list[dict]:
+    """The output segments of one tagged call (tags.py), as PART_TYPE dicts."""
+    start, end, call = (table.column(name)[row].as_py() for name in ("start_s", "end_s", "segment_index"))
+    return [{"start": p.start, "end": p.end, "text": p.text, "speaker": p.speaker, "words": p.words}
+            for p in tagged_parts(text, start, end, call or 0, request.speakers, request.word_times)]
 
 
 def fit_context(speech_model: SpeechModel, request: Request, longest: np.ndarray) -> tuple[Request, int]:
@@ -118,7 +139,8 @@ def fit_context(speech_model: SpeechModel, request: Request, longest: np.ndarray
         return request, 0
     audio_tokens = audio_token_count(audio_processor, len(longest))
     new_tokens = speech_model.token_budget(longest)
-    return fit_keywords(speech_model.tokenizer, request, audio_tokens, new_tokens, max_positions)
+    return fit_keywords(speech_model.tokenizer, request, audio_tokens, new_tokens, max_positions,
+                        getattr(speech_model, "profile", None))
 
 
 def _generate_or_isolate(speech_model: SpeechModel, items: list[tuple[np.ndarray, Request]], owners: list[str],
@@ -233,11 +255,14 @@ class RecordingAssembler:
                 pending = _Pending({name: row[name] for name in names}, row["segment_count"])
                 self._pending[key] = pending
             if row["segment_count"] and row["segment_index"] not in pending.segments:
-                pending.segments[row["segment_index"]] = {
+                segment = {
                     "start": row["start_s"], "end": row["end_s"], "text": row["segment_text"] or "",
                     "truncated": bool(row["segment_truncated"]), "avg_logprob": row.get("segment_avg_logprob"),
                     "speaker": None, "words": row.get("segment_words"), "channel": row.get("channel"),
                 }
+                # A tagged call gives one output segment per speaker turn (a list in place of one segment).
+                parts = row.get("segment_parts")
+                pending.segments[row["segment_index"]] = [{**segment, **part} for part in parts] if parts else segment
                 if row["decoded_by"] is not None:
                     pending.decided.add(row["decoded_by"])
             pending.keywords_dropped = max(pending.keywords_dropped, row.get("keywords_dropped") or 0)
@@ -271,7 +296,9 @@ class RecordingAssembler:
                 segments.append([])
                 decoded_by.append(None)
                 continue
-            ordered = [pending.segments[k] for k in sorted(pending.segments)]
+            ordered = [part for k in sorted(pending.segments)
+                       for part in (pending.segments[k] if isinstance(pending.segments[k], list)
+                                    else [pending.segments[k]])]
             language = recording["target_language"] if recording["task"] == "ast" else recording["language"]
             separator = "" if language in UNSPACED_LANGUAGES else " "
             texts.append(join_segments(ordered, separator))

@@ -1,0 +1,110 @@
+"""Model profiles: found from the checkpoint's config, they say what each model serves and how it is prompted."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from granite_batch import profiles
+from granite_batch.engines import load_speech_model
+from granite_batch.model import SpeechModel
+from granite_batch.profiles import (
+    CONSERVATIVE,
+    GRANITE_SPEECH,
+    GRANITE_SPEECH5_CTC,
+    GRANITE_SPEECH_41,
+    GRANITE_SPEECH_PLUS,
+    detect_profile,
+    route,
+)
+from granite_batch.prompts import Request
+
+
+def test_each_tiny_folder_is_detected_from_its_config(tiny_model_dir, tiny_plus_dir, tiny_ctc_dir):
+    assert detect_profile(str(tiny_model_dir)) is GRANITE_SPEECH
+    assert detect_profile(str(tiny_plus_dir)) is GRANITE_SPEECH_PLUS
+    assert detect_profile(str(tiny_ctc_dir)) is GRANITE_SPEECH5_CTC
+    assert detect_profile(str(tiny_model_dir), override="granite-speech-4.1") is GRANITE_SPEECH_41
+
+
+def test_a_41_name_selects_the_41_profile(tmp_path):
+    folder = tmp_path / "granite-speech-4.1-2b"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "granite_speech"}))
+    assert detect_profile(str(folder)) is GRANITE_SPEECH_41
+    assert profiles.profile_for("granite_speech", "ibm-granite/granite-speech-4.1-2b") is GRANITE_SPEECH_41
+    assert profiles.profile_for("granite_speech", "ibm-granite/granite-4.0-1b-speech") is GRANITE_SPEECH
+
+
+def test_an_unknown_granite_speech_type_is_conservative_and_warned(caplog):
+    with caplog.at_level(logging.WARNING):
+        assert profiles.profile_for("granite_speech6_rnnt") is CONSERVATIVE
+    assert "granite_speech6_rnnt" in caplog.text
+    assert CONSERVATIVE.serves(Request(language="en"))
+    assert not CONSERVATIVE.serves(Request(language="fr"))
+    assert not CONSERVATIVE.serves(Request(language="en", keywords=("Ray",)))
+    with pytest.raises(ValueError, match="not a Granite Speech model"):
+        profiles.profile_for("whisper")
+
+
+@pytest.mark.parametrize("profile, request_, lack", [
+    (GRANITE_SPEECH5_CTC, Request(language="en"), None),
+    (GRANITE_SPEECH5_CTC, Request(language="fr"), "fr transcription"),
+    (GRANITE_SPEECH5_CTC, Request("ast", "fr", (), "en"), "translation (ast)"),
+    (GRANITE_SPEECH5_CTC, Request(language="en", keywords=("Ray",)), "keywords"),
+    (GRANITE_SPEECH_PLUS, Request(language="ja"), "ja transcription"),
+    (GRANITE_SPEECH_PLUS, Request(language="en", speakers=True), None),
+    (GRANITE_SPEECH_PLUS, Request(language="en", punctuation=True), "punctuation"),
+    (GRANITE_SPEECH_PLUS, Request(language="en", speakers=True, word_times=True),
+     "speaker labels and word times in one call"),
+    (GRANITE_SPEECH, Request(language="en", speakers=True), "speaker labels"),
+    (GRANITE_SPEECH, Request(language="en", punctuation=True), "punctuation"),
+    (GRANITE_SPEECH_41, Request(language="en", punctuation=True), None),
+    (GRANITE_SPEECH_41, Request("ast", "en", (), "ja"), None),
+    (GRANITE_SPEECH, Request("ast", "fr", ("kw",), "en"), None),
+    (GRANITE_SPEECH, Request(language="auto"), None),
+    (GRANITE_SPEECH_PLUS, Request(language="auto"), None),
+    (GRANITE_SPEECH5_CTC, Request(language="auto"),
+     "transcription of recordings of unknown language (it transcribes only en)"),
+])
+def test_what_each_profile_lacks(profile, request_, lack):
+    assert profile.unsupported(request_) == lack
+
+
+def test_prompts_follow_the_cards():
+    assert GRANITE_SPEECH.instruction(Request(language="en", keywords=("Ray",))) == (
+        "<|audio|>can you transcribe the speech into a written format? Keywords: Ray")
+    assert GRANITE_SPEECH_41.instruction(Request(language="de", punctuation=True)) == (
+        "<|audio|>transcribe the speech with proper punctuation and capitalization.")
+    assert GRANITE_SPEECH_41.instruction(Request(language="de")) == (
+        "<|audio|>can you transcribe the speech into a written format?")
+    assert GRANITE_SPEECH_PLUS.instruction(Request(language="en", speakers=True)).startswith(
+        "<|audio|> Speaker attribution: Transcribe and denote who is speaking")
+    assert "[T:45]" in GRANITE_SPEECH_PLUS.instruction(Request(language="en", word_times=True))
+
+
+def test_per_call_limits():
+    assert GRANITE_SPEECH_PLUS.max_segment_s(Request(language="en", speakers=True)) == 540.0
+    assert GRANITE_SPEECH_PLUS.max_segment_s(Request(language="en", word_times=True)) == 210.0
+    assert GRANITE_SPEECH.max_segment_s(Request(language="en")) is None
+
+
+def test_route_picks_the_first_model_that_serves_and_names_what_is_missing():
+    models = [("turbo", GRANITE_SPEECH5_CTC), ("granite", GRANITE_SPEECH)]
+    assert route(Request(language="en"), models) == (0, None)
+    assert route(Request(language="fr"), models) == (1, None)
+    assert route(Request(language="en", keywords=("Ray",)), models) == (1, None)
+    index, error = route(Request(language="en", speakers=True), models)
+    assert index is None
+    assert error == ("no listed model serves this row: turbo has no speaker labels; "
+                     "granite has no speaker labels")
+
+
+def test_the_plus_checkpoint_is_prompted_with_its_system_turn(tiny_plus_dir):
+    model = load_speech_model(str(tiny_plus_dir), device="cpu", max_new_tokens=8)
+    assert isinstance(model, SpeechModel) and model.profile is GRANITE_SPEECH_PLUS
+    prompt = model.prompt(Request(language="en", speakers=True))
+    assert prompt.startswith("Knowledge Cutoff Date") and "Speaker attribution" in prompt
+    assert type(model.model).__name__ == "GraniteSpeechPlusForConditionalGeneration"
