@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 
 from conftest import SAMPLES
+from granite_batch.routing import RequestFlags
 from granite_batch.audio import load_recording, samples_to_arrow
 from granite_batch.model import SpeechModel
 from granite_batch.output import SEGMENT_TYPE
@@ -172,7 +173,7 @@ def test_word_timestamps_fill_words_and_confidence_of_assembled_segments(tiny_mo
                           {"id": "ja", "language": "ja", "pieces": [clips[2]]},
                           {"id": "fr-en", "task": "ast", "language": "fr", "target_language": "en", "pieces": [clips[1]]}])
     plain = transcribe_segments(table, speech_model)
-    timed = transcribe_segments(table, speech_model, word_timestamps=True)
+    timed = transcribe_segments(table, speech_model, RequestFlags(word_timestamps=True))
     assert timed.column("segment_text").to_pylist() == plain.column("segment_text").to_pylist()
     assert plain.column("segment_words").null_count == plain.num_rows
     assembler = RecordingAssembler()
@@ -209,7 +210,7 @@ def test_words_an_engine_times_itself_are_kept_and_placed_in_the_recording(tiny_
 
     speech_model.generate_segments = with_path_words
     table = segment_rows([{"id": "a", "pieces": [clips[0], clips[3]]}])
-    timed = transcribe_segments(table, speech_model, word_timestamps=True)
+    timed = transcribe_segments(table, speech_model, RequestFlags(word_timestamps=True))
     for row in timed.to_pylist():
         words = row["segment_words"]
         assert words and all(row["start_s"] <= w["start"] < w["end"] <= row["end_s"] for w in words)

@@ -186,7 +186,8 @@ def identify_recordings(table: pa.Table, detect_all: bool = False, candidates: I
         detected[row] = found
         if auto:
             languages[row] = found
-            if found in UNSPACED_LANGUAGES and segments[row]:
+            # Split-channel rows keep their labelled turns (one line per turn) as they are.
+            if found in UNSPACED_LANGUAGES and segments[row] and all(s.get("channel") is None for s in segments[row]):
                 texts[row] = "".join(segment["text"] for segment in segments[row] if segment["text"])
 
     def put(table: pa.Table, name: str, values: list) -> pa.Table:
