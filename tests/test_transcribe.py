@@ -216,3 +216,4 @@ def test_words_an_engine_times_itself_are_kept_and_placed_in_the_recording(tiny_
         assert words and all(row["start_s"] <= w["start"] < w["end"] <= row["end_s"] for w in words)
     second = timed.to_pylist()[1]
     assert second["start_s"] > 0 and second["segment_words"][0]["start"] >= second["start_s"]
+

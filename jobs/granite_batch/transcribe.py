@@ -75,14 +75,16 @@ def transcribe_segments(table: pa.Table, speech_model: SpeechModel, flags: Reque
         items.append((piece, request))
     results: list[SegmentResult | None] = [None] * table.num_rows
     tasks = table.column("task").to_pylist()
-    tagged = bool(profile is not None and profile.word_times)  # word times from the model's own [T:N] tags
-    aligned_rows = [row for row, (_, request) in zip(rows, items)
-                    if request.word_times and tasks[row] == "asr" and not (request.speakers or tagged)]
+    # Word times asked for, that the served request does not get from the model's own [T:N] tags
+    # (served_request keeps word_times only for a model that tags them): aligned here instead.
+    tagged = bool(profile is not None and profile.word_times)
+    aligned_rows = [row for row, (_, request) in zip(rows, items) if requests[row].word_times and tasks[row] == "asr"
+                    and not (request.speakers or (tagged and request.word_times))]
     parts: list[list[dict] | None] = [None] * table.num_rows
     for row, (_, request), result in zip(rows, items, _generate_or_isolate(
             speech_model, items, [ids[row] for row in rows], errors, rows, bool(aligned_rows))):
         results[row] = result
-        if result is not None and (request.speakers or (request.word_times and tagged)):
+        if result is not None and (request.speakers or (tagged and request.word_times)):
             parts[row] = _parts(table, row, result.text, request)
     words: list[list[dict] | None] = [None] * table.num_rows
     if aligned_rows:
