@@ -469,13 +469,15 @@ def _csv_blocks(fs, file: str, name: str, block_bytes: int) -> Iterator[_Block]:
 def _parquet_blocks(fs, file: str, name: str, block_bytes: int) -> Iterator[_Block]:
     try:
         handle = fs.open(file, "rb")
-        parquet = pq.ParquetFile(handle)
+        # Not pre-buffered: pyarrow 26 then keeps every row group read so far (a 1 GB manifest of
+        # embedded audio: 1.2 GB resident instead of 0.2 GB); buffered reads stream it instead.
+        parquet = pq.ParquetFile(handle, pre_buffer=False, buffer_size=1 << 20)
     except (pa.ArrowInvalid, OSError) as exc:
         raise ManifestError(f"{name}: not a readable Parquet file ({exc})") from None
     with handle:
         done = 0
         try:
-            for batch in parquet.iter_batches(batch_size=_parquet_batch_rows(parquet.metadata, block_bytes)):
+            for batch in parquet.iter_batches(batch_size=_parquet_batch_rows(parquet, block_bytes)):
                 table = pa.Table.from_batches([batch])
                 start = done
                 done += table.num_rows
@@ -486,11 +488,16 @@ def _parquet_blocks(fs, file: str, name: str, block_bytes: int) -> Iterator[_Blo
             raise ManifestError(f"{name}: not a readable Parquet file ({exc})") from None
 
 
-def _parquet_batch_rows(metadata, block_bytes: int) -> int:
+def _parquet_batch_rows(parquet: pq.ParquetFile, block_bytes: int) -> int:
     """Rows per block: PARQUET_BLOCK_ROWS, fewer when rows are large (embedded audio), so a block
-    holds about `block_bytes` of them, not 131,072 recordings."""
+    holds about `block_bytes` of them, not 131,072 recordings. The row groups' sizes say how large
+    rows are, and the first 16 rows as read (dictionary-encoded bytes are small on disk only)."""
+    metadata = parquet.metadata
     sizes = [metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups)]
     per_row = sum(sizes) / max(1, metadata.num_rows)
+    probe = next(parquet.iter_batches(batch_size=16), None)
+    if probe is not None and probe.num_rows:
+        per_row = max(per_row, probe.nbytes / probe.num_rows)
     return max(1, min(PARQUET_BLOCK_ROWS, int(block_bytes // max(1.0, per_row))))
 
 
