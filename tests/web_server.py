@@ -24,7 +24,7 @@ class WebServer:
             protocol_version = "HTTP/1.1"
 
             def log_message(self, *args):
-                pass
+                """Quiet: tests read what was asked from `requests`, not from stderr."""
 
             def do_HEAD(self):
                 self._answer(body=False)

@@ -15,6 +15,7 @@ Batched output is then identical to one segment at a time (tested).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,17 +80,22 @@ class CtcSpeechModel:
         `posteriors` (word times asked for), each result's `words` come straight from the frames of
         its greedy path (alignment.words_from_ctc_path), in seconds from the segment's start."""
         results = [SegmentResult("", None)] * len(items)
-        pieces = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer)))) if posteriors else None
+        pieces = self._pieces if posteriors else None
         for batch, paths in self._decoded_batches(items):
             width = max(len(path.frame_ids) for path in paths)
             for position, (index, path) in enumerate(zip(batch, paths)):
                 ids = collapse(path.frame_ids, self.blank_id)
                 text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
                 words = None if pieces is None else words_from_ctc_path(
-                    path.frame_ids, [piece or "" for piece in pieces], path.frame_s, 0.0, self.blank_id)
+                    path.frame_ids, pieces, path.frame_s, 0.0, self.blank_id)
                 results[index] = SegmentResult(text, DECODED_BY_CTC, len(ids), False, width,
                                                width - len(path.frame_ids), position == 0, words=words)
         return results
+
+    @functools.cached_property
+    def _pieces(self) -> list[str]:
+        """Each token id's text, for word times from the greedy path; read from the tokenizer once."""
+        return [piece or "" for piece in self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))]
 
     def frame_paths(self, items: list[tuple[np.ndarray, Request]]) -> list[CtcPath | None]:
         """Each segment's greedy CTC path (a label per encoder frame, and the frame duration), for word
