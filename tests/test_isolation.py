@@ -12,7 +12,7 @@ import pytest
 
 from conftest import SAMPLES, SPEECH
 from granite_batch.audio import decode_table
-from granite_batch.isolation import Crash, CrashTest, call_isolated, map_isolated
+from granite_batch.isolation import Crash, CrashTest, map_isolated
 from granite_batch.segment import segment_table
 
 MP3 = str(SAMPLES / "fr_gare.mp3")
@@ -29,10 +29,10 @@ def work(item, kill=None, signal_number=signal.SIGSEGV):
     return np.full(item, item, np.float32)
 
 
-def batch(items, kill=None):
-    if kill in items:
+def pid_of(item, kill=None):
+    if item == kill:
         os.kill(os.getpid(), signal.SIGSEGV)
-    return [(item * 10, os.getpid()) for item in items]
+    return item * 10, os.getpid()
 
 
 def slice_of(item, source):
@@ -69,18 +69,19 @@ def test_large_results_and_arguments_travel_whole():
 
 
 def test_the_helper_is_kept_for_the_next_batch_and_replaced_after_a_crash():
-    first = call_isolated(batch, [1, 2, 3])
+    first = map_isolated(pid_of, [1, 2, 3])
     assert [value for value, _ in first] == [10, 20, 30]
     helper = first[0][1]
-    assert helper != os.getpid() and call_isolated(batch, [4])[0][1] == helper  # the same helper
-    crashed = call_isolated(functools.partial(batch, kill=7), [1, 7, 3])
+    assert helper != os.getpid() and {pid for _, pid in first} == {helper}
+    assert map_isolated(pid_of, [4])[0][1] == helper  # the same helper
+    crashed = map_isolated(functools.partial(pid_of, kill=7), [1, 7, 3])
     assert crashed[1] == Crash(signal=signal.SIGSEGV)
-    assert [crashed[0][0], crashed[2][0]] == [10, 30]  # redone one by one, in fresh helpers
-    assert crashed[0][1] != helper
+    assert [crashed[0][0], crashed[2][0]] == [10, 30]
+    assert crashed[0][1] == helper and crashed[2][1] not in (helper, os.getpid())  # the rest in a fresh one
 
 
 def test_isolate_false_runs_in_this_process():
-    assert [pid for _, pid in call_isolated(batch, [1, 2], isolate=False)] == [os.getpid()] * 2
+    assert [pid for _, pid in map_isolated(pid_of, [1, 2], isolate=False)] == [os.getpid()] * 2
 
 
 def test_decode_stage_turns_a_crashing_recording_into_an_error_row_and_decodes_its_neighbours():

@@ -171,16 +171,18 @@ def test_speech_regions_of_the_samples_are_silero_get_speech_timestamps(name):
         assert abs(start - region["start"]) <= 2 * segment.VAD_FRAME and abs(end - region["end"]) <= 2 * segment.VAD_FRAME
 
 
-def test_vad_reads_the_audio_without_copying_it(clip):
-    samples = np.resize(clip, RATE * 600)  # 38 MB
-    plan_segments(samples[: RATE * 5], RATE, 30.0)  # load the model first
+def test_vad_holds_one_group_of_windows_however_long_the_recording(clip):
+    options = VadOptions(batch_windows=8)
+    samples = np.resize(clip, RATE * 300)  # 19 MB, 19 windows of 16 s: 3 groups
+    group_bytes = options.batch_windows * (options.max_window_s + options.warmup_s) * RATE * 4  # 8.5 MB
+    plan_segments(samples[: RATE * 5], RATE, 30.0, options)  # load the model first
     tracemalloc.start()
     try:
-        plan_segments(samples, RATE, 30.0)
+        plan_segments(samples, RATE, 30.0, options)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 0.05 * samples.nbytes
+    assert peak < 1.2 * group_bytes < 0.6 * samples.nbytes
 
 
 def test_vad_model_loads_once_and_leaves_torch_threads_alone(clip):
@@ -246,3 +248,41 @@ def test_recordings_segmented_together_get_the_segments_they_get_alone(clip):
     chunked = pa.concat_tables([table, pa.table({"rec": rec[2:], "samples": samples_to_arrow(recordings[2:])})])
     assert chunked.column("samples").num_chunks == 2
     assert segment_bounds(segment_table(chunked, RATE, 30.0)) == together
+
+
+def test_segment_rows_leave_in_blocks_of_bounded_size_that_make_up_the_whole(clip):
+    speech, _ = speech_with_pauses(clip, [8, 12, 6, 9, 14, 7] * 3, pause_s=0.8)  # 182 s
+    table = pa.table({"rec": [0, 1, 2], "samples": samples_to_arrow([clip, speech, None])})
+    whole = segment_table(table, RATE, 30.0)
+    block_bytes = 30 * RATE * 4  # 30 s of samples: a block ends once it holds that much
+    blocks = list(segment.segment_blocks(table, RATE, 30.0, block_bytes=block_bytes))
+    assert len(blocks) >= 4
+    for i, block in enumerate(blocks):  # each ends with the segment that fills it, but the last
+        sizes = [4 * len(samples) for samples in block.column("samples").to_pylist() if samples is not None]
+        assert sum(sizes[:-1]) < block_bytes <= sum(sizes) if i < len(blocks) - 1 else sum(sizes) < block_bytes
+    assert pa.concat_tables(blocks).equals(whole)
+    assert segment_bounds(whole)[1] == plan_segments(speech, RATE, 30.0)
+
+
+def test_the_helper_is_sent_one_group_of_windows_at_a_time_not_the_recording(clip, monkeypatch):
+    from granite_batch import isolation
+
+    options = VadOptions(batch_windows=8)
+    speech = np.resize(clip, RATE * 300)  # 19 MB, 3 groups of windows
+    sent = []
+    write = isolation._write_message
+
+    def recording_write(fd, kind, value):
+        if kind == isolation._WORK:
+            _, items = value
+            sent.append(sum(item[0].nbytes for item in items))
+        write(fd, kind, value)
+
+    monkeypatch.setattr(isolation, "_write_message", recording_write)
+    out = segment_table(pa.table({"samples": samples_to_arrow([speech])}), RATE, 30.0, options)
+    frames = round(options.max_window_s * RATE / segment.VAD_FRAME) + round(options.warmup_s * RATE / segment.VAD_FRAME)
+    group_bytes = options.batch_windows * frames * segment.VAD_FRAME * 4  # 8 windows of 16.5 s: 8.5 MB
+    assert len(sent) == 3 and max(sent) <= group_bytes < speech.nbytes / 2
+    monkeypatch.undo()
+    assert out.equals(segment_table(pa.table({"samples": samples_to_arrow([speech])}), RATE, 30.0, options,
+                                    isolate=False))

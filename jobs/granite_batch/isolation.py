@@ -83,35 +83,22 @@ def map_isolated(fn: Callable[[Any], Any], items: Sequence[Any], isolate: bool =
     place; the other items' results are those of `fn`. An exception `fn` raises is raised here."""
     if not isolate or _in_helper or not can_fork():
         return [fn(item) for item in items]
-    return _run(fn, list(items), batched=False)
+    return _run(fn, list(items))
 
 
-def call_isolated(fn: Callable[[list], list], items: Sequence[Any], isolate: bool = True) -> list[Any]:
-    """`fn(items)` for an `fn` that works on a whole batch at once and returns one result per item,
-    computed in the helper process. If the helper dies, each item is redone on its own (as
-    `map_isolated` does with `fn([item])[0]`), so only the items that crash alone get a `Crash`."""
-    if not isolate or _in_helper or not can_fork():
-        return fn(list(items))
-    with _lock:
-        done, crash = _helper().run(fn, [list(items)], batched=False)
-    if crash is None:
-        return done[0]
-    return _run(fn, list(items), batched=True)
-
-
-def _run(fn, items: list, batched: bool) -> list:
+def _run(fn, items: list) -> list:
     results: list[Any] = [None] * len(items)
     start = 0
     with _lock:
         while start < len(items):
-            done, crash = _helper().run(fn, items[start:], batched)
+            done, crash = _helper().run(fn, items[start:])
             results[start:start + len(done)] = done
             start += len(done)
             if crash is None:
                 break
             # The helper died on items[start]: once more, alone, in a fresh helper, so a crash its
             # neighbours caused, or a transient one, does not fail it.
-            alone, crash = _helper().run(fn, [items[start]], batched)
+            alone, crash = _helper().run(fn, [items[start]])
             results[start] = alone[0] if crash is None else crash
             start += 1
     return results
@@ -136,12 +123,12 @@ class _Helper:
         self._reader = os.fdopen(self._results, "rb", buffering=_PIPE_BYTES)
         self.alive = True
 
-    def run(self, fn, items: list, batched: bool) -> tuple[list, Crash | None]:
-        """The results of `fn` on `items` (`fn([item])[0]` each when `batched`), in order, until the
+    def run(self, fn, items: list) -> tuple[list, Crash | None]:
+        """The results of `fn` on `items`, in order, until the
         helper ends the work (Crash None) or dies (the results it sent, and how it died)."""
         done: list[Any] = []
         try:
-            _write_message(self._request, _WORK, (fn, items, batched))
+            _write_message(self._request, _WORK, (fn, items))
         except (BrokenPipeError, OSError):
             return done, self._died()
         while True:
@@ -207,10 +194,10 @@ def _serve(request_read: int, results_write: int) -> None:
 
 def _work(request: tuple, results_write: int) -> None:
     """Send the result of each item of one request, then _DONE; its locals go when it returns."""
-    fn, items, batched = request
+    fn, items = request
     try:
         for item in items:
-            _write_message(results_write, _RESULT, fn([item])[0] if batched else fn(item))
+            _write_message(results_write, _RESULT, fn(item))
     except Exception as exc:  # noqa: BLE001 - the worker raises it as its own
         _send_exception(results_write, exc)
     _write_message(results_write, _DONE, None)

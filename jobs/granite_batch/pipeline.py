@@ -215,11 +215,11 @@ def _model_branch(ray, ds, config: JobConfig, spec: ModelSpec, model_ref: ModelR
     # (128 MB), so the VAD sees a block's short clips side by side (16 of them: 408x real time, against
     # 171x at 4) while a long recording (over 128 MB of samples: 35 minutes) comes alone. What leaves
     # this stage is segments of at most max_segment_s (and of the model's per-call limit), however
-    # long the recording.
+    # long the recording, in tables of at most 64 MB of samples (segment.segment_blocks yields them).
     limits = [config.max_segment_s] + [limit for limit in (profile.max_call_s, profile.max_speakers_call_s,
                                                            profile.max_word_times_call_s) if limit]
     ds = ds.map_batches(
-        segment.segment_table,
+        segment.segment_blocks,
         fn_kwargs={"sample_rate_hz": config.sample_rate_hz, "max_segment_s": min(limits),
                    "crash_test": config.crash_test},
         batch_format="pyarrow", batch_size=None, num_cpus=config.resources.decode_cpus, **recovery.TASK_RETRIES,

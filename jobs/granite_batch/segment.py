@@ -10,11 +10,12 @@ window, so a cut falls between words, not inside one. Silence outside every segm
 A recording no longer than `max_segment_s` that holds any speech stays whole (one segment); one
 with no speech, or too short to hold a word, has no segment.
 
-Memory: the VAD reads the samples through small (windows x 512) gathers, so segmenting a
-recording allocates a few MB however long it is, besides one float per 32 ms frame, and the copy
-of the batch's samples that the helper process it runs in receives (isolation.py: a crash in it
-costs one row, not the worker). Speed: the windows of every recording in a batch run side by side
-(`speech_probabilities_many`).
+Memory: the VAD works through a recording one group of windows at a time (`batch_windows` windows
+of at most 16 s, side by side: 68 MB of samples), and that group is all the helper process it runs in
+receives (isolation.py: a crash in it costs one row, not the worker), so neither holds a copy of a
+long recording; besides, one float per 32 ms frame. Segment rows leave in tables of about 64 MB of
+samples (`segment_blocks`). The worker still holds the decoded recording it was given (64 KB per
+audio second: 230 MB an hour). Speed: the windows of every recording in a batch run side by side.
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ import numpy as np
 import pyarrow as pa
 
 from granite_batch.audio import samples_from_arrow, samples_to_arrow
-from granite_batch.isolation import Crash, CrashTest, call_isolated
+from granite_batch.isolation import Crash, CrashTest, map_isolated
 
 PAUSE_FRAME_S = 0.01  # frame for finding the pauses where long speech is cut
 PAUSE_DB = 35.0  # a frame this far below the window's median energy is a pause
 VAD_RATE_HZ = 16000
 VAD_FRAME = 512  # samples per silero VAD frame at 16 kHz (32 ms)
+# Segment rows leave the segment stage in tables of about this many bytes of samples (17 minutes).
+SEGMENT_BLOCK_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -88,71 +91,89 @@ def speech_probabilities_many(buffers: list[np.ndarray], spans: list[tuple[int, 
                               options: VadOptions = VadOptions()) -> list[np.ndarray]:
     """`speech_probabilities` of each recording `buffers[b][offset:offset + length]`, for
     (b, offset, length) in `spans` (recordings packed in a few buffers, as Arrow chunks hold them),
-    computed together: windows of all the recordings run side by side as one batch.
-
-    Each recording is read as windows of `min_window_s`..`max_window_s` (chosen from its own length),
-    each after `warmup_s` of the audio before it (silence before the recording's start), so a short
-    clip runs beside its neighbours instead of being stepped alone; one step reads one
-    (windows x 512) gather, never a copy of the audio.
+    computed together: windows of all the recordings run side by side, `batch_windows` at a time
+    (`vad_windows`, `window_samples`, `window_probabilities`).
     """
+    recordings = [buffers[b][offset:offset + length] for b, offset, length in spans]
+    probs = [np.zeros(-(-len(samples) // VAD_FRAME), np.float32) for samples in recordings]
+    for group in vad_window_groups([len(samples) for samples in recordings], options):
+        scatter_probabilities(probs, group, window_probabilities(window_samples(recordings, group, options),
+                                                                 group, options))
+    return probs
+
+
+def vad_window_groups(lengths: list[int], options: VadOptions = VadOptions()) -> list[list[tuple[int, int, int]]]:
+    """The VAD's work on recordings of `lengths` samples: groups of at most `batch_windows` windows
+    (recording, first frame, frames), similar lengths together, each group one batch of the model.
+
+    Each recording is read as windows of `min_window_s`..`max_window_s` chosen from its own length,
+    so its probabilities do not depend on what it was batched with, and a short clip runs beside its
+    neighbours instead of being stepped alone.
+    """
+    per_s = VAD_RATE_HZ / VAD_FRAME
+    windows = []
+    for i, length in enumerate(lengths):
+        count = -(-length // VAD_FRAME)
+        window = min(round(options.max_window_s * per_s),
+                     max(round(options.min_window_s * per_s), -(-count // options.batch_windows)))
+        windows.extend((i, first, min(window, count - first)) for first in range(0, count, window))
+    # Similar lengths side by side, so few steps run past a window's end.
+    windows.sort(key=lambda job: job[2], reverse=True)
+    return [windows[start:start + options.batch_windows] for start in range(0, len(windows), options.batch_windows)]
+
+
+def window_samples(recordings: list[np.ndarray], group: list[tuple[int, int, int]],
+                   options: VadOptions = VadOptions()) -> np.ndarray:
+    """The samples one group of windows reads, as (windows x (warm-up + longest window) * 512)
+    float32: each row `warmup_s` of the audio before its window, then the window, silence outside
+    its recording. At most `batch_windows` x 16.5 s of audio (68 MB), however long the recordings."""
+    warmup = _warmup_frames(options)
+    steps = warmup + max(frames for _, _, frames in group)
+    out = np.zeros((len(group), steps * VAD_FRAME), np.float32)
+    for row, (recording, first, frames) in enumerate(group):
+        samples = recordings[recording]
+        start = (first - warmup) * VAD_FRAME
+        low, high = max(0, start), min(len(samples), (first + frames) * VAD_FRAME)
+        out[row, low - start:high - start] = samples[low:high]
+    return out
+
+
+def window_probabilities(samples: np.ndarray, group: list[tuple[int, int, int]],
+                         options: VadOptions = VadOptions()) -> np.ndarray:
+    """Silero's speech probability for each frame of each window of `group` (after its warm-up), as
+    (windows x longest window) float32, from `window_samples`' rows run side by side; one thread,
+    as silero advises (a (windows x 512) step is too small to share, and spinning threads cost
+    several times the work on a machine whose cores are busy with other stages)."""
     import torch
 
     model = vad_model()
+    warmup = _warmup_frames(options)
+    steps = samples.shape[1] // VAD_FRAME
+    probs = np.zeros((len(group), steps - warmup), np.float32)
     threads = torch.get_num_threads()
-    # One thread, as silero advises: a (windows x 512) step is too small to share, and spinning
-    # threads cost several times the work on a machine whose cores are busy with other stages.
     torch.set_num_threads(1)
     try:
-        return _probabilities(model, buffers, spans, options)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _probabilities(model, buffers: list[np.ndarray], spans: list[tuple[int, int, int]],
-                   options: VadOptions) -> list[np.ndarray]:
-    import torch
-
-    frames = np.array([-(-length // VAD_FRAME) for _, _, length in spans], dtype=np.int64)
-    frame_offsets = np.concatenate(([0], np.cumsum(frames)))
-    probs = np.zeros(int(frame_offsets[-1]), np.float32)
-    per_s = VAD_RATE_HZ / VAD_FRAME
-    warmup = round(options.warmup_s * per_s)
-    # One job per window: (recording, its first frame, its length in frames). Each recording's windows
-    # depend on its own length only, so its segments do not depend on what it was batched with.
-    jobs = []
-    for i, count in enumerate(frames.tolist()):
-        window = min(round(options.max_window_s * per_s),
-                     max(round(options.min_window_s * per_s), -(-count // options.batch_windows)))
-        jobs.extend((i, first, min(window, count - first)) for first in range(0, count, window))
-    # Similar lengths side by side, so few steps run past a window's end.
-    jobs.sort(key=lambda job: job[2], reverse=True)
-    within = np.arange(VAD_FRAME)
-    with torch.inference_mode():
-        for group in range(0, len(jobs), options.batch_windows):
-            recording, first, length = (np.array(column, dtype=np.int64)
-                                        for column in zip(*jobs[group:group + options.batch_windows]))
-            buffer = np.array([spans[i][0] for i in recording], dtype=np.int64)
-            offset = np.array([spans[i][1] for i in recording], dtype=np.int64)
-            low, high = offset[:, None], (offset + [spans[i][2] for i in recording])[:, None]
-            starts = offset + (first - warmup) * VAD_FRAME
-            destination = frame_offsets[recording] + first
-            # The windows of each buffer in this group: one gather per buffer and step.
-            readers = [(buffers[b], buffer == b) for b in np.unique(buffer).tolist()]
+        with torch.inference_mode():
             model.reset_states()
-            for step in range(warmup + int(length.max())):
-                index = starts[:, None] + step * VAD_FRAME + within
-                if len(readers) == 1:
-                    chunk = readers[0][0].take(index, mode="clip").astype(np.float32, copy=False)
-                else:  # a fresh array each step: the model may keep a view of its input as context
-                    chunk = np.empty(index.shape, np.float32)
-                    for values, rows in readers:
-                        chunk[rows] = values.take(index[rows], mode="clip")
-                chunk[(index < low) | (index >= high)] = 0.0  # outside its recording: silence
+            for step in range(steps):
+                # A fresh array each step: the model may keep a view of its input as context.
+                chunk = np.ascontiguousarray(samples[:, step * VAD_FRAME:(step + 1) * VAD_FRAME])
                 out = model(torch.from_numpy(chunk), VAD_RATE_HZ)[:, 0].numpy()
                 if step >= warmup:
-                    keep = step - warmup < length
-                    probs[destination[keep] + step - warmup] = out[keep]
-    return [probs[frame_offsets[i]:frame_offsets[i + 1]] for i in range(len(spans))]
+                    probs[:, step - warmup] = out
+    finally:
+        torch.set_num_threads(threads)
+    return probs
+
+
+def scatter_probabilities(probs: list[np.ndarray], group: list[tuple[int, int, int]], computed: np.ndarray) -> None:
+    """Put each window's probabilities (`window_probabilities`) in its recording's place in `probs`."""
+    for row, (recording, first, frames) in enumerate(group):
+        probs[recording][first:first + frames] = computed[row, :frames]
+
+
+def _warmup_frames(options: VadOptions) -> int:
+    return round(options.warmup_s * VAD_RATE_HZ / VAD_FRAME)
 
 
 def speech_regions(probs: np.ndarray, n: int, options: VadOptions = VadOptions()) -> list[tuple[int, int]]:
@@ -268,28 +289,63 @@ def _merge(pieces: list[tuple[int, int]], max_len: int, max_gap: int) -> list[tu
     return segments
 
 
-def _segment_rows(rows: list[tuple[np.ndarray, str | None]], sample_rate_hz: int, max_segment_s: float,
-                  options: VadOptions, crash_test: CrashTest | None) -> list[list[tuple[int, int]]]:
-    """`plan_segments` of each (samples, audio) in `rows`, the VAD over all of them at once."""
+def _group_probabilities(work: tuple[np.ndarray, list[tuple[int, int, int]], list[str | None]],
+                         options: VadOptions, crash_test: CrashTest | None) -> np.ndarray:
+    """`window_probabilities` of one group, as the helper process runs it (isolation.py)."""
+    samples, group, audio = work
     if crash_test is not None:
-        crash_test.check("segment", [audio for _, audio in rows])
-    long_enough = [i for i, (samples, _) in enumerate(rows) if len(samples) >= options.min_speech_s * sample_rate_hz]
-    probabilities: dict[int, np.ndarray] = {}
-    if long_enough:
-        # One buffer, so each VAD step is one gather (a copy of the audio: 2 ms per minute of it).
-        pieces = [rows[i][0] for i in long_enough]
-        buffer = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
-        starts = np.concatenate(([0], np.cumsum([len(piece) for piece in pieces])[:-1]))
-        spans = [(0, int(start), len(piece)) for start, piece in zip(starts, pieces)]
-        probabilities = dict(zip(long_enough, speech_probabilities_many([buffer], spans, options)))
-    return [plan_segments(samples, sample_rate_hz, max_segment_s, options, probabilities.get(i))
-            for i, (samples, _) in enumerate(rows)]
+        crash_test.check("segment", audio)
+    return window_probabilities(samples, group, options)
+
+
+def _vad(units: list[np.ndarray], audio: list[str | None], options: VadOptions, isolate: bool,
+         crash_test: CrashTest | None) -> list[np.ndarray | Crash]:
+    """Speech probabilities of each of `units` (the samples of a recording or of one of its
+    channels; `audio` names each unit's recording), or a `Crash` for a unit whose VAD kills the
+    helper process.
+
+    The helper is sent one group of windows at a time (`window_samples`: at most 68 MB), never a
+    recording, so it holds a bounded amount however long the recordings are. A group that kills
+    the helper, twice, is redone recording by recording, so only the recordings that crash it alone
+    fail.
+    """
+    probs: list[np.ndarray | Crash] = [np.zeros(-(-len(samples) // VAD_FRAME), np.float32) for samples in units]
+    run = functools.partial(_group_probabilities, options=options, crash_test=crash_test)
+    for group in vad_window_groups([len(samples) for samples in units], options):
+        tries = [group]
+        while tries:
+            windows = [window for window in tries.pop() if not isinstance(probs[window[0]], Crash)]
+            if not windows:
+                continue
+            names = sorted({audio[unit] for unit, _, _ in windows}, key=str)
+            [computed] = map_isolated(run, [(window_samples(units, windows, options), windows, names)],
+                                      isolate=isolate)
+            if not isinstance(computed, Crash):
+                scatter_probabilities(probs, windows, computed)
+            elif len({unit for unit, _, _ in windows}) == 1:
+                probs[windows[0][0]] = computed
+            else:
+                by_unit: dict[int, list[tuple[int, int, int]]] = {}
+                for window in windows:
+                    by_unit.setdefault(window[0], []).append(window)
+                tries.extend(reversed(list(by_unit.values())))
+    return probs
 
 
 def segment_table(table: pa.Table, sample_rate_hz: int, max_segment_s: float,
                   options: VadOptions = VadOptions(), isolate: bool = True,
                   crash_test: CrashTest | None = None) -> pa.Table:
-    """Segment stage: decoded recordings in, one row per speech segment out.
+    """`segment_blocks` as one table."""
+    blocks = list(segment_blocks(table, sample_rate_hz, max_segment_s, options, isolate, crash_test))
+    return pa.concat_tables(blocks) if len(blocks) > 1 else blocks[0]
+
+
+def segment_blocks(table: pa.Table, sample_rate_hz: int, max_segment_s: float,
+                   options: VadOptions = VadOptions(), isolate: bool = True,
+                   crash_test: CrashTest | None = None, block_bytes: int = SEGMENT_BLOCK_BYTES):
+    """Segment stage: decoded recordings in, one row per speech segment out, in tables of at most
+    about `block_bytes` of samples (Ray Data stores each as it comes, so the worker never holds a
+    long recording's segments all at once besides the recording).
 
     Each segment row carries its recording's columns (all but `samples`), `segment_index` (0-based),
     `segment_count` (the recording's), `start_s` / `end_s`, `channel` and the segment's own
@@ -300,9 +356,10 @@ def segment_table(table: pa.Table, sample_rate_hz: int, max_segment_s: float,
     `channel` is null for mono recordings. A recording with no segment (an error, silence, too short
     to hold speech) gives one row with `segment_count` 0 and no samples, so every recording still
     reaches the driver. The VAD runs over all the recordings (and channels) of the table at once, so
-    short clips run side by side. With `isolate` it runs in a helper process (isolation.py): a
-    recording that crashes it becomes an error row ("segment crashed the worker: signal 11
-    (SIGSEGV)"). `crash_test` is for tests only.
+    short clips run side by side. With `isolate` it runs in a helper process (isolation.py), one
+    group of windows at a time: a recording that crashes it becomes an error row ("segment crashed
+    the worker: signal 11 (SIGSEGV)"). Segments are then planned here from the probabilities (numpy
+    only). `crash_test` is for tests only.
     """
     recordings = samples_from_arrow(table.column("samples"))
     n = table.num_rows
@@ -320,51 +377,50 @@ def segment_table(table: pa.Table, sample_rate_hz: int, max_segment_s: float,
             continue
         length = len(samples) // channel_counts[row]
         units.extend((row, c, samples[c * length:(c + 1) * length]) for c in range(channel_counts[row]))
-    if isolate and any(len(samples) >= options.min_speech_s * sample_rate_hz for _, _, samples in units):
+    # Too short to hold a word: no VAD, no segment.
+    units = [unit for unit in units if len(unit[2]) >= options.min_speech_s * sample_rate_hz]
+    if isolate and units:
         warm_vad()  # before the helper is forked, so that it starts warm
-    plan = functools.partial(_segment_rows, sample_rate_hz=sample_rate_hz, max_segment_s=max_segment_s,
-                             options=options, crash_test=crash_test)
+    probabilities = _vad([samples for _, _, samples in units], [audio[row] for row, _, _ in units],
+                         options, isolate, crash_test)
     bounds_of: dict[int, list[tuple[int, int, int | None, np.ndarray]]] = {}
-    for (row, channel, samples), bounds in zip(
-            units, call_isolated(plan, [(samples, audio[row]) for row, _, samples in units], isolate=isolate)):
-        if isinstance(bounds, Crash):
-            errors[row] = bounds.reason("segment")
-        else:
+    for (row, channel, samples), probs in zip(units, probabilities):
+        if isinstance(probs, Crash):
+            errors[row] = probs.reason("segment")
+        elif errors[row] is None:
+            bounds = plan_segments(samples, sample_rate_hz, max_segment_s, options, probs)
             bounds_of.setdefault(row, []).extend((start, end, channel, samples) for start, end in bounds)
     for row, bounds in bounds_of.items():
         if errors[row] is not None:  # one channel crashed the VAD: the recording fails whole
             bounds.clear()
         bounds.sort(key=lambda bound: (bound[0], bound[2] or 0))
-    rows: list[int] = []  # the recording each output row comes from
-    index: list[int | None] = []
-    count: list[int] = []
-    starts: list[float | None] = []
-    ends: list[float | None] = []
-    channels: list[int | None] = []
-    pieces: list[np.ndarray | None] = []
+    base = table.drop_columns([c for c in ("samples", "error", "channel_count") if c in table.column_names])
+    base = base.append_column("error", pa.array(errors, pa.string()))
+    block: list[tuple[int, int | None, int, tuple[int, int, int | None, np.ndarray] | None]] = []
+    size = 0
     for row in range(n):
         bounds = bounds_of.get(row, [])
         if not bounds:  # one row all the same, so the recording reaches the driver
-            rows.append(row)
-            index.append(None)
-            count.append(0)
-            starts.append(None)
-            ends.append(None)
-            channels.append(None)
-            pieces.append(None)
-        for k, (start, end, channel, samples) in enumerate(bounds):
-            rows.append(row)
-            index.append(k)
-            count.append(len(bounds))
-            starts.append(start / sample_rate_hz)
-            ends.append(end / sample_rate_hz)
-            channels.append(channel)
-            pieces.append(samples[start:end])
-    out = table.drop_columns([c for c in ("samples", "error", "channel_count") if c in table.column_names])
-    out = out.append_column("error", pa.array(errors, pa.string())).take(pa.array(rows, pa.int64()))
-    out = out.append_column("segment_index", pa.array(index, pa.int32()))
-    out = out.append_column("segment_count", pa.array(count, pa.int32()))
-    out = out.append_column("start_s", pa.array(starts, pa.float64()))
-    out = out.append_column("end_s", pa.array(ends, pa.float64()))
-    out = out.append_column("channel", pa.array(channels, pa.int32()))
-    return out.append_column("samples", samples_to_arrow(pieces))
+            block.append((row, None, 0, None))
+        for k, bound in enumerate(bounds):
+            block.append((row, k, len(bounds), bound))
+            size += 4 * (bound[1] - bound[0])
+            if size >= block_bytes:
+                yield _segment_block(base, block, sample_rate_hz)
+                block, size = [], 0
+    if block or n == 0:
+        yield _segment_block(base, block, sample_rate_hz)
+
+
+def _segment_block(base: pa.Table, block: list, sample_rate_hz: int) -> pa.Table:
+    """The segment rows of `block` ((row of `base`, segment index, segment count, bound or None))."""
+    bounds = [bound for _, _, _, bound in block]
+    out = base.take(pa.array([row for row, _, _, _ in block], pa.int64()))
+    out = out.append_column("segment_index", pa.array([k for _, k, _, _ in block], pa.int32()))
+    out = out.append_column("segment_count", pa.array([count for _, _, count, _ in block], pa.int32()))
+    out = out.append_column("start_s", pa.array([None if b is None else b[0] / sample_rate_hz for b in bounds],
+                                                pa.float64()))
+    out = out.append_column("end_s", pa.array([None if b is None else b[1] / sample_rate_hz for b in bounds],
+                                              pa.float64()))
+    out = out.append_column("channel", pa.array([None if b is None else b[2] for b in bounds], pa.int32()))
+    return out.append_column("samples", samples_to_arrow([None if b is None else b[3][b[0]:b[1]] for b in bounds]))
