@@ -169,7 +169,7 @@ def in_process(config, mark_rows: int | None = None) -> dict:
     from granite_batch.manifest import Defaults, read_manifest
     from granite_batch.model import resolve_model
     from granite_batch.output import TranscriptWriter, transcript_schema
-    from granite_batch.pipeline import SORT_POOL_CALLS, Transcriber
+    from granite_batch.pipeline import Transcriber, actor_batch_rows
     from granite_batch.transcribe import RecordingAssembler
 
     # Ray runs each task and actor with OMP_NUM_THREADS = its CPUs (1 here): the same for the loop.
@@ -187,7 +187,7 @@ def in_process(config, mark_rows: int | None = None) -> dict:
                          "max_duration_s": config.max_duration_s, "timeout_s": config.decode_timeout_s}
         segment_kwargs = {"sample_rate_hz": config.sample_rate_hz, "max_segment_s": config.max_segment_s}
         assembler = RecordingAssembler()
-        actor_batch = config.model_batch(gpu=False)[0] * SORT_POOL_CALLS
+        actor_batch = actor_batch_rows(*config.model_batch(gpu=False), config.max_segment_s)
 
         def transcribe(segments):  # the actor's batches of segments, then the driver's assembly
             parts = [transcriber(segments.slice(i, actor_batch)) for i in range(0, segments.num_rows, actor_batch)]

@@ -71,34 +71,41 @@ def _kind(pid: int) -> str:
     return name[:60]
 
 
-def _pss_mb(pid: int) -> float:
+def _pss_mb(pid: int) -> tuple[float, float]:
+    """(PSS, the part of it in shared memory: Ray's object store, which workers map) in MB."""
+    sizes = {"Pss:": 0.0, "Pss_Shmem:": 0.0}
     try:
         with open(f"/proc/{pid}/smaps_rollup") as rollup:
             for line in rollup:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) / 1024
+                key = line.split(maxsplit=1)[0]
+                if key in sizes:
+                    sizes[key] = int(line.split()[1]) / 1024
     except OSError:
         pass
-    return 0.0
+    return sizes["Pss:"], sizes["Pss_Shmem:"]
 
 
-def run_measured(command: list[str], env: dict) -> tuple[subprocess.CompletedProcess, float, dict[str, float]]:
-    """Run `command`, sampling the PSS of its process tree; (the process, peak MB, MB by kind of process then)."""
+def run_measured(command: list[str], env: dict) -> tuple[subprocess.CompletedProcess, float, dict[str, list]]:
+    """Run `command`, sampling the PSS of its process tree; (the process, peak MB, by kind of process
+    then: [MB, MB of it in shared memory, processes])."""
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     peak = [0.0]
-    breakdown: dict[str, float] = {}  # PSS by kind of process at the peak
+    breakdown: dict[str, list] = {}  # PSS by kind of process at the peak
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            sizes = [(pid, _pss_mb(pid)) for pid in _descendants(process.pid)]
-            total = sum(size for _, size in sizes)
+            sizes = [(pid, *_pss_mb(pid)) for pid in _descendants(process.pid)]
+            total = sum(size for _, size, _ in sizes)
             if total > peak[0]:
                 peak[0] = total
-                by_kind: dict[str, float] = {}
-                for pid, size in sizes:
-                    by_kind[_kind(pid)] = by_kind.get(_kind(pid), 0.0) + size
+                by_kind: dict[str, list[float]] = {}  # kind: [MB, of it in the object store, processes]
+                for pid, size, shared in sizes:
+                    figures = by_kind.setdefault(_kind(pid), [0.0, 0.0, 0])
+                    figures[0] += size
+                    figures[1] += shared
+                    figures[2] += 1
                 breakdown.clear()
                 breakdown.update(by_kind)
             done.wait(0.25)
@@ -158,13 +165,18 @@ def memory(args) -> dict:
             results.append({"minutes": minutes, "recordings": args.recordings, "peak_pss_mb": round(peak),
                             "wall_s": round(time.perf_counter() - start, 1), "rows_ok": summary["rows_ok"],
                             "samples_mb_per_recording": round(minutes * 60 * RATE * 4 / MB),
-                            "peak_by_process_mb": {kind: round(size) for kind, size in
-                                                   sorted(breakdown.items(), key=lambda item: -item[1])}})
+                            "peak_by_process_mb": {kind: round(size) for kind, (size, _, _) in
+                                                   sorted(breakdown.items(), key=lambda item: -item[1][0])},
+                            "peak_by_process": {kind: {"mb": round(size), "object_store_mb": round(shared),
+                                                       "processes": count}
+                                                for kind, (size, shared, count) in breakdown.items()}})
             path.unlink()
             print(f"{minutes:>6g} min x {args.recordings}: peak PSS of the job's processes {peak:,.0f} MB, "
                   f"{results[-1]['wall_s']} s, {summary['rows_ok']} rows ok", flush=True)
-            for kind, size in list(results[-1]["peak_by_process_mb"].items())[:8]:
-                print(f"         {size:>7,} MB  {kind}")
+            for kind in list(results[-1]["peak_by_process_mb"])[:8]:
+                figures = results[-1]["peak_by_process"][kind]
+                print(f"         {figures['mb']:>7,} MB  {kind} ({figures['processes']} processes, "
+                      f"{figures['object_store_mb']:,} MB of it shared memory)")
     ratio = results[-1]["peak_pss_mb"] / results[0]["peak_pss_mb"]
     print(f"peak memory, {args.minutes[-1]:g} min against {args.minutes[0]:g} min: {ratio:.2f}x (goal <= 1.25x: "
           f"{'met' if ratio <= 1.25 else 'NOT met'})")

@@ -141,6 +141,14 @@ def planned_rows(layout: PlanLayout, rows_to_do: int, cluster: dict, max_rows: i
 SORT_POOL_CALLS = 4
 
 
+def actor_batch_rows(segments_per_call: int, audio_s_per_call: float, max_segment_s: float) -> int:
+    """Segment rows handed to the model actor at a time: SORT_POOL_CALLS calls' worth, counting a
+    call as at most its segments and at most its audio budget of the longest segments, so the
+    actor never holds more than SORT_POOL_CALLS x `audio_s_per_call` of samples (123 MB on the CPU,
+    4 x 480 s; 2 GB on a GPU) however long the recordings, while short clips still fill its calls."""
+    return SORT_POOL_CALLS * max(1, min(segments_per_call, int(audio_s_per_call // max_segment_s)))
+
+
 def job_models(config: JobConfig, model_refs: list[ModelRef]) -> list[tuple[ModelSpec, ModelRef, ModelProfile]]:
     """The job's models in routing order, each with its resolved ref and its profile (profiles.py)."""
     return [(spec, ref, model_profile(spec.model, spec.revision, config.trust_remote_code, spec.profile))
@@ -218,9 +226,10 @@ def _model_branch(ray, ds, config: JobConfig, spec: ModelSpec, model_ref: ModelR
     # long the recording, in tables of at most 64 MB of samples (segment.segment_blocks yields them).
     limits = [config.max_segment_s] + [limit for limit in (profile.max_call_s, profile.max_speakers_call_s,
                                                            profile.max_word_times_call_s) if limit]
+    max_segment_s = min(limits)
     ds = ds.map_batches(
         segment.segment_blocks,
-        fn_kwargs={"sample_rate_hz": config.sample_rate_hz, "max_segment_s": min(limits),
+        fn_kwargs={"sample_rate_hz": config.sample_rate_hz, "max_segment_s": max_segment_s,
                    "crash_test": config.crash_test},
         batch_format="pyarrow", batch_size=None, num_cpus=config.resources.decode_cpus, **recovery.TASK_RETRIES,
     )
@@ -229,7 +238,7 @@ def _model_branch(ray, ds, config: JobConfig, spec: ModelSpec, model_ref: ModelR
         actor_options["accelerator_type"] = resources.accelerator_type
     if resources.actor_resources:
         actor_options["resources"] = dict(resources.actor_resources)
-    segments_per_call, _ = config.model_batch(gpu=device.startswith("cuda"))
+    segments_per_call, audio_s_per_call = config.model_batch(gpu=device.startswith("cuda"))
     return ds.map_batches(
         Transcriber,
         fn_constructor_kwargs={"config": config, "model_ref": model_ref, "run_id": run_id, "device": device,
@@ -240,7 +249,8 @@ def _model_branch(ray, ds, config: JobConfig, spec: ModelSpec, model_ref: ModelR
             **({"max_tasks_in_flight_per_actor": 1} if alone else {}),
         ),
         # Alone, one segment per call: a poison recording can only take its own segments down.
-        batch_format="pyarrow", batch_size=1 if alone else segments_per_call * SORT_POOL_CALLS,
+        batch_format="pyarrow",
+        batch_size=1 if alone else actor_batch_rows(segments_per_call, audio_s_per_call, max_segment_s),
         num_gpus=gpus_per_actor, num_cpus=resources.cpus_per_actor,
         **recovery.MODEL_ACTOR_RETRIES, **actor_options,
     )
