@@ -58,6 +58,7 @@ def test_gpu_bench_runs_tiny_on_cpu_without_ray():
     assert summary["results"][0]["clips"] == 3 and summary["results"][1]["clips"] == summary["clips"] == 6
 
 
+@pytest.mark.slow
 def test_bench_prints_the_three_figures_with_their_baselines(tmp_path):
     result = subprocess.run([sys.executable, str(BENCH_PIPELINE), "--audio-s", "5", "--overlap-rows", "48",
                              "--rows", "16", "--repeats", "1", "--work-dir", str(tmp_path)],

@@ -290,6 +290,7 @@ def _manifest(tmp_path, count: int = 6):
     return write_jsonl(tmp_path / "m.jsonl", rows)
 
 
+@pytest.mark.slow
 def test_two_runs_started_together_on_a_local_root_one_waits_for_the_other(tmp_path, tiny_model_dir):
     manifest, output = _manifest(tmp_path), str(tmp_path / "out")
     jobs = {name: _job(manifest, output, tiny_model_dir, name, "--lease-wait-s", "300") for name in ("one", "two")}

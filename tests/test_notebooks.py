@@ -88,6 +88,7 @@ def test_evaluate_quality(job_output, tmp_path):
     assert f"{len(SAMPLE_ROWS)} rows scored, 1 skipped (failed row: 1)" in expected
 
 
+@pytest.mark.slow
 def test_run_a_small_job(tiny_model_dir, tmp_path):
     output = tmp_path / "out"
     execute("run_a_small_job", output=str(output), model=str(tiny_model_dir), max_new_tokens="8",

@@ -167,6 +167,7 @@ def eight_channel_wav(path):
     return path
 
 
+@pytest.mark.slow
 def test_hostile_rows_round_two_each_give_one_row_and_a_second_run_completes(tmp_path, tiny_model_dir):
     fifo = tmp_path / "pipe.wav"
     os.mkfifo(fifo)

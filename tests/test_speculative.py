@@ -245,6 +245,7 @@ def test_unknown_modes_and_beam_counts_are_refused():
         SpeculativeOptions("speculative", fallback_beams=0)
 
 
+@pytest.mark.slow
 def test_job_with_strict_speculation_writes_the_same_text_and_counts_decisions(tmp_path, tiny_model_dir):
     import json
 
