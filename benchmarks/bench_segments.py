@@ -170,15 +170,14 @@ def memory(args) -> dict:
             results.append({"minutes": minutes, "recordings": args.recordings, "peak_pss_mb": round(peak),
                             "wall_s": round(time.perf_counter() - start, 1), "rows_ok": summary["rows_ok"],
                             "samples_mb_per_recording": round(minutes * 60 * RATE * 4 / MB),
-                            "peak_by_process_mb": {kind: round(size) for kind, (size, _, _) in
-                                                   sorted(breakdown.items(), key=lambda item: -item[1][0])},
+                            # Largest first.
                             "peak_by_process": {kind: {"mb": round(size), "object_store_mb": round(shared),
                                                        "processes": count}
-                                                for kind, (size, shared, count) in breakdown.items()}})
+                                                for kind, (size, shared, count) in
+                                                sorted(breakdown.items(), key=lambda item: -item[1][0])}})
             print(f"{minutes:>6g} min x {args.recordings}: peak PSS of the job's processes {peak:,.0f} MB, "
                   f"{results[-1]['wall_s']} s, {summary['rows_ok']} rows ok", flush=True)
-            for kind in list(results[-1]["peak_by_process_mb"])[:8]:
-                figures = results[-1]["peak_by_process"][kind]
+            for kind, figures in list(results[-1]["peak_by_process"].items())[:8]:
                 print(f"         {figures['mb']:>7,} MB  {kind} ({figures['processes']} processes, "
                       f"{figures['object_store_mb']:,} MB of it shared memory)")
     medians = {minutes: statistics.median(r["peak_pss_mb"] for r in results if r["minutes"] == minutes)

@@ -91,15 +91,11 @@ def speech_probabilities_many(buffers: list[np.ndarray], spans: list[tuple[int, 
                               options: VadOptions = VadOptions()) -> list[np.ndarray]:
     """`speech_probabilities` of each recording `buffers[b][offset:offset + length]`, for
     (b, offset, length) in `spans` (recordings packed in a few buffers, as Arrow chunks hold them),
-    computed together: windows of all the recordings run side by side, `batch_windows` at a time
-    (`vad_windows`, `window_samples`, `window_probabilities`).
+    computed together in this process: windows of all the recordings run side by side,
+    `batch_windows` at a time (`vad_window_groups`, `window_samples`, `window_probabilities`).
     """
     recordings = [buffers[b][offset:offset + length] for b, offset, length in spans]
-    probs = [np.zeros(-(-len(samples) // VAD_FRAME), np.float32) for samples in recordings]
-    for group in vad_window_groups([len(samples) for samples in recordings], options):
-        scatter_probabilities(probs, group, window_probabilities(window_samples(recordings, group, options),
-                                                                 group, options))
-    return probs
+    return _vad(recordings, [None] * len(recordings), options, isolate=False, crash_test=None)
 
 
 def vad_window_groups(lengths: list[int], options: VadOptions = VadOptions()) -> list[list[tuple[int, int, int]]]:
@@ -138,9 +134,8 @@ def window_samples(recordings: list[np.ndarray], group: list[tuple[int, int, int
     return out
 
 
-def window_probabilities(samples: np.ndarray, group: list[tuple[int, int, int]],
-                         options: VadOptions = VadOptions()) -> np.ndarray:
-    """Silero's speech probability for each frame of each window of `group` (after its warm-up), as
+def window_probabilities(samples: np.ndarray, options: VadOptions = VadOptions()) -> np.ndarray:
+    """Silero's speech probability for each frame of each window (after its warm-up), as
     (windows x longest window) float32, from `window_samples`' rows run side by side; one thread,
     as silero advises (a (windows x 512) step is too small to share, and spinning threads cost
     several times the work on a machine whose cores are busy with other stages)."""
@@ -149,7 +144,7 @@ def window_probabilities(samples: np.ndarray, group: list[tuple[int, int, int]],
     model = vad_model()
     warmup = _warmup_frames(options)
     steps = samples.shape[1] // VAD_FRAME
-    probs = np.zeros((len(group), steps - warmup), np.float32)
+    probs = np.zeros((samples.shape[0], steps - warmup), np.float32)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -289,13 +284,14 @@ def _merge(pieces: list[tuple[int, int]], max_len: int, max_gap: int) -> list[tu
     return segments
 
 
-def _group_probabilities(work: tuple[np.ndarray, list[tuple[int, int, int]], list[str | None]],
-                         options: VadOptions, crash_test: CrashTest | None) -> np.ndarray:
-    """`window_probabilities` of one group, as the helper process runs it (isolation.py)."""
-    samples, group, audio = work
+def _group_probabilities(work: tuple[np.ndarray, list[str | None]], options: VadOptions,
+                         crash_test: CrashTest | None) -> np.ndarray:
+    """`window_probabilities` of one group's samples, as the helper process runs it (isolation.py);
+    the audio its windows come from is named for `crash_test`."""
+    samples, audio = work
     if crash_test is not None:
         crash_test.check("segment", audio)
-    return window_probabilities(samples, group, options)
+    return window_probabilities(samples, options)
 
 
 def _vad(units: list[np.ndarray], audio: list[str | None], options: VadOptions, isolate: bool,
@@ -318,8 +314,7 @@ def _vad(units: list[np.ndarray], audio: list[str | None], options: VadOptions, 
             if not windows:
                 continue
             names = sorted({audio[unit] for unit, _, _ in windows}, key=str)
-            [computed] = map_isolated(run, [(window_samples(units, windows, options), windows, names)],
-                                      isolate=isolate)
+            [computed] = map_isolated(run, [(window_samples(units, windows, options), names)], isolate=isolate)
             if not isinstance(computed, Crash):
                 scatter_probabilities(probs, windows, computed)
             elif len({unit for unit, _, _ in windows}) == 1:
@@ -343,9 +338,10 @@ def segment_table(table: pa.Table, sample_rate_hz: int, max_segment_s: float,
 def segment_blocks(table: pa.Table, sample_rate_hz: int, max_segment_s: float,
                    options: VadOptions = VadOptions(), isolate: bool = True,
                    crash_test: CrashTest | None = None, block_bytes: int = SEGMENT_BLOCK_BYTES):
-    """Segment stage: decoded recordings in, one row per speech segment out, in tables of at most
-    about `block_bytes` of samples (Ray Data stores each as it comes, so the worker never holds a
-    long recording's segments all at once besides the recording).
+    """Segment stage: decoded recordings in, one row per speech segment out, in tables of about
+    `block_bytes` of samples each (Ray Data gathers them into blocks up to its own target size,
+    128 MB, and stores each block as it fills), so the worker never builds a long recording's
+    segment rows all at once.
 
     Each segment row carries its recording's columns (all but `samples`), `segment_index` (0-based),
     `segment_count` (the recording's), `start_s` / `end_s`, `channel` and the segment's own
