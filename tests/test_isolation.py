@@ -12,7 +12,7 @@ import pytest
 
 from conftest import SAMPLES, SPEECH
 from granite_batch.audio import decode_table
-from granite_batch.isolation import Crash, CrashTest, map_isolated
+from granite_batch.isolation import Crash, CrashTest, Stage, map_isolated, stream_isolated
 from granite_batch.segment import segment_table
 
 MP3 = str(SAMPLES / "fr_gare.mp3")
@@ -37,6 +37,51 @@ def pid_of(item, kill=None):
 
 def slice_of(item, source):
     return source[item:]
+
+
+def parts_of(item, kill_at=None, flag=None):
+    """Streamed: `item` values (i, pid), a Stage halfway; with `kill_at`, the process dies before
+    value `kill_at` of item 3 (only while `flag`, a path, does not exist yet, when given)."""
+    yield Stage("decode")
+    for i in range(item):
+        if i == item // 2:
+            yield Stage("segment")
+        if item == 3 and i == kill_at and (flag is None or not os.path.exists(flag)):
+            if flag is not None:
+                open(flag, "w").close()
+            os.kill(os.getpid(), signal.SIGSEGV)
+        yield item * 10 + i, os.getpid()
+
+
+def test_streamed_values_come_in_order_from_the_helper_without_the_stage_markers():
+    got = list(stream_isolated(parts_of, [2, 0, 3]))
+    assert [(index, value) for index, (value, _) in got] == [(0, 20), (0, 21), (2, 30), (2, 31), (2, 32)]
+    assert {pid for _, (_, pid) in got} != {os.getpid()}  # made in the helper
+    assert [value for _, (value, _) in stream_isolated(parts_of, [2], isolate=False)] == [20, 21]
+
+
+def test_a_streamed_item_that_kills_its_helper_twice_ends_in_a_crash_of_its_last_stage():
+    got = list(stream_isolated(functools.partial(parts_of, kill_at=2), [2, 3, 1]))
+    values = [(index, value if isinstance(value, Crash) else value[0]) for index, value in got]
+    # Item 3 passed on 30 and 31 before it died; its second run died at the same place, in "segment".
+    assert values == [(0, 20), (0, 21), (1, 30), (1, 31), (1, Crash(signal=signal.SIGSEGV, stage="segment")), (2, 10)]
+    assert got[4][1].reason("decode") == "segment crashed the worker: signal 11 (SIGSEGV)"
+
+
+def test_a_streamed_item_whose_helper_died_once_goes_on_without_repeating_its_values(tmp_path):
+    got = list(stream_isolated(functools.partial(parts_of, kill_at=2, flag=str(tmp_path / "died")), [3, 2]))
+    assert [(index, value[0]) for index, value in got] == [(0, 30), (0, 31), (0, 32), (1, 20), (1, 21)]
+    assert got[1][1][1] != got[2][1][1]  # 32 came from the fresh helper
+
+
+def test_a_stream_may_be_consumed_while_map_isolated_works_and_left_early():
+    values = []
+    for index, (value, _) in stream_isolated(parts_of, [4, 2]):
+        values.append((value, map_isolated(pid_of, [value])[0][0]))
+        if value == 21:
+            break  # leaves the stream with values still to come: its helper is ended
+    assert values == [(40, 400), (41, 410), (42, 420), (43, 430), (20, 200), (21, 210)]
+    assert [value for _, (value, _) in stream_isolated(parts_of, [1])] == [10]  # a fresh stream helper
 
 
 def test_an_item_that_kills_its_process_becomes_a_crash_and_the_others_are_computed():
@@ -125,11 +170,11 @@ def test_the_helper_does_not_keep_a_request_s_samples_while_it_waits_for_the_nex
     from granite_batch import isolation
 
     assert isolation.map_isolated(len, [np.zeros(10, np.float32)]) == [10]  # the helper is up
-    helper = isolation._current.pid
+    helper = isolation._helpers["map"].pid
     before = _rss_mb(helper)
     hour = np.ones(16000 * 3600, np.float32)  # an hour of 16 kHz samples: 230 MB
     assert isolation.map_isolated(len, [hour]) == [len(hour)]
-    assert isolation._current.pid == helper  # the same helper did the work and lives on
+    assert isolation._helpers["map"].pid == helper  # the same helper did the work and lives on
     # The helper frees the request after its reply; wait (up to 10 s) for it to be idle again.
     import time
 

@@ -9,7 +9,9 @@ goes to it and results come back through pipes, row by row as they are done. Whe
 by a signal, the rows done before are kept, the row it was working on is retried alone in a fresh
 helper, and if that one dies too the row gets a `Crash` (the stage makes it an error row:
 "decode crashed the worker: signal 11 (SIGSEGV)"); the rows after it go on. The worker itself never
-runs the native code, so it never dies of it.
+runs the native code, so it never dies of it. `stream_isolated` does the same for work that sends
+back a row's results piece by piece as it makes them (a long recording's segments), in a helper of
+its own.
 
 The helper runs only our plain code (PyAV, numpy, soxr, torch on one thread), never Ray; it ends
 when its worker does (its request pipe closes) and leaves with os._exit. The functions it runs must
@@ -26,13 +28,14 @@ import signal as signals
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Sequence
+from dataclasses import replace
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 
 _HEADER = struct.Struct("<BQI")  # kind, metadata bytes, out-of-band buffers
 _LENGTH = struct.Struct("<Q")
-_WORK, _RESULT, _RAISED, _DONE = 1, 2, 3, 4
+_WORK, _RESULT, _RAISED, _DONE, _END = 1, 2, 3, 4, 5
 _PIPE_BYTES = 1 << 20  # a larger pipe: fewer wake-ups while a recording's samples stream through
 
 
@@ -42,9 +45,12 @@ class Crash:
 
     signal: int | None = None
     exit_code: int | None = None
+    stage: str | None = None  # the last `Stage` a streamed item named (stream_isolated)
 
     def reason(self, stage: str) -> str:
-        """The error row's text, e.g. "decode crashed the worker: signal 11 (SIGSEGV)"."""
+        """The error row's text, e.g. "decode crashed the worker: signal 11 (SIGSEGV)"; `stage`
+        unless the item named its own."""
+        stage = self.stage or stage
         if self.signal is not None:
             try:
                 name = f" ({signals.Signals(self.signal).name})"
@@ -52,6 +58,14 @@ class Crash:
                 name = ""
             return f"{stage} crashed the worker: signal {self.signal}{name}"
         return f"{stage} crashed the worker: exit status {self.exit_code}"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Yielded by a function run through `stream_isolated` to say what it does from now on (e.g.
+    "segment" after "decode"): a crash after it is that stage's. Not passed on to the caller."""
+
+    name: str
 
 
 @dataclass(frozen=True)
@@ -89,19 +103,82 @@ def map_isolated(fn: Callable[[Any], Any], items: Sequence[Any], isolate: bool =
 def _run(fn, items: list) -> list:
     results: list[Any] = [None] * len(items)
     start = 0
-    with _lock:
+    with _locks["map"]:
         while start < len(items):
-            done, crash = _helper().run(fn, items[start:])
+            done, crash = _helper("map").run(fn, items[start:])
             results[start:start + len(done)] = done
             start += len(done)
             if crash is None:
                 break
             # The helper died on items[start]: once more, alone, in a fresh helper, so a crash its
             # neighbours caused, or a transient one, does not fail it.
-            alone, crash = _helper().run(fn, [items[start]])
+            alone, crash = _helper("map").run(fn, [items[start]])
             results[start] = alone[0] if crash is None else crash
             start += 1
     return results
+
+
+def stream_isolated(fn: Callable[[Any], Iterator[Any]], items: Sequence[Any],
+                    isolate: bool = True) -> Iterator[tuple[int, Any]]:
+    """`(i, value)` for each value the generator `fn(items[i])` yields, item after item, computed in
+    a helper process of its own and sent back as it is made, so neither process holds more than the
+    values in flight. `Stage` values are not passed on; they name what the item is doing.
+
+    An item whose `fn` kills the helper is run again alone in a fresh helper, which skips the values
+    already passed on (`fn` must give the same values again); if that one dies too, `(i, Crash)`
+    (with the item's last `Stage`) ends its values, and the next items go on. An exception `fn`
+    raises is raised here. The stream has its own helper, so the caller may use `map_isolated` while
+    it consumes it; one stream at a time per process.
+    """
+    items = list(items)
+    if not isolate or _in_helper or not can_fork():
+        for i, item in enumerate(items):
+            yield from ((i, value) for value in fn(item) if not isinstance(value, Stage))
+        return
+    with _locks["stream"]:
+        start = 0
+        while start < len(items):
+            index, passed, stage, crash = start, 0, None, None
+            for kind, value in _streamed(fn, items[start:]):
+                if kind == _END:
+                    index, passed, stage = index + 1, 0, None
+                elif kind == _DONE:
+                    crash = value
+                elif isinstance(value, Stage):
+                    stage = value.name
+                else:
+                    passed += 1
+                    yield index, value
+            if crash is None:
+                return
+            # The helper died on items[index]: once more, alone, in a fresh helper, from the start,
+            # without the values its first run passed on.
+            stage = None
+            for kind, value in _streamed(fn, [items[index]]):
+                if kind == _DONE and value is not None:
+                    yield index, replace(value, stage=stage)
+                elif kind == _RESULT and isinstance(value, Stage):
+                    stage = value.name
+                elif kind == _RESULT and passed:
+                    passed -= 1
+                elif kind == _RESULT:
+                    yield index, value
+            start = index + 1
+
+
+def _streamed(fn, items: list) -> Iterator[tuple[int, Any]]:
+    """The stream helper's messages for `fn` on `items`: (_RESULT, value), (_END, None) after each
+    item, then (_DONE, None), or (_DONE, Crash) if it died. A consumer that stops early ends the helper."""
+    helper = _helper("stream")
+    finished = False
+    try:
+        for message in helper.stream(fn, items):
+            yield message
+        finished = True
+    finally:
+        if not finished and helper.alive:  # messages still on their way: this helper cannot be reused
+            os.kill(helper.pid, signals.SIGKILL)
+            helper._died()
 
 
 class _Helper:
@@ -128,7 +205,7 @@ class _Helper:
         helper ends the work (Crash None) or dies (the results it sent, and how it died)."""
         done: list[Any] = []
         try:
-            _write_message(self._request, _WORK, (fn, items))
+            _write_message(self._request, _WORK, (fn, items, False))
         except (BrokenPipeError, OSError):
             return done, self._died()
         while True:
@@ -143,6 +220,26 @@ class _Helper:
                 raise value
             done.append(value)
 
+    def stream(self, fn, items: list) -> Iterator[tuple[int, Any]]:
+        """`_streamed`'s messages, from this helper."""
+        try:
+            _write_message(self._request, _WORK, (fn, items, True))
+        except (BrokenPipeError, OSError):
+            yield _DONE, self._died()
+            return
+        while True:
+            message = _read_message(self._reader)
+            if message is None:
+                yield _DONE, self._died()
+                return
+            kind, value = message
+            if kind == _RAISED:
+                _read_message(self._reader)  # its _DONE
+                raise value
+            yield kind, value
+            if kind == _DONE:
+                return
+
     def _died(self) -> Crash:
         self.alive = False
         self._reader.close()
@@ -153,16 +250,18 @@ class _Helper:
         return Crash(exit_code=os.waitstatus_to_exitcode(status))
 
 
-_lock = threading.Lock()  # one batch at a time through this process's helper
-_current: _Helper | None = None
+# One batch at a time through each of this process's helpers: "map" (map_isolated) and "stream"
+# (stream_isolated, whose consumer may call map_isolated between two values).
+_locks = {"map": threading.Lock(), "stream": threading.Lock()}
+_helpers: dict[str, _Helper] = {}
 _in_helper = False  # in the helper itself, work nested in work runs in place
 
 
-def _helper() -> _Helper:
-    global _current
-    if _current is None or not _current.alive or _current.owner != os.getpid():
-        _current = _Helper()
-    return _current
+def _helper(kind: str) -> _Helper:
+    current = _helpers.get(kind)
+    if current is None or not current.alive or current.owner != os.getpid():
+        current = _helpers[kind] = _Helper()
+    return current
 
 
 def _grow_pipe(fd: int) -> None:
@@ -193,11 +292,18 @@ def _serve(request_read: int, results_write: int) -> None:
 
 
 def _work(request: tuple, results_write: int) -> None:
-    """Send the result of each item of one request, then _DONE; its locals go when it returns."""
-    fn, items = request
+    """Send the result of each item of one request (streamed: each value it yields, then _END),
+    then _DONE; its locals go when it returns."""
+    fn, items, streamed = request
     try:
         for item in items:
-            _write_message(results_write, _RESULT, fn(item))
+            if not streamed:
+                _write_message(results_write, _RESULT, fn(item))
+                continue
+            for value in fn(item):
+                _write_message(results_write, _RESULT, value)
+                del value  # not kept while the next is made
+            _write_message(results_write, _END, None)
     except Exception as exc:  # noqa: BLE001 - the worker raises it as its own
         _send_exception(results_write, exc)
     _write_message(results_write, _DONE, None)
