@@ -6,7 +6,9 @@ Builds each recording by repeating a speech clip between pauses of varied length
 FLAC to a temporary folder, then runs the decode and segment stages (`audio.decode_table`,
 `segment.segment_blocks`, block by block as Ray Data takes them) on it in a fresh process per size,
 so each peak is that recording's alone; in that process (`isolate=False`), so that the time and memory
-a worker and its helper process share are counted whole. Memory is the resident set's high-water mark (VmHWM), read after
+a worker and its helper process share are counted whole. Then as the job runs it
+(`segment.decode_blocks`: decoded and cut in the helper, the worker taking one table of segments at
+a time), with each process's own peak. Memory is the resident set's high-water mark (VmHWM), read after
 loading the VAD model, after decoding and after segmenting; the peak of each stage is measured on
 its own by resetting the mark in between (Linux `clear_refs`). Not a test: it only reports.
 """
@@ -58,9 +60,9 @@ def write_long_recording(path: Path, speech: np.ndarray, hours: float, sample_ra
     return written / sample_rate_hz
 
 
-def _high_water_mb() -> float:
+def _high_water_mb(pid: int | str = "self") -> float:
     try:
-        with open("/proc/self/status") as status:
+        with open(f"/proc/{pid}/status") as status:
             for line in status:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) / 1024
@@ -93,7 +95,7 @@ def measure(path: str, max_segment_s: float) -> dict:
     """Decode and segment one recording in this process; memory and times of each stage."""
     import pyarrow as pa
 
-    from granite_batch import audio, segment
+    from granite_batch import audio, isolation, segment
 
     segment.vad_model()
     segment.plan_segments(np.zeros(SAMPLE_RATE_HZ, np.float32), SAMPLE_RATE_HZ, max_segment_s)  # warm the JIT
@@ -108,6 +110,7 @@ def measure(path: str, max_segment_s: float) -> dict:
     decode_peak = _high_water_mb()
     if decoded.column("error")[0].as_py() is not None:
         raise RuntimeError(decoded.column("error")[0].as_py())
+    decode_duration = decoded.column("duration_s")[0].as_py()
     after_decode = _current_mb()
     if separate:
         _reset_high_water()
@@ -119,7 +122,20 @@ def measure(path: str, max_segment_s: float) -> dict:
     segment_wall, segment_cpu = time.perf_counter() - wall, time.process_time() - cpu
     segment_peak = _high_water_mb()
 
-    duration_s = decoded.column("duration_s")[0].as_py()
+    del decoded
+    # As the job runs it (segment.decode_blocks): decoded and cut in the helper process, the worker
+    # (this process) taking its segment tables one at a time; each process's own high-water mark.
+    if separate:
+        _reset_high_water()
+    worker_base = _current_mb()
+    wall = time.perf_counter()
+    cut_segments = sum(block.num_rows for block in segment.decode_blocks(row, max_segment_s))
+    helper_wall = time.perf_counter() - wall
+    worker_peak = _high_water_mb()
+    helper = isolation._helpers.get("stream")
+    helper_peak = _high_water_mb(helper.pid) if helper is not None else None
+
+    duration_s = decode_duration
     starts = [round(s * SAMPLE_RATE_HZ) for s in segmented.column("start_s").to_pylist()]
     ends = [round(e * SAMPLE_RATE_HZ) for e in segmented.column("end_s").to_pylist()]
     return {
@@ -138,6 +154,12 @@ def measure(path: str, max_segment_s: float) -> dict:
         "segment_audio_s_per_cpu_s": round(duration_s / segment_cpu, 1),
         "segments": len(starts),
         "longest_segment_s": round(max(e - s for s, e in zip(starts, ends)) / SAMPLE_RATE_HZ, 2),
+        # The job's path: the worker's peak above what it held before, the helper's peak above the
+        # baseline (it is forked from the worker, so its resident set starts at the worker's).
+        "job_path_segments": cut_segments,
+        "job_path_wall_s": round(helper_wall, 2),
+        "job_path_worker_extra_mb": round(worker_peak - worker_base, 1) if separate else None,
+        "job_path_helper_extra_mb": None if helper_peak is None else round(helper_peak - baseline, 1),
     }
 
 
@@ -157,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
 
     speech = load_recording(args.speech).samples
     print(f"{'hours':>5} {'samples MB':>10} {'baseline MB':>11} {'decode peak':>11} {'segment +MB':>11} "
-          f"{'peak-base MB':>12} {'decode s':>8} {'segment cpu s':>13} {'audio s/cpu s':>13} {'segments':>8}")
+          f"{'peak-base MB':>12} {'decode s':>8} {'segment cpu s':>13} {'audio s/cpu s':>13} {'segments':>8} "
+          f"{'job: worker +MB':>15} {'helper +MB':>10}")
     with tempfile.TemporaryDirectory(prefix="bench-segment-") as folder:
         for hours in args.hours:
             path = Path(folder) / f"long-{hours:g}h.flac"
@@ -171,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
             path.unlink()
             print(f"{hours:>5g} {r['samples_mb']:>10} {r['baseline_mb']:>11} {r['decode_peak_mb']:>11} "
                   f"{r['segment_extra_mb']!s:>11} {r['peak_above_baseline_mb']:>12} {r['decode_wall_s']:>8} "
-                  f"{r['segment_cpu_s']:>13} {r['segment_audio_s_per_cpu_s']:>13} {r['segments']:>8}")
+                  f"{r['segment_cpu_s']:>13} {r['segment_audio_s_per_cpu_s']:>13} {r['segments']:>8} "
+                  f"{r['job_path_worker_extra_mb']!s:>15} {r['job_path_helper_extra_mb']!s:>10}")
             print("      " + json.dumps(r), flush=True)
     return 0
 

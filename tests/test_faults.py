@@ -88,7 +88,7 @@ def test_killed_decode_worker_is_retried_and_no_row_is_lost_or_doubled(tmp_path,
 
     def decode_task():
         tasks = list_tasks(address=ray_cluster["address"], filters=[("state", "=", "RUNNING")], detail=True)
-        return next((t for t in tasks if "decode_table" in t.name and t.worker_pid), None)
+        return next((t for t in tasks if "decode_blocks" in t.name and t.worker_pid), None)
 
     task = wait_for(decode_task, process)
     os.kill(task.worker_pid, signal.SIGKILL)

@@ -1,4 +1,4 @@
-"""Long recordings: a quarter of an hour of real speech (espeak-ng) with pauses of every length.
+"""Long recordings: over a quarter of an hour of real speech (espeak-ng) with pauses of every length.
 
 The recording is built here from known pieces, so where speech is, and how loud each moment is,
 is known independently of the VAD: segments must stay within the limit, start and end in quiet
@@ -20,6 +20,7 @@ import srt
 import webvtt
 
 from conftest import run_cli, write_jsonl
+from granite_batch import segment
 from granite_batch.audio import load_recording
 from granite_batch.segment import VadOptions, plan_segments
 
@@ -56,8 +57,9 @@ def espeak(text: str, path: Path, speed: int, pitch: int) -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def long_recording(tmp_path_factory) -> dict:
-    """~15 minutes at 16 kHz: >= 10 minutes of espeak-ng speech, pauses from 0.15 s to 45 s, an
-    isolated one-word answer, a faint noise floor; written as FLAC, with where the speech is."""
+    """~17.3 minutes at 16 kHz: >= 10 minutes of espeak-ng speech, pauses from 0.15 s to 45 s, an
+    isolated one-word answer, a faint noise floor, then silence to 10 s past `long_recording_s` (so
+    the job cuts it in the helper that decodes it); written as FLAC, with where the speech is."""
     folder = tmp_path_factory.mktemp("long")
     clips = [espeak(text, folder / f"{i}-{speed}.wav", speed, pitch)
              for i, text in enumerate(SENTENCES) for speed, pitch in ((150, 40), (185, 60))]
@@ -90,7 +92,8 @@ def long_recording(tmp_path_factory) -> dict:
         else:
             silence(rng.choice(PAUSES_S))
         i += 1
-    silence(2.0)
+    # Past the length from which the job cuts a recording where it decodes it (segment.decode_blocks).
+    silence(max(2.0, segment.long_recording_s() + 10.0 - position / RATE))
     clean = np.concatenate(parts)
     noisy = clean + rng.normal(0.0, 1e-3, len(clean)).astype(np.float32)
     path = folder / "long.flac"
@@ -124,6 +127,7 @@ def decoded(long_recording) -> np.ndarray:
 def test_the_recording_is_long_real_speech(long_recording, decoded):
     speech_s = sum(end - start for start, end in long_recording["speech"]) / RATE
     assert speech_s >= 600 and len(decoded) == len(long_recording["clean"])
+    assert len(decoded) / RATE > segment.long_recording_s()  # the job cuts it where it decodes it
     assert voiced_frames(long_recording).sum() * FRAME / RATE > 400
 
 

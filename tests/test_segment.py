@@ -274,7 +274,7 @@ def test_the_helper_is_sent_one_group_of_windows_at_a_time_not_the_recording(cli
 
     def recording_write(fd, kind, value):
         if kind == isolation._WORK:
-            _, items = value
+            _, items, _ = value
             sent.append(sum(item[0].nbytes for item in items))
         write(fd, kind, value)
 

@@ -368,28 +368,51 @@ def decode_table(table: pa.Table, storage_options: dict | None = None, sample_ra
     crashes it becomes an error row ("decode crashed the worker: signal 11 (SIGSEGV)") and the
     others are decoded as usual. `crash_test` is for tests only.
     """
+    errors, items, todo = decode_inputs(table)
+    decode = row_decoder(storage_options, sample_rate_hz, max_duration_s, timeout_s, crash_test, allowed_prefixes)
+    decoded: dict[int, tuple[np.ndarray | None, float | None]] = {}
+    for i, result in zip(todo, map_isolated(decode, [items[i] for i in todo], isolate=isolate)):
+        if isinstance(result, Crash):
+            errors[i] = result.reason("decode")
+            continue
+        samples, duration, errors[i] = result
+        decoded[i] = samples, duration
+    return decoded_table(table, errors, decoded)
+
+
+def decode_inputs(table: pa.Table) -> tuple[list[str | None], list[tuple[str, bytes | None, bool]], list[int]]:
+    """(each row's error, each row's (uri, embedded bytes or None, split channels), the rows to decode:
+    those without an error)."""
     n = table.num_rows
     errors = table.column("error").to_pylist()
     uris = table.column("audio").to_pylist()
     data = table.column("audio_bytes").to_pylist() if "audio_bytes" in table.column_names else [None] * n
     split = ([mode == "split" for mode in table.column("channels").to_pylist()]
              if "channels" in table.column_names else [False] * n)
-    todo = [i for i in range(n) if errors[i] is None]
-    decode = functools.partial(_decode_row, storage_options=storage_options, sample_rate_hz=sample_rate_hz,
-                               max_duration_s=max_duration_s, timeout_s=timeout_s, crash_test=crash_test,
-                               allowed_prefixes=tuple(allowed_prefixes))
+    return errors, list(zip(uris, data, split)), [i for i in range(n) if errors[i] is None]
+
+
+def row_decoder(storage_options: dict | None, sample_rate_hz: int, max_duration_s: float | None,
+                timeout_s: float | None, crash_test: CrashTest | None, allowed_prefixes: tuple[str, ...] = ()):
+    """`_decode_row` with the job's settings: one picklable function of a row's `decode_inputs` item."""
+    return functools.partial(_decode_row, storage_options=storage_options, sample_rate_hz=sample_rate_hz,
+                             max_duration_s=max_duration_s, timeout_s=timeout_s, crash_test=crash_test,
+                             allowed_prefixes=tuple(allowed_prefixes))
+
+
+def decoded_table(table: pa.Table, errors: list[str | None],
+                  decoded: dict[int, tuple[np.ndarray | None, float | None]]) -> pa.Table:
+    """`table` with `errors`, and `duration_s`, `channel_count` and `samples` from `decoded`
+    (row: (samples, mono or (channels, samples), duration)); rows not in it get nulls."""
+    n = table.num_rows
     recordings: list[np.ndarray | None] = [None] * n
     channel_counts: list[int | None] = [None] * n
     durations: list[float | None] = [None] * n
-    for i, result in zip(todo, map_isolated(decode, [(uris[i], data[i], split[i]) for i in todo], isolate=isolate)):
-        if isinstance(result, Crash):
-            errors[i] = result.reason("decode")
-            continue
-        samples, durations[i], errors[i] = result
+    for i, (samples, duration) in decoded.items():
+        durations[i] = duration
         if samples is not None:
             channel_counts[i] = samples.shape[0] if samples.ndim == 2 else None
             recordings[i] = samples.reshape(-1)  # channel-major: a view, no copy
-    del data
     if "audio_bytes" in table.column_names:  # decoded: the bytes need not travel further
         table = table.drop_columns(["audio_bytes"])
     table = table.set_column(table.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))

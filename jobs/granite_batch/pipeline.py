@@ -17,7 +17,7 @@ import posixpath
 
 import pyarrow as pa
 
-from granite_batch import audio, recovery, segment
+from granite_batch import recovery, segment
 from granite_batch.config import JobConfig, ModelSpec, SecondPassOptions
 from granite_batch.engines import load_speech_model, model_profile
 from granite_batch.language_model import LanguageModel
@@ -211,22 +211,24 @@ def _model_branch(ray, ds, config: JobConfig, spec: ModelSpec, model_ref: ModelR
     if gpus_per_actor is None:
         gpus_per_actor = 1.0 if cluster.get("GPU", 0) >= 1 else 0.0
     device = config.device if config.device != "auto" else ("cuda" if gpus_per_actor > 0 else "cpu")
-    ds = ds.map_batches(
-        audio.decode_table,
-        fn_kwargs={"storage_options": config.storage_options, "sample_rate_hz": config.sample_rate_hz,
-                   "max_duration_s": config.max_duration_s, "timeout_s": config.decode_timeout_s,
-                   "crash_test": config.crash_test, "allowed_prefixes": tuple(config.allowed_prefixes)},
-        batch_format="pyarrow", batch_size=1 if alone else config.decode_batch_size,
-        num_cpus=config.resources.decode_cpus, **recovery.TASK_RETRIES,
-    )
-    # Whole blocks: Ray Data gathers decoded batches into a block until it passes its target size
-    # (128 MB), so the VAD sees a block's short clips side by side (16 of them: 408x real time, against
-    # 171x at 4) while a long recording (over 128 MB of samples: 35 minutes) comes alone. What leaves
-    # this stage is segments of at most max_segment_s (and of the model's per-call limit), however
-    # long the recording, in tables of at most 64 MB of samples (segment.segment_blocks yields them).
+    # What leaves these stages is segments of at most max_segment_s (and of the model's per-call
+    # limit), however long the recording, in tables of at most 64 MB of samples.
     limits = [config.max_segment_s] + [limit for limit in (profile.max_call_s, profile.max_speakers_call_s,
                                                            profile.max_word_times_call_s) if limit]
     max_segment_s = min(limits)
+    # A long recording (over 17 minutes) is decoded and cut in one helper process and leaves as
+    # segments (segment.decode_blocks); shorter ones leave whole, and Ray Data gathers them into a
+    # block until it passes its target size (128 MB), so the VAD sees a block's short clips side by
+    # side (16 of them: 408x real time, against 171x at 4).
+    ds = ds.map_batches(
+        segment.decode_blocks,
+        fn_kwargs={"max_segment_s": max_segment_s, "storage_options": config.storage_options,
+                   "sample_rate_hz": config.sample_rate_hz, "max_duration_s": config.max_duration_s,
+                   "timeout_s": config.decode_timeout_s, "crash_test": config.crash_test,
+                   "allowed_prefixes": tuple(config.allowed_prefixes)},
+        batch_format="pyarrow", batch_size=1 if alone else config.decode_batch_size,
+        num_cpus=config.resources.decode_cpus, **recovery.TASK_RETRIES,
+    )
     ds = ds.map_batches(
         segment.segment_blocks,
         fn_kwargs={"sample_rate_hz": config.sample_rate_hz, "max_segment_s": max_segment_s,

@@ -14,8 +14,10 @@ Memory: the VAD works through a recording one group of windows at a time (`batch
 of at most 16 s, side by side: 68 MB of samples), and that group is all the helper process it runs in
 receives (isolation.py: a crash in it costs one row, not the worker), so neither holds a copy of a
 long recording; besides, one float per 32 ms frame. Segment rows leave in tables of about 64 MB of
-samples (`segment_blocks`). The worker still holds the decoded recording it was given (64 KB per
-audio second: 230 MB an hour). Speed: the windows of every recording in a batch run side by side.
+samples (`segment_blocks`). A recording of at least `long_recording_s` (17 minutes) is decoded and
+cut in one helper process (`decode_blocks`), which holds it whole while it cuts it (64 KB per audio
+second: 230 MB an hour, 1.4 GB at the 6-hour `max_duration_s`) and sends back its segments a table at
+a time, so the worker never holds it. Speed: the windows of every recording in a batch run side by side.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from granite_batch import audio as audio_module
 from granite_batch.audio import samples_from_arrow, samples_to_arrow
-from granite_batch.isolation import Crash, CrashTest, map_isolated
+from granite_batch.isolation import Crash, CrashTest, Stage, map_isolated, stream_isolated
 
 PAUSE_FRAME_S = 0.01  # frame for finding the pauses where long speech is cut
 PAUSE_DB = 35.0  # a frame this far below the window's median energy is a pause
@@ -357,12 +361,47 @@ def segment_blocks(table: pa.Table, sample_rate_hz: int, max_segment_s: float,
     the worker: signal 11 (SIGSEGV)"). Segments are then planned here from the probabilities (numpy
     only). `crash_test` is for tests only.
     """
+    if "segment_count" in table.column_names:  # from decode_blocks: long recordings come already cut
+        cut = table.column("segment_count").is_valid()
+        if pc.all(cut).as_py() is not False and table.num_rows:
+            yield _output_columns(table)
+            return
+        if pc.any(cut).as_py():
+            yield _output_columns(table.filter(cut))
+        table = table.filter(pc.invert(cut)).drop_columns(list(CUT_COLUMNS))
     recordings = samples_from_arrow(table.column("samples"))
     n = table.num_rows
     audio = table.column("audio").to_pylist() if "audio" in table.column_names else [None] * n
     errors = table.column("error").to_pylist() if "error" in table.column_names else [None] * n
     channel_counts = (table.column("channel_count").to_pylist() if "channel_count" in table.column_names
                       else [None] * n)
+    bounds_of = _plan(recordings, channel_counts, audio, errors, sample_rate_hz, max_segment_s, options, isolate,
+                      crash_test)
+    base = table.drop_columns([c for c in ("samples", "error", "channel_count") if c in table.column_names])
+    base = base.append_column("error", pa.array(errors, pa.string()))
+    block: list[tuple[int, int | None, int, tuple[int, int, int | None, np.ndarray] | None]] = []
+    size = 0
+    for row in range(n):
+        bounds = bounds_of.get(row, [])
+        if not bounds:  # one row all the same, so the recording reaches the driver
+            block.append((row, None, 0, None))
+        for k, bound in enumerate(bounds):
+            block.append((row, k, len(bounds), bound))
+            size += 4 * (bound[1] - bound[0])
+            if size >= block_bytes:
+                yield _segment_block(base, block, sample_rate_hz)
+                block, size = [], 0
+    if block or n == 0:
+        yield _segment_block(base, block, sample_rate_hz)
+
+
+def _plan(recordings: list[np.ndarray | None], channel_counts: list[int | None], audio: list[str | None],
+          errors: list[str | None], sample_rate_hz: int, max_segment_s: float, options: VadOptions, isolate: bool,
+          crash_test: CrashTest | None) -> dict[int, list[tuple[int, int, int | None, np.ndarray]]]:
+    """The segments of each recording, {row: [(start, end, channel, the samples they index)]}, in
+    time order over its channels (then by channel); the VAD runs over all of them at once. A
+    recording whose VAD crashes gets its `errors` entry and no segment."""
+    n = len(recordings)
     # One unit of VAD work per mono recording, or per channel of a split one: (row, channel, samples).
     units: list[tuple[int, int | None, np.ndarray]] = []
     for row, samples in enumerate(recordings):
@@ -386,26 +425,144 @@ def segment_blocks(table: pa.Table, sample_rate_hz: int, max_segment_s: float,
         elif errors[row] is None:
             bounds = plan_segments(samples, sample_rate_hz, max_segment_s, options, probs)
             bounds_of.setdefault(row, []).extend((start, end, channel, samples) for start, end in bounds)
-    for row, bounds in bounds_of.items():
+    for row in range(n):
+        bounds = bounds_of.get(row)
+        if bounds is None:
+            continue
         if errors[row] is not None:  # one channel crashed the VAD: the recording fails whole
             bounds.clear()
         bounds.sort(key=lambda bound: (bound[0], bound[2] or 0))
-    base = table.drop_columns([c for c in ("samples", "error", "channel_count") if c in table.column_names])
-    base = base.append_column("error", pa.array(errors, pa.string()))
-    block: list[tuple[int, int | None, int, tuple[int, int, int | None, np.ndarray] | None]] = []
+    return bounds_of
+
+
+# The columns a segment row adds to its recording's (its samples are the segment's).
+CUT_COLUMNS = ("segment_index", "segment_count", "start_s", "end_s", "channel")
+
+
+def _output_columns(table: pa.Table) -> pa.Table:
+    """Segment rows from decode_blocks in segment_blocks' column order: the recording's, `error`,
+    CUT_COLUMNS, `samples`."""
+    last = ["error", *CUT_COLUMNS, "samples"]
+    return table.select([c for c in table.column_names if c not in last and c != "channel_count"] + last)
+
+
+def long_recording_s(options: VadOptions = VadOptions()) -> float:
+    """Recordings at least this long (one full group of VAD windows: 1,024 s by default) are cut
+    where they are decoded (`decode_blocks`): they gain nothing from sharing VAD batches."""
+    return options.batch_windows * options.max_window_s
+
+
+def decode_blocks(table: pa.Table, max_segment_s: float, storage_options: dict | None = None,
+                  sample_rate_hz: int = VAD_RATE_HZ, max_duration_s: float | None = None,
+                  timeout_s: float | None = None, isolate: bool = True, crash_test: CrashTest | None = None,
+                  allowed_prefixes: tuple[str, ...] = (), options: VadOptions = VadOptions(),
+                  block_bytes: int = SEGMENT_BLOCK_BYTES):
+    """Decode stage: `audio.decode_table`, except that a recording at least `long_recording_s` long
+    is also cut into its segments in the helper process that decoded it, which sends its segment
+    rows back in tables of about `block_bytes` of samples: the worker never holds a long recording,
+    only one table of its segments at a time (the helper holds it whole while it cuts it: 64 KB per
+    audio second, 230 MB an hour, 1.4 GB at the 6-hour `max_duration_s`).
+
+    Shorter recordings come whole, with null CUT_COLUMNS, in a last table: `segment_blocks` cuts
+    them, many side by side. A long recording's segment rows are those `segment_blocks` would give
+    (the same VAD windows, the same plan: tested), with its `duration_s` and `channel_count`. A crash
+    while decoding or cutting it is its row's "decode crashed the worker" or "segment crashed the
+    worker" (isolation.stream_isolated); a helper that dies twice after some of its segments were
+    sent (killed, out of memory) fails the task, which Ray runs again.
+    """
+    errors, items, todo = audio_module.decode_inputs(table)
+    decode = audio_module.row_decoder(storage_options, sample_rate_hz, max_duration_s, timeout_s, crash_test,
+                                      allowed_prefixes)
+    work = functools.partial(_decode_and_cut, decode=decode, sample_rate_hz=sample_rate_hz,
+                             max_segment_s=max_segment_s, options=options, crash_test=crash_test,
+                             block_bytes=block_bytes)
+    if isolate and todo:
+        warm_vad()  # before the stream's helper is forked, so that it starts warm
+    base = table.drop_columns([c for c in ("audio_bytes",) if c in table.column_names])
+    decoded: dict[int, tuple[np.ndarray | None, float | None]] = {}
+    cut: dict[int, tuple[float, int | None, int]] = {}  # row: (duration_s, channel_count, segment count)
+    sent: dict[int, int] = {}  # row: segment rows yielded
+    for k, value in stream_isolated(work, [items[i] for i in todo], isolate=isolate):
+        row = todo[k]
+        if isinstance(value, Crash):
+            if sent.get(row):
+                raise RuntimeError(f"the helper cutting {items[row][0]} died twice after sending {sent[row]} of "
+                                   f"its segments ({value.reason('segment')})")
+            errors[row] = value.reason("decode")
+            cut.pop(row, None)
+        elif value[0] == "whole":
+            _, samples, duration, errors[row] = value
+            decoded[row] = samples, duration
+        elif value[0] == "cut":
+            cut[row] = value[1:]
+        else:
+            _, bounds, samples = value
+            duration, channel_count, count = cut[row]
+            yield _cut_rows(base, row, errors[row], duration, channel_count, count, sent.get(row, 0), bounds,
+                            samples, sample_rate_hz)
+            sent[row] = sent.get(row, 0) + len(bounds)
+    rest = [i for i in range(table.num_rows) if i not in sent]
+    whole = audio_module.decoded_table(table.take(pa.array(rest, pa.int64())), [errors[i] for i in rest],
+                                       {j: decoded[i] for j, i in enumerate(rest) if i in decoded})
+    counts = [cut[i][2] if i in cut else None for i in rest]  # a long recording without speech: 0
+    for name, values in (("segment_index", [None] * len(rest)), ("segment_count", counts),
+                         ("start_s", [None] * len(rest)), ("end_s", [None] * len(rest)),
+                         ("channel", [None] * len(rest))):
+        kind = pa.float64() if name.endswith("_s") else pa.int32()
+        whole = whole.add_column(whole.schema.get_field_index("samples"), name, pa.array(values, kind))
+    if counts and any(count is not None for count in counts):
+        durations = whole.column("duration_s").to_pylist()
+        whole = whole.set_column(whole.schema.get_field_index("duration_s"), "duration_s", pa.array(
+            [cut[i][0] if i in cut else durations[j] for j, i in enumerate(rest)], pa.float64()))
+    yield whole
+
+
+def _decode_and_cut(item, decode, sample_rate_hz: int, max_segment_s: float, options: VadOptions,
+                    crash_test: CrashTest | None, block_bytes: int):
+    """In the helper (isolation.stream_isolated): decode one row, then ("whole", samples, duration,
+    error) for a short or failed recording, or, for a long one, ("cut", duration, channel count,
+    segment count) and its segments as ("segments", [(start, end, channel)], their samples end to
+    end), about `block_bytes` at a time."""
+    yield Stage("decode")
+    samples, duration, error = decode(item)
+    if samples is None or duration < long_recording_s(options):
+        yield "whole", samples, duration, error
+        return
+    yield Stage("segment")
+    channels = samples.shape[0] if samples.ndim == 2 else None
+    errors: list[str | None] = [None]
+    bounds = _plan([samples.reshape(-1)], [channels], [item[0]], errors, sample_rate_hz, max_segment_s, options,
+                   False, crash_test).get(0, [])
+    yield "cut", duration, channels, len(bounds)
+    chunk: list[tuple[int, int, int | None, np.ndarray]] = []
     size = 0
-    for row in range(n):
-        bounds = bounds_of.get(row, [])
-        if not bounds:  # one row all the same, so the recording reaches the driver
-            block.append((row, None, 0, None))
-        for k, bound in enumerate(bounds):
-            block.append((row, k, len(bounds), bound))
-            size += 4 * (bound[1] - bound[0])
-            if size >= block_bytes:
-                yield _segment_block(base, block, sample_rate_hz)
-                block, size = [], 0
-    if block or n == 0:
-        yield _segment_block(base, block, sample_rate_hz)
+    for bound in bounds:
+        chunk.append(bound)
+        size += 4 * (bound[1] - bound[0])
+        if size >= block_bytes or bound is bounds[-1]:
+            yield "segments", [b[:3] for b in chunk], np.concatenate([b[3][b[0]:b[1]] for b in chunk])
+            chunk, size = [], 0
+
+
+def _cut_rows(base: pa.Table, row: int, error: str | None, duration: float, channel_count: int | None, count: int,
+              first: int, bounds: list[tuple[int, int, int | None]], samples: np.ndarray,
+              sample_rate_hz: int) -> pa.Table:
+    """Segment rows `first`.. of `base`'s row `row`, in decode_blocks' columns, around `samples`
+    (the segments' samples end to end, as the helper sent them: no copy)."""
+    n = len(bounds)
+    out = base.take(pa.array([row] * n, pa.int64()))
+    out = out.set_column(out.schema.get_field_index("error"), "error", pa.array([error] * n, pa.string()))
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum([end - start for start, end, _ in bounds], out=offsets[1:])
+    for name, values, kind in (
+        ("duration_s", [duration] * n, pa.float64()), ("channel_count", [channel_count] * n, pa.int32()),
+        ("segment_index", list(range(first, first + n)), pa.int32()), ("segment_count", [count] * n, pa.int32()),
+        ("start_s", [b[0] / sample_rate_hz for b in bounds], pa.float64()),
+        ("end_s", [b[1] / sample_rate_hz for b in bounds], pa.float64()),
+        ("channel", [b[2] for b in bounds], pa.int32()),
+    ):
+        out = out.append_column(name, pa.array(values, kind))
+    return out.append_column("samples", pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(samples)))
 
 
 def _segment_block(base: pa.Table, block: list, sample_rate_hz: int) -> pa.Table:
