@@ -359,7 +359,8 @@ def segment_blocks(table: pa.Table, sample_rate_hz: int, max_segment_s: float,
     short clips run side by side. With `isolate` it runs in a helper process (isolation.py), one
     group of windows at a time: a recording that crashes it becomes an error row ("segment crashed
     the worker: signal 11 (SIGSEGV)"). Segments are then planned here from the probabilities (numpy
-    only). `crash_test` is for tests only.
+    only). Rows `decode_blocks` already cut (`segment_count` set) pass through as they are.
+    `crash_test` is for tests only.
     """
     if "segment_count" in table.column_names:  # from decode_blocks: long recordings come already cut
         cut = table.column("segment_count").is_valid()
