@@ -132,7 +132,7 @@ def measure(path: str, max_segment_s: float) -> dict:
     cut_segments = sum(block.num_rows for block in segment.decode_blocks(row, max_segment_s))
     helper_wall = time.perf_counter() - wall
     worker_peak = _high_water_mb()
-    helper = isolation._helpers.get("stream")
+    helper = isolation._pool[0] if isolation._pool else None
     helper_peak = _high_water_mb(helper.pid) if helper is not None else None
 
     duration_s = decode_duration

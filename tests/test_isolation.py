@@ -75,6 +75,8 @@ def test_a_streamed_item_whose_helper_died_once_goes_on_without_repeating_its_va
 
 
 def test_a_stream_may_be_consumed_while_map_isolated_works_and_left_early():
+    from granite_batch import isolation
+
     values = []
     for index, (value, _) in stream_isolated(parts_of, [4, 2]):
         values.append((value, map_isolated(pid_of, [value])[0][0]))
@@ -82,6 +84,7 @@ def test_a_stream_may_be_consumed_while_map_isolated_works_and_left_early():
             break  # leaves the stream with values still to come: its helper is ended
     assert values == [(40, 400), (41, 410), (42, 420), (43, 430), (20, 200), (21, 210)]
     assert [value for _, (value, _) in stream_isolated(parts_of, [1])] == [10]  # a fresh stream helper
+    assert len(isolation._pool) == 1  # the helper forked for map_isolated while the stream's was busy is gone
 
 
 def test_an_item_that_kills_its_process_becomes_a_crash_and_the_others_are_computed():
@@ -170,11 +173,11 @@ def test_the_helper_does_not_keep_a_request_s_samples_while_it_waits_for_the_nex
     from granite_batch import isolation
 
     assert isolation.map_isolated(len, [np.zeros(10, np.float32)]) == [10]  # the helper is up
-    helper = isolation._helpers["map"].pid
+    helper = isolation._pool[0].pid
     before = _rss_mb(helper)
     hour = np.ones(16000 * 3600, np.float32)  # an hour of 16 kHz samples: 230 MB
     assert isolation.map_isolated(len, [hour]) == [len(hour)]
-    assert isolation._helpers["map"].pid == helper  # the same helper did the work and lives on
+    assert isolation._pool[0].pid == helper  # the same helper did the work and lives on
     # The helper frees the request after its reply; wait (up to 10 s) for it to be idle again.
     import time
 

@@ -22,6 +22,7 @@ own memory and read into the one buffer the receiver keeps.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal as signals
@@ -103,82 +104,82 @@ def map_isolated(fn: Callable[[Any], Any], items: Sequence[Any], isolate: bool =
 def _run(fn, items: list) -> list:
     results: list[Any] = [None] * len(items)
     start = 0
-    with _locks["map"]:
-        while start < len(items):
-            done, crash = _helper("map").run(fn, items[start:])
-            results[start:start + len(done)] = done
-            start += len(done)
-            if crash is None:
-                break
-            # The helper died on items[start]: once more, alone, in a fresh helper, so a crash its
-            # neighbours caused, or a transient one, does not fail it.
-            alone, crash = _helper("map").run(fn, [items[start]])
-            results[start] = alone[0] if crash is None else crash
-            start += 1
+    while start < len(items):
+        with _borrowed() as helper:
+            done, crash = helper.run(fn, items[start:])
+        results[start:start + len(done)] = done
+        start += len(done)
+        if crash is None:
+            break
+        # The helper died on items[start]: once more, alone, in a fresh helper, so a crash its
+        # neighbours caused, or a transient one, does not fail it.
+        with _borrowed() as helper:
+            alone, crash = helper.run(fn, [items[start]])
+        results[start] = alone[0] if crash is None else crash
+        start += 1
     return results
 
 
 def stream_isolated(fn: Callable[[Any], Iterator[Any]], items: Sequence[Any],
                     isolate: bool = True) -> Iterator[tuple[int, Any]]:
     """`(i, value)` for each value the generator `fn(items[i])` yields, item after item, computed in
-    a helper process of its own and sent back as it is made, so neither process holds more than the
+    the helper process and sent back as it is made, so neither process holds more than the
     values in flight. `Stage` values are not passed on; they name what the item is doing.
 
     An item whose `fn` kills the helper is run again alone in a fresh helper, which skips the values
     already passed on (`fn` must give the same values again); if that one dies too, `(i, Crash)`
     (with the item's last `Stage`) ends its values, and the next items go on. An exception `fn`
-    raises is raised here. The stream has its own helper, so the caller may use `map_isolated` while
-    it consumes it; one stream at a time per process.
+    raises is raised here. The caller may use `map_isolated` while it consumes the stream (a second
+    helper is forked for it while the stream's is busy, and ended after).
     """
     items = list(items)
     if not isolate or _in_helper or not can_fork():
         for i, item in enumerate(items):
             yield from ((i, value) for value in fn(item) if not isinstance(value, Stage))
         return
-    with _locks["stream"]:
-        start = 0
-        while start < len(items):
-            index, passed, stage, crash = start, 0, None, None
-            for kind, value in _streamed(fn, items[start:]):
-                if kind == _END:
-                    index, passed, stage = index + 1, 0, None
-                elif kind == _DONE:
-                    crash = value
-                elif isinstance(value, Stage):
-                    stage = value.name
-                else:
-                    passed += 1
-                    yield index, value
-            if crash is None:
-                return
-            # The helper died on items[index]: once more, alone, in a fresh helper, from the start,
-            # without the values its first run passed on.
-            stage = None
-            for kind, value in _streamed(fn, [items[index]]):
-                if kind == _DONE and value is not None:
-                    yield index, replace(value, stage=stage)
-                elif kind == _RESULT and isinstance(value, Stage):
-                    stage = value.name
-                elif kind == _RESULT and passed:
-                    passed -= 1
-                elif kind == _RESULT:
-                    yield index, value
-            start = index + 1
+    start = 0
+    while start < len(items):
+        index, passed, stage, crash = start, 0, None, None
+        for kind, value in _streamed(fn, items[start:]):
+            if kind == _END:
+                index, passed, stage = index + 1, 0, None
+            elif kind == _DONE:
+                crash = value
+            elif isinstance(value, Stage):
+                stage = value.name
+            else:
+                passed += 1
+                yield index, value
+        if crash is None:
+            return
+        # The helper died on items[index]: once more, alone, in a fresh helper, from the start,
+        # without the values its first run passed on.
+        stage = None
+        for kind, value in _streamed(fn, [items[index]]):
+            if kind == _DONE and value is not None:
+                yield index, replace(value, stage=stage)
+            elif kind == _RESULT and isinstance(value, Stage):
+                stage = value.name
+            elif kind == _RESULT and passed:
+                passed -= 1
+            elif kind == _RESULT:
+                yield index, value
+        start = index + 1
 
 
 def _streamed(fn, items: list) -> Iterator[tuple[int, Any]]:
     """The stream helper's messages for `fn` on `items`: (_RESULT, value), (_END, None) after each
     item, then (_DONE, None), or (_DONE, Crash) if it died. A consumer that stops early ends the helper."""
-    helper = _helper("stream")
-    finished = False
-    try:
-        for message in helper.stream(fn, items):
-            yield message
-        finished = True
-    finally:
-        if not finished and helper.alive:  # messages still on their way: this helper cannot be reused
-            os.kill(helper.pid, signals.SIGKILL)
-            helper._died()
+    with _borrowed() as helper:
+        finished = False
+        try:
+            for message in helper.stream(fn, items):
+                yield message
+            finished = True
+        finally:
+            if not finished and helper.alive:  # messages still on their way: this helper cannot be reused
+                os.kill(helper.pid, signals.SIGKILL)
+                helper._died()
 
 
 class _Helper:
@@ -190,10 +191,15 @@ class _Helper:
         for fd in (self._request, results_write):
             _grow_pipe(fd)
         self.owner = os.getpid()
+        self.busy = False
         self.pid = os.fork()
         if self.pid == 0:  # the helper: never returns
             os.close(self._request)
             os.close(self._results)
+            for other in _pool:  # the other helpers' pipes are not this one's to keep open
+                if other.owner == self.owner and other.alive:
+                    os.close(other._request)
+                    os.close(other._reader.fileno())
             _serve(request_read, results_write)
         os.close(request_read)
         os.close(results_write)
@@ -240,6 +246,13 @@ class _Helper:
             if kind == _DONE:
                 return
 
+    def close(self) -> None:
+        """End this helper: it leaves when it reads the end of its request pipe."""
+        self.alive = False
+        os.close(self._request)
+        self._reader.close()
+        os.waitpid(self.pid, 0)
+
     def _died(self) -> Crash:
         self.alive = False
         self._reader.close()
@@ -250,18 +263,30 @@ class _Helper:
         return Crash(exit_code=os.waitstatus_to_exitcode(status))
 
 
-# One batch at a time through each of this process's helpers: "map" (map_isolated) and "stream"
-# (stream_isolated, whose consumer may call map_isolated between two values).
-_locks = {"map": threading.Lock(), "stream": threading.Lock()}
-_helpers: dict[str, _Helper] = {}
+# This process's helpers, one batch at a time each: the first is kept for the next batches; another
+# is forked only while it is busy (a stream's consumer calling map_isolated) and ended after.
+_pool_lock = threading.Lock()
+_pool: list[_Helper] = []
 _in_helper = False  # in the helper itself, work nested in work runs in place
 
 
-def _helper(kind: str) -> _Helper:
-    current = _helpers.get(kind)
-    if current is None or not current.alive or current.owner != os.getpid():
-        current = _helpers[kind] = _Helper()
-    return current
+@contextlib.contextmanager
+def _borrowed() -> Iterator[_Helper]:
+    """A free live helper of this process for one batch (forked if none is)."""
+    with _pool_lock:
+        _pool[:] = [h for h in _pool if h.alive and h.owner == os.getpid()]
+        helper = next((h for h in _pool if not h.busy), None)
+        if helper is None:
+            helper = _Helper()
+            _pool.append(helper)
+        helper.busy = True
+    try:
+        yield helper
+    finally:
+        with _pool_lock:
+            helper.busy = False
+            if helper.alive and helper is not _pool[0]:
+                helper.close()
 
 
 def _grow_pipe(fd: int) -> None:
