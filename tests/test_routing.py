@@ -170,3 +170,22 @@ def test_the_ctc_checkpoint_alone_runs_the_samples_and_refuses_what_it_cannot_se
     reasons = {by_id[r["id"]]["error"].rsplit(" has no ", 1)[1] for r in rows if by_id[r["id"]]["error"]}
     assert reasons == {"fr transcription", "de transcription", "es transcription", "pt transcription",
                        "ja transcription", "translation (ast)", "keywords"}
+
+
+def test_rows_lost_to_crashes_are_labelled_with_the_model_they_were_routed_to(tiny_model_dir, tiny_ctc_dir, tiny_plus_dir):
+    from granite_batch.drivers import _routed_models
+    from granite_batch.model import resolve_model
+    from granite_batch.recovery import crashed_rows
+
+    dirs = [str(d) for d in (tiny_ctc_dir, tiny_model_dir, tiny_plus_dir)]
+    config = load_config(overrides={"manifest": "m.jsonl", "output": "out", "models": [{"model": d} for d in dirs]})
+    refs = [resolve_model(spec.model, spec.revision, False) for spec in config.model_specs()]
+    lost = rows_table([{"id": "en"}, {"id": "fr", "language": "fr"}, {"id": "spk", "speakers": True}])
+    names, revisions = _routed_models(lost, config, refs)
+    assert names == [refs[0].name, refs[1].name, refs[2].name] and len(set(names)) == 3
+    schema = pa.schema([("id", pa.string()), ("error", pa.string()), ("text", pa.string()), ("model", pa.string()),
+                        ("model_revision", pa.string()), ("run_id", pa.string())])
+    rows = crashed_rows(lost, schema, names, revisions, "R1")
+    assert rows.column("model").to_pylist() == names and rows.column("model_revision").to_pylist() == revisions
+    one = load_config(overrides={"manifest": "m.jsonl", "output": "out", "model": dirs[1]})
+    assert _routed_models(lost, one, refs[1:2])[0] == [refs[1].name] * 3

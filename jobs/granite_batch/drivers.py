@@ -50,6 +50,7 @@ from granite_batch.output import (
 )
 from granite_batch.preflight import check_output_root, check_run_id_unused
 from granite_batch.recovery import crashed_rows
+from granite_batch.routing import ROUTE_COLUMN, route_table
 from granite_batch.second_pass_prompts import Prompter, load_template
 from granite_batch.storage import filesystem, write_json
 from granite_batch.subtitles import write_subtitles
@@ -306,8 +307,9 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
                     alone = pipeline.build_dataset(lost, config, model_refs, run.run_id, alone=True)
                     run.stream(_recordings(alone, assembler, identified), writer, on_batch)
                     writer.commit_open()
-                    crashed = crashed_rows(_still_to_do(config, run.run_id, attempt=2), writer.schema,
-                                           model_ref.name, model_ref.revision, run.run_id)
+                    still_lost = _still_to_do(config, run.run_id, attempt=2)
+                    crashed = crashed_rows(still_lost, writer.schema, *_routed_models(still_lost, config, model_refs),
+                                           run.run_id)
                     if crashed.num_rows:
                         crashed = identified(crashed)
                         on_batch(crashed)
@@ -328,6 +330,17 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
             f"more than max_failed_fraction {config.max_failed_fraction:.1%}; summary: {path}"
         )
     return RunResult(run.run_id, run.last, path, list(writer.committed))
+
+
+def _routed_models(rows: pa.Table, config: JobConfig, model_refs: list) -> tuple[list[str], list[str | None]]:
+    """The name and revision of the model each of `rows` goes to, routed as the job routes them
+    (routing.route_table: the first model that serves it; the first model for a row none serves)."""
+    if len(model_refs) == 1:
+        return [model_refs[0].name] * rows.num_rows, [model_refs[0].revision] * rows.num_rows
+    models = pipeline.job_models(config, model_refs)
+    routed = route_table(rows, [(spec.model, profile) for spec, _, profile in models], pipeline.request_flags(config))
+    refs = [model_refs[i] for i in routed.column(ROUTE_COLUMN).to_pylist()]
+    return [ref.name for ref in refs], [ref.revision for ref in refs]
 
 
 def _still_to_do(config: JobConfig, run_id: str, attempt: int) -> pa.Table:

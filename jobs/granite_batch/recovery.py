@@ -34,18 +34,21 @@ MAX_LOST_BATCHES = 16
 CRASH_REASON = "model crashed the worker: the model actor died on this row, also alone (see the worker logs)"
 
 
-def crashed_rows(lost: pa.Table, schema: pa.Schema, model: str, model_revision: str | None, run_id: str,
-                 reason: str = CRASH_REASON) -> pa.Table:
+def crashed_rows(lost: pa.Table, schema: pa.Schema, model: str | list[str], model_revision: str | None | list,
+                 run_id: str, reason: str = CRASH_REASON) -> pa.Table:
     """Transcript rows (in `schema`) for the `lost` manifest rows: `error` set to `reason` (a row
-    that already had an error keeps it), no text, no segments."""
+    that already had an error keeps it), no text, no segments; `model` and `model_revision` are the
+    rows' own (lists, one per row: the models they were routed to) or the same for all."""
     n = lost.num_rows
+    if not isinstance(model, list):
+        model, model_revision = [model] * n, [model_revision] * n
     errors = [error if error is not None else reason for error in lost.column("error").to_pylist()] \
         if "error" in lost.column_names else [reason] * n
     filled = {
         "error": pa.array(errors, pa.string()),
         "text": pa.nulls(n, pa.string()),
-        "model": pa.array([model] * n, pa.string()),
-        "model_revision": pa.array([model_revision] * n, pa.string()),
+        "model": pa.array(model, pa.string()),
+        "model_revision": pa.array(model_revision, pa.string()),
         "run_id": pa.array([run_id] * n, pa.string()),
     }
     columns = []
