@@ -73,18 +73,18 @@ def _high_water_mb(pid: int | str = "self") -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _current_mb() -> float:
+def _current_mb(pid: int | str = "self") -> float:
     try:
-        with open("/proc/self/statm") as statm:
+        with open(f"/proc/{pid}/statm") as statm:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MB
     except OSError:  # not Linux: the high-water mark is the best there is
         return _high_water_mb()
 
 
-def _reset_high_water() -> bool:
+def _reset_high_water(pid: int | str = "self") -> bool:
     """Start a new high-water mark at the current size (Linux >= 4.0); False where not possible."""
     try:
-        with open("/proc/self/clear_refs", "w") as refs:
+        with open(f"/proc/{pid}/clear_refs", "w") as refs:
             refs.write("5")
         return True
     except OSError:
@@ -125,14 +125,18 @@ def measure(path: str, max_segment_s: float) -> dict:
     del decoded
     # As the job runs it (segment.decode_blocks): decoded and cut in the helper process, the worker
     # (this process) taking its segment tables one at a time; each process's own high-water mark.
+    isolation.map_isolated(len, [b""])  # the helper, forked now: its own peak counts from here
+    helper = isolation._pool[0] if isolation._pool else None
+    helper_base = _current_mb(helper.pid) if helper is not None else None
     if separate:
         _reset_high_water()
+        if helper is not None:
+            _reset_high_water(helper.pid)
     worker_base = _current_mb()
     wall = time.perf_counter()
     cut_segments = sum(block.num_rows for block in segment.decode_blocks(row, max_segment_s))
     helper_wall = time.perf_counter() - wall
     worker_peak = _high_water_mb()
-    helper = isolation._pool[0] if isolation._pool else None
     helper_peak = _high_water_mb(helper.pid) if helper is not None else None
 
     duration_s = decode_duration
@@ -154,12 +158,11 @@ def measure(path: str, max_segment_s: float) -> dict:
         "segment_audio_s_per_cpu_s": round(duration_s / segment_cpu, 1),
         "segments": len(starts),
         "longest_segment_s": round(max(e - s for s, e in zip(starts, ends)) / SAMPLE_RATE_HZ, 2),
-        # The job's path: the worker's peak above what it held before, the helper's peak above the
-        # baseline (it is forked from the worker, so its resident set starts at the worker's).
+        # The job's path: the worker's and the helper's peaks, each above what it held before.
         "job_path_segments": cut_segments,
         "job_path_wall_s": round(helper_wall, 2),
         "job_path_worker_extra_mb": round(worker_peak - worker_base, 1) if separate else None,
-        "job_path_helper_extra_mb": None if helper_peak is None else round(helper_peak - baseline, 1),
+        "job_path_helper_extra_mb": None if helper_peak is None or not separate else round(helper_peak - helper_base, 1),
     }
 
 
