@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -34,6 +36,8 @@ def recordings(tmp_path_factory) -> dict[str, str]:
     paths = {"long": folder / "long.flac", "stereo": folder / "stereo.flac", "short": folder / "short.flac",
              "silent": folder / "silent.flac", "broken": folder / "broken.flac"}
     sf.write(paths["long"], long, RATE)
+    paths["ten"] = folder / "ten.flac"  # ten minutes: many groups of windows
+    sf.write(paths["ten"], np.concatenate([np.roll(long, -k * 7 * RATE) for k in range(4)])[: 600 * RATE], RATE)
     sf.write(paths["stereo"], np.stack([long[: 100 * RATE], np.roll(long, 7 * RATE)[: 100 * RATE]], axis=1), RATE)
     sf.write(paths["short"], long[: 20 * RATE], RATE)
     sf.write(paths["silent"], np.zeros(90 * RATE, np.float32), RATE)
@@ -51,6 +55,22 @@ def rows(tables) -> list[dict]:
     return sorted(table.to_pylist(), key=lambda r: (r["id"], -1 if r["segment_index"] is None else r["segment_index"]))
 
 
+def recordings_of(rows: list[dict]) -> dict[str, dict]:
+    """What the driver makes of segment rows (transcribe.RecordingAssembler): per id, its segments
+    by index, its segment count, duration and error, whichever rows carried them."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        recording = out.setdefault(r["id"], {"segments": {}, "count": None, "duration_s": None, "error": None})
+        if r["segment_index"] is not None:
+            assert r["segment_index"] not in recording["segments"]
+            recording["segments"][r["segment_index"]] = (r["start_s"], r["end_s"], r["channel"], r["samples"])
+        if r["segment_count"] >= 0:
+            assert recording["count"] in (None, r["segment_count"])
+            recording["count"], recording["duration_s"] = r["segment_count"], r["duration_s"]
+        recording["error"] = recording["error"] or r["error"]
+    return out
+
+
 KINDS = ["short", "long", "broken", "silent", "stereo"]
 
 
@@ -60,17 +80,68 @@ def test_cut_where_decoded_gives_the_rows_of_decoding_then_segmenting(recordings
     before = rows(segment.segment_blocks(decode_table(table, isolate=False), RATE, 30.0, OPTIONS, isolate=False))
     blocks = list(segment.decode_blocks(table, 30.0, isolate=isolate, options=OPTIONS, block_bytes=2 << 20))
     after = rows(table for block in blocks for table in segment.segment_blocks(block, RATE, 30.0, OPTIONS, isolate=False))
-    assert after == before
-    counts = {r["id"]: r["segment_count"] for r in after}
+    assert recordings_of(after) == recordings_of(before)
+    counts = {key: r["count"] for key, r in recordings_of(after).items()}
+    assert all(len(r["segments"]) == r["count"] for r in recordings_of(after).values())
     assert counts["long"] > 6 and counts["stereo"] > 4 and counts["silent"] == 0 and counts["short"] >= 1
     assert [r["error"] is not None for r in after if r["id"] == "broken"] == [True]
     # The long recordings' segments came in tables of about 2 MB of samples, never the recording;
-    # the last table has the short, silent and broken ones.
+    # the last table has every row once: the short, silent and broken ones, and the end rows of the
+    # long ones (their segment counts, no samples).
     cut = blocks[:-1]
     assert len(cut) >= 4 and set(pc.unique(pa.concat_tables(cut).column("id")).to_pylist()) == {"long", "stereo"}
     assert all(block.column("samples").nbytes < (2 << 20) + 30 * RATE * 4 + 4096 for block in cut)
-    assert sorted(blocks[-1].column("id").to_pylist()) == ["broken", "short", "silent"]
-    assert blocks[-1].column("segment_count").to_pylist()[blocks[-1].column("id").to_pylist().index("silent")] == 0
+    assert set(pa.concat_tables(cut).column("segment_count").to_pylist()) == {-1}
+    last = dict(zip(blocks[-1].column("id").to_pylist(), blocks[-1].column("segment_count").to_pylist()))
+    assert last == {"short": None, "long": counts["long"], "broken": None, "silent": 0, "stereo": counts["stereo"]}
+
+
+def test_a_long_recording_is_cut_as_it_is_decoded_without_being_held(recordings):
+    table = manifest(recordings, ["ten"])
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        blocks = [(block.num_rows, block.column("samples").nbytes) for block in
+                  segment.decode_blocks(table, 30.0, isolate=False, options=OPTIONS, block_bytes=1 << 20)]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    samples_bytes = 600 * RATE * 4  # 38 MB
+    # Held at most: the first 64 s (before it is known to be long), a group of windows (4 x 16.5 s),
+    # the speech not yet final (up to 35 s after the last final segment) and what is being cut and
+    # sent: about 15 MB, whatever the length.
+    assert sum(size for _, size in blocks) > 0.5 * samples_bytes and sum(rows for rows, _ in blocks) > 20
+    assert peak < 20 << 20, peak
+
+
+def test_streamed_cut_equals_the_whole_recording_s_plan_for_speech_without_pauses(recordings):
+    """Speech with only short pauses is cut inside long regions: where the not-yet-final margin matters most."""
+    speech = load_recording(recordings["long"]).samples
+    rng = np.random.default_rng(5)
+    continuous = np.concatenate([np.resize(np.roll(speech, -int(rng.integers(len(speech)))), 40 * RATE)
+                                 for _ in range(5)])
+    for options in (OPTIONS, VadOptions(batch_windows=4, min_silence_s=2.0)):
+        cut = segment._StreamCut(RATE, 30.0, options, None, "x")
+        got = []
+        for start in range(0, len(continuous), 7 * RATE):
+            cut.add(continuous[start:start + 7 * RATE])
+            if cut.ready():
+                got += cut.step()
+                cut.forget()
+        got += cut.step(final=True)
+        assert got == segment.plan_segments(continuous, RATE, 30.0, options)
+        assert len(got) >= 6 and cut.tail.start > 0
+
+
+def test_a_long_recording_that_fails_after_some_segments_left_is_one_error_row(recordings):
+    # Refused as too long only after its first segments were sent: its end row carries the error.
+    table = manifest(recordings, ["long", "short"])
+    out = recordings_of(rows(t for block in segment.decode_blocks(table, 30.0, max_duration_s=150.0, options=OPTIONS,
+                                                                   block_bytes=1 << 20)
+                             for t in segment.segment_blocks(block, RATE, 30.0, OPTIONS, isolate=False)))
+    long = out["long"]
+    assert long["error"].startswith("too long: more than 150 s") and long["count"] == len(long["segments"]) >= 3
+    assert out["short"]["error"] is None and out["short"]["count"] >= 1
 
 
 @pytest.mark.parametrize("stage", ["decode", "segment"])

@@ -139,6 +139,45 @@ def test_a_segment_delivered_twice_is_counted_once(tiny_model_dir, clips):
     assert len(rows) == 1 and len(rows[0]["segments"]) == 2
 
 
+def cut_as_decoded(table: pa.Table, ids: set[str], error: str | None = None) -> pa.Table:
+    """`table`'s segment rows of `ids` as segment.decode_blocks sends a long recording's: segment
+    count -1 and no duration on each, then one end row with the count, the duration and `error`."""
+    keys = table.column("id").to_pylist()
+    chosen = [key in ids for key in keys]
+    table = table.set_column(table.schema.get_field_index("segment_count"), "segment_count", pa.array(
+        [-1 if c else n for c, n in zip(chosen, table.column("segment_count").to_pylist())], pa.int32()))
+    table = table.set_column(table.schema.get_field_index("duration_s"), "duration_s", pa.array(
+        [None if c else d for c, d in zip(chosen, table.column("duration_s").to_pylist())], pa.float64()))
+    ends = [{**table.slice(keys.index(key), 1).to_pylist()[0], "segment_index": None, "start_s": None, "end_s": None,
+             "samples": None, "duration_s": 3600.0, "segment_count": keys.count(key), "error": error}
+            for key in sorted(ids)]
+    return pa.concat_tables([table, pa.Table.from_pylist(ends, schema=table.schema)])
+
+
+@pytest.mark.parametrize("error", [None, "too long: more than 7200 s of audio (raise max_duration_s to allow it)"])
+def test_a_long_recording_s_end_row_completes_it_with_its_count_and_duration(tiny_model_dir, clips, error):
+    rows = cut_as_decoded(segment_rows([{"id": "long", "pieces": [clips[0], clips[1], clips[3]]},
+                                        {"id": "short", "pieces": [clips[4]]}]), {"long"}, error)
+    results = transcribe_segments(rows, model(tiny_model_dir))
+    order = [4, 0, 3, 2, 1]  # the end row first: the recording still waits for its segments
+    assert results.column("segment_index").to_pylist()[4] is None
+    assembler = RecordingAssembler()
+    written = {}
+    for i in order:
+        out = assembler.add(results.slice(i, 1))
+        for row in out.to_pylist() if out is not None else []:
+            written[row["id"]] = (i, row)
+    assert assembler.pending == 0 and written["long"][0] == 1  # complete when its last segment came
+    long = written["long"][1]
+    assert long["duration_s"] == 3600.0 and long["error"] == error  # from the end row
+    if error is None:
+        assert len(long["segments"]) == 3 and long["text"] == " ".join(
+            t for t in results.column("segment_text").to_pylist()[:3] if t)
+    else:
+        assert long["text"] is None and long["segments"] == []
+    assert written["short"][1]["duration_s"] == 60.0 and len(written["short"][1]["segments"]) == 1
+
+
 def test_a_segment_that_fails_fails_its_recording_alone(tiny_model_dir, clips):
     speech_model = model(tiny_model_dir)
     table = segment_rows([{"id": "good", "pieces": [clips[0]]},

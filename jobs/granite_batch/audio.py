@@ -13,6 +13,7 @@ import os
 import stat
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import av
 import numpy as np
@@ -37,22 +38,25 @@ class Recording:
     """A decoded recording: float32 samples at `sample_rate_hz`, mono (samples,) or, decoded with
     `split_channels`, one row per channel (channels, samples)."""
 
-    samples: np.ndarray
+    samples: np.ndarray | None  # None when decoded into a `sink` (decode_audio)
     sample_rate_hz: int
     source_rate_hz: int
     source_channels: int
+    length: int | None = None  # samples per channel, when `samples` is None
 
     @property
     def duration_s(self) -> float:
-        return self.samples.shape[-1] / self.sample_rate_hz
+        return (self.samples.shape[-1] if self.samples is not None else self.length) / self.sample_rate_hz
 
 
 def decode_audio(
     source, sample_rate_hz: int = SAMPLE_RATE_HZ, max_duration_s: float | None = None, name: str = "file",
-    timeout_s: float | None = None, split_channels: bool = False,
+    timeout_s: float | None = None, split_channels: bool = False, sink: Callable[[np.ndarray], None] | None = None,
 ) -> Recording:
     """Decode `source` (a path or a binary file object) to mono float32 at `sample_rate_hz`, or
-    with `split_channels` to one row of samples per channel.
+    with `split_channels` to one row of samples per channel. With `sink` (mono only), each piece of
+    samples (about a second, in order) is given to it as it is decoded, none is kept, and the
+    Recording has no samples, only their `length`.
 
     Raises DecodeError with a short reason when the recording cannot be used. A recording longer
     than `max_duration_s` is refused as soon as the decoder gets past that point, and one whose
@@ -72,14 +76,16 @@ def decode_audio(
         stream.thread_type = "AUTO"
         try:
             if split_channels:
+                if sink is not None:
+                    raise ValueError("a sink takes mono samples, not split channels")
                 return _decode_channels(container, stream, sample_rate_hz, max_duration_s, timeout_s)
-            return _decode_stream(container, stream, sample_rate_hz, max_duration_s, timeout_s)
+            return _decode_stream(container, stream, sample_rate_hz, max_duration_s, timeout_s, sink)
         except av.error.FFmpegError as exc:
             raise DecodeError(f"decode failed: {_ffmpeg_reason(exc)} ({stream.codec_context.name})") from None
 
 
 def _decode_stream(container, stream, sample_rate_hz: int, max_duration_s: float | None,
-                   timeout_s: float | None) -> Recording:
+                   timeout_s: float | None, sink: Callable[[np.ndarray], None] | None = None) -> Recording:
     source_rate = stream.codec_context.sample_rate or stream.rate
     if not source_rate:
         raise DecodeError("decode failed: the audio stream has no sample rate")
@@ -103,6 +109,15 @@ def _decode_stream(container, stream, sample_rate_hz: int, max_duration_s: float
         nonlocal total, filled
         mono = _downmix(interleaved)
         out = mono if resampler is None else resampler.resample_chunk(mono, last=last)
+        if sink is not None:
+            if out.size:
+                total += out.size
+                _check_limits(total, limit, max_duration_s, deadline, timeout_s)
+                out = np.array(out, np.float32)  # its own memory: a frame's buffer is reused
+                if not np.isfinite(np.sum(out, dtype=np.float64)):
+                    np.nan_to_num(out, copy=False, nan=0.0, posinf=1.0, neginf=-1.0)
+                sink(out)
+            return
         while out.size:
             if filled == _BLOCK_SAMPLES:
                 blocks.append(np.empty(_BLOCK_SAMPLES, np.float32))
@@ -121,6 +136,8 @@ def _decode_stream(container, stream, sample_rate_hz: int, max_duration_s: float
 
     if total == 0:
         raise DecodeError("decode failed: no audio samples decoded (empty or truncated recording)")
+    if sink is not None:
+        return Recording(None, sample_rate_hz, int(source_rate), int(channels), length=total)
     samples = np.empty(total, np.float32)
     for i in range(len(blocks)):
         start = i * _BLOCK_SAMPLES
@@ -229,14 +246,23 @@ def load_recording(
     uri: str, storage_options: dict | None = None, sample_rate_hz: int = SAMPLE_RATE_HZ,
     max_duration_s: float | None = None, timeout_s: float | None = None, *, data: bytes | None = None,
     split_channels: bool = False, allowed_prefixes: tuple[str, ...] = (),
+    sink: Callable[[np.ndarray], None] | None = None,
 ) -> Recording:
     """Open `uri` through fsspec (local path, file://, s3://, gs://, https://, ...) and decode it;
     with `data`, decode those bytes (embedded audio, `uri` only names them). Over http(s), transient
-    failures (dropped connections, timeouts, HTTP 5xx) are retried with backoff, and with
-    `allowed_prefixes` every redirect must stay inside them."""
+    failures (dropped connections, timeouts, HTTP 5xx) are retried with backoff (with a `sink`, only
+    until it has been given samples), and with `allowed_prefixes` every redirect must stay inside
+    them. `sink`: decode_audio's."""
     name = uri.rsplit("/", 1)[-1] or uri
+    given = [0]  # pieces given to the sink
+
+    def counted(piece: np.ndarray) -> None:
+        given[0] += 1
+        sink(piece)
+
     decode = functools.partial(decode_audio, sample_rate_hz=sample_rate_hz, max_duration_s=max_duration_s,
-                               name=name, timeout_s=timeout_s, split_channels=split_channels)
+                               name=name, timeout_s=timeout_s, split_channels=split_channels,
+                               sink=None if sink is None else counted)
     if data is not None:
         if not data:
             raise DecodeError("decode failed: empty file (0 bytes)")
@@ -263,7 +289,7 @@ def load_recording(
                 raise DecodeError(f"access denied: {uri}") from None
             if status in (404, 410):
                 raise DecodeError(f"not found: {uri}") from None
-            transient = web and (status is None or status >= 500)
+            transient = web and (status is None or status >= 500) and not given[0]
             if transient and attempt + 1 < HTTP_ATTEMPTS:
                 time.sleep(HTTP_BACKOFF_S * 2 ** attempt)
                 continue
@@ -342,15 +368,16 @@ def samples_from_arrow(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray | 
 
 def _decode_row(item: tuple[str, bytes | None, bool], storage_options: dict | None, sample_rate_hz: int,
                 max_duration_s: float | None, timeout_s: float | None, crash_test: CrashTest | None,
-                allowed_prefixes: tuple[str, ...] = ()) -> tuple[np.ndarray | None, float | None, str | None]:
+                allowed_prefixes: tuple[str, ...] = (), sink: Callable[[np.ndarray], None] | None = None,
+                ) -> tuple[np.ndarray | None, float | None, str | None]:
     """(samples, duration_s, None) for one recording (uri, embedded bytes or None, split channels),
-    or (None, None, the reason it failed)."""
+    or (None, None, the reason it failed); with `sink` (mono), its samples went there (decode_audio)."""
     uri, data, split_channels = item
     if crash_test is not None:
         crash_test.check("decode", [uri])
     try:
         recording = load_recording(uri, storage_options, sample_rate_hz, max_duration_s, timeout_s, data=data,
-                                   split_channels=split_channels, allowed_prefixes=allowed_prefixes)
+                                   split_channels=split_channels, allowed_prefixes=allowed_prefixes, sink=sink)
     except DecodeError as exc:
         return None, None, str(exc)
     return recording.samples, recording.duration_s, None

@@ -15,14 +15,18 @@ of at most 16 s, side by side: 68 MB of samples), and that group is all the help
 receives (isolation.py: a crash in it costs one row, not the worker), so neither holds a copy of a
 long recording; besides, one float per 32 ms frame. Segment rows leave in tables of about 64 MB of
 samples (`segment_blocks`). A recording of at least `long_recording_s` (17 minutes) is decoded and
-cut in one helper process (`decode_blocks`), which holds it whole while it cuts it (64 KB per audio
-second: 230 MB an hour, 1.4 GB at the 6-hour `max_duration_s`) and sends back its segments a table at
-a time, so the worker never holds it. Speed: the windows of every recording in a batch run side by side.
+cut in one helper process as it is decoded (`decode_blocks`, `_StreamCut`), which sends back its
+segments a table at a time: no process holds it whole (the helper holds one group of windows and the
+speech not yet cut; a recording with split channels is held whole while it is cut, 64 KB per audio
+second and channel). Speed: the windows of every recording in a batch run side by side.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
+import queue
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -459,17 +463,18 @@ def decode_blocks(table: pa.Table, max_segment_s: float, storage_options: dict |
                   allowed_prefixes: tuple[str, ...] = (), options: VadOptions = VadOptions(),
                   block_bytes: int = SEGMENT_BLOCK_BYTES):
     """Decode stage: `audio.decode_table`, except that a recording at least `long_recording_s` long
-    is also cut into its segments in the helper process that decoded it, which sends its segment
-    rows back in tables of about `block_bytes` of samples: the worker never holds a long recording,
-    only one table of its segments at a time (the helper holds it whole while it cuts it: 64 KB per
-    audio second, 230 MB an hour, 1.4 GB at the 6-hour `max_duration_s`).
+    is also cut into its segments in the helper process that decodes it, as it decodes it
+    (`_StreamCut`), and its segment rows come back in tables of about `block_bytes` of samples: no
+    process holds a long mono recording whole, the worker one table of its segments at a time.
 
-    Shorter recordings come whole, with null CUT_COLUMNS, in a last table: `segment_blocks` cuts
-    them, many side by side. A long recording's segment rows are those `segment_blocks` would give
-    (the same VAD windows, the same plan: tested), with its `duration_s` and `channel_count`. A crash
-    while decoding or cutting it is its row's "decode crashed the worker" or "segment crashed the
-    worker" (isolation.stream_isolated); a helper that dies twice after some of its segments were
-    sent (killed, out of memory) fails the task, which Ray runs again.
+    Every row of `table` comes once in the last table: a short recording whole, with null
+    CUT_COLUMNS (`segment_blocks` cuts them, many side by side), a failed one with its error, and a
+    long one as its end row: no samples, `segment_count` (how many segment rows it sent before, each
+    with `segment_count` -1 and no `duration_s`), `duration_s`, and an error if it failed after some
+    segments had left (transcribe.RecordingAssembler waits for them, then writes the error). Its
+    segments are those `segment_blocks` would give (the same VAD windows, the same plan: tested). A
+    crash while decoding or cutting it is its row's "decode crashed the worker" or "segment crashed
+    the worker" (isolation.stream_isolated, which reruns it alone first and skips what was sent).
     """
     errors, items, todo = audio_module.decode_inputs(table)
     decode = audio_module.row_decoder(storage_options, sample_rate_hz, max_duration_s, timeout_s, crash_test,
@@ -481,83 +486,308 @@ def decode_blocks(table: pa.Table, max_segment_s: float, storage_options: dict |
         warm_vad()  # before the stream's helper is forked, so that it starts warm
     base = table.drop_columns([c for c in ("audio_bytes",) if c in table.column_names])
     decoded: dict[int, tuple[np.ndarray | None, float | None]] = {}
-    cut: dict[int, tuple[float, int | None, int]] = {}  # row: (duration_s, channel_count, segment count)
+    ends: dict[int, tuple[float | None, int]] = {}  # a long recording's row: (duration_s, segment count)
     sent: dict[int, int] = {}  # row: segment rows yielded
     for k, value in stream_isolated(work, [items[i] for i in todo], isolate=isolate):
         row = todo[k]
         if isinstance(value, Crash):
-            if sent.get(row):
-                raise RuntimeError(f"the helper cutting {items[row][0]} died twice after sending {sent[row]} of "
-                                   f"its segments ({value.reason('segment')})")
             errors[row] = value.reason("decode")
-            cut.pop(row, None)
+            if sent.get(row):  # its segments already left: its end row carries the error
+                ends[row] = None, sent[row]
         elif value[0] == "whole":
             _, samples, duration, errors[row] = value
             decoded[row] = samples, duration
-        elif value[0] == "cut":
-            cut[row] = value[1:]
-        else:
+        elif value[0] == "segments":
             _, bounds, samples = value
-            duration, channel_count, count = cut[row]
-            yield _cut_rows(base, row, errors[row], duration, channel_count, count, sent.get(row, 0), bounds,
-                            samples, sample_rate_hz)
+            yield _cut_rows(base, row, sent.get(row, 0), bounds, samples, sample_rate_hz)
             sent[row] = sent.get(row, 0) + len(bounds)
-    rest = [i for i in range(table.num_rows) if i not in sent]
-    whole = audio_module.decoded_table(table.take(pa.array(rest, pa.int64())), [errors[i] for i in rest],
-                                       {j: decoded[i] for j, i in enumerate(rest) if i in decoded})
-    counts = [cut[i][2] if i in cut else None for i in rest]  # a long recording without speech: 0
-    for name, values in (("segment_index", [None] * len(rest)), ("segment_count", counts),
-                         ("start_s", [None] * len(rest)), ("end_s", [None] * len(rest)),
-                         ("channel", [None] * len(rest))):
+        else:
+            _, duration, count, errors[row] = value
+            ends[row] = duration, count
+    # Every row once more: whole (short: segment_count null, for segment_blocks), failed, or the end
+    # row of a long one (segment_count: how many segment rows it had; the driver waits for them).
+    last = audio_module.decoded_table(table, errors, decoded)
+    counts = [ends[i][1] if i in ends else None for i in range(table.num_rows)]
+    for name, values in (("segment_index", [None] * table.num_rows), ("segment_count", counts),
+                         ("start_s", [None] * table.num_rows), ("end_s", [None] * table.num_rows),
+                         ("channel", [None] * table.num_rows)):
         kind = pa.float64() if name.endswith("_s") else pa.int32()
-        whole = whole.add_column(whole.schema.get_field_index("samples"), name, pa.array(values, kind))
-    if counts and any(count is not None for count in counts):
-        durations = whole.column("duration_s").to_pylist()
-        whole = whole.set_column(whole.schema.get_field_index("duration_s"), "duration_s", pa.array(
-            [cut[i][0] if i in cut else durations[j] for j, i in enumerate(rest)], pa.float64()))
-    yield whole
+        last = last.add_column(last.schema.get_field_index("samples"), name, pa.array(values, kind))
+    if ends:
+        durations = last.column("duration_s").to_pylist()
+        last = last.set_column(last.schema.get_field_index("duration_s"), "duration_s", pa.array(
+            [ends[i][0] if i in ends else durations[i] for i in range(table.num_rows)], pa.float64()))
+    yield last
 
 
 def _decode_and_cut(item, decode, sample_rate_hz: int, max_segment_s: float, options: VadOptions,
                     crash_test: CrashTest | None, block_bytes: int):
     """In the helper (isolation.stream_isolated): decode one row, then ("whole", samples, duration,
-    error) for a short or failed recording, or, for a long one, ("cut", duration, channel count,
-    segment count) and its segments as ("segments", [(start, end, channel)], their samples end to
-    end), about `block_bytes` at a time."""
+    error) for a short or failed recording, or, for a long one, its segments as ("segments",
+    [(start, end, channel)], their samples end to end), about `block_bytes` at a time, then ("end",
+    duration, segment count, error). A long mono recording is cut as it is decoded (`_StreamCut`),
+    so no more than a group of VAD windows and the speech not yet cut is held; a long recording with
+    split channels is held whole while it is cut."""
     yield Stage("decode")
-    samples, duration, error = decode(item)
-    if samples is None or duration < long_recording_s(options):
-        yield "whole", samples, duration, error
+    if item[2]:  # split channels
+        samples, duration, error = decode(item)
+        if samples is None or duration < long_recording_s(options):
+            yield "whole", samples, duration, error
+            return
+        yield Stage("segment")
+        errors: list[str | None] = [None]
+        bounds = _plan([samples.reshape(-1)], [samples.shape[0]], [item[0]], errors, sample_rate_hz, max_segment_s,
+                       options, False, crash_test).get(0, [])
+        del samples
+        yield from _sent_in_blocks([(b[:3], b[3][b[0]:b[1]]) for b in bounds], block_bytes)
+        yield "end", duration, len(bounds), None
         return
-    yield Stage("segment")
-    channels = samples.shape[0] if samples.ndim == 2 else None
-    errors: list[str | None] = [None]
-    bounds = _plan([samples.reshape(-1)], [channels], [item[0]], errors, sample_rate_hz, max_segment_s, options,
-                   False, crash_test).get(0, [])
-    yield "cut", duration, channels, len(bounds)
-    chunk: list[tuple[int, int, int | None, np.ndarray]] = []
+    head: list[np.ndarray] = []  # the first pieces, until the recording is known to be long
+    held = 0
+    cut: _StreamCut | None = None
+    sent = 0
+    for kind, value in _in_step(functools.partial(decode, item)):
+        if kind == "piece":
+            if cut is None:
+                head.append(value)
+                held += len(value)
+                if held < long_recording_s(options) * sample_rate_hz:
+                    continue
+                cut = _StreamCut(sample_rate_hz, max_segment_s, options, crash_test, item[0])
+                for piece in head:
+                    cut.add(piece)
+                head = []
+            else:
+                cut.add(value)
+            del value
+            if not cut.ready():
+                continue
+            yield Stage("segment")
+            sent += yield from _cut_and_sent(cut, False, block_bytes)
+            yield Stage("decode")
+            continue
+        _, duration, error = value
+        if cut is None:  # short, or failed before it was known to be long
+            yield "whole", (np.concatenate(head) if head and error is None else None), duration, error
+            return
+        if error is None:
+            yield Stage("segment")
+            sent += yield from _cut_and_sent(cut, True, block_bytes)
+        yield "end", duration, sent, error
+        return
+
+
+def _cut_and_sent(cut: "_StreamCut", final: bool, block_bytes: int):
+    """`cut.step`'s new segments, sent in blocks; returns how many."""
+    segments = cut.step(final=final)
+    yield from _sent_in_blocks([((a, b, None), cut.samples(a, b)) for a, b in segments], block_bytes)
+    cut.forget()
+    return len(segments)
+
+
+def _sent_in_blocks(segments: list[tuple[tuple[int, int, int | None], np.ndarray]], block_bytes: int):
+    """("segments", bounds, samples end to end) values of about `block_bytes` each."""
+    chunk: list[tuple[tuple[int, int, int | None], np.ndarray]] = []
     size = 0
-    for bound in bounds:
-        chunk.append(bound)
-        size += 4 * (bound[1] - bound[0])
-        if size >= block_bytes or bound is bounds[-1]:
-            yield "segments", [b[:3] for b in chunk], np.concatenate([b[3][b[0]:b[1]] for b in chunk])
+    for k, (bound, samples) in enumerate(segments):
+        chunk.append((bound, samples))
+        size += samples.nbytes
+        if size >= block_bytes or k == len(segments) - 1:
+            yield "segments", [b for b, _ in chunk], np.concatenate([a for _, a in chunk])
             chunk, size = [], 0
 
 
-def _cut_rows(base: pa.Table, row: int, error: str | None, duration: float, channel_count: int | None, count: int,
-              first: int, bounds: list[tuple[int, int, int | None]], samples: np.ndarray,
+def _in_step(decode):
+    """Run `decode(sink=...)` (audio._decode_row) in a thread, in step with the caller: ("piece",
+    samples) for each piece it decodes, while the thread waits, then ("done", its result); an
+    exception it raises is raised here. Never both at once, so a crash is the stage the caller names."""
+    handoff: queue.Queue = queue.Queue(maxsize=1)
+    resume = threading.Semaphore(0)
+    stop = threading.Event()
+
+    def sink(piece: np.ndarray) -> None:
+        handoff.put(("piece", piece))
+        resume.acquire()
+        if stop.is_set():
+            raise _Stopped()
+
+    def run() -> None:
+        try:
+            handoff.put(("done", decode(sink=sink)))
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller (_Stopped: nobody is waiting)
+            handoff.put(("raised", exc))
+
+    thread = threading.Thread(target=run, name="decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = handoff.get()
+            if kind == "raised":
+                raise value
+            yield kind, value
+            if kind == "done":
+                return
+            resume.release()
+    finally:
+        if thread.is_alive():  # the caller stopped early: let the decoder unwind
+            stop.set()
+            resume.release()
+            while thread.is_alive():
+                try:
+                    handoff.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+                resume.release()
+        thread.join()
+
+
+class _Stopped(BaseException):
+    """Raised in the decoder's sink when its consumer has stopped."""
+
+
+class _Tail:
+    """The samples of a recording from `start` to `end` (offsets in the whole recording), kept as the
+    decoder's pieces, and sliced with offsets in the whole recording (what window_samples and
+    _cut_point take: `len()` is `end`)."""
+
+    def __init__(self):
+        self.pieces: list[np.ndarray] = []
+        self.starts: list[int] = []
+        self.start = self.end = 0
+
+    def __len__(self) -> int:
+        return self.end
+
+    def append(self, piece: np.ndarray) -> None:
+        self.pieces.append(piece)
+        self.starts.append(self.end)
+        self.end += len(piece)
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        low = max(key.start or 0, 0)
+        high = self.end if key.stop is None else min(key.stop, self.end)
+        if low < self.start:
+            raise IndexError(f"samples from {low} were let go (kept from {self.start})")
+        if high <= low:
+            return np.zeros(0, np.float32)
+        first = bisect.bisect_right(self.starts, low) - 1
+        parts = []
+        for k in range(first, len(self.pieces)):
+            if self.starts[k] >= high:
+                break
+            offset = self.starts[k]
+            parts.append(self.pieces[k][max(low - offset, 0):high - offset])
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def forget_before(self, offset: int) -> None:
+        """Let go of the pieces that end at or before `offset`."""
+        drop = bisect.bisect_right(self.starts, offset) - 1
+        if drop > 0:
+            del self.pieces[:drop], self.starts[:drop]
+            self.start = self.starts[0]
+
+
+class _StreamCut:
+    """The segments of one long mono recording (at least `long_recording_s`), planned as it is
+    decoded, the same as `plan_segments` gives for the whole recording (tested).
+
+    Its VAD windows are all `max_window_s` long (a recording this long gets no other), so a group of
+    `batch_windows` of them runs as soon as its audio has arrived, the same groups as for the whole
+    recording. After each group the plan is made again over what is known, and the segments that
+    nothing later can change are given out: those that end `margin` before the known audio does (a
+    segment's end depends on speech up to `max_segment_s` + `max_merge_gap_s` + padding later:
+    merging, padding halfway into the next pause, silero's end of speech). silero's region rule is
+    run again only from the start of its last closed region (where its state is idle), so the plan
+    costs little more than for the whole recording. What is held: the audio not yet cut (one group,
+    1,024 s, and the margin), and one probability per 32 ms frame.
+    """
+
+    def __init__(self, sample_rate_hz: int, max_segment_s: float, options: VadOptions,
+                 crash_test: CrashTest | None, audio: str | None):
+        if sample_rate_hz != VAD_RATE_HZ:
+            raise ValueError(f"segmentation needs {VAD_RATE_HZ} Hz samples, not {sample_rate_hz}")
+        self.options, self.crash_test, self.audio = options, crash_test, audio
+        self.max_len = int(max_segment_s * sample_rate_hz)
+        self.max_gap = int(options.max_merge_gap_s * sample_rate_hz)
+        self.pad = int(options.pad_s * sample_rate_hz)
+        self.margin = (self.max_len + self.max_gap + 2 * self.pad
+                       + int((options.min_speech_s + options.min_silence_s + 1.0) * sample_rate_hz))
+        self.window = round(options.max_window_s * VAD_RATE_HZ / VAD_FRAME)
+        self.tail = _Tail()
+        self.probs = np.zeros(0, np.float32)
+        self.regions: list[tuple[int, int]] = []  # silero's regions before frame `restart`
+        self.restart = 0
+        self.emitted_end = 0
+        self.keep_from = 0
+
+    def add(self, piece: np.ndarray) -> None:
+        self.tail.append(piece)
+
+    def ready(self) -> bool:
+        """Whether the audio of the next group of windows has arrived."""
+        return self.tail.end >= (len(self.probs) + self.options.batch_windows * self.window) * VAD_FRAME
+
+    def step(self, final: bool = False) -> list[tuple[int, int]]:
+        """Run the groups whose audio has arrived (with `final`, the rest of the recording too) and
+        return the segments that became final, in order."""
+        while self.ready():
+            first = len(self.probs)
+            self._group([(0, f, self.window) for f in range(first, first + self.options.batch_windows * self.window,
+                                                              self.window)])
+        count = -(-self.tail.end // VAD_FRAME)
+        if final and len(self.probs) < count:
+            self._group([(0, f, min(self.window, count - f)) for f in range(len(self.probs), count, self.window)])
+        known = self.tail.end if final else len(self.probs) * VAD_FRAME
+        fresh = [(start + self.restart * VAD_FRAME, end + self.restart * VAD_FRAME) for start, end in
+                 speech_regions(self.probs[self.restart:], known - self.restart * VAD_FRAME, self.options)]
+        regions = self.regions + fresh
+        closed = [r for r in fresh if final or r[1] < known]  # a region still open ends at `known`
+        if closed and not final:  # silero's state is idle where a region starts: run again from the last closed one
+            last = closed[-1]
+            self.regions += fresh[:fresh.index(last)]
+            self.restart = last[0] // VAD_FRAME
+        pieces: list[tuple[int, int]] = []
+        for start, end in _padded(regions, known, self.pad) if regions else []:
+            if end > self.emitted_end:
+                pieces.extend(_cut_long(self.tail, max(start, self.emitted_end), end, self.max_len, VAD_RATE_HZ,
+                                        self.probs, self.options))
+        merged = _merge(pieces, self.max_len, self.max_gap) if pieces else []
+        horizon = known if final else known - self.margin
+        done = [segment for segment in merged if segment[1] <= horizon]
+        if done:
+            self.emitted_end = done[-1][1]
+        waiting = [segment[0] for segment in merged[len(done):]]
+        self.keep_from = max(self.emitted_end, min(waiting + [known - self.margin]))
+        return done
+
+    def samples(self, start: int, end: int) -> np.ndarray:
+        return np.array(self.tail[start:end], np.float32)
+
+    def forget(self) -> None:
+        """Let go of the audio that no segment still to come can hold."""
+        self.tail.forget_before(self.keep_from)
+
+    def _group(self, windows: list[tuple[int, int, int]]) -> None:
+        computed = _group_probabilities((window_samples([self.tail], windows, self.options), [self.audio]),
+                                        self.options, self.crash_test)
+        end = windows[-1][1] + windows[-1][2]
+        self.probs = np.concatenate([self.probs, np.zeros(end - len(self.probs), np.float32)])
+        scatter_probabilities([self.probs], windows, computed)
+
+
+def _cut_rows(base: pa.Table, row: int, first: int, bounds: list[tuple[int, int, int | None]], samples: np.ndarray,
               sample_rate_hz: int) -> pa.Table:
     """Segment rows `first`.. of `base`'s row `row`, in decode_blocks' columns, around `samples`
-    (the segments' samples end to end, as the helper sent them: no copy)."""
+    (the segments' samples end to end, as the helper sent them: no copy). Their `segment_count` is
+    -1: the recording's end row, which comes after them, has it (and `duration_s`)."""
     n = len(bounds)
     out = base.take(pa.array([row] * n, pa.int64()))
-    out = out.set_column(out.schema.get_field_index("error"), "error", pa.array([error] * n, pa.string()))
+    out = out.set_column(out.schema.get_field_index("error"), "error", pa.nulls(n, pa.string()))
     offsets = np.zeros(n + 1, np.int64)
     np.cumsum([end - start for start, end, _ in bounds], out=offsets[1:])
     for name, values, kind in (
-        ("duration_s", [duration] * n, pa.float64()), ("channel_count", [channel_count] * n, pa.int32()),
-        ("segment_index", list(range(first, first + n)), pa.int32()), ("segment_count", [count] * n, pa.int32()),
+        ("duration_s", [None] * n, pa.float64()), ("channel_count", [None] * n, pa.int32()),
+        ("segment_index", list(range(first, first + n)), pa.int32()), ("segment_count", [-1] * n, pa.int32()),
         ("start_s", [b[0] / sample_rate_hz for b in bounds], pa.float64()),
         ("end_s", [b[1] / sample_rate_hz for b in bounds], pa.float64()),
         ("channel", [b[2] for b in bounds], pa.int32()),

@@ -215,8 +215,8 @@ class InferenceStats:
 
 @dataclass
 class _Pending:
-    recording: dict  # the recording's columns, from its first segment row to arrive
-    count: int
+    recording: dict  # the recording's columns, from its first row to arrive that knows its segment count
+    count: int | None  # None until a row says it (a long recording's segments come before its end row)
     segments: dict[int, dict] = field(default_factory=dict)
     error: str | None = None
     decided: set = field(default_factory=set)
@@ -230,7 +230,10 @@ class RecordingAssembler:
     Data delivers them) and returns the rows of the recordings completed by them: the recording's
     columns, `text` (its segments' texts in order, joined with spaces, or without for Japanese and
     Mandarin), `segments` and `decoded_by`. A recording is never returned half; `pending` says how
-    many are waiting for segments.
+    many are waiting for segments. A row's `segment_count` is its recording's, or -1 for the
+    segments of a long recording cut as it was decoded (segment.decode_blocks): that recording's
+    end row (no `segment_index`) has the count, its `duration_s` and any error (then the recording
+    is an error row once the segments sent before the error have arrived).
     """
 
     def __init__(self):
@@ -253,10 +256,13 @@ class RecordingAssembler:
             self._count(row)
             key = row["id"]
             pending = self._pending.get(key)
+            known = row["segment_count"] >= 0
             if pending is None:
-                pending = _Pending({name: row[name] for name in names}, row["segment_count"])
+                pending = _Pending({name: row[name] for name in names}, row["segment_count"] if known else None)
                 self._pending[key] = pending
-            if row["segment_count"] and row["segment_index"] not in pending.segments:
+            elif known and pending.count is None:
+                pending.recording, pending.count = {name: row[name] for name in names}, row["segment_count"]
+            if row["segment_index"] is not None and row["segment_index"] not in pending.segments:
                 segment = {
                     "start": row["start_s"], "end": row["end_s"], "text": row["segment_text"] or "",
                     "truncated": bool(row["segment_truncated"]), "avg_logprob": row.get("segment_avg_logprob"),
@@ -270,7 +276,7 @@ class RecordingAssembler:
             pending.keywords_dropped = max(pending.keywords_dropped, row.get("keywords_dropped") or 0)
             if row["error"] is not None and pending.error is None:
                 pending.error = row["error"]
-            if len(pending.segments) >= pending.count:
+            if pending.count is not None and len(pending.segments) >= pending.count:
                 done.append(self._pending.pop(key))
         return self._rows(done) if done else None
 
