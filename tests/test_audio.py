@@ -124,3 +124,21 @@ def test_eight_channel_aac_decodes(tmp_path):
     assert abs(len(recording.samples) - len(reference)) <= 1024
     assert np.sqrt(np.mean(recording.samples**2)) == pytest.approx(np.sqrt(np.mean(reference**2)), rel=0.05)
     assert np.sqrt(np.mean(recording.samples**2)) > 0.005  # not silence
+
+
+@pytest.mark.parametrize("name", ["en_weather.flac", "fr_gare.mp3"])
+def test_a_sink_gets_the_samples_piece_by_piece_and_its_time_is_not_decoding_time(name):
+    import time
+
+    from conftest import SAMPLES
+
+    whole = load_recording(str(SAMPLES / name)).samples
+    pieces = []
+
+    def slow(piece: np.ndarray) -> None:  # as the VAD between two pieces of a long recording
+        pieces.append(piece)
+        time.sleep(0.2)
+
+    recording = load_recording(str(SAMPLES / name), timeout_s=0.5, sink=slow)
+    assert recording.samples is None and recording.length == len(whole) and len(pieces) * 0.2 > 0.5
+    assert np.array_equal(np.concatenate(pieces), whole)  # the same samples, in order, none kept

@@ -106,7 +106,7 @@ def _decode_stream(container, stream, sample_rate_hz: int, max_duration_s: float
     total = 0
 
     def push(interleaved: np.ndarray, last: bool = False) -> None:
-        nonlocal total, filled
+        nonlocal total, filled, deadline
         mono = _downmix(interleaved)
         out = mono if resampler is None else resampler.resample_chunk(mono, last=last)
         if sink is not None:
@@ -116,7 +116,10 @@ def _decode_stream(container, stream, sample_rate_hz: int, max_duration_s: float
                 out = np.array(out, np.float32)  # its own memory: a frame's buffer is reused
                 if not np.isfinite(np.sum(out, dtype=np.float64)):
                     np.nan_to_num(out, copy=False, nan=0.0, posinf=1.0, neginf=-1.0)
+                given = time.monotonic()
                 sink(out)
+                if deadline is not None:  # the time the sink's owner spent on it is not decoding
+                    deadline += time.monotonic() - given
             return
         while out.size:
             if filled == _BLOCK_SAMPLES:
