@@ -7,7 +7,7 @@ FLAC to a temporary folder, then runs the decode and segment stages (`audio.deco
 `segment.segment_blocks`, block by block as Ray Data takes them) on it in a fresh process per size,
 so each peak is that recording's alone; in that process (`isolate=False`), so that the time and memory
 a worker and its helper process share are counted whole. Then as the job runs it
-(`segment.decode_blocks`: decoded and cut in the helper, the worker taking one table of segments at
+(`decode_cut.decode_blocks`: decoded and cut in the helper, the worker taking one table of segments at
 a time), with each process's own peak. Memory is the resident set's high-water mark (VmHWM), read after
 loading the VAD model, after decoding and after segmenting; the peak of each stage is measured on
 its own by resetting the mark in between (Linux `clear_refs`). Not a test: it only reports.
@@ -95,7 +95,7 @@ def measure(path: str, max_segment_s: float) -> dict:
     """Decode and segment one recording in this process; memory and times of each stage."""
     import pyarrow as pa
 
-    from granite_batch import audio, isolation, segment
+    from granite_batch import audio, decode_cut, isolation, segment
 
     segment.vad_model()
     segment.plan_segments(np.zeros(SAMPLE_RATE_HZ, np.float32), SAMPLE_RATE_HZ, max_segment_s)  # warm the JIT
@@ -123,7 +123,7 @@ def measure(path: str, max_segment_s: float) -> dict:
     segment_peak = _high_water_mb()
 
     del decoded
-    # As the job runs it (segment.decode_blocks): decoded and cut in the helper process, the worker
+    # As the job runs it (decode_cut.decode_blocks): decoded and cut in the helper process, the worker
     # (this process) taking its segment tables one at a time; each process's own high-water mark.
     isolation.map_isolated(len, [b""])  # the helper, forked now: its own peak counts from here
     helper = isolation._pool[0] if isolation._pool else None
@@ -134,7 +134,7 @@ def measure(path: str, max_segment_s: float) -> dict:
             _reset_high_water(helper.pid)
     worker_base = _current_mb()
     wall = time.perf_counter()
-    cut_segments = sum(block.num_rows for block in segment.decode_blocks(row, max_segment_s))
+    cut_segments = sum(block.num_rows for block in decode_cut.decode_blocks(row, max_segment_s))
     helper_wall = time.perf_counter() - wall
     worker_peak = _high_water_mb()
     helper_peak = _high_water_mb(helper.pid) if helper is not None else None

@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 
 from conftest import SAMPLES
-from granite_batch import segment
+from granite_batch import decode_cut, segment
 from granite_batch.audio import decode_table, load_recording
 from granite_batch.isolation import CrashTest
 from granite_batch.segment import VadOptions
@@ -78,7 +78,7 @@ KINDS = ["short", "long", "broken", "silent", "stereo"]
 def test_cut_where_decoded_gives_the_rows_of_decoding_then_segmenting(recordings, isolate):
     table = manifest(recordings, KINDS)
     before = rows(segment.segment_blocks(decode_table(table, isolate=False), RATE, 30.0, OPTIONS, isolate=False))
-    blocks = list(segment.decode_blocks(table, 30.0, isolate=isolate, options=OPTIONS, block_bytes=2 << 20))
+    blocks = list(decode_cut.decode_blocks(table, 30.0, isolate=isolate, options=OPTIONS, block_bytes=2 << 20))
     after = rows(table for block in blocks for table in segment.segment_blocks(block, RATE, 30.0, OPTIONS, isolate=False))
     assert recordings_of(after) == recordings_of(before)
     counts = {key: r["count"] for key, r in recordings_of(after).items()}
@@ -102,7 +102,7 @@ def test_a_long_recording_is_cut_as_it_is_decoded_without_being_held(recordings)
     try:
         tracemalloc.reset_peak()
         blocks = [(block.num_rows, block.column("samples").nbytes) for block in
-                  segment.decode_blocks(table, 30.0, isolate=False, options=OPTIONS, block_bytes=1 << 20)]
+                  decode_cut.decode_blocks(table, 30.0, isolate=False, options=OPTIONS, block_bytes=1 << 20)]
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -121,7 +121,7 @@ def test_streamed_cut_equals_the_whole_recording_s_plan_for_speech_without_pause
     continuous = np.concatenate([np.resize(np.roll(speech, -int(rng.integers(len(speech)))), 40 * RATE)
                                  for _ in range(5)])
     for options in (OPTIONS, VadOptions(batch_windows=4, min_silence_s=2.0)):
-        cut = segment._StreamCut(RATE, 30.0, options, None, "x")
+        cut = segment.StreamCut(RATE, 30.0, options, None, "x")
         got = []
         for start in range(0, len(continuous), 7 * RATE):
             cut.add(continuous[start:start + 7 * RATE])
@@ -136,7 +136,7 @@ def test_streamed_cut_equals_the_whole_recording_s_plan_for_speech_without_pause
 def test_a_long_recording_that_fails_after_some_segments_left_is_one_error_row(recordings):
     # Refused as too long only after its first segments were sent: its end row carries the error.
     table = manifest(recordings, ["long", "short"])
-    out = recordings_of(rows(t for block in segment.decode_blocks(table, 30.0, max_duration_s=150.0, options=OPTIONS,
+    out = recordings_of(rows(t for block in decode_cut.decode_blocks(table, 30.0, max_duration_s=150.0, options=OPTIONS,
                                                                    block_bytes=1 << 20)
                              for t in segment.segment_blocks(block, RATE, 30.0, OPTIONS, isolate=False)))
     long = out["long"]
@@ -148,7 +148,7 @@ def test_a_long_recording_that_fails_after_some_segments_left_is_one_error_row(r
 def test_a_long_recording_that_crashes_its_helper_is_one_error_row_of_its_stage(recordings, stage):
     table = manifest(recordings, ["short", "long", "stereo"])
     crash = CrashTest(**{stage: recordings["long"]})
-    out = rows(t for block in segment.decode_blocks(table, 30.0, crash_test=crash, options=OPTIONS)
+    out = rows(t for block in decode_cut.decode_blocks(table, 30.0, crash_test=crash, options=OPTIONS)
                for t in segment.segment_blocks(block, RATE, 30.0, OPTIONS, isolate=False))
     long = [r for r in out if r["id"] == "long"]
     assert [(r["segment_count"], r["error"]) for r in long] == [(0, f"{stage} crashed the worker: signal 11 (SIGSEGV)")]

@@ -14,7 +14,7 @@ PACKAGE = REPO / "jobs" / "granite_batch"
 # Who may import whom, from the top: CLI -> drivers -> results/pipeline -> stages -> helpers.
 DRIVERS = {"cli", "drivers"}
 RAY_GRAPHS = {"pipeline"}
-STAGES = {"manifest", "audio", "segment", "transcribe", "model", "speculative", "prompts", "second_pass",
+STAGES = {"manifest", "audio", "segment", "decode_cut", "transcribe", "model", "speculative", "prompts", "second_pass",
           "second_pass_prompts", "language_model", "subtitles", "evaluate", "output", "plan", "language_id",
           "profiles", "ctc", "engines", "batching", "routing", "tags", "bpe_draft"}
 

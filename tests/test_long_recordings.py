@@ -92,7 +92,7 @@ def long_recording(tmp_path_factory) -> dict:
         else:
             silence(rng.choice(PAUSES_S))
         i += 1
-    # Past the length from which the job cuts a recording where it decodes it (segment.decode_blocks).
+    # Past the length from which the job cuts a recording where it decodes it (decode_cut.decode_blocks).
     silence(max(2.0, segment.long_recording_s() + 10.0 - position / RATE))
     clean = np.concatenate(parts)
     noisy = clean + rng.normal(0.0, 1e-3, len(clean)).astype(np.float32)

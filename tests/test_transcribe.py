@@ -140,7 +140,7 @@ def test_a_segment_delivered_twice_is_counted_once(tiny_model_dir, clips):
 
 
 def cut_as_decoded(table: pa.Table, ids: set[str], error: str | None = None) -> pa.Table:
-    """`table`'s segment rows of `ids` as segment.decode_blocks sends a long recording's: segment
+    """`table`'s segment rows of `ids` as decode_cut.decode_blocks sends a long recording's: segment
     count -1 and no duration on each, then one end row with the count, the duration and `error`."""
     keys = table.column("id").to_pylist()
     chosen = [key in ids for key in keys]

@@ -17,7 +17,7 @@ import posixpath
 
 import pyarrow as pa
 
-from granite_batch import recovery, segment
+from granite_batch import decode_cut, recovery, segment
 from granite_batch.config import JobConfig, ModelSpec, SecondPassOptions
 from granite_batch.engines import load_speech_model, model_profile
 from granite_batch.language_model import LanguageModel
@@ -217,11 +217,11 @@ def _model_branch(ray, ds, config: JobConfig, spec: ModelSpec, model_ref: ModelR
                                                            profile.max_word_times_call_s) if limit]
     max_segment_s = min(limits)
     # A long recording (over 17 minutes) is decoded and cut in one helper process and leaves as
-    # segments (segment.decode_blocks); shorter ones leave whole, and Ray Data gathers them into a
+    # segments (decode_cut.decode_blocks); shorter ones leave whole, and Ray Data gathers them into a
     # block until it passes its target size (128 MB), so the VAD sees a block's short clips side by
     # side (16 of them: 408x real time, against 171x at 4).
     ds = ds.map_batches(
-        segment.decode_blocks,
+        decode_cut.decode_blocks,
         fn_kwargs={"max_segment_s": max_segment_s, "storage_options": config.storage_options,
                    "sample_rate_hz": config.sample_rate_hz, "max_duration_s": config.max_duration_s,
                    "timeout_s": config.decode_timeout_s, "crash_test": config.crash_test,

@@ -15,7 +15,7 @@ of at most 16 s, side by side: 68 MB of samples), and that group is all the help
 receives (isolation.py: a crash in it costs one row, not the worker), so neither holds a copy of a
 long recording; besides, one float per 32 ms frame. Segment rows leave in tables of about 64 MB of
 samples (`segment_blocks`). A recording of at least `long_recording_s` (17 minutes) is decoded and
-cut in one helper process as it is decoded (`decode_blocks`, `_StreamCut`), which sends back its
+cut in one helper process as it is decoded (decode_cut.py, `StreamCut`), which sends back its
 segments a table at a time: no process holds it whole (the helper holds one group of windows and the
 speech not yet cut; a recording with split channels is held whole while it is cut, 64 KB per audio
 second and channel). Speed: the windows of every recording in a batch run side by side.
@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import bisect
 import functools
-import queue
-import threading
 import warnings
 from dataclasses import dataclass
 
@@ -34,9 +32,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from granite_batch import audio as audio_module
 from granite_batch.audio import samples_from_arrow, samples_to_arrow
-from granite_batch.isolation import Crash, CrashTest, Stage, map_isolated, stream_isolated
+from granite_batch.isolation import Crash, CrashTest, map_isolated
 
 PAUSE_FRAME_S = 0.01  # frame for finding the pauses where long speech is cut
 PAUSE_DB = 35.0  # a frame this far below the window's median energy is a pause
@@ -363,7 +360,7 @@ def segment_blocks(table: pa.Table, sample_rate_hz: int, max_segment_s: float,
     short clips run side by side. With `isolate` it runs in a helper process (isolation.py), one
     group of windows at a time: a recording that crashes it becomes an error row ("segment crashed
     the worker: signal 11 (SIGSEGV)"). Segments are then planned here from the probabilities (numpy
-    only). Rows `decode_blocks` already cut (`segment_count` set) pass through as they are.
+    only). Rows `decode_cut.decode_blocks` already cut (`segment_count` set) pass through as they are.
     `crash_test` is for tests only.
     """
     if "segment_count" in table.column_names:  # from decode_blocks: long recordings come already cut
@@ -380,7 +377,7 @@ def segment_blocks(table: pa.Table, sample_rate_hz: int, max_segment_s: float,
     errors = table.column("error").to_pylist() if "error" in table.column_names else [None] * n
     channel_counts = (table.column("channel_count").to_pylist() if "channel_count" in table.column_names
                       else [None] * n)
-    bounds_of = _plan(recordings, channel_counts, audio, errors, sample_rate_hz, max_segment_s, options, isolate,
+    bounds_of = plan_recordings(recordings, channel_counts, audio, errors, sample_rate_hz, max_segment_s, options, isolate,
                       crash_test)
     base = table.drop_columns([c for c in ("samples", "error", "channel_count") if c in table.column_names])
     base = base.append_column("error", pa.array(errors, pa.string()))
@@ -400,7 +397,7 @@ def segment_blocks(table: pa.Table, sample_rate_hz: int, max_segment_s: float,
         yield _segment_block(base, block, sample_rate_hz)
 
 
-def _plan(recordings: list[np.ndarray | None], channel_counts: list[int | None], audio: list[str | None],
+def plan_recordings(recordings: list[np.ndarray | None], channel_counts: list[int | None], audio: list[str | None],
           errors: list[str | None], sample_rate_hz: int, max_segment_s: float, options: VadOptions, isolate: bool,
           crash_test: CrashTest | None) -> dict[int, list[tuple[int, int, int | None, np.ndarray]]]:
     """The segments of each recording, {row: [(start, end, channel, the samples they index)]}, in
@@ -445,7 +442,7 @@ CUT_COLUMNS = ("segment_index", "segment_count", "start_s", "end_s", "channel")
 
 
 def _output_columns(table: pa.Table) -> pa.Table:
-    """Segment rows from decode_blocks in segment_blocks' column order: the recording's, `error`,
+    """Segment rows from decode_cut.decode_blocks in segment_blocks' column order: the recording's, `error`,
     CUT_COLUMNS, `samples`."""
     last = ["error", *CUT_COLUMNS, "samples"]
     return table.select([c for c in table.column_names if c not in last and c != "channel_count"] + last)
@@ -453,196 +450,8 @@ def _output_columns(table: pa.Table) -> pa.Table:
 
 def long_recording_s(options: VadOptions = VadOptions()) -> float:
     """Recordings at least this long (one full group of VAD windows: 1,024 s by default) are cut
-    where they are decoded (`decode_blocks`): they gain nothing from sharing VAD batches."""
+    where they are decoded (`decode_cut.decode_blocks`): they gain nothing from sharing VAD batches."""
     return options.batch_windows * options.max_window_s
-
-
-def decode_blocks(table: pa.Table, max_segment_s: float, storage_options: dict | None = None,
-                  sample_rate_hz: int = VAD_RATE_HZ, max_duration_s: float | None = None,
-                  timeout_s: float | None = None, isolate: bool = True, crash_test: CrashTest | None = None,
-                  allowed_prefixes: tuple[str, ...] = (), options: VadOptions = VadOptions(),
-                  block_bytes: int = SEGMENT_BLOCK_BYTES):
-    """Decode stage: `audio.decode_table`, except that a recording at least `long_recording_s` long
-    is also cut into its segments in the helper process that decodes it, as it decodes it
-    (`_StreamCut`), and its segment rows come back in tables of about `block_bytes` of samples: no
-    process holds a long mono recording whole, the worker one table of its segments at a time.
-
-    Every row of `table` comes once in the last table: a short recording whole, with null
-    CUT_COLUMNS (`segment_blocks` cuts them, many side by side), a failed one with its error, and a
-    long one as its end row: no samples, `segment_count` (how many segment rows it sent before, each
-    with `segment_count` -1 and no `duration_s`), `duration_s`, and an error if it failed after some
-    segments had left (transcribe.RecordingAssembler waits for them, then writes the error). Its
-    segments are those `segment_blocks` would give (the same VAD windows, the same plan: tested). A
-    crash while decoding or cutting it is its row's "decode crashed the worker" or "segment crashed
-    the worker" (isolation.stream_isolated, which reruns it alone first and skips what was sent).
-    """
-    errors, items, todo = audio_module.decode_inputs(table)
-    decode = audio_module.row_decoder(storage_options, sample_rate_hz, max_duration_s, timeout_s, crash_test,
-                                      allowed_prefixes)
-    work = functools.partial(_decode_and_cut, decode=decode, sample_rate_hz=sample_rate_hz,
-                             max_segment_s=max_segment_s, options=options, crash_test=crash_test,
-                             block_bytes=block_bytes)
-    if isolate and todo:
-        warm_vad()  # before the stream's helper is forked, so that it starts warm
-    base = table.drop_columns([c for c in ("audio_bytes",) if c in table.column_names])
-    decoded: dict[int, tuple[np.ndarray | None, float | None]] = {}
-    ends: dict[int, tuple[float | None, int]] = {}  # a long recording's row: (duration_s, segment count)
-    sent: dict[int, int] = {}  # row: segment rows yielded
-    for k, value in stream_isolated(work, [items[i] for i in todo], isolate=isolate):
-        row = todo[k]
-        if isinstance(value, Crash):
-            errors[row] = value.reason("decode")
-            if sent.get(row):  # its segments already left: its end row carries the error
-                ends[row] = None, sent[row]
-        elif value[0] == "whole":
-            _, samples, duration, errors[row] = value
-            decoded[row] = samples, duration
-        elif value[0] == "segments":
-            _, bounds, samples = value
-            yield _cut_rows(base, row, sent.get(row, 0), bounds, samples, sample_rate_hz)
-            sent[row] = sent.get(row, 0) + len(bounds)
-        else:
-            _, duration, count, errors[row] = value
-            ends[row] = duration, count
-    # Every row once more: whole (short: segment_count null, for segment_blocks), failed, or the end
-    # row of a long one (segment_count: how many segment rows it had; the driver waits for them).
-    last = audio_module.decoded_table(table, errors, decoded)
-    counts = [ends[i][1] if i in ends else None for i in range(table.num_rows)]
-    for name, values in (("segment_index", [None] * table.num_rows), ("segment_count", counts),
-                         ("start_s", [None] * table.num_rows), ("end_s", [None] * table.num_rows),
-                         ("channel", [None] * table.num_rows)):
-        kind = pa.float64() if name.endswith("_s") else pa.int32()
-        last = last.add_column(last.schema.get_field_index("samples"), name, pa.array(values, kind))
-    if ends:
-        durations = last.column("duration_s").to_pylist()
-        last = last.set_column(last.schema.get_field_index("duration_s"), "duration_s", pa.array(
-            [ends[i][0] if i in ends else durations[i] for i in range(table.num_rows)], pa.float64()))
-    yield last
-
-
-def _decode_and_cut(item, decode, sample_rate_hz: int, max_segment_s: float, options: VadOptions,
-                    crash_test: CrashTest | None, block_bytes: int):
-    """In the helper (isolation.stream_isolated): decode one row, then ("whole", samples, duration,
-    error) for a short or failed recording, or, for a long one, its segments as ("segments",
-    [(start, end, channel)], their samples end to end), about `block_bytes` at a time, then ("end",
-    duration, segment count, error). A long mono recording is cut as it is decoded (`_StreamCut`),
-    so no more than a group of VAD windows and the speech not yet cut is held; a long recording with
-    split channels is held whole while it is cut."""
-    yield Stage("decode")
-    if item[2]:  # split channels
-        samples, duration, error = decode(item)
-        if samples is None or duration < long_recording_s(options):
-            yield "whole", samples, duration, error
-            return
-        yield Stage("segment")
-        errors: list[str | None] = [None]
-        bounds = _plan([samples.reshape(-1)], [samples.shape[0]], [item[0]], errors, sample_rate_hz, max_segment_s,
-                       options, False, crash_test).get(0, [])
-        del samples
-        yield from _sent_in_blocks([(b[:3], b[3][b[0]:b[1]]) for b in bounds], block_bytes)
-        yield "end", duration, len(bounds), None
-        return
-    head: list[np.ndarray] = []  # the first pieces, until the recording is known to be long
-    held = 0
-    cut: _StreamCut | None = None
-    sent = 0
-    for kind, value in _in_step(functools.partial(decode, item)):
-        if kind == "piece":
-            if cut is None:
-                head.append(value)
-                held += len(value)
-                if held < long_recording_s(options) * sample_rate_hz:
-                    continue
-                cut = _StreamCut(sample_rate_hz, max_segment_s, options, crash_test, item[0])
-                for piece in head:
-                    cut.add(piece)
-                head = []
-            else:
-                cut.add(value)
-            del value
-            if not cut.ready():
-                continue
-            yield Stage("segment")
-            sent += yield from _cut_and_sent(cut, False, block_bytes)
-            yield Stage("decode")
-            continue
-        _, duration, error = value
-        if cut is None:  # short, or failed before it was known to be long
-            yield "whole", (np.concatenate(head) if head and error is None else None), duration, error
-            return
-        if error is None:
-            yield Stage("segment")
-            sent += yield from _cut_and_sent(cut, True, block_bytes)
-        yield "end", duration, sent, error
-        return
-
-
-def _cut_and_sent(cut: "_StreamCut", final: bool, block_bytes: int):
-    """`cut.step`'s new segments, sent in blocks; returns how many."""
-    segments = cut.step(final=final)
-    yield from _sent_in_blocks([((a, b, None), cut.samples(a, b)) for a, b in segments], block_bytes)
-    cut.forget()
-    return len(segments)
-
-
-def _sent_in_blocks(segments: list[tuple[tuple[int, int, int | None], np.ndarray]], block_bytes: int):
-    """("segments", bounds, samples end to end) values of about `block_bytes` each."""
-    chunk: list[tuple[tuple[int, int, int | None], np.ndarray]] = []
-    size = 0
-    for k, (bound, samples) in enumerate(segments):
-        chunk.append((bound, samples))
-        size += samples.nbytes
-        if size >= block_bytes or k == len(segments) - 1:
-            yield "segments", [b for b, _ in chunk], np.concatenate([a for _, a in chunk])
-            chunk, size = [], 0
-
-
-def _in_step(decode):
-    """Run `decode(sink=...)` (audio._decode_row) in a thread, in step with the caller: ("piece",
-    samples) for each piece it decodes, while the thread waits, then ("done", its result); an
-    exception it raises is raised here. Never both at once, so a crash is the stage the caller names."""
-    handoff: queue.Queue = queue.Queue(maxsize=1)
-    resume = threading.Semaphore(0)
-    stop = threading.Event()
-
-    def sink(piece: np.ndarray) -> None:
-        handoff.put(("piece", piece))
-        resume.acquire()
-        if stop.is_set():
-            raise _Stopped()
-
-    def run() -> None:
-        try:
-            handoff.put(("done", decode(sink=sink)))
-        except BaseException as exc:  # noqa: BLE001 - raised in the caller (_Stopped: nobody is waiting)
-            handoff.put(("raised", exc))
-
-    thread = threading.Thread(target=run, name="decode", daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, value = handoff.get()
-            if kind == "raised":
-                raise value
-            yield kind, value
-            if kind == "done":
-                return
-            resume.release()
-    finally:
-        if thread.is_alive():  # the caller stopped early: let the decoder unwind
-            stop.set()
-            resume.release()
-            while thread.is_alive():
-                try:
-                    handoff.get(timeout=0.1)
-                except queue.Empty:
-                    pass
-                resume.release()
-        thread.join()
-
-
-class _Stopped(BaseException):
-    """Raised in the decoder's sink when its consumer has stopped."""
 
 
 class _Tail:
@@ -687,7 +496,7 @@ class _Tail:
             self.start = self.starts[0]
 
 
-class _StreamCut:
+class StreamCut:
     """The segments of one long mono recording (at least `long_recording_s`), planned as it is
     decoded, the same as `plan_segments` gives for the whole recording (tested).
 
@@ -773,27 +582,6 @@ class _StreamCut:
         end = windows[-1][1] + windows[-1][2]
         self.probs = np.concatenate([self.probs, np.zeros(end - len(self.probs), np.float32)])
         scatter_probabilities([self.probs], windows, computed)
-
-
-def _cut_rows(base: pa.Table, row: int, first: int, bounds: list[tuple[int, int, int | None]], samples: np.ndarray,
-              sample_rate_hz: int) -> pa.Table:
-    """Segment rows `first`.. of `base`'s row `row`, in decode_blocks' columns, around `samples`
-    (the segments' samples end to end, as the helper sent them: no copy). Their `segment_count` is
-    -1: the recording's end row, which comes after them, has it (and `duration_s`)."""
-    n = len(bounds)
-    out = base.take(pa.array([row] * n, pa.int64()))
-    out = out.set_column(out.schema.get_field_index("error"), "error", pa.nulls(n, pa.string()))
-    offsets = np.zeros(n + 1, np.int64)
-    np.cumsum([end - start for start, end, _ in bounds], out=offsets[1:])
-    for name, values, kind in (
-        ("duration_s", [None] * n, pa.float64()), ("channel_count", [None] * n, pa.int32()),
-        ("segment_index", list(range(first, first + n)), pa.int32()), ("segment_count", [-1] * n, pa.int32()),
-        ("start_s", [b[0] / sample_rate_hz for b in bounds], pa.float64()),
-        ("end_s", [b[1] / sample_rate_hz for b in bounds], pa.float64()),
-        ("channel", [b[2] for b in bounds], pa.int32()),
-    ):
-        out = out.append_column(name, pa.array(values, kind))
-    return out.append_column("samples", pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(samples)))
 
 
 def _segment_block(base: pa.Table, block: list, sample_rate_hz: int) -> pa.Table:

@@ -231,7 +231,7 @@ class RecordingAssembler:
     columns, `text` (its segments' texts in order, joined with spaces, or without for Japanese and
     Mandarin), `segments` and `decoded_by`. A recording is never returned half; `pending` says how
     many are waiting for segments. A row's `segment_count` is its recording's, or -1 for the
-    segments of a long recording cut as it was decoded (segment.decode_blocks): that recording's
+    segments of a long recording cut as it was decoded (decode_cut.decode_blocks): that recording's
     end row (no `segment_index`) has the count, its `duration_s` and any error (then the recording
     is an error row once the segments sent before the error have arrived).
     """
