@@ -38,7 +38,7 @@ def decode_blocks(table: pa.Table, max_segment_s: float, storage_options: dict |
     process holds a long mono recording whole, the worker one table of its segments at a time.
 
     Every row of `table` comes once in the last table: a short recording whole, with null
-    CUT_COLUMNS (`segment_blocks` cuts them, many side by side), a failed one with its error, and a
+    `segment.CUT_COLUMNS` (`segment.segment_blocks` cuts them, many side by side), a failed one with its error, and a
     long one as its end row: no samples, `segment_count` (how many segment rows it sent before, each
     with `segment_count` -1 and no `duration_s`), `duration_s`, and an error if it failed after some
     segments had left (transcribe.RecordingAssembler waits for them, then writes the error). Its
@@ -48,7 +48,7 @@ def decode_blocks(table: pa.Table, max_segment_s: float, storage_options: dict |
     """
     errors, items, todo = audio.decode_inputs(table)
     decode = audio.row_decoder(storage_options, sample_rate_hz, max_duration_s, timeout_s, crash_test,
-                                      allowed_prefixes)
+                               allowed_prefixes)
     work = functools.partial(_decode_and_cut, decode=decode, sample_rate_hz=sample_rate_hz,
                              max_segment_s=max_segment_s, options=options, crash_test=crash_test,
                              block_bytes=block_bytes)
