@@ -153,3 +153,25 @@ def test_a_long_recording_that_crashes_its_helper_is_one_error_row_of_its_stage(
     long = [r for r in out if r["id"] == "long"]
     assert [(r["segment_count"], r["error"]) for r in long] == [(0, f"{stage} crashed the worker: signal 11 (SIGSEGV)")]
     assert {r["id"] for r in out if r["error"] is None and r["segment_count"]} == {"short", "stereo"}
+
+
+def pieces_then(sink, seen: list):
+    for i in range(5):
+        sink(np.full(3, i, np.float32))
+        seen.append(i)  # the decoder goes on only once the caller asks for the next piece
+    return "decoded"
+
+
+def test_the_decoder_runs_in_step_with_its_caller_and_unwinds_when_left():
+    import functools
+    import threading
+
+    threads = threading.active_count()
+    seen: list[int] = []
+    steps = decode_cut._in_step(functools.partial(pieces_then, seen=seen))
+    assert next(steps)[0] == "piece" and seen == []
+    assert next(steps)[1].tolist() == [1, 1, 1] and seen == [0]
+    steps.close()  # the caller stops early: the decoder stops in its sink, and its thread ends
+    assert seen == [0] and threading.active_count() == threads
+    every = list(decode_cut._in_step(functools.partial(pieces_then, seen=[])))
+    assert [kind for kind, _ in every] == ["piece"] * 5 + ["done"] and every[-1][1] == "decoded"

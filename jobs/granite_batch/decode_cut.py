@@ -55,15 +55,15 @@ def decode_blocks(table: pa.Table, max_segment_s: float, storage_options: dict |
     if isolate and todo:
         warm_vad()  # before the stream's helper is forked, so that it starts warm
     base = table.drop_columns([c for c in ("audio_bytes",) if c in table.column_names])
-    decoded: dict[int, tuple[np.ndarray | None, float | None]] = {}
-    ends: dict[int, tuple[float | None, int]] = {}  # a long recording's row: (duration_s, segment count)
+    decoded: dict[int, tuple[np.ndarray | None, float | None]] = {}  # row: (samples or None, duration_s)
+    counts: dict[int, int] = {}  # a long recording's row: how many segment rows it sent
     sent: dict[int, int] = {}  # row: segment rows yielded
     for k, value in stream_isolated(work, [items[i] for i in todo], isolate=isolate):
         row = todo[k]
         if isinstance(value, Crash):
             errors[row] = value.reason("decode")
             if sent.get(row):  # its segments already left: its end row carries the error
-                ends[row] = None, sent[row]
+                counts[row] = sent[row]
         elif value[0] == "whole":
             _, samples, duration, errors[row] = value
             decoded[row] = samples, duration
@@ -72,21 +72,16 @@ def decode_blocks(table: pa.Table, max_segment_s: float, storage_options: dict |
             yield _cut_rows(base, row, sent.get(row, 0), bounds, samples, sample_rate_hz)
             sent[row] = sent.get(row, 0) + len(bounds)
         else:
-            _, duration, count, errors[row] = value
-            ends[row] = duration, count
+            _, duration, counts[row], errors[row] = value
+            decoded[row] = None, duration
     # Every row once more: whole (short: segment_count null, for segment_blocks), failed, or the end
     # row of a long one (segment_count: how many segment rows it had; the driver waits for them).
     last = audio.decoded_table(table, errors, decoded)
-    counts = [ends[i][1] if i in ends else None for i in range(table.num_rows)]
-    for name, values in (("segment_index", [None] * table.num_rows), ("segment_count", counts),
-                         ("start_s", [None] * table.num_rows), ("end_s", [None] * table.num_rows),
-                         ("channel", [None] * table.num_rows)):
+    n = table.num_rows
+    for name, values in (("segment_index", [None] * n), ("segment_count", [counts.get(i) for i in range(n)]),
+                         ("start_s", [None] * n), ("end_s", [None] * n), ("channel", [None] * n)):
         kind = pa.float64() if name.endswith("_s") else pa.int32()
         last = last.add_column(last.schema.get_field_index("samples"), name, pa.array(values, kind))
-    if ends:
-        durations = last.column("duration_s").to_pylist()
-        last = last.set_column(last.schema.get_field_index("duration_s"), "duration_s", pa.array(
-            [ends[i][0] if i in ends else durations[i] for i in range(table.num_rows)], pa.float64()))
     yield last
 
 
@@ -106,8 +101,8 @@ def _decode_and_cut(item, decode, sample_rate_hz: int, max_segment_s: float, opt
             return
         yield Stage("segment")
         errors: list[str | None] = [None]
-        bounds = plan_recordings([samples.reshape(-1)], [samples.shape[0]], [item[0]], errors, sample_rate_hz, max_segment_s,
-                       options, False, crash_test).get(0, [])
+        bounds = plan_recordings([samples.reshape(-1)], [samples.shape[0]], [item[0]], errors, sample_rate_hz,
+                                 max_segment_s, options, False, crash_test).get(0, [])
         del samples
         yield from _sent_in_blocks([(b[:3], b[3][b[0]:b[1]]) for b in bounds], block_bytes)
         yield "end", duration, len(bounds), None
@@ -133,7 +128,7 @@ def _decode_and_cut(item, decode, sample_rate_hz: int, max_segment_s: float, opt
             if not cut.ready():
                 continue
             yield Stage("segment")
-            sent += yield from _cut_and_sent(cut, False, block_bytes)
+            sent += yield from _cut_and_send(cut, False, block_bytes)
             yield Stage("decode")
             continue
         _, duration, error = value
@@ -142,12 +137,12 @@ def _decode_and_cut(item, decode, sample_rate_hz: int, max_segment_s: float, opt
             return
         if error is None:
             yield Stage("segment")
-            sent += yield from _cut_and_sent(cut, True, block_bytes)
+            sent += yield from _cut_and_send(cut, True, block_bytes)
         yield "end", duration, sent, error
         return
 
 
-def _cut_and_sent(cut: "StreamCut", final: bool, block_bytes: int):
+def _cut_and_send(cut: StreamCut, final: bool, block_bytes: int):
     """`cut.step`'s new segments, sent in blocks; returns how many."""
     segments = cut.step(final=final)
     yield from _sent_in_blocks([((a, b, None), cut.samples(a, b)) for a, b in segments], block_bytes)
@@ -171,7 +166,7 @@ def _in_step(decode):
     """Run `decode(sink=...)` (audio._decode_row) in a thread, in step with the caller: ("piece",
     samples) for each piece it decodes, while the thread waits, then ("done", its result); an
     exception it raises is raised here. Never both at once, so a crash is the stage the caller names."""
-    handoff: queue.Queue = queue.Queue(maxsize=1)
+    handoff: queue.Queue = queue.Queue()  # one piece at a time: the sink waits for `resume`
     resume = threading.Semaphore(0)
     stop = threading.Event()
 
@@ -199,15 +194,9 @@ def _in_step(decode):
                 return
             resume.release()
     finally:
-        if thread.is_alive():  # the caller stopped early: let the decoder unwind
+        if thread.is_alive():  # the caller stopped early: the sink raises _Stopped and the decoder unwinds
             stop.set()
             resume.release()
-            while thread.is_alive():
-                try:
-                    handoff.get(timeout=0.1)
-                except queue.Empty:
-                    pass
-                resume.release()
         thread.join()
 
 

@@ -10,8 +10,7 @@ by a signal, the rows done before are kept, the row it was working on is retried
 helper, and if that one dies too the row gets a `Crash` (the stage makes it an error row:
 "decode crashed the worker: signal 11 (SIGSEGV)"); the rows after it go on. The worker itself never
 runs the native code, so it never dies of it. `stream_isolated` does the same for work that sends
-back a row's results piece by piece as it makes them (a long recording's segments), in a helper of
-its own.
+back a row's results piece by piece as it makes them (a long recording's segments).
 
 The helper runs only our plain code (PyAV, numpy, soxr, torch on one thread), never Ray; it ends
 when its worker does (its request pipe closes) and leaves with os._exit. The functions it runs must
@@ -168,7 +167,7 @@ def stream_isolated(fn: Callable[[Any], Iterator[Any]], items: Sequence[Any],
 
 
 def _streamed(fn, items: list) -> Iterator[tuple[int, Any]]:
-    """The stream helper's messages for `fn` on `items`: (_RESULT, value), (_END, None) after each
+    """A helper's messages for `fn` on `items`, streamed: (_RESULT, value), (_END, None) after each
     item, then (_DONE, None), or (_DONE, Crash) if it died. A consumer that stops early ends the helper."""
     with _borrowed() as helper:
         finished = False

@@ -364,11 +364,12 @@ def segment_blocks(table: pa.Table, sample_rate_hz: int, max_segment_s: float,
     `crash_test` is for tests only.
     """
     if "segment_count" in table.column_names:  # from decode_blocks: long recordings come already cut
-        cut = table.column("segment_count").is_valid()
-        if pc.all(cut).as_py() is not False and table.num_rows:
+        to_cut = table.column("segment_count").null_count
+        if to_cut == 0 and table.num_rows:
             yield _output_columns(table)
             return
-        if pc.any(cut).as_py():
+        cut = table.column("segment_count").is_valid()
+        if to_cut < table.num_rows:
             yield _output_columns(table.filter(cut))
         table = table.filter(pc.invert(cut)).drop_columns(list(CUT_COLUMNS))
     recordings = samples_from_arrow(table.column("samples"))
@@ -377,8 +378,8 @@ def segment_blocks(table: pa.Table, sample_rate_hz: int, max_segment_s: float,
     errors = table.column("error").to_pylist() if "error" in table.column_names else [None] * n
     channel_counts = (table.column("channel_count").to_pylist() if "channel_count" in table.column_names
                       else [None] * n)
-    bounds_of = plan_recordings(recordings, channel_counts, audio, errors, sample_rate_hz, max_segment_s, options, isolate,
-                      crash_test)
+    bounds_of = plan_recordings(recordings, channel_counts, audio, errors, sample_rate_hz, max_segment_s, options,
+                                isolate, crash_test)
     base = table.drop_columns([c for c in ("samples", "error", "channel_count") if c in table.column_names])
     base = base.append_column("error", pa.array(errors, pa.string()))
     block: list[tuple[int, int | None, int, tuple[int, int, int | None, np.ndarray] | None]] = []
@@ -398,12 +399,11 @@ def segment_blocks(table: pa.Table, sample_rate_hz: int, max_segment_s: float,
 
 
 def plan_recordings(recordings: list[np.ndarray | None], channel_counts: list[int | None], audio: list[str | None],
-          errors: list[str | None], sample_rate_hz: int, max_segment_s: float, options: VadOptions, isolate: bool,
-          crash_test: CrashTest | None) -> dict[int, list[tuple[int, int, int | None, np.ndarray]]]:
+                    errors: list[str | None], sample_rate_hz: int, max_segment_s: float, options: VadOptions,
+                    isolate: bool, crash_test: CrashTest | None) -> dict[int, list[tuple[int, int, int | None, np.ndarray]]]:
     """The segments of each recording, {row: [(start, end, channel, the samples they index)]}, in
     time order over its channels (then by channel); the VAD runs over all of them at once. A
     recording whose VAD crashes gets its `errors` entry and no segment."""
-    n = len(recordings)
     # One unit of VAD work per mono recording, or per channel of a split one: (row, channel, samples).
     units: list[tuple[int, int | None, np.ndarray]] = []
     for row, samples in enumerate(recordings):
@@ -427,10 +427,7 @@ def plan_recordings(recordings: list[np.ndarray | None], channel_counts: list[in
         elif errors[row] is None:
             bounds = plan_segments(samples, sample_rate_hz, max_segment_s, options, probs)
             bounds_of.setdefault(row, []).extend((start, end, channel, samples) for start, end in bounds)
-    for row in range(n):
-        bounds = bounds_of.get(row)
-        if bounds is None:
-            continue
+    for row, bounds in bounds_of.items():
         if errors[row] is not None:  # one channel crashed the VAD: the recording fails whole
             bounds.clear()
         bounds.sort(key=lambda bound: (bound[0], bound[2] or 0))
