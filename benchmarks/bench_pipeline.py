@@ -128,8 +128,8 @@ def decode_speed(directory: Path, audio_s: float, repeats: int) -> list[dict]:
                 raise RuntimeError(f"{codec}: {name} decoded {decoded:.2f} s of {audio_s:.2f} s")
         ours = audio_s / max(min(ours_cpu), 1e-9)
         baseline = audio_s / max(min(ffmpeg_cpu), 1e-9)
-        results.append({"codec": codec, "audio_s": audio_s, "ours_x": round(ours, 1),
-                        "ffmpeg_x": round(baseline, 1), "ratio": round(ours / baseline, 3),
+        results.append({"codec": codec, "audio_s": audio_s, "ours_x": ours,
+                        "ffmpeg_x": baseline, "ratio": ours / baseline,
                         "goal_met": ours >= DECODE_GOAL})
     return results
 
@@ -277,23 +277,23 @@ def stage_overlap(alone: dict, piped: dict, piped_half: dict | None, half: int, 
     slowest = max(alone["stages_s"], key=alone["stages_s"].get)
     ratio = piped["wall_s"] / alone["stages_s"][slowest]
     bound_s = bound(alone["stages_s"])
-    result = {"rows": alone["rows"], "cpus": cpus, "pipeline_s": round(piped["wall_s"], 3),
-              "first_rows_s": round(piped["first_rows_s"], 3),
-              "stages_alone_s": {k: round(v, 3) for k, v in alone["stages_s"].items()}, "slowest_stage": slowest,
-              "ratio": round(ratio, 3), "goal_met": ratio <= OVERLAP_GOAL,
-              "bound_s": round(bound_s, 3), "bound_ratio": round(piped["wall_s"] / bound_s, 3)}
+    result = {"rows": alone["rows"], "cpus": cpus, "pipeline_s": piped["wall_s"],
+              "first_rows_s": piped["first_rows_s"],
+              "stages_alone_s": dict(alone["stages_s"]), "slowest_stage": slowest,
+              "ratio": ratio, "goal_met": ratio <= OVERLAP_GOAL,
+              "bound_s": bound_s, "bound_ratio": piped["wall_s"] / bound_s}
     if piped["rows"] > piped["first_rows"]:
         # Once rows flow, seconds per row delivered against the slowest stage's seconds per row alone.
         flowing = (piped["wall_s"] - piped["first_rows_s"]) / (piped["rows"] - piped["first_rows"])
         steady = flowing / (alone["stages_s"][slowest] / alone["rows"])
-        result.update({"steady_ratio": round(steady, 3), "steady_goal_met": steady <= OVERLAP_GOAL})
+        result.update({"steady_ratio": steady, "steady_goal_met": steady <= OVERLAP_GOAL})
     if piped_half is not None and alone["stages_at_mark_s"] is not None:
         margins = {k: alone["stages_s"][k] - alone["stages_at_mark_s"][k] for k in alone["stages_s"]}
         piped_margin = piped["wall_s"] - piped_half["wall_s"]
         margin = piped_margin / max(max(margins.values()), 1e-9)
-        result.update({"half_rows": half, "pipeline_half_s": round(piped_half["wall_s"], 3),
-                       "marginal_ratio": round(margin, 3), "marginal_goal_met": margin <= OVERLAP_GOAL,
-                       "marginal_bound_ratio": round(piped_margin / max(bound(margins), 1e-9), 3)})
+        result.update({"half_rows": half, "pipeline_half_s": piped_half["wall_s"],
+                       "marginal_ratio": margin, "marginal_goal_met": margin <= OVERLAP_GOAL,
+                       "marginal_bound_ratio": piped_margin / max(bound(margins), 1e-9)})
     return result
 
 
@@ -302,15 +302,15 @@ def ray_overhead(loop: dict, job_s: float, job_rows: int) -> dict:
     if job_rows != loop["rows"]:
         raise RuntimeError(f"ray overhead: {job_rows} rows by the job, {loop['rows']} in-process")
     ratio = job_s / loop["wall_s"]
-    return {"rows": loop["rows"], "job_s": round(job_s, 3), "loop_s": round(loop["wall_s"], 3),
-            "ratio": round(ratio, 3), "goal_met": ratio <= RAY_GOAL}
+    return {"rows": loop["rows"], "job_s": job_s, "loop_s": loop["wall_s"],
+            "ratio": ratio, "goal_met": ratio <= RAY_GOAL}
 
 
 def stage_rates(loop: dict) -> dict:
     """Audio seconds per CPU second of each stage in the in-process loop (the tiny model's, for
     transcribe: a measure of the actor's fixed per-row costs, not of the real model)."""
-    return {"audio_s": round(loop["audio_s"], 1),
-            **{k: round(loop["audio_s"] / max(v, 1e-9), 1) for k, v in loop["stages_cpu_s"].items()}}
+    return {"audio_s": loop["audio_s"],
+            **{k: loop["audio_s"] / max(v, 1e-9) for k, v in loop["stages_cpu_s"].items()}}
 
 
 def feature_speed(model_dir: Path, segment_s: float = 20.0, repeats: int = 20) -> dict:
@@ -332,7 +332,7 @@ def feature_speed(model_dir: Path, segment_s: float = 20.0, repeats: int = 20) -
             best = min(best, time.process_time() - start)
     finally:
         torch.set_num_threads(threads)
-    return {"segment_s": segment_s, "x": round(segment_s / max(best, 1e-9), 1)}
+    return {"segment_s": segment_s, "x": segment_s / max(best, 1e-9)}
 
 
 def run_bench(audio_s: float = 180.0, overlap_rows: int = 240, rows: int = 300, repeats: int = 3,
