@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from granite_batch.alignment import align_words
+from granite_batch.models.alignment import align_words
 
 CLASSES = 348
 FRAME_S = 0.02

@@ -7,7 +7,7 @@ with random weights; a CTC model does the same work whatever its weights, so the
 model's. It reports RTFx (audio seconds / wall seconds, as the Open ASR leaderboard counts it) and peak
 GPU memory for:
 
-- `alone`: `granite_batch.ctc.CtcSpeechModel.generate_segments` one segment per call;
+- `alone`: `granite_batch.models.ctc.CtcSpeechModel.generate_segments` one segment per call;
 - `batched`: the same with `batch` segments per call (features per segment on the device, padded
   under the encoder's mask; the model's own `generate`).
 
@@ -32,10 +32,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpu import make_clips  # noqa: E402  (the same clips as the LLM benchmark)
-
-from granite_batch.ctc import CtcSpeechModel  # noqa: E402
-from granite_batch.prompts import Request  # noqa: E402
-from granite_batch.tiny_model import build_ctc_tokenizer  # noqa: E402
+from granite_batch.models.ctc import CtcSpeechModel
+from granite_batch.models.prompts import Request
+from granite_batch.testing.tiny_model import build_ctc_tokenizer
 
 
 def build(tiny: bool, device: str, dtype: torch.dtype) -> CtcSpeechModel:

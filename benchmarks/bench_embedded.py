@@ -15,8 +15,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from granite_batch.manifest import Defaults, ManifestStream
-from granite_batch.plan import plan_bucket, prepare_plan
+from granite_batch.inputs.manifest import ManifestStream
+from granite_batch.inputs.plan import plan_bucket, prepare_plan
+from granite_batch.inputs.rows import Defaults
 
 AUDIO = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 

@@ -10,7 +10,7 @@ second on average, so random weights do a real transcript's work), and reports R
 - `naive`: one recording at a time, `processor(...)` + `model.generate(...)`, as the model card does;
 - `transformers`: fixed-size batches through `processor(..., padding=True)` (left padding) +
   `model.generate(...)`, in manifest order, as IBM's fine-tuning notebook batches;
-- `ours`: `granite_batch.model.SpeechModel.generate` (features, encoder and projector per recording,
+- `ours`: `granite_batch.models.model.SpeechModel.generate` (features, encoder and projector per recording,
   the language model batched on left-padded `inputs_embeds`), one call per batch, as the job's
   model actor gets them.
 
@@ -39,10 +39,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from granite_batch.model import SpeechModel
-from granite_batch.prompts import Request, render_prompt
-from granite_batch.speculative import SpeculativeOptions
-from granite_batch.tiny_model import CHAT_TEMPLATE, build_tokenizer
+from granite_batch.models.model import SpeechModel
+from granite_batch.models.prompts import Request, render_prompt
+from granite_batch.models.speculative import SpeculativeOptions
+from granite_batch.testing.tiny_model import CHAT_TEMPLATE, build_tokenizer
 
 SAMPLE_RATE_HZ = 16000
 SPEECH_WAV = Path(__file__).resolve().parents[1] / "samples" / "pt_praia.wav"  # 16 kHz mono PCM

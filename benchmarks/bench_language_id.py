@@ -67,7 +67,7 @@ def accuracy_sets() -> dict[str, list[tuple[str, str]]]:
 
 
 def ours() -> Callable[[str], tuple[str, float]]:
-    from granite_batch.language_id import identify
+    from granite_batch.inference.language_id import identify
 
     return lambda text: identify(text, CANDIDATES, THRESHOLD)
 
@@ -141,7 +141,8 @@ def decode_segment_cpu_per_audio_s(rounds: int = 3) -> float:
     import pyarrow as pa
     import torch
 
-    from granite_batch import audio, segment
+    from granite_batch.audio import decode as audio
+    from granite_batch.audio import segment
 
     torch.set_num_threads(1)  # as Ray runs a task asking for one CPU or less
     paths = sorted(str(p) for p in SAMPLES.iterdir() if p.suffix in {".flac", ".mp3", ".ogg", ".m4a", ".wav"})

@@ -33,7 +33,8 @@ def write_inputs(folder: Path, rows: int) -> tuple[Path, Path]:
     """A manifest of `rows` rows and an output root holding a successful row for each of its ids."""
     import pyarrow as pa
 
-    from granite_batch.output import SEGMENT_TYPE, TranscriptWriter, transcript_schema
+    from granite_batch.output.writer import TranscriptWriter
+    from granite_batch.schema import SEGMENT_TYPE, transcript_schema
 
     manifest = folder / "manifest.jsonl"
     languages = ["en", "fr", "de", "es", "pt", "ja"]
@@ -69,8 +70,9 @@ def run_case(case: str, manifest: Path, output: Path) -> dict:
     import pyarrow.dataset as pads
     import pyarrow.json as pajson
 
-    from granite_batch.manifest import Defaults, ManifestStream
-    from granite_batch.plan import plan_bucket, prepare_plan, sum_counts
+    from granite_batch.inputs.manifest import ManifestStream
+    from granite_batch.inputs.plan import plan_bucket, prepare_plan, sum_counts
+    from granite_batch.inputs.rows import Defaults
 
     start = time.perf_counter()
     result: dict = {}

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from granite_batch.audio import SAMPLE_RATE_HZ, decode_audio
+from granite_batch.audio.decode import SAMPLE_RATE_HZ, decode_audio
 
 SAMPLES_DIR = Path(__file__).resolve().parents[1] / "samples"
 SOURCE_RATE_HZ = 44100
@@ -165,12 +165,15 @@ def in_process(config, mark_rows: int | None = None) -> dict:
     import pyarrow as pa
     import torch
 
-    from granite_batch import audio, segment
-    from granite_batch.manifest import Defaults, read_manifest
-    from granite_batch.model import resolve_model
-    from granite_batch.output import TranscriptWriter, transcript_schema
+    from granite_batch.audio import decode as audio
+    from granite_batch.audio import segment
+    from granite_batch.inference.assemble import RecordingAssembler
+    from granite_batch.inputs.manifest import read_manifest
+    from granite_batch.inputs.rows import Defaults
+    from granite_batch.models.model import resolve_model
+    from granite_batch.output.writer import TranscriptWriter
     from granite_batch.pipeline import Transcriber, actor_batch_rows
-    from granite_batch.transcribe import RecordingAssembler
+    from granite_batch.schema import transcript_schema
 
     # Ray runs each task and actor with OMP_NUM_THREADS = its CPUs (1 here): the same for the loop.
     threads = torch.get_num_threads()
@@ -230,8 +233,9 @@ def in_process(config, mark_rows: int | None = None) -> dict:
 
 def pipeline_wall(config) -> dict:
     """The Ray Data pipeline of `pipeline.build_dataset` over the same rows, iterated to the end."""
-    from granite_batch.manifest import Defaults, read_manifest
-    from granite_batch.model import resolve_model
+    from granite_batch.inputs.manifest import read_manifest
+    from granite_batch.inputs.rows import Defaults
+    from granite_batch.models.model import resolve_model
     from granite_batch.pipeline import build_dataset
 
     manifest = read_manifest(config.manifest, Defaults.from_config(config), config.storage_options)
@@ -338,9 +342,9 @@ def feature_speed(model_dir: Path, segment_s: float = 20.0, repeats: int = 20) -
 def run_bench(audio_s: float = 180.0, overlap_rows: int = 240, rows: int = 300, repeats: int = 3,
               work_dir: str | None = None) -> dict:
     """Measure all three figures; returns them as a dict (see `report`)."""
-    from granite_batch.drivers import run_job
     from granite_batch.pipeline import ensure_ray
-    from granite_batch.tiny_model import write_tiny_model
+    from granite_batch.run.transcription import run_job
+    from granite_batch.testing.tiny_model import write_tiny_model
 
     if not (SAMPLES_DIR / "manifest.jsonl").is_file():
         raise FileNotFoundError(f"this benchmark needs the repository's samples/ ({SAMPLES_DIR}): "

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from granite_batch.audio import SAMPLE_RATE_HZ
+from granite_batch.audio.decode import SAMPLE_RATE_HZ
 
 DEFAULT_SPEECH = Path(__file__).resolve().parents[1] / "samples" / "en_weather.flac"
 PAUSES_S = (0.3, 0.8, 1.5, 0.4, 3.0, 0.6, 6.0)
@@ -95,9 +95,10 @@ def measure(path: str, max_segment_s: float) -> dict:
     """Decode and segment one recording in this process; memory and times of each stage."""
     import pyarrow as pa
 
-    from granite_batch import audio, decode_cut, isolation, segment
+    from granite_batch.audio import decode as audio
+    from granite_batch.audio import decode_cut, isolation, segment, vad
 
-    segment.vad_model()
+    vad.vad_model()
     segment.plan_segments(np.zeros(SAMPLE_RATE_HZ, np.float32), SAMPLE_RATE_HZ, max_segment_s)  # warm the JIT
     baseline = _current_mb()
     separate = _reset_high_water()
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure(args.measure, args.max_segment_s)))
         return 0
 
-    from granite_batch.audio import load_recording
+    from granite_batch.audio.decode import load_recording
 
     speech = load_recording(args.speech).samples
     print(f"{'hours':>5} {'samples MB':>10} {'baseline MB':>11} {'decode peak':>11} {'segment +MB':>11} "

@@ -136,9 +136,8 @@ def _summary(output: Path) -> dict:
 def memory(args) -> dict:
     sys.path.insert(0, str(REPO / "benchmarks"))
     from bench_segment import write_long_recording
-
-    from granite_batch.audio import load_recording
-    from granite_batch.tiny_model import write_tiny_model
+    from granite_batch.audio.decode import load_recording
+    from granite_batch.testing.tiny_model import write_tiny_model
 
     speech = load_recording(str(SAMPLES / "en_weather.flac")).samples
     results = []
@@ -194,8 +193,8 @@ def memory(args) -> dict:
 def batching(args) -> dict:
     import soundfile as sf
 
-    from granite_batch.audio import load_recording
-    from granite_batch.tiny_model import write_tiny_model
+    from granite_batch.audio.decode import load_recording
+    from granite_batch.testing.tiny_model import write_tiny_model
 
     rng = np.random.default_rng(0)
     sources = [load_recording(str(p)).samples for p in sorted(SAMPLES.iterdir())

@@ -20,16 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from granite_batch.audio import load_recording
-from granite_batch.segment import (
-    VAD_FRAME,
-    VAD_RATE_HZ,
-    VadOptions,
-    plan_segments,
-    speech_probabilities,
-    speech_regions,
-    vad_model,
-)
+from granite_batch.audio.decode import load_recording
+from granite_batch.audio.segment import plan_segments
+from granite_batch.audio.vad import VAD_FRAME, VAD_RATE_HZ, VadOptions, speech_probabilities, speech_regions, vad_model
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 NAMES = ["en_weather.flac", "fr_gare.mp3", "de_bibliothek.ogg", "pt_praia.wav", "es_mercado.m4a", "ja_tenki.flac"]

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from granite_batch.alignment import (
+from granite_batch.models.alignment import (
     align_words,
     encoder_frame_s,
     proportional_words,

@@ -11,7 +11,7 @@ import soundfile as sf
 import soxr
 
 from conftest import FORMATS, SPEECH, ffmpeg_decode
-from granite_batch.audio import DecodeError, decode_table, load_recording, samples_from_arrow, samples_to_arrow
+from granite_batch.audio.decode import DecodeError, decode_table, load_recording, samples_from_arrow, samples_to_arrow
 
 
 @pytest.mark.parametrize("name", sorted(FORMATS))

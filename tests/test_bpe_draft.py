@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from conftest import SAMPLES
-from granite_batch.audio import load_recording
-from granite_batch.bpe_draft import BpeDraftHead, posterior_weighted_pool
-from granite_batch.engines import load_speech_model
-from granite_batch.profiles import GRANITE_SPEECH_41
-from granite_batch.prompts import Request
-from granite_batch.speculative import BY_AUTOREGRESSIVE, SpeculativeOptions
-from granite_batch.tiny_model import build_tokenizer, write_tiny_bpe_head
+from granite_batch.audio.decode import load_recording
+from granite_batch.models.bpe_draft import BpeDraftHead, posterior_weighted_pool
+from granite_batch.models.engines import load_speech_model
+from granite_batch.models.profiles import GRANITE_SPEECH_41
+from granite_batch.models.prompts import Request
+from granite_batch.models.speculative import BY_AUTOREGRESSIVE, SpeculativeOptions
+from granite_batch.testing.tiny_model import build_tokenizer, write_tiny_bpe_head
 
 
 def test_pooling_is_the_importance_weighted_mean_of_each_window():

@@ -31,9 +31,9 @@ import kubernetes_validate
 import pytest
 import yaml
 from botocore.validate import ParamValidator
-from referencing import Registry, Resource
 from ray.autoscaler._private.aws.config import DEFAULT_AMI, _check_ami
 from ray.autoscaler._private.util import prepare_config, validate_config
+from referencing import Registry, Resource
 
 from conftest import REPO
 from granite_batch import __version__

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from conftest import SAMPLES
-from granite_batch.alignment import align_words
-from granite_batch.audio import load_recording
-from granite_batch.confidence import low_confidence, mean_logprob
-from granite_batch.model import SpeechModel
-from granite_batch.prompts import Request
-from granite_batch.speculative import SpeculativeOptions
+from granite_batch.audio.decode import load_recording
+from granite_batch.models.alignment import align_words
+from granite_batch.models.confidence import low_confidence, mean_logprob
+from granite_batch.models.model import SpeechModel
+from granite_batch.models.prompts import Request
+from granite_batch.models.speculative import SpeculativeOptions
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLES
 
-from granite_batch.audio import decode_audio
-from granite_batch.ctc import CtcSpeechModel, collapse
-from granite_batch.engines import load_speech_model
-from granite_batch.prompts import Request
+from conftest import SAMPLES
+from granite_batch.audio.decode import decode_audio
+from granite_batch.models.ctc import CtcSpeechModel, collapse
+from granite_batch.models.engines import load_speech_model
+from granite_batch.models.prompts import Request
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ import pytest
 import soundfile as sf
 
 from conftest import SAMPLES
-from granite_batch import decode_cut, segment
-from granite_batch.audio import decode_table, load_recording
-from granite_batch.isolation import CrashTest
-from granite_batch.segment import VadOptions
+from granite_batch.audio import decode_cut, segment, stream_cut
+from granite_batch.audio.decode import decode_table, load_recording
+from granite_batch.audio.isolation import CrashTest
+from granite_batch.audio.vad import VadOptions
 
 RATE = 16000
 # Recordings of at least 4 x 16 s are "long" here (64 s; 1,024 s with the job's options), so a test
@@ -121,7 +121,7 @@ def test_streamed_cut_equals_the_whole_recording_s_plan_for_speech_without_pause
     continuous = np.concatenate([np.resize(np.roll(speech, -int(rng.integers(len(speech)))), 40 * RATE)
                                  for _ in range(5)])
     for options in (OPTIONS, VadOptions(batch_windows=4, min_silence_s=2.0)):
-        cut = segment.StreamCut(RATE, 30.0, options, None, "x")
+        cut = stream_cut.StreamCut(RATE, 30.0, options, None, "x")
         got = []
         for start in range(0, len(continuous), 7 * RATE):
             cut.add(continuous[start:start + 7 * RATE])

@@ -13,7 +13,9 @@ import sacrebleu
 from conftest import run_cli
 from granite_batch import evaluate, results
 from granite_batch.evaluate import score_table
-from granite_batch.output import TranscriptWriter, transcript_schema, write_summary
+from granite_batch.output.summary import write_summary
+from granite_batch.output.writer import TranscriptWriter
+from granite_batch.schema import transcript_schema
 
 
 def rows_table(*rows: dict) -> pa.Table:

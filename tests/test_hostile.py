@@ -15,9 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import SAMPLES, SPEECH, encode, run_cli, write_jsonl
-from granite_batch.audio import DecodeError, load_recording
-from granite_batch.manifest import Defaults, ManifestError, is_allowed, read_manifest
-from granite_batch.prompts import AUDIO_TOKEN, Request, render_prompt
+from granite_batch.audio.decode import DecodeError, load_recording
+from granite_batch.inputs.manifest import read_manifest
+from granite_batch.inputs.rows import Defaults, ManifestError
+from granite_batch.models.prompts import AUDIO_TOKEN, Request, render_prompt
+from granite_batch.storage import is_allowed
 
 
 def wav_claiming_hours(path: Path) -> Path:

@@ -111,16 +111,12 @@ def test_driver_killed_mid_run_then_rerun_gives_exactly_one_row_per_id(tmp_path,
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from granite_batch.manifest import Defaults, ManifestStream  # noqa: E402
-from granite_batch.output import (  # noqa: E402
-    SEGMENT_TYPE,
-    OutputError,
-    TranscriptWriter,
-    drop_failed_rows,
-    read_committed,
-    transcript_schema,
-)
-from granite_batch.plan import bucket_of, count_status, plan_bucket, plan_folder, prepare_plan, sum_counts  # noqa: E402
+from granite_batch.inputs.manifest import ManifestStream
+from granite_batch.inputs.plan import bucket_of, count_status, plan_bucket, plan_folder, prepare_plan, sum_counts
+from granite_batch.inputs.rows import Defaults
+from granite_batch.output.committed import OutputError, drop_failed_rows, read_committed
+from granite_batch.output.writer import TranscriptWriter
+from granite_batch.schema import SEGMENT_TYPE, transcript_schema
 
 ROWS = 3000  # with the small blocks and spool below: 8 buckets, ~20 manifest blocks, several pieces a bucket
 SMALL = {"buckets": 8, "spool_bytes": 64 << 10}

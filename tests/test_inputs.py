@@ -17,11 +17,13 @@ import soundfile as sf
 import soxr
 
 from conftest import SAMPLES, run_cli
-from granite_batch.audio import decode_table, load_recording
-from granite_batch.manifest import Defaults, ManifestError, ManifestStream, default_id, list_recordings, read_manifest
-from granite_batch.model import SpeechModel
-from granite_batch.segment import segment_table
-from granite_batch.transcribe import RecordingAssembler, join_segments, transcribe_segments
+from granite_batch.audio.decode import decode_table, load_recording
+from granite_batch.audio.segment import segment_table
+from granite_batch.inference.assemble import RecordingAssembler, join_segments
+from granite_batch.inference.transcribe import transcribe_segments
+from granite_batch.inputs.manifest import ManifestStream, list_recordings, read_manifest
+from granite_batch.inputs.rows import Defaults, ManifestError, default_id
+from granite_batch.models.model import SpeechModel
 from web_server import WebServer
 
 NAMES = ["en_weather.flac", "fr_gare.mp3", "es_mercado.m4a", "ja_tenki.flac"]
@@ -343,7 +345,7 @@ def test_channel_labels_are_not_scored_as_words():
 
 
 def test_plans_carry_embedded_audio_and_are_sized_by_its_bytes(tmp_path):
-    from granite_batch.plan import BYTES_PER_BUCKET, _buckets_for, plan_bucket, prepare_plan
+    from granite_batch.inputs.plan import BYTES_PER_BUCKET, _buckets_for, plan_bucket, prepare_plan
 
     layout = prepare_plan(ManifestStream(hf_parquet(tmp_path / "m.parquet"), Defaults()), str(tmp_path / "out"),
                           str(tmp_path / "plan"))

@@ -11,9 +11,9 @@ import pyarrow as pa
 import pytest
 
 from conftest import SAMPLES, SPEECH
-from granite_batch.audio import decode_table
-from granite_batch.isolation import Crash, CrashTest, Stage, map_isolated, stream_isolated
-from granite_batch.segment import segment_table
+from granite_batch.audio.decode import decode_table
+from granite_batch.audio.isolation import Crash, CrashTest, Stage, map_isolated, stream_isolated
+from granite_batch.audio.segment import segment_table
 
 MP3 = str(SAMPLES / "fr_gare.mp3")
 
@@ -75,7 +75,7 @@ def test_a_streamed_item_whose_helper_died_once_goes_on_without_repeating_its_va
 
 
 def test_a_stream_may_be_consumed_while_map_isolated_works_and_left_early():
-    from granite_batch import isolation
+    from granite_batch.audio import isolation
 
     values = []
     for index, (value, _) in stream_isolated(parts_of, [4, 2]):
@@ -170,7 +170,7 @@ def _rss_mb(pid: int) -> float:
 
 
 def test_the_helper_does_not_keep_a_request_s_samples_while_it_waits_for_the_next():
-    from granite_batch import isolation
+    from granite_batch.audio import isolation
 
     assert isolation.map_isolated(len, [np.zeros(10, np.float32)]) == [10]  # the helper is up
     helper = isolation._pool[0].pid

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import SAMPLES, run_cli, write_jsonl
-from granite_batch.output import TRANSCRIPT_FIELDS
+from granite_batch.schema import TRANSCRIPT_FIELDS
 
 SAMPLE_ROWS = [json.loads(line) for line in (SAMPLES / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
 

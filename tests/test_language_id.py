@@ -16,11 +16,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, SAMPLES
 
-from granite_batch import language_id
-from granite_batch.language_id import UNDETERMINED, identify, identify_many
-from granite_batch.prompts import ASR_LANGUAGES
+from conftest import REPO, SAMPLES
+from granite_batch.inference import language_id
+from granite_batch.inference.language_id import UNDETERMINED, identify, identify_many
+from granite_batch.models.prompts import ASR_LANGUAGES
 
 DATA = REPO / "tests" / "data"
 
@@ -155,7 +155,7 @@ def test_it_needs_no_network_and_writes_no_model_cache(tmp_path):
         "def refuse(*args, **kwargs): raise OSError('network used')\n"
         "socket.socket.connect = refuse\n"
         "socket.create_connection = refuse\n"
-        "from granite_batch.language_id import identify\n"
+        "from granite_batch.inference.language_id import identify\n"
         "print(identify('Die Bibliothek ist am Sonntag geschlossen.')[0])\n"
     )
     env = {**os.environ, "FTLANG_CACHE": str(cache), "PYTHONPATH": str(REPO / "jobs")}
@@ -185,7 +185,7 @@ def test_the_tally_reports_confidence_per_language_and_disagreements_with_the_ma
 def recordings(rows: list[dict]) -> "pa.Table":
     import pyarrow as pa
 
-    from granite_batch.output import SEGMENT_TYPE
+    from granite_batch.schema import SEGMENT_TYPE
 
     full = [{"task": "asr", "error": None, **row} for row in rows]
     for row in full:
@@ -231,7 +231,7 @@ def test_detect_language_keeps_the_manifest_language_and_counts_disagreements():
 
 
 def test_language_auto_rows_and_ast_auto_refused_at_the_request_check():
-    from granite_batch.prompts import check_request
+    from granite_batch.models.prompts import check_request
 
     assert check_request("auto", "asr", None) is None
     assert "needs task asr" in check_request("auto", "ast", "en")
@@ -254,6 +254,7 @@ def test_a_job_with_language_auto_files_each_row_under_the_language_its_transcri
     transcript, failed ones to `und`; a row naming its language keeps it, and with
     --detect-language it is identified and disagreements counted."""
     import pyarrow.dataset as pads
+
     from conftest import run_cli, write_jsonl
 
     rows = [{"audio": str(path), "id": path.name} for path in sorted(SAMPLES.glob("*_*.*"))]

@@ -18,16 +18,17 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
-from granite_batch.lease import Lease, LeaseHeld, LeaseLost, LeaseUnsupported, read_holder
-from granite_batch.output import TranscriptWriter, read_committed, transcript_schema
-
 from conftest import REPO, SAMPLES, FaultyProxy, run_cli, write_jsonl
+from granite_batch.output.committed import read_committed
+from granite_batch.output.writer import TranscriptWriter
+from granite_batch.run.lease import Lease, LeaseHeld, LeaseLost, LeaseUnsupported, read_holder
+from granite_batch.schema import transcript_schema
 
 # A racer: announce "ready", wait for "go" on stdin, try the lease once (no wait), report, and hold it
 # until stdin says "release". Exit 4 when another run holds it, as the job does.
 RACER = r"""
 import json, sys
-from granite_batch.lease import Lease, LeaseHeld
+from granite_batch.run.lease import Lease, LeaseHeld
 output, run_id, options, expiry_s = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), float(sys.argv[4])
 print("ready", flush=True)
 sys.stdin.readline()
@@ -45,7 +46,7 @@ lease.release()
 # commit-<n>. Exits 4 on LeaseLost without writing.
 COMMITTER = r"""
 import json, os, sys
-from granite_batch.lease import Lease, LeaseLost
+from granite_batch.run.lease import Lease, LeaseLost
 output, run_id, options, expiry_s, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
 lease = Lease.acquire(output, "transcripts", run_id, options, expiry_s=expiry_s, wait_s=0)
 print("holding", lease.holder.generation, flush=True)

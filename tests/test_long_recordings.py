@@ -20,9 +20,10 @@ import srt
 import webvtt
 
 from conftest import run_cli, write_jsonl
-from granite_batch import segment
-from granite_batch.audio import load_recording
-from granite_batch.segment import VadOptions, plan_segments
+from granite_batch.audio import segment
+from granite_batch.audio.decode import load_recording
+from granite_batch.audio.segment import plan_segments
+from granite_batch.audio.vad import VadOptions
 
 RATE = 16000
 FRAME = 320  # 20 ms, for measuring loudness

@@ -7,7 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import SAMPLES, write_jsonl
-from granite_batch.manifest import Defaults, ManifestError, default_id, read_manifest
+from granite_batch.inputs.manifest import read_manifest
+from granite_batch.inputs.rows import Defaults, ManifestError, default_id
 
 DEFAULTS = Defaults(language="en", task="asr")
 
@@ -157,7 +158,8 @@ def test_missing_manifest_and_unknown_format(tmp_path):
 
 # --- every allowed form, in blocks ----------------------------------------------------------------
 
-from granite_batch.manifest import ManifestStream, first_of_each_id  # noqa: E402
+from granite_batch.inputs.manifest import ManifestStream
+from granite_batch.inputs.rows import first_of_each_id
 
 MIXED_ROWS = [  # each contract column in every allowed form, varying from row to row
     {"audio": "/r/0.wav", "id": 7, "keywords": ["Lyon", " Paris "], "note": "a"},

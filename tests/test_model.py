@@ -9,9 +9,9 @@ import soxr
 import torch
 
 from conftest import SAMPLES, ffmpeg_decode
-from granite_batch.audio import load_recording
-from granite_batch.model import ModelLoadError, SpeechModel, resolve_model
-from granite_batch.prompts import Request
+from granite_batch.audio.decode import load_recording
+from granite_batch.models.model import ModelLoadError, SpeechModel, resolve_model
+from granite_batch.models.prompts import Request
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_tiny_checkpoint_keeps_an_integer_embedding_multiplier(tiny_model_dir):
 
 
 def test_short_segments_stop_at_their_own_token_budget(tiny_model_dir, recordings, monkeypatch):
-    from granite_batch.speculative import SpeculativeOptions
+    from granite_batch.models.speculative import SpeculativeOptions
 
     limited = SpeechModel.load(str(tiny_model_dir), max_new_tokens=60, max_new_tokens_per_audio_s=4.0)
     items = [(recordings[0][: int(seconds * 16000)], Request()) for seconds in (0.5, 1.5, 3.0)]

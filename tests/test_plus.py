@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pytest
-from test_transcribe import segment_rows
 
 from conftest import SAMPLES
-from granite_batch.audio import load_recording
-from granite_batch.engines import load_speech_model
-from granite_batch.routing import RequestFlags
-from granite_batch.transcribe import RecordingAssembler, transcribe_segments
+from granite_batch.audio.decode import load_recording
+from granite_batch.inference.assemble import RecordingAssembler
+from granite_batch.inference.routing import RequestFlags
+from granite_batch.inference.transcribe import transcribe_segments
+from granite_batch.models.engines import load_speech_model
+from test_transcribe import segment_rows
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def test_without_flags_the_plain_prompt_and_no_parts(plus, pieces):
 
 
 def test_41_rows_are_punctuated_by_default_and_not_when_a_row_says_no(tiny_model_dir, pieces):
-    from granite_batch.profiles import GRANITE_SPEECH_41
+    from granite_batch.models.profiles import GRANITE_SPEECH_41
 
     model = load_speech_model(str(tiny_model_dir), device="cpu", max_new_tokens=4, profile=GRANITE_SPEECH_41)
     table = segment_rows([{"id": "a", "pieces": pieces[:1]}])

@@ -11,7 +11,6 @@ import pyarrow.dataset as pads
 import pytest
 
 from conftest import SAMPLES, run_cli, write_jsonl
-
 from granite_batch.evaluate import score_table
 
 
@@ -35,7 +34,7 @@ def test_numeric_references_are_scored_as_written_and_others_are_counted():
 
 def test_an_output_that_is_a_file_is_refused(tmp_path, s3, s3_server):
     from granite_batch.config import ConfigError
-    from granite_batch.preflight import check_output_root
+    from granite_batch.run.preflight import check_output_root
 
     (tmp_path / "out.txt").write_text("not a folder")
     with pytest.raises(ConfigError, match=r"output .*out.txt is a file, not a folder"):
@@ -56,7 +55,7 @@ def test_an_output_that_is_a_file_is_refused(tmp_path, s3, s3_server):
                                       "_staging/R1/language=en/part-R1-00001.parquet"])
 def test_a_run_id_already_in_the_output_is_refused(tmp_path, existing):
     from granite_batch.config import ConfigError
-    from granite_batch.preflight import check_run_id_unused
+    from granite_batch.run.preflight import check_run_id_unused
 
     check_run_id_unused(str(tmp_path), "R1")  # an empty root
     (tmp_path / "transcripts" / "language=en").mkdir(parents=True)
@@ -72,7 +71,7 @@ def test_a_run_id_already_in_the_output_is_refused(tmp_path, existing):
 def test_fifos_and_devices_are_named_for_what_they_are_without_blocking(tmp_path):
     import os
 
-    from granite_batch.audio import DecodeError, load_recording
+    from granite_batch.audio.decode import DecodeError, load_recording
 
     fifo = tmp_path / "pipe.wav"
     os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
@@ -94,8 +93,8 @@ def test_a_config_file_that_is_not_text_is_refused_by_name(tmp_path):
 
 
 def test_rows_lost_with_their_batch_become_error_rows_in_the_output_schema():
-    from granite_batch.output import conform, transcript_schema
-    from granite_batch.recovery import CRASH_REASON, crashed_rows
+    from granite_batch.run.recovery import CRASH_REASON, crashed_rows
+    from granite_batch.schema import conform, transcript_schema
 
     todo = pa.table({"id": ["a", "b", "c", "d"], "audio": ["/a", "/b", "/c", "/d"], "language": ["en"] * 4,
                      "task": ["asr"] * 4, "target_language": pa.nulls(4, pa.string()),

@@ -7,10 +7,10 @@ import logging
 
 import pytest
 
-from granite_batch import profiles
-from granite_batch.engines import load_speech_model
-from granite_batch.model import SpeechModel
-from granite_batch.profiles import (
+from granite_batch.models import profiles
+from granite_batch.models.engines import load_speech_model
+from granite_batch.models.model import SpeechModel
+from granite_batch.models.profiles import (
     CONSERVATIVE,
     GRANITE_SPEECH,
     GRANITE_SPEECH5_CTC,
@@ -19,7 +19,7 @@ from granite_batch.profiles import (
     detect_profile,
     route,
 )
-from granite_batch.prompts import Request
+from granite_batch.models.prompts import Request
 
 
 def test_each_tiny_folder_is_detected_from_its_config(tiny_model_dir, tiny_plus_dir, tiny_ctc_dir):

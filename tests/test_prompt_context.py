@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from granite_batch.prompts import (PromptTooLong, Request, audio_token_count, fit_keywords, prompt_positions,
-                                   render_prompt)
+from granite_batch.models.prompts import (
+    PromptTooLong,
+    Request,
+    audio_token_count,
+    fit_keywords,
+    prompt_positions,
+    render_prompt,
+)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 from transformers import AutoProcessor
 
-from granite_batch.prompts import Request, check_request, clean_keywords, instruction, render_prompt, unlisted_request
+from granite_batch.models.prompts import (
+    Request,
+    check_request,
+    clean_keywords,
+    instruction,
+    render_prompt,
+    unlisted_request,
+)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +78,8 @@ def test_requests_the_model_card_does_not_list_are_named(language, task, target,
 
 def test_the_manifest_reader_warns_of_unlisted_requests_and_serves_them(tmp_path, caplog):
     from conftest import write_jsonl
-    from granite_batch.manifest import Defaults, read_manifest
+    from granite_batch.inputs.manifest import read_manifest
+    from granite_batch.inputs.rows import Defaults
 
     manifest = write_jsonl(tmp_path / "m.jsonl", [
         {"audio": "a.wav", "language": "ja", "task": "ast", "target_language": "en"},
@@ -79,7 +87,7 @@ def test_the_manifest_reader_warns_of_unlisted_requests_and_serves_them(tmp_path
         {"audio": "c.wav", "language": "fr", "task": "ast", "target_language": "en", "keywords": ["Lyon"]},
         {"audio": "d.wav", "language": "en", "keywords": ["Ray"]},
     ])
-    with caplog.at_level("WARNING", logger="granite_batch.manifest"):
+    with caplog.at_level("WARNING", logger="granite_batch.inputs.manifest"):
         table = read_manifest(str(manifest), Defaults()).table
     assert table.column("error").to_pylist() == [None] * 4
     warnings = [record.getMessage() for record in caplog.records]

@@ -10,8 +10,8 @@ import pytest
 
 from conftest import SAMPLES, run_cli, write_jsonl
 from granite_batch.config import load_config
-from granite_batch.profiles import GRANITE_SPEECH, GRANITE_SPEECH5_CTC, GRANITE_SPEECH_41, GRANITE_SPEECH_PLUS
-from granite_batch.routing import ROUTE_COLUMN, RequestFlags, route_table, row_requests, served_request
+from granite_batch.inference.routing import ROUTE_COLUMN, RequestFlags, route_table, row_requests, served_request
+from granite_batch.models.profiles import GRANITE_SPEECH, GRANITE_SPEECH5_CTC, GRANITE_SPEECH_41, GRANITE_SPEECH_PLUS
 
 SAMPLE_ROWS = [json.loads(line) for line in (SAMPLES / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
 
@@ -173,9 +173,9 @@ def test_the_ctc_checkpoint_alone_runs_the_samples_and_refuses_what_it_cannot_se
 
 
 def test_rows_lost_to_crashes_are_labelled_with_the_model_they_were_routed_to(tiny_model_dir, tiny_ctc_dir, tiny_plus_dir):
-    from granite_batch.drivers import _routed_models
-    from granite_batch.model import resolve_model
-    from granite_batch.recovery import crashed_rows
+    from granite_batch.models.model import resolve_model
+    from granite_batch.run.recovery import crashed_rows
+    from granite_batch.run.transcription import _routed_models
 
     dirs = [str(d) for d in (tiny_ctc_dir, tiny_model_dir, tiny_plus_dir)]
     config = load_config(overrides={"manifest": "m.jsonl", "output": "out", "models": [{"model": d} for d in dirs]})

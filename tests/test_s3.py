@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
 
 from conftest import FAKE_SECRET, SAMPLES, FaultyProxy, run_cli
 from granite_batch.config import load_config
-from granite_batch.manifest import Defaults, list_recordings, read_manifest
+from granite_batch.inputs.manifest import list_recordings, read_manifest
+from granite_batch.inputs.rows import Defaults
 
 SAMPLE_FILES = sorted(p.name for p in SAMPLES.iterdir() if p.suffix in (".flac", ".mp3", ".ogg", ".m4a", ".wav"))
 

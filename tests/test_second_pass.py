@@ -23,14 +23,15 @@ from hypothesis import strategies as st
 
 from conftest import SAMPLES, run_cli
 from granite_batch.config import ConfigError, SecondPassOptions
-from granite_batch.output import TranscriptWriter, drop_rows, transcript_schema
-from granite_batch.drivers import run_second_pass
-from granite_batch.language_model import LanguageModel
-from granite_batch.output import SECOND_PASS_FIELDS, SECOND_PASS_SCHEMA
+from granite_batch.output.committed import drop_rows
+from granite_batch.output.writer import TranscriptWriter
 from granite_batch.results import second_pass_results
-from granite_batch.second_pass import second_pass_table
-from granite_batch.second_pass_prompts import TEMPLATES, Prompter, load_template, split_tokens
-from granite_batch.tiny_model import build_tokenizer
+from granite_batch.run.second_pass import run_second_pass
+from granite_batch.schema import SECOND_PASS_FIELDS, SECOND_PASS_SCHEMA, transcript_schema
+from granite_batch.second_pass.language_model import LanguageModel
+from granite_batch.second_pass.prompts import TEMPLATES, Prompter, load_template, split_tokens
+from granite_batch.second_pass.stage import second_pass_table
+from granite_batch.testing.tiny_model import build_tokenizer
 
 QUESTION = "What time does the train leave?"
 LONG_TEXT = " ".join(

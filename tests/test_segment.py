@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from conftest import SAMPLES
-from granite_batch import segment
-from granite_batch.audio import load_recording, samples_to_arrow
-from granite_batch.segment import VadOptions, plan_segments, segment_table, speech_probabilities, speech_regions
+from granite_batch.audio import segment, vad
+from granite_batch.audio.decode import load_recording, samples_to_arrow
+from granite_batch.audio.segment import plan_segments, segment_table
+from granite_batch.audio.vad import VadOptions, speech_probabilities, speech_regions
 
 RATE = 16000
 
@@ -138,7 +139,7 @@ def test_windowed_vad_agrees_with_silero_frame_by_frame(clip):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # silero's frame-by-frame loop crawls with more when cores are busy
     try:
-        reference = get_speech_timestamps(torch.from_numpy(samples), segment.vad_model(), speech_pad_ms=0,
+        reference = get_speech_timestamps(torch.from_numpy(samples), vad.vad_model(), speech_pad_ms=0,
                                           min_silence_duration_ms=100, min_speech_duration_ms=250)
     finally:
         torch.set_num_threads(threads)
@@ -161,14 +162,14 @@ def test_speech_regions_of_the_samples_are_silero_get_speech_timestamps(name):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        reference = get_speech_timestamps(torch.from_numpy(samples), segment.vad_model(), speech_pad_ms=0)
+        reference = get_speech_timestamps(torch.from_numpy(samples), vad.vad_model(), speech_pad_ms=0)
     finally:
         torch.set_num_threads(threads)
     # Same rule on the probabilities, so the same regions; the windowed probabilities move an edge by
     # at most a frame or two here (README "Long recordings").
     assert len(regions) == len(reference)
     for (start, end), region in zip(regions, reference):
-        assert abs(start - region["start"]) <= 2 * segment.VAD_FRAME and abs(end - region["end"]) <= 2 * segment.VAD_FRAME
+        assert abs(start - region["start"]) <= 2 * vad.VAD_FRAME and abs(end - region["end"]) <= 2 * vad.VAD_FRAME
 
 
 def test_vad_holds_one_group_of_windows_however_long_the_recording(clip):
@@ -189,7 +190,7 @@ def test_vad_model_loads_once_and_leaves_torch_threads_alone(clip):
     threads = torch.get_num_threads()
     for _ in range(3):
         segment_table(pa.table({"samples": samples_to_arrow([clip])}), RATE, 30.0)
-    assert segment.vad_model.cache_info().misses == 1
+    assert vad.vad_model.cache_info().misses == 1
     assert torch.get_num_threads() == threads
 
 
@@ -241,7 +242,7 @@ def test_recordings_segmented_together_get_the_segments_they_get_alone(clip):
     for b, members in enumerate((recordings[:3], recordings[3:])):
         offsets = np.concatenate(([0], np.cumsum([len(r) for r in members])))
         spans += [(b, int(offsets[i]), len(r)) for i, r in enumerate(members)]
-    for many, samples in zip(segment.speech_probabilities_many(buffers, spans), recordings):
+    for many, samples in zip(vad.speech_probabilities_many(buffers, spans), recordings):
         np.testing.assert_allclose(many, speech_probabilities(samples), atol=1e-4)
     # A table of several chunks (decode batches gathered into one block) segments as one batch too.
     table = pa.table({"rec": rec[:2], "samples": samples_to_arrow(recordings[:2])})
@@ -265,7 +266,7 @@ def test_segment_rows_leave_in_blocks_of_bounded_size_that_make_up_the_whole(cli
 
 
 def test_the_helper_is_sent_one_group_of_windows_at_a_time_not_the_recording(clip, monkeypatch):
-    from granite_batch import isolation
+    from granite_batch.audio import isolation
 
     options = VadOptions(batch_windows=8)
     speech = np.resize(clip, RATE * 300)  # 19 MB, 3 groups of windows
@@ -280,8 +281,8 @@ def test_the_helper_is_sent_one_group_of_windows_at_a_time_not_the_recording(cli
 
     monkeypatch.setattr(isolation, "_write_message", recording_write)
     out = segment_table(pa.table({"samples": samples_to_arrow([speech])}), RATE, 30.0, options)
-    frames = round(options.max_window_s * RATE / segment.VAD_FRAME) + round(options.warmup_s * RATE / segment.VAD_FRAME)
-    group_bytes = options.batch_windows * frames * segment.VAD_FRAME * 4  # 8 windows of 16.5 s: 8.5 MB
+    frames = round(options.max_window_s * RATE / vad.VAD_FRAME) + round(options.warmup_s * RATE / vad.VAD_FRAME)
+    group_bytes = options.batch_windows * frames * vad.VAD_FRAME * 4  # 8 windows of 16.5 s: 8.5 MB
     assert len(sent) == 3 and max(sent) <= group_bytes < speech.nbytes / 2
     monkeypatch.undo()
     assert out.equals(segment_table(pa.table({"samples": samples_to_arrow([speech])}), RATE, 30.0, options,

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import SAMPLES
-from granite_batch.audio import load_recording
-from granite_batch.model import SpeechModel
-from granite_batch.prompts import Request
-from granite_batch.speculative import (
+from granite_batch.audio.decode import load_recording
+from granite_batch.models.model import SpeechModel
+from granite_batch.models.prompts import Request
+from granite_batch.models.speculative import (
     BY_AUTOREGRESSIVE,
     BY_FALLBACK,
     BY_VERIFICATION,
@@ -196,7 +196,7 @@ def test_speculative_modes_need_greedy_search(tiny_model_dir):
 
 def test_the_job_config_carries_ibms_settings_to_the_model_actor(tiny_model_dir):
     from granite_batch.config import GenerationOptions, load_config
-    from granite_batch.model import ModelRef
+    from granite_batch.models.model import ModelRef
     from granite_batch.pipeline import Transcriber
 
     assert GenerationOptions().model_dump(include={"ctc_entropy_threshold", "verify_threshold", "fallback_beams"}) == {

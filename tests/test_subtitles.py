@@ -10,8 +10,7 @@ import pyarrow as pa
 import srt
 import webvtt
 
-from granite_batch.output import SEGMENT_TYPE
-from granite_batch.subtitles import (
+from granite_batch.output.subtitles import (
     MAX_CUE_S,
     MAX_LINE_CHARS,
     MIN_CUE_S,
@@ -21,6 +20,7 @@ from granite_batch.subtitles import (
     to_vtt,
     write_subtitles,
 )
+from granite_batch.schema import SEGMENT_TYPE
 
 SEGMENTS = [
     {"start": 0.0, "end": 1.5, "text": "The weather today is mild."},

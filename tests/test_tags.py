@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from granite_batch.tags import tagged_parts
+from granite_batch.models.tags import tagged_parts
 
 
 def test_speaker_turns_become_segments_labelled_per_call():

@@ -10,12 +10,13 @@ import pyarrow as pa
 import pytest
 
 from conftest import SAMPLES
-from granite_batch.routing import RequestFlags
-from granite_batch.audio import load_recording, samples_to_arrow
-from granite_batch.model import SpeechModel
-from granite_batch.output import SEGMENT_TYPE
-from granite_batch.prompts import Request
-from granite_batch.transcribe import RecordingAssembler, transcribe_segments
+from granite_batch.audio.decode import load_recording, samples_to_arrow
+from granite_batch.inference.assemble import RecordingAssembler
+from granite_batch.inference.routing import RequestFlags
+from granite_batch.inference.transcribe import transcribe_segments
+from granite_batch.models.model import SpeechModel
+from granite_batch.models.prompts import Request
+from granite_batch.schema import SEGMENT_TYPE
 
 RATE = 16000
 NAMES = ["en_weather.flac", "fr_gare.mp3", "ja_tenki.flac", "pt_praia.wav", "de_bibliothek.ogg"]
@@ -236,7 +237,7 @@ def test_words_an_engine_times_itself_are_kept_and_placed_in_the_recording(tiny_
     replace alignment, shifted from the segment's start to the recording's."""
     from dataclasses import replace
 
-    from granite_batch.alignment import words_from_ctc_path
+    from granite_batch.models.alignment import words_from_ctc_path
 
     speech_model = model(tiny_model_dir)
     original = speech_model.generate_segments

@@ -217,8 +217,8 @@ def _could_not_finish(what: str, exc: Exception) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from granite_batch.config import ConfigError, load_config
-    from granite_batch.manifest import ManifestError
-    from granite_batch.model import ModelLoadError
+    from granite_batch.inputs.rows import ManifestError
+    from granite_batch.models.model import ModelLoadError
 
     try:
         config = load_config(args.config, _overrides(args))
@@ -226,8 +226,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"granite-batch: {exc}", file=sys.stderr)
         return EXIT_CONFIG
 
-    from granite_batch.drivers import TooManyFailures, run_job
-    from granite_batch.lease import LeaseError, LeaseUnsupported
+    from granite_batch.run.bookkeeping import TooManyFailures
+    from granite_batch.run.lease import LeaseError, LeaseUnsupported
+    from granite_batch.run.transcription import run_job
 
     try:
         result = run_job(config, progress=not args.no_progress)
@@ -253,9 +254,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from granite_batch.manifest import Defaults, ManifestError, ManifestStream
-    from granite_batch.output import read_summaries
-    from granite_batch.plan import count_status
+    from granite_batch.inputs.manifest import ManifestStream
+    from granite_batch.inputs.plan import count_status
+    from granite_batch.inputs.rows import Defaults, ManifestError
+    from granite_batch.output.summary import read_summaries
 
     options = {"s3": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else {}
     runs = read_summaries(args.output, options)
@@ -288,8 +290,8 @@ def _print_leases(output: str, options: dict) -> None:
     """Who holds the transcripts' lease, and any second pass's."""
     import posixpath
 
-    from granite_batch.lease import read_holder
-    from granite_batch.output import SECOND_PASS_DIR, TRANSCRIPTS_DIR
+    from granite_batch.run.lease import read_holder
+    from granite_batch.schema import SECOND_PASS_DIR, TRANSCRIPTS_DIR
     from granite_batch.storage import filesystem
 
     fs, root = filesystem(output, options)
@@ -316,7 +318,7 @@ def _models(names: list[str] | None) -> dict:
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
-    from granite_batch.tiny_model import write_tiny_model
+    from granite_batch.testing.tiny_model import write_tiny_model
 
     path = write_tiny_model(args.directory, seed=args.seed, model_type=args.model_type)
     print(f"wrote a tiny random {args.model_type} checkpoint to {path}; use it with --model {path}")
@@ -327,7 +329,7 @@ def _cmd_second_pass(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from granite_batch.config import ConfigError, SecondPassOptions
-    from granite_batch.model import ModelLoadError
+    from granite_batch.models.model import ModelLoadError
 
     fields = {"template": args.template, "question": args.question, "name": args.name, "model": args.model,
               "revision": args.revision, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
@@ -340,8 +342,9 @@ def _cmd_second_pass(args: argparse.Namespace) -> int:
         print(f"granite-batch: invalid second pass options: {problems}", file=sys.stderr)
         return EXIT_CONFIG
 
-    from granite_batch.drivers import run_second_pass
-    from granite_batch.lease import DEFAULT_WAIT_S, LeaseError, LeaseTerms, LeaseUnsupported
+    from granite_batch.config import DEFAULT_WAIT_S
+    from granite_batch.run.lease import LeaseError, LeaseTerms, LeaseUnsupported
+    from granite_batch.run.second_pass import run_second_pass
 
     storage = {"s3": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else {}
     lease = _lease_overrides(args)
@@ -370,7 +373,7 @@ def _cmd_second_pass(args: argparse.Namespace) -> int:
 
 
 def _cmd_tiny_lm(args: argparse.Namespace) -> int:
-    from granite_batch.tiny_lm import write_tiny_lm
+    from granite_batch.testing.tiny_lm import write_tiny_lm
 
     path = write_tiny_lm(args.directory, seed=args.seed)
     print(f"wrote a tiny random Granite language model to {path}; use it with second-pass --model {path}")
@@ -379,8 +382,8 @@ def _cmd_tiny_lm(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     try:
-        from granite_batch.drivers import evaluate_output
         from granite_batch.evaluate import format_report
+        from granite_batch.run.evaluation import evaluate_output
     except ImportError as exc:
         print(f"granite-batch: eval needs the eval extra (pip install 'granite-batch[eval]'): {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -8,11 +8,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from granite_batch.isolation import CrashTest
-from granite_batch.lease import DEFAULT_EXPIRY_S, DEFAULT_WAIT_S
-from granite_batch.prompts import ASR_LANGUAGES, AST_PAIRS, AUTO_LANGUAGE, LANGUAGE_NAMES
+from granite_batch.audio.isolation import CrashTest
+from granite_batch.models.prompts import ASR_LANGUAGES, AST_PAIRS, AUTO_LANGUAGE, LANGUAGE_NAMES
 
 DEFAULT_MODEL = "ibm-granite/granite-4.0-1b-speech"
+# The output root's lease (run/lease.py): taken over when unrenewed this long; how long a run waits for it.
+DEFAULT_EXPIRY_S = 600.0
+DEFAULT_WAIT_S = 3600.0
 # The second pass's language model: Granite 4.0 Micro, the 3B dense instruct model (Apache 2.0).
 DEFAULT_LM_MODEL = "ibm-granite/granite-4.0-micro"
 SECOND_PASS_TEMPLATES = ("summary", "topics", "qa")

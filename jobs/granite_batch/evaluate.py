@@ -25,7 +25,7 @@ import sacrebleu
 from whisper_normalizer.basic import BasicTextNormalizer
 from whisper_normalizer.english import EnglishTextNormalizer
 
-from granite_batch.prompts import UNSPACED_LANGUAGES
+from granite_batch.models.prompts import UNSPACED_LANGUAGES
 
 NEEDED_COLUMNS = ("task", "language", "target_language", "text", "error")
 # The turn labels of split-channel transcripts (transcribe.join_segments) are not words the model said.

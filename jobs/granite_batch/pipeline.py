@@ -17,18 +17,19 @@ import posixpath
 
 import pyarrow as pa
 
-from granite_batch import decode_cut, recovery, segment
+from granite_batch.audio import decode_cut, segment
 from granite_batch.config import JobConfig, ModelSpec, SecondPassOptions
-from granite_batch.engines import load_speech_model, model_profile
-from granite_batch.language_model import LanguageModel
-from granite_batch.model import ModelRef
-from granite_batch.profiles import ModelProfile
-from granite_batch.routing import RequestFlags, route_table
-from granite_batch.plan import PlanLayout, plan_bucket
-from granite_batch.second_pass import second_pass_table
-from granite_batch.second_pass_prompts import Prompter
-from granite_batch.speculative import SpeculativeOptions
-from granite_batch.transcribe import transcribe_segments
+from granite_batch.inference.routing import RequestFlags, route_table
+from granite_batch.inference.transcribe import transcribe_segments
+from granite_batch.inputs.plan import PlanLayout, plan_bucket
+from granite_batch.models.engines import load_speech_model, model_profile
+from granite_batch.models.model import ModelRef
+from granite_batch.models.profiles import ModelProfile
+from granite_batch.models.speculative import SpeculativeOptions
+from granite_batch.second_pass.language_model import LanguageModel
+from granite_batch.second_pass.prompts import Prompter
+from granite_batch.second_pass.stage import second_pass_table
+
 
 class Transcriber:
     """Model actor: loads the model once, then maps batches of segment rows to their texts."""
@@ -194,7 +195,7 @@ def _input_dataset(ray, rows_to_do, cluster: dict, alone: bool, config: JobConfi
         ds = ray.data.from_arrow(_input_blocks(rows_to_do, cluster, max_rows=1 if alone else 16))
     else:
         ds = planned_rows(*rows_to_do, cluster, max_rows=rows_to_do[0].input_block_rows(16))
-    ds.context.max_errored_blocks = recovery.MAX_LOST_BATCHES  # this dataset's own copy of the context
+    ds.context.max_errored_blocks = MAX_LOST_BATCHES  # this dataset's own copy of the context
     if config.resources.object_store_mb is not None:
         # Ray Data's backpressure: operators stop launching tasks while their queued outputs would pass it.
         limits = ds.context.execution_options.resource_limits
@@ -227,13 +228,13 @@ def _model_branch(ray, ds, config: JobConfig, spec: ModelSpec, model_ref: ModelR
                    "timeout_s": config.decode_timeout_s, "crash_test": config.crash_test,
                    "allowed_prefixes": tuple(config.allowed_prefixes)},
         batch_format="pyarrow", batch_size=1 if alone else config.decode_batch_size,
-        num_cpus=config.resources.decode_cpus, **recovery.TASK_RETRIES,
+        num_cpus=config.resources.decode_cpus, **TASK_RETRIES,
     )
     ds = ds.map_batches(
         segment.segment_blocks,
         fn_kwargs={"sample_rate_hz": config.sample_rate_hz, "max_segment_s": max_segment_s,
                    "crash_test": config.crash_test},
-        batch_format="pyarrow", batch_size=None, num_cpus=config.resources.decode_cpus, **recovery.TASK_RETRIES,
+        batch_format="pyarrow", batch_size=None, num_cpus=config.resources.decode_cpus, **TASK_RETRIES,
     )
     actor_options = {}
     if resources.accelerator_type:
@@ -254,7 +255,7 @@ def _model_branch(ray, ds, config: JobConfig, spec: ModelSpec, model_ref: ModelR
         batch_format="pyarrow",
         batch_size=1 if alone else actor_batch_rows(segments_per_call, audio_s_per_call, max_segment_s),
         num_gpus=gpus_per_actor, num_cpus=resources.cpus_per_actor,
-        **recovery.MODEL_ACTOR_RETRIES, **actor_options,
+        **MODEL_ACTOR_RETRIES, **actor_options,
     )
 
 
@@ -292,3 +293,16 @@ def transcripts_dataset(fs, base: str, languages: list[str] | None = None, row_f
     if row_filter is not None:
         ds = ds.map_batches(lambda batch: batch.filter(row_filter), batch_format="pyarrow")
     return ds
+
+
+# Passed to map_batches for the model actor pool: restart a dead actor, do not retry its batch (the
+# driver redoes its rows one by one).
+MODEL_ACTOR_RETRIES = {"max_restarts": -1, "max_task_retries": 0}
+
+
+# Passed to map_batches for the decode and segment tasks: their native work runs in a forked child
+# (isolation.py), so a worker that dies anyway (killed, out of memory) is retried once, not forever.
+TASK_RETRIES = {"max_retries": 1}
+
+
+MAX_LOST_BATCHES = 16

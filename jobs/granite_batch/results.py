@@ -16,7 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from granite_batch.output import TRANSCRIPT_FIELDS, TRANSCRIPTS_DIR, read_summaries, second_pass_dir
+from granite_batch.output.summary import read_summaries
+from granite_batch.schema import TRANSCRIPT_FIELDS, TRANSCRIPTS_DIR, second_pass_dir
 from granite_batch.storage import filesystem
 
 # `language` lives in the folder names; declared as a plain string so it never comes back as a dictionary.

@@ -1,0 +1,225 @@
+"""The decode stage: recordings decoded, and long ones cut into their segments as they are decoded.
+
+A recording shorter than `segment.long_recording_s` (17 minutes) leaves this stage whole, for
+`segment.segment_blocks` to cut beside its neighbours (their VAD windows share batches). A longer
+one gains nothing from sharing (its windows fill whole batches), so the helper process that decodes
+it (isolation.stream_isolated: a crash costs its row, not the worker) also cuts it as it goes
+(`segment.StreamCut`), and sends its segment rows back a table at a time: no process holds a long
+mono recording whole, the worker one table of its segments, the helper one group of VAD windows and
+the speech not yet cut. The decoder runs in a thread of the helper, in step with the cutting, so a
+crash is always the stage that was running ("decode crashed the worker", "segment crashed the
+worker").
+"""
+
+from __future__ import annotations
+
+import functools
+import queue
+import threading
+
+import numpy as np
+import pyarrow as pa
+
+from granite_batch.audio import decode as audio
+from granite_batch.audio.isolation import Crash, CrashTest, Stage, stream_isolated
+from granite_batch.audio.segment import SEGMENT_BLOCK_BYTES, long_recording_s, plan_recordings
+from granite_batch.audio.stream_cut import StreamCut
+from granite_batch.audio.vad import VAD_RATE_HZ, VadOptions, warm_vad
+
+
+def decode_blocks(table: pa.Table, max_segment_s: float, storage_options: dict | None = None,
+                  sample_rate_hz: int = VAD_RATE_HZ, max_duration_s: float | None = None,
+                  timeout_s: float | None = None, isolate: bool = True, crash_test: CrashTest | None = None,
+                  allowed_prefixes: tuple[str, ...] = (), options: VadOptions = VadOptions(),
+                  block_bytes: int = SEGMENT_BLOCK_BYTES):
+    """Decode stage: `audio.decode_table`, except that a recording at least `long_recording_s` long
+    is also cut into its segments in the helper process that decodes it, as it decodes it
+    (`StreamCut`), and its segment rows come back in tables of about `block_bytes` of samples: no
+    process holds a long mono recording whole, the worker one table of its segments at a time.
+
+    Every row of `table` comes once in the last table: a short recording whole, with null
+    `segment.CUT_COLUMNS` (`segment.segment_blocks` cuts them, many side by side), a failed one with its error, and a
+    long one as its end row: no samples, `segment_count` (how many segment rows it sent before, each
+    with `segment_count` -1 and no `duration_s`), `duration_s`, and an error if it failed after some
+    segments had left (transcribe.RecordingAssembler waits for them, then writes the error). Its
+    segments are those `segment_blocks` would give (the same VAD windows, the same plan: tested). A
+    crash while decoding or cutting it is its row's "decode crashed the worker" or "segment crashed
+    the worker" (isolation.stream_isolated, which reruns it alone first and skips what was sent).
+    """
+    errors, items, todo = audio.decode_inputs(table)
+    decode = audio.row_decoder(storage_options, sample_rate_hz, max_duration_s, timeout_s, crash_test,
+                               allowed_prefixes)
+    work = functools.partial(_decode_and_cut, decode=decode, sample_rate_hz=sample_rate_hz,
+                             max_segment_s=max_segment_s, options=options, crash_test=crash_test,
+                             block_bytes=block_bytes)
+    if isolate and todo:
+        warm_vad()  # before the stream's helper is forked, so that it starts warm
+    base = table.drop_columns([c for c in ("audio_bytes",) if c in table.column_names])
+    decoded: dict[int, tuple[np.ndarray | None, float | None]] = {}  # row: (samples or None, duration_s)
+    counts: dict[int, int] = {}  # a long recording's row: how many segment rows it sent
+    sent: dict[int, int] = {}  # row: segment rows yielded
+    for k, value in stream_isolated(work, [items[i] for i in todo], isolate=isolate):
+        row = todo[k]
+        if isinstance(value, Crash):
+            errors[row] = value.reason("decode")
+            if sent.get(row):  # its segments already left: its end row carries the error
+                counts[row] = sent[row]
+        elif value[0] == "whole":
+            _, samples, duration, errors[row] = value
+            decoded[row] = samples, duration
+        elif value[0] == "segments":
+            _, bounds, samples = value
+            yield _cut_rows(base, row, sent.get(row, 0), bounds, samples, sample_rate_hz)
+            sent[row] = sent.get(row, 0) + len(bounds)
+        else:
+            _, duration, counts[row], errors[row] = value
+            decoded[row] = None, duration
+    # Every row once more: whole (short: segment_count null, for segment_blocks), failed, or the end
+    # row of a long one (segment_count: how many segment rows it had; the driver waits for them).
+    last = audio.decoded_table(table, errors, decoded)
+    n = table.num_rows
+    for name, values in (("segment_index", [None] * n), ("segment_count", [counts.get(i) for i in range(n)]),
+                         ("start_s", [None] * n), ("end_s", [None] * n), ("channel", [None] * n)):
+        kind = pa.float64() if name.endswith("_s") else pa.int32()
+        last = last.add_column(last.schema.get_field_index("samples"), name, pa.array(values, kind))
+    yield last
+
+
+def _decode_and_cut(item, decode, sample_rate_hz: int, max_segment_s: float, options: VadOptions,
+                    crash_test: CrashTest | None, block_bytes: int):
+    """In the helper (isolation.stream_isolated): decode one row, then ("whole", samples, duration,
+    error) for a short or failed recording, or, for a long one, its segments as ("segments",
+    [(start, end, channel)], their samples end to end), about `block_bytes` at a time, then ("end",
+    duration, segment count, error). A long mono recording is cut as it is decoded (`StreamCut`),
+    so no more than a group of VAD windows and the speech not yet cut is held; a long recording with
+    split channels is held whole while it is cut."""
+    yield Stage("decode")
+    if item[2]:  # split channels
+        samples, duration, error = decode(item)
+        if samples is None or duration < long_recording_s(options):
+            yield "whole", samples, duration, error
+            return
+        yield Stage("segment")
+        errors: list[str | None] = [None]
+        bounds = plan_recordings([samples.reshape(-1)], [samples.shape[0]], [item[0]], errors, sample_rate_hz,
+                                 max_segment_s, options, False, crash_test).get(0, [])
+        del samples
+        yield from _sent_in_blocks([(b[:3], b[3][b[0]:b[1]]) for b in bounds], block_bytes)
+        yield "end", duration, len(bounds), None
+        return
+    head: list[np.ndarray] = []  # the first pieces, until the recording is known to be long
+    held = 0
+    cut: StreamCut | None = None
+    sent = 0
+    for kind, value in _in_step(functools.partial(decode, item)):
+        if kind == "piece":
+            if cut is None:
+                head.append(value)
+                held += len(value)
+                if held < long_recording_s(options) * sample_rate_hz:
+                    continue
+                cut = StreamCut(sample_rate_hz, max_segment_s, options, crash_test, item[0])
+                for piece in head:
+                    cut.add(piece)
+                head = []
+            else:
+                cut.add(value)
+            del value
+            if not cut.ready():
+                continue
+            yield Stage("segment")
+            sent += yield from _cut_and_send(cut, False, block_bytes)
+            yield Stage("decode")
+            continue
+        _, duration, error = value
+        if cut is None:  # short, or failed before it was known to be long
+            yield "whole", (np.concatenate(head) if head and error is None else None), duration, error
+            return
+        if error is None:
+            yield Stage("segment")
+            sent += yield from _cut_and_send(cut, True, block_bytes)
+        yield "end", duration, sent, error
+        return
+
+
+def _cut_and_send(cut: StreamCut, final: bool, block_bytes: int):
+    """`cut.step`'s new segments, sent in blocks; returns how many."""
+    segments = cut.step(final=final)
+    yield from _sent_in_blocks([((a, b, None), cut.samples(a, b)) for a, b in segments], block_bytes)
+    cut.forget()
+    return len(segments)
+
+
+def _sent_in_blocks(segments: list[tuple[tuple[int, int, int | None], np.ndarray]], block_bytes: int):
+    """("segments", bounds, samples end to end) values of about `block_bytes` each."""
+    chunk: list[tuple[tuple[int, int, int | None], np.ndarray]] = []
+    size = 0
+    for k, (bound, samples) in enumerate(segments):
+        chunk.append((bound, samples))
+        size += samples.nbytes
+        if size >= block_bytes or k == len(segments) - 1:
+            yield "segments", [b for b, _ in chunk], np.concatenate([a for _, a in chunk])
+            chunk, size = [], 0
+
+
+def _in_step(decode):
+    """Run `decode(sink=...)` (audio._decode_row) in a thread, in step with the caller: ("piece",
+    samples) for each piece it decodes, while the thread waits, then ("done", its result); an
+    exception it raises is raised here. Never both at once, so a crash is the stage the caller names."""
+    handoff: queue.Queue = queue.Queue()  # one piece at a time: the sink waits for `resume`
+    resume = threading.Semaphore(0)
+    stop = threading.Event()
+
+    def sink(piece: np.ndarray) -> None:
+        handoff.put(("piece", piece))
+        resume.acquire()
+        if stop.is_set():
+            raise _Stopped()
+
+    def run() -> None:
+        try:
+            handoff.put(("done", decode(sink=sink)))
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller (_Stopped: nobody is waiting)
+            handoff.put(("raised", exc))
+
+    thread = threading.Thread(target=run, name="decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = handoff.get()
+            if kind == "raised":
+                raise value
+            yield kind, value
+            if kind == "done":
+                return
+            resume.release()
+    finally:
+        if thread.is_alive():  # the caller stopped early: the sink raises _Stopped and the decoder unwinds
+            stop.set()
+            resume.release()
+        thread.join()
+
+
+class _Stopped(BaseException):
+    """Raised in the decoder's sink when its consumer has stopped."""
+
+
+def _cut_rows(base: pa.Table, row: int, first: int, bounds: list[tuple[int, int, int | None]], samples: np.ndarray,
+              sample_rate_hz: int) -> pa.Table:
+    """Segment rows `first`.. of `base`'s row `row`, in decode_blocks' columns, around `samples`
+    (the segments' samples end to end, as the helper sent them: no copy). Their `segment_count` is
+    -1: the recording's end row, which comes after them, has it (and `duration_s`)."""
+    n = len(bounds)
+    out = base.take(pa.array([row] * n, pa.int64()))
+    out = out.set_column(out.schema.get_field_index("error"), "error", pa.nulls(n, pa.string()))
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum([end - start for start, end, _ in bounds], out=offsets[1:])
+    for name, values, kind in (
+        ("duration_s", [None] * n, pa.float64()), ("channel_count", [None] * n, pa.int32()),
+        ("segment_index", list(range(first, first + n)), pa.int32()), ("segment_count", [-1] * n, pa.int32()),
+        ("start_s", [b[0] / sample_rate_hz for b in bounds], pa.float64()),
+        ("end_s", [b[1] / sample_rate_hz for b in bounds], pa.float64()),
+        ("channel", [b[2] for b in bounds], pa.int32()),
+    ):
+        out = out.append_column(name, pa.array(values, kind))
+    return out.append_column("samples", pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(samples)))

@@ -1,0 +1,169 @@
+"""Segment results joined back into one transcript row per recording, and the
+inference figures of the run summary.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from granite_batch.models.confidence import low_confidence
+from granite_batch.models.prompts import UNSPACED_LANGUAGES
+from granite_batch.models.speculative import BY_AUTOREGRESSIVE, BY_CTC, BY_FALLBACK, BY_VERIFICATION
+from granite_batch.schema import RESULT_COLUMNS, SEGMENT_COLUMNS, SEGMENT_TYPE
+
+DECISION_RANKING = (BY_FALLBACK, BY_AUTOREGRESSIVE, BY_VERIFICATION, BY_CTC)
+
+log = logging.getLogger(__name__)
+
+def join_segments(ordered: list[dict], separator: str) -> str:
+    """A recording's text from its segments in time order. With split channels (segments with a
+    `channel`), each turn, a run of segments of one channel, is its own line labelled
+    `[channel N]`: "[channel 0] Hello.\n[channel 1] Hi there." """
+    spoken = [s for s in ordered if s["text"]]
+    if not any(s.get("channel") is not None for s in spoken):
+        return separator.join(s["text"] for s in spoken)
+    turns: list[tuple[int, list[str]]] = []
+    for s in spoken:
+        if not turns or turns[-1][0] != s["channel"]:
+            turns.append((s["channel"], []))
+        turns[-1][1].append(s["text"])
+    return "\n".join(f"[channel {channel}] {separator.join(texts)}" for channel, texts in turns)
+
+
+@dataclass
+class InferenceStats:
+    """How the model was fed, for the run summary (`../shared/CONTRACT.md`, `inference`)."""
+
+    generate_calls: int = 0
+    segments: int = 0
+    new_tokens: int = 0
+    truncated_segments: int = 0
+    positions: int = 0
+    padded_positions: int = 0
+    scored_segments: int = 0  # segments with an avg_logprob
+    low_confidence_segments: int = 0
+
+    def summary(self) -> dict:
+        return {
+            "generate_calls": self.generate_calls,
+            "segments": self.segments,
+            "mean_segments_per_call": round(self.segments / self.generate_calls, 2) if self.generate_calls else None,
+            "padding_fraction": round(self.padded_positions / self.positions, 4) if self.positions else None,
+            "new_tokens": self.new_tokens,
+            "truncated_segments": self.truncated_segments,
+            # Segments to check by hand: mean token log-probability below confidence.LOW_CONFIDENCE_LOGPROB.
+            "low_confidence_segments": self.low_confidence_segments,
+            "low_confidence_fraction": (round(self.low_confidence_segments / self.scored_segments, 4)
+                                        if self.scored_segments else None),
+        }
+
+
+@dataclass
+class _Pending:
+    recording: dict  # the recording's columns, from its first row to arrive that knows its segment count
+    count: int | None  # None until a row says it (a long recording's segments come before its end row)
+    segments: dict[int, dict] = field(default_factory=dict)
+    error: str | None = None
+    decided: set = field(default_factory=set)
+    keywords_dropped: int = 0
+
+
+class RecordingAssembler:
+    """Joins segment results back into one row per recording, written only when complete.
+
+    `add(batch)` takes segment-result rows (in any order, interleaved across recordings, as Ray
+    Data delivers them) and returns the rows of the recordings completed by them: the recording's
+    columns, `text` (its segments' texts in order, joined with spaces, or without for Japanese and
+    Mandarin), `segments` and `decoded_by`. A recording is never returned half; `pending` says how
+    many are waiting for segments. A row's `segment_count` is its recording's, or -1 for the
+    segments of a long recording cut as it was decoded (decode_cut.decode_blocks): that recording's
+    end row (no `segment_index`) has the count, its `duration_s` and any error (then the recording
+    is an error row once the segments sent before the error have arrived).
+    """
+
+    def __init__(self):
+        self.recording_schema: pa.Schema | None = None
+        self.inference: dict[str, InferenceStats] = defaultdict(InferenceStats)
+        self._pending: dict[str, _Pending] = {}
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def add(self, batch: pa.Table) -> pa.Table | None:
+        if self.recording_schema is None:
+            # The recording's own columns: everything the segment rows carry but the segment's.
+            self.recording_schema = pa.schema(
+                [f for f in batch.schema if f.name not in SEGMENT_COLUMNS + RESULT_COLUMNS])
+        done: list[_Pending] = []
+        names = self.recording_schema.names
+        for row in batch.to_pylist():
+            self._count(row)
+            key = row["id"]
+            pending = self._pending.get(key)
+            known = row["segment_count"] >= 0
+            if pending is None:
+                pending = _Pending({name: row[name] for name in names}, row["segment_count"] if known else None)
+                self._pending[key] = pending
+            elif known and pending.count is None:
+                pending.recording, pending.count = {name: row[name] for name in names}, row["segment_count"]
+            if row["segment_index"] is not None and row["segment_index"] not in pending.segments:
+                segment = {
+                    "start": row["start_s"], "end": row["end_s"], "text": row["segment_text"] or "",
+                    "truncated": bool(row["segment_truncated"]), "avg_logprob": row.get("segment_avg_logprob"),
+                    "speaker": None, "words": row.get("segment_words"), "channel": row.get("channel"),
+                }
+                # A tagged call gives one output segment per speaker turn (a list in place of one segment).
+                parts = row.get("segment_parts")
+                pending.segments[row["segment_index"]] = [{**segment, **part} for part in parts] if parts else segment
+                if row["decoded_by"] is not None:
+                    pending.decided.add(row["decoded_by"])
+            pending.keywords_dropped = max(pending.keywords_dropped, row.get("keywords_dropped") or 0)
+            if row["error"] is not None and pending.error is None:
+                pending.error = row["error"]
+            if pending.count is not None and len(pending.segments) >= pending.count:
+                done.append(self._pending.pop(key))
+        return self._rows(done) if done else None
+
+    def _count(self, row: dict) -> None:
+        if row["new_tokens"] is None:
+            return
+        stats = self.inference[row.get("model") or ""]
+        stats.generate_calls += bool(row["first_of_call"])
+        stats.segments += 1
+        stats.new_tokens += row["new_tokens"]
+        stats.truncated_segments += bool(row["segment_truncated"])
+        stats.positions += row["lm_positions"]
+        stats.padded_positions += row["lm_padded_positions"]
+        if row.get("segment_avg_logprob") is not None:
+            stats.scored_segments += 1
+            stats.low_confidence_segments += low_confidence(row["segment_avg_logprob"])
+
+    def _rows(self, done: list[_Pending]) -> pa.Table:
+        texts, segments, decoded_by = [], [], []
+        for pending in done:
+            recording = pending.recording
+            if pending.error is not None:
+                recording["error"] = pending.error
+                texts.append(None)
+                segments.append([])
+                decoded_by.append(None)
+                continue
+            ordered = [part for k in sorted(pending.segments)
+                       for part in (pending.segments[k] if isinstance(pending.segments[k], list)
+                                    else [pending.segments[k]])]
+            language = recording["target_language"] if recording["task"] == "ast" else recording["language"]
+            separator = "" if language in UNSPACED_LANGUAGES else " "
+            texts.append(join_segments(ordered, separator))
+            segments.append(ordered)
+            decoded_by.append(next((d for d in DECISION_RANKING if d in pending.decided), None))
+        table = pa.Table.from_pylist([p.recording for p in done], schema=self.recording_schema)
+        table = table.append_column("text", pa.array(texts, pa.string()))
+        table = table.append_column("segments", pa.array(segments, pa.list_(SEGMENT_TYPE)))
+        # Not output columns: the driver counts them for the run summary.
+        table = table.append_column("keywords_dropped", pa.array([p.keywords_dropped for p in done], pa.int32()))
+        return table.append_column("decoded_by", pa.array(decoded_by, pa.string()))

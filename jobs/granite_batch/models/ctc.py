@@ -1,0 +1,144 @@
+"""The CTC engine: Granite Speech 5 (`granite_speech5_ctc`, e.g. granite-speech-5.0-470m-turboctc).
+
+The same interface as model.SpeechModel (`generate_segments` -> SegmentResult), so the inference stage
+and the actor pool run it unchanged. No prompt and no language model: a conformer encoder with a CTC
+head over BPE units, decoded greedily by the model's own `generate` (argmax per frame, padded frames
+set to the blank), as the model card says ("inference is done non-autoregressively with greedy
+decoding"); repeats are collapsed and blanks dropped here, the standard greedy CTC rule.
+
+Batching is exact: the encoder takes an attention mask, so padded frames do not change the others
+(checked: zero difference). The feature extractor, though, zero-pads waveforms before its STFT and
+deltas, which changes the last frames of the shorter clips (measured 0.54 on the last feature frame);
+so features are computed per segment, on the model's device, and padded as features with their mask.
+Batched output is then identical to one segment at a time (tested).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from granite_batch.models.alignment import words_from_ctc_path
+from granite_batch.models.batching import length_batches
+from granite_batch.models.model import MIN_SEGMENT_S, SegmentResult, load_pretrained
+from granite_batch.models.profiles import GRANITE_SPEECH5_CTC, ModelProfile
+from granite_batch.models.prompts import Request
+
+DECODED_BY_CTC = "ctc"  # what decided a CTC model's segments, for the run summary
+
+
+@dataclass(frozen=True)
+class CtcPath:
+    """The greedy CTC path of one segment: the label of every encoder frame (blanks included)."""
+
+    frame_ids: list[int]
+    frame_s: float  # seconds per encoder frame
+    blank_id: int
+
+
+class CtcSpeechModel:
+    """A Granite Speech 5 CTC model and its processor on one device, ready for batched decoding."""
+
+    def __init__(self, model, processor, device: str, max_batch_audio_s: float = 480.0,
+                 max_batch_segments: int | None = None, profile: ModelProfile = GRANITE_SPEECH5_CTC,
+                 **generation_options):
+        # Generation options (budgets, beams, speculative decoding) mean nothing to a CTC model.
+        self.model = model
+        self.processor = processor
+        self.feature_extractor = processor.feature_extractor
+        self.tokenizer = processor.tokenizer
+        self.device = device
+        self.profile = profile
+        self.max_batch_audio_s = max_batch_audio_s
+        self.max_batch_segments = max_batch_segments
+        self.sample_rate_hz = self.feature_extractor.sampling_rate
+        self.blank_id = model.config.pad_token_id
+        encoder = model.config.encoder_config
+        # A feature frame stacks `frame_stacking` mel frames; each subsampling block halves the rate.
+        self.frame_s = (self.feature_extractor.hop_length * self.feature_extractor.frame_stacking
+                        * 2 ** len(encoder.subsample_layers) / self.sample_rate_hz)
+
+    @classmethod
+    def load(cls, name: str, revision: str | None = None, device: str = "auto", dtype: str = "auto",
+             trust_remote_code: bool = False, **options) -> "CtcSpeechModel":
+        """Load processor and weights once (hub id or local folder) onto `device`."""
+        model, processor, device = load_pretrained("AutoModelForCTC", name, revision, device, dtype, trust_remote_code)
+        return cls(model, processor, device, **options)
+
+    def token_budget(self, samples: np.ndarray) -> int:
+        """At most one token per encoder frame (a CTC model never stops early or late)."""
+        return max(1, int(len(samples) / self.sample_rate_hz / self.frame_s) + 1)
+
+    def generate(self, items: list[tuple[np.ndarray, Request]]) -> list[str]:
+        return [result.text for result in self.generate_segments(items)]
+
+    def generate_segments(self, items: list[tuple[np.ndarray, Request]], posteriors: bool = False) -> list[SegmentResult]:
+        """Transcribe each (16 kHz mono samples, request), in input order, in length-sorted batches of
+        at most `max_batch_segments` segments and `max_batch_audio_s` padded seconds. With
+        `posteriors` (word times asked for), each result's `words` come straight from the frames of
+        its greedy path (alignment.words_from_ctc_path), in seconds from the segment's start."""
+        results = [SegmentResult("", None)] * len(items)
+        pieces = self._pieces if posteriors else None
+        for batch, paths in self._decoded_batches(items):
+            width = max(len(path.frame_ids) for path in paths)
+            for position, (index, path) in enumerate(zip(batch, paths)):
+                ids = collapse(path.frame_ids, self.blank_id)
+                text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+                words = None if pieces is None else words_from_ctc_path(
+                    path.frame_ids, pieces, path.frame_s, 0.0, self.blank_id)
+                results[index] = SegmentResult(text, DECODED_BY_CTC, len(ids), False, width,
+                                               width - len(path.frame_ids), position == 0, words=words)
+        return results
+
+    @functools.cached_property
+    def _pieces(self) -> list[str]:
+        """Each token id's text, for word times from the greedy path; read from the tokenizer once."""
+        return [piece or "" for piece in self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))]
+
+    def frame_paths(self, items: list[tuple[np.ndarray, Request]]) -> list[CtcPath | None]:
+        """Each segment's greedy CTC path (a label per encoder frame, and the frame duration), for word
+        timings; None for audio too short to hold a word. Same batching as `generate_segments`."""
+        paths: list[CtcPath | None] = [None] * len(items)
+        for batch, decoded in self._decoded_batches(items):
+            for index, path in zip(batch, decoded):
+                paths[index] = path
+        return paths
+
+    def _decoded_batches(self, items):
+        min_samples = int(MIN_SEGMENT_S * self.sample_rate_hz)
+        lengths = [len(samples) if len(samples) >= min_samples else None for samples, _ in items]
+        for batch in length_batches(lengths, self.max_batch_segments, self.max_batch_audio_s * self.sample_rate_hz):
+            yield batch, self._decode([items[i][0] for i in batch])
+
+    def _decode(self, clips: list[np.ndarray]) -> list[CtcPath]:
+        import torch
+
+        with torch.inference_mode():
+            # Features per clip on the device (see the module docstring), then padded with their mask.
+            features = [self.feature_extractor(torch.tensor(clip), sampling_rate=self.sample_rate_hz,
+                                               return_tensors="pt", device=self.device)["input_features"][0]
+                        for clip in clips]
+            width = max(f.shape[0] for f in features)
+            inputs = torch.zeros((len(features), width, features[0].shape[1]), dtype=self.model.dtype,
+                                 device=self.device)
+            mask = torch.zeros((len(features), width), dtype=torch.long, device=self.device)
+            for row, f in enumerate(features):
+                inputs[row, :f.shape[0]] = f
+                mask[row, :f.shape[0]] = 1
+            frame_ids = self.model.generate(input_features=inputs, attention_mask=mask)
+            # The valid encoder frames of each row, as the model's own generate masks them.
+            valid = self.model._get_output_attention_mask(mask, target_length=frame_ids.shape[1]).sum(-1).tolist()
+            rows = frame_ids.tolist()
+        return [CtcPath(row[:n], self.frame_s, self.blank_id) for row, n in zip(rows, valid)]
+
+
+def collapse(frame_ids: list[int], blank_id: int) -> list[int]:
+    """Greedy CTC: merge repeated labels, then drop blanks (`a a _ a` -> `a a`)."""
+    out, previous = [], None
+    for label in frame_ids:
+        if label != previous and label != blank_id:
+            out.append(label)
+        previous = label
+    return out

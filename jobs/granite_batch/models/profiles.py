@@ -1,0 +1,256 @@
+"""What each Granite Speech checkpoint can do, how it is prompted, and how it is run.
+
+One profile per checkpoint family (STYLE.md 12), found from the checkpoint's own config.json
+(`model_type`), so a local folder is treated exactly like its hub id. Stages ask the profile
+("does this model serve this request?", "what is its instruction?", "how long may one call be?")
+instead of branching on model types.
+
+`granite_speech` covers granite-speech-3.3, granite-4.0-1b-speech and granite-speech-4.1-2b, which
+share one architecture; 4.1's extra prompts (punctuation, Ja->En) cannot be read from its config, so
+the 4.1 profile is chosen by name (a hub id or folder name containing "4.1"), or by `profile:` in the
+job config for a renamed folder. An unknown `granite_speech*` type gets the most conservative
+profile (English ASR, no keywords) and a warning.
+
+Sources, cited beside each prompt below:
+- granite-4.0-1b-speech card and IBM's granite-speech-models notebooks (ASR prompt, keywords);
+- granite-speech-4.1-2b card (https://huggingface.co/ibm-granite/granite-speech-4.1-2b): "Punctuation
+  and truecasing for ASR and AST in all languages ... with a simple prompt change", translation both
+  ways between English and fr/de/es/pt/ja;
+- granite-speech-4.1-2b-plus card and transformers' `docs/source/en/model_doc/granite_speech_plus.md`
+  (the SYSTEM_PROMPT / ASR_PROMPT / SAA_PROMPT / TS_PROMPT of its usage section): no punctuation,
+  no Japanese, no translation or keywords; `[Speaker N]:` turns; `[T:N]` word end times in
+  centiseconds, modulo 1000;
+- granite-speech-5.0-470m-turboctc card (https://huggingface.co/ibm-granite/granite-speech-5.0-470m-turboctc):
+  English ASR, CTC over 16,384 BPE units, "inference is done non-autoregressively with greedy decoding".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from granite_batch.models.prompts import (
+    AST_INSTRUCTION,
+    AST_PAIRS,
+    AUDIO_TOKEN,
+    LANGUAGE_NAMES,
+    Request,
+    clean_keywords,
+)
+
+log = logging.getLogger(__name__)
+
+GENERATE = "generate"  # a speech-aware language model: prompt, audio embeddings, autoregressive decoding
+CTC = "ctc"  # an encoder with a CTC head: greedy frame decoding, no prompt
+
+# IBM's notebooks and the 4.0-1b card: the raw (unpunctuated) transcription instruction.
+ASR_INSTRUCTION = "can you transcribe the speech into a written format?"
+# granite-speech-4.1-2b card ("a simple prompt change"); the same text is what IBM's ollama/GGUF
+# builds of 4.1 document as their task prompt.
+PUNCTUATED_ASR_INSTRUCTION = "transcribe the speech with proper punctuation and capitalization."
+# granite_speech_plus.md (transformers docs of 4.1-2b-plus), usage section: SYSTEM_PROMPT, and the
+# SAA_PROMPT / TS_PROMPT user turns, whose instruction follows "<|audio|> " (with a space).
+PLUS_SYSTEM_PROMPT = ("Knowledge Cutoff Date: April 2024.\nToday's Date: December 19, 2024.\n"
+                      "You are Granite, developed by IBM. You are a helpful AI assistant")
+SPEAKERS_INSTRUCTION = ("Speaker attribution: Transcribe and denote who is speaking by adding [Speaker 1]: and "
+                        "[Speaker 2]: tags before speaker turns.")
+WORD_TIMES_INSTRUCTION = ("Timestamps: Transcribe the speech. After each word, add a timestamp tag showing the "
+                          "end time in centiseconds, e.g. hello [T:45] world [T:82]")
+
+_LATIN = ("en", "fr", "de", "es", "pt")
+# granite-speech-4.1-2b card: "bidirectional automatic speech translation (AST) for English, French,
+# German, Spanish, Portuguese and Japanese"; en->it/zh as for 4.0 (../shared/FACTS.md).
+AST_PAIRS_41 = frozenset({(src, "en") for src in ("fr", "de", "es", "pt", "ja")}) | frozenset(
+    {("en", tgt) for tgt in ("fr", "de", "es", "pt", "ja", "it", "zh")})
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """A checkpoint family's capabilities, prompts, engine and per-call limits."""
+
+    name: str
+    engine: str  # GENERATE or CTC
+    asr_languages: frozenset[str]
+    ast_pairs: frozenset[tuple[str, str]] = frozenset()
+    keywords: bool = False
+    punctuation: bool = False  # a punctuated-transcript prompt beside the raw one
+    speakers: bool = False  # `[Speaker N]:` turns by prompt
+    word_times: bool = False  # `[T:N]` word end times by prompt (model-native, not alignment)
+    ctc_drafting: bool = False  # the encoder's character CTC head drafts for speculative decoding
+    bpe_drafting: bool = False  # a separate BPE CTC head (out_llm.safetensors) drafts instead (bpe_draft.py)
+    system_prompt: str | None = None
+    instruction_separator: str = ""  # between `<|audio|>` and the instruction
+    max_call_s: float | None = None  # longest audio one call may carry (None: no limit known)
+    max_speakers_call_s: float | None = None
+    max_word_times_call_s: float | None = None
+    notes: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return ("asr", "ast") if self.ast_pairs else ("asr",)
+
+    def unsupported(self, request: Request) -> str | None:
+        """What this model lacks to serve `request` (a short phrase), or None when it serves it."""
+        language = request.language
+        if request.task == "ast":
+            if not self.ast_pairs:
+                return "translation (ast)"
+            if (language, request.target_language) not in self.ast_pairs:
+                return f"translation {language} -> {request.target_language}"
+        elif language in (None, "auto"):
+            # The transcript is identified afterwards (language_id.py): a one-language model would
+            # transcribe every recording as its language, so unknown-language rows need several.
+            if len(self.asr_languages) < 2:
+                return "transcription of recordings of unknown language (it transcribes only " + \
+                    " ".join(sorted(self.asr_languages)) + ")"
+        elif language not in self.asr_languages:
+            return f"{language} transcription"
+        if request.keywords and not self.keywords:
+            return "keywords"
+        if request.speakers and not self.speakers:
+            return "speaker labels"
+        if request.word_times and request.speakers:
+            return "speaker labels and word times in one call"  # the card's prompts choose one
+        if request.punctuation and not self.punctuation:
+            return "punctuation"
+        return None
+
+    def serves(self, request: Request) -> bool:
+        return self.unsupported(request) is None
+
+    def max_segment_s(self, request: Request) -> float | None:
+        """The longest segment one call may carry for `request` (None: no model limit)."""
+        limits = [self.max_call_s]
+        if request.speakers:
+            limits.append(self.max_speakers_call_s)
+        if request.word_times and self.word_times:
+            limits.append(self.max_word_times_call_s)
+        known = [limit for limit in limits if limit is not None]
+        return min(known) if known else None
+
+    def instruction(self, request: Request) -> str:
+        """The user turn for `request`: the audio placeholder, then the instruction text."""
+        if request.task == "ast":
+            text = AST_INSTRUCTION.format(language=LANGUAGE_NAMES[request.target_language])
+        elif request.speakers and self.speakers:
+            text = SPEAKERS_INSTRUCTION
+        elif request.word_times and self.word_times:
+            text = WORD_TIMES_INSTRUCTION
+        elif request.punctuation and self.punctuation:
+            text = PUNCTUATED_ASR_INSTRUCTION
+        else:
+            text = ASR_INSTRUCTION
+        keywords = clean_keywords(list(request.keywords)) if self.keywords else []
+        if keywords:
+            separator = " " if text[-1] in ".?!" else ". "
+            text = f"{text}{separator}Keywords: {', '.join(keywords)}"
+        return AUDIO_TOKEN + self.instruction_separator + text
+
+    def render_prompt(self, tokenizer, request: Request) -> str:
+        """The full prompt through the model's own chat template (system turn where the card uses one)."""
+        messages = [{"role": "user", "content": self.instruction(request)}]
+        if self.system_prompt:
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+GRANITE_SPEECH = ModelProfile(
+    name="granite-speech",  # granite-4.0-1b-speech (and 3.3): the job's original model
+    engine=GENERATE,
+    asr_languages=frozenset(_LATIN + ("ja",)),
+    ast_pairs=AST_PAIRS,
+    keywords=True,
+    ctc_drafting=True,
+    notes=("4.0-1b's card lists no Ja->En training data; rows asking for it are served with a warning",),
+)
+GRANITE_SPEECH_41 = ModelProfile(
+    name="granite-speech-4.1",
+    engine=GENERATE,
+    asr_languages=frozenset(_LATIN + ("ja",)),
+    ast_pairs=AST_PAIRS_41,
+    keywords=True,
+    punctuation=True,
+    # IBM's 4.1 leaderboard script (run_eval_speculative_bpe.py) drafts with the BPE CTC head of the
+    # checkpoint's out_llm.safetensors (bpe_draft.py), not with the character head.
+    ctc_drafting=False,
+    bpe_drafting=True,
+)
+GRANITE_SPEECH_PLUS = ModelProfile(
+    name="granite-speech-plus",
+    engine=GENERATE,
+    asr_languages=frozenset(_LATIN),  # card: no Japanese
+    speakers=True,
+    word_times=True,
+    system_prompt=PLUS_SYSTEM_PROMPT,
+    instruction_separator=" ",
+    # IBM states about 9 minutes per call for speaker attribution and 5 for timestamps (../shared/FACTS.md;
+    # one public copy of the card reads 3.5 minutes for timestamps, so the smaller is used).
+    max_call_s=540.0,
+    max_speakers_call_s=540.0,
+    max_word_times_call_s=210.0,
+)
+GRANITE_SPEECH5_CTC = ModelProfile(
+    name="granite-speech-5-ctc",
+    engine=CTC,
+    asr_languages=frozenset({"en"}),  # card: English ASR
+)
+# For a granite_speech* type this code has never seen: what every Granite Speech model does.
+CONSERVATIVE = ModelProfile(name="granite-speech-unknown", engine=GENERATE, asr_languages=frozenset({"en"}))
+
+PROFILES = {p.name: p for p in (GRANITE_SPEECH, GRANITE_SPEECH_41, GRANITE_SPEECH_PLUS, GRANITE_SPEECH5_CTC,
+                                CONSERVATIVE)}
+BY_MODEL_TYPE = {
+    "granite_speech": GRANITE_SPEECH,
+    "granite_speech_plus": GRANITE_SPEECH_PLUS,
+    "granite_speech5_ctc": GRANITE_SPEECH5_CTC,
+}
+
+
+def profile_for(model_type: str, name: str = "") -> ModelProfile:
+    """The profile of a checkpoint whose config says `model_type`, named `name` (hub id or folder)."""
+    if model_type == "granite_speech" and "4.1" in os.path.basename(name.rstrip("/")):
+        return GRANITE_SPEECH_41
+    if model_type in BY_MODEL_TYPE:
+        return BY_MODEL_TYPE[model_type]
+    if model_type.startswith("granite_speech"):
+        log.warning("model type %r is not known to this job: using the most conservative profile (%s: %s ASR "
+                    "only); set profile: in the job config if you know better", model_type, CONSERVATIVE.name,
+                    " ".join(sorted(CONSERVATIVE.asr_languages)))
+        return CONSERVATIVE
+    raise ValueError(f"model type {model_type!r} is not a Granite Speech model "
+                     f"(known: {', '.join(sorted(BY_MODEL_TYPE))})")
+
+
+def read_model_type(name: str, revision: str | None = None, trust_remote_code: bool = False) -> str:
+    """`model_type` from the checkpoint's config.json: read from a local folder, else via transformers."""
+    config_file = Path(name) / "config.json"
+    if config_file.is_file():
+        return json.loads(config_file.read_text(encoding="utf-8")).get("model_type", "")
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code).model_type
+
+
+def detect_profile(name: str, revision: str | None = None, trust_remote_code: bool = False,
+                   override: str | None = None) -> ModelProfile:
+    """The profile of checkpoint `name` (hub id or folder), or the one named by `override`."""
+    if override and override != "auto":
+        if override not in PROFILES:
+            raise ValueError(f"unknown profile {override!r} (known: {', '.join(PROFILES)})")
+        return PROFILES[override]
+    return profile_for(read_model_type(name, revision, trust_remote_code), name)
+
+
+def route(request: Request, models: list[tuple[str, ModelProfile]]) -> tuple[int | None, str | None]:
+    """(index of the first of `models` (name, profile) that serves `request`, None), or (None, the row's
+    error naming what each model lacks)."""
+    missing = []
+    for index, (name, profile) in enumerate(models):
+        lack = profile.unsupported(request)
+        if lack is None:
+            return index, None
+        missing.append(f"{name} has no {lack}")
+    return None, "no listed model serves this row: " + "; ".join(missing)

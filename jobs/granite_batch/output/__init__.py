@@ -1,0 +1,1 @@
+"""The transcript dataset: writing, what is committed, the run summary, subtitles."""

@@ -1,0 +1,62 @@
+"""The run summary: counts gathered while rows are written, and the JSON per run."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from granite_batch.schema import RUNS_DIR, error_reason
+from granite_batch.storage import filesystem, write_json
+
+
+def read_summaries(output_uri: str, storage_options: dict | None = None) -> list[dict]:
+    """Every run summary under the output root, oldest first."""
+    fs, root = filesystem(output_uri, storage_options)
+    folder = posixpath.join(root, RUNS_DIR)
+    if not fs.exists(folder):
+        return []
+    summaries = []
+    for path in sorted(fs.glob(posixpath.join(folder, "*.json"))):
+        with fs.open(path, "r") as handle:
+            summaries.append(json.load(handle))
+    return sorted(summaries, key=lambda s: s.get("started_at", ""))
+
+
+@dataclass
+class RunStats:
+    """Counts over the rows a run wrote, for the summary and the progress line."""
+
+    rows_written: int = 0
+    rows_ok: int = 0
+    rows_failed: int = 0
+    audio_s: float = 0.0
+    failures_by_reason: Counter = field(default_factory=Counter)
+    rows_by_language: Counter = field(default_factory=Counter)
+    decoding: dict = field(default_factory=dict)  # language -> Counter of what decided each row
+
+    def add(self, table: pa.Table) -> None:
+        errors = table.column("error").to_pylist()
+        durations = table.column("duration_s").to_pylist()
+        self.rows_written += table.num_rows
+        for error, duration in zip(errors, durations):
+            if error is None:
+                self.rows_ok += 1
+            else:
+                self.rows_failed += 1
+                self.failures_by_reason[error_reason(error)] += 1
+            self.audio_s += duration or 0.0
+        self.rows_by_language.update(table.column("language").to_pylist())
+        if "decoded_by" in table.column_names:
+            for language, decided in zip(table.column("language").to_pylist(), table.column("decoded_by").to_pylist()):
+                if decided is not None:
+                    self.decoding.setdefault(language, Counter())[decided] += 1
+
+
+def write_summary(output_uri: str, run_id: str, summary: dict, storage_options: dict | None = None,
+                  runs_dir: str = RUNS_DIR) -> str:
+    """Write `<runs_dir>/<run_id>.json` under the output root; return its path."""
+    return write_json(output_uri, posixpath.join(runs_dir, f"{run_id}.json"), summary, storage_options)

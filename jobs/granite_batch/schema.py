@@ -1,0 +1,136 @@
+"""Every table that travels between stages and into the output, declared once: the transcript
+schema, its segment and word types, the segment rows' columns, and the output root's folders.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+
+import pyarrow as pa
+
+log = logging.getLogger(__name__)
+
+# One word of a segment (alignment.py): seconds from the recording's start, its text, and the mean
+# CTC posterior probability of its aligned letters (null where none was aligned).
+WORD_TYPE = pa.struct([("start", pa.float64()), ("end", pa.float64()), ("text", pa.string()),
+                       ("confidence", pa.float64())])
+
+
+# One speech segment of a recording (../shared/CONTRACT.md, `segments`): seconds from the recording's
+# start; `truncated` when decoding stopped at the token budget; `avg_logprob` the mean scaled log-probability
+# of its tokens (null where no language model scored them); `words` with word timestamps on; `speaker` and
+# `channel` stay null until something computes them (speaker labels, split channels).
+SEGMENT_TYPE = pa.struct([
+    ("start", pa.float64()), ("end", pa.float64()), ("text", pa.string()), ("truncated", pa.bool_()),
+    ("avg_logprob", pa.float64()), ("speaker", pa.string()), ("words", pa.list_(WORD_TYPE)),
+    ("channel", pa.int32()),
+])
+
+
+# The contract's columns, in order; passthrough columns follow them.
+TRANSCRIPT_FIELDS = [
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("audio", pa.string(), nullable=False),
+    pa.field("language", pa.string(), nullable=False),
+    pa.field("task", pa.string(), nullable=False),
+    pa.field("target_language", pa.string()),
+    pa.field("text", pa.string()),
+    pa.field("segments", pa.list_(SEGMENT_TYPE)),
+    pa.field("language_detected", pa.string()),
+    pa.field("duration_s", pa.float64()),
+    pa.field("error", pa.string()),
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("model_revision", pa.string()),
+    pa.field("run_id", pa.string(), nullable=False),
+]
+
+
+TRANSCRIPTS_DIR = "transcripts"
+
+
+RUNS_DIR = "runs"
+
+
+STAGING_DIR = "_staging"
+
+
+SECOND_PASS_DIR = "second_pass"
+
+
+EVAL_DIR = "eval"
+
+
+# A second pass's dataset: OUTPUT/second_pass/<name>/, partitioned by language like the transcripts.
+SECOND_PASS_FIELDS = [
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("language", pa.string(), nullable=False),
+    pa.field("name", pa.string(), nullable=False),
+    pa.field("output", pa.string()),
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("model_revision", pa.string()),
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("error", pa.string()),
+    pa.field("chunked", pa.bool_(), nullable=False),
+]
+
+
+SECOND_PASS_SCHEMA = pa.schema(SECOND_PASS_FIELDS)
+
+
+def second_pass_dir(name: str) -> str:
+    """The folder of second pass `name`, relative to the output root."""
+    return posixpath.join(SECOND_PASS_DIR, name)
+
+
+def transcript_schema(passthrough: pa.Schema | None = None) -> pa.Schema:
+    """The schema of transcript rows: the contract's columns, then the manifest's extra columns.
+
+    `keywords` is an input of the request (and part of the default id), not a passthrough column;
+    nor are the row's embedded audio bytes and its `channels` mode.
+    """
+    fields = list(TRANSCRIPT_FIELDS)
+    names = {f.name for f in fields} | {"keywords", "audio_bytes", "channels"}
+    for extra in passthrough or []:
+        if extra.name not in names:
+            fields.append(extra)
+    return pa.schema(fields)
+
+
+def file_schema(schema: pa.Schema) -> pa.Schema:
+    """What goes inside each Parquet file: everything but the partition column."""
+    return schema.remove(schema.get_field_index("language"))
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Select and cast `table`'s columns into `schema`'s order and types; a nullable column the
+    table lacks (e.g. `language_detected` when detection is off) is all nulls."""
+    names = set(table.column_names)
+    return pa.Table.from_arrays(
+        [table.column(f.name).cast(f.type) if f.name in names or not f.nullable else pa.nulls(table.num_rows, f.type)
+         for f in schema], schema=schema)
+
+
+def error_reason(error: str) -> str:
+    """The reason class of an error string ("decode failed: ..." -> "decode failed")."""
+    return error.split(":", 1)[0].strip()
+
+
+# Columns a segment row has beyond its recording's.
+SEGMENT_COLUMNS = ("segment_index", "segment_count", "start_s", "end_s", "channel")
+
+
+# Columns the inference stage adds to each segment row; the driver folds them into the recording's row
+# (`segment_text`, `segment_truncated`) and into the run summary's inference figures.
+RESULT_COLUMNS = ("segment_text", "segment_truncated", "decoded_by", "new_tokens", "lm_positions",
+                  "lm_padded_positions", "first_of_call", "keywords_dropped", "segment_avg_logprob",
+                  "segment_words", "segment_parts")
+
+
+# A tagged call (4.1-2b-plus speakers / word times) read into several output segments (tags.py).
+PART_TYPE = pa.struct([("start", pa.float64()), ("end", pa.float64()), ("text", pa.string()),
+                       ("speaker", pa.string()), ("words", SEGMENT_TYPE.field("words").type)])
+
+
+# The columns a segment row adds to its recording's (its samples are the segment's).
+CUT_COLUMNS = ("segment_index", "segment_count", "start_s", "end_s", "channel")
