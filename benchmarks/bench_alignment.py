@@ -29,9 +29,11 @@ from granite_batch.models.alignment import align_words
 CLASSES = 348
 FRAME_S = 0.02
 CHARS_PER_S = 15.0
-VOCABULARY = ("the weather today is mild with a light breeze from west tomorrow brings rain in morning and "
-              "sunshine after lunch so take an umbrella when you leave house early fishermen along coast "
-              "expect calm water until thursday storm atlantic arrives 1999 42 percent").split()
+VOCABULARY = (
+    "the weather today is mild with a light breeze from west tomorrow brings rain in morning and "
+    "sunshine after lunch so take an umbrella when you leave house early fishermen along coast "
+    "expect calm water until thursday storm atlantic arrives 1999 42 percent"
+).split()
 
 
 def english(chars: int, rng: random.Random) -> str:
@@ -59,7 +61,10 @@ def time_segments(segment_s: float, segments: int, device: str, rng: random.Rand
         words += len(aligned)
     per_segment = statistics.median(seconds)
     return {
-        "segment_s": segment_s, "segments": segments, "frames": frames, "words_per_segment": words / segments,
+        "segment_s": segment_s,
+        "segments": segments,
+        "frames": frames,
+        "words_per_segment": words / segments,
         "median_ms_per_segment": round(per_segment * 1000, 2),
         "max_ms_per_segment": round(max(seconds) * 1000, 2),
         "s_per_audio_hour": round(per_segment * 3600 / segment_s, 2),
@@ -78,11 +83,22 @@ def main() -> None:
     rng = random.Random(0)
     results = [time_segments(s, args.segments, args.device, rng) for s in args.segment_s]
     for r in results:
-        print(f"{r['segment_s']:>5.0f} s segments, {r['words_per_segment']:.0f} words: "
-              f"{r['median_ms_per_segment']:.1f} ms each (max {r['max_ms_per_segment']:.1f}), "
-              f"{r['s_per_audio_hour']:.1f} s per audio hour on {args.device}")
-    print(json.dumps({"device": args.device, "threads": args.threads, "torch": torch.__version__,
-                      "machine": platform.processor() or platform.machine(), "results": results}))
+        print(
+            f"{r['segment_s']:>5.0f} s segments, {r['words_per_segment']:.0f} words: "
+            f"{r['median_ms_per_segment']:.1f} ms each (max {r['max_ms_per_segment']:.1f}), "
+            f"{r['s_per_audio_hour']:.1f} s per audio hour on {args.device}"
+        )
+    print(
+        json.dumps(
+            {
+                "device": args.device,
+                "threads": args.threads,
+                "torch": torch.__version__,
+                "machine": platform.processor() or platform.machine(),
+                "results": results,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

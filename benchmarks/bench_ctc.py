@@ -48,9 +48,15 @@ def build(tiny: bool, device: str, dtype: torch.dtype) -> CtcSpeechModel:
 
     tokenizer = build_ctc_tokenizer()
     if tiny:
-        encoder = GraniteSpeech5EncoderConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                              num_hidden_layers=2, num_attention_heads=4, context_size=64,
-                                              max_position_embeddings=64)
+        encoder = GraniteSpeech5EncoderConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            context_size=64,
+            max_position_embeddings=64,
+        )
     else:
         encoder = GraniteSpeech5EncoderConfig()  # the published size (16,384 units)
     config = GraniteSpeech5CTCConfig(vocab_size=encoder.vocab_size, encoder_config=encoder, pad_token_id=0)
@@ -91,10 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     speech_model.generate_segments(items[:2])  # warm-up
     few = items[: args.alone_clips or (4 if args.tiny else 64)]
     wall, alone = timed(device, lambda: speech_model.generate_segments(few))
-    report = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "dtype": str(dtype),
-              "parameters": sum(p.numel() for p in speech_model.model.parameters()), "segments": len(items),
-              "audio_s": round(audio_s, 1),
-              "alone": {"segments": len(few), "rtfx": round(sum(len(c) for c, _ in few) / 16000 / wall, 1)}}
+    report = {
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        "dtype": str(dtype),
+        "parameters": sum(p.numel() for p in speech_model.model.parameters()),
+        "segments": len(items),
+        "audio_s": round(audio_s, 1),
+        "alone": {"segments": len(few), "rtfx": round(sum(len(c) for c, _ in few) / 16000 / wall, 1)},
+    }
     for batch in batch_sizes:
         speech_model.max_batch_segments = batch
         if device.startswith("cuda"):
@@ -102,8 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         wall, results = timed(device, lambda: speech_model.generate_segments(items))
         same = [r.text for r in results[: len(few)]] == [r.text for r in alone]
         report[f"batch_{batch}"] = {
-            "rtfx": round(audio_s / wall, 1), "wall_s": round(wall, 3), "batched_equals_alone": same,
-            "padding_fraction": round(sum(r.padded_positions for r in results) / max(1, sum(r.positions for r in results)), 4),
+            "rtfx": round(audio_s / wall, 1),
+            "wall_s": round(wall, 3),
+            "batched_equals_alone": same,
+            "padding_fraction": round(
+                sum(r.padded_positions for r in results) / max(1, sum(r.positions for r in results)), 4
+            ),
             "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.startswith("cuda") else None,
         }
     print(json.dumps(report))

@@ -27,9 +27,22 @@ def write_manifest(path: Path, rows: int) -> None:
     data = [p.read_bytes() for p in samples]
     with pq.ParquetWriter(path, pa.schema([("audio", AUDIO)])) as writer:
         for start in range(0, rows, 100):
-            writer.write_table(pa.table({"audio": pa.array([
-                {"bytes": data[i % len(data)] + i.to_bytes(8, "little"), "path": f"r{i}{samples[i % len(data)].suffix}"}
-                for i in range(start, min(rows, start + 100))], AUDIO)}))
+            writer.write_table(
+                pa.table(
+                    {
+                        "audio": pa.array(
+                            [
+                                {
+                                    "bytes": data[i % len(data)] + i.to_bytes(8, "little"),
+                                    "path": f"r{i}{samples[i % len(data)].suffix}",
+                                }
+                                for i in range(start, min(rows, start + 100))
+                            ],
+                            AUDIO,
+                        )
+                    }
+                )
+            )
 
 
 def main() -> None:
@@ -44,9 +57,11 @@ def main() -> None:
     plan_s = time.time() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     largest = max(plan_bucket(layout, b)[0].nbytes for b in range(layout.buckets))
-    print(f"manifest {path.stat().st_size / 1e6:.0f} MB ({layout.rows_in} rows): plan {plan_s:.1f} s, peak RSS "
-          f"{peak >> 10} MB (before {before >> 10} MB), {layout.buckets} buckets, largest {largest / 1e6:.0f} MB, "
-          f"{layout.input_block_rows(16)} rows per input block")
+    print(
+        f"manifest {path.stat().st_size / 1e6:.0f} MB ({layout.rows_in} rows): plan {plan_s:.1f} s, peak RSS "
+        f"{peak >> 10} MB (before {before >> 10} MB), {layout.buckets} buckets, largest {largest / 1e6:.0f} MB, "
+        f"{layout.input_block_rows(16)} rows per input block"
+    )
 
 
 if __name__ == "__main__":

@@ -72,17 +72,39 @@ class Dims:
 # granite-4.0-1b-speech's config.json as copied in public ports (FACTS.md; the Hub file was not
 # readable from here).
 PUBLISHED = Dims(
-    encoder_layers=16, encoder_hidden=1024, encoder_heads=8, encoder_dim_head=128, ctc_classes=348,
-    projector_hidden=1024, projector_layers=2, projector_heads=16, projector_intermediate=4096,
-    text_layers=40, text_hidden=2048, text_intermediate=4096, text_heads=16, text_kv_heads=4,
+    encoder_layers=16,
+    encoder_hidden=1024,
+    encoder_heads=8,
+    encoder_dim_head=128,
+    ctc_classes=348,
+    projector_hidden=1024,
+    projector_layers=2,
+    projector_heads=16,
+    projector_intermediate=4096,
+    text_layers=40,
+    text_hidden=2048,
+    text_intermediate=4096,
+    text_heads=16,
+    text_kv_heads=4,
     vocab_size=100353,
 )
 # The vocabulary is larger than the tiny tokenizer's 512 tokens, as in the full run, so the smoke
 # test covers generated ids the tokenizer does not know.
 TINY = Dims(
-    encoder_layers=2, encoder_hidden=32, encoder_heads=4, encoder_dim_head=8, ctc_classes=16,
-    projector_hidden=32, projector_layers=1, projector_heads=4, projector_intermediate=64,
-    text_layers=2, text_hidden=64, text_intermediate=128, text_heads=4, text_kv_heads=2,
+    encoder_layers=2,
+    encoder_hidden=32,
+    encoder_heads=4,
+    encoder_dim_head=8,
+    ctc_classes=16,
+    projector_hidden=32,
+    projector_layers=1,
+    projector_heads=4,
+    projector_intermediate=64,
+    text_layers=2,
+    text_hidden=64,
+    text_intermediate=128,
+    text_heads=4,
+    text_kv_heads=2,
     vocab_size=1024,
 )
 
@@ -102,27 +124,51 @@ def speech_config(tokenizer, dims: Dims):
     if dims.vocab_size < len(tokenizer):
         raise ValueError(f"vocab_size {dims.vocab_size} is smaller than the tokenizer's {len(tokenizer)}")
     text = GraniteConfig(
-        vocab_size=dims.vocab_size, hidden_size=dims.text_hidden, intermediate_size=dims.text_intermediate,
-        num_hidden_layers=dims.text_layers, num_attention_heads=dims.text_heads,
-        num_key_value_heads=dims.text_kv_heads, max_position_embeddings=4096,
-        embedding_multiplier=12.0, logits_scaling=8.0, residual_multiplier=0.22, attention_multiplier=0.0078125,
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        vocab_size=dims.vocab_size,
+        hidden_size=dims.text_hidden,
+        intermediate_size=dims.text_intermediate,
+        num_hidden_layers=dims.text_layers,
+        num_attention_heads=dims.text_heads,
+        num_key_value_heads=dims.text_kv_heads,
+        max_position_embeddings=4096,
+        embedding_multiplier=12.0,
+        logits_scaling=8.0,
+        residual_multiplier=0.22,
+        attention_multiplier=0.0078125,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
     )
     encoder = GraniteSpeechEncoderConfig(
-        input_dim=160, num_layers=dims.encoder_layers, hidden_dim=dims.encoder_hidden,
-        num_heads=dims.encoder_heads, dim_head=dims.encoder_dim_head, feedforward_mult=4,
-        output_dim=dims.ctc_classes, context_size=200, max_pos_emb=512, conv_kernel_size=15,
+        input_dim=160,
+        num_layers=dims.encoder_layers,
+        hidden_dim=dims.encoder_hidden,
+        num_heads=dims.encoder_heads,
+        dim_head=dims.encoder_dim_head,
+        feedforward_mult=4,
+        output_dim=dims.ctc_classes,
+        context_size=200,
+        max_pos_emb=512,
+        conv_kernel_size=15,
     )
     projector = Blip2QFormerConfig(
-        hidden_size=dims.projector_hidden, num_hidden_layers=dims.projector_layers,
-        num_attention_heads=dims.projector_heads, intermediate_size=dims.projector_intermediate,
-        encoder_hidden_size=dims.encoder_hidden, cross_attention_frequency=1,
+        hidden_size=dims.projector_hidden,
+        num_hidden_layers=dims.projector_layers,
+        num_attention_heads=dims.projector_heads,
+        intermediate_size=dims.projector_intermediate,
+        encoder_hidden_size=dims.encoder_hidden,
+        cross_attention_frequency=1,
     )
     return GraniteSpeechConfig(
-        text_config=text, encoder_config=encoder, projector_config=projector,
-        audio_token_index=tokenizer.convert_tokens_to_ids("<|audio|>"), has_lora_adapter=False,
-        downsample_rate=5, window_size=15, tie_word_embeddings=False,
+        text_config=text,
+        encoder_config=encoder,
+        projector_config=projector,
+        audio_token_index=tokenizer.convert_tokens_to_ids("<|audio|>"),
+        has_lora_adapter=False,
+        downsample_rate=5,
+        window_size=15,
+        tie_word_embeddings=False,
     )
 
 
@@ -148,7 +194,8 @@ def build(dims: Dims, device: str, dtype: torch.dtype):
     model.to(device)  # anything made on an explicit device during init joins the rest
     processor = GraniteSpeechProcessor(
         audio_processor=GraniteSpeechFeatureExtractor(projector_window_size=15, projector_downsample_rate=5),
-        tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
     )
     return model, processor
 
@@ -200,9 +247,10 @@ def naive(model, processor, prompt: str, clips, tokens: int) -> None:
 
 def transformers_batches(model, processor, prompt: str, clips, tokens: int, batch_size: int) -> None:
     for start in range(0, len(clips), batch_size):
-        batch = clips[start:start + batch_size]
-        inputs = processor(text=[prompt] * len(batch), audio=[torch.from_numpy(c) for c in batch],
-                           return_tensors="pt", padding=True).to(model.device)
+        batch = clips[start : start + batch_size]
+        inputs = processor(
+            text=[prompt] * len(batch), audio=[torch.from_numpy(c) for c in batch], return_tensors="pt", padding=True
+        ).to(model.device)
         model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, num_beams=1)
 
 
@@ -212,7 +260,9 @@ def ours(speech_model: SpeechModel, clips, batch_size: int, request: Request = R
     speech_model.max_batch_segments = batch_size
     positions = padded = 0
     for start in range(0, len(clips), 4 * batch_size):
-        for result in speech_model.generate_segments([(clip, request) for clip in clips[start:start + 4 * batch_size]]):
+        for result in speech_model.generate_segments(
+            [(clip, request) for clip in clips[start : start + 4 * batch_size]]
+        ):
             positions += result.positions
             padded += result.padded_positions
     return {"padding_fraction": padded / positions if positions else None}
@@ -224,7 +274,7 @@ def greedy_tokens(speech_model: SpeechModel, clips, batch_size: int, tokens: int
     request = Request(language="en")
     with torch.inference_mode():
         for start in range(0, len(clips), batch_size):
-            batch = [(clip, request) for clip in clips[start:start + batch_size]]
+            batch = [(clip, request) for clip in clips[start : start + batch_size]]
             embeds, _ = speech_model._prompt_embeddings(batch, list(range(len(batch))))
             for (clip, _), row in zip(batch, speech_model._autoregressive(embeds, [tokens] * len(batch))):
                 found[id(clip)] = row
@@ -236,8 +286,16 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(name: str, batch_size: int, clips, device: str, counter: CountingGenerate, tokens: int, work,
-            check_length: bool = True) -> dict:
+def measure(
+    name: str,
+    batch_size: int,
+    clips,
+    device: str,
+    counter: CountingGenerate,
+    tokens: int,
+    work,
+    check_length: bool = True,
+) -> dict:
     """Run `work()` once, timed; RTFx over `clips`, peak GPU memory, and the new tokens it made."""
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -254,8 +312,13 @@ def measure(name: str, batch_size: int, clips, device: str, counter: CountingGen
     new_tokens = counter.new_tokens if check_length else len(clips) * tokens
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
     return {
-        "mode": name, "batch_size": batch_size, "clips": len(clips), "audio_s": audio_s,
-        "wall_s": wall, "rtfx": audio_s / wall, "new_tokens": new_tokens,
+        "mode": name,
+        "batch_size": batch_size,
+        "clips": len(clips),
+        "audio_s": audio_s,
+        "wall_s": wall,
+        "rtfx": audio_s / wall,
+        "new_tokens": new_tokens,
         "tokens_per_s": new_tokens / wall,
         # Speculative modes generate only what verification leaves over: no fixed length to check.
         "forced_length_ok": (counter.rows == len(clips) and counter.short_rows == 0) if check_length else None,
@@ -268,19 +331,34 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny dimensions and a few short clips (CPU smoke test)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                        help="default: bfloat16 (float32 with --tiny)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["bfloat16", "float16", "float32"],
+        help="default: bfloat16 (float32 with --tiny)",
+    )
     parser.add_argument("--clips", type=int, help="recordings (default 256; 6 with --tiny)")
     parser.add_argument("--min-s", type=float, help="shortest clip, seconds (default 2; 1 with --tiny)")
     parser.add_argument("--max-s", type=float, help="longest clip, seconds (default 30; 3 with --tiny)")
     parser.add_argument("--naive-clips", type=int, help="clips for the one-at-a-time loop (default 32; 3 with --tiny)")
     parser.add_argument("--batch-sizes", help="comma-separated (default 64,128,256; 2,4 with --tiny)")
-    parser.add_argument("--tokens-per-s", type=float, default=4.0,
-                        help="new tokens per audio second, on average over the clips (default 4)")
-    parser.add_argument("--no-speculative", action="store_true",
-                        help="skip the speculative-strict modes (drafts all wrong; drafts all right)")
-    parser.add_argument("--budget-s", type=float, default=420.0,
-                        help="skip measurements that would likely end after this many seconds (default 420)")
+    parser.add_argument(
+        "--tokens-per-s",
+        type=float,
+        default=4.0,
+        help="new tokens per audio second, on average over the clips (default 4)",
+    )
+    parser.add_argument(
+        "--no-speculative",
+        action="store_true",
+        help="skip the speculative-strict modes (drafts all wrong; drafts all right)",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=420.0,
+        help="skip measurements that would likely end after this many seconds (default 420)",
+    )
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -306,15 +384,20 @@ def main(argv: list[str] | None = None) -> int:
     prompt = render_prompt(processor.tokenizer, Request())
     counter = CountingGenerate(model)
     model.generate = counter  # SpeechModel calls model.generate too: every mode is counted alike
-    speech_model = SpeechModel(model, processor, device, max_new_tokens=tokens,
-                               max_batch_audio_s=max(batch_sizes) * max_s + 1)
+    speech_model = SpeechModel(
+        model, processor, device, max_new_tokens=tokens, max_batch_audio_s=max(batch_sizes) * max_s + 1
+    )
     device_name = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu"
     parameters = sum(p.numel() for p in model.parameters())
-    print(f"Granite Speech generation throughput: {'tiny dims' if tiny else 'granite-4.0-1b-speech architecture'}, "
-          f"random weights, {parameters / 1e6:.1f} M parameters, {dtype_name}, {device} ({device_name}), "
-          f"torch {torch.__version__}, transformers {transformers.__version__}; built in {build_s:.1f} s")
-    print(f"{len(clips)} clips of {min_s:g}-{max_s:g} s ({audio_s:.0f} s of audio); every clip generates exactly "
-          f"{tokens} tokens ({args.tokens_per_s:g} per audio second on average)")
+    print(
+        f"Granite Speech generation throughput: {'tiny dims' if tiny else 'granite-4.0-1b-speech architecture'}, "
+        f"random weights, {parameters / 1e6:.1f} M parameters, {dtype_name}, {device} ({device_name}), "
+        f"torch {torch.__version__}, transformers {transformers.__version__}; built in {build_s:.1f} s"
+    )
+    print(
+        f"{len(clips)} clips of {min_s:g}-{max_s:g} s ({audio_s:.0f} s of audio); every clip generates exactly "
+        f"{tokens} tokens ({args.tokens_per_s:g} per audio second on average)"
+    )
 
     with torch.inference_mode():  # first CUDA kernels, cuBLAS handles, SDPA choice: not timed
         naive(model, processor, prompt, clips[:1], 2)
@@ -325,23 +408,44 @@ def main(argv: list[str] | None = None) -> int:
     # Speculative-strict on the same clips: random weights make every CTC draft wrong (the cost of the
     # machinery when drafts fail), and drafts set to the greedy output show the speed when they are right.
     english = Request(language="en")
-    failing = SpeechModel(model, processor, device, max_new_tokens=tokens, max_batch_audio_s=max(batch_sizes) * max_s + 1,
-                          speculative=SpeculativeOptions("speculative-strict"))
+    failing = SpeechModel(
+        model,
+        processor,
+        device,
+        max_new_tokens=tokens,
+        max_batch_audio_s=max(batch_sizes) * max_s + 1,
+        speculative=SpeculativeOptions("speculative-strict"),
+    )
     drafts = {} if args.no_speculative else greedy_tokens(speech_model, clips, max(batch_sizes), tokens)
-    right = SpeechModel(model, processor, device, max_new_tokens=tokens, max_batch_audio_s=max(batch_sizes) * max_s + 1,
-                        speculative=SpeculativeOptions("speculative-strict"),
-                        drafter=lambda samples, request: drafts[id(samples)])
+    right = SpeechModel(
+        model,
+        processor,
+        device,
+        max_new_tokens=tokens,
+        max_batch_audio_s=max(batch_sizes) * max_s + 1,
+        speculative=SpeculativeOptions("speculative-strict"),
+        drafter=lambda samples, request: drafts[id(samples)],
+    )
 
     plan = [("naive", 1, clips[:naive_count], lambda: naive(model, processor, prompt, clips[:naive_count], tokens))]
     for size in batch_sizes:
-        plan.append(("transformers", size, clips,
-                     lambda size=size: transformers_batches(model, processor, prompt, clips, tokens, size)))
+        plan.append(
+            (
+                "transformers",
+                size,
+                clips,
+                lambda size=size: transformers_batches(model, processor, prompt, clips, tokens, size),
+            )
+        )
         plan.append(("ours", size, clips, lambda size=size: ours(speech_model, clips, size)))
         if not args.no_speculative:
             plan.append(("spec-wrong", size, clips, lambda size=size: ours(failing, clips, size, english)))
             plan.append(("spec-right", size, clips, lambda size=size: ours(right, clips, size, english)))
     results, skipped = [], []
-    print(f"\n{'mode':<14} {'batch':>5} {'clips':>5} {'wall s':>8} {'RTFx':>8} {'tokens/s':>9} {'peak GPU GiB':>13} {'padding':>8}")
+    print(
+        f"\n{'mode':<14} {'batch':>5} {'clips':>5} {'wall s':>8} {'RTFx':>8} {'tokens/s':>9} "
+        f"{'peak GPU GiB':>13} {'padding':>8}"
+    )
     for name, size, subset, work in plan:
         # Skip what would likely end past the budget: assume it takes as long as the longest so far.
         longest = max((r["wall_s"] for r in results), default=0.0)
@@ -352,25 +456,45 @@ def main(argv: list[str] | None = None) -> int:
         row = measure(name, size, subset, device, counter, tokens, work, check_length=not name.startswith("spec"))
         results.append(row)
         peak = "-" if row["peak_gpu_gib"] is None else f"{row['peak_gpu_gib']:.1f}"
-        check = "" if row["forced_length_ok"] in (True, None) else "  WARNING: not every clip generated the forced length"
+        check = (
+            "" if row["forced_length_ok"] in (True, None) else "  WARNING: not every clip generated the forced length"
+        )
         padding = "-" if row["padding_fraction"] is None else f"{row['padding_fraction']:.1%}"
-        print(f"{name:<14} {size:>5} {row['clips']:>5} {row['wall_s']:>8.2f} {row['rtfx']:>8.1f} "
-              f"{row['tokens_per_s']:>9.0f} {peak:>13} {padding:>8}{check}", flush=True)
+        print(
+            f"{name:<14} {size:>5} {row['clips']:>5} {row['wall_s']:>8.2f} {row['rtfx']:>8.1f} "
+            f"{row['tokens_per_s']:>9.0f} {peak:>13} {padding:>8}{check}",
+            flush=True,
+        )
 
     summary = {
-        "bench": "granite-speech-gpu", "tiny": tiny, "device": device, "device_name": device_name,
-        "dtype": dtype_name, "torch": torch.__version__, "transformers": transformers.__version__,
-        "parameters": parameters, "dims": asdict(TINY if tiny else PUBLISHED), "clips": len(clips),
-        "clip_s": [min_s, max_s], "audio_s": audio_s, "tokens_per_clip": tokens,
+        "bench": "granite-speech-gpu",
+        "tiny": tiny,
+        "device": device,
+        "device_name": device_name,
+        "dtype": dtype_name,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "parameters": parameters,
+        "dims": asdict(TINY if tiny else PUBLISHED),
+        "clips": len(clips),
+        "clip_s": [min_s, max_s],
+        "audio_s": audio_s,
+        "tokens_per_clip": tokens,
         "attn_implementation": getattr(model.config.text_config, "_attn_implementation", None),
-        "build_s": build_s, "total_s": time.perf_counter() - started,
-        "results": results, "skipped": skipped,
+        "build_s": build_s,
+        "total_s": time.perf_counter() - started,
+        "results": results,
+        "skipped": skipped,
     }
-    best = {mode: max((r["rtfx"] for r in results if r["mode"] == mode), default=math.nan)
-            for mode in ("naive", "transformers", "ours", "spec-wrong", "spec-right")}
-    print(f"\nbest RTFx: naive {best['naive']:.1f}, transformers batches {best['transformers']:.1f}, "
-          f"ours {best['ours']:.1f}, speculative-strict with wrong drafts {best['spec-wrong']:.1f} and with right "
-          f"drafts {best['spec-right']:.1f} (leaderboard row for this model: 280 with speculative decoding)")
+    best = {
+        mode: max((r["rtfx"] for r in results if r["mode"] == mode), default=math.nan)
+        for mode in ("naive", "transformers", "ours", "spec-wrong", "spec-right")
+    }
+    print(
+        f"\nbest RTFx: naive {best['naive']:.1f}, transformers batches {best['transformers']:.1f}, "
+        f"ours {best['ours']:.1f}, speculative-strict with wrong drafts {best['spec-wrong']:.1f} and with right "
+        f"drafts {best['spec-right']:.1f} (leaderboard row for this model: 280 with speculative decoding)"
+    )
     print(json.dumps(summary))
     return 0
 

@@ -54,12 +54,16 @@ def accuracy_sets() -> dict[str, list[tuple[str, str]]]:
     rows = [json.loads(line) for line in (SAMPLES / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
     rng = random.Random(22)
     letters = "abcdefghijklmnopqrstuvwxyz"
-    random_strings = [" ".join("".join(rng.choice(letters) for _ in range(rng.randint(2, 9)))
-                               for _ in range(rng.randint(1, 6))) for _ in range(500)]
+    random_strings = [
+        " ".join("".join(rng.choice(letters) for _ in range(rng.randint(2, 9))) for _ in range(rng.randint(1, 6)))
+        for _ in range(500)
+    ]
     return {
         "short phrases": phrases,
-        "same, lower case, no punctuation": [(l, re.sub(r"[^\w\s']", "", t).lower()) for l, t in phrases],
-        "two phrases": [(l, f"{ts[i]} {ts[(i + 7) % len(ts)]}") for l, ts in by_language.items() for i in range(len(ts))],
+        "same, lower case, no punctuation": [(lang, re.sub(r"[^\w\s']", "", t).lower()) for lang, t in phrases],
+        "two phrases": [
+            (lang, f"{ts[i]} {ts[(i + 7) % len(ts)]}") for lang, ts in by_language.items() for i in range(len(ts))
+        ],
         "sample references": [(r["language"], r["reference"]) for r in rows if r.get("task", "asr") == "asr"],
         "other languages (want und)": [("und", t) for _, t in read_tsv("other_languages.tsv")],
         "random letters (want und)": [("und", t) for t in random_strings],
@@ -116,7 +120,7 @@ def text_of_words(words: int, phrases: list[tuple[str, str]]) -> list[str]:
     """One text of about `words` words per spaced language, built from its phrases in turn."""
     texts = []
     for language in ("en", "fr", "de", "es", "pt"):
-        pool = [t for l, t in phrases if l == language]
+        pool = [t for lang, t in phrases if lang == language]
         out: list[str] = []
         i = 0
         while len(" ".join(out).split()) < words:
@@ -202,23 +206,37 @@ def main(argv: list[str] | None = None) -> int:
     for seconds in RECORDING_S:
         words = max(2, round(args.words_per_s * seconds))
         per_hour = 3600 / seconds * chosen["cpu_us_per_text_of_words"][words] * 1e-6
-        shares[f"{seconds}s recordings"] = {"words": words, "cpu_s_per_audio_h": per_hour,
-                                            "share_of_decode_segment": per_hour / (baseline * 3600)}
+        shares[f"{seconds}s recordings"] = {
+            "words": words,
+            "cpu_s_per_audio_h": per_hour,
+            "share_of_decode_segment": per_hour / (baseline * 3600),
+        }
     results["cost_per_audio_hour"] = shares
 
     print(f"threshold {THRESHOLD}, candidates {' '.join(CANDIDATES)}")
     for name, entry in results["identifiers"].items():
-        print(f"\n{name}: load {entry['load_cpu_s']:.3f} CPU s, peak RSS +{entry['peak_rss_growth_mb']:.1f} MB, "
-              f"{entry['cpu_us_per_short_phrase']:.1f} us per short phrase")
+        print(
+            f"\n{name}: load {entry['load_cpu_s']:.3f} CPU s, peak RSS +{entry['peak_rss_growth_mb']:.1f} MB, "
+            f"{entry['cpu_us_per_short_phrase']:.1f} us per short phrase"
+        )
         for set_name, tally in entry["accuracy"].items():
-            print(f"  {set_name:36s} {tally.get('right', 0):4d} right {tally.get('und', 0):4d} und "
-                  f"{tally.get('wrong', 0):4d} wrong  of {tally['n']}")
-        print("  CPU us per text of N words:",
-              ", ".join(f"{words}: {us:.1f}" for words, us in entry["cpu_us_per_text_of_words"].items()))
-    print(f"\ndecode + segment on the sample clips: {results['decode_segment_cpu_s_per_audio_h']:.2f} CPU s per audio hour")
+            print(
+                f"  {set_name:36s} {tally.get('right', 0):4d} right {tally.get('und', 0):4d} und "
+                f"{tally.get('wrong', 0):4d} wrong  of {tally['n']}"
+            )
+        print(
+            "  CPU us per text of N words:",
+            ", ".join(f"{words}: {us:.1f}" for words, us in entry["cpu_us_per_text_of_words"].items()),
+        )
+    print(
+        f"\ndecode + segment on the sample clips: {results['decode_segment_cpu_s_per_audio_h']:.2f} "
+        "CPU s per audio hour"
+    )
     for shape, figures in shares.items():
-        print(f"  {shape:18s} ({figures['words']:5d} words): identification {figures['cpu_s_per_audio_h']:.4f} "
-              f"CPU s per audio hour = {100 * figures['share_of_decode_segment']:.3f}% of decode + segment")
+        print(
+            f"  {shape:18s} ({figures['words']:5d} words): identification {figures['cpu_s_per_audio_h']:.4f} "
+            f"CPU s per audio hour = {100 * figures['share_of_decode_segment']:.3f}% of decode + segment"
+        )
     print(json.dumps({"bench": "language_id", **results}, sort_keys=True))
     return 0
 

@@ -41,11 +41,18 @@ def write_inputs(folder: Path, rows: int) -> tuple[Path, Path]:
     with open(manifest, "w", encoding="utf-8") as handle:
         for i in range(rows):
             language = languages[i % len(languages)]
-            handle.write(json.dumps({
-                "id": f"rec-{i:010d}", "audio": f"s3://archive/{language}/2026/{i // 1000:06d}/{i:010d}.flac",
-                "language": language, "reference": "the weather today is sunny with a light breeze",
-                "speaker": f"speaker-{i % 97}",
-            }) + "\n")
+            handle.write(
+                json.dumps(
+                    {
+                        "id": f"rec-{i:010d}",
+                        "audio": f"s3://archive/{language}/2026/{i // 1000:06d}/{i:010d}.flac",
+                        "language": language,
+                        "reference": "the weather today is sunny with a light breeze",
+                        "speaker": f"speaker-{i % 97}",
+                    }
+                )
+                + "\n"
+            )
     output = folder / "out"
     schema = transcript_schema(pa.schema([("reference", pa.string()), ("speaker", pa.string())]))
     writer = TranscriptWriter(str(output), "bench", schema, rows_per_file=200_000)
@@ -53,13 +60,26 @@ def write_inputs(folder: Path, rows: int) -> tuple[Path, Path]:
     for start in range(0, rows, step):
         n = min(step, rows - start)
         ids = [f"rec-{i:010d}" for i in range(start, start + n)]
-        writer.write(pa.table({
-            "id": ids, "audio": [f"s3://archive/x/{i}.flac" for i in ids], "language": ["en"] * n,
-            "task": ["asr"] * n, "target_language": pa.nulls(n, pa.string()), "text": ["sunny"] * n,
-            "segments": pa.nulls(n, pa.list_(SEGMENT_TYPE)), "duration_s": [1.0] * n,
-            "error": pa.nulls(n, pa.string()), "model": ["m"] * n, "model_revision": ["r"] * n,
-            "run_id": ["bench"] * n, "reference": ["x"] * n, "speaker": ["s"] * n,
-        }))
+        writer.write(
+            pa.table(
+                {
+                    "id": ids,
+                    "audio": [f"s3://archive/x/{i}.flac" for i in ids],
+                    "language": ["en"] * n,
+                    "task": ["asr"] * n,
+                    "target_language": pa.nulls(n, pa.string()),
+                    "text": ["sunny"] * n,
+                    "segments": pa.nulls(n, pa.list_(SEGMENT_TYPE)),
+                    "duration_s": [1.0] * n,
+                    "error": pa.nulls(n, pa.string()),
+                    "model": ["m"] * n,
+                    "model_revision": ["r"] * n,
+                    "run_id": ["bench"] * n,
+                    "reference": ["x"] * n,
+                    "speaker": ["s"] * n,
+                }
+            )
+        )
     writer.close()
     return manifest, output
 
@@ -109,7 +129,10 @@ def measure(case: str, manifest: Path, output: Path, repeat: int) -> dict:
     for _ in range(repeat):
         completed = subprocess.run(
             [sys.executable, __file__, "--case", case, "--manifest", str(manifest), "--output", str(output)],
-            capture_output=True, text=True, check=True)
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         results.append(json.loads(completed.stdout.strip().splitlines()[-1]))
     return min(results, key=lambda r: r["wall_s"])
 
@@ -135,10 +158,17 @@ def main() -> None:
             manifest, output = write_inputs(folder, rows)
             figures[rows] = {case: measure(case, manifest, output, args.repeat) for case in CASES}
             for case, result in figures[rows].items():
-                print(f"{rows:>10,} rows  {case:<11} {result['wall_s']:7.2f} s wall  {result['cpu_s']:7.2f} s CPU  "
-                      f"{result['peak_rss_mb']:8.0f} MB peak RSS"
-                      + (f"  ({result['buckets']} buckets, {result['plan_files']} plan files, "
-                         f"{result['plan_mb']:.0f} MB)" if "buckets" in result else ""), flush=True)
+                print(
+                    f"{rows:>10,} rows  {case:<11} {result['wall_s']:7.2f} s wall  {result['cpu_s']:7.2f} s CPU  "
+                    f"{result['peak_rss_mb']:8.0f} MB peak RSS"
+                    + (
+                        f"  ({result['buckets']} buckets, {result['plan_files']} plan files, "
+                        f"{result['plan_mb']:.0f} MB)"
+                        if "buckets" in result
+                        else ""
+                    ),
+                    flush=True,
+                )
                 assert result["rows"] == rows and result.get("rows_to_do", 0) == 0, result
         if len(args.rows) >= 2:
             small, big = args.rows[0], args.rows[-1]
@@ -146,9 +176,11 @@ def main() -> None:
             print(f"\nper extra row between {small:,} and {big:,} rows:")
             for case in CASES:
                 a, b = figures[small][case], figures[big][case]
-                print(f"  {case:<11} {(b['wall_s'] - a['wall_s']) / extra * 1e6:6.2f} us wall  "
-                      f"{(b['cpu_s'] - a['cpu_s']) / extra * 1e6:6.2f} us CPU  "
-                      f"{(b['peak_rss_mb'] - a['peak_rss_mb']) * 2**20 / extra:7.0f} bytes")
+                print(
+                    f"  {case:<11} {(b['wall_s'] - a['wall_s']) / extra * 1e6:6.2f} us wall  "
+                    f"{(b['cpu_s'] - a['cpu_s']) / extra * 1e6:6.2f} us CPU  "
+                    f"{(b['peak_rss_mb'] - a['peak_rss_mb']) * 2**20 / extra:7.0f} bytes"
+                )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +76,7 @@ def encode(path: Path, stereo: np.ndarray, codec: str) -> Path:
         resampler = av.AudioResampler(format=stream.codec_context.format.name, layout="stereo", rate=rate)
         for start in range(0, stereo.shape[1], SOURCE_RATE_HZ):
             frame = av.AudioFrame.from_ndarray(
-                np.ascontiguousarray(stereo[:, start:start + SOURCE_RATE_HZ]), format="fltp", layout="stereo"
+                np.ascontiguousarray(stereo[:, start : start + SOURCE_RATE_HZ]), format="fltp", layout="stereo"
             )
             frame.sample_rate = SOURCE_RATE_HZ
             for converted in resampler.resample(frame):
@@ -101,9 +101,23 @@ def _ffmpeg(path: Path) -> tuple[float, float]:
     """(CPU seconds of the ffmpeg child, decoded seconds) for the same job done by the ffmpeg CLI."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     raw = subprocess.run(
-        ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-ac", "1", "-ar", str(SAMPLE_RATE_HZ),
-         "-f", "f32le", "-"],
-        check=True, stdout=subprocess.PIPE,
+        [
+            "ffmpeg",
+            "-nostdin",
+            "-v",
+            "error",
+            "-i",
+            str(path),
+            "-ac",
+            "1",
+            "-ar",
+            str(SAMPLE_RATE_HZ),
+            "-f",
+            "f32le",
+            "-",
+        ],
+        check=True,
+        stdout=subprocess.PIPE,
     ).stdout
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -128,16 +142,24 @@ def decode_speed(directory: Path, audio_s: float, repeats: int) -> list[dict]:
                 raise RuntimeError(f"{codec}: {name} decoded {decoded:.2f} s of {audio_s:.2f} s")
         ours = audio_s / max(min(ours_cpu), 1e-9)
         baseline = audio_s / max(min(ffmpeg_cpu), 1e-9)
-        results.append({"codec": codec, "audio_s": audio_s, "ours_x": ours,
-                        "ffmpeg_x": baseline, "ratio": ours / baseline,
-                        "goal_met": ours >= DECODE_GOAL})
+        results.append(
+            {
+                "codec": codec,
+                "audio_s": audio_s,
+                "ours_x": ours,
+                "ffmpeg_x": baseline,
+                "ratio": ours / baseline,
+                "goal_met": ours >= DECODE_GOAL,
+            }
+        )
     return results
 
 
 def write_rows_manifest(path: Path, rows: int) -> Path:
     """A manifest of `rows` rows cycling through samples/manifest.jsonl, each with its own id."""
-    sample_rows = [json.loads(line) for line in (SAMPLES_DIR / "manifest.jsonl").read_text("utf-8").splitlines()
-                   if line.strip()]
+    sample_rows = [
+        json.loads(line) for line in (SAMPLES_DIR / "manifest.jsonl").read_text("utf-8").splitlines() if line.strip()
+    ]
     with open(path, "w", encoding="utf-8") as handle:
         for i in range(rows):
             row = dict(sample_rows[i % len(sample_rows)])
@@ -152,8 +174,10 @@ def _config(manifest: Path, output: Path, model_dir: Path, run_id: str):
 
     # 4 segments a generate call, so the actor takes 16 one-segment clips a call (as it took 16
     # recordings before segments were the unit): enough calls on a few hundred rows to see overlap.
-    return load_config(None, {"manifest": str(manifest), "output": str(output), "model": str(model_dir),
-                              "run_id": run_id, "batch_size": 4})
+    return load_config(
+        None,
+        {"manifest": str(manifest), "output": str(output), "model": str(model_dir), "run_id": run_id, "batch_size": 4},
+    )
 
 
 def in_process(config, mark_rows: int | None = None) -> dict:
@@ -183,11 +207,21 @@ def in_process(config, mark_rows: int | None = None) -> dict:
         manifest = read_manifest(config.manifest, Defaults.from_config(config), config.storage_options)
         model_ref = resolve_model(config.model, config.revision, config.trust_remote_code)
         transcriber = Transcriber(config, model_ref, config.run_id, "cpu")
-        writer = TranscriptWriter(config.output, config.run_id, transcript_schema(manifest.table.schema),
-                                  config.storage_options, config.rows_per_file, config.commit_interval_s)
+        writer = TranscriptWriter(
+            config.output,
+            config.run_id,
+            transcript_schema(manifest.table.schema),
+            config.storage_options,
+            config.rows_per_file,
+            config.commit_interval_s,
+        )
         # The same arguments pipeline.build_dataset hands these stages.
-        decode_kwargs = {"storage_options": config.storage_options, "sample_rate_hz": config.sample_rate_hz,
-                         "max_duration_s": config.max_duration_s, "timeout_s": config.decode_timeout_s}
+        decode_kwargs = {
+            "storage_options": config.storage_options,
+            "sample_rate_hz": config.sample_rate_hz,
+            "max_duration_s": config.max_duration_s,
+            "timeout_s": config.decode_timeout_s,
+        }
         segment_kwargs = {"sample_rate_hz": config.sample_rate_hz, "max_segment_s": config.max_segment_s}
         assembler = RecordingAssembler()
         actor_batch = actor_batch_rows(*config.model_batch(gpu=False), config.max_segment_s)
@@ -196,9 +230,11 @@ def in_process(config, mark_rows: int | None = None) -> dict:
             parts = [transcriber(segments.slice(i, actor_batch)) for i in range(0, segments.num_rows, actor_batch)]
             return assembler.add(pa.concat_tables(parts))
 
-        steps = {"decode": lambda t: audio.decode_table(t, **decode_kwargs),
-                 "segment": lambda t: segment.segment_table(t, **segment_kwargs),
-                 "transcribe": transcribe}
+        steps = {
+            "decode": lambda t: audio.decode_table(t, **decode_kwargs),
+            "segment": lambda t: segment.segment_table(t, **segment_kwargs),
+            "transcribe": transcribe,
+        }
         stages = dict.fromkeys(steps, 0.0)
         stages_cpu = dict.fromkeys(steps, 0.0)
         marked = None
@@ -225,8 +261,14 @@ def in_process(config, mark_rows: int | None = None) -> dict:
             rows += batch.num_rows
             audio_s += sum(d or 0.0 for d in batch.column("duration_s").to_pylist())
         writer.close()
-        return {"wall_s": time.perf_counter() - start, "rows": rows, "audio_s": audio_s, "stages_s": stages,
-                "stages_cpu_s": stages_cpu, "stages_at_mark_s": marked}
+        return {
+            "wall_s": time.perf_counter() - start,
+            "rows": rows,
+            "audio_s": audio_s,
+            "stages_s": stages,
+            "stages_cpu_s": stages_cpu,
+            "stages_at_mark_s": marked,
+        }
     finally:
         torch.set_num_threads(threads)
 
@@ -281,11 +323,18 @@ def stage_overlap(alone: dict, piped: dict, piped_half: dict | None, half: int, 
     slowest = max(alone["stages_s"], key=alone["stages_s"].get)
     ratio = piped["wall_s"] / alone["stages_s"][slowest]
     bound_s = bound(alone["stages_s"])
-    result = {"rows": alone["rows"], "cpus": cpus, "pipeline_s": piped["wall_s"],
-              "first_rows_s": piped["first_rows_s"],
-              "stages_alone_s": dict(alone["stages_s"]), "slowest_stage": slowest,
-              "ratio": ratio, "goal_met": ratio <= OVERLAP_GOAL,
-              "bound_s": bound_s, "bound_ratio": piped["wall_s"] / bound_s}
+    result = {
+        "rows": alone["rows"],
+        "cpus": cpus,
+        "pipeline_s": piped["wall_s"],
+        "first_rows_s": piped["first_rows_s"],
+        "stages_alone_s": dict(alone["stages_s"]),
+        "slowest_stage": slowest,
+        "ratio": ratio,
+        "goal_met": ratio <= OVERLAP_GOAL,
+        "bound_s": bound_s,
+        "bound_ratio": piped["wall_s"] / bound_s,
+    }
     if piped["rows"] > piped["first_rows"]:
         # Once rows flow, seconds per row delivered against the slowest stage's seconds per row alone.
         flowing = (piped["wall_s"] - piped["first_rows_s"]) / (piped["rows"] - piped["first_rows"])
@@ -295,9 +344,15 @@ def stage_overlap(alone: dict, piped: dict, piped_half: dict | None, half: int, 
         margins = {k: alone["stages_s"][k] - alone["stages_at_mark_s"][k] for k in alone["stages_s"]}
         piped_margin = piped["wall_s"] - piped_half["wall_s"]
         margin = piped_margin / max(max(margins.values()), 1e-9)
-        result.update({"half_rows": half, "pipeline_half_s": piped_half["wall_s"],
-                       "marginal_ratio": margin, "marginal_goal_met": margin <= OVERLAP_GOAL,
-                       "marginal_bound_ratio": piped_margin / max(bound(margins), 1e-9)})
+        result.update(
+            {
+                "half_rows": half,
+                "pipeline_half_s": piped_half["wall_s"],
+                "marginal_ratio": margin,
+                "marginal_goal_met": margin <= OVERLAP_GOAL,
+                "marginal_bound_ratio": piped_margin / max(bound(margins), 1e-9),
+            }
+        )
     return result
 
 
@@ -306,15 +361,19 @@ def ray_overhead(loop: dict, job_s: float, job_rows: int) -> dict:
     if job_rows != loop["rows"]:
         raise RuntimeError(f"ray overhead: {job_rows} rows by the job, {loop['rows']} in-process")
     ratio = job_s / loop["wall_s"]
-    return {"rows": loop["rows"], "job_s": job_s, "loop_s": loop["wall_s"],
-            "ratio": ratio, "goal_met": ratio <= RAY_GOAL}
+    return {
+        "rows": loop["rows"],
+        "job_s": job_s,
+        "loop_s": loop["wall_s"],
+        "ratio": ratio,
+        "goal_met": ratio <= RAY_GOAL,
+    }
 
 
 def stage_rates(loop: dict) -> dict:
     """Audio seconds per CPU second of each stage in the in-process loop (the tiny model's, for
     transcribe: a measure of the actor's fixed per-row costs, not of the real model)."""
-    return {"audio_s": loop["audio_s"],
-            **{k: loop["audio_s"] / max(v, 1e-9) for k, v in loop["stages_cpu_s"].items()}}
+    return {"audio_s": loop["audio_s"], **{k: loop["audio_s"] / max(v, 1e-9) for k, v in loop["stages_cpu_s"].items()}}
 
 
 def feature_speed(model_dir: Path, segment_s: float = 20.0, repeats: int = 20) -> dict:
@@ -339,21 +398,23 @@ def feature_speed(model_dir: Path, segment_s: float = 20.0, repeats: int = 20) -
     return {"segment_s": segment_s, "x": segment_s / max(best, 1e-9)}
 
 
-def run_bench(audio_s: float = 180.0, overlap_rows: int = 240, rows: int = 300, repeats: int = 3,
-              work_dir: str | None = None) -> dict:
+def run_bench(
+    audio_s: float = 180.0, overlap_rows: int = 240, rows: int = 300, repeats: int = 3, work_dir: str | None = None
+) -> dict:
     """Measure all three figures; returns them as a dict (see `report`)."""
     from granite_batch.pipeline import ensure_ray
     from granite_batch.run.transcription import run_job
     from granite_batch.testing.tiny_model import write_tiny_model
 
     if not (SAMPLES_DIR / "manifest.jsonl").is_file():
-        raise FileNotFoundError(f"this benchmark needs the repository's samples/ ({SAMPLES_DIR}): "
-                                "run it from a checkout")
+        raise FileNotFoundError(
+            f"this benchmark needs the repository's samples/ ({SAMPLES_DIR}): run it from a checkout"
+        )
     _quiet()
     with tempfile.TemporaryDirectory(prefix="granite-bench-", dir=work_dir) as tmp:
         work = Path(tmp)
         results = {
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "cpus": os.cpu_count(),
             "load_average_start": [round(x, 2) for x in os.getloadavg()],
         }
@@ -362,8 +423,12 @@ def run_bench(audio_s: float = 180.0, overlap_rows: int = 240, rows: int = 300, 
         results["decode"] = decode_speed(work, audio_s, repeats)
         model_dir = write_tiny_model(work / "tiny-model")
         results["features"] = feature_speed(model_dir)
-        overlap = _config(write_rows_manifest(work / "overlap.jsonl", overlap_rows), work / "overlap-loop",
-                          model_dir, "bench-overlap-loop")
+        overlap = _config(
+            write_rows_manifest(work / "overlap.jsonl", overlap_rows),
+            work / "overlap-loop",
+            model_dir,
+            "bench-overlap-loop",
+        )
         half = overlap_rows // 2
         half -= half % 16  # on an input block boundary, where the loop notes its stage times
         job_manifest = write_rows_manifest(work / "job.jsonl", rows)
@@ -374,8 +439,14 @@ def run_bench(audio_s: float = 180.0, overlap_rows: int = 240, rows: int = 300, 
         piped = pipeline_wall(_config(work / "overlap.jsonl", work / "overlap-ray", model_dir, "bench-overlap-ray"))
         piped_half = None
         if half > 0:
-            piped_half = pipeline_wall(_config(write_rows_manifest(work / "overlap-half.jsonl", half),
-                                               work / "overlap-ray-half", model_dir, "bench-overlap-ray-half"))
+            piped_half = pipeline_wall(
+                _config(
+                    write_rows_manifest(work / "overlap-half.jsonl", half),
+                    work / "overlap-ray-half",
+                    model_dir,
+                    "bench-overlap-ray-half",
+                )
+            )
         start = time.perf_counter()
         job = run_job(_config(job_manifest, work / "job-ray", model_dir, "bench-job-ray"), progress=False)
         job_s = time.perf_counter() - start
@@ -403,8 +474,11 @@ def _verdict(met: bool) -> str:
 def report(results: dict) -> str:
     """The figures as text, then one JSON line of everything."""
     load = " ".join(f"{x:.2f}" for x in results["load_average_start"])
-    lines = [f"granite-batch pipeline bench, {results['date']}, {results['cpus']} CPUs, "
-             f"load average {load} (1/5/15 min) at the start", ""]
+    lines = [
+        f"granite-batch pipeline bench, {results['date']}, {results['cpus']} CPUs, "
+        f"load average {load} (1/5/15 min) at the start",
+        "",
+    ]
     decode = results["decode"]
     lines += [
         f"1. decode + downmix + resample to 16 kHz mono: {decode[0]['audio_s']:.0f} s of 44.1 kHz stereo speech "
@@ -414,14 +488,17 @@ def report(results: dict) -> str:
         f"   {'codec':<6} {'ours (PyAV + soxr HQ)':>22} {'baseline: ffmpeg CLI':>21} {'ours/baseline':>14}  goal",
     ]
     for row in decode:
-        lines.append(f"   {row['codec']:<6} {row['ours_x']:>21.0f}x {row['ffmpeg_x']:>20.0f}x "
-                     f"{row['ratio']:>13.2f}x  {_verdict(row['goal_met'])}")
+        lines.append(
+            f"   {row['codec']:<6} {row['ours_x']:>21.0f}x {row['ffmpeg_x']:>20.0f}x "
+            f"{row['ratio']:>13.2f}x  {_verdict(row['goal_met'])}"
+        )
     overlap = results["overlap"]
     alone = ", ".join(f"{k} {v:.2f} s" for k, v in overlap["stages_alone_s"].items())
     lines += [
         "",
         f"2. stage overlap, {overlap['rows']} rows, tiny checkpoint: Ray pipeline {overlap['pipeline_s']:.2f} s vs "
-        f"its slowest stage alone ({overlap['slowest_stage']}) {overlap['stages_alone_s'][overlap['slowest_stage']]:.2f} s"
+        f"its slowest stage alone ({overlap['slowest_stage']}) "
+        f"{overlap['stages_alone_s'][overlap['slowest_stage']]:.2f} s"
         f" = {overlap['ratio']:.2f}x (goal <= {OVERLAP_GOAL}x: {_verdict(overlap['goal_met'])})",
         f"   stages alone, in-process, 1 torch thread: {alone}; the pipeline's first transcribed rows "
         f"reached the driver after {overlap['first_rows_s']:.2f} s",

@@ -118,8 +118,12 @@ def measure(path: str, max_segment_s: float) -> dict:
 
     wall, cpu = time.perf_counter(), time.process_time()
     # As Ray Data takes them: block by block, each handed on (here: all but its bounds dropped).
-    segmented = pa.concat_tables([block.select(["start_s", "end_s"]) for block in
-                                  segment.segment_blocks(decoded, SAMPLE_RATE_HZ, max_segment_s, isolate=False)])
+    segmented = pa.concat_tables(
+        [
+            block.select(["start_s", "end_s"])
+            for block in segment.segment_blocks(decoded, SAMPLE_RATE_HZ, max_segment_s, isolate=False)
+        ]
+    )
     segment_wall, segment_cpu = time.perf_counter() - wall, time.process_time() - cpu
     segment_peak = _high_water_mb()
 
@@ -163,13 +167,14 @@ def measure(path: str, max_segment_s: float) -> dict:
         "job_path_segments": cut_segments,
         "job_path_wall_s": round(helper_wall, 2),
         "job_path_worker_extra_mb": round(worker_peak - worker_base, 1) if separate else None,
-        "job_path_helper_extra_mb": None if helper_peak is None or not separate else round(helper_peak - helper_base, 1),
+        "job_path_helper_extra_mb": None
+        if helper_peak is None or not separate
+        else round(helper_peak - helper_base, 1),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hours", type=float, nargs="+", default=[1.0, 3.0])
     parser.add_argument("--speech", default=str(DEFAULT_SPEECH), help="speech clip to repeat (any format)")
     parser.add_argument("--max-segment-s", type=float, default=30.0)
@@ -182,24 +187,29 @@ def main(argv: list[str] | None = None) -> int:
     from granite_batch.audio.decode import load_recording
 
     speech = load_recording(args.speech).samples
-    print(f"{'hours':>5} {'samples MB':>10} {'baseline MB':>11} {'decode peak':>11} {'segment +MB':>11} "
-          f"{'peak-base MB':>12} {'decode s':>8} {'segment cpu s':>13} {'audio s/cpu s':>13} {'segments':>8} "
-          f"{'job: worker +MB':>15} {'helper +MB':>10}")
+    print(
+        f"{'hours':>5} {'samples MB':>10} {'baseline MB':>11} {'decode peak':>11} {'segment +MB':>11} "
+        f"{'peak-base MB':>12} {'decode s':>8} {'segment cpu s':>13} {'audio s/cpu s':>13} {'segments':>8} "
+        f"{'job: worker +MB':>15} {'helper +MB':>10}"
+    )
     with tempfile.TemporaryDirectory(prefix="bench-segment-") as folder:
         for hours in args.hours:
             path = Path(folder) / f"long-{hours:g}h.flac"
             write_long_recording(path, speech, hours)
             result = subprocess.run(
-                [sys.executable, __file__, "--measure", str(path),
-                 "--max-segment-s", str(args.max_segment_s)],
-                capture_output=True, text=True, check=True,
+                [sys.executable, __file__, "--measure", str(path), "--max-segment-s", str(args.max_segment_s)],
+                capture_output=True,
+                text=True,
+                check=True,
             )
             r = json.loads(result.stdout.strip().splitlines()[-1])
             path.unlink()
-            print(f"{hours:>5g} {r['samples_mb']:>10} {r['baseline_mb']:>11} {r['decode_peak_mb']:>11} "
-                  f"{r['segment_extra_mb']!s:>11} {r['peak_above_baseline_mb']:>12} {r['decode_wall_s']:>8} "
-                  f"{r['segment_cpu_s']:>13} {r['segment_audio_s_per_cpu_s']:>13} {r['segments']:>8} "
-                  f"{r['job_path_worker_extra_mb']!s:>15} {r['job_path_helper_extra_mb']!s:>10}")
+            print(
+                f"{hours:>5g} {r['samples_mb']:>10} {r['baseline_mb']:>11} {r['decode_peak_mb']:>11} "
+                f"{r['segment_extra_mb']!s:>11} {r['peak_above_baseline_mb']:>12} {r['decode_wall_s']:>8} "
+                f"{r['segment_cpu_s']:>13} {r['segment_audio_s_per_cpu_s']:>13} {r['segments']:>8} "
+                f"{r['job_path_worker_extra_mb']!s:>15} {r['job_path_helper_extra_mb']!s:>10}"
+            )
             print("      " + json.dumps(r), flush=True)
     return 0
 

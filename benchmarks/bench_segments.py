@@ -89,8 +89,9 @@ def _pss_mb(pid: int) -> tuple[float, float]:
 def run_measured(command: list[str], env: dict) -> tuple[subprocess.CompletedProcess, float, dict[str, list]]:
     """Run `command`, sampling the PSS of its process tree; (the process, peak MB, by kind of process
     then: [MB, MB of it in shared memory, processes])."""
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     peak = [0.0]
     breakdown: dict[str, list] = {}  # PSS by kind of process at the peak
     done = threading.Event()
@@ -120,8 +121,20 @@ def run_measured(command: list[str], env: dict) -> tuple[subprocess.CompletedPro
 
 
 def _job(manifest: Path, output: Path, model: Path, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "granite_batch.cli", "run", "--manifest", str(manifest), "--output", str(output),
-            "--model", str(model), "--no-progress", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "granite_batch.cli",
+        "run",
+        "--manifest",
+        str(manifest),
+        "--output",
+        str(output),
+        "--model",
+        str(model),
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _env(jobs_dir: Path) -> dict:
@@ -152,8 +165,9 @@ def memory(args) -> dict:
         for minutes in [m for _ in range(args.repeat) for m in args.minutes]:
             path = work / f"long-{minutes:g}min.flac"
             manifest = work / f"m-{minutes:g}.jsonl"
-            manifest.write_text("".join(json.dumps({"audio": str(path), "id": f"r{i}"}) + "\n"
-                                        for i in range(args.recordings)))
+            manifest.write_text(
+                "".join(json.dumps({"audio": str(path), "id": f"r{i}"}) + "\n" for i in range(args.recordings))
+            )
             output = work / f"out-{minutes:g}-{len(results)}"
             start = time.perf_counter()
             extra = ["--max-new-tokens", str(args.max_new_tokens)]
@@ -161,33 +175,55 @@ def memory(args) -> dict:
                 config = work / "job.yaml"
                 config.write_text(f"resources:\n  object_store_mb: {args.object_store_mb}\n")
                 extra += ["--config", str(config)]
-            done, peak, breakdown = run_measured(_job(manifest, output, model, extra),
-                                      _env(Path(args.jobs_dir).resolve()))
+            done, peak, breakdown = run_measured(
+                _job(manifest, output, model, extra), _env(Path(args.jobs_dir).resolve())
+            )
             if done.returncode != 0:
                 raise RuntimeError(done.stderr[-3000:])
             summary = _summary(output)
-            results.append({"minutes": minutes, "recordings": args.recordings, "peak_pss_mb": round(peak),
-                            "wall_s": round(time.perf_counter() - start, 1), "rows_ok": summary["rows_ok"],
-                            "samples_mb_per_recording": round(minutes * 60 * RATE * 4 / MB),
-                            # Largest first.
-                            "peak_by_process": {kind: {"mb": round(size), "object_store_mb": round(shared),
-                                                       "processes": count}
-                                                for kind, (size, shared, count) in
-                                                sorted(breakdown.items(), key=lambda item: -item[1][0])}})
-            print(f"{minutes:>6g} min x {args.recordings}: peak PSS of the job's processes {peak:,.0f} MB, "
-                  f"{results[-1]['wall_s']} s, {summary['rows_ok']} rows ok", flush=True)
+            results.append(
+                {
+                    "minutes": minutes,
+                    "recordings": args.recordings,
+                    "peak_pss_mb": round(peak),
+                    "wall_s": round(time.perf_counter() - start, 1),
+                    "rows_ok": summary["rows_ok"],
+                    "samples_mb_per_recording": round(minutes * 60 * RATE * 4 / MB),
+                    # Largest first.
+                    "peak_by_process": {
+                        kind: {"mb": round(size), "object_store_mb": round(shared), "processes": count}
+                        for kind, (size, shared, count) in sorted(breakdown.items(), key=lambda item: -item[1][0])
+                    },
+                }
+            )
+            print(
+                f"{minutes:>6g} min x {args.recordings}: peak PSS of the job's processes {peak:,.0f} MB, "
+                f"{results[-1]['wall_s']} s, {summary['rows_ok']} rows ok",
+                flush=True,
+            )
             for kind, figures in list(results[-1]["peak_by_process"].items())[:8]:
-                print(f"         {figures['mb']:>7,} MB  {kind} ({figures['processes']} processes, "
-                      f"{figures['object_store_mb']:,} MB of it shared memory)")
-    medians = {minutes: statistics.median(r["peak_pss_mb"] for r in results if r["minutes"] == minutes)
-               for minutes in args.minutes}
+                print(
+                    f"         {figures['mb']:>7,} MB  {kind} ({figures['processes']} processes, "
+                    f"{figures['object_store_mb']:,} MB of it shared memory)"
+                )
+    medians = {
+        minutes: statistics.median(r["peak_pss_mb"] for r in results if r["minutes"] == minutes)
+        for minutes in args.minutes
+    }
     ratio = medians[args.minutes[-1]] / medians[args.minutes[0]]
-    print(f"peak memory (median of {args.repeat}), {args.minutes[-1]:g} min against {args.minutes[0]:g} min: "
-          f"{medians[args.minutes[-1]]:,.0f} / {medians[args.minutes[0]]:,.0f} MB = {ratio:.2f}x (goal <= 1.25x: "
-          f"{'met' if ratio <= 1.25 else 'NOT met'})")
-    return {"memory": results, "median_peak_pss_mb": {f"{m:g}": round(v) for m, v in medians.items()},
-            "ratio": round(ratio, 3), "repeat": args.repeat, "jobs_dir": str(Path(args.jobs_dir).resolve()),
-            "object_store_mb": args.object_store_mb}
+    print(
+        f"peak memory (median of {args.repeat}), {args.minutes[-1]:g} min against {args.minutes[0]:g} min: "
+        f"{medians[args.minutes[-1]]:,.0f} / {medians[args.minutes[0]]:,.0f} MB = {ratio:.2f}x (goal <= 1.25x: "
+        f"{'met' if ratio <= 1.25 else 'NOT met'})"
+    )
+    return {
+        "memory": results,
+        "median_peak_pss_mb": {f"{m:g}": round(v) for m, v in medians.items()},
+        "ratio": round(ratio, 3),
+        "repeat": args.repeat,
+        "jobs_dir": str(Path(args.jobs_dir).resolve()),
+        "object_store_mb": args.object_store_mb,
+    }
 
 
 def batching(args) -> dict:
@@ -197,8 +233,11 @@ def batching(args) -> dict:
     from granite_batch.testing.tiny_model import write_tiny_model
 
     rng = np.random.default_rng(0)
-    sources = [load_recording(str(p)).samples for p in sorted(SAMPLES.iterdir())
-               if p.suffix in (".flac", ".mp3", ".ogg", ".m4a", ".wav")]
+    sources = [
+        load_recording(str(p)).samples
+        for p in sorted(SAMPLES.iterdir())
+        if p.suffix in (".flac", ".mp3", ".ogg", ".m4a", ".wav")
+    ]
     speech = np.concatenate(sources)
     with tempfile.TemporaryDirectory(prefix="bench-batching-") as folder:
         work = Path(folder)
@@ -208,25 +247,31 @@ def batching(args) -> dict:
             length = int(rng.uniform(2.0, 8.0) * RATE)
             start = int(rng.integers(0, len(speech) - length))
             path = work / f"clip-{i:04d}.wav"
-            sf.write(path, speech[start:start + length], RATE)
+            sf.write(path, speech[start : start + length], RATE)
             rows.append({"audio": str(path), "id": f"clip-{i:04d}"})
         manifest = work / "clips.jsonl"
         manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
         output = work / "out"
         start = time.perf_counter()
-        done = subprocess.run(_job(manifest, output, model, ["--batch-size", str(args.batch_size),
-                                                             "--max-new-tokens", "24"]),
-                              capture_output=True, text=True, env=_env(REPO / "jobs"))
+        done = subprocess.run(
+            _job(manifest, output, model, ["--batch-size", str(args.batch_size), "--max-new-tokens", "24"]),
+            capture_output=True,
+            text=True,
+            env=_env(REPO / "jobs"),
+        )
         if done.returncode != 0:
             raise RuntimeError(done.stderr[-3000:])
         summary = _summary(output)
     (figures,) = summary["inference"].values()
     share = figures["mean_segments_per_call"] / args.batch_size
-    print(f"{args.clips} clips of 2-8 s, batch size {args.batch_size}: {figures['segments']} segments in "
-          f"{figures['generate_calls']} generate calls, {figures['mean_segments_per_call']} per call "
-          f"({share:.0%} of the batch size; goal >= 80%: {'met' if share >= 0.8 else 'NOT met'}), padding "
-          f"{figures['padding_fraction']:.1%} (goal < 15%: {'met' if figures['padding_fraction'] < 0.15 else 'NOT met'}); "
-          f"{time.perf_counter() - start:.0f} s")
+    print(
+        f"{args.clips} clips of 2-8 s, batch size {args.batch_size}: {figures['segments']} segments in "
+        f"{figures['generate_calls']} generate calls, {figures['mean_segments_per_call']} per call "
+        f"({share:.0%} of the batch size; goal >= 80%: {'met' if share >= 0.8 else 'NOT met'}), padding "
+        f"{figures['padding_fraction']:.1%} "
+        f"(goal < 15%: {'met' if figures['padding_fraction'] < 0.15 else 'NOT met'}); "
+        f"{time.perf_counter() - start:.0f} s"
+    )
     return {"batching": figures, "clips": args.clips, "batch_size": args.batch_size, "share": round(share, 3)}
 
 
@@ -247,8 +292,18 @@ def main(argv: list[str] | None = None) -> int:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load = os.getloadavg()
     figures = memory(args) if args.mode == "memory" else batching(args)
-    print(json.dumps({"bench": f"segments-{args.mode}", "date": started, "cpus": os.cpu_count(),
-                      "load_average_start": [round(x, 2) for x in load], **figures}, sort_keys=True))
+    print(
+        json.dumps(
+            {
+                "bench": f"segments-{args.mode}",
+                "date": started,
+                "cpus": os.cpu_count(),
+                "load_average_start": [round(x, 2) for x in load],
+                **figures,
+            },
+            sort_keys=True,
+        )
+    )
     return 0
 
 

@@ -39,8 +39,13 @@ def continuous_probabilities(samples: np.ndarray) -> np.ndarray:
     padded = np.zeros(-(-len(samples) // VAD_FRAME) * VAD_FRAME, np.float32)
     padded[: len(samples)] = samples
     with torch.inference_mode():
-        return np.array([float(model(torch.from_numpy(padded[i : i + VAD_FRAME]), VAD_RATE_HZ))
-                         for i in range(0, len(padded), VAD_FRAME)], np.float32)
+        return np.array(
+            [
+                float(model(torch.from_numpy(padded[i : i + VAD_FRAME]), VAD_RATE_HZ))
+                for i in range(0, len(padded), VAD_FRAME)
+            ],
+            np.float32,
+        )
 
 
 def long_recording(minutes: float) -> np.ndarray:
@@ -79,7 +84,9 @@ def compare(name: str, samples: np.ndarray, max_segment_s: float) -> dict:
     segments = [plan_segments(samples, VAD_RATE_HZ, max_segment_s, options, p) for p in (windowed, continuous)]
     shifts = boundary_shifts(segments[0], segments[1])
     return {
-        "recording": name, "seconds": round(len(samples) / VAD_RATE_HZ, 1), "frames": len(windowed),
+        "recording": name,
+        "seconds": round(len(samples) / VAD_RATE_HZ, 1),
+        "frames": len(windowed),
         "max_probability_difference": round(float(difference.max()), 3),
         "frames_differing_by_0.1": int((difference > 0.1).sum()),
         "frames_on_other_side_of_0.5": int(((windowed >= 0.5) != (continuous >= 0.5)).sum()),
@@ -88,7 +95,8 @@ def compare(name: str, samples: np.ndarray, max_segment_s: float) -> dict:
         "segments": [len(s) for s in segments],
         "segment_boundaries_moved": sum(shift > 0 for shift in shifts),
         "segment_boundary_shift_max_s": round(max(shifts or [0]), 3),
-        "windowed_s": round(windowed_s, 2), "continuous_s": round(continuous_s, 2),
+        "windowed_s": round(windowed_s, 2),
+        "continuous_s": round(continuous_s, 2),
     }
 
 

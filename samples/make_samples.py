@@ -58,10 +58,25 @@ def main() -> None:
         samples, rate = speak(voice, text)
         encode(samples, rate, HERE / name, codec, container)
         rows.append({"audio": name, "language": language, "reference": text, "speaker": "espeak-ng " + voice})
-    rows.append({"audio": "fr_gare.mp3", "language": "fr", "task": "ast", "target_language": "en",
-                 "reference": "The train to Lyon leaves the station at eight o'clock.", "speaker": "espeak-ng fr-fr"})
-    rows.append({"audio": "en_weather.flac", "language": "en", "keywords": ["breeze", "sunny"],
-                 "reference": SAMPLES[0][3], "speaker": "espeak-ng en-us"})
+    rows.append(
+        {
+            "audio": "fr_gare.mp3",
+            "language": "fr",
+            "task": "ast",
+            "target_language": "en",
+            "reference": "The train to Lyon leaves the station at eight o'clock.",
+            "speaker": "espeak-ng fr-fr",
+        }
+    )
+    rows.append(
+        {
+            "audio": "en_weather.flac",
+            "language": "en",
+            "keywords": ["breeze", "sunny"],
+            "reference": SAMPLES[0][3],
+            "speaker": "espeak-ng en-us",
+        }
+    )
     with open(HERE / "manifest.jsonl", "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -62,8 +62,16 @@ def speech() -> tuple[np.ndarray, int]:
     return samples, rate
 
 
-def encode(path: Path, samples: np.ndarray, rate: int, codec: str, container: str, channels: int = 1,
-           out_rate: int | None = None, with_video: bool = False) -> Path:
+def encode(
+    path: Path,
+    samples: np.ndarray,
+    rate: int,
+    codec: str,
+    container: str,
+    channels: int = 1,
+    out_rate: int | None = None,
+    with_video: bool = False,
+) -> Path:
     """Encode float samples (mono, or duplicated to `channels`) into a real container with PyAV."""
     out_rate = out_rate or rate
     layout = {1: "mono", 2: "stereo", 6: "5.1"}[channels]
@@ -149,7 +157,8 @@ def ffmpeg_decode(path: Path, rate: int = 16000) -> np.ndarray:
     """The reference decoder: the ffmpeg command-line tool, downmixed and resampled by ffmpeg."""
     raw = subprocess.run(
         ["ffmpeg", "-v", "error", "-i", str(path), "-vn", "-ac", "1", "-ar", str(rate), "-f", "f32le", "-"],
-        check=True, capture_output=True,
+        check=True,
+        capture_output=True,
     ).stdout
     return np.frombuffer(raw, dtype="<f4")
 
@@ -158,7 +167,10 @@ def run_cli(args: list[str], timeout: float = 600, env: dict | None = None) -> s
     """Run `granite-batch` as users do, in a fresh process."""
     return subprocess.run(
         [sys.executable, "-m", "granite_batch.cli", *args],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
         env={**os.environ, **(env or {})},
     )
 
@@ -292,8 +304,10 @@ class FaultyProxy:
                     self.connection.shutdown(2)
                     return
                 if fault:
-                    payload = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
-                               b"<Message>Please reduce your request rate.</Message></Error>")
+                    payload = (
+                        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                        b"<Message>Please reduce your request rate.</Message></Error>"
+                    )
                     self.send_response(503)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(payload)))
@@ -347,20 +361,36 @@ def ray_cluster(request):
     port, dashboard = free_port(), free_port()
     # The CLI sends the dashboard token only when asked. PATH: on this one-machine "cluster" the
     # virtualenv plays the role of the image, so the job's `python` must be the virtualenv's.
-    env = {**os.environ, "RAY_AUTH_MODE": "token",
-           "PATH": f"{Path(os.sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "PATH": f"{Path(os.sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     # --block keeps the head in one process group that this fixture alone ends (`ray stop` would
     # end every Ray on the machine, other test runs' included).
     head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1", f"--num-cpus={head_cpus}",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+        [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--node-ip-address=127.0.0.1",
+            f"--num-cpus={head_cpus}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
     )
     try:
         _wait_for_dashboard(f"http://127.0.0.1:{dashboard}", head)
-        yield {"address": f"http://127.0.0.1:{dashboard}", "gcs": f"127.0.0.1:{port}", "env": env,
-               "temp_dir": temp_dir}
+        yield {"address": f"http://127.0.0.1:{dashboard}", "gcs": f"127.0.0.1:{port}", "env": env, "temp_dir": temp_dir}
     finally:
         os.killpg(head.pid, 9)
         head.wait()

@@ -78,16 +78,24 @@ def test_too_long_recording_is_refused_while_decoding():
 def test_samples_round_trip_through_arrow_with_missing_rows():
     rows = [np.arange(5, dtype=np.float32), None, np.zeros(0, np.float32), np.ones(3, np.float32)]
     column = samples_to_arrow(rows)
-    back = samples_from_arrow(pa.chunked_array([column.slice(1), ]))  # sliced arrays keep their offsets
+    back = samples_from_arrow(
+        pa.chunked_array(
+            [
+                column.slice(1),
+            ]
+        )
+    )  # sliced arrays keep their offsets
     assert back[0] is None and len(back[1]) == 0 and back[2].tolist() == [1, 1, 1]
     assert samples_from_arrow(column)[0].tolist() == [0, 1, 2, 3, 4]
 
 
 def test_decode_stage_marks_failures_and_skips_rows_already_failed(broken_corpus):
-    table = pa.table({
-        "audio": [str(SPEECH), str(broken_corpus["empty.wav"]), str(SPEECH)],
-        "error": [None, None, "unsupported language: 'xx'"],
-    })
+    table = pa.table(
+        {
+            "audio": [str(SPEECH), str(broken_corpus["empty.wav"]), str(SPEECH)],
+            "error": [None, None, "unsupported language: 'xx'"],
+        }
+    )
     out = decode_table(table)
     assert out.column("error").to_pylist()[0] is None
     assert out.column("error").to_pylist()[1].startswith("decode failed: empty file")
@@ -113,13 +121,29 @@ def test_recordings_of_many_channels_decode_to_their_mean(tmp_path, channels):
 def test_eight_channel_aac_decodes(tmp_path):
     # A planar codec: the decoder itself hands out 8-plane frames (the issue's own recipe, as AAC).
     path = tmp_path / "7.1.m4a"
-    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "sine=d=1:sample_rate=16000", "-ac", "8",
-                    "-c:a", "aac", str(path)], check=True)
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-v",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=d=1:sample_rate=16000",
+            "-ac",
+            "8",
+            "-c:a",
+            "aac",
+            str(path),
+        ],
+        check=True,
+    )
     recording = load_recording(str(path))
     assert recording.source_channels == 8
     # ffmpeg's own decode of all eight channels, averaged as ours are.
-    raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-ar", "16000", "-f", "f32le", "-"],
-                         check=True, capture_output=True).stdout
+    raw = subprocess.run(
+        ["ffmpeg", "-v", "error", "-i", str(path), "-ar", "16000", "-f", "f32le", "-"], check=True, capture_output=True
+    ).stdout
     reference = np.frombuffer(raw, dtype="<f4").reshape(-1, 8).mean(axis=1)
     assert abs(len(recording.samples) - len(reference)) <= 1024
     assert np.sqrt(np.mean(recording.samples**2)) == pytest.approx(np.sqrt(np.mean(reference**2)), rel=0.05)

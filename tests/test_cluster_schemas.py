@@ -45,8 +45,10 @@ IMAGE = f"ghcr.io/my-org/granite-batch:{__version__}"
 RAY_HOME = PurePosixPath("/home/ray")  # the home of uid 1000 in rayproject/ray images
 CRD_SCHEMAS = {"RayJob": "rayjob-v1.schema.json", "RayCluster": "raycluster-v1.schema.json"}
 # The Deep Learning Base OSS Nvidia Driver GPU AMI through its public SSM parameter, or a pinned id.
-GPU_AMI = re.compile(r"resolve:ssm:/aws/service/deeplearning/ami/x86_64/"
-                     r"base-oss-nvidia-driver-gpu-ubuntu-2[24]\.04/latest/ami-id|ami-[0-9a-f]{17}")
+GPU_AMI = re.compile(
+    r"resolve:ssm:/aws/service/deeplearning/ami/x86_64/"
+    r"base-oss-nvidia-driver-gpu-ubuntu-2[24]\.04/latest/ami-id|ami-[0-9a-f]{17}"
+)
 
 
 def k8s_objects() -> list[tuple[str, dict]]:
@@ -99,16 +101,19 @@ def pod_templates(obj: dict) -> Iterator[tuple[str, dict, bool]]:
 @functools.cache
 def core_definitions() -> Registry:
     """kubernetes-validate's strict core definitions, for resolving `$ref`s into them."""
-    directory = (importlib.resources.files("kubernetes_validate") / "kubernetes-json-schema"
-                 / f"v{K8S_VERSION}-local-strict")
+    directory = (
+        importlib.resources.files("kubernetes_validate") / "kubernetes-json-schema" / f"v{K8S_VERSION}-local-strict"
+    )
     return Resource.from_contents(json.loads((directory / "_definitions.json").read_text())) @ Registry()
 
 
 @functools.cache
 def core_validator(definition: str) -> jsonschema.Validator:
     """A strict validator for one core definition, e.g. io.k8s.api.core.v1.PodTemplateSpec."""
-    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema",
-              "$ref": f"https://kubernetes.io/api/_definitions.json#/$defs/{definition}"}
+    schema = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$ref": f"https://kubernetes.io/api/_definitions.json#/$defs/{definition}",
+    }
     return jsonschema.Draft202012Validator(schema, registry=core_definitions())
 
 
@@ -121,8 +126,11 @@ def strict_structural(schema):
     if not isinstance(schema, dict):
         return schema
     out = {key: strict_structural(value) for key, value in schema.items()}
-    if out.get("type") == "object" and "additionalProperties" not in out \
-            and not out.get("x-kubernetes-preserve-unknown-fields"):
+    if (
+        out.get("type") == "object"
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
         out["additionalProperties"] = False
     if out.pop("nullable", False) and "type" in out:
         out["type"] = [out["type"], "null"]
@@ -148,15 +156,21 @@ def schema_problems(obj: dict) -> list[str]:
         except kubernetes_validate.ValidationError as error:
             return [f"{kind}: {'.'.join(map(str, error.path))}: {error.message}"]
         return []
-    errors = [f"{kind} (KubeRay v1.7.0 CRD): {error.json_path}: {error.message}"
-              for error in crd_validator(kind).iter_errors(obj)]
-    errors += [f"{kind}.metadata: {error.json_path}: {error.message}"
-               for error in core_validator("io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta")
-               .iter_errors(obj.get("metadata", {}))]
+    errors = [
+        f"{kind} (KubeRay v1.7.0 CRD): {error.json_path}: {error.message}"
+        for error in crd_validator(kind).iter_errors(obj)
+    ]
+    errors += [
+        f"{kind}.metadata: {error.json_path}: {error.message}"
+        for error in core_validator("io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta").iter_errors(
+            obj.get("metadata", {})
+        )
+    ]
     for where, template, _ in pod_templates(obj):
-        errors += [f"{kind}.{where} (core/v1 PodTemplateSpec, Kubernetes {K8S_VERSION}): "
-                   f"{error.json_path}: {error.message}"
-                   for error in core_validator("io.k8s.api.core.v1.PodTemplateSpec").iter_errors(template)]
+        errors += [
+            f"{kind}.{where} (core/v1 PodTemplateSpec, Kubernetes {K8S_VERSION}): {error.json_path}: {error.message}"
+            for error in core_validator("io.k8s.api.core.v1.PodTemplateSpec").iter_errors(template)
+        ]
     return errors
 
 
@@ -208,8 +222,10 @@ def pod_cache_problems(where: str, template: dict, runs_ray: bool, job_home: str
             elif found and not writable_by_ray(volume, spec):
                 problems.append(f"{name} is on volume {found[1]['name']!r}, which uid 1000 may not be able to write")
             elif not found and not under_ray_home(home):
-                problems.append(f"{name} is neither on a writable volume nor under {RAY_HOME} "
-                                f"(the image runs as uid 1000, which cannot create it)")
+                problems.append(
+                    f"{name} is neither on a writable volume nor under {RAY_HOME} "
+                    f"(the image runs as uid 1000, which cannot create it)"
+                )
             if runs_ray and "emptyDir" not in volume:
                 problems.append(f"{name}: a Ray node's model cache must be an emptyDir volume of the pod")
     return problems
@@ -221,8 +237,11 @@ def docker_options(launcher: dict) -> list[tuple[str, list[str]]]:
     shared = docker.get("run_options", [])
     options = []
     for name, node_type in launcher["available_node_types"].items():
-        own = docker.get("head_run_options", []) if name == launcher["head_node_type"] else \
-            docker.get("worker_run_options", []) + node_type.get("docker", {}).get("worker_run_options", [])
+        own = (
+            docker.get("head_run_options", [])
+            if name == launcher["head_node_type"]
+            else docker.get("worker_run_options", []) + node_type.get("docker", {}).get("worker_run_options", [])
+        )
         options.append((name, shlex.split(" ".join(shared + own))))  # ray joins them into one line
     return options
 
@@ -233,8 +252,11 @@ def launcher_cache_problems(launcher: dict, job_home: str | None) -> list[str]:
     problems = []
     image = launcher.get("docker", {}).get("image")
     for node_type, argv in docker_options(launcher):
-        argv = [part for token in argv  # `--env=A=B` as `--env A=B`
-                for part in (token.split("=", 1) if token.startswith("--") and "=" in token else [token])]
+        argv = [
+            part
+            for token in argv  # `--env=A=B` as `--env A=B`
+            for part in (token.split("=", 1) if token.startswith("--") and "=" in token else [token])
+        ]
         env: dict[str, str] = {}
         mounts: list[tuple[str, dict]] = []
         for flag, value in zip(argv, argv[1:] + [""]):
@@ -246,10 +268,16 @@ def launcher_cache_problems(launcher: dict, job_home: str | None) -> list[str]:
             elif flag == "--mount":
                 fields = dict(part.split("=", 1) if "=" in part else (part, "true") for part in value.split(","))
                 target = fields.get("target") or fields.get("dst") or fields.get("destination")
-                mounts.append((target, {"source": fields.get("source") or fields.get("src", ""),
-                                        "readOnly": fields.get("readonly", fields.get("ro")) in ("true", "1")}))
-        homes = {env.get("HF_HOME") or (image_env().get("HF_HOME") if image == IMAGE else None),
-                 job_home} - {None}
+                mounts.append(
+                    (
+                        target,
+                        {
+                            "source": fields.get("source") or fields.get("src", ""),
+                            "readOnly": fields.get("readonly", fields.get("ro")) in ("true", "1"),
+                        },
+                    )
+                )
+        homes = {env.get("HF_HOME") or (image_env().get("HF_HOME") if image == IMAGE else None), job_home} - {None}
         for home in sorted(homes):
             found = mount_for(home, mounts)
             if found and found[1]["readOnly"]:
@@ -257,14 +285,19 @@ def launcher_cache_problems(launcher: dict, job_home: str | None) -> list[str]:
             elif not found and not under_ray_home(home):
                 problems.append(f"launcher {node_type}: HF_HOME={home} is neither on a volume nor under {RAY_HOME}")
             if not found or found[1]["source"].startswith(("/", "~", ".")) or not found[1]["source"]:
-                problems.append(f"launcher {node_type}: HF_HOME={home} must be on a named Docker volume (a host "
-                                f"directory that Docker creates belongs to root; a named one is kept)")
+                problems.append(
+                    f"launcher {node_type}: HF_HOME={home} must be on a named Docker volume (a host "
+                    f"directory that Docker creates belongs to root; a named one is kept)"
+                )
     return problems
 
 
 def test_the_objects_found_are_the_manifests():
     assert sorted((name, obj["kind"]) for name, obj in k8s_objects()) == [
-        ("cronjob.yaml", "CronJob"), ("raycluster.yaml", "RayCluster"), ("rayjob.yaml", "RayJob")]
+        ("cronjob.yaml", "CronJob"),
+        ("raycluster.yaml", "RayCluster"),
+        ("rayjob.yaml", "RayJob"),
+    ]
     assert K8S_VERSION == "1.37.0"  # the newest kubernetes-validate 1.37.0 ships; moves with the pin
 
 
@@ -273,13 +306,16 @@ def test_kubernetes_object_validates_strictly(name, obj):
     assert schema_problems(obj) == []
 
 
-@pytest.mark.parametrize("kind, path", [
-    ("CronJob", ["spec", "jobTemplate", "spec", "template", "spec", "containers", 0]),
-    ("RayJob", ["spec"]),
-    ("RayJob", ["spec", "rayClusterSpec", "workerGroupSpecs", 1]),
-    ("RayJob", ["spec", "rayClusterSpec", "headGroupSpec", "template", "spec", "containers", 0]),
-    ("RayCluster", ["spec", "workerGroupSpecs", 0, "template", "spec"]),
-])
+@pytest.mark.parametrize(
+    "kind, path",
+    [
+        ("CronJob", ["spec", "jobTemplate", "spec", "template", "spec", "containers", 0]),
+        ("RayJob", ["spec"]),
+        ("RayJob", ["spec", "rayClusterSpec", "workerGroupSpecs", 1]),
+        ("RayJob", ["spec", "rayClusterSpec", "headGroupSpec", "template", "spec", "containers", 0]),
+        ("RayCluster", ["spec", "workerGroupSpecs", 0, "template", "spec"]),
+    ],
+)
 def test_an_unknown_field_fails(kind, path):
     """The checks are strict: a misspelt field anywhere (here `imagePullPolicyy`) is an error."""
     obj = copy.deepcopy(next(obj for _, obj in k8s_objects() if obj["kind"] == kind))
@@ -296,8 +332,7 @@ def test_cluster_launcher_validates_against_the_schema_in_the_ray_wheel():
     schema_path = importlib.resources.files("ray.autoscaler") / "ray-schema.json"
     jsonschema.validate(launcher, json.loads(schema_path.read_text()))  # the file as written
     validate_config(prepare_config(copy.deepcopy(launcher)))  # with the defaults `ray up` fills in
-    run_instances = (botocore.session.get_session().get_service_model("ec2")
-                     .operation_model("RunInstances").input_shape)
+    run_instances = botocore.session.get_session().get_service_model("ec2").operation_model("RunInstances").input_shape
     for name, node_type in launcher["available_node_types"].items():
         report = ParamValidator().validate(dict(node_type["node_config"], MinCount=1, MaxCount=1), run_instances)
         assert not report.has_errors(), f"{name}: {report.generate_report()}"
@@ -315,9 +350,14 @@ def test_cluster_launcher_names_a_current_gpu_ami():
 
 
 def test_every_pod_can_write_its_model_cache():
-    problems = [problem for _, obj in k8s_objects() for where, template, runs_ray in pod_templates(obj)
-                for problem in pod_cache_problems(f"{obj['kind']} {where}", template, runs_ray,
-                                                  runtime_env_vars().get("HF_HOME"))]
+    problems = [
+        problem
+        for _, obj in k8s_objects()
+        for where, template, runs_ray in pod_templates(obj)
+        for problem in pod_cache_problems(
+            f"{obj['kind']} {where}", template, runs_ray, runtime_env_vars().get("HF_HOME")
+        )
+    ]
     assert problems == []
 
 
@@ -329,18 +369,42 @@ def test_every_launcher_node_can_write_its_model_cache():
 def test_the_cache_check_refuses_what_uid_1000_cannot_write():
     """The check itself: a root-owned path, a read-only mount, a config map, a Ray node without its
     volume and a launcher bind mount fail; a volume, or a path under /home/ray off Ray, passes."""
+
     def pod(home, mounts=(), volumes=()):
-        return {"spec": {"containers": [{"name": "c", "image": "other", "env": [{"name": "HF_HOME", "value": home}],
-                                         "volumeMounts": list(mounts)}], "volumes": list(volumes)}}
+        return {
+            "spec": {
+                "containers": [
+                    {
+                        "name": "c",
+                        "image": "other",
+                        "env": [{"name": "HF_HOME", "value": home}],
+                        "volumeMounts": list(mounts),
+                    }
+                ],
+                "volumes": list(volumes),
+            }
+        }
+
     cache = {"name": "cache", "emptyDir": {}}
     assert pod_cache_problems("p", pod("/mnt/cache/huggingface"), False, None)
-    assert pod_cache_problems("p", pod("/mnt/cache/hf", [{"name": "cache", "mountPath": "/mnt/cache",
-                                                          "readOnly": True}], [cache]), False, None)
-    assert pod_cache_problems("p", pod("/mnt/cache/hf", [{"name": "cfg", "mountPath": "/mnt/cache"}],
-                                       [{"name": "cfg", "configMap": {"name": "x"}}]), False, None)
+    assert pod_cache_problems(
+        "p",
+        pod("/mnt/cache/hf", [{"name": "cache", "mountPath": "/mnt/cache", "readOnly": True}], [cache]),
+        False,
+        None,
+    )
+    assert pod_cache_problems(
+        "p",
+        pod(
+            "/mnt/cache/hf", [{"name": "cfg", "mountPath": "/mnt/cache"}], [{"name": "cfg", "configMap": {"name": "x"}}]
+        ),
+        False,
+        None,
+    )
     host = {"name": "cache", "hostPath": {"path": "/var/cache/hf", "type": "DirectoryOrCreate"}}
-    assert pod_cache_problems("p", pod("/mnt/cache/hf", [{"name": "cache", "mountPath": "/mnt/cache"}], [host]),
-                              False, None)
+    assert pod_cache_problems(
+        "p", pod("/mnt/cache/hf", [{"name": "cache", "mountPath": "/mnt/cache"}], [host]), False, None
+    )
     claim = {"name": "cache", "ephemeral": {"volumeClaimTemplate": {"spec": {}}}}
     claimed = pod("/mnt/cache/hf", [{"name": "cache", "mountPath": "/mnt/cache"}], [claim])
     assert pod_cache_problems("p", claimed, False, None)
@@ -348,11 +412,16 @@ def test_the_cache_check_refuses_what_uid_1000_cannot_write():
     assert not pod_cache_problems("p", claimed, False, None)
     assert pod_cache_problems("p", pod("/home/ray/../../mnt/hf"), False, None)
     assert pod_cache_problems("p", pod("/home/ray/.cache/hf"), True, None)  # a Ray node without its volume
-    assert pod_cache_problems("p", pod("/home/ray/.cache/hf", [{"name": "cache", "mountPath": "/home/ray/.cache/hf"}],
-                                       [cache]), True, "/mnt/hf")  # the runtime env's path counts on Ray nodes
+    assert pod_cache_problems(
+        "p",
+        pod("/home/ray/.cache/hf", [{"name": "cache", "mountPath": "/home/ray/.cache/hf"}], [cache]),
+        True,
+        "/mnt/hf",
+    )  # the runtime env's path counts on Ray nodes
     assert not pod_cache_problems("p", pod("/home/ray/.cache/hf"), False, "/mnt/hf")
-    assert not pod_cache_problems("p", pod("/mnt/cache/hf", [{"name": "cache", "mountPath": "/mnt/cache"}],
-                                           [cache]), True, None)
+    assert not pod_cache_problems(
+        "p", pod("/mnt/cache/hf", [{"name": "cache", "mountPath": "/mnt/cache"}], [cache]), True, None
+    )
     docker = {"image": "other", "run_options": ["-e HF_HOME=/mnt/hf"]}
     launcher = {"docker": docker, "head_node_type": "h", "available_node_types": {"h": {}}}
     assert launcher_cache_problems(launcher, None)

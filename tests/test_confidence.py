@@ -54,8 +54,9 @@ def test_avg_logprob_is_the_mean_scaled_log_probability_of_the_chosen_tokens(tin
 def test_every_decoding_path_that_scores_its_tokens_reports_them(tiny_model_dir, recordings):
     items = [(samples, Request()) for samples in recordings]
     plain = SpeechModel.load(str(tiny_model_dir), max_new_tokens=12).generate_segments(items)
-    strict = SpeechModel.load(str(tiny_model_dir), max_new_tokens=12,
-                              speculative=SpeculativeOptions("speculative-strict")).generate_segments(items)
+    strict = SpeechModel.load(
+        str(tiny_model_dir), max_new_tokens=12, speculative=SpeculativeOptions("speculative-strict")
+    ).generate_segments(items)
     # Strict speculation gives the greedy output, so the same tokens and the same log-probabilities.
     assert [r.text for r in strict] == [r.text for r in plain]
     assert [r.avg_logprob for r in strict] == pytest.approx([r.avg_logprob for r in plain], abs=2e-3)

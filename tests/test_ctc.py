@@ -21,8 +21,10 @@ def ctc_model(tiny_ctc_dir):
 
 @pytest.fixture(scope="module")
 def clips():
-    full = [decode_audio(str(SAMPLES / name)).samples
-            for name in ("en_weather.flac", "fr_gare.mp3", "de_bibliothek.ogg", "pt_praia.wav")]
+    full = [
+        decode_audio(str(SAMPLES / name)).samples
+        for name in ("en_weather.flac", "fr_gare.mp3", "de_bibliothek.ogg", "pt_praia.wav")
+    ]
     return full + [full[0][:20_000], full[1][5_000:9_000], full[0][:100]]
 
 

@@ -31,10 +31,18 @@ def recordings(tmp_path_factory) -> dict[str, str]:
     parts = []
     while sum(len(p) for p in parts) < 180 * RATE:
         piece = np.roll(speech, -int(rng.integers(0, len(speech))))
-        parts += [np.resize(piece, int(rng.uniform(2, 12) * RATE)), np.zeros(int(rng.uniform(0.2, 4) * RATE), np.float32)]
+        parts += [
+            np.resize(piece, int(rng.uniform(2, 12) * RATE)),
+            np.zeros(int(rng.uniform(0.2, 4) * RATE), np.float32),
+        ]
     long = np.concatenate(parts)
-    paths = {"long": folder / "long.flac", "stereo": folder / "stereo.flac", "short": folder / "short.flac",
-             "silent": folder / "silent.flac", "broken": folder / "broken.flac"}
+    paths = {
+        "long": folder / "long.flac",
+        "stereo": folder / "stereo.flac",
+        "short": folder / "short.flac",
+        "silent": folder / "silent.flac",
+        "broken": folder / "broken.flac",
+    }
     sf.write(paths["long"], long, RATE)
     paths["ten"] = folder / "ten.flac"  # ten minutes: many groups of windows
     sf.write(paths["ten"], np.concatenate([np.roll(long, -k * 7 * RATE) for k in range(4)])[: 600 * RATE], RATE)
@@ -46,8 +54,14 @@ def recordings(tmp_path_factory) -> dict[str, str]:
 
 
 def manifest(recordings: dict[str, str], kinds: list[str]) -> pa.Table:
-    return pa.table({"id": kinds, "audio": [recordings[k] for k in kinds], "error": pa.nulls(len(kinds), pa.string()),
-                     "channels": ["split" if k == "stereo" else "mix" for k in kinds]})
+    return pa.table(
+        {
+            "id": kinds,
+            "audio": [recordings[k] for k in kinds],
+            "error": pa.nulls(len(kinds), pa.string()),
+            "channels": ["split" if k == "stereo" else "mix" for k in kinds],
+        }
+    )
 
 
 def rows(tables) -> list[dict]:
@@ -79,7 +93,9 @@ def test_cut_where_decoded_gives_the_rows_of_decoding_then_segmenting(recordings
     table = manifest(recordings, KINDS)
     before = rows(segment.segment_blocks(decode_table(table, isolate=False), RATE, 30.0, OPTIONS, isolate=False))
     blocks = list(decode_cut.decode_blocks(table, 30.0, isolate=isolate, options=OPTIONS, block_bytes=2 << 20))
-    after = rows(table for block in blocks for table in segment.segment_blocks(block, RATE, 30.0, OPTIONS, isolate=False))
+    after = rows(
+        table for block in blocks for table in segment.segment_blocks(block, RATE, 30.0, OPTIONS, isolate=False)
+    )
     assert recordings_of(after) == recordings_of(before)
     counts = {key: r["count"] for key, r in recordings_of(after).items()}
     assert all(len(r["segments"]) == r["count"] for r in recordings_of(after).values())
@@ -101,8 +117,10 @@ def test_a_long_recording_is_cut_as_it_is_decoded_without_being_held(recordings)
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
-        blocks = [(block.num_rows, block.column("samples").nbytes) for block in
-                  decode_cut.decode_blocks(table, 30.0, isolate=False, options=OPTIONS, block_bytes=1 << 20)]
+        blocks = [
+            (block.num_rows, block.column("samples").nbytes)
+            for block in decode_cut.decode_blocks(table, 30.0, isolate=False, options=OPTIONS, block_bytes=1 << 20)
+        ]
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -118,13 +136,14 @@ def test_streamed_cut_equals_the_whole_recording_s_plan_for_speech_without_pause
     """Speech with only short pauses is cut inside long regions: where the not-yet-final margin matters most."""
     speech = load_recording(recordings["long"]).samples
     rng = np.random.default_rng(5)
-    continuous = np.concatenate([np.resize(np.roll(speech, -int(rng.integers(len(speech)))), 40 * RATE)
-                                 for _ in range(5)])
+    continuous = np.concatenate(
+        [np.resize(np.roll(speech, -int(rng.integers(len(speech)))), 40 * RATE) for _ in range(5)]
+    )
     for options in (OPTIONS, VadOptions(batch_windows=4, min_silence_s=2.0)):
         cut = stream_cut.StreamCut(RATE, 30.0, options, None, "x")
         got = []
         for start in range(0, len(continuous), 7 * RATE):
-            cut.add(continuous[start:start + 7 * RATE])
+            cut.add(continuous[start : start + 7 * RATE])
             if cut.ready():
                 got += cut.step()
                 cut.forget()
@@ -136,9 +155,15 @@ def test_streamed_cut_equals_the_whole_recording_s_plan_for_speech_without_pause
 def test_a_long_recording_that_fails_after_some_segments_left_is_one_error_row(recordings):
     # Refused as too long only after its first segments were sent: its end row carries the error.
     table = manifest(recordings, ["long", "short"])
-    out = recordings_of(rows(t for block in decode_cut.decode_blocks(table, 30.0, max_duration_s=150.0, options=OPTIONS,
-                                                                   block_bytes=1 << 20)
-                             for t in segment.segment_blocks(block, RATE, 30.0, OPTIONS, isolate=False)))
+    out = recordings_of(
+        rows(
+            t
+            for block in decode_cut.decode_blocks(
+                table, 30.0, max_duration_s=150.0, options=OPTIONS, block_bytes=1 << 20
+            )
+            for t in segment.segment_blocks(block, RATE, 30.0, OPTIONS, isolate=False)
+        )
+    )
     long = out["long"]
     assert long["error"].startswith("too long: more than 150 s") and long["count"] == len(long["segments"]) >= 3
     assert out["short"]["error"] is None and out["short"]["count"] >= 1
@@ -148,8 +173,11 @@ def test_a_long_recording_that_fails_after_some_segments_left_is_one_error_row(r
 def test_a_long_recording_that_crashes_its_helper_is_one_error_row_of_its_stage(recordings, stage):
     table = manifest(recordings, ["short", "long", "stereo"])
     crash = CrashTest(**{stage: recordings["long"]})
-    out = rows(t for block in decode_cut.decode_blocks(table, 30.0, crash_test=crash, options=OPTIONS)
-               for t in segment.segment_blocks(block, RATE, 30.0, OPTIONS, isolate=False))
+    out = rows(
+        t
+        for block in decode_cut.decode_blocks(table, 30.0, crash_test=crash, options=OPTIONS)
+        for t in segment.segment_blocks(block, RATE, 30.0, OPTIONS, isolate=False)
+    )
     long = [r for r in out if r["id"] == "long"]
     assert [(r["segment_count"], r["error"]) for r in long] == [(0, f"{stage} crashed the worker: signal 11 (SIGSEGV)")]
     assert {r["id"] for r in out if r["error"] is None and r["segment_count"]} == {"short", "stereo"}

@@ -16,18 +16,40 @@ from conftest import REPO, SAMPLES, write_jsonl
 
 def start_job(tmp_path, tiny_model_dir, ray_cluster, rows: int = 60):
     names = ["en_weather.flac", "fr_gare.mp3", "de_bibliothek.ogg", "es_mercado.m4a", "pt_praia.wav"]
-    manifest = write_jsonl(tmp_path / "m.jsonl", [
-        {"audio": str(SAMPLES / names[i % 5]), "language": names[i % 5][:2], "id": f"row-{i:03d}"}
-        for i in range(rows)
-    ])
+    manifest = write_jsonl(
+        tmp_path / "m.jsonl",
+        [
+            {"audio": str(SAMPLES / names[i % 5]), "language": names[i % 5][:2], "id": f"row-{i:03d}"}
+            for i in range(rows)
+        ],
+    )
     config = tmp_path / "job.yaml"
     config.write_text("rows_per_file: 2\nbatch_size: 2\ndecode_batch_size: 1\ncommit_interval_s: 1\n")
     output = tmp_path / "out"
     env = {**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["gcs"]}
     process = subprocess.Popen(
-        [sys.executable, "-m", "granite_batch.cli", "run", "--config", str(config), "--manifest", str(manifest),
-         "--output", str(output), "--model", str(tiny_model_dir), "--max-new-tokens", "40", "--no-progress"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "granite_batch.cli",
+            "run",
+            "--config",
+            str(config),
+            "--manifest",
+            str(manifest),
+            "--output",
+            str(output),
+            "--model",
+            str(tiny_model_dir),
+            "--max-new-tokens",
+            "40",
+            "--no-progress",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     return process, output
 

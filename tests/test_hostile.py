@@ -52,7 +52,7 @@ def hostile(tmp_path_factory, format_corpus, speech):
     cases["nan-inf.wav"] = (folder / "nan-inf.wav", "ok")
     sf.write(folder / "one-sample.wav", samples[5000:5001], rate)
     cases["one-sample.wav"] = (folder / "one-sample.wav", "empty")
-    sf.write(folder / "50ms.wav", samples[5000:5000 + rate // 20], rate)
+    sf.write(folder / "50ms.wav", samples[5000 : 5000 + rate // 20], rate)
     cases["50ms.wav"] = (folder / "50ms.wav", "empty")
     sf.write(folder / "8bit.wav", samples, rate, subtype="PCM_U8")
     cases["8bit.wav"] = (folder / "8bit.wav", "ok")
@@ -70,14 +70,29 @@ def hostile(tmp_path_factory, format_corpus, speech):
 def hostile_job(tmp_path_factory, hostile, tiny_model_dir):
     work = tmp_path_factory.mktemp("hostile-job")
     rows = [{"audio": str(path), "case": name} for name, (path, _) in hostile.items()]
-    rows += [{"audio": str(SAMPLES / "pt_praia.wav"), "language": "pt", "case": "normal"},
-             {"audio": "/etc/passwd", "case": "outside"},
-             {"audio": str(SAMPLES / ".." / ".." / "etc" / "hostname"), "case": "escape"}]
+    rows += [
+        {"audio": str(SAMPLES / "pt_praia.wav"), "language": "pt", "case": "normal"},
+        {"audio": "/etc/passwd", "case": "outside"},
+        {"audio": str(SAMPLES / ".." / ".." / "etc" / "hostname"), "case": "escape"},
+    ]
     manifest = write_jsonl(work / "m.jsonl", rows)
     allowed = f"{next(iter(hostile.values()))[0].parent},{SAMPLES}"
-    result = run_cli(["run", "--manifest", str(manifest), "--output", str(work / "out"),
-                      "--model", str(tiny_model_dir), "--max-new-tokens", "6", "--no-progress",
-                      "--allowed-prefixes", allowed])
+    result = run_cli(
+        [
+            "run",
+            "--manifest",
+            str(manifest),
+            "--output",
+            str(work / "out"),
+            "--model",
+            str(tiny_model_dir),
+            "--max-new-tokens",
+            "6",
+            "--no-progress",
+            "--allowed-prefixes",
+            allowed,
+        ]
+    )
     table = pads.dataset(work / "out" / "transcripts", format="parquet", partitioning="hive").to_table()
     return result, {row["case"]: row for row in table.to_pylist()}, table.num_rows
 
@@ -137,18 +152,41 @@ def test_corrupt_weights_stop_the_job_before_any_work(tmp_path, tiny_model_dir):
     shutil.copytree(tiny_model_dir, broken)
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    result = run_cli(["run", "--manifest", str(SAMPLES / "manifest.jsonl"), "--output", str(tmp_path / "out"),
-                      "--model", str(broken)])
+    result = run_cli(
+        [
+            "run",
+            "--manifest",
+            str(SAMPLES / "manifest.jsonl"),
+            "--output",
+            str(tmp_path / "out"),
+            "--model",
+            str(broken),
+        ]
+    )
     assert result.returncode == 3
     assert "corrupt weights in model.safetensors" in result.stderr
     assert not (tmp_path / "out").exists()
 
 
 def test_nested_and_odd_typed_extra_columns_pass_through(tmp_path):
-    rows = [{"audio": "/a.wav", "meta": {"speaker": {"name": "Ana", "age": 40}}, "tags": ["x", "y"],
-             "score": 1.5, "flag": True, "nothing": None},
-            {"audio": "/b.wav", "meta": {"speaker": {"name": "Bo", "age": None}}, "tags": [], "score": 2,
-             "flag": False, "nothing": None}]
+    rows = [
+        {
+            "audio": "/a.wav",
+            "meta": {"speaker": {"name": "Ana", "age": 40}},
+            "tags": ["x", "y"],
+            "score": 1.5,
+            "flag": True,
+            "nothing": None,
+        },
+        {
+            "audio": "/b.wav",
+            "meta": {"speaker": {"name": "Bo", "age": None}},
+            "tags": [],
+            "score": 2,
+            "flag": False,
+            "nothing": None,
+        },
+    ]
     table = read_manifest(str(write_jsonl(tmp_path / "m.jsonl", rows)), Defaults()).table
     back = table.to_pylist()
     assert back[0]["meta"] == {"speaker": {"name": "Ana", "age": 40}} and back[1]["tags"] == []
@@ -165,24 +203,29 @@ def test_a_100000_row_manifest(tmp_path):
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.text(max_size=20),
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.text(max_size=20),
     lambda children: st.lists(children, max_size=3),
     max_leaves=5,
 )
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(rows=st.lists(
-    st.fixed_dictionaries(
-        {"audio": st.text(min_size=0, max_size=30)},
-        optional={"language": st.text(max_size=5) | st.sampled_from(["en", "fr", "xx"]),
-                  "task": st.sampled_from(["asr", "ast", "", "other"]),
-                  "target_language": st.sampled_from(["en", "fr", "zh", ""]) | st.none(),
-                  "keywords": st.lists(st.text(max_size=10), max_size=3) | st.text(max_size=20),
-                  "extra": json_values},
-    ),
-    min_size=1, max_size=8,
-))
+@given(
+    rows=st.lists(
+        st.fixed_dictionaries(
+            {"audio": st.text(min_size=0, max_size=30)},
+            optional={
+                "language": st.text(max_size=5) | st.sampled_from(["en", "fr", "xx"]),
+                "task": st.sampled_from(["asr", "ast", "", "other"]),
+                "target_language": st.sampled_from(["en", "fr", "zh", ""]) | st.none(),
+                "keywords": st.lists(st.text(max_size=10), max_size=3) | st.text(max_size=20),
+                "extra": json_values,
+            },
+        ),
+        min_size=1,
+        max_size=8,
+    )
+)
 def test_manifest_parsing_never_fails_in_an_unexpected_way(tmp_path, rows):
     path = write_jsonl(tmp_path / "h.jsonl", rows)
     try:
@@ -199,8 +242,10 @@ def test_manifest_parsing_never_fails_in_an_unexpected_way(tmp_path, rows):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(keywords=st.lists(st.text(max_size=30), max_size=4),
-       task=st.sampled_from([("asr", None), ("ast", "en"), ("ast", "fr")]))
+@given(
+    keywords=st.lists(st.text(max_size=30), max_size=4),
+    task=st.sampled_from([("asr", None), ("ast", "en"), ("ast", "fr")]),
+)
 def test_no_keyword_text_changes_the_prompt_structure(tiny_model_dir, keywords, task):
     from transformers import AutoTokenizer
 

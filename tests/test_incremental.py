@@ -27,15 +27,27 @@ def summaries(root: Path) -> list[dict]:
 
 
 def base_args(manifest: Path, output: Path, model: Path) -> list[str]:
-    return ["run", "--manifest", str(manifest), "--output", str(output), "--model", str(model),
-            "--max-new-tokens", "4", "--no-progress"]
+    return [
+        "run",
+        "--manifest",
+        str(manifest),
+        "--output",
+        str(output),
+        "--model",
+        str(model),
+        "--max-new-tokens",
+        "4",
+        "--no-progress",
+    ]
 
 
 def test_second_run_processes_nothing_and_retry_failed_redoes_error_rows(tmp_path, tiny_model_dir):
     broken = tmp_path / "later.wav"
-    rows = [{"audio": str(SAMPLES / "pt_praia.wav"), "language": "pt", "id": " "},  # blank: the digest id
-            {"audio": str(SAMPLES / "fr_gare.mp3"), "language": "fr"},
-            {"audio": str(broken), "language": "en", "id": "fixed-later"}]
+    rows = [
+        {"audio": str(SAMPLES / "pt_praia.wav"), "language": "pt", "id": " "},  # blank: the digest id
+        {"audio": str(SAMPLES / "fr_gare.mp3"), "language": "fr"},
+        {"audio": str(broken), "language": "en", "id": "fixed-later"},
+    ]
     manifest = write_jsonl(tmp_path / "m.jsonl", rows)
     output = tmp_path / "out"
 
@@ -70,19 +82,28 @@ def test_second_run_processes_nothing_and_retry_failed_redoes_error_rows(tmp_pat
 
 def test_driver_killed_mid_run_then_rerun_gives_exactly_one_row_per_id(tmp_path, tiny_model_dir):
     names = ["en_weather.flac", "fr_gare.mp3", "de_bibliothek.ogg", "es_mercado.m4a", "pt_praia.wav"]
-    rows = [{"audio": str(SAMPLES / name), "language": name[:2], "id": f"row-{i:03d}"}
-            for i in range(40) for name in [names[i % len(names)]]]
+    rows = [
+        {"audio": str(SAMPLES / name), "language": name[:2], "id": f"row-{i:03d}"}
+        for i in range(40)
+        for name in [names[i % len(names)]]
+    ]
     manifest = write_jsonl(tmp_path / "m.jsonl", rows)
     output = tmp_path / "out"
     config = tmp_path / "job.yaml"
     # Small files and batches so that some rows are committed long before the run ends; a short lease
     # expiry, so the rerun takes over the killed run's lease after 2 s instead of 10 min.
-    config.write_text("rows_per_file: 2\nbatch_size: 2\ndecode_batch_size: 1\ncommit_interval_s: 1\n"
-                      "lease_expiry_s: 2\n")
+    config.write_text(
+        "rows_per_file: 2\nbatch_size: 2\ndecode_batch_size: 1\ncommit_interval_s: 1\nlease_expiry_s: 2\n"
+    )
     args = base_args(manifest, output, tiny_model_dir) + ["--config", str(config)]
 
-    process = subprocess.Popen([sys.executable, "-m", "granite_batch.cli", *args], cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "granite_batch.cli", *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     transcripts = output / "transcripts"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and process.poll() is None:
@@ -98,7 +119,9 @@ def test_driver_killed_mid_run_then_rerun_gives_exactly_one_row_per_id(tmp_path,
 
     again = run_cli(args)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert f"taking over the stale lease on {output}/transcripts from run {summaries(output)[0]['run_id']}" in again.stderr
+    assert (
+        f"taking over the stale lease on {output}/transcripts from run {summaries(output)[0]['run_id']}" in again.stderr
+    )
     final = output_rows(output)
     ids = [r["id"] for r in final]
     assert len(ids) == len(set(ids)) == 40
@@ -126,13 +149,22 @@ def commit_rows(output: str, run_id: str, ids: list[str], failed: set[str], stor
     """Transcript rows for `ids` committed as a run would (our file names), `failed` ones with an error."""
     n = len(ids)
     writer = TranscriptWriter(output, run_id, transcript_schema(), storage_options, rows_per_file=700)
-    table = pa.table({
-        "id": ids, "audio": [f"/r/{i}.wav" for i in ids], "language": ["en"] * n, "task": ["asr"] * n,
-        "target_language": pa.nulls(n, pa.string()), "text": [None if i in failed else "ok" for i in ids],
-        "segments": pa.nulls(n, pa.list_(SEGMENT_TYPE)), "duration_s": [1.0] * n,
-        "error": [("not found: /r/" + i) if i in failed else None for i in ids],
-        "model": ["m"] * n, "model_revision": ["r"] * n, "run_id": [run_id] * n,
-    })
+    table = pa.table(
+        {
+            "id": ids,
+            "audio": [f"/r/{i}.wav" for i in ids],
+            "language": ["en"] * n,
+            "task": ["asr"] * n,
+            "target_language": pa.nulls(n, pa.string()),
+            "text": [None if i in failed else "ok" for i in ids],
+            "segments": pa.nulls(n, pa.list_(SEGMENT_TYPE)),
+            "duration_s": [1.0] * n,
+            "error": [("not found: /r/" + i) if i in failed else None for i in ids],
+            "model": ["m"] * n,
+            "model_revision": ["r"] * n,
+            "run_id": [run_id] * n,
+        }
+    )
     for start in range(0, n, 700):  # a file closes after the write that passes rows_per_file
         writer.write(table.slice(start, 700))
     writer.close()
@@ -156,8 +188,14 @@ def test_rerun_with_every_id_done_plans_nothing_and_counts_them_all_done(tmp_pat
     layout = prepare_plan(stream, output, plan_folder(output, "R2"), **SMALL)
     todo, counts = plan_all(layout)
     assert todo.num_rows == 0
-    assert counts == {"rows_in": ROWS + 40, "duplicates": 40, "rows_already_done": ROWS, "rows_to_do": 0,
-                      "rows_retried": 0, "buckets_planned": 8}
+    assert counts == {
+        "rows_in": ROWS + 40,
+        "duplicates": 40,
+        "rows_already_done": ROWS,
+        "rows_to_do": 0,
+        "rows_retried": 0,
+        "buckets_planned": 8,
+    }
     assert layout.committed.rows_ok == ROWS and layout.committed.files == 5
     pieces = list((tmp_path / "out" / "_staging" / "R2" / "plan" / "manifest").glob("*/*.arrow"))
     assert len(pieces) > 8  # several pieces per bucket: the spool flushed more than once
@@ -172,8 +210,13 @@ def test_rerun_over_done_failed_and_new_ids_plans_exactly_the_new_ones(tmp_path,
     manifest = manifest_of(tmp_path / "m.jsonl", ids + new[:25])
     output = str(tmp_path / "out")
     commit_rows(output, "R1", done, failed)
-    layout = prepare_plan(ManifestStream(str(manifest), Defaults(), block_bytes=8192), output,
-                          str(tmp_path / "plan"), retry_failed=retry_failed, **SMALL)
+    layout = prepare_plan(
+        ManifestStream(str(manifest), Defaults(), block_bytes=8192),
+        output,
+        str(tmp_path / "plan"),
+        retry_failed=retry_failed,
+        **SMALL,
+    )
     todo, counts = plan_all(layout)
     expected = set(new) | (failed if retry_failed else set())
     assert sorted(todo.column("id").to_pylist()) == sorted(expected)
@@ -230,8 +273,7 @@ def test_status_counts_done_failed_and_pending(tmp_path):
     ids = [f"rec-{i:05d}" for i in range(ROWS)]
     output = str(tmp_path / "out")
     commit_rows(output, "R1", ids[:1000], failed=set(ids[:100]))
-    status = count_status(output, ManifestStream(str(manifest_of(tmp_path / "m.jsonl", ids)), Defaults()),
-                          buckets=4)
+    status = count_status(output, ManifestStream(str(manifest_of(tmp_path / "m.jsonl", ids)), Defaults()), buckets=4)
     assert (status.committed.rows_ok, status.committed.rows_failed) == (900, 100)
     assert dict(status.committed.failures_by_reason) == {"not found": 100}
     assert status.manifest["rows_to_do"] == ROWS - 1000 and status.manifest["rows_in"] == ROWS
@@ -250,8 +292,9 @@ def test_planning_against_an_s3_server(s3_server, s3, tmp_path):
     s3.put(str(tmp_path / "m.jsonl"), "plan-bucket/m.jsonl")
 
     stream = ManifestStream("s3://plan-bucket/m.jsonl", Defaults(), options, block_bytes=8192)
-    layout = prepare_plan(stream, output, plan_folder(output, "R2"), options, retry_failed=True,
-                          buckets=4, spool_bytes=32 << 10)
+    layout = prepare_plan(
+        stream, output, plan_folder(output, "R2"), options, retry_failed=True, buckets=4, spool_bytes=32 << 10
+    )
     assert layout.folder == "s3://plan-bucket/out/_staging/R2/plan"
     todo, counts = plan_all(layout)
     assert sorted(todo.column("id").to_pylist()) == ids[:50] + ids[700:]

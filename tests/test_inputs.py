@@ -50,8 +50,9 @@ def transcripts(rows: pa.Table, speech_model: SpeechModel, max_segment_s: float 
 
 
 def by_path(names=NAMES) -> pa.Table:
-    return read_manifest_rows([{"audio": str(SAMPLES / name), "id": name, "language": LANGUAGES[name]}
-                               for name in names])
+    return read_manifest_rows(
+        [{"audio": str(SAMPLES / name), "id": name, "language": LANGUAGES[name]} for name in names]
+    )
 
 
 def read_manifest_rows(rows: list[dict], tmp_name: str = "/tmp/granite-batch-inputs-by-path.jsonl") -> pa.Table:
@@ -63,8 +64,9 @@ def read_manifest_rows(rows: list[dict], tmp_name: str = "/tmp/granite-batch-inp
 def hf_parquet(path, names=NAMES, **columns) -> str:
     """A Parquet manifest in Hugging Face's `Audio` layout: struct<bytes, path>, plus `columns`."""
     audio = [{"bytes": (SAMPLES / name).read_bytes(), "path": name} for name in names]
-    table = pa.table({"audio": pa.array(audio, HF_AUDIO), "id": names,
-                      "language": [LANGUAGES[n] for n in names], **columns})
+    table = pa.table(
+        {"audio": pa.array(audio, HF_AUDIO), "id": names, "language": [LANGUAGES[n] for n in names], **columns}
+    )
     pq.write_table(table, path, row_group_size=2)
     return str(path)
 
@@ -91,13 +93,22 @@ def write_shard(path, names=NAMES, with_ids: bool = True) -> None:
 
 # --- embedded audio --------------------------------------------------------------------------------
 
+
 def test_hf_audio_rows_keep_their_path_as_name_and_stable_ids(tmp_path):
     data = (SAMPLES / "en_weather.flac").read_bytes()
-    table = pa.table({"audio": pa.array([
-        {"bytes": data, "path": "clips/en_weather.flac"},
-        {"bytes": data, "path": None},
-        {"bytes": None, "path": "fr_gare.mp3"},  # no bytes: read from its path, relative to the manifest
-    ], HF_AUDIO), "text_reference": ["a", "b", "c"]})
+    table = pa.table(
+        {
+            "audio": pa.array(
+                [
+                    {"bytes": data, "path": "clips/en_weather.flac"},
+                    {"bytes": data, "path": None},
+                    {"bytes": None, "path": "fr_gare.mp3"},  # no bytes: read from its path, relative to the manifest
+                ],
+                HF_AUDIO,
+            ),
+            "text_reference": ["a", "b", "c"],
+        }
+    )
     pq.write_table(table, tmp_path / "m.parquet")
     defaults = Defaults(allowed_prefixes=(str(tmp_path),))
     first = read_manifest(str(tmp_path / "m.parquet"), defaults).table.to_pylist()
@@ -109,8 +120,12 @@ def test_hf_audio_rows_keep_their_path_as_name_and_stable_ids(tmp_path):
     # The allow-list is for what is read from storage; embedded audio is read from nowhere.
     assert [r["error"] for r in first[:2]] == [None, None]
     assert first[2]["error"] is None
-    assert read_manifest(str(tmp_path / "m.parquet"), Defaults(allowed_prefixes=("/elsewhere/",))).table.column(
-        "error").to_pylist()[2].startswith("not allowed: ")
+    assert (
+        read_manifest(str(tmp_path / "m.parquet"), Defaults(allowed_prefixes=("/elsewhere/",)))
+        .table.column("error")
+        .to_pylist()[2]
+        .startswith("not allowed: ")
+    )
 
 
 def test_parquet_blocks_of_embedded_audio_are_sized_by_bytes(tmp_path):
@@ -141,6 +156,7 @@ def test_empty_and_corrupt_bytes_are_row_errors(tmp_path):
 
 # --- tar shards ------------------------------------------------------------------------------------
 
+
 def test_tar_shard_listed_like_a_folder_gives_the_by_path_transcripts(tmp_path, speech_model):
     (tmp_path / "shards").mkdir()
     write_shard(tmp_path / "shards" / "part-000.tar", NAMES[:2])
@@ -149,7 +165,8 @@ def test_tar_shard_listed_like_a_folder_gives_the_by_path_transcripts(tmp_path, 
     rows = listed.table.to_pylist()
     assert [r["audio"] for r in rows] == [
         f"tar://sample{n % 2:04d}.{name.split('.', 1)[1]}::{tmp_path}/shards/part-00{n // 2}.tar"
-        for n, name in enumerate(NAMES)]
+        for n, name in enumerate(NAMES)
+    ]
     assert [r["id"] for r in rows[:2]] == NAMES[:2]  # the sidecar's id
     assert rows[2]["id"] == default_id(rows[2]["audio"], "asr", None, [])  # no sidecar id: the shard + member
     assert [r["language"] for r in rows] == [LANGUAGES[n] for n in NAMES]
@@ -168,10 +185,13 @@ def test_shards_stream_from_object_storage(tmp_path, s3, s3_server):
     write_shard(tmp_path / "part-000.tar", NAMES[:2])
     s3.mkdir("shard-bucket")
     s3.put(str(tmp_path / "part-000.tar"), "shard-bucket/shards/part-000.tar")
-    listed = list_recordings("s3://shard-bucket/shards/*.tar", Defaults(),
-                             {"s3": {"client_kwargs": {"endpoint_url": s3_server}}}).table.to_pylist()
-    assert [r["audio"] for r in listed] == ["tar://sample0000.flac::s3://shard-bucket/shards/part-000.tar",
-                                            "tar://sample0001.mp3::s3://shard-bucket/shards/part-000.tar"]
+    listed = list_recordings(
+        "s3://shard-bucket/shards/*.tar", Defaults(), {"s3": {"client_kwargs": {"endpoint_url": s3_server}}}
+    ).table.to_pylist()
+    assert [r["audio"] for r in listed] == [
+        "tar://sample0000.flac::s3://shard-bucket/shards/part-000.tar",
+        "tar://sample0001.mp3::s3://shard-bucket/shards/part-000.tar",
+    ]
     assert [r["audio_bytes"] for r in listed] == [(SAMPLES / n).read_bytes() for n in NAMES[:2]]
 
 
@@ -198,14 +218,29 @@ def test_a_shard_that_is_not_a_tar_stops_the_job_naming_it(tmp_path):
 
 # --- http(s) -----------------------------------------------------------------------------------------
 
+
 def test_url_rows_decode_and_failures_are_row_errors(web):
-    allowed = tuple(f"{web.url}/{kind}/" for kind in ("files", "moved", "missing", "forbidden", "drop", "away",
-                                                       "flaky", "cut"))
-    rows = read_manifest_rows([{"audio": url} for url in [
-        f"{web.url}/files/fr_gare.mp3", f"{web.url}/files/es_mercado.m4a", f"{web.url}/moved/fr_gare.mp3",
-        f"{web.url}/missing/x.flac", f"{web.url}/forbidden/x.flac", f"{web.url}/drop/x.flac",
-        f"{web.url}/away/fr_gare.mp3", "http://localhost:1/files/fr_gare.mp3", f"{web.url}/flaky/fr_gare.mp3",
-        f"{web.url}/cut/en_weather.flac"]], "/tmp/granite-batch-urls.jsonl")
+    allowed = tuple(
+        f"{web.url}/{kind}/" for kind in ("files", "moved", "missing", "forbidden", "drop", "away", "flaky", "cut")
+    )
+    rows = read_manifest_rows(
+        [
+            {"audio": url}
+            for url in [
+                f"{web.url}/files/fr_gare.mp3",
+                f"{web.url}/files/es_mercado.m4a",
+                f"{web.url}/moved/fr_gare.mp3",
+                f"{web.url}/missing/x.flac",
+                f"{web.url}/forbidden/x.flac",
+                f"{web.url}/drop/x.flac",
+                f"{web.url}/away/fr_gare.mp3",
+                "http://localhost:1/files/fr_gare.mp3",
+                f"{web.url}/flaky/fr_gare.mp3",
+                f"{web.url}/cut/en_weather.flac",
+            ]
+        ],
+        "/tmp/granite-batch-urls.jsonl",
+    )
     rows = read_manifest("/tmp/granite-batch-urls.jsonl", Defaults(allowed_prefixes=allowed)).table
     decoded = decode_table(rows, isolate=False, allowed_prefixes=allowed)
     errors = decoded.column("error").to_pylist()
@@ -217,8 +252,10 @@ def test_url_rows_decode_and_failures_are_row_errors(web):
     assert errors[4] == f"access denied: {web.url}/forbidden/x.flac"
     assert errors[5].startswith("read failed: ") and errors[5].endswith("(after 4 attempts)")
     assert web.requests.count("HEAD /drop/x.flac") == 4  # retried, then given up
-    assert errors[6] == (f"not allowed: {web.url}/away/fr_gare.mp3 redirects to "
-                         f"http://localhost:{web.port}/files/fr_gare.mp3, outside the allowed prefixes")
+    assert errors[6] == (
+        f"not allowed: {web.url}/away/fr_gare.mp3 redirects to "
+        f"http://localhost:{web.port}/files/fr_gare.mp3, outside the allowed prefixes"
+    )
     assert errors[7] == "not allowed: http://localhost:1/files/fr_gare.mp3 is outside the allowed prefixes"
     assert not any(request.startswith("GET /away") for request in web.requests)
     # A dropped connection is retried: the second try succeeds; a body cut short every time fails.
@@ -227,6 +264,7 @@ def test_url_rows_decode_and_failures_are_row_errors(web):
 
 
 # --- split channels ----------------------------------------------------------------------------------
+
 
 def at_16k(name: str) -> np.ndarray:
     samples, rate = sf.read(SAMPLES / name, dtype="float32")
@@ -238,21 +276,24 @@ def test_split_channels_give_each_channel_its_own_segments_in_time_order(tmp_pat
     gap = 16000 * 5  # the right channel speaks after the left has finished
     length = gap + len(right) + 8000
     stereo = np.zeros((length, 2), np.float32)
-    stereo[8000:8000 + len(left), 0] = left
-    stereo[gap:gap + len(right), 1] = right
+    stereo[8000 : 8000 + len(left), 0] = left
+    stereo[gap : gap + len(right), 1] = right
     sf.write(tmp_path / "call.wav", stereo, 16000, subtype="FLOAT")
     for channel in (0, 1):
         sf.write(tmp_path / f"channel{channel}.wav", stereo[:, channel], 16000, subtype="FLOAT")
     silent = stereo.copy()
     silent[:, 1] = 0.0
     sf.write(tmp_path / "one_sided.wav", silent, 16000, subtype="FLOAT")
-    rows = read_manifest_rows([
-        {"audio": str(tmp_path / "call.wav"), "id": "call", "channels": "split"},
-        {"audio": str(tmp_path / "one_sided.wav"), "id": "one-sided", "channels": "split"},
-        {"audio": str(tmp_path / "call.wav"), "id": "mixed"},
-        {"audio": str(tmp_path / "channel0.wav"), "id": "alone-0"},
-        {"audio": str(tmp_path / "channel1.wav"), "id": "alone-1"},
-    ], "/tmp/granite-batch-channels.jsonl")
+    rows = read_manifest_rows(
+        [
+            {"audio": str(tmp_path / "call.wav"), "id": "call", "channels": "split"},
+            {"audio": str(tmp_path / "one_sided.wav"), "id": "one-sided", "channels": "split"},
+            {"audio": str(tmp_path / "call.wav"), "id": "mixed"},
+            {"audio": str(tmp_path / "channel0.wav"), "id": "alone-0"},
+            {"audio": str(tmp_path / "channel1.wav"), "id": "alone-1"},
+        ],
+        "/tmp/granite-batch-channels.jsonl",
+    )
     out = transcripts(rows, speech_model, max_segment_s=5.0)
 
     call = out["call"]["segments"]
@@ -281,8 +322,12 @@ def test_reference_column_is_read_as_reference(tmp_path):
 
 
 def test_channels_mode_comes_from_the_row_or_the_job(tmp_path):
-    rows = [{"audio": "/a.wav"}, {"audio": "/b.wav", "channels": "split"}, {"audio": "/c.wav", "channels": "Mix"},
-            {"audio": "/d.wav", "channels": "left"}]
+    rows = [
+        {"audio": "/a.wav"},
+        {"audio": "/b.wav", "channels": "split"},
+        {"audio": "/c.wav", "channels": "Mix"},
+        {"audio": "/d.wav", "channels": "left"},
+    ]
     read = read_manifest_rows(rows, "/tmp/granite-batch-modes.jsonl").to_pylist()
     assert [r["channels"] for r in read[:3]] == ["mix", "split", "mix"]
     assert read[3]["error"] == "unsupported channels 'left'; use mix or split"
@@ -292,31 +337,57 @@ def test_channels_mode_comes_from_the_row_or_the_job(tmp_path):
 
 # --- the whole job ------------------------------------------------------------------------------------
 
+
 def test_job_over_embedded_audio_urls_and_paths_gives_one_transcript_per_recording(tmp_path, tiny_model_dir, web):
     """One real run (Ray, the CLI): the same recordings embedded, by URL and by path give the same
     text; URL failures are row errors; a split-channel row carries its channels; the run is scored
     against the embedded dataset's reference texts (its `text` column, as HF's test sets name it)."""
     names = NAMES[:3]
-    audio = ([{"bytes": (SAMPLES / n).read_bytes(), "path": n} for n in names]
-             + [{"bytes": None, "path": f"{web.url}/files/{n}"} for n in names]
-             + [{"bytes": None, "path": str(SAMPLES / n)} for n in names]
-             + [{"bytes": None, "path": f"{web.url}/missing/x.flac"}, {"bytes": None, "path": f"{web.url}/away/en_weather.flac"},
-                {"bytes": (SAMPLES / "pt_praia.wav").read_bytes(), "path": "pt_praia.wav"}])
+    audio = (
+        [{"bytes": (SAMPLES / n).read_bytes(), "path": n} for n in names]
+        + [{"bytes": None, "path": f"{web.url}/files/{n}"} for n in names]
+        + [{"bytes": None, "path": str(SAMPLES / n)} for n in names]
+        + [
+            {"bytes": None, "path": f"{web.url}/missing/x.flac"},
+            {"bytes": None, "path": f"{web.url}/away/en_weather.flac"},
+            {"bytes": (SAMPLES / "pt_praia.wav").read_bytes(), "path": "pt_praia.wav"},
+        ]
+    )
     ids = [f"{kind}-{n}" for kind in ("embedded", "url", "path") for n in names] + ["missing", "away", "split"]
-    table = pa.table({
-        "audio": pa.array(audio, HF_AUDIO), "id": ids,
-        "language": [LANGUAGES[n] for n in names] * 3 + ["en", "en", "pt"],
-        "channels": [None] * 11 + ["split"],
-        "text": [f"reference {i}" for i in range(12)],  # HF test sets' name for the reference
-    })
+    table = pa.table(
+        {
+            "audio": pa.array(audio, HF_AUDIO),
+            "id": ids,
+            "language": [LANGUAGES[n] for n in names] * 3 + ["en", "en", "pt"],
+            "channels": [None] * 11 + ["split"],
+            "text": [f"reference {i}" for i in range(12)],  # HF test sets' name for the reference
+        }
+    )
     pq.write_table(table, tmp_path / "hf.parquet", row_group_size=3)
     output = tmp_path / "out"
-    result = run_cli(["run", "--manifest", str(tmp_path / "hf.parquet"), "--output", str(output), "--model",
-                      str(tiny_model_dir), "--max-new-tokens", "8", "--no-progress", "--reference-column", "text",
-                      "--allowed-prefixes", f"{SAMPLES},{web.url}/files/,{web.url}/missing/,{web.url}/away/"])
+    result = run_cli(
+        [
+            "run",
+            "--manifest",
+            str(tmp_path / "hf.parquet"),
+            "--output",
+            str(output),
+            "--model",
+            str(tiny_model_dir),
+            "--max-new-tokens",
+            "8",
+            "--no-progress",
+            "--reference-column",
+            "text",
+            "--allowed-prefixes",
+            f"{SAMPLES},{web.url}/files/,{web.url}/missing/,{web.url}/away/",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = {r["id"]: r for r in pads.dataset(output / "transcripts", format="parquet",
-                                             partitioning="hive").to_table().to_pylist()}
+    rows = {
+        r["id"]: r
+        for r in pads.dataset(output / "transcripts", format="parquet", partitioning="hive").to_table().to_pylist()
+    }
     assert len(rows) == 12
     assert "audio_bytes" not in next(iter(rows.values())) and "channels" not in next(iter(rows.values()))
     for n in names:
@@ -337,9 +408,17 @@ def test_job_over_embedded_audio_urls_and_paths_gives_one_transcript_per_recordi
 def test_channel_labels_are_not_scored_as_words():
     from granite_batch.evaluate import scorable_rows
 
-    table = pa.table({"id": ["a"], "task": ["asr"], "language": ["en"], "target_language": [None],
-                      "text": ["[channel 0] Hello there.\n[channel 1] Hi."], "error": [None],
-                      "reference": ["hello there hi"]})
+    table = pa.table(
+        {
+            "id": ["a"],
+            "task": ["asr"],
+            "language": ["en"],
+            "target_language": [None],
+            "text": ["[channel 0] Hello there.\n[channel 1] Hi."],
+            "error": [None],
+            "reference": ["hello there hi"],
+        }
+    )
     rows, _ = scorable_rows(table)
     assert rows[0]["hypothesis_scored"] == rows[0]["reference_scored"] == "hello there hi"
 
@@ -347,8 +426,9 @@ def test_channel_labels_are_not_scored_as_words():
 def test_plans_carry_embedded_audio_and_are_sized_by_its_bytes(tmp_path):
     from granite_batch.inputs.plan import BYTES_PER_BUCKET, _buckets_for, plan_bucket, prepare_plan
 
-    layout = prepare_plan(ManifestStream(hf_parquet(tmp_path / "m.parquet"), Defaults()), str(tmp_path / "out"),
-                          str(tmp_path / "plan"))
+    layout = prepare_plan(
+        ManifestStream(hf_parquet(tmp_path / "m.parquet"), Defaults()), str(tmp_path / "out"), str(tmp_path / "plan")
+    )
     todo = pa.concat_tables([plan_bucket(layout, b)[0] for b in range(layout.buckets)])
     by_id = {row["id"]: row["audio_bytes"] for row in todo.to_pylist()}
     assert by_id == {name: (SAMPLES / name).read_bytes() for name in NAMES}

@@ -78,7 +78,7 @@ def test_a_stream_may_be_consumed_while_map_isolated_works_and_left_early():
     from granite_batch.audio import isolation
 
     values = []
-    for index, (value, _) in stream_isolated(parts_of, [4, 2]):
+    for _index, (value, _) in stream_isolated(parts_of, [4, 2]):
         values.append((value, map_isolated(pid_of, [value])[0][0]))
         if value == 21:
             break  # leaves the stream with values still to come: its helper is ended

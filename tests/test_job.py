@@ -35,16 +35,36 @@ def job(tmp_path_factory, tiny_model_dir, format_corpus, broken_corpus):
     rows += [{"audio": str(path), "batch": "broken", "id": f"broken-{name}"} for name, path in broken_corpus.items()]
     rows += [
         {"audio": str(SAMPLES / "en_weather.flac"), "language": "xx", "id": "bad-language", "batch": "values"},
-        {"audio": str(SAMPLES / "fr_gare.mp3"), "language": "fr", "task": "ast", "target_language": "de",
-         "id": "bad-pair", "batch": "values"},
+        {
+            "audio": str(SAMPLES / "fr_gare.mp3"),
+            "language": "fr",
+            "task": "ast",
+            "target_language": "de",
+            "id": "bad-pair",
+            "batch": "values",
+        },
         {"audio": str(SAMPLES / "de_bibliothek.ogg"), "id": "format-speech.wav", "batch": "duplicate"},
     ]
     manifest = write_jsonl(work / "manifest.jsonl", rows)
     config = work / "job.yaml"
     config.write_text(f"model: {tiny_model_dir}\nbatch_size: 4\ngeneration:\n  max_new_tokens: 12\n")
     output = work / "out"
-    result = run_cli(["run", "--config", str(config), "--manifest", str(manifest), "--output", str(output),
-                      "--batch-size", "3", "--no-progress", "--run-id", "test-run"])
+    result = run_cli(
+        [
+            "run",
+            "--config",
+            str(config),
+            "--manifest",
+            str(manifest),
+            "--output",
+            str(output),
+            "--batch-size",
+            "3",
+            "--no-progress",
+            "--run-id",
+            "test-run",
+        ]
+    )
     return {"result": result, "output": output, "rows": rows, "work": work}
 
 
@@ -74,8 +94,15 @@ def test_exactly_one_row_per_distinct_id(job):
 
 def test_partition_folders_per_language_and_few_files(job):
     folders = sorted(p.name for p in (job["output"] / "transcripts").iterdir())
-    assert folders == ["language=de", "language=en", "language=es", "language=fr", "language=ja",
-                       "language=pt", "language=und"]
+    assert folders == [
+        "language=de",
+        "language=en",
+        "language=es",
+        "language=fr",
+        "language=ja",
+        "language=pt",
+        "language=und",
+    ]
     for folder in (job["output"] / "transcripts").iterdir():
         files = list(folder.iterdir())
         assert len(files) == 1 and files[0].suffix == ".parquet"
@@ -127,8 +154,12 @@ def test_run_summary(job):
     assert summary["run_id"] == "test-run" and summary["status"] == "succeeded"
     assert summary["rows_in"] == len(job["rows"]) and summary["duplicates"] == 1
     assert summary["rows_ok"] == 14 and summary["rows_failed"] == 7
-    assert summary["failures_by_reason"] == {"decode failed": 4, "not found": 1, "unsupported language": 1,
-                                             "unsupported translation pair": 1}
+    assert summary["failures_by_reason"] == {
+        "decode failed": 4,
+        "not found": 1,
+        "unsupported language": 1,
+        "unsupported translation pair": 1,
+    }
     assert summary["audio_hours"] > 0 and summary["wall_s"] > 0
     # audio_s, wall_s and the factor are each rounded to 1 ms (3 decimals): allow exactly what that moves.
     audio_s, wall_s = summary["audio_s"], summary["wall_s"]
@@ -155,16 +186,26 @@ def test_run_summary(job):
 def test_bad_manifest_exits_before_any_work_naming_the_line(tmp_path, tiny_model_dir):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text('{"audio": "a.wav"}\n{"audio": "b.wav",}\n', encoding="utf-8")
-    result = run_cli(["run", "--manifest", str(manifest), "--output", str(tmp_path / "out"),
-                      "--model", str(tiny_model_dir)])
+    result = run_cli(
+        ["run", "--manifest", str(manifest), "--output", str(tmp_path / "out"), "--model", str(tiny_model_dir)]
+    )
     assert result.returncode == 2
     assert "m.jsonl line 2: malformed JSON" in result.stderr
     assert not (tmp_path / "out").exists()
 
 
 def test_unloadable_model_exits_before_any_work(tmp_path):
-    result = run_cli(["run", "--manifest", str(SAMPLES / "manifest.jsonl"), "--output", str(tmp_path / "out"),
-                      "--model", str(tmp_path / "no-model-here")])
+    result = run_cli(
+        [
+            "run",
+            "--manifest",
+            str(SAMPLES / "manifest.jsonl"),
+            "--output",
+            str(tmp_path / "out"),
+            "--model",
+            str(tmp_path / "no-model-here"),
+        ]
+    )
     assert result.returncode == 3
     assert "cannot load model" in result.stderr and "--model" in result.stderr
     assert not (tmp_path / "out").exists()
@@ -179,12 +220,28 @@ def test_invalid_config_names_the_field(tmp_path):
 
 
 def test_too_many_failures_exit_non_zero_with_the_summary_written(tmp_path, tiny_model_dir, broken_corpus):
-    rows = [{"audio": str(broken_corpus["empty.wav"])}, {"audio": str(broken_corpus["text.wav"])},
-            {"audio": str(SAMPLES / "pt_praia.wav"), "language": "pt"}]
+    rows = [
+        {"audio": str(broken_corpus["empty.wav"])},
+        {"audio": str(broken_corpus["text.wav"])},
+        {"audio": str(SAMPLES / "pt_praia.wav"), "language": "pt"},
+    ]
     manifest = write_jsonl(tmp_path / "m.jsonl", rows)
-    result = run_cli(["run", "--manifest", str(manifest), "--output", str(tmp_path / "out"),
-                      "--model", str(tiny_model_dir), "--max-failed-fraction", "0.5", "--no-progress",
-                      "--max-new-tokens", "4"])
+    result = run_cli(
+        [
+            "run",
+            "--manifest",
+            str(manifest),
+            "--output",
+            str(tmp_path / "out"),
+            "--model",
+            str(tiny_model_dir),
+            "--max-failed-fraction",
+            "0.5",
+            "--no-progress",
+            "--max-new-tokens",
+            "4",
+        ]
+    )
     assert result.returncode == 5, result.stderr[-2000:]
     assert "2 of 3 rows failed" in result.stderr
     summary = only_summary(tmp_path / "out")

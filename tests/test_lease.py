@@ -47,7 +47,8 @@ lease.release()
 COMMITTER = r"""
 import json, os, sys
 from granite_batch.run.lease import Lease, LeaseLost
-output, run_id, options, expiry_s, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
+output, run_id, options, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[5]
+expiry_s = float(sys.argv[4])
 lease = Lease.acquire(output, "transcripts", run_id, options, expiry_s=expiry_s, wait_s=0)
 print("holding", lease.holder.generation, flush=True)
 for n, _ in enumerate(sys.stdin):
@@ -62,8 +63,14 @@ for n, _ in enumerate(sys.stdin):
 
 
 def _spawn(script: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", script, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, bufsize=1)
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        bufsize=1,
+    )
 
 
 def _report(process: subprocess.Popen) -> dict:
@@ -257,8 +264,13 @@ def test_status_shows_who_holds_the_output(tmp_path):
 
 
 def _rows(ids: list[str], run_id: str) -> pa.Table:
-    return pa.Table.from_pylist([{"id": i, "audio": f"{i}.wav", "language": "en", "task": "asr", "text": i,
-                                  "model": "m", "run_id": run_id} for i in ids], schema=transcript_schema())
+    return pa.Table.from_pylist(
+        [
+            {"id": i, "audio": f"{i}.wav", "language": "en", "task": "asr", "text": i, "model": "m", "run_id": run_id}
+            for i in ids
+        ],
+        schema=transcript_schema(),
+    )
 
 
 def test_writer_stops_before_committing_once_its_lease_is_taken_away(tmp_path):
@@ -277,17 +289,38 @@ def test_writer_stops_before_committing_once_its_lease_is_taken_away(tmp_path):
 
 # --- whole jobs: `granite-batch run` twice on one output, at the same time -----------------------------
 
+
 def _job(manifest, output: str, model, run_id: str, *extra: str) -> subprocess.Popen:
-    args = ["run", "--manifest", str(manifest), "--output", output, "--model", str(model), "--max-new-tokens", "4",
-            "--no-progress", "--run-id", run_id, *extra]
-    return subprocess.Popen([sys.executable, "-m", "granite_batch.cli", *args], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    args = [
+        "run",
+        "--manifest",
+        str(manifest),
+        "--output",
+        output,
+        "--model",
+        str(model),
+        "--max-new-tokens",
+        "4",
+        "--no-progress",
+        "--run-id",
+        run_id,
+        *extra,
+    ]
+    return subprocess.Popen(
+        [sys.executable, "-m", "granite_batch.cli", *args],
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _manifest(tmp_path, count: int = 6):
     names = ["en_weather.flac", "fr_gare.mp3", "de_bibliothek.ogg", "es_mercado.m4a", "pt_praia.wav"]
-    rows = [{"audio": str(SAMPLES / names[i % len(names)]), "language": names[i % len(names)][:2], "id": f"row-{i}"}
-            for i in range(count)]
+    rows = [
+        {"audio": str(SAMPLES / names[i % len(names)]), "language": names[i % len(names)][:2], "id": f"row-{i}"}
+        for i in range(count)
+    ]
     return write_jsonl(tmp_path / "m.jsonl", rows)
 
 
@@ -310,7 +343,8 @@ def test_two_runs_started_together_on_a_local_root_one_waits_for_the_other(tmp_p
 
 
 def test_two_runs_started_together_on_s3_the_second_exits_4_naming_the_holder(
-        tmp_path, tiny_model_dir, atomic_s3_server, s3):
+    tmp_path, tiny_model_dir, atomic_s3_server, s3
+):
     bucket = f"lease-{uuid.uuid4().hex[:10]}"
     s3.mkdir(bucket)
     manifest, output = _manifest(tmp_path), f"s3://{bucket}/out"
@@ -330,8 +364,18 @@ def test_two_runs_started_together_on_s3_the_second_exits_4_naming_the_holder(
 
 
 def test_job_on_a_store_without_exclusive_create_stops_with_exit_2_naming_the_opt_out(tmp_path, tiny_model_dir):
-    result = run_cli(["run", "--manifest", str(_manifest(tmp_path, 2)), "--output", "memory://lease-test/out",
-                      "--model", str(tiny_model_dir), "--no-progress"])
+    result = run_cli(
+        [
+            "run",
+            "--manifest",
+            str(_manifest(tmp_path, 2)),
+            "--output",
+            "memory://lease-test/out",
+            "--model",
+            str(tiny_model_dir),
+            "--no-progress",
+        ]
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "cannot take a lease on memory://lease-test/out/transcripts" in result.stderr
     assert "--no-lease" in result.stderr
@@ -345,10 +389,13 @@ def test_second_pass_takes_a_lease_on_its_own_dataset(tmp_path):
     tiny_lm = tmp_path / "tiny-lm"
     assert run_cli(["tiny-lm", str(tiny_lm)]).returncode == 0
     # A run holding the transcripts does not stop a second pass; one holding its dataset does.
-    with Lease.acquire(output, "transcripts", "transcribing", expiry_s=60), \
-            Lease.acquire(output, "second_pass/summary", "summarising", expiry_s=60):
-        refused = run_cli(["second-pass", output, "--model", str(tiny_lm), "--max-new-tokens", "16", "--no-wait",
-                           "--no-progress"])
+    with (
+        Lease.acquire(output, "transcripts", "transcribing", expiry_s=60),
+        Lease.acquire(output, "second_pass/summary", "summarising", expiry_s=60),
+    ):
+        refused = run_cli(
+            ["second-pass", output, "--model", str(tiny_lm), "--max-new-tokens", "16", "--no-wait", "--no-progress"]
+        )
     assert refused.returncode == 4, refused.stderr[-2000:]
     assert f"{output}/second_pass/summary is held by run summarising on host" in refused.stderr
     assert not (tmp_path / "out" / "second_pass" / "summary" / "_runs").exists()

@@ -50,8 +50,11 @@ LONG_SILENCE_S = 45.0  # longer than any segment may be: must not end up inside 
 
 
 def espeak(text: str, path: Path, speed: int, pitch: int) -> np.ndarray:
-    subprocess.run(["/usr/bin/espeak-ng", "-v", "en-us", "-s", str(speed), "-p", str(pitch), "-w", str(path), text],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["/usr/bin/espeak-ng", "-v", "en-us", "-s", str(speed), "-p", str(pitch), "-w", str(path), text],
+        check=True,
+        capture_output=True,
+    )
     samples, rate = sf.read(path, dtype="float32")
     return soxr.resample(samples, rate, RATE).astype(np.float32)
 
@@ -62,8 +65,11 @@ def long_recording(tmp_path_factory) -> dict:
     isolated one-word answer, a faint noise floor, then silence to 10 s past `long_recording_s` (so
     the job cuts it in the helper that decodes it); written as FLAC, with where the speech is."""
     folder = tmp_path_factory.mktemp("long")
-    clips = [espeak(text, folder / f"{i}-{speed}.wav", speed, pitch)
-             for i, text in enumerate(SENTENCES) for speed, pitch in ((150, 40), (185, 60))]
+    clips = [
+        espeak(text, folder / f"{i}-{speed}.wav", speed, pitch)
+        for i, text in enumerate(SENTENCES)
+        for speed, pitch in ((150, 40), (185, 60))
+    ]
     yes = espeak("Yes.", folder / "yes.wav", 160, 50)
     rng = np.random.default_rng(7)
     parts, speech, position = [], [], 0
@@ -99,7 +105,13 @@ def long_recording(tmp_path_factory) -> dict:
     noisy = clean + rng.normal(0.0, 1e-3, len(clean)).astype(np.float32)
     path = folder / "long.flac"
     sf.write(path, noisy, RATE, subtype="PCM_16")
-    return {"path": path, "clean": clean, "speech": speech, "yes": speech[81], "long_silence": _silence_after(speech, 40)}
+    return {
+        "path": path,
+        "clean": clean,
+        "speech": speech,
+        "yes": speech[81],
+        "long_silence": _silence_after(speech, 40),
+    }
 
 
 def _silence_after(speech: list[tuple[int, int]], index: int) -> tuple[int, int]:
@@ -132,12 +144,16 @@ def test_the_recording_is_long_real_speech(long_recording, decoded):
     assert voiced_frames(long_recording).sum() * FRAME / RATE > 400
 
 
-@pytest.mark.parametrize("max_segment_s, options", [
-    (30.0, VadOptions()),
-    (12.0, VadOptions()),
-    # Pauses under 2 s no longer end speech: long speech regions must be cut inside, at quiet points.
-    (30.0, VadOptions(min_silence_s=2.0)),
-], ids=["30s", "12s", "30s-long-regions"])
+@pytest.mark.parametrize(
+    "max_segment_s, options",
+    [
+        (30.0, VadOptions()),
+        (12.0, VadOptions()),
+        # Pauses under 2 s no longer end speech: long speech regions must be cut inside, at quiet points.
+        (30.0, VadOptions(min_silence_s=2.0)),
+    ],
+    ids=["30s", "12s", "30s-long-regions"],
+)
 def test_segments_cover_the_speech_within_the_limit_and_cut_in_quiet(long_recording, decoded, max_segment_s, options):
     bounds = plan_segments(decoded, RATE, max_segment_s, options)
     n = len(decoded)
@@ -176,15 +192,34 @@ def long_job(tmp_path_factory, tiny_model_dir, long_recording):
     rng = np.random.default_rng(3)
     sf.write(work / "silence.flac", rng.normal(0, 1e-3, 40 * RATE).astype(np.float32), RATE, subtype="PCM_16")
     sf.write(work / "blip.wav", np.full(800, 0.3, np.float32), RATE)  # 50 ms
-    manifest = write_jsonl(work / "manifest.jsonl", [
-        {"audio": str(long_recording["path"]), "id": "long/talk"},
-        {"audio": str(work / "silence.flac"), "id": "silence"},
-        {"audio": str(work / "blip.wav"), "id": "blip"},
-    ])
+    manifest = write_jsonl(
+        work / "manifest.jsonl",
+        [
+            {"audio": str(long_recording["path"]), "id": "long/talk"},
+            {"audio": str(work / "silence.flac"), "id": "silence"},
+            {"audio": str(work / "blip.wav"), "id": "blip"},
+        ],
+    )
     output = work / "out"
-    result = run_cli(["run", "--manifest", str(manifest), "--output", str(output), "--model", str(tiny_model_dir),
-                      "--max-new-tokens", "4", "--subtitles", "srt,vtt", "--word-timestamps", "--no-progress",
-                      "--run-id", "long-run"])
+    result = run_cli(
+        [
+            "run",
+            "--manifest",
+            str(manifest),
+            "--output",
+            str(output),
+            "--model",
+            str(tiny_model_dir),
+            "--max-new-tokens",
+            "4",
+            "--subtitles",
+            "srt,vtt",
+            "--word-timestamps",
+            "--no-progress",
+            "--run-id",
+            "long-run",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     table = pads.dataset(output / "transcripts", format="parquet", partitioning="hive").to_table()
     return {"rows": {row["id"]: row for row in table.to_pylist()}, "output": output, "stdout": result.stdout}
@@ -208,18 +243,20 @@ def test_silent_and_too_short_recordings_have_empty_text_and_no_segments(long_jo
 
 def test_job_gives_words_in_their_segments(long_job):
     row = long_job["rows"]["long/talk"]
-    for segment in row["segments"]:
-        words = segment["words"]
-        assert "".join(w["text"] for w in words) == "".join(segment["text"].split())
-        assert all(segment["start"] <= w["start"] < w["end"] <= segment["end"] for w in words)
+    for part in row["segments"]:
+        words = part["words"]
+        assert "".join(w["text"] for w in words) == "".join(part["text"].split())
+        assert all(part["start"] <= w["start"] < w["end"] <= part["end"] for w in words)
         assert all(a["start"] <= b["start"] for a, b in zip(words, words[1:]))
         assert segment["avg_logprob"] < 0
     assert any(segment["words"] for segment in row["segments"])
     summary = json.loads((long_job["output"] / "runs" / "long-run.json").read_text())
     figures = next(iter(summary["inference"].values()))
     assert figures["low_confidence_segments"] == len(row["segments"]) and figures["low_confidence_fraction"] == 1.0
-    assert f"low confidence ({next(iter(summary['inference']))}): {len(row['segments'])} segments (100.0%" \
+    assert (
+        f"low confidence ({next(iter(summary['inference']))}): {len(row['segments'])} segments (100.0%"
         in long_job["stdout"]
+    )
 
 
 def test_job_writes_subtitles_per_recording_cut_at_words(long_job):
@@ -241,7 +278,8 @@ def test_job_writes_subtitles_per_recording_cut_at_words(long_job):
 
     captions = webvtt.read(str(folder / "vtt" / "long%2Ftalk.vtt")).captions
     assert [(vtt_seconds(c.start), vtt_seconds(c.end)) for c in captions] == [
-        (s.start.total_seconds(), s.end.total_seconds()) for s in parsed]
+        (s.start.total_seconds(), s.end.total_seconds()) for s in parsed
+    ]
     assert captions[-1].end_in_seconds <= row["duration_s"] + 1.0
 
 

@@ -31,10 +31,15 @@ def test_sample_manifest_reads_with_defaults_and_resolved_paths():
 
 
 def test_ids_are_stable_and_depend_on_the_request(tmp_path):
-    path = write_jsonl(tmp_path / "m.jsonl", [
-        {"audio": "/a.wav"}, {"audio": "/a.wav", "task": "ast", "target_language": "fr"},
-        {"audio": "/a.wav", "keywords": "x, y"}, {"audio": "/b.wav", "id": "given-id"},
-    ])
+    path = write_jsonl(
+        tmp_path / "m.jsonl",
+        [
+            {"audio": "/a.wav"},
+            {"audio": "/a.wav", "task": "ast", "target_language": "fr"},
+            {"audio": "/a.wav", "keywords": "x, y"},
+            {"audio": "/b.wav", "id": "given-id"},
+        ],
+    )
     first = [r["id"] for r in rows_of(read_manifest(str(path), DEFAULTS))]
     again = [r["id"] for r in rows_of(read_manifest(str(path), DEFAULTS))]
     assert first == again and len(set(first)) == 4
@@ -44,10 +49,16 @@ def test_ids_are_stable_and_depend_on_the_request(tmp_path):
 
 
 def test_rows_sharing_an_id_are_one_unit_of_work(tmp_path):
-    path = write_jsonl(tmp_path / "m.jsonl", [
-        {"audio": "/a.wav", "note": "first"}, {"audio": "/b.wav"}, {"audio": "/a.wav", "note": "second"},
-        {"audio": "/c.wav", "id": "k"}, {"audio": "/d.wav", "id": "k"},
-    ])
+    path = write_jsonl(
+        tmp_path / "m.jsonl",
+        [
+            {"audio": "/a.wav", "note": "first"},
+            {"audio": "/b.wav"},
+            {"audio": "/a.wav", "note": "second"},
+            {"audio": "/c.wav", "id": "k"},
+            {"audio": "/d.wav", "id": "k"},
+        ],
+    )
     manifest = read_manifest(str(path), DEFAULTS)
     rows = rows_of(manifest)
     assert manifest.rows_in == 5 and manifest.duplicates == 2
@@ -57,9 +68,10 @@ def test_rows_sharing_an_id_are_one_unit_of_work(tmp_path):
 
 def test_csv_with_quoted_commas_and_newlines(tmp_path):
     path = tmp_path / "m.csv"
-    path.write_text('audio,language,keywords,reference\n'
-                    '/a.wav,fr,"Lyon, Paris","line one\nline two, with comma"\n'
-                    '/b.wav,,,\n', encoding="utf-8")
+    path.write_text(
+        'audio,language,keywords,reference\n/a.wav,fr,"Lyon, Paris","line one\nline two, with comma"\n/b.wav,,,\n',
+        encoding="utf-8",
+    )
     rows = rows_of(read_manifest(str(path), DEFAULTS))
     assert rows[0]["keywords"] == ["Lyon", "Paris"] and rows[0]["language"] == "fr"
     assert rows[0]["reference"] == "line one\nline two, with comma"
@@ -89,8 +101,10 @@ def test_keys_missing_from_the_first_line_are_still_read(tmp_path):
         ({"audio": "/a.wav", "language": "xx"}, "unsupported language: 'xx'"),
         ({"audio": "/a.wav", "task": "summarise"}, "unsupported task: 'summarise'"),
         ({"audio": "/a.wav", "task": "ast"}, "missing target_language"),
-        ({"audio": "/a.wav", "language": "fr", "task": "ast", "target_language": "de"},
-         "unsupported translation pair: fr -> de"),
+        (
+            {"audio": "/a.wav", "language": "fr", "task": "ast", "target_language": "de"},
+            "unsupported translation pair: fr -> de",
+        ),
     ],
 )
 def test_bad_values_become_error_rows(tmp_path, row, error):
@@ -122,8 +136,10 @@ def test_job_defaults_fill_empty_columns(tmp_path):
         ('{"audio": "/a.wav"}\n\n{"language": "en"}\n', r"m\.jsonl line 3: field 'audio' is missing or empty"),
         ('{"path": "/a.wav"}\n', r"m\.jsonl: missing required column 'audio'"),
         ('{"audio": "/a.wav", "text": "x"}\n', r"m\.jsonl: column 'text' is reserved"),
-        ('{"audio": "/a.wav", "n": 1}\n{"audio": "/b.wav", "n": "two"}\n',
-         r"m\.jsonl: line 2: field 'n' is str, but line 1 has float"),
+        (
+            '{"audio": "/a.wav", "n": 1}\n{"audio": "/b.wav", "n": "two"}\n',
+            r"m\.jsonl: line 2: field 'n' is str, but line 1 has float",
+        ),
         ('{"audio": "/a.wav", "keywords": 5}\n', r"field 'keywords' must be a list of strings"),
     ],
 )
@@ -180,13 +196,16 @@ UNIFORM_ROWS = [  # the same requests, each column in one form
 
 
 def mixed_csv(path):
-    path.write_text("audio,id,keywords,language,task,target_language,note\n"
-                    '/r/0.wav,7,"Lyon, Paris ",,,,a\n'
-                    "/r/1.wav,k-1,\"Lyon,Paris\",,,,\n"
-                    "/r/2.wav,,,,,,\n"
-                    "/r/3.wav,,,FR,,,\n"
-                    "/r/4.wav,  ,,fr,AST,EN,\n"
-                    "/r/5.wav,12,solo,,,,\n", encoding="utf-8")
+    path.write_text(
+        "audio,id,keywords,language,task,target_language,note\n"
+        '/r/0.wav,7,"Lyon, Paris ",,,,a\n'
+        '/r/1.wav,k-1,"Lyon,Paris",,,,\n'
+        "/r/2.wav,,,,,,\n"
+        "/r/3.wav,,,FR,,,\n"
+        "/r/4.wav,  ,,fr,AST,EN,\n"
+        "/r/5.wav,12,solo,,,,\n",
+        encoding="utf-8",
+    )
     return path
 
 
@@ -204,16 +223,24 @@ def test_mixed_forms_in_jsonl_and_csv_give_the_rows_of_uniform_forms(tmp_path, b
         stream = ManifestStream(str(source), DEFAULTS, block_bytes=block_bytes)
         table = pa.concat_tables(list(stream), promote_options="permissive")
         rows = table.to_pylist()
-        assert [{k: r[k] for k in r if k != "note"} for r in rows] == \
-               [{k: r[k] for k in r if k != "note"} for r in expected], source.name
+        assert [{k: r[k] for k in r if k != "note"} for r in rows] == [
+            {k: r[k] for k in r if k != "note"} for r in expected
+        ], source.name
         assert [r["note"] for r in rows] == ["a", None, None, None, None, None]
         assert stream.rows_in == 6 and stream.ids_replaced == 3
 
 
 def test_empty_blank_and_null_ids_are_replaced_by_the_digest_and_counted(tmp_path):
-    path = write_jsonl(tmp_path / "m.jsonl", [{"audio": "/a.wav", "id": ""}, {"audio": "/b.wav", "id": "  "},
-                                              {"audio": "/c.wav", "id": None}, {"audio": "/d.wav", "id": "d"},
-                                              {"audio": "/e.wav"}])
+    path = write_jsonl(
+        tmp_path / "m.jsonl",
+        [
+            {"audio": "/a.wav", "id": ""},
+            {"audio": "/b.wav", "id": "  "},
+            {"audio": "/c.wav", "id": None},
+            {"audio": "/d.wav", "id": "d"},
+            {"audio": "/e.wav"},
+        ],
+    )
     manifest = read_manifest(str(path), DEFAULTS)
     assert manifest.ids_replaced == 4  # the missing key in a manifest that has the column counts too
     assert [r["id"] for r in rows_of(manifest)][:3] == [default_id(f"/{c}.wav", "asr", None, []) for c in "abc"]
@@ -223,19 +250,31 @@ def test_empty_blank_and_null_ids_are_replaced_by_the_digest_and_counted(tmp_pat
 @pytest.mark.parametrize(
     "lines, message",
     [
-        (['{"audio": "/a.wav", "n": 1}', '{"audio": "/b.wav"}', '{"audio": "/c.wav", "n": "two"}'],
-         r"m\.jsonl: line 3: field 'n' is str, but line 1 has float"),
-        (['{"audio": "/a.wav", "meta": {"a": 1}}', '{"audio": "/b.wav", "meta": 2}'],
-         r"m\.jsonl: line 2: field 'meta' is float, but line 1 has dict"),
-        (['{"audio": "/a.wav", "meta": {"a": {"b": 1}}}', '{"audio": "/b.wav", "meta": {"a": 2}}'],
-         r"m\.jsonl: line 2: field 'meta' is struct<a: int64>, but line 1 has struct<a: struct<b: int64>>"),
-        (['{"audio": "/a.wav"}', '{"audio": "/b.wav", "keywords": 5}'],
-         r"m\.jsonl line 2: field 'keywords' must be a list of strings or one comma-separated string, not float"),
-        (['{"audio": "/a.wav"}', '{"audio": "/b.wav", "keywords": ["x", 3]}'],
-         r"m\.jsonl line 2: field 'keywords' must be a list of strings .*not a list holding float"),
+        (
+            ['{"audio": "/a.wav", "n": 1}', '{"audio": "/b.wav"}', '{"audio": "/c.wav", "n": "two"}'],
+            r"m\.jsonl: line 3: field 'n' is str, but line 1 has float",
+        ),
+        (
+            ['{"audio": "/a.wav", "meta": {"a": 1}}', '{"audio": "/b.wav", "meta": 2}'],
+            r"m\.jsonl: line 2: field 'meta' is float, but line 1 has dict",
+        ),
+        (
+            ['{"audio": "/a.wav", "meta": {"a": {"b": 1}}}', '{"audio": "/b.wav", "meta": {"a": 2}}'],
+            r"m\.jsonl: line 2: field 'meta' is struct<a: int64>, but line 1 has struct<a: struct<b: int64>>",
+        ),
+        (
+            ['{"audio": "/a.wav"}', '{"audio": "/b.wav", "keywords": 5}'],
+            r"m\.jsonl line 2: field 'keywords' must be a list of strings or one comma-separated string, not float",
+        ),
+        (
+            ['{"audio": "/a.wav"}', '{"audio": "/b.wav", "keywords": ["x", 3]}'],
+            r"m\.jsonl line 2: field 'keywords' must be a list of strings .*not a list holding float",
+        ),
         (['{"audio": "/a.wav", "id": 1.5}'], r"m\.jsonl line 1: field 'id' must be a string or an integer"),
-        (['{"audio": "/a.wav", "x": []}', '{"audio": "/b.wav", "x": [false, 0]}'],
-         r"m\.jsonl: line 2: field 'x' is a list whose items cannot share one type"),
+        (
+            ['{"audio": "/a.wav", "x": []}', '{"audio": "/b.wav", "x": [false, 0]}'],
+            r"m\.jsonl: line 2: field 'x' is a list whose items cannot share one type",
+        ),
     ],
 )
 @pytest.mark.parametrize("block_bytes", [1 << 20, 40])
@@ -307,7 +346,11 @@ def test_lists_of_nulls_pass_through_and_meet_other_blocks(tmp_path):
     # pyarrow 26 reads [null, null] into an invalid list<null> array and casts one wrongly.
     path = write_jsonl(tmp_path / "m.jsonl", [{"audio": "/a.wav", "x": [None, None]}, {"audio": "/b.wav", "x": ["y"]}])
     for block_bytes in (1 << 20, 30):
-        table = read_manifest(str(path), DEFAULTS).table if block_bytes > 30 else \
-            pa.concat_tables(list(ManifestStream(str(path), DEFAULTS, block_bytes=block_bytes)),
-                             promote_options="permissive")
+        table = (
+            read_manifest(str(path), DEFAULTS).table
+            if block_bytes > 30
+            else pa.concat_tables(
+                list(ManifestStream(str(path), DEFAULTS, block_bytes=block_bytes)), promote_options="permissive"
+            )
+        )
         assert table.column("x").to_pylist() == [[None, None], ["y"]]

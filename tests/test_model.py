@@ -50,7 +50,7 @@ def test_generation_equals_transformers_reference_flow(speech_model, recordings)
     inputs = speech_model.processor(text=prompt, audio=[torch.tensor(samples)], return_tensors="pt")
     with torch.inference_mode():
         tokens = speech_model.model.generate(**inputs, max_new_tokens=24, do_sample=False, num_beams=1)
-    reference = speech_model.tokenizer.decode(tokens[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    reference = speech_model.tokenizer.decode(tokens[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert speech_model.generate([(samples, Request())])[0] == reference.strip()
 
 
@@ -124,12 +124,17 @@ def test_short_segments_stop_at_their_own_token_budget(tiny_model_dir, recording
     assert len(steps) == max(budgets)  # the batch stopped at its longest budget, not at 60
     monkeypatch.undo()
     assert limited.generate(items) == [limited.generate([item])[0] for item in items]
-    strict = SpeechModel.load(str(tiny_model_dir), max_new_tokens=60, max_new_tokens_per_audio_s=4.0,
-                              speculative=SpeculativeOptions("speculative-strict"))
+    strict = SpeechModel.load(
+        str(tiny_model_dir),
+        max_new_tokens=60,
+        max_new_tokens_per_audio_s=4.0,
+        speculative=SpeculativeOptions("speculative-strict"),
+    )
     assert strict.generate(items) == limited.generate(items)
 
 
 # --- beams score Granite's scaled logits; eos comes from the tokenizer -----------------------------
+
 
 def reference_beam_search(speech_model: SpeechModel, prompt, steps: int, beams: int = 2) -> list[int]:
     """Beam search written out on `lm_head(h) / logits_scaling`, h the language model's last hidden
@@ -175,6 +180,7 @@ def test_transformers_returns_granite_speech_logits_unscaled(speech_model, recor
 def test_two_beams_equal_a_reference_beam_search_on_scaled_logits(tiny_model_dir, recordings, model_divides):
     beams = SpeechModel.load(str(tiny_model_dir), max_new_tokens=10, num_beams=2)
     if model_divides:  # what an upstream fix would look like: forward divides by itself
+
         def divide(module, args, kwargs, output):
             output.logits = output.logits / module.config.text_config.logits_scaling
             return output
@@ -191,15 +197,17 @@ def test_two_beams_equal_a_reference_beam_search_on_scaled_logits(tiny_model_dir
     assert beams.generate(items) != [beams.tokenizer.decode(t, skip_special_tokens=True).strip() for t in expected]
 
 
-def test_generation_stops_at_the_tokenizers_eos_whatever_the_generation_config_says(tmp_path, tiny_model_dir,
-                                                                                    speech_model, recordings):
+def test_generation_stops_at_the_tokenizers_eos_whatever_the_generation_config_says(
+    tmp_path, tiny_model_dir, speech_model, recordings
+):
     """A checkpoint whose generation_config.json names another eos (a fine-tune's, say) must not stop
     the model at that token: IBM's code passes `eos_token_id=tokenizer.eos_token_id` to generate."""
     import json
     import shutil
 
-    tokens = speech_model._autoregressive(speech_model._prompt_embeddings([(recordings[0], Request())], [0])[0],
-                                          [24])[0]
+    tokens = speech_model._autoregressive(speech_model._prompt_embeddings([(recordings[0], Request())], [0])[0], [24])[
+        0
+    ]
     foreign = tokens[3]  # a token the model emits early
     copy = tmp_path / "foreign-eos"
     shutil.copytree(tiny_model_dir, copy)

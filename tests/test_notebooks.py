@@ -26,8 +26,23 @@ def job_output(tmp_path_factory, tiny_model_dir) -> Path:
     rows.append({"audio": str(work / "missing.flac"), "language": "de", "reference": "Gute Nacht."})
     manifest = write_jsonl(work / "manifest.jsonl", rows)
     output = work / "out"
-    result = run_cli(["run", "--manifest", str(manifest), "--output", str(output), "--model", str(tiny_model_dir),
-                      "--max-new-tokens", "8", "--word-timestamps", "--no-progress", "--run-id", "notebook-run"])
+    result = run_cli(
+        [
+            "run",
+            "--manifest",
+            str(manifest),
+            "--output",
+            str(output),
+            "--model",
+            str(tiny_model_dir),
+            "--max-new-tokens",
+            "8",
+            "--word-timestamps",
+            "--no-progress",
+            "--run-id",
+            "notebook-run",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return output
 
@@ -37,8 +52,9 @@ def execute(name: str, **settings: str) -> nbformat.NotebookNode:
     A cell that raises fails the test (nbclient raises CellExecutionError)."""
     notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     env = {**os.environ, **{f"GRANITE_BATCH_{key.upper()}": value for key, value in settings.items()}}
-    client = NotebookClient(notebook, timeout=300, kernel_name="python3",
-                            resources={"metadata": {"path": str(NOTEBOOKS)}})
+    client = NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+    )
     client.execute(env=env)
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
     assert all(cell.execution_count for cell in code), "a cell did not run"
@@ -91,8 +107,14 @@ def test_evaluate_quality(job_output, tmp_path):
 @pytest.mark.slow
 def test_run_a_small_job(tiny_model_dir, tmp_path):
     output = tmp_path / "out"
-    execute("run_a_small_job", output=str(output), model=str(tiny_model_dir), max_new_tokens="8",
-            samples=str(SAMPLES), figures=str(tmp_path / "figures"))
+    execute(
+        "run_a_small_job",
+        output=str(output),
+        model=str(tiny_model_dir),
+        max_new_tokens="8",
+        samples=str(SAMPLES),
+        figures=str(tmp_path / "figures"),
+    )
     assert_figures(tmp_path / "figures", ["small_job_recordings"])
     (run,) = results.runs(str(output))
     assert run["status"] == "succeeded" and run["rows_ok"] == len(SAMPLE_ROWS)

@@ -26,8 +26,9 @@ def pieces():
     return [clip[:30_000], clip[30_000:]]
 
 
-@pytest.mark.parametrize("flags, asked", [(RequestFlags(speakers=True), "speakers"),
-                                          (RequestFlags(word_timestamps=True), "word_times")])
+@pytest.mark.parametrize(
+    "flags, asked", [(RequestFlags(speakers=True), "speakers"), (RequestFlags(word_timestamps=True), "word_times")]
+)
 def test_tagged_calls_become_segments_inside_their_span(plus, pieces, flags, asked):
     table = segment_rows([{"id": "a", "pieces": pieces}])
     results = transcribe_segments(table, plus, flags)

@@ -16,9 +16,17 @@ from granite_batch.evaluate import score_table
 
 def transcripts(references: pa.Array) -> pa.Table:
     n = len(references)
-    return pa.table({"id": [f"r{i}" for i in range(n)], "language": ["en"] * n, "task": ["asr"] * n,
-                     "target_language": pa.nulls(n, pa.string()), "text": ["forty two"] * n,
-                     "error": pa.nulls(n, pa.string()), "reference": references})
+    return pa.table(
+        {
+            "id": [f"r{i}" for i in range(n)],
+            "language": ["en"] * n,
+            "task": ["asr"] * n,
+            "target_language": pa.nulls(n, pa.string()),
+            "text": ["forty two"] * n,
+            "error": pa.nulls(n, pa.string()),
+            "reference": references,
+        }
+    )
 
 
 def test_numeric_references_are_scored_as_written_and_others_are_counted():
@@ -51,8 +59,9 @@ def test_an_output_that_is_a_file_is_refused(tmp_path, s3, s3_server):
     check_output_root("s3://pre/root", options)
 
 
-@pytest.mark.parametrize("existing", ["transcripts/language=en/part-R1-00001.parquet",
-                                      "_staging/R1/language=en/part-R1-00001.parquet"])
+@pytest.mark.parametrize(
+    "existing", ["transcripts/language=en/part-R1-00001.parquet", "_staging/R1/language=en/part-R1-00001.parquet"]
+)
 def test_a_run_id_already_in_the_output_is_refused(tmp_path, existing):
     from granite_batch.config import ConfigError
     from granite_batch.run.preflight import check_run_id_unused
@@ -88,18 +97,27 @@ def test_a_config_file_that_is_not_text_is_refused_by_name(tmp_path):
     config.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
     result = run_cli(["run", "--config", str(config), "--manifest", "m.jsonl", "--output", str(tmp_path / "out")])
     assert result.returncode == 2
-    assert result.stderr.strip() == (f"granite-batch: config file {config} is not text: byte 0x89 at offset 0 "
-                                     "is not UTF-8 (give a YAML file)")
+    assert result.stderr.strip() == (
+        f"granite-batch: config file {config} is not text: byte 0x89 at offset 0 is not UTF-8 (give a YAML file)"
+    )
 
 
 def test_rows_lost_with_their_batch_become_error_rows_in_the_output_schema():
     from granite_batch.run.recovery import CRASH_REASON, crashed_rows
     from granite_batch.schema import conform, transcript_schema
 
-    todo = pa.table({"id": ["a", "b", "c", "d"], "audio": ["/a", "/b", "/c", "/d"], "language": ["en"] * 4,
-                     "task": ["asr"] * 4, "target_language": pa.nulls(4, pa.string()),
-                     "keywords": pa.nulls(4, pa.list_(pa.string())),
-                     "error": [None, None, "unsupported language: 'xx'", None], "speaker": ["s1", "s2", "s3", "s4"]})
+    todo = pa.table(
+        {
+            "id": ["a", "b", "c", "d"],
+            "audio": ["/a", "/b", "/c", "/d"],
+            "language": ["en"] * 4,
+            "task": ["asr"] * 4,
+            "target_language": pa.nulls(4, pa.string()),
+            "keywords": pa.nulls(4, pa.list_(pa.string())),
+            "error": [None, None, "unsupported language: 'xx'", None],
+            "speaker": ["s1", "s2", "s3", "s4"],
+        }
+    )
     lost = todo.slice(1, 2)  # rows b and c never came back
     schema = transcript_schema(todo.schema)
     rows = crashed_rows(lost, schema, "m", None, "R1")
@@ -111,12 +129,25 @@ def test_rows_lost_with_their_batch_become_error_rows_in_the_output_schema():
 
 # --- the job, end to end (tiny checkpoint, real Ray) ----------------------------------------------
 
+
 def run_job(tmp_path, tiny_model_dir, rows, config: str = "", extra: list[str] = ()):
     manifest = write_jsonl(tmp_path / "m.jsonl", rows)
     (tmp_path / "job.yaml").write_text(config or "{}\n")
-    command = ["run", "--config", str(tmp_path / "job.yaml"), "--manifest", str(manifest),
-               "--output", str(tmp_path / "out"), "--model", str(tiny_model_dir), "--max-new-tokens", "6",
-               "--no-progress", *extra]
+    command = [
+        "run",
+        "--config",
+        str(tmp_path / "job.yaml"),
+        "--manifest",
+        str(manifest),
+        "--output",
+        str(tmp_path / "out"),
+        "--model",
+        str(tiny_model_dir),
+        "--max-new-tokens",
+        "6",
+        "--no-progress",
+        *extra,
+    ]
     return command, run_cli(command)
 
 
@@ -131,13 +162,17 @@ def summaries(tmp_path) -> list[dict]:
     return [json.loads(path.read_text()) for path in sorted((tmp_path / "out" / "runs").glob("*.json"))]
 
 
-CRASH_ROWS = [{"id": "en", "audio": str(SAMPLES / "en_weather.flac")},
-              {"id": "fr", "audio": str(SAMPLES / "fr_gare.mp3"), "language": "fr"},
-              {"id": "de", "audio": str(SAMPLES / "de_bibliothek.ogg"), "language": "de"},
-              {"id": "pt", "audio": str(SAMPLES / "pt_praia.wav"), "language": "pt"}]
-CRASH_REASONS = {"decode": "decode crashed the worker: signal 11 (SIGSEGV)",
-                 "segment": "segment crashed the worker: signal 11 (SIGSEGV)",
-                 "model": "model crashed the worker: the model actor died on this row, also alone (see the worker logs)"}
+CRASH_ROWS = [
+    {"id": "en", "audio": str(SAMPLES / "en_weather.flac")},
+    {"id": "fr", "audio": str(SAMPLES / "fr_gare.mp3"), "language": "fr"},
+    {"id": "de", "audio": str(SAMPLES / "de_bibliothek.ogg"), "language": "de"},
+    {"id": "pt", "audio": str(SAMPLES / "pt_praia.wav"), "language": "pt"},
+]
+CRASH_REASONS = {
+    "decode": "decode crashed the worker: signal 11 (SIGSEGV)",
+    "segment": "segment crashed the worker: signal 11 (SIGSEGV)",
+    "model": "model crashed the worker: the model actor died on this row, also alone (see the worker logs)",
+}
 
 
 def test_rows_that_kill_their_workers_become_one_error_row_each_and_the_job_goes_on(tmp_path, tiny_model_dir):
@@ -161,8 +196,9 @@ def test_rows_that_kill_their_workers_become_one_error_row_each_and_the_job_goes
 
 
 def eight_channel_wav(path):
-    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "sine=d=1:sample_rate=16000", "-ac", "8", str(path)],
-                   check=True)
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "sine=d=1:sample_rate=16000", "-ac", "8", str(path)], check=True
+    )
     return path
 
 
@@ -172,12 +208,14 @@ def test_hostile_rows_round_two_each_give_one_row_and_a_second_run_completes(tmp
     os.mkfifo(fifo)
     long_id = "x" * 5000
     keywords = [f"name{i}" for i in range(3000)]  # far more than 4096 positions of prompt
-    rows = [{"id": "ch8", "audio": str(eight_channel_wav(tmp_path / "ch8.wav"))},
-            {"id": long_id, "audio": str(SAMPLES / "en_weather.flac")},
-            {"id": "numeric-reference", "audio": str(SAMPLES / "en_weather.flac"), "reference": 42},
-            {"id": "fifo", "audio": str(fifo)},
-            {"id": "device", "audio": "/dev/null"},
-            {"id": "keywords", "audio": str(SAMPLES / "en_weather.flac"), "keywords": keywords}]
+    rows = [
+        {"id": "ch8", "audio": str(eight_channel_wav(tmp_path / "ch8.wav"))},
+        {"id": long_id, "audio": str(SAMPLES / "en_weather.flac")},
+        {"id": "numeric-reference", "audio": str(SAMPLES / "en_weather.flac"), "reference": 42},
+        {"id": "fifo", "audio": str(fifo)},
+        {"id": "device", "audio": "/dev/null"},
+        {"id": "keywords", "audio": str(SAMPLES / "en_weather.flac"), "keywords": keywords},
+    ]
     command, result = run_job(tmp_path, tiny_model_dir, rows, "subtitles: [srt, vtt]\n")
     assert result.returncode == 0, result.stderr[-3000:]
     out = output_rows(tmp_path)
@@ -221,8 +259,10 @@ def test_an_output_that_is_a_file_is_refused_before_any_work(tmp_path, tiny_mode
     (tmp_path / "out").write_text("a file where the output root should be")
     _, result = run_job(tmp_path, tiny_model_dir, CRASH_ROWS[:1])
     assert result.returncode == 2
-    assert result.stderr.strip() == f"granite-batch: output {tmp_path / 'out'} is a file, not a folder: " \
-                                    "--output names the dataset root (a folder or prefix)"
+    assert (
+        result.stderr.strip() == f"granite-batch: output {tmp_path / 'out'} is a file, not a folder: "
+        "--output names the dataset root (a folder or prefix)"
+    )
 
 
 def test_a_run_that_fails_after_it_started_ends_its_summary_with_failed(tmp_path, tiny_model_dir):

@@ -49,39 +49,52 @@ def test_an_unknown_granite_speech_type_is_conservative_and_warned(caplog):
         profiles.profile_for("whisper")
 
 
-@pytest.mark.parametrize("profile, request_, lack", [
-    (GRANITE_SPEECH5_CTC, Request(language="en"), None),
-    (GRANITE_SPEECH5_CTC, Request(language="fr"), "fr transcription"),
-    (GRANITE_SPEECH5_CTC, Request("ast", "fr", (), "en"), "translation (ast)"),
-    (GRANITE_SPEECH5_CTC, Request(language="en", keywords=("Ray",)), "keywords"),
-    (GRANITE_SPEECH_PLUS, Request(language="ja"), "ja transcription"),
-    (GRANITE_SPEECH_PLUS, Request(language="en", speakers=True), None),
-    (GRANITE_SPEECH_PLUS, Request(language="en", punctuation=True), "punctuation"),
-    (GRANITE_SPEECH_PLUS, Request(language="en", speakers=True, word_times=True),
-     "speaker labels and word times in one call"),
-    (GRANITE_SPEECH, Request(language="en", speakers=True), "speaker labels"),
-    (GRANITE_SPEECH, Request(language="en", punctuation=True), "punctuation"),
-    (GRANITE_SPEECH_41, Request(language="en", punctuation=True), None),
-    (GRANITE_SPEECH_41, Request("ast", "en", (), "ja"), None),
-    (GRANITE_SPEECH, Request("ast", "fr", ("kw",), "en"), None),
-    (GRANITE_SPEECH, Request(language="auto"), None),
-    (GRANITE_SPEECH_PLUS, Request(language="auto"), None),
-    (GRANITE_SPEECH5_CTC, Request(language="auto"),
-     "transcription of recordings of unknown language (it transcribes only en)"),
-])
+@pytest.mark.parametrize(
+    "profile, request_, lack",
+    [
+        (GRANITE_SPEECH5_CTC, Request(language="en"), None),
+        (GRANITE_SPEECH5_CTC, Request(language="fr"), "fr transcription"),
+        (GRANITE_SPEECH5_CTC, Request("ast", "fr", (), "en"), "translation (ast)"),
+        (GRANITE_SPEECH5_CTC, Request(language="en", keywords=("Ray",)), "keywords"),
+        (GRANITE_SPEECH_PLUS, Request(language="ja"), "ja transcription"),
+        (GRANITE_SPEECH_PLUS, Request(language="en", speakers=True), None),
+        (GRANITE_SPEECH_PLUS, Request(language="en", punctuation=True), "punctuation"),
+        (
+            GRANITE_SPEECH_PLUS,
+            Request(language="en", speakers=True, word_times=True),
+            "speaker labels and word times in one call",
+        ),
+        (GRANITE_SPEECH, Request(language="en", speakers=True), "speaker labels"),
+        (GRANITE_SPEECH, Request(language="en", punctuation=True), "punctuation"),
+        (GRANITE_SPEECH_41, Request(language="en", punctuation=True), None),
+        (GRANITE_SPEECH_41, Request("ast", "en", (), "ja"), None),
+        (GRANITE_SPEECH, Request("ast", "fr", ("kw",), "en"), None),
+        (GRANITE_SPEECH, Request(language="auto"), None),
+        (GRANITE_SPEECH_PLUS, Request(language="auto"), None),
+        (
+            GRANITE_SPEECH5_CTC,
+            Request(language="auto"),
+            "transcription of recordings of unknown language (it transcribes only en)",
+        ),
+    ],
+)
 def test_what_each_profile_lacks(profile, request_, lack):
     assert profile.unsupported(request_) == lack
 
 
 def test_prompts_follow_the_cards():
     assert GRANITE_SPEECH.instruction(Request(language="en", keywords=("Ray",))) == (
-        "<|audio|>can you transcribe the speech into a written format? Keywords: Ray")
+        "<|audio|>can you transcribe the speech into a written format? Keywords: Ray"
+    )
     assert GRANITE_SPEECH_41.instruction(Request(language="de", punctuation=True)) == (
-        "<|audio|>transcribe the speech with proper punctuation and capitalization.")
+        "<|audio|>transcribe the speech with proper punctuation and capitalization."
+    )
     assert GRANITE_SPEECH_41.instruction(Request(language="de")) == (
-        "<|audio|>can you transcribe the speech into a written format?")
+        "<|audio|>can you transcribe the speech into a written format?"
+    )
     assert GRANITE_SPEECH_PLUS.instruction(Request(language="en", speakers=True)).startswith(
-        "<|audio|> Speaker attribution: Transcribe and denote who is speaking")
+        "<|audio|> Speaker attribution: Transcribe and denote who is speaking"
+    )
     assert "[T:45]" in GRANITE_SPEECH_PLUS.instruction(Request(language="en", word_times=True))
 
 
@@ -98,8 +111,7 @@ def test_route_picks_the_first_model_that_serves_and_names_what_is_missing():
     assert route(Request(language="en", keywords=("Ray",)), models) == (1, None)
     index, error = route(Request(language="en", speakers=True), models)
     assert index is None
-    assert error == ("no listed model serves this row: turbo has no speaker labels; "
-                     "granite has no speaker labels")
+    assert error == ("no listed model serves this row: turbo has no speaker labels; granite has no speaker labels")
 
 
 def test_the_plus_checkpoint_is_prompted_with_its_system_turn(tiny_plus_dir):

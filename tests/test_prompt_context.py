@@ -23,8 +23,9 @@ def processor(tiny_model_dir):
 
 
 def positions_seen_by_the_model(processor, request: Request, samples: int) -> int:
-    inputs = processor(text=[render_prompt(processor.tokenizer, request)], audio=[torch.zeros(samples)],
-                       return_tensors="pt")
+    inputs = processor(
+        text=[render_prompt(processor.tokenizer, request)], audio=[torch.zeros(samples)], return_tensors="pt"
+    )
     return inputs["input_ids"].shape[1]
 
 
@@ -33,7 +34,9 @@ def test_positions_are_counted_as_the_processor_expands_them(processor, samples)
     request = Request("asr", None, ("Zürich", "Ana María"), "en")
     audio = audio_token_count(processor.audio_processor, samples)
     assert audio == pytest.approx(samples / 1600, abs=3)  # about 10 a second
-    assert prompt_positions(processor.tokenizer, request, audio) == positions_seen_by_the_model(processor, request, samples)
+    assert prompt_positions(processor.tokenizer, request, audio) == positions_seen_by_the_model(
+        processor, request, samples
+    )
 
 
 def test_keywords_past_the_context_are_dropped_and_counted(processor):
@@ -42,10 +45,10 @@ def test_keywords_past_the_context_are_dropped_and_counted(processor):
     audio = audio_token_count(processor.audio_processor, samples)
     kept, dropped = fit_keywords(processor.tokenizer, Request("asr", None, keywords, "en"), audio, 200, 4096)
     assert 0 < len(kept.keywords) < 3000 and dropped == 3000 - len(kept.keywords)
-    assert kept.keywords == keywords[:len(kept.keywords)]  # the first ones kept
+    assert kept.keywords == keywords[: len(kept.keywords)]  # the first ones kept
     used = positions_seen_by_the_model(processor, kept, samples) + 200
     assert used <= 4096
-    one_more = Request("asr", None, keywords[:len(kept.keywords) + 1], "en")
+    one_more = Request("asr", None, keywords[: len(kept.keywords) + 1], "en")
     assert positions_seen_by_the_model(processor, one_more, samples) + 200 > 4096  # as many as fit
     few = Request("asr", None, keywords[:3], "en")
     assert fit_keywords(processor.tokenizer, few, audio, 200, 4096) == (few, 0)

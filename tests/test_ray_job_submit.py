@@ -14,11 +14,33 @@ from conftest import RAY, REPO, SAMPLES
 def test_ray_job_submit_end_to_end(ray_cluster, tiny_model_dir, tmp_path):
     output = tmp_path / "out"
     # The README's command, with the tiny checkpoint and local paths.
-    command = [RAY, "job", "submit", "--address", ray_cluster["address"], "--working-dir", ".",
-               "--runtime-env", "cluster/runtime_env.yaml", "--",
-               "python", "-m", "granite_batch.cli", "run", "--manifest", str(SAMPLES / "manifest.jsonl"),
-               "--output", str(output), "--model", str(tiny_model_dir), "--max-new-tokens", "4",
-               "--no-progress", "--run-id", "submitted"]
+    command = [
+        RAY,
+        "job",
+        "submit",
+        "--address",
+        ray_cluster["address"],
+        "--working-dir",
+        ".",
+        "--runtime-env",
+        "cluster/runtime_env.yaml",
+        "--",
+        "python",
+        "-m",
+        "granite_batch.cli",
+        "run",
+        "--manifest",
+        str(SAMPLES / "manifest.jsonl"),
+        "--output",
+        str(output),
+        "--model",
+        str(tiny_model_dir),
+        "--max-new-tokens",
+        "4",
+        "--no-progress",
+        "--run-id",
+        "submitted",
+    ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=ray_cluster["env"], timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert "succeeded" in (result.stdout + result.stderr).lower()
@@ -40,9 +62,20 @@ def test_model_actors_land_on_the_node_with_the_resource(ray_cluster, tiny_model
     from ray.util.state import list_actors, list_nodes
 
     worker = subprocess.Popen(
-        [RAY, "start", "--block", f"--address={ray_cluster['gcs']}", "--node-ip-address=127.0.0.1",
-         "--num-cpus=1", '--resources={"speech_gpu": 1}', "--disable-usage-stats"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ray_cluster["env"], start_new_session=True,
+        [
+            RAY,
+            "start",
+            "--block",
+            f"--address={ray_cluster['gcs']}",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=1",
+            '--resources={"speech_gpu": 1}',
+            "--disable-usage-stats",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=ray_cluster["env"],
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 120
@@ -54,15 +87,31 @@ def test_model_actors_land_on_the_node_with_the_resource(ray_cluster, tiny_model
         config = tmp_path / "job.yaml"
         config.write_text("resources:\n  actor_resources: {speech_gpu: 1}\n  decode_cpus: 0.5\n")
         result = subprocess.run(
-            [os.sys.executable, "-m", "granite_batch.cli", "run", "--config", str(config),
-             "--manifest", str(SAMPLES / "manifest.jsonl"), "--output", str(tmp_path / "out"),
-             "--model", str(tiny_model_dir), "--max-new-tokens", "4", "--no-progress"],
-            cwd=REPO, capture_output=True, text=True, timeout=600,
+            [
+                os.sys.executable,
+                "-m",
+                "granite_batch.cli",
+                "run",
+                "--config",
+                str(config),
+                "--manifest",
+                str(SAMPLES / "manifest.jsonl"),
+                "--output",
+                str(tmp_path / "out"),
+                "--model",
+                str(tiny_model_dir),
+                "--max-new-tokens",
+                "4",
+                "--no-progress",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
             env={**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["gcs"]},
         )
         assert result.returncode == 0, result.stderr[-3000:]
-        actors = [a for a in list_actors(address=ray_cluster["address"], detail=True)
-                  if "Transcriber" in a.class_name]
+        actors = [a for a in list_actors(address=ray_cluster["address"], detail=True) if "Transcriber" in a.class_name]
         assert actors and all(a.node_id == gpu_node for a in actors)
     finally:
         os.killpg(worker.pid, 9)

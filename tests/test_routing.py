@@ -25,22 +25,30 @@ def rows_table(rows: list[dict]) -> pa.Table:
 
 def test_route_table_sends_each_row_to_the_first_model_that_serves_it():
     models = [("turbo", GRANITE_SPEECH5_CTC), ("granite", GRANITE_SPEECH), ("plus", GRANITE_SPEECH_PLUS)]
-    table = rows_table([
-        {"id": "en"}, {"id": "fr", "language": "fr"}, {"id": "kw", "keywords": ["Ray"]},
-        {"id": "ast", "language": "fr", "task": "ast", "target_language": "en"},
-        {"id": "spk", "speakers": True}, {"id": "ja-spk", "language": "ja", "speakers": True},
-        {"id": "done", "error": "decode failed: x"},
-    ])
+    table = rows_table(
+        [
+            {"id": "en"},
+            {"id": "fr", "language": "fr"},
+            {"id": "kw", "keywords": ["Ray"]},
+            {"id": "ast", "language": "fr", "task": "ast", "target_language": "en"},
+            {"id": "spk", "speakers": True},
+            {"id": "ja-spk", "language": "ja", "speakers": True},
+            {"id": "done", "error": "decode failed: x"},
+        ]
+    )
     routed = route_table(table, models, RequestFlags())
     assert routed.column(ROUTE_COLUMN).to_pylist() == [0, 1, 1, 1, 2, 0, 0]
     errors = dict(zip(routed.column("id").to_pylist(), routed.column("error").to_pylist()))
-    assert errors["ja-spk"] == ("no listed model serves this row: turbo has no ja transcription; "
-                                "granite has no speaker labels; plus has no ja transcription")
+    assert errors["ja-spk"] == (
+        "no listed model serves this row: turbo has no ja transcription; "
+        "granite has no speaker labels; plus has no ja transcription"
+    )
     assert errors["done"] == "decode failed: x"
     assert [e for k, e in errors.items() if k not in ("ja-spk", "done")] == [None] * 5
     # Flags may be strings (a CSV manifest); one that is no boolean is the row's error.
-    strings = route_table(rows_table([{"id": "yes", "speakers": "Yes"}, {"id": "bad", "speakers": "maybe"}]),
-                          models, RequestFlags())
+    strings = route_table(
+        rows_table([{"id": "yes", "speakers": "Yes"}, {"id": "bad", "speakers": "maybe"}]), models, RequestFlags()
+    )
     assert strings.column(ROUTE_COLUMN).to_pylist() == [2, 0]
     assert strings.column("error").to_pylist() == [None, "invalid speakers: 'maybe' (use true or false)"]
     # A branch keeps its own rows only.
@@ -54,20 +62,32 @@ def test_punctuation_is_on_where_the_model_can_unless_a_row_says_otherwise():
     requests, punctuation, errors = row_requests(table, RequestFlags())
     assert punctuation == [None, False, True] and errors == [None] * 3
     assert [served_request(r, p, GRANITE_SPEECH_41).punctuation for r, p in zip(requests, punctuation)] == [
-        True, False, True]
+        True,
+        False,
+        True,
+    ]
     assert [served_request(r, p, GRANITE_SPEECH).punctuation for r, p in zip(requests, punctuation)] == [
-        False, False, False]
+        False,
+        False,
+        False,
+    ]
     # Explicitly asked for, it routes only to a model that punctuates.
-    assert route_table(table, [("granite", GRANITE_SPEECH), ("g41", GRANITE_SPEECH_41)],
-                       RequestFlags()).column(ROUTE_COLUMN).to_pylist() == [0, 0, 1]
+    assert route_table(table, [("granite", GRANITE_SPEECH), ("g41", GRANITE_SPEECH_41)], RequestFlags()).column(
+        ROUTE_COLUMN
+    ).to_pylist() == [0, 0, 1]
     # The job's `punctuation: false` turns it off everywhere.
     requests, punctuation, _ = row_requests(table.slice(0, 1), RequestFlags(punctuation=False))
     assert served_request(requests[0], punctuation[0], GRANITE_SPEECH_41).punctuation is False
 
 
 def test_models_and_their_resources_in_the_config(tmp_path):
-    config = load_config(overrides={"manifest": "m.jsonl", "output": "out", "models": [
-        {"model": "a", "resources": {"gpus_per_actor": 0.5, "model_actors_max": 3}}, {"model": "b"}]})
+    config = load_config(
+        overrides={
+            "manifest": "m.jsonl",
+            "output": "out",
+            "models": [{"model": "a", "resources": {"gpus_per_actor": 0.5, "model_actors_max": 3}}, {"model": "b"}],
+        }
+    )
     assert [s.model for s in config.model_specs()] == ["a", "b"]
     first = config.resources_for(config.model_specs()[0])
     assert (first.gpus_per_actor, first.model_actors_max, first.model_actors_min) == (0.5, 3, 1)
@@ -90,17 +110,42 @@ def routed_job(tmp_path_factory, tiny_model_dir, tiny_ctc_dir, tiny_plus_dir):
     manifest = write_jsonl(work / "manifest.jsonl", rows)
     light = {"cpus_per_actor": 0.25}  # three pools on a 2-core machine
     config = work / "job.yaml"
-    config.write_text(json.dumps({
-        "models": [{"model": str(d), "resources": light} for d in (tiny_ctc_dir, tiny_model_dir, tiny_plus_dir)],
-        "batch_size": 4, "generation": {"max_new_tokens": 12}, "resources": {"decode_cpus": 0.25},
-    }))
+    config.write_text(
+        json.dumps(
+            {
+                "models": [
+                    {"model": str(d), "resources": light} for d in (tiny_ctc_dir, tiny_model_dir, tiny_plus_dir)
+                ],
+                "batch_size": 4,
+                "generation": {"max_new_tokens": 12},
+                "resources": {"decode_cpus": 0.25},
+            }
+        )
+    )
     output = work / "out"
-    result = run_cli(["run", "--config", str(config), "--manifest", str(manifest), "--output", str(output),
-                      "--no-progress", "--run-id", "routed"])
+    result = run_cli(
+        [
+            "run",
+            "--config",
+            str(config),
+            "--manifest",
+            str(manifest),
+            "--output",
+            str(output),
+            "--no-progress",
+            "--run-id",
+            "routed",
+        ]
+    )
     table = pads.dataset(output / "transcripts", format="parquet", partitioning="hive").to_table()
     summary = json.loads((output / "runs" / "routed.json").read_text())
-    return {"result": result, "rows": rows, "table": table, "summary": summary,
-            "dirs": {"ctc": tiny_ctc_dir, "granite": tiny_model_dir, "plus": tiny_plus_dir}}
+    return {
+        "result": result,
+        "rows": rows,
+        "table": table,
+        "summary": summary,
+        "dirs": {"ctc": tiny_ctc_dir, "granite": tiny_model_dir, "plus": tiny_plus_dir},
+    }
 
 
 def test_every_row_once_and_served_by_the_right_model(routed_job):
@@ -154,8 +199,20 @@ def test_the_ctc_checkpoint_alone_runs_the_samples_and_refuses_what_it_cannot_se
     rows = [dict(row, audio=str(SAMPLES / row["audio"]), id=f"sample-{i}") for i, row in enumerate(SAMPLE_ROWS)]
     manifest = write_jsonl(tmp_path / "manifest.jsonl", rows)
     output = tmp_path / "out"
-    result = run_cli(["run", "--manifest", str(manifest), "--output", str(output), "--model", str(tiny_ctc_dir),
-                      "--batch-size", "4", "--no-progress"])
+    result = run_cli(
+        [
+            "run",
+            "--manifest",
+            str(manifest),
+            "--output",
+            str(output),
+            "--model",
+            str(tiny_ctc_dir),
+            "--batch-size",
+            "4",
+            "--no-progress",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     table = pads.dataset(output / "transcripts", format="parquet", partitioning="hive").to_table()
     by_id = {row["id"]: row for row in table.to_pylist()}
@@ -168,11 +225,20 @@ def test_the_ctc_checkpoint_alone_runs_the_samples_and_refuses_what_it_cannot_se
         else:
             assert out["error"].startswith(f"no listed model serves this row: {tiny_ctc_dir} has no "), out["error"]
     reasons = {by_id[r["id"]]["error"].rsplit(" has no ", 1)[1] for r in rows if by_id[r["id"]]["error"]}
-    assert reasons == {"fr transcription", "de transcription", "es transcription", "pt transcription",
-                       "ja transcription", "translation (ast)", "keywords"}
+    assert reasons == {
+        "fr transcription",
+        "de transcription",
+        "es transcription",
+        "pt transcription",
+        "ja transcription",
+        "translation (ast)",
+        "keywords",
+    }
 
 
-def test_rows_lost_to_crashes_are_labelled_with_the_model_they_were_routed_to(tiny_model_dir, tiny_ctc_dir, tiny_plus_dir):
+def test_rows_lost_to_crashes_are_labelled_with_the_model_they_were_routed_to(
+    tiny_model_dir, tiny_ctc_dir, tiny_plus_dir
+):
     from granite_batch.models.model import resolve_model
     from granite_batch.run.recovery import crashed_rows
     from granite_batch.run.transcription import _routed_models
@@ -183,8 +249,16 @@ def test_rows_lost_to_crashes_are_labelled_with_the_model_they_were_routed_to(ti
     lost = rows_table([{"id": "en"}, {"id": "fr", "language": "fr"}, {"id": "spk", "speakers": True}])
     names, revisions = _routed_models(lost, config, refs)
     assert names == [refs[0].name, refs[1].name, refs[2].name] and len(set(names)) == 3
-    schema = pa.schema([("id", pa.string()), ("error", pa.string()), ("text", pa.string()), ("model", pa.string()),
-                        ("model_revision", pa.string()), ("run_id", pa.string())])
+    schema = pa.schema(
+        [
+            ("id", pa.string()),
+            ("error", pa.string()),
+            ("text", pa.string()),
+            ("model", pa.string()),
+            ("model_revision", pa.string()),
+            ("run_id", pa.string()),
+        ]
+    )
     rows = crashed_rows(lost, schema, names, revisions, "R1")
     assert rows.column("model").to_pylist() == names and rows.column("model_revision").to_pylist() == revisions
     one = load_config(overrides={"manifest": "m.jsonl", "output": "out", "model": dirs[1]})

@@ -49,9 +49,25 @@ def s3_job(s3_server, tiny_model_dir, tmp_path_factory):
 
     s3 = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server}, skip_instance_cache=True)
     upload_samples(s3, "archive")
-    result = run_cli(["run", "--manifest", "s3://archive/samples/manifest.jsonl", "--output", "s3://archive/out",
-                      "--endpoint-url", s3_server, "--model", str(tiny_model_dir), "--max-new-tokens", "8",
-                      "--no-progress", "--run-id", "s3-run", "-v"])
+    result = run_cli(
+        [
+            "run",
+            "--manifest",
+            "s3://archive/samples/manifest.jsonl",
+            "--output",
+            "s3://archive/out",
+            "--endpoint-url",
+            s3_server,
+            "--model",
+            str(tiny_model_dir),
+            "--max-new-tokens",
+            "8",
+            "--no-progress",
+            "--run-id",
+            "s3-run",
+            "-v",
+        ]
+    )
     return {"result": result, "s3": s3}
 
 
@@ -83,15 +99,30 @@ def test_transient_faults_are_retried_and_a_deleted_object_is_one_error_row(s3, 
     s3.rm("flaky/samples/de_bibliothek.ogg")
     proxy = FaultyProxy(s3_server, every=5)
     try:
-        result = run_cli(["run", "--manifest", "s3://flaky/samples/manifest.jsonl", "--output", "s3://flaky/out",
-                          "--endpoint-url", proxy.url, "--model", str(tiny_model_dir), "--max-new-tokens", "4",
-                          "--no-progress"])
+        result = run_cli(
+            [
+                "run",
+                "--manifest",
+                "s3://flaky/samples/manifest.jsonl",
+                "--output",
+                "s3://flaky/out",
+                "--endpoint-url",
+                proxy.url,
+                "--model",
+                str(tiny_model_dir),
+                "--max-new-tokens",
+                "4",
+                "--no-progress",
+            ]
+        )
     finally:
         proxy.close()
     assert result.returncode == 0, result.stderr[-3000:]
     assert proxy.faults >= 5  # the faults really happened
-    rows = {r["audio"].rsplit("/", 1)[1] + ":" + r["task"] + str(len(r["segments"])): r
-            for r in read_s3_output(s3, "flaky/out").to_pylist()}
+    rows = {
+        r["audio"].rsplit("/", 1)[1] + ":" + r["task"] + str(len(r["segments"])): r
+        for r in read_s3_output(s3, "flaky/out").to_pylist()
+    }
     assert len(rows) >= 7
     errors = {key: r["error"] for key, r in rows.items() if r["error"] is not None}
     assert list(errors) == ["de_bibliothek.ogg:asr0"]
@@ -99,6 +130,11 @@ def test_transient_faults_are_retried_and_a_deleted_object_is_one_error_row(s3, 
 
 
 def test_endpoint_and_anonymous_access_are_job_config(tmp_path):
-    config = load_config(overrides={"manifest": "s3://b/m.jsonl", "output": "s3://b/out",
-                                    "storage_options": {"s3": {"endpoint_url": "http://minio:9000", "anon": True}}})
+    config = load_config(
+        overrides={
+            "manifest": "s3://b/m.jsonl",
+            "output": "s3://b/out",
+            "storage_options": {"s3": {"endpoint_url": "http://minio:9000", "anon": True}},
+        }
+    )
     assert config.public_dict()["storage_options"] == {"s3": ["anon", "endpoint_url"]}

@@ -42,14 +42,18 @@ def test_short_recording_with_speech_stays_whole(clip):
     assert plan_segments(samples, RATE, 30.0) == [(0, len(samples))]
 
 
-@pytest.mark.parametrize("samples", [
-    np.zeros(RATE * 10, np.float32),
-    np.zeros(RATE * 70, np.float32),
-    np.random.default_rng(0).normal(0, 0.01, RATE * 40).astype(np.float32),  # hiss
-    np.ones(RATE * 50, np.float32),  # a constant level is not speech
-    np.zeros(100, np.float32),
-    np.zeros(0, np.float32),
-], ids=["silence-10s", "silence-70s", "noise-40s", "dc-50s", "100-samples", "empty"])
+@pytest.mark.parametrize(
+    "samples",
+    [
+        np.zeros(RATE * 10, np.float32),
+        np.zeros(RATE * 70, np.float32),
+        np.random.default_rng(0).normal(0, 0.01, RATE * 40).astype(np.float32),  # hiss
+        np.ones(RATE * 50, np.float32),  # a constant level is not speech
+        np.zeros(100, np.float32),
+        np.zeros(0, np.float32),
+    ],
+    ids=["silence-10s", "silence-70s", "noise-40s", "dc-50s", "100-samples", "empty"],
+)
 def test_recordings_without_speech_have_no_segment(samples):
     assert plan_segments(samples, RATE, 30.0) == []
 
@@ -139,8 +143,13 @@ def test_windowed_vad_agrees_with_silero_frame_by_frame(clip):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # silero's frame-by-frame loop crawls with more when cores are busy
     try:
-        reference = get_speech_timestamps(torch.from_numpy(samples), vad.vad_model(), speech_pad_ms=0,
-                                          min_silence_duration_ms=100, min_speech_duration_ms=250)
+        reference = get_speech_timestamps(
+            torch.from_numpy(samples),
+            vad.vad_model(),
+            speech_pad_ms=0,
+            min_silence_duration_ms=100,
+            min_speech_duration_ms=250,
+        )
     finally:
         torch.set_num_threads(threads)
     ours, theirs = np.zeros(len(samples), bool), np.zeros(len(samples), bool)
@@ -152,8 +161,9 @@ def test_windowed_vad_agrees_with_silero_frame_by_frame(clip):
     assert (ours == theirs).mean() > 0.98
 
 
-@pytest.mark.parametrize("name", ["en_weather.flac", "fr_gare.mp3", "de_bibliothek.ogg", "pt_praia.wav",
-                                  "es_mercado.m4a", "ja_tenki.flac"])
+@pytest.mark.parametrize(
+    "name", ["en_weather.flac", "fr_gare.mp3", "de_bibliothek.ogg", "pt_praia.wav", "es_mercado.m4a", "ja_tenki.flac"]
+)
 def test_speech_regions_of_the_samples_are_silero_get_speech_timestamps(name):
     from silero_vad import get_speech_timestamps
 
@@ -228,11 +238,18 @@ def test_recordings_segmented_together_get_the_segments_they_get_alone(clip):
     long_speech, _ = speech_with_pauses(clip, [8, 12, 6, 9, 14, 7] * 4, pause_s=0.8)  # 243 s
     # Together over 256 s: more than 64 windows of 4 s, so a window length taken from the batch's total
     # (rather than each recording's own) would move every window and change the segments.
-    recordings = [clip, np.concatenate([np.zeros(RATE * 3, np.float32), clip]), long_speech,
-                  np.zeros(RATE * 4, np.float32), clip[: int(0.1 * RATE)], long_speech[: RATE * 90]]
+    recordings = [
+        clip,
+        np.concatenate([np.zeros(RATE * 3, np.float32), clip]),
+        long_speech,
+        np.zeros(RATE * 4, np.float32),
+        clip[: int(0.1 * RATE)],
+        long_speech[: RATE * 90],
+    ]
     rec = list(range(len(recordings)))
-    together = segment_bounds(segment_table(pa.table({"rec": rec, "samples": samples_to_arrow(recordings)}),
-                                            RATE, 30.0))
+    together = segment_bounds(
+        segment_table(pa.table({"rec": rec, "samples": samples_to_arrow(recordings)}), RATE, 30.0)
+    )
     alone = [plan_segments(samples, RATE, 30.0) for samples in recordings]
     assert together == dict(enumerate(alone))
     assert len(alone[2]) >= 2 and alone[3] == [] and alone[4] == []  # the mix holds every kind of row
@@ -285,5 +302,6 @@ def test_the_helper_is_sent_one_group_of_windows_at_a_time_not_the_recording(cli
     group_bytes = options.batch_windows * frames * vad.VAD_FRAME * 4  # 8 windows of 16.5 s: 8.5 MB
     assert len(sent) == 3 and max(sent) <= group_bytes < speech.nbytes / 2
     monkeypatch.undo()
-    assert out.equals(segment_table(pa.table({"samples": samples_to_arrow([speech])}), RATE, 30.0, options,
-                                    isolate=False))
+    assert out.equals(
+        segment_table(pa.table({"samples": samples_to_arrow([speech])}), RATE, 30.0, options, isolate=False)
+    )

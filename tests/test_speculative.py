@@ -31,8 +31,9 @@ def recordings():
 
 
 def model(tiny_model_dir, mode: str, drafter=None, **options) -> SpeechModel:
-    return SpeechModel.load(str(tiny_model_dir), max_new_tokens=MAX_NEW,
-                            speculative=SpeculativeOptions(mode, **options), drafter=drafter)
+    return SpeechModel.load(
+        str(tiny_model_dir), max_new_tokens=MAX_NEW, speculative=SpeculativeOptions(mode, **options), drafter=drafter
+    )
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +82,7 @@ def test_a_correct_draft_is_accepted_whole_in_one_forward_pass(tiny_model_dir, r
     assert counter.calls == 1  # one verification pass for the whole batch, no per-token steps
 
 
-def test_a_draft_right_for_a_prefix_resumes_at_the_first_wrong_token(tiny_model_dir, recordings, greedy,
-                                                                       monkeypatch):
+def test_a_draft_right_for_a_prefix_resumes_at_the_first_wrong_token(tiny_model_dir, recordings, greedy, monkeypatch):
     index = max(range(len(recordings)), key=lambda i: len(greedy[1][i]))
     right = greedy[1][index]
     assert len(right) >= 8
@@ -90,7 +90,7 @@ def test_a_draft_right_for_a_prefix_resumes_at_the_first_wrong_token(tiny_model_
     drafts = []
     strict = model(tiny_model_dir, "speculative-strict", drafter=lambda samples, request: drafts[0])
     wrong = (right[keep] + 1) % len(strict.tokenizer)
-    drafts.append(right[:keep] + [wrong] + right[keep + 1:])
+    drafts.append(right[:keep] + [wrong] + right[keep + 1 :])
     seen = []
     original = strict._autoregressive
 
@@ -106,16 +106,17 @@ def test_a_draft_right_for_a_prefix_resumes_at_the_first_wrong_token(tiny_model_
 
 
 def test_translation_and_japanese_are_not_drafted(tiny_model_dir, recordings, monkeypatch):
-    strict = model(tiny_model_dir, "speculative-strict",
-                   drafter=lambda samples, request: pytest.fail("no draft expected"))
+    strict = model(
+        tiny_model_dir, "speculative-strict", drafter=lambda samples, request: pytest.fail("no draft expected")
+    )
     samples = recordings[0][0]
-    results = strict.generate_with_decisions([(samples, Request("ast", "fr", language="en")),
-                                              (samples, Request(language="ja"))])
+    results = strict.generate_with_decisions(
+        [(samples, Request("ast", "fr", language="en")), (samples, Request(language="ja"))]
+    )
     assert [decision for _, decision in results] == [BY_AUTOREGRESSIVE, BY_AUTOREGRESSIVE]
 
 
-def test_relaxed_mode_accepts_a_confident_ctc_draft_without_the_language_model(tiny_model_dir, recordings,
-                                                                              monkeypatch):
+def test_relaxed_mode_accepts_a_confident_ctc_draft_without_the_language_model(tiny_model_dir, recordings, monkeypatch):
     relaxed = model(tiny_model_dir, "speculative", ctc_entropy_threshold=math.inf)
     counter = ForwardCounter(relaxed, monkeypatch)
     results = relaxed.generate_with_decisions(recordings[:2])
@@ -126,6 +127,7 @@ def test_relaxed_mode_accepts_a_confident_ctc_draft_without_the_language_model(t
 
 # --- speculative (relaxed): IBM's notebook flow on hand-made drafts -------------------------------
 
+
 def scaled_probabilities(speech_model: SpeechModel, item, draft: list[int]) -> torch.Tensor:
     """[len(draft), vocab]: softmax(lm_head(h) / logits_scaling) at each draft position, the way IBM's
     verify() computes them (the language model's last hidden state, then lm_head, then the scale)."""
@@ -135,7 +137,7 @@ def scaled_probabilities(speech_model: SpeechModel, item, draft: list[int]) -> t
         sequence = torch.cat([embeds[0], embed(torch.tensor(draft))])[None]
         hidden = speech_model.model.model.language_model(inputs_embeds=sequence).last_hidden_state[0]
         scaling = speech_model.model.config.text_config.logits_scaling
-        logits = speech_model.model.lm_head(hidden[-len(draft) - 1: -1]).float() / scaling
+        logits = speech_model.model.lm_head(hidden[-len(draft) - 1 : -1]).float() / scaling
         return torch.softmax(logits, dim=-1)
 
 
@@ -149,8 +151,7 @@ def test_relaxed_mode_decodes_a_rejected_draft_from_scratch(tiny_model_dir, reco
     draft = [runner_up, unlikely]
     threshold = float(first[runner_up]) / 2  # the first token passes, the second does not
     assert float(second[unlikely]) < threshold
-    relaxed = model(tiny_model_dir, "speculative", drafter=lambda samples, request: draft,
-                    verify_threshold=threshold)
+    relaxed = model(tiny_model_dir, "speculative", drafter=lambda samples, request: draft, verify_threshold=threshold)
     text, decision = relaxed.generate_with_decisions([item])[0]
     # IBM's fallback() decodes the prompt alone: no draft token survives, even the probable first one.
     assert (text, decision) == (greedy[0][0], BY_FALLBACK)
@@ -159,16 +160,22 @@ def test_relaxed_mode_decodes_a_rejected_draft_from_scratch(tiny_model_dir, reco
 def test_relaxed_mode_falls_back_with_its_beams(tiny_model_dir, recordings):
     items = recordings[:2]
     beams = SpeechModel.load(str(tiny_model_dir), max_new_tokens=MAX_NEW, num_beams=2)
-    relaxed = model(tiny_model_dir, "speculative", drafter=lambda samples, request: [0, 0, 0],
-                    verify_threshold=1.0, fallback_beams=2)
+    relaxed = model(
+        tiny_model_dir,
+        "speculative",
+        drafter=lambda samples, request: [0, 0, 0],
+        verify_threshold=1.0,
+        fallback_beams=2,
+    )
     results = relaxed.generate_with_decisions(items)
     assert [text for text, _ in results] == beams.generate(items)
     assert [decision for _, decision in results] == [BY_FALLBACK, BY_FALLBACK]
     assert beams.generate(items) != model(tiny_model_dir, "autoregressive").generate(items)  # informative
 
 
-def test_relaxed_mode_takes_a_draft_whose_every_token_reaches_the_threshold(tiny_model_dir, recordings,
-                                                                               greedy, monkeypatch):
+def test_relaxed_mode_takes_a_draft_whose_every_token_reaches_the_threshold(
+    tiny_model_dir, recordings, greedy, monkeypatch
+):
     item = recordings[1]
     plain = model(tiny_model_dir, "autoregressive")
     # Not the model's own output: the runner-up token at every step after the first.
@@ -178,14 +185,12 @@ def test_relaxed_mode_takes_a_draft_whose_every_token_reaches_the_threshold(tiny
     least = float(scaled_probabilities(plain, item, draft).gather(1, torch.tensor(draft)[:, None]).min())
     expected = plain.tokenizer.decode(draft, skip_special_tokens=True).strip()
     assert expected != greedy[0][1]
-    at = model(tiny_model_dir, "speculative", drafter=lambda samples, request: draft,
-               verify_threshold=least * 0.999)
+    at = model(tiny_model_dir, "speculative", drafter=lambda samples, request: draft, verify_threshold=least * 0.999)
     assert at.generate_with_decisions([item])[0] == (expected, BY_VERIFICATION)
     counter = ForwardCounter(at, monkeypatch)  # counted once the model has made its one probe pass
     assert at.generate_with_decisions([item])[0] == (expected, BY_VERIFICATION)
     assert counter.calls == 1  # the verification pass alone
-    above = model(tiny_model_dir, "speculative", drafter=lambda samples, request: draft,
-                  verify_threshold=least * 1.001)
+    above = model(tiny_model_dir, "speculative", drafter=lambda samples, request: draft, verify_threshold=least * 1.001)
     assert above.generate_with_decisions([item])[0] == (greedy[0][1], BY_FALLBACK)
 
 
@@ -200,16 +205,27 @@ def test_the_job_config_carries_ibms_settings_to_the_model_actor(tiny_model_dir)
     from granite_batch.pipeline import Transcriber
 
     assert GenerationOptions().model_dump(include={"ctc_entropy_threshold", "verify_threshold", "fallback_beams"}) == {
-        "ctc_entropy_threshold": 0.7, "verify_threshold": 0.1, "fallback_beams": 1}  # IBM's notebook
-    leaderboard = {"decoding": "speculative", "ctc_entropy_threshold": 0.7, "verify_threshold": 0.2, "fallback_beams": 2}
-    config = load_config(overrides={"manifest": "m.jsonl", "output": "out", "model": str(tiny_model_dir),
-                                    "generation": leaderboard})
+        "ctc_entropy_threshold": 0.7,
+        "verify_threshold": 0.1,
+        "fallback_beams": 1,
+    }  # IBM's notebook
+    leaderboard = {
+        "decoding": "speculative",
+        "ctc_entropy_threshold": 0.7,
+        "verify_threshold": 0.2,
+        "fallback_beams": 2,
+    }
+    config = load_config(
+        overrides={"manifest": "m.jsonl", "output": "out", "model": str(tiny_model_dir), "generation": leaderboard}
+    )
     actor = Transcriber(config, ModelRef(str(tiny_model_dir), None), "run", "cpu")
     assert actor.speech_model.speculative == SpeculativeOptions("speculative", 0.7, 0.2, 2)
     with pytest.raises(ValueError, match="num_beams 1"):
         GenerationOptions(decoding="speculative", num_beams=2)  # beams belong to the fallback
 
+
 # --- the acceptance rules on hand-made distributions ---------------------------------------------
+
 
 def test_ctc_draft_collapses_repeats_drops_blanks_and_reports_entropy():
     frames = torch.full((6, 128), -20.0)
@@ -231,8 +247,14 @@ def test_strict_rule_accepts_up_to_the_first_disagreement():
 
 @pytest.mark.parametrize(
     "probabilities, threshold, verified",
-    [([0.9, 0.5, 0.2], 0.1, True), ([0.9, 0.05, 0.9], 0.1, False), ([0.1, 0.1], 0.1, True), ([0.09], 0.1, False),
-     ([0.3, 0.25, 0.19], 0.2, False), ([], 0.0, False)],
+    [
+        ([0.9, 0.5, 0.2], 0.1, True),
+        ([0.9, 0.05, 0.9], 0.1, False),
+        ([0.1, 0.1], 0.1, True),
+        ([0.09], 0.1, False),
+        ([0.3, 0.25, 0.19], 0.2, False),
+        ([], 0.0, False),
+    ],
 )
 def test_relaxed_rule_needs_every_token_at_the_threshold(probabilities, threshold, verified):
     assert draft_verified(probabilities, threshold) == verified
@@ -256,9 +278,24 @@ def test_job_with_strict_speculation_writes_the_same_text_and_counts_decisions(t
     texts = {}
     for mode in ("autoregressive", "speculative-strict"):
         out = tmp_path / mode
-        result = run_cli(["run", "--manifest", str(SAMPLES / "manifest.jsonl"), "--output", str(out),
-                          "--model", str(tiny_model_dir), "--max-new-tokens", "8", "--no-progress",
-                          "--decoding", mode, "--run-id", mode])
+        result = run_cli(
+            [
+                "run",
+                "--manifest",
+                str(SAMPLES / "manifest.jsonl"),
+                "--output",
+                str(out),
+                "--model",
+                str(tiny_model_dir),
+                "--max-new-tokens",
+                "8",
+                "--no-progress",
+                "--decoding",
+                mode,
+                "--run-id",
+                mode,
+            ]
+        )
         assert result.returncode == 0, result.stderr[-2000:]
         table = pads.dataset(out / "transcripts", format="parquet", partitioning="hive").to_table()
         texts[mode] = dict(zip(table.column("id").to_pylist(), table.column("text").to_pylist()))

@@ -28,8 +28,11 @@ SEGMENTS = [
     {"start": 4.0004, "end": 5.9996, "text": "Fish & chips\n\nare <cheap> --> here"},
     {"start": 3725.5, "end": 3727.125, "text": "An hour later."},
 ]
-CUES = [(0.0, 1.5, "The weather today is mild."), (4.0, 6.0, "Fish & chips are <cheap> --> here"),
-        (3725.5, 3727.125, "An hour later.")]
+CUES = [
+    (0.0, 1.5, "The weather today is mild."),
+    (4.0, 6.0, "Fish & chips are <cheap> --> here"),
+    (3725.5, 3727.125, "An hour later."),
+]
 SRT_TIME = r"\d{2,}:\d{2}:\d{2},\d{3}"
 VTT_TIME = r"\d{2,}:\d{2}:\d{2}\.\d{3}"
 
@@ -75,18 +78,25 @@ def test_ids_cannot_leave_the_subtitles_folder():
 
 
 def transcript_rows() -> pa.Table:
-    return pa.table({
-        "id": ["ok", "failed", "silent", "a/b"],
-        "error": [None, "decode failed: empty file (0 bytes)", None, None],
-        "segments": pa.array([SEGMENTS, [], [], SEGMENTS[:1]], pa.list_(SEGMENT_TYPE)),
-    })
+    return pa.table(
+        {
+            "id": ["ok", "failed", "silent", "a/b"],
+            "error": [None, "decode failed: empty file (0 bytes)", None, None],
+            "segments": pa.array([SEGMENTS, [], [], SEGMENTS[:1]], pa.list_(SEGMENT_TYPE)),
+        }
+    )
 
 
 def test_write_one_file_per_format_for_rows_with_segments_only(tmp_path):
     written = write_subtitles(transcript_rows(), str(tmp_path), ["srt", "vtt"], "run-1")
     assert len(written) == 4
     files = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "subtitles").rglob("*") if p.is_file())
-    assert files == ["subtitles/srt/a%2Fb.srt", "subtitles/srt/ok.srt", "subtitles/vtt/a%2Fb.vtt", "subtitles/vtt/ok.vtt"]
+    assert files == [
+        "subtitles/srt/a%2Fb.srt",
+        "subtitles/srt/ok.srt",
+        "subtitles/vtt/a%2Fb.vtt",
+        "subtitles/vtt/ok.vtt",
+    ]
     assert len(list(srt.parse((tmp_path / "subtitles/srt/ok.srt").read_text(encoding="utf-8")))) == 3
     assert len(webvtt.read(str(tmp_path / "subtitles/vtt/a%2Fb.vtt")).captions) == 1
     assert not any((tmp_path / "_staging" / "run-1").rglob("*.srt"))  # staged files were moved, not copied
@@ -96,7 +106,10 @@ def test_write_to_s3(s3, s3_server):
     s3.mkdir("subs")
     options = {"s3": {"endpoint_url": s3_server}}
     write_subtitles(transcript_rows(), "s3://subs/out", ["vtt"], "run-1", options)
-    assert sorted(s3.ls("subs/out/subtitles/vtt")) == ["subs/out/subtitles/vtt/a%2Fb.vtt", "subs/out/subtitles/vtt/ok.vtt"]
+    assert sorted(s3.ls("subs/out/subtitles/vtt")) == [
+        "subs/out/subtitles/vtt/a%2Fb.vtt",
+        "subs/out/subtitles/vtt/ok.vtt",
+    ]
     captions = webvtt.from_string(s3.cat("subs/out/subtitles/vtt/ok.vtt").decode("utf-8"), strict=True)
     assert len(captions) == 3
 
@@ -110,26 +123,32 @@ def test_long_ids_get_names_that_fit_every_filesystem_and_stay_distinct(tmp_path
     assert names[4] == "x" * 251 + ".srt"  # short enough: the id itself, as before
     assert names[0].startswith("a" * 100) and "%-" in names[0]  # readable, then the digest
     # An id spelled like another id's shortened name is still its own file.
-    lookalike = names[0][:-len(".srt")]
+    lookalike = names[0][: -len(".srt")]
     assert subtitle_name(lookalike, "srt") != names[0]
-    table = pa.table({"id": ids, "error": [None] * len(ids),
-                      "segments": pa.array([SEGMENTS[:1]] * len(ids), pa.list_(SEGMENT_TYPE))})
+    table = pa.table(
+        {"id": ids, "error": [None] * len(ids), "segments": pa.array([SEGMENTS[:1]] * len(ids), pa.list_(SEGMENT_TYPE))}
+    )
     written = write_subtitles(table, str(tmp_path), ["srt", "vtt"], "run-1")
     assert len(written) == 2 * len(ids)
     assert len(list((tmp_path / "subtitles" / "vtt").iterdir())) == len(ids)
 
 
-LONG_TEXT = ("The weather today is mild, with a light breeze from the west. Tomorrow brings rain in the "
-             "morning and sunshine after lunch, so take an umbrella when you leave the house early. Fishermen "
-             "along the coast expect calm water until Thursday, when a storm from the Atlantic arrives.")
+LONG_TEXT = (
+    "The weather today is mild, with a light breeze from the west. Tomorrow brings rain in the "
+    "morning and sunshine after lunch, so take an umbrella when you leave the house early. Fishermen "
+    "along the coast expect calm water until Thursday, when a storm from the Atlantic arrives."
+)
 
 
 def parsed_cues(segments: list[dict]) -> tuple[list, list]:
     """The cues of both formats as (start s, end s, lines), read back by the `srt` and `webvtt` parsers."""
-    from_srt = [(s.start.total_seconds(), s.end.total_seconds(), s.content.split("\n"))
-                for s in srt.parse(to_srt(segments))]
-    from_vtt = [(seconds(c.start), seconds(c.end), html.unescape(c.text).split("\n"))
-                for c in webvtt.from_string(to_vtt(segments), strict=True)]
+    from_srt = [
+        (s.start.total_seconds(), s.end.total_seconds(), s.content.split("\n")) for s in srt.parse(to_srt(segments))
+    ]
+    from_vtt = [
+        (seconds(c.start), seconds(c.end), html.unescape(c.text).split("\n"))
+        for c in webvtt.from_string(to_vtt(segments), strict=True)
+    ]
     return from_srt, from_vtt
 
 

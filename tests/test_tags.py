@@ -10,8 +10,14 @@ from granite_batch.models.tags import tagged_parts
 
 
 def test_speaker_turns_become_segments_labelled_per_call():
-    parts = tagged_parts("[Speaker 1]: hello how are you [Speaker 2]: I'm fine [Speaker 1]: good",
-                         start_s=30.0, end_s=40.0, call=2, speakers=True, word_times=False)
+    parts = tagged_parts(
+        "[Speaker 1]: hello how are you [Speaker 2]: I'm fine [Speaker 1]: good",
+        start_s=30.0,
+        end_s=40.0,
+        call=2,
+        speakers=True,
+        word_times=False,
+    )
     assert [(p.speaker, p.text) for p in parts] == [("2:1", "hello how are you"), ("2:2", "I'm fine"), ("2:1", "good")]
     # Without word times, the call's span is shared out by characters, in order, end to end.
     assert parts[0].start == 30.0 and parts[-1].end == 40.0
@@ -22,8 +28,14 @@ def test_speaker_turns_become_segments_labelled_per_call():
 
 def test_word_end_times_unwrap_the_ten_second_clock():
     # Centiseconds modulo 1000: 990 -> 9.90 s, then 30 -> 10.30 s (transformers' granite_speech_plus docs).
-    parts = tagged_parts("hello [T:45] world [T:82] _ [T:120] again [T:990] wrapped [T:30] tail",
-                         start_s=100.0, end_s=115.0, call=0, speakers=False, word_times=True)
+    parts = tagged_parts(
+        "hello [T:45] world [T:82] _ [T:120] again [T:990] wrapped [T:30] tail",
+        start_s=100.0,
+        end_s=115.0,
+        call=0,
+        speakers=False,
+        word_times=True,
+    )
     (part,) = parts
     assert part.words == [
         {"start": 100.0, "end": 100.45, "text": "hello"},
@@ -36,17 +48,29 @@ def test_word_end_times_unwrap_the_ten_second_clock():
 
 
 def test_speakers_with_word_times_share_one_clock():
-    parts = tagged_parts("[Speaker 1]: hi [T:50] there [T:90] [Speaker 2]: yo [T:150]", 0.0, 5.0, 1,
-                         speakers=True, word_times=True)
-    assert [(p.speaker, p.text, p.start, p.end) for p in parts] == [("1:1", "hi there", 0.0, 0.9),
-                                                                    ("1:2", "yo", 0.9, 1.5)]
+    parts = tagged_parts(
+        "[Speaker 1]: hi [T:50] there [T:90] [Speaker 2]: yo [T:150]", 0.0, 5.0, 1, speakers=True, word_times=True
+    )
+    assert [(p.speaker, p.text, p.start, p.end) for p in parts] == [
+        ("1:1", "hi there", 0.0, 0.9),
+        ("1:2", "yo", 0.9, 1.5),
+    ]
     assert parts[1].words == [{"start": 0.9, "end": 1.5, "text": "yo"}]
 
 
-@pytest.mark.parametrize("text", [
-    "[Speaker x]: [T:abc] broken [T:", "[T:5000] far past the end", "[T:99999999999999999999] x [T:-3]",
-    "[Speaker 1]:", "[Speaker 1]: [Speaker 2]:", "", "_ _ [T:10]", "]][[ [T:][Speaker]: words",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[Speaker x]: [T:abc] broken [T:",
+        "[T:5000] far past the end",
+        "[T:99999999999999999999] x [T:-3]",
+        "[Speaker 1]:",
+        "[Speaker 1]: [Speaker 2]:",
+        "",
+        "_ _ [T:10]",
+        "]][[ [T:][Speaker]: words",
+    ],
+)
 def test_malformed_tags_never_fail_and_stay_inside_the_call(text):
     for speakers in (True, False):
         for word_times in (True, False):
@@ -64,8 +88,7 @@ def test_tags_not_asked_for_are_dropped_from_the_text():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.text(alphabet=st.sampled_from(list("ab _[]:T0123456789Speker")), max_size=80),
-       st.booleans(), st.booleans())
+@given(st.text(alphabet=st.sampled_from(list("ab _[]:T0123456789Speker")), max_size=80), st.booleans(), st.booleans())
 def test_any_text_gives_ordered_parts_inside_the_call(text, speakers, word_times):
     parts = tagged_parts(text, 5.0, 9.0, 3, speakers, word_times)
     assert parts

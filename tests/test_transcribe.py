@@ -40,22 +40,45 @@ def segment_rows(recordings: list[dict]) -> pa.Table:
         start = 0.0
         for k, piece in enumerate(pieces or [None]):
             length = 0 if piece is None else len(piece) / RATE
-            rows.append({
-                "id": rec["id"], "audio": f"{rec['id']}.flac", "language": rec.get("language", "en"),
-                "task": rec.get("task", "asr"), "target_language": rec.get("target_language"),
-                "keywords": list(rec.get("keywords", [])), "error": rec.get("error"), "duration_s": 60.0,
-                "reference": rec.get("reference"),
-                "segment_index": k if pieces else None, "segment_count": len(pieces),
-                "start_s": start if pieces else None, "end_s": start + length if pieces else None,
-            })
+            rows.append(
+                {
+                    "id": rec["id"],
+                    "audio": f"{rec['id']}.flac",
+                    "language": rec.get("language", "en"),
+                    "task": rec.get("task", "asr"),
+                    "target_language": rec.get("target_language"),
+                    "keywords": list(rec.get("keywords", [])),
+                    "error": rec.get("error"),
+                    "duration_s": 60.0,
+                    "reference": rec.get("reference"),
+                    "segment_index": k if pieces else None,
+                    "segment_count": len(pieces),
+                    "start_s": start if pieces else None,
+                    "end_s": start + length if pieces else None,
+                }
+            )
             samples.append(piece)
             start += length + 1.0
-    table = pa.Table.from_pylist(rows, schema=pa.schema([
-        ("id", pa.string()), ("audio", pa.string()), ("language", pa.string()), ("task", pa.string()),
-        ("target_language", pa.string()), ("keywords", pa.list_(pa.string())), ("error", pa.string()),
-        ("duration_s", pa.float64()), ("reference", pa.string()), ("segment_index", pa.int32()),
-        ("segment_count", pa.int32()), ("start_s", pa.float64()), ("end_s", pa.float64()),
-    ]))
+    table = pa.Table.from_pylist(
+        rows,
+        schema=pa.schema(
+            [
+                ("id", pa.string()),
+                ("audio", pa.string()),
+                ("language", pa.string()),
+                ("task", pa.string()),
+                ("target_language", pa.string()),
+                ("keywords", pa.list_(pa.string())),
+                ("error", pa.string()),
+                ("duration_s", pa.float64()),
+                ("reference", pa.string()),
+                ("segment_index", pa.int32()),
+                ("segment_count", pa.int32()),
+                ("start_s", pa.float64()),
+                ("end_s", pa.float64()),
+            ]
+        ),
+    )
     return table.append_column("samples", samples_to_arrow(samples))
 
 
@@ -95,20 +118,23 @@ def test_recordings_are_assembled_whole_from_segments_in_any_order(tiny_model_di
     ]
     table = segment_rows(recordings)
     results = transcribe_segments(table, speech_model)
-    expected_long = " ".join(t for t in results.filter(pa.compute.equal(results.column("id"), "long"))
-                             .column("segment_text").to_pylist() if t)
+    expected_long = " ".join(
+        t
+        for t in results.filter(pa.compute.equal(results.column("id"), "long")).column("segment_text").to_pylist()
+        if t
+    )
 
     order = list(range(results.num_rows))
     random.Random(7).shuffle(order)
     assembler = RecordingAssembler()
     written = []
     for start in range(0, len(order), 3):  # batches of 3 rows, interleaved across recordings
-        rows = assembler.add(results.take(order[start:start + 3]))
+        rows = assembler.add(results.take(order[start : start + 3]))
         if rows is not None:
             written.extend(rows.to_pylist())
             # A recording is returned only once all its segments are in.
             for row in rows.to_pylist():
-                assert not [i for i in order[start + 3:] if results.column("id")[i].as_py() == row["id"]]
+                assert not [i for i in order[start + 3 :] if results.column("id")[i].as_py() == row["id"]]
     assert assembler.pending == 0
     by_id = {row["id"]: row for row in written}
     assert sorted(by_id) == ["failed", "ja", "long", "silent"] and len(written) == 4
@@ -145,20 +171,39 @@ def cut_as_decoded(table: pa.Table, ids: set[str], error: str | None = None) -> 
     count -1 and no duration on each, then one end row with the count, the duration and `error`."""
     keys = table.column("id").to_pylist()
     chosen = [key in ids for key in keys]
-    table = table.set_column(table.schema.get_field_index("segment_count"), "segment_count", pa.array(
-        [-1 if c else n for c, n in zip(chosen, table.column("segment_count").to_pylist())], pa.int32()))
-    table = table.set_column(table.schema.get_field_index("duration_s"), "duration_s", pa.array(
-        [None if c else d for c, d in zip(chosen, table.column("duration_s").to_pylist())], pa.float64()))
-    ends = [{**table.slice(keys.index(key), 1).to_pylist()[0], "segment_index": None, "start_s": None, "end_s": None,
-             "samples": None, "duration_s": 3600.0, "segment_count": keys.count(key), "error": error}
-            for key in sorted(ids)]
+    table = table.set_column(
+        table.schema.get_field_index("segment_count"),
+        "segment_count",
+        pa.array([-1 if c else n for c, n in zip(chosen, table.column("segment_count").to_pylist())], pa.int32()),
+    )
+    table = table.set_column(
+        table.schema.get_field_index("duration_s"),
+        "duration_s",
+        pa.array([None if c else d for c, d in zip(chosen, table.column("duration_s").to_pylist())], pa.float64()),
+    )
+    ends = [
+        {
+            **table.slice(keys.index(key), 1).to_pylist()[0],
+            "segment_index": None,
+            "start_s": None,
+            "end_s": None,
+            "samples": None,
+            "duration_s": 3600.0,
+            "segment_count": keys.count(key),
+            "error": error,
+        }
+        for key in sorted(ids)
+    ]
     return pa.concat_tables([table, pa.Table.from_pylist(ends, schema=table.schema)])
 
 
 @pytest.mark.parametrize("error", [None, "too long: more than 7200 s of audio (raise max_duration_s to allow it)"])
 def test_a_long_recording_s_end_row_completes_it_with_its_count_and_duration(tiny_model_dir, clips, error):
-    rows = cut_as_decoded(segment_rows([{"id": "long", "pieces": [clips[0], clips[1], clips[3]]},
-                                        {"id": "short", "pieces": [clips[4]]}]), {"long"}, error)
+    rows = cut_as_decoded(
+        segment_rows([{"id": "long", "pieces": [clips[0], clips[1], clips[3]]}, {"id": "short", "pieces": [clips[4]]}]),
+        {"long"},
+        error,
+    )
     results = transcribe_segments(rows, model(tiny_model_dir))
     order = [4, 0, 3, 2, 1]  # the end row first: the recording still waits for its segments
     assert results.column("segment_index").to_pylist()[4] is None
@@ -173,7 +218,8 @@ def test_a_long_recording_s_end_row_completes_it_with_its_count_and_duration(tin
     assert long["duration_s"] == 3600.0 and long["error"] == error  # from the end row
     if error is None:
         assert len(long["segments"]) == 3 and long["text"] == " ".join(
-            t for t in results.column("segment_text").to_pylist()[:3] if t)
+            t for t in results.column("segment_text").to_pylist()[:3] if t
+        )
     else:
         assert long["text"] is None and long["segments"] == []
     assert written["short"][1]["duration_s"] == 60.0 and len(written["short"][1]["segments"]) == 1
@@ -181,8 +227,9 @@ def test_a_long_recording_s_end_row_completes_it_with_its_count_and_duration(tin
 
 def test_a_segment_that_fails_fails_its_recording_alone(tiny_model_dir, clips):
     speech_model = model(tiny_model_dir)
-    table = segment_rows([{"id": "good", "pieces": [clips[0]]},
-                          {"id": "bad", "pieces": [clips[1], np.full(RATE, np.nan, np.float32)]}])
+    table = segment_rows(
+        [{"id": "good", "pieces": [clips[0]]}, {"id": "bad", "pieces": [clips[1], np.full(RATE, np.nan, np.float32)]}]
+    )
     original = speech_model.generate_segments
 
     def fails_on_nan(items):
@@ -209,9 +256,13 @@ def test_requests_of_one_recording_apply_to_all_its_segments(tiny_model_dir, cli
 
 def test_word_timestamps_fill_words_and_confidence_of_assembled_segments(tiny_model_dir, clips):
     speech_model = model(tiny_model_dir)
-    table = segment_rows([{"id": "en", "pieces": [clips[0], clips[3][: 2 * RATE]]},
-                          {"id": "ja", "language": "ja", "pieces": [clips[2]]},
-                          {"id": "fr-en", "task": "ast", "language": "fr", "target_language": "en", "pieces": [clips[1]]}])
+    table = segment_rows(
+        [
+            {"id": "en", "pieces": [clips[0], clips[3][: 2 * RATE]]},
+            {"id": "ja", "language": "ja", "pieces": [clips[2]]},
+            {"id": "fr-en", "task": "ast", "language": "fr", "target_language": "en", "pieces": [clips[1]]},
+        ]
+    )
     plain = transcribe_segments(table, speech_model)
     timed = transcribe_segments(table, speech_model, RequestFlags(word_timestamps=True))
     assert timed.column("segment_text").to_pylist() == plain.column("segment_text").to_pylist()
@@ -245,8 +296,10 @@ def test_words_an_engine_times_itself_are_kept_and_placed_in_the_recording(tiny_
 
     def with_path_words(items, **options):
         results = original(items, posteriors=True)
-        return [replace(r, words=words_from_ctc_path(r.ctc_log_probs.argmax(-1).tolist(), pieces, r.frame_s))
-                for r in results]
+        return [
+            replace(r, words=words_from_ctc_path(r.ctc_log_probs.argmax(-1).tolist(), pieces, r.frame_s))
+            for r in results
+        ]
 
     speech_model.generate_segments = with_path_words
     table = segment_rows([{"id": "a", "pieces": [clips[0], clips[3]]}])
@@ -256,4 +309,3 @@ def test_words_an_engine_times_itself_are_kept_and_placed_in_the_recording(tiny_
         assert words and all(row["start_s"] <= w["start"] < w["end"] <= row["end_s"] for w in words)
     second = timed.to_pylist()[1]
     assert second["start_s"] > 0 and second["segment_words"][0]["start"] >= second["start_s"]
-

@@ -62,11 +62,11 @@ class WebServer:
                     self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
                 self.end_headers()
                 if body and kind == "cut":  # the connection ends halfway through the answer
-                    self.wfile.write(data[start:start + (end - start + 1) // 2])
+                    self.wfile.write(data[start : start + (end - start + 1) // 2])
                     self.close_connection = True
                     self.connection.shutdown(2)
                 elif body:
-                    self.wfile.write(data[start:end + 1])
+                    self.wfile.write(data[start : end + 1])
 
             def _status(self, code: int, headers: dict | None = None):
                 self.send_response(code)

@@ -22,58 +22,109 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="transcribe/translate the recordings of a manifest into Parquet")
     run.add_argument("--config", help="job YAML; flags given here override its fields")
     run.add_argument("--manifest", help="manifest file, folder or prefix (.jsonl/.json/.csv/.parquet)")
-    run.add_argument("--input", help="no manifest: list recordings under a prefix or glob, e.g. "
-                     "'s3://bucket/archive/{language}/**/*.mp3' ({language} takes the language from the path)")
+    run.add_argument(
+        "--input",
+        help="no manifest: list recordings under a prefix or glob, e.g. "
+        "'s3://bucket/archive/{language}/**/*.mp3' ({language} takes the language from the path)",
+    )
     run.add_argument("--output", help="output dataset root (local path or URI)")
-    run.add_argument("--model", action="append",
-                     help="model id on the Hub or local folder (default ibm-granite/granite-4.0-1b-speech); repeat it "
-                     "to route each row to the first model that serves it")
-    run.add_argument("--speakers", action="store_true", default=None,
-                     help="speaker-attributed transcripts where the model labels speakers (4.1-2b-plus)")
-    run.add_argument("--punctuation", action=argparse.BooleanOptionalAction, default=None,
-                     help="punctuated transcripts (4.1-2b); default: wherever the model can")
+    run.add_argument(
+        "--model",
+        action="append",
+        help="model id on the Hub or local folder (default ibm-granite/granite-4.0-1b-speech); repeat it "
+        "to route each row to the first model that serves it",
+    )
+    run.add_argument(
+        "--speakers",
+        action="store_true",
+        default=None,
+        help="speaker-attributed transcripts where the model labels speakers (4.1-2b-plus)",
+    )
+    run.add_argument(
+        "--punctuation",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="punctuated transcripts (4.1-2b); default: wherever the model can",
+    )
     run.add_argument("--revision", help="model revision (branch, tag or commit)")
-    run.add_argument("--language", help="language spoken where a row does not say (default en), or auto: "
-                     "identify it from the transcript")
-    run.add_argument("--detect-language", action="store_true", default=None,
-                     help="also identify rows that name their language; disagreements are counted in the summary")
+    run.add_argument(
+        "--language",
+        help="language spoken where a row does not say (default en), or auto: identify it from the transcript",
+    )
+    run.add_argument(
+        "--detect-language",
+        action="store_true",
+        default=None,
+        help="also identify rows that name their language; disagreements are counted in the summary",
+    )
     run.add_argument("--task", choices=["asr", "ast"], help="asr (transcribe) or ast (translate); default asr")
     run.add_argument("--target-language", help="translation target where a row does not say")
     run.add_argument("--keywords", help="comma-separated keywords for rows without their own")
-    run.add_argument("--batch-size", type=int, help="speech segments per generate call (default 256 on a GPU, 32 on CPU)")
-    run.add_argument("--max-batch-audio-s", type=float,
-                     help="padded audio seconds per generate call (default 7680 on a GPU, 480 on CPU)")
-    run.add_argument("--max-new-tokens", type=int, help="cap on any segment's new tokens (default: none beyond "
-                     "the per-second budget)")
-    run.add_argument("--max-new-tokens-per-audio-s", type=float,
-                     help="a segment's token budget: 16 + this per audio second (default 12)")
+    run.add_argument(
+        "--batch-size", type=int, help="speech segments per generate call (default 256 on a GPU, 32 on CPU)"
+    )
+    run.add_argument(
+        "--max-batch-audio-s",
+        type=float,
+        help="padded audio seconds per generate call (default 7680 on a GPU, 480 on CPU)",
+    )
+    run.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="cap on any segment's new tokens (default: none beyond the per-second budget)",
+    )
+    run.add_argument(
+        "--max-new-tokens-per-audio-s",
+        type=float,
+        help="a segment's token budget: 16 + this per audio second (default 12)",
+    )
     run.add_argument("--num-beams", type=int, help="beam search width (default 1: greedy)")
-    run.add_argument("--decoding", choices=["autoregressive", "speculative-strict", "speculative"],
-                     help="autoregressive (default), speculative-strict (CTC drafts, output identical to "
-                          "greedy) or speculative (IBM's relaxed acceptance)")
+    run.add_argument(
+        "--decoding",
+        choices=["autoregressive", "speculative-strict", "speculative"],
+        help="autoregressive (default), speculative-strict (CTC drafts, output identical to "
+        "greedy) or speculative (IBM's relaxed acceptance)",
+    )
     run.add_argument("--max-segment-s", type=float, help="longest segment sent to the model (default 30)")
     run.add_argument("--max-duration-s", type=float, help="longer recordings become error rows (default 21600)")
     run.add_argument("--subtitles", help="comma-separated subtitle formats to write per recording: srt, vtt")
-    run.add_argument("--word-timestamps", action="store_true", default=None,
-                     help="also give each segment its words with start/end times and confidences (segments[].words)")
+    run.add_argument(
+        "--word-timestamps",
+        action="store_true",
+        default=None,
+        help="also give each segment its words with start/end times and confidences (segments[].words)",
+    )
     run.add_argument("--max-failed-fraction", type=float, help="exit non-zero above this share of failed rows")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"])
     run.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     run.add_argument("--model-actors", type=int, help="model actors (GPUs) to use; see --max-model-actors")
     run.add_argument("--max-model-actors", type=int, help="let the model actor pool grow to this size")
-    run.add_argument("--trust-remote-code", action="store_true", default=None,
-                     help="run code shipped with the model repository (off by default; see README)")
+    run.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        default=None,
+        help="run code shipped with the model repository (off by default; see README)",
+    )
     run.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, Ceph, R2); AWS_ENDPOINT_URL also works")
     run.add_argument("--anon", action="store_true", default=None, help="read public buckets without credentials")
-    run.add_argument("--allowed-prefixes", help="comma-separated URI/path prefixes recordings must lie under; "
-                     "others become error rows (e.g. 's3://archive/,/mnt/audio/')")
+    run.add_argument(
+        "--allowed-prefixes",
+        help="comma-separated URI/path prefixes recordings must lie under; "
+        "others become error rows (e.g. 's3://archive/,/mnt/audio/')",
+    )
     run.add_argument("--decode-timeout-s", type=float, help="longest decode of one recording (default 900)")
-    run.add_argument("--reference-column", help="manifest column of reference texts when not `reference` "
-                     "(e.g. text)")
-    run.add_argument("--channels", choices=["mix", "split"],
-                     help="mix: downmix to mono (default); split: transcribe each channel on its own")
-    run.add_argument("--retry-failed", action="store_true", default=None,
-                     help="also redo ids whose row in the output has an error (done ids are always skipped)")
+    run.add_argument("--reference-column", help="manifest column of reference texts when not `reference` (e.g. text)")
+    run.add_argument(
+        "--channels",
+        choices=["mix", "split"],
+        help="mix: downmix to mono (default); split: transcribe each channel on its own",
+    )
+    run.add_argument(
+        "--retry-failed",
+        action="store_true",
+        default=None,
+        help="also redo ids whose row in the output has an error (done ids are always skipped)",
+    )
     run.add_argument("--run-id", help="name this run (default: UTC time + random suffix)")
     _lease_arguments(run)
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -88,16 +139,26 @@ def _parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("tiny-model", help="write a tiny random Granite Speech checkpoint to DIR")
     tiny.add_argument("directory")
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--model-type", default="granite_speech",
-                      choices=("granite_speech", "granite_speech_plus", "granite_speech5_ctc"),
-                      help="architecture: granite_speech (4.0-1b, 4.1-2b), granite_speech_plus (4.1-2b-plus) or "
-                      "granite_speech5_ctc (5.0 TurboCTC); default granite_speech")
+    tiny.add_argument(
+        "--model-type",
+        default="granite_speech",
+        choices=("granite_speech", "granite_speech_plus", "granite_speech5_ctc"),
+        help="architecture: granite_speech (4.0-1b, 4.1-2b), granite_speech_plus (4.1-2b-plus) or "
+        "granite_speech5_ctc (5.0 TurboCTC); default granite_speech",
+    )
 
-    second = commands.add_parser("second-pass", help="run a Granite language model over the transcripts of OUTPUT "
-                                 "(summaries, topics, answers) into OUTPUT/second_pass/NAME")
+    second = commands.add_parser(
+        "second-pass",
+        help="run a Granite language model over the transcripts of OUTPUT "
+        "(summaries, topics, answers) into OUTPUT/second_pass/NAME",
+    )
     second.add_argument("output", help="output dataset root holding transcripts/")
-    second.add_argument("--template", default="summary", help="summary (default), topics, qa, or a Jinja file "
-                        "that uses {{ transcript }} (and may use stage, part, parts, question)")
+    second.add_argument(
+        "--template",
+        default="summary",
+        help="summary (default), topics, qa, or a Jinja file "
+        "that uses {{ transcript }} (and may use stage, part, parts, question)",
+    )
     second.add_argument("--question", help="the question for --template qa")
     second.add_argument("--name", help="output dataset name (default: the template's name or file stem)")
     second.add_argument("--model", help="causal LM id or local folder (default ibm-granite/granite-4.0-micro)")
@@ -108,8 +169,11 @@ def _parser() -> argparse.ArgumentParser:
     second.add_argument("--model-actors", type=int, help="language model actors (default 1)")
     second.add_argument("--device", choices=["auto", "cpu", "cuda"])
     second.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    second.add_argument("--retry-failed", action="store_true",
-                        help="also redo transcripts whose second-pass row has an error (that row is replaced)")
+    second.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="also redo transcripts whose second-pass row has an error (that row is replaced)",
+    )
     second.add_argument("--run-id", help="name this run (default: UTC time + random suffix)")
     _lease_arguments(second)
     second.add_argument("--endpoint-url", help="S3-compatible endpoint")
@@ -120,8 +184,11 @@ def _parser() -> argparse.ArgumentParser:
     tiny_lm.add_argument("directory")
     tiny_lm.add_argument("--seed", type=int, default=0)
 
-    evaluate = commands.add_parser("eval", help="score transcripts and translations against the manifest's "
-                                   "reference column (WER/CER, BLEU/chrF); writes OUTPUT/eval/RUN_ID.json")
+    evaluate = commands.add_parser(
+        "eval",
+        help="score transcripts and translations against the manifest's "
+        "reference column (WER/CER, BLEU/chrF); writes OUTPUT/eval/RUN_ID.json",
+    )
     evaluate.add_argument("output", help="output dataset root")
     evaluate.add_argument("--run", help="score this run's rows, or 'all' for every row (default: the newest run)")
     evaluate.add_argument("--language", help="only rows of this recording language")
@@ -131,11 +198,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _lease_arguments(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--no-wait", action="store_true", default=None,
-                         help="exit 4 at once when another run holds the output (default: wait, see --lease-wait-s)")
+    command.add_argument(
+        "--no-wait",
+        action="store_true",
+        default=None,
+        help="exit 4 at once when another run holds the output (default: wait, see --lease-wait-s)",
+    )
     command.add_argument("--lease-wait-s", type=float, help="longest wait for another run's lease (default 3600)")
-    command.add_argument("--no-lease", action="store_true", default=None,
-                         help="take no lease: for stores without conditional writes; one run at a time is then up to you")
+    command.add_argument(
+        "--no-lease",
+        action="store_true",
+        default=None,
+        help="take no lease: for stores without conditional writes; one run at a time is then up to you",
+    )
 
 
 def _lease_overrides(args: argparse.Namespace) -> dict:
@@ -143,8 +218,12 @@ def _lease_overrides(args: argparse.Namespace) -> dict:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    generation = {"max_new_tokens": args.max_new_tokens, "max_new_tokens_per_audio_s": args.max_new_tokens_per_audio_s,
-                  "num_beams": args.num_beams, "decoding": args.decoding}
+    generation = {
+        "max_new_tokens": args.max_new_tokens,
+        "max_new_tokens_per_audio_s": args.max_new_tokens_per_audio_s,
+        "num_beams": args.num_beams,
+        "decoding": args.decoding,
+    }
     resources = {}
     if args.model_actors is not None:
         resources["model_actors_min"] = args.model_actors
@@ -153,22 +232,38 @@ def _overrides(args: argparse.Namespace) -> dict:
         resources["model_actors_max"] = args.max_model_actors
     s3 = {"endpoint_url": args.endpoint_url, "anon": args.anon}
     s3 = {key: value for key, value in s3.items() if value is not None}
-    allowed = None if args.allowed_prefixes is None else [
-        p.strip() for p in args.allowed_prefixes.split(",") if p.strip()
-    ]
+    allowed = (
+        None if args.allowed_prefixes is None else [p.strip() for p in args.allowed_prefixes.split(",") if p.strip()]
+    )
     keywords = None if args.keywords is None else [k.strip() for k in args.keywords.split(",") if k.strip()]
     return {
-        "manifest": args.manifest, "input": args.input, "output": args.output, "revision": args.revision,
-        **_models(args.model), "speakers": args.speakers, "punctuation": args.punctuation,
-        "language": args.language, "detect_language": args.detect_language, "task": args.task,
+        "manifest": args.manifest,
+        "input": args.input,
+        "output": args.output,
+        "revision": args.revision,
+        **_models(args.model),
+        "speakers": args.speakers,
+        "punctuation": args.punctuation,
+        "language": args.language,
+        "detect_language": args.detect_language,
+        "task": args.task,
         "target_language": args.target_language,
-        "keywords": keywords, "batch_size": args.batch_size, "max_batch_audio_s": args.max_batch_audio_s,
-        "max_segment_s": args.max_segment_s, "max_duration_s": args.max_duration_s,
+        "keywords": keywords,
+        "batch_size": args.batch_size,
+        "max_batch_audio_s": args.max_batch_audio_s,
+        "max_segment_s": args.max_segment_s,
+        "max_duration_s": args.max_duration_s,
         "subtitles": None if args.subtitles is None else [f.strip() for f in args.subtitles.split(",") if f.strip()],
         "word_timestamps": args.word_timestamps,
-        "max_failed_fraction": args.max_failed_fraction, "device": args.device, "dtype": args.dtype,
-        "trust_remote_code": args.trust_remote_code, "run_id": args.run_id, "retry_failed": args.retry_failed,
-        "allowed_prefixes": allowed, "decode_timeout_s": args.decode_timeout_s, "channels": args.channels,
+        "max_failed_fraction": args.max_failed_fraction,
+        "device": args.device,
+        "dtype": args.dtype,
+        "trust_remote_code": args.trust_remote_code,
+        "run_id": args.run_id,
+        "retry_failed": args.retry_failed,
+        "allowed_prefixes": allowed,
+        "decode_timeout_s": args.decode_timeout_s,
+        "channels": args.channels,
         "reference_column": args.reference_column,
         "generation": {k: v for k, v in generation.items() if v is not None} or None,
         "resources": resources or None,
@@ -188,16 +283,22 @@ def _print_summary(summary: dict, path: str) -> None:
         print(f"  failed: {count:>6}  {reason}")
     for model, figures in summary.get("inference", {}).items():
         padding = figures["padding_fraction"]
-        print(f"  inference ({model}): {figures['segments']} segments in {figures['generate_calls']} generate calls "
-              f"({figures['mean_segments_per_call']} per call), padding {'-' if padding is None else f'{padding:.1%}'}, "
-              f"{figures['new_tokens']} new tokens, {figures['truncated_segments']} segments stopped at their budget")
+        print(
+            f"  inference ({model}): {figures['segments']} segments in {figures['generate_calls']} generate calls "
+            f"({figures['mean_segments_per_call']} per call), padding {'-' if padding is None else f'{padding:.1%}'}, "
+            f"{figures['new_tokens']} new tokens, {figures['truncated_segments']} segments stopped at their budget"
+        )
         if figures.get("low_confidence_fraction") is not None:
-            print(f"  low confidence ({model}): {figures['low_confidence_segments']} segments "
-                  f"({figures['low_confidence_fraction']:.1%} of those scored) worth a look by hand")
+            print(
+                f"  low confidence ({model}): {figures['low_confidence_segments']} segments "
+                f"({figures['low_confidence_fraction']:.1%} of those scored) worth a look by hand"
+            )
     detection = summary.get("language_detection")
     if detection:
-        found = ", ".join(f"{language} {figures['rows']} (mean confidence {figures['mean_confidence']:.2f})"
-                          for language, figures in detection["by_language"].items())
+        found = ", ".join(
+            f"{language} {figures['rows']} (mean confidence {figures['mean_confidence']:.2f})"
+            for language, figures in detection["by_language"].items()
+        )
         print(f"  languages identified: {found}; {detection['disagreements']['rows']} disagree with the manifest")
     print(f"summary: {path}")
 
@@ -264,8 +365,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"{'run':<34} {'status':<18} {'started (UTC)':<20} {'ok':>8} {'failed':>8} {'wall s':>9}")
     for run in runs:
         started = (run.get("started_at") or "")[:19].replace("T", " ")
-        print(f"{run['run_id']:<34} {run['status']:<18} {started:<20} {run['rows_ok']:>8} "
-              f"{run['rows_failed']:>8} {run['wall_s']:>9.1f}")
+        print(
+            f"{run['run_id']:<34} {run['status']:<18} {started:<20} {run['rows_ok']:>8} "
+            f"{run['rows_failed']:>8} {run['wall_s']:>9.1f}"
+        )
     _print_leases(args.output, options)
     try:
         stream = ManifestStream(args.manifest, Defaults(language=args.language), options) if args.manifest else None
@@ -306,7 +409,8 @@ def _print_leases(output: str, options: dict) -> None:
             continue
         age = holder.renewed_age_s()
         state = (f"renewed {age:.0f} s ago" if age is not None else "renewal time unknown") + (
-            f"; stale after {holder.expiry_s:g} s unrenewed, then the next run takes it over")
+            f"; stale after {holder.expiry_s:g} s unrenewed, then the next run takes it over"
+        )
         print(f"lease on {dataset}: held by {holder.describe()} ({state})")
 
 
@@ -331,10 +435,20 @@ def _cmd_second_pass(args: argparse.Namespace) -> int:
     from granite_batch.config import ConfigError, SecondPassOptions
     from granite_batch.models.model import ModelLoadError
 
-    fields = {"template": args.template, "question": args.question, "name": args.name, "model": args.model,
-              "revision": args.revision, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
-              "context_tokens": args.context_tokens, "model_actors": args.model_actors, "device": args.device,
-              "dtype": args.dtype, "retry_failed": args.retry_failed or None}
+    fields = {
+        "template": args.template,
+        "question": args.question,
+        "name": args.name,
+        "model": args.model,
+        "revision": args.revision,
+        "max_new_tokens": args.max_new_tokens,
+        "batch_size": args.batch_size,
+        "context_tokens": args.context_tokens,
+        "model_actors": args.model_actors,
+        "device": args.device,
+        "dtype": args.dtype,
+        "retry_failed": args.retry_failed or None,
+    }
     try:
         options = SecondPassOptions.model_validate({k: v for k, v in fields.items() if v is not None})
     except ValidationError as exc:
@@ -348,11 +462,13 @@ def _cmd_second_pass(args: argparse.Namespace) -> int:
 
     storage = {"s3": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else {}
     lease = _lease_overrides(args)
-    terms = LeaseTerms(mode=lease["lease"] or "auto",
-                       wait_s=DEFAULT_WAIT_S if lease["lease_wait_s"] is None else lease["lease_wait_s"])
+    terms = LeaseTerms(
+        mode=lease["lease"] or "auto", wait_s=DEFAULT_WAIT_S if lease["lease_wait_s"] is None else lease["lease_wait_s"]
+    )
     try:
-        result = run_second_pass(args.output, options, storage, run_id=args.run_id, progress=not args.no_progress,
-                                 lease_terms=terms)
+        result = run_second_pass(
+            args.output, options, storage, run_id=args.run_id, progress=not args.no_progress, lease_terms=terms
+        )
     except (ConfigError, LeaseUnsupported) as exc:
         print(f"granite-batch: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -365,9 +481,11 @@ def _cmd_second_pass(args: argparse.Namespace) -> int:
     except Exception as exc:  # the run could not finish
         return _could_not_finish("second pass", exc)
     s = result.summary
-    print(f"\nsecond pass {s['name']} (run {s['run_id']}): {s['rows_ok']} ok, {s['rows_failed']} failed, "
-          f"{s['rows_chunked']} chunked, {s['rows_already_done']} already done; skipped transcripts: "
-          f"{s['skipped_failed']} failed, {s['skipped_empty']} empty; {s['wall_s']:.1f} s")
+    print(
+        f"\nsecond pass {s['name']} (run {s['run_id']}): {s['rows_ok']} ok, {s['rows_failed']} failed, "
+        f"{s['rows_chunked']} chunked, {s['rows_already_done']} already done; skipped transcripts: "
+        f"{s['skipped_failed']} failed, {s['skipped_empty']} empty; {s['wall_s']:.1f} s"
+    )
     print(f"summary: {result.summary_path}")
     return EXIT_OK
 
@@ -407,8 +525,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("httpx", "urllib3", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    handler = {"run": _cmd_run, "status": _cmd_status, "eval": _cmd_eval, "tiny-model": _cmd_tiny_model,
-               "second-pass": _cmd_second_pass, "tiny-lm": _cmd_tiny_lm}[args.command]
+    handler = {
+        "run": _cmd_run,
+        "status": _cmd_status,
+        "eval": _cmd_eval,
+        "tiny-model": _cmd_tiny_model,
+        "second-pass": _cmd_second_pass,
+        "tiny-lm": _cmd_tiny_lm,
+    }[args.command]
     return handler(args)
 
 

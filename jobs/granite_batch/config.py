@@ -35,10 +35,15 @@ class GenerationOptions(_Strict):
     """Decoding settings: greedy as the model card; the token budget follows each segment's length."""
 
     max_new_tokens: int | None = Field(
-        None, ge=1, le=4096, description="cap on any segment's new tokens; null: no cap beyond the per-second budget",
+        None,
+        ge=1,
+        le=4096,
+        description="cap on any segment's new tokens; null: no cap beyond the per-second budget",
     )
     max_new_tokens_per_audio_s: float | None = Field(
-        12.0, gt=0, description="a segment's budget is 16 tokens + this per audio second (at most max_new_tokens); "
+        12.0,
+        gt=0,
+        description="a segment's budget is 16 tokens + this per audio second (at most max_new_tokens); "
         "null: max_new_tokens for every segment",
     )
     num_beams: int = Field(1, ge=1, le=16)
@@ -47,20 +52,23 @@ class GenerationOptions(_Strict):
     # speculative: IBM's relaxed procedure (speculative.py). Defaults from IBM's notebook; the Open ASR
     # leaderboard's run of granite-4.0-1b-speech uses 0.7, 0.2 and 2 beams.
     ctc_entropy_threshold: float = Field(
-        0.7, ge=0, description="speculative: take a CTC draft whose max frame entropy is at most this")
+        0.7, ge=0, description="speculative: take a CTC draft whose max frame entropy is at most this"
+    )
     verify_threshold: float = Field(
-        0.1, ge=0, le=1, description="speculative: a verified draft has every token at least this probable")
+        0.1, ge=0, le=1, description="speculative: a verified draft has every token at least this probable"
+    )
     fallback_beams: int = Field(
-        1, ge=1, le=16, description="speculative: beams when a rejected draft is decoded from scratch")
+        1, ge=1, le=16, description="speculative: beams when a rejected draft is decoded from scratch"
+    )
 
     @model_validator(mode="after")
-    def _some_budget(self) -> "GenerationOptions":
+    def _some_budget(self) -> GenerationOptions:
         if self.max_new_tokens is None and self.max_new_tokens_per_audio_s is None:
             raise ValueError("give max_new_tokens, max_new_tokens_per_audio_s or both")
         return self
 
     @model_validator(mode="after")
-    def _greedy_for_speculation(self) -> "GenerationOptions":
+    def _greedy_for_speculation(self) -> GenerationOptions:
         if self.decoding != "autoregressive" and (self.num_beams != 1 or self.repetition_penalty != 1.0):
             raise ValueError(f"decoding {self.decoding} needs num_beams 1 and repetition_penalty 1.0")
         return self
@@ -81,12 +89,14 @@ class Resources(_Strict):
         default_factory=dict, description="custom Ray resources each model actor needs, e.g. {speech_gpu: 1}"
     )
     object_store_mb: float | None = Field(
-        None, gt=0, description="object store memory the job's pipeline may fill (cluster-wide, MB); decoding "
+        None,
+        gt=0,
+        description="object store memory the job's pipeline may fill (cluster-wide, MB); decoding "
         "waits while queued recordings and segments hold this much. Default: Ray Data's own share of the store",
     )
 
     @model_validator(mode="after")
-    def _pool_bounds(self) -> "Resources":
+    def _pool_bounds(self) -> Resources:
         if self.model_actors_max < self.model_actors_min:
             raise ValueError("model_actors_max must be >= model_actors_min")
         return self
@@ -99,7 +109,8 @@ class ModelSpec(_Strict):
     revision: str | None = None
     profile: str = Field("auto", description="auto: from the checkpoint's config; or a profile name (profiles.py)")
     resources: dict[str, Any] = Field(
-        default_factory=dict, description="overrides of the job's resources for this model's actor pool, "
+        default_factory=dict,
+        description="overrides of the job's resources for this model's actor pool, "
         "e.g. {gpus_per_actor: 0.5, model_actors_max: 4}",
     )
 
@@ -108,8 +119,10 @@ class ModelSpec(_Strict):
     def _resource_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
         unknown = set(value) - set(Resources.model_fields) - {"decode_cpus"}
         if unknown:
-            raise ValueError(f"unknown resource field(s) {', '.join(sorted(unknown))}; "
-                             f"known: {', '.join(sorted(set(Resources.model_fields) - {'decode_cpus'}))}")
+            raise ValueError(
+                f"unknown resource field(s) {', '.join(sorted(unknown))}; "
+                f"known: {', '.join(sorted(set(Resources.model_fields) - {'decode_cpus'}))}"
+            )
         return value
 
 
@@ -118,7 +131,8 @@ class SecondPassOptions(_Strict):
 
     template: str = Field("summary", description="summary | topics | qa, or the path of a Jinja template file")
     name: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
         description="output dataset OUTPUT/second_pass/<name>; default: the template's name or file stem",
     )
     question: str | None = Field(None, description="the question, for template qa (and custom templates)")
@@ -136,7 +150,7 @@ class SecondPassOptions(_Strict):
     retry_failed: bool = Field(False, description="also redo transcripts whose second-pass row has an error")
 
     @model_validator(mode="after")
-    def _question_for_qa(self) -> "SecondPassOptions":
+    def _question_for_qa(self) -> SecondPassOptions:
         if self.template == "qa" and not (self.question or "").strip():
             raise ValueError("template qa needs a question")
         return self
@@ -160,38 +174,56 @@ class JobConfig(_Strict):
     model: str = DEFAULT_MODEL
     revision: str | None = None
     models: list[ModelSpec] = Field(
-        default_factory=list, description="several models, in order: each row goes to the first that serves it "
-        "(overrides model/revision)",
+        default_factory=list,
+        description="several models, in order: each row goes to the first that serves it (overrides model/revision)",
     )
     profile: str = Field("auto", description="the model's profile: auto (from its config) or a name in profiles.py")
-    speakers: bool = Field(False, description="speaker-attributed transcripts, where the model labels speakers "
-                           "(granite-speech-4.1-2b-plus); a row's `speakers` column overrides it")
+    speakers: bool = Field(
+        False,
+        description="speaker-attributed transcripts, where the model labels speakers "
+        "(granite-speech-4.1-2b-plus); a row's `speakers` column overrides it",
+    )
     punctuation: bool | None = Field(
-        None, description="punctuated, capitalised transcripts (granite-speech-4.1-2b); null: wherever the model "
-        "can; a row's `punctuation` column overrides it")
-    language: str = Field("en", description="spoken language where a row does not say, or auto (identified "
-                          "from the transcript; README, 'Recordings of unknown language')")
+        None,
+        description="punctuated, capitalised transcripts (granite-speech-4.1-2b); null: wherever the model "
+        "can; a row's `punctuation` column overrides it",
+    )
+    language: str = Field(
+        "en",
+        description="spoken language where a row does not say, or auto (identified "
+        "from the transcript; README, 'Recordings of unknown language')",
+    )
     detect_language: bool = Field(
-        False, description="also identify rows that name their language, counting disagreements in the summary "
+        False,
+        description="also identify rows that name their language, counting disagreements in the summary "
         "(the row keeps its own language)",
     )
     language_threshold: float = Field(
-        0.5, ge=0.1, le=1.0, description=  # language_id.DEFAULT_THRESHOLD (a test keeps them equal)
-        "identifier probability a language must reach; below it an auto row is und",
+        0.5,
+        ge=0.1,
+        le=1.0,
+        # language_id.DEFAULT_THRESHOLD (a test keeps them equal)
+        description="identifier probability a language must reach; below it an auto row is und",
     )
     task: Literal["asr", "ast"] = "asr"
     target_language: str | None = None
     keywords: list[str] = Field(default_factory=list)
 
     batch_size: int | None = Field(
-        None, ge=1, description="speech segments in one generate() call; default 256 on a GPU, 32 on the CPU",
+        None,
+        ge=1,
+        description="speech segments in one generate() call; default 256 on a GPU, 32 on the CPU",
     )
     max_batch_audio_s: float | None = Field(
-        None, gt=0, description="padded audio seconds in one generate() call (bounds memory); default "
+        None,
+        gt=0,
+        description="padded audio seconds in one generate() call (bounds memory); default "
         "7680 on a GPU (256 segments of 30 s), 480 on the CPU",
     )
     decode_batch_size: int = Field(
-        1, ge=1, description="recordings per decode call; decoded clips are gathered into blocks for the VAD",
+        1,
+        ge=1,
+        description="recordings per decode call; decoded clips are gathered into blocks for the VAD",
     )
     max_segment_s: float = Field(30.0, ge=1.0, le=120.0)
     max_duration_s: float = Field(6 * 3600.0, gt=0)
@@ -199,7 +231,8 @@ class JobConfig(_Strict):
         default_factory=list, description="also write OUTPUT/subtitles/<format>/<id>.<format> from the segments"
     )
     word_timestamps: bool = Field(
-        False, description="give each ASR segment its words (segments[].words: start, end, text, confidence), "
+        False,
+        description="give each ASR segment its words (segments[].words: start, end, text, confidence), "
         "force-aligned to the encoder's CTC posteriors; subtitles then cut their cues at words",
     )
     decode_timeout_s: float = Field(900.0, gt=0, description="longest time one recording may take to decode")
@@ -208,11 +241,13 @@ class JobConfig(_Strict):
     )
     sample_rate_hz: Literal[16000] = 16000
     reference_column: str | None = Field(
-        None, description="the manifest column holding reference texts when it is not `reference` (e.g. `text` in "
+        None,
+        description="the manifest column holding reference texts when it is not `reference` (e.g. `text` in "
         "Hugging Face ASR test sets); it is read, and written, as `reference`",
     )
     channels: Literal["mix", "split"] = Field(
-        "mix", description="mix: downmix every recording to mono; split: segment and transcribe each channel on "
+        "mix",
+        description="mix: downmix every recording to mono; split: segment and transcribe each channel on "
         "its own (for rows without their own `channels`)",
     )
 
@@ -229,7 +264,8 @@ class JobConfig(_Strict):
     retry_failed: bool = Field(False, description="also redo ids whose committed row has an error")
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
     lease: Literal["auto", "none"] = Field(
-        "auto", description="auto: hold a lease on each dataset the run writes, so a second run waits or stops "
+        "auto",
+        description="auto: hold a lease on each dataset the run writes, so a second run waits or stops "
         "(exclusive create on local/POSIX files, conditional writes on S3; other stores are refused); "
         "none: no lease, one run at a time per output is then up to you",
     )
@@ -237,14 +273,17 @@ class JobConfig(_Strict):
         DEFAULT_EXPIRY_S, gt=0, description="a lease unrenewed this long may be taken over (renewed every third of it)"
     )
     lease_wait_s: float = Field(
-        DEFAULT_WAIT_S, ge=0, description="how long a run waits for another run's lease before exiting 4; 0 (--no-wait): not at all"
+        DEFAULT_WAIT_S,
+        ge=0,
+        description="how long a run waits for another run's lease before exiting 4; 0 (--no-wait): not at all",
     )
     storage_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="fsspec options per URI scheme, e.g. {s3: {endpoint_url: ..., anon: true}}; no secrets",
     )
     crash_test: CrashTest | None = Field(
-        None, description="test only: {decode|segment|model: AUDIO, signal: 11}: that stage's worker kills itself "
+        None,
+        description="test only: {decode|segment|model: AUDIO, signal: 11}: that stage's worker kills itself "
         "on the row whose audio is AUDIO, to test that the job survives native crashes; never set it in production",
     )
 
@@ -263,13 +302,13 @@ class JobConfig(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _one_source(self) -> "JobConfig":
+    def _one_source(self) -> JobConfig:
         if (self.manifest is None) == (self.input is None):
             raise ValueError("give exactly one of manifest (a manifest file) or input (a prefix/glob to list)")
         return self
 
     @model_validator(mode="after")
-    def _task_pair(self) -> "JobConfig":
+    def _task_pair(self) -> JobConfig:
         if self.task == "ast":
             if self.target_language is None:
                 raise ValueError("task ast needs target_language")
@@ -299,8 +338,6 @@ class JobConfig(_Strict):
         data = self.model_dump(mode="json")
         data["storage_options"] = {scheme: sorted(options) for scheme, options in self.storage_options.items()}
         return data
-
-
 
 
 def _format_validation_error(error: ValidationError, source: str) -> str:
@@ -334,8 +371,10 @@ def load_config(yaml_path: str | Path | None = None, overrides: dict[str, Any] |
         except OSError as exc:
             raise ConfigError(f"cannot read config file {yaml_path}: {exc.strerror or exc}") from exc
         except UnicodeDecodeError as exc:
-            raise ConfigError(f"config file {yaml_path} is not text: byte 0x{exc.object[exc.start]:02x} at "
-                              f"offset {exc.start} is not UTF-8 (give a YAML file)") from None
+            raise ConfigError(
+                f"config file {yaml_path} is not text: byte 0x{exc.object[exc.start]:02x} at "
+                f"offset {exc.start} is not UTF-8 (give a YAML file)"
+            ) from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {yaml_path} is not valid YAML: {exc}") from exc
         if not isinstance(loaded, dict):

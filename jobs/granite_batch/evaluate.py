@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from functools import lru_cache
+from functools import cache
 
 import jiwer
 import pyarrow as pa
@@ -32,7 +32,7 @@ NEEDED_COLUMNS = ("task", "language", "target_language", "text", "error")
 CHANNEL_LABEL = re.compile(r"^\[channel \d+\] ", re.MULTILINE)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _normaliser(language: str):
     # EnglishTextNormalizer reads its 1.7k-entry spelling map from the package once, here.
     return EnglishTextNormalizer() if language == "en" else BasicTextNormalizer()
@@ -50,7 +50,7 @@ def asr_metric(language: str) -> str:
     return "cer" if language in UNSPACED_LANGUAGES else "wer"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _bleu(target_language: str, sentence: bool = False) -> sacrebleu.BLEU:
     # trg_lang picks sacrebleu's own default tokenizer for that language; sentence scores use
     # effective order, as sacrebleu.sentence_bleu does.
@@ -77,8 +77,10 @@ def scorable_rows(table: pa.Table) -> tuple[list[dict], Counter]:
     if missing:
         raise ValueError(f"cannot score: the table has no {', '.join(missing)} column")
     columns = ["id", *NEEDED_COLUMNS, "reference"]
-    data = {name: table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
-            for name in columns}
+    data = {
+        name: table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
+        for name in columns
+    }
     rows, skipped = [], Counter()
     for values in zip(*data.values()):
         row = dict(zip(columns, values))
@@ -117,13 +119,15 @@ def score_asr(rows: list[dict]) -> dict:
         by_metric[asr_metric(row["language"])].append(row)
     result = {"rows": len(rows), "wer": None, "cer": None, "reference_words": 0, "reference_chars": 0}
     if by_metric["wer"]:
-        words = jiwer.process_words([r["reference_scored"] for r in by_metric["wer"]],
-                                    [r["hypothesis_scored"] for r in by_metric["wer"]])
+        words = jiwer.process_words(
+            [r["reference_scored"] for r in by_metric["wer"]], [r["hypothesis_scored"] for r in by_metric["wer"]]
+        )
         result["wer"] = words.wer
         result["reference_words"] = words.hits + words.substitutions + words.deletions
     if by_metric["cer"]:
-        chars = jiwer.process_characters([r["reference_scored"] for r in by_metric["cer"]],
-                                         [r["hypothesis_scored"] for r in by_metric["cer"]])
+        chars = jiwer.process_characters(
+            [r["reference_scored"] for r in by_metric["cer"]], [r["hypothesis_scored"] for r in by_metric["cer"]]
+        )
         result["cer"] = chars.cer
         result["reference_chars"] = chars.hits + chars.substitutions + chars.deletions
     return result
@@ -141,8 +145,10 @@ def score_ast(rows: list[dict]) -> dict:
         score = bleu.corpus_score(hypotheses, [references])
         tokenize = names.pop()
     else:
+
         def tokenized(texts: list[str]) -> list[str]:
             return [tokenizers[r["target_language"]].tokenizer(text) for r, text in zip(rows, texts)]
+
         bleu = sacrebleu.BLEU(tokenize="none")
         score = bleu.corpus_score(tokenized(hypotheses), [tokenized(references)])
         tokenize = "per target: " + ", ".join(f"{t}={b.tokenizer.signature()}" for t, b in tokenizers.items())
@@ -196,11 +202,34 @@ def score_rows(table: pa.Table) -> pa.Table:
     own `wer` or `cer` (ASR) or sentence `bleu` and `chrf` (AST). Not for aggregates: a mean of
     these is not the corpus figure."""
     rows, _ = scorable_rows(table)
-    out = {name: [] for name in ("id", "task", "language", "target_language", "reference", "text",
-                                 "reference_scored", "hypothesis_scored", "wer", "cer", "bleu", "chrf")}
+    out = {
+        name: []
+        for name in (
+            "id",
+            "task",
+            "language",
+            "target_language",
+            "reference",
+            "text",
+            "reference_scored",
+            "hypothesis_scored",
+            "wer",
+            "cer",
+            "bleu",
+            "chrf",
+        )
+    }
     for row in rows:
-        for name in ("id", "task", "language", "target_language", "reference", "text",
-                     "reference_scored", "hypothesis_scored"):
+        for name in (
+            "id",
+            "task",
+            "language",
+            "target_language",
+            "reference",
+            "text",
+            "reference_scored",
+            "hypothesis_scored",
+        ):
             out[name].append(row[name])
         scores = {"wer": None, "cer": None, "bleu": None, "chrf": None}
         if row["task"] == "asr":
@@ -220,6 +249,7 @@ def score_rows(table: pa.Table) -> pa.Table:
 
 def format_report(report: dict) -> str:
     """The report as a table a person reads: one line per group, then each task pooled."""
+
     def rate(value):
         return "-" if value is None else f"{value:.1%}"
 
@@ -228,12 +258,16 @@ def format_report(report: dict) -> str:
 
     skipped = ", ".join(f"{reason}: {count}" for reason, count in report["skipped_by_reason"].items())
     run = f"run {report['run_id']}: " if report.get("run_id") else ""
-    lines = [f"{run}{report['rows_scored']} rows scored, "
-             f"{report['rows_skipped']} skipped" + (f" ({skipped})" if skipped else ""),
-             f"{'task':<5} {'language':<9} {'target':<7} {'rows':>6} {'WER':>8} {'CER':>8} {'BLEU':>7} {'chrF':>7}"]
+    lines = [
+        f"{run}{report['rows_scored']} rows scored, "
+        f"{report['rows_skipped']} skipped" + (f" ({skipped})" if skipped else ""),
+        f"{'task':<5} {'language':<9} {'target':<7} {'rows':>6} {'WER':>8} {'CER':>8} {'BLEU':>7} {'chrF':>7}",
+    ]
     entries = [(g["task"], g["language"], g["target_language"] or "-", g) for g in report["groups"]]
     entries += [(task, "(all)", "", pooled) for task, pooled in report["by_task"].items()]
     for task, language, target, g in entries:
-        lines.append(f"{task:<5} {language:<9} {target:<7} {g['rows']:>6} {rate(g.get('wer')):>8} "
-                     f"{rate(g.get('cer')):>8} {points(g.get('bleu')):>7} {points(g.get('chrf')):>7}")
+        lines.append(
+            f"{task:<5} {language:<9} {target:<7} {g['rows']:>6} {rate(g.get('wer')):>8} "
+            f"{rate(g.get('cer')):>8} {points(g.get('bleu')):>7} {points(g.get('chrf')):>7}"
+        )
     return "\n".join(lines)

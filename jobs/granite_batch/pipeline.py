@@ -34,8 +34,15 @@ from granite_batch.second_pass.stage import second_pass_table
 class Transcriber:
     """Model actor: loads the model once, then maps batches of segment rows to their texts."""
 
-    def __init__(self, config: JobConfig, model_ref: ModelRef, run_id: str, device: str,
-                 spec: ModelSpec | None = None, profile: ModelProfile | None = None):
+    def __init__(
+        self,
+        config: JobConfig,
+        model_ref: ModelRef,
+        run_id: str,
+        device: str,
+        spec: ModelSpec | None = None,
+        profile: ModelProfile | None = None,
+    ):
         self.model_ref = model_ref
         self.run_id = run_id
         spec = spec or config.model_specs()[0]
@@ -43,14 +50,24 @@ class Transcriber:
         self.crash_test = config.crash_test
         self.flags = request_flags(config)
         self.speech_model = load_speech_model(
-            spec.model, spec.revision, device=device, dtype=config.dtype,
-            trust_remote_code=config.trust_remote_code, profile=profile,
+            spec.model,
+            spec.revision,
+            device=device,
+            dtype=config.dtype,
+            trust_remote_code=config.trust_remote_code,
+            profile=profile,
             max_new_tokens=config.generation.max_new_tokens,
-            max_new_tokens_per_audio_s=config.generation.max_new_tokens_per_audio_s, num_beams=config.generation.num_beams,
-            repetition_penalty=config.generation.repetition_penalty, max_batch_audio_s=audio_s,
+            max_new_tokens_per_audio_s=config.generation.max_new_tokens_per_audio_s,
+            num_beams=config.generation.num_beams,
+            repetition_penalty=config.generation.repetition_penalty,
+            max_batch_audio_s=audio_s,
             max_batch_segments=segments,
-            speculative=SpeculativeOptions(config.generation.decoding, config.generation.ctc_entropy_threshold,
-                                           config.generation.verify_threshold, config.generation.fallback_beams),
+            speculative=SpeculativeOptions(
+                config.generation.decoding,
+                config.generation.ctc_entropy_threshold,
+                config.generation.verify_threshold,
+                config.generation.fallback_beams,
+            ),
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -72,23 +89,31 @@ def request_flags(config: JobConfig) -> RequestFlags:
 class SecondPassWorker:
     """Language model actor: loads the model once, then maps batches of transcripts to second-pass rows."""
 
-    def __init__(self, options: SecondPassOptions, template_source: str, model_ref: ModelRef, run_id: str,
-                 device: str):
+    def __init__(self, options: SecondPassOptions, template_source: str, model_ref: ModelRef, run_id: str, device: str):
         self.options = options
         self.model_ref = model_ref
         self.run_id = run_id
         self.lm = LanguageModel.load(
-            options.model, options.revision, device=device, dtype=options.dtype,
-            max_new_tokens=options.max_new_tokens, batch_size=options.batch_size,
-            max_batch_tokens=options.max_batch_tokens, context_tokens=options.context_tokens,
+            options.model,
+            options.revision,
+            device=device,
+            dtype=options.dtype,
+            max_new_tokens=options.max_new_tokens,
+            batch_size=options.batch_size,
+            max_batch_tokens=options.max_batch_tokens,
+            context_tokens=options.context_tokens,
         )
         self.prompter = Prompter(self.lm.tokenizer, template_source, options.question)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         table = second_pass_table(batch, self.lm, self.prompter)
         n = table.num_rows
-        for column, value in [("name", self.options.dataset_name), ("model", self.model_ref.name),
-                              ("model_revision", self.model_ref.revision), ("run_id", self.run_id)]:
+        for column, value in [
+            ("name", self.options.dataset_name),
+            ("model", self.model_ref.name),
+            ("model_revision", self.model_ref.revision),
+            ("run_id", self.run_id),
+        ]:
             table = table.append_column(column, pa.array([value] * n, pa.string()))
         return table
 
@@ -152,12 +177,19 @@ def actor_batch_rows(segments_per_call: int, audio_s_per_call: float, max_segmen
 
 def job_models(config: JobConfig, model_refs: list[ModelRef]) -> list[tuple[ModelSpec, ModelRef, ModelProfile]]:
     """The job's models in routing order, each with its resolved ref and its profile (profiles.py)."""
-    return [(spec, ref, model_profile(spec.model, spec.revision, config.trust_remote_code, spec.profile))
-            for spec, ref in zip(config.model_specs(), model_refs)]
+    return [
+        (spec, ref, model_profile(spec.model, spec.revision, config.trust_remote_code, spec.profile))
+        for spec, ref in zip(config.model_specs(), model_refs)
+    ]
 
 
-def build_dataset(rows_to_do: pa.Table | tuple[PlanLayout, int], config: JobConfig,
-                  model_ref: ModelRef | list[ModelRef], run_id: str, alone: bool = False):
+def build_dataset(
+    rows_to_do: pa.Table | tuple[PlanLayout, int],
+    config: JobConfig,
+    model_ref: ModelRef | list[ModelRef],
+    run_id: str,
+    alone: bool = False,
+):
     """The lazy Ray Dataset of segment results for `rows_to_do`, a table or a prepared plan and its
     number of rows to do (nothing runs until it is iterated): one row per speech segment, and one per
     recording that gave no segment; the driver assembles them into recordings
@@ -180,10 +212,17 @@ def build_dataset(rows_to_do: pa.Table | tuple[PlanLayout, int], config: JobConf
     for index, (spec, ref, profile) in enumerate(models):
         ds = _input_dataset(ray, rows_to_do, cluster, alone, config)
         # Routing is cheap (no I/O): each branch routes its input and keeps its own rows.
-        ds = ds.map_batches(route_table, fn_kwargs={"models": [(s.model, p) for s, _, p in models],
-                                                    "flags": request_flags(config),
-                                                    "keep": index if len(models) > 1 else None},
-                            batch_format="pyarrow", batch_size=None, num_cpus=config.resources.decode_cpus)
+        ds = ds.map_batches(
+            route_table,
+            fn_kwargs={
+                "models": [(s.model, p) for s, _, p in models],
+                "flags": request_flags(config),
+                "keep": index if len(models) > 1 else None,
+            },
+            batch_format="pyarrow",
+            batch_size=None,
+            num_cpus=config.resources.decode_cpus,
+        )
         branches.append(_model_branch(ray, ds, config, spec, ref, profile, run_id, cluster, alone))
     return branches[0] if len(branches) == 1 else branches[0].union(*branches[1:])
 
@@ -200,12 +239,22 @@ def _input_dataset(ray, rows_to_do, cluster: dict, alone: bool, config: JobConfi
         # Ray Data's backpressure: operators stop launching tasks while their queued outputs would pass it.
         limits = ds.context.execution_options.resource_limits
         ds.context.execution_options.resource_limits = limits.copy(
-            object_store_memory=config.resources.object_store_mb * 1e6)
+            object_store_memory=config.resources.object_store_mb * 1e6
+        )
     return ds
 
 
-def _model_branch(ray, ds, config: JobConfig, spec: ModelSpec, model_ref: ModelRef, profile: ModelProfile,
-                  run_id: str, cluster: dict, alone: bool):
+def _model_branch(
+    ray,
+    ds,
+    config: JobConfig,
+    spec: ModelSpec,
+    model_ref: ModelRef,
+    profile: ModelProfile,
+    run_id: str,
+    cluster: dict,
+    alone: bool,
+):
     """decode -> segment -> this model's actor pool, for the rows routed to it."""
     resources = config.resources_for(spec)
     gpus_per_actor = resources.gpus_per_actor
@@ -214,8 +263,9 @@ def _model_branch(ray, ds, config: JobConfig, spec: ModelSpec, model_ref: ModelR
     device = config.device if config.device != "auto" else ("cuda" if gpus_per_actor > 0 else "cpu")
     # What leaves these stages is segments of at most max_segment_s (and of the model's per-call
     # limit), however long the recording, in tables of at most 64 MB of samples.
-    limits = [config.max_segment_s] + [limit for limit in (profile.max_call_s, profile.max_speakers_call_s,
-                                                           profile.max_word_times_call_s) if limit]
+    limits = [config.max_segment_s] + [
+        limit for limit in (profile.max_call_s, profile.max_speakers_call_s, profile.max_word_times_call_s) if limit
+    ]
     max_segment_s = min(limits)
     # A long recording (over 17 minutes) is decoded and cut in one helper process and leaves as
     # segments (decode_cut.decode_blocks); shorter ones leave whole, and Ray Data gathers them into a
@@ -223,18 +273,31 @@ def _model_branch(ray, ds, config: JobConfig, spec: ModelSpec, model_ref: ModelR
     # side (16 of them: 408x real time, against 171x at 4).
     ds = ds.map_batches(
         decode_cut.decode_blocks,
-        fn_kwargs={"max_segment_s": max_segment_s, "storage_options": config.storage_options,
-                   "sample_rate_hz": config.sample_rate_hz, "max_duration_s": config.max_duration_s,
-                   "timeout_s": config.decode_timeout_s, "crash_test": config.crash_test,
-                   "allowed_prefixes": tuple(config.allowed_prefixes)},
-        batch_format="pyarrow", batch_size=1 if alone else config.decode_batch_size,
-        num_cpus=config.resources.decode_cpus, **TASK_RETRIES,
+        fn_kwargs={
+            "max_segment_s": max_segment_s,
+            "storage_options": config.storage_options,
+            "sample_rate_hz": config.sample_rate_hz,
+            "max_duration_s": config.max_duration_s,
+            "timeout_s": config.decode_timeout_s,
+            "crash_test": config.crash_test,
+            "allowed_prefixes": tuple(config.allowed_prefixes),
+        },
+        batch_format="pyarrow",
+        batch_size=1 if alone else config.decode_batch_size,
+        num_cpus=config.resources.decode_cpus,
+        **TASK_RETRIES,
     )
     ds = ds.map_batches(
         segment.segment_blocks,
-        fn_kwargs={"sample_rate_hz": config.sample_rate_hz, "max_segment_s": max_segment_s,
-                   "crash_test": config.crash_test},
-        batch_format="pyarrow", batch_size=None, num_cpus=config.resources.decode_cpus, **TASK_RETRIES,
+        fn_kwargs={
+            "sample_rate_hz": config.sample_rate_hz,
+            "max_segment_s": max_segment_s,
+            "crash_test": config.crash_test,
+        },
+        batch_format="pyarrow",
+        batch_size=None,
+        num_cpus=config.resources.decode_cpus,
+        **TASK_RETRIES,
     )
     actor_options = {}
     if resources.accelerator_type:
@@ -244,23 +307,33 @@ def _model_branch(ray, ds, config: JobConfig, spec: ModelSpec, model_ref: ModelR
     segments_per_call, audio_s_per_call = config.model_batch(gpu=device.startswith("cuda"))
     return ds.map_batches(
         Transcriber,
-        fn_constructor_kwargs={"config": config, "model_ref": model_ref, "run_id": run_id, "device": device,
-                               "spec": spec, "profile": profile},
+        fn_constructor_kwargs={
+            "config": config,
+            "model_ref": model_ref,
+            "run_id": run_id,
+            "device": device,
+            "spec": spec,
+            "profile": profile,
+        },
         # Alone, an actor works on one call at a time: calls queued on an actor die with it.
         compute=ray.data.ActorPoolStrategy(
-            min_size=resources.model_actors_min, max_size=resources.model_actors_max,
+            min_size=resources.model_actors_min,
+            max_size=resources.model_actors_max,
             **({"max_tasks_in_flight_per_actor": 1} if alone else {}),
         ),
         # Alone, one segment per call: a poison recording can only take its own segments down.
         batch_format="pyarrow",
         batch_size=1 if alone else actor_batch_rows(segments_per_call, audio_s_per_call, max_segment_s),
-        num_gpus=gpus_per_actor, num_cpus=resources.cpus_per_actor,
-        **MODEL_ACTOR_RETRIES, **actor_options,
+        num_gpus=gpus_per_actor,
+        num_cpus=resources.cpus_per_actor,
+        **MODEL_ACTOR_RETRIES,
+        **actor_options,
     )
 
 
-def build_second_pass_dataset(todo: pa.Table, options: SecondPassOptions, template_source: str,
-                              model_ref: ModelRef, run_id: str):
+def build_second_pass_dataset(
+    todo: pa.Table, options: SecondPassOptions, template_source: str, model_ref: ModelRef, run_id: str
+):
     """The lazy Ray Dataset of second-pass rows for the transcripts in `todo` (id, language, text)."""
     ray = ensure_ray()
     cluster = ray.cluster_resources()
@@ -269,10 +342,18 @@ def build_second_pass_dataset(todo: pa.Table, options: SecondPassOptions, templa
     ds = ray.data.from_arrow(_input_blocks(todo, cluster, max_rows=256))
     return ds.map_batches(
         SecondPassWorker,
-        fn_constructor_kwargs={"options": options, "template_source": template_source, "model_ref": model_ref,
-                               "run_id": run_id, "device": device},
+        fn_constructor_kwargs={
+            "options": options,
+            "template_source": template_source,
+            "model_ref": model_ref,
+            "run_id": run_id,
+            "device": device,
+        },
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=options.model_actors),
-        batch_format="pyarrow", batch_size=options.batch_size, num_gpus=gpus, num_cpus=1,
+        batch_format="pyarrow",
+        batch_size=options.batch_size,
+        num_gpus=gpus,
+        num_cpus=1,
     )
 
 
@@ -287,7 +368,9 @@ def transcripts_dataset(fs, base: str, languages: list[str] | None = None, row_f
     arrow_fs = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
     paths = [posixpath.join(base, f"language={lang}") for lang in languages] if languages else base
     ds = ray.data.read_parquet(
-        paths, filesystem=arrow_fs, ignore_missing_paths=True,
+        paths,
+        filesystem=arrow_fs,
+        ignore_missing_paths=True,
         partitioning=Partitioning("hive", base_dir=base, field_types={"language": str}, filesystem=arrow_fs),
     )
     if row_filter is not None:

@@ -38,9 +38,14 @@ def _row_filter(language=None, task=None, run_id=None) -> pc.Expression | None:
     return condition
 
 
-def load(output_uri: str | Path, language: str | Sequence[str] | None = None, task: str | Sequence[str] | None = None,
-         run_id: str | Sequence[str] | None = None, storage_options: dict | None = None,
-         columns: list[str] | None = None) -> pa.Table:
+def load(
+    output_uri: str | Path,
+    language: str | Sequence[str] | None = None,
+    task: str | Sequence[str] | None = None,
+    run_id: str | Sequence[str] | None = None,
+    storage_options: dict | None = None,
+    columns: list[str] | None = None,
+) -> pa.Table:
     """Every committed transcript row under `output_uri` (optionally only these languages, tasks
     and runs), as one Arrow table with `language` as a plain string column, the contract's
     columns first, then passthrough columns. Files written by runs with different passthrough
@@ -67,15 +72,21 @@ def to_pandas(output_uri: str | Path, **filters):
     return load(output_uri, **filters).to_pandas()
 
 
-def to_ray(output_uri: str | Path, language: str | Sequence[str] | None = None, task: str | Sequence[str] | None = None,
-           run_id: str | Sequence[str] | None = None, storage_options: dict | None = None):
+def to_ray(
+    output_uri: str | Path,
+    language: str | Sequence[str] | None = None,
+    task: str | Sequence[str] | None = None,
+    run_id: str | Sequence[str] | None = None,
+    storage_options: dict | None = None,
+):
     """The transcripts as a lazy Ray Dataset, read in parallel by Ray with hive partitioning, so
     `language` is a column; the same rows as `load` with the same filters."""
     from granite_batch.pipeline import transcripts_dataset
 
     fs, root = filesystem(str(output_uri), storage_options)
-    return transcripts_dataset(fs, posixpath.join(root, TRANSCRIPTS_DIR), _one_or_many(language),
-                               _row_filter(task=task, run_id=run_id))
+    return transcripts_dataset(
+        fs, posixpath.join(root, TRANSCRIPTS_DIR), _one_or_many(language), _row_filter(task=task, run_id=run_id)
+    )
 
 
 def runs(output_uri: str | Path, storage_options: dict | None = None) -> list[dict]:
@@ -95,12 +106,18 @@ def second_pass_results(output_uri: str | Path, name: str, storage_options: dict
     if transcripts.num_rows == 0 or not fs.exists(base):
         raise FileNotFoundError(f"no transcripts or no second pass {name!r} under {output_uri}")
     second = pads.dataset(base, filesystem=fs, format="parquet", partitioning=PARTITIONING).to_table(
-        columns=["id", "output", "chunked", "error", "model", "run_id"])
+        columns=["id", "output", "chunked", "error", "model", "run_id"]
+    )
     positions = pc.index_in(transcripts.column("id"), value_set=second.column("id"))
     has_row = pc.is_valid(positions)
     joined = transcripts.filter(has_row)
     matched = second.take(positions.filter(has_row))
-    for column, as_name in [("output", "output"), ("chunked", "chunked"), ("error", "second_pass_error"),
-                            ("model", "second_pass_model"), ("run_id", "second_pass_run_id")]:
+    for column, as_name in [
+        ("output", "output"),
+        ("chunked", "chunked"),
+        ("error", "second_pass_error"),
+        ("model", "second_pass_model"),
+        ("run_id", "second_pass_run_id"),
+    ]:
         joined = joined.append_column(as_name, matched.column(column))
     return joined

@@ -13,19 +13,27 @@ log = logging.getLogger(__name__)
 
 # One word of a segment (alignment.py): seconds from the recording's start, its text, and the mean
 # CTC posterior probability of its aligned letters (null where none was aligned).
-WORD_TYPE = pa.struct([("start", pa.float64()), ("end", pa.float64()), ("text", pa.string()),
-                       ("confidence", pa.float64())])
+WORD_TYPE = pa.struct(
+    [("start", pa.float64()), ("end", pa.float64()), ("text", pa.string()), ("confidence", pa.float64())]
+)
 
 
 # One speech segment of a recording (../shared/CONTRACT.md, `segments`): seconds from the recording's
 # start; `truncated` when decoding stopped at the token budget; `avg_logprob` the mean scaled log-probability
 # of its tokens (null where no language model scored them); `words` with word timestamps on; `speaker` and
 # `channel` stay null until something computes them (speaker labels, split channels).
-SEGMENT_TYPE = pa.struct([
-    ("start", pa.float64()), ("end", pa.float64()), ("text", pa.string()), ("truncated", pa.bool_()),
-    ("avg_logprob", pa.float64()), ("speaker", pa.string()), ("words", pa.list_(WORD_TYPE)),
-    ("channel", pa.int32()),
-])
+SEGMENT_TYPE = pa.struct(
+    [
+        ("start", pa.float64()),
+        ("end", pa.float64()),
+        ("text", pa.string()),
+        ("truncated", pa.bool_()),
+        ("avg_logprob", pa.float64()),
+        ("speaker", pa.string()),
+        ("words", pa.list_(WORD_TYPE)),
+        ("channel", pa.int32()),
+    ]
+)
 
 
 # The contract's columns, in order; passthrough columns follow them.
@@ -107,8 +115,12 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     table lacks (e.g. `language_detected` when detection is off) is all nulls."""
     names = set(table.column_names)
     return pa.Table.from_arrays(
-        [table.column(f.name).cast(f.type) if f.name in names or not f.nullable else pa.nulls(table.num_rows, f.type)
-         for f in schema], schema=schema)
+        [
+            table.column(f.name).cast(f.type) if f.name in names or not f.nullable else pa.nulls(table.num_rows, f.type)
+            for f in schema
+        ],
+        schema=schema,
+    )
 
 
 def error_reason(error: str) -> str:
@@ -122,14 +134,31 @@ SEGMENT_COLUMNS = ("segment_index", "segment_count", "start_s", "end_s", "channe
 
 # Columns the inference stage adds to each segment row; the driver folds them into the recording's row
 # (`segment_text`, `segment_truncated`) and into the run summary's inference figures.
-RESULT_COLUMNS = ("segment_text", "segment_truncated", "decoded_by", "new_tokens", "lm_positions",
-                  "lm_padded_positions", "first_of_call", "keywords_dropped", "segment_avg_logprob",
-                  "segment_words", "segment_parts")
+RESULT_COLUMNS = (
+    "segment_text",
+    "segment_truncated",
+    "decoded_by",
+    "new_tokens",
+    "lm_positions",
+    "lm_padded_positions",
+    "first_of_call",
+    "keywords_dropped",
+    "segment_avg_logprob",
+    "segment_words",
+    "segment_parts",
+)
 
 
 # A tagged call (4.1-2b-plus speakers / word times) read into several output segments (tags.py).
-PART_TYPE = pa.struct([("start", pa.float64()), ("end", pa.float64()), ("text", pa.string()),
-                       ("speaker", pa.string()), ("words", SEGMENT_TYPE.field("words").type)])
+PART_TYPE = pa.struct(
+    [
+        ("start", pa.float64()),
+        ("end", pa.float64()),
+        ("text", pa.string()),
+        ("speaker", pa.string()),
+        ("words", SEGMENT_TYPE.field("words").type),
+    ]
+)
 
 
 # The columns a segment row adds to its recording's (its samples are the segment's).

@@ -43,7 +43,7 @@ def _canonical(uri: str) -> str:
     """A URI with `..`, symlinks (local files) and scheme aliases resolved, for prefix checks."""
     protocol = protocol_of(uri)
     if protocol in LOCAL_PROTOCOLS:
-        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        path = uri[len("file://") :] if uri.startswith("file://") else uri
         return os.path.realpath(path)
     path = uri.split("://", 1)[1] if "://" in uri else uri
     if protocol in HTTP_PROTOCOLS:  # host names are case-insensitive; the query is not a folder
@@ -73,8 +73,9 @@ def protocol_of(uri: str) -> str:
 def options_for(uri: str, storage_options: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
     """The fsspec options for `uri`'s scheme: our defaults, then the job's."""
     protocol = protocol_of(uri)
-    options = {key: (dict(value) if isinstance(value, dict) else value)
-               for key, value in _DEFAULTS.get(protocol, {}).items()}
+    options = {
+        key: (dict(value) if isinstance(value, dict) else value) for key, value in _DEFAULTS.get(protocol, {}).items()
+    }
     for key, value in ((storage_options or {}).get(protocol) or {}).items():
         if isinstance(value, dict) and isinstance(options.get(key), dict):
             options[key] = {**options[key], **value}
@@ -136,8 +137,9 @@ def uri_of(fs, path: str) -> str:
     return path if protocol in LOCAL_PROTOCOLS else f"{protocol}://{path}"
 
 
-def write_json(root_uri: str, relative_path: str, document: dict,
-               storage_options: dict[str, dict[str, Any]] | None = None) -> str:
+def write_json(
+    root_uri: str, relative_path: str, document: dict, storage_options: dict[str, dict[str, Any]] | None = None
+) -> str:
     """Write `document` as indented JSON to `relative_path` under `root_uri`; return its URI.
 
     The one writer of the job's JSON files: run summaries, second-pass summaries, eval reports.

@@ -12,8 +12,8 @@ import io
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import av
 import numpy as np
@@ -50,8 +50,13 @@ class Recording:
 
 
 def decode_audio(
-    source, sample_rate_hz: int = SAMPLE_RATE_HZ, max_duration_s: float | None = None, name: str = "file",
-    timeout_s: float | None = None, split_channels: bool = False, sink: Callable[[np.ndarray], None] | None = None,
+    source,
+    sample_rate_hz: int = SAMPLE_RATE_HZ,
+    max_duration_s: float | None = None,
+    name: str = "file",
+    timeout_s: float | None = None,
+    split_channels: bool = False,
+    sink: Callable[[np.ndarray], None] | None = None,
 ) -> Recording:
     """Decode `source` (a path or a binary file object) to mono float32 at `sample_rate_hz`, or
     with `split_channels` to one row of samples per channel. With `sink` (mono only), each piece of
@@ -84,8 +89,14 @@ def decode_audio(
             raise DecodeError(f"decode failed: {_ffmpeg_reason(exc)} ({stream.codec_context.name})") from None
 
 
-def _decode_stream(container, stream, sample_rate_hz: int, max_duration_s: float | None,
-                   timeout_s: float | None, sink: Callable[[np.ndarray], None] | None = None) -> Recording:
+def _decode_stream(
+    container,
+    stream,
+    sample_rate_hz: int,
+    max_duration_s: float | None,
+    timeout_s: float | None,
+    sink: Callable[[np.ndarray], None] | None = None,
+) -> Recording:
     source_rate = stream.codec_context.sample_rate or stream.rate
     if not source_rate:
         raise DecodeError("decode failed: the audio stream has no sample rate")
@@ -96,8 +107,10 @@ def _decode_stream(container, stream, sample_rate_hz: int, max_duration_s: float
     # read wild pointers and crashed the worker on any 8+ channel recording. An interleaved frame has
     # one plane whatever its channels (torchcodec hit the same limit: meta-pytorch/torchcodec#1166).
     converter = av.AudioResampler(format="flt", rate=source_rate)
-    resampler = None if source_rate == sample_rate_hz else soxr.ResampleStream(
-        source_rate, sample_rate_hz, 1, dtype="float32", quality="HQ"
+    resampler = (
+        None
+        if source_rate == sample_rate_hz
+        else soxr.ResampleStream(source_rate, sample_rate_hz, 1, dtype="float32", quality="HQ")
     )
     limit = None if max_duration_s is None else int(max_duration_s * sample_rate_hz)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -126,7 +139,7 @@ def _decode_stream(container, stream, sample_rate_hz: int, max_duration_s: float
                 blocks.append(np.empty(_BLOCK_SAMPLES, np.float32))
                 filled = 0
             take = min(_BLOCK_SAMPLES - filled, out.size)
-            blocks[-1][filled:filled + take] = out[:take]
+            blocks[-1][filled : filled + take] = out[:take]
             filled += take
             total += take
             out = out[take:]
@@ -153,8 +166,9 @@ def _decode_stream(container, stream, sample_rate_hz: int, max_duration_s: float
     return Recording(samples, sample_rate_hz, int(source_rate), int(channels))
 
 
-def _decode_channels(container, stream, sample_rate_hz: int, max_duration_s: float | None,
-                     timeout_s: float | None) -> Recording:
+def _decode_channels(
+    container, stream, sample_rate_hz: int, max_duration_s: float | None, timeout_s: float | None
+) -> Recording:
     """`_decode_stream` without the downmix: soxr resamples the interleaved channels together, and
     the result is one row per channel (channels, samples)."""
     source_rate = stream.codec_context.sample_rate or stream.rate
@@ -170,8 +184,9 @@ def _decode_channels(container, stream, sample_rate_hz: int, max_duration_s: flo
     def push(interleaved: np.ndarray, last: bool = False) -> None:
         nonlocal total, resampler
         if resampler is None and source_rate != sample_rate_hz:
-            resampler = soxr.ResampleStream(source_rate, sample_rate_hz, interleaved.shape[1], dtype="float32",
-                                            quality="HQ")
+            resampler = soxr.ResampleStream(
+                source_rate, sample_rate_hz, interleaved.shape[1], dtype="float32", quality="HQ"
+            )
         out = interleaved.copy() if resampler is None else resampler.resample_chunk(interleaved, last=last)
         if len(out):
             chunks.append(out)
@@ -213,8 +228,9 @@ def _interleaved_seconds(container, stream, converter, source_rate: int):
         yield np.concatenate(pending) if len(pending) > 1 else pending[0]
 
 
-def _check_limits(total: int, limit: int | None, max_duration_s: float | None, deadline: float | None,
-                  timeout_s: float | None) -> None:
+def _check_limits(
+    total: int, limit: int | None, max_duration_s: float | None, deadline: float | None, timeout_s: float | None
+) -> None:
     if limit is not None and total > limit:
         raise DecodeError(f"too long: more than {max_duration_s:.0f} s of audio (raise max_duration_s to allow it)")
     if deadline is not None and time.monotonic() > deadline:
@@ -246,9 +262,15 @@ def _ffmpeg_reason(exc: Exception) -> str:
 
 
 def load_recording(
-    uri: str, storage_options: dict | None = None, sample_rate_hz: int = SAMPLE_RATE_HZ,
-    max_duration_s: float | None = None, timeout_s: float | None = None, *, data: bytes | None = None,
-    split_channels: bool = False, allowed_prefixes: tuple[str, ...] = (),
+    uri: str,
+    storage_options: dict | None = None,
+    sample_rate_hz: int = SAMPLE_RATE_HZ,
+    max_duration_s: float | None = None,
+    timeout_s: float | None = None,
+    *,
+    data: bytes | None = None,
+    split_channels: bool = False,
+    allowed_prefixes: tuple[str, ...] = (),
     sink: Callable[[np.ndarray], None] | None = None,
 ) -> Recording:
     """Open `uri` through fsspec (local path, file://, s3://, gs://, https://, ...) and decode it;
@@ -263,9 +285,15 @@ def load_recording(
         given[0] += 1
         sink(piece)
 
-    decode = functools.partial(decode_audio, sample_rate_hz=sample_rate_hz, max_duration_s=max_duration_s,
-                               name=name, timeout_s=timeout_s, split_channels=split_channels,
-                               sink=None if sink is None else counted)
+    decode = functools.partial(
+        decode_audio,
+        sample_rate_hz=sample_rate_hz,
+        max_duration_s=max_duration_s,
+        name=name,
+        timeout_s=timeout_s,
+        split_channels=split_channels,
+        sink=None if sink is None else counted,
+    )
     if data is not None:
         if not data:
             raise DecodeError("decode failed: empty file (0 bytes)")
@@ -294,7 +322,7 @@ def load_recording(
                 raise DecodeError(f"not found: {uri}") from None
             transient = web and (status is None or status >= 500) and not given[0]
             if transient and attempt + 1 < HTTP_ATTEMPTS:
-                time.sleep(HTTP_BACKOFF_S * 2 ** attempt)
+                time.sleep(HTTP_BACKOFF_S * 2**attempt)
                 continue
             if not (web or isinstance(exc, (OSError, ValueError))):
                 raise
@@ -316,8 +344,10 @@ def _load(uri: str, storage_options: dict | None, decode, allowed_prefixes: tupl
         # "not found"; the HEAD tells a 404 from a 403 from a dropped connection.
         uri, size = probe_url(uri, allowed_prefixes)
         scheme = protocol_of(uri)
-        storage_options = {**(storage_options or {}),
-                           scheme: {**(storage_options or {}).get(scheme, {}), "allow_redirects": False}}
+        storage_options = {
+            **(storage_options or {}),
+            scheme: {**(storage_options or {}).get(scheme, {}), "allow_redirects": False},
+        }
         fs, path = filesystem(uri, storage_options)
     else:
         fs, path = filesystem(uri, storage_options)
@@ -336,8 +366,12 @@ def _load(uri: str, storage_options: dict | None, decode, allowed_prefixes: tupl
 
 def _special_file_kind(mode: int) -> str | None:
     """What a local path that is neither a regular file nor a directory is, or None."""
-    for test, kind in ((stat.S_ISFIFO, "fifo"), (stat.S_ISCHR, "character device"),
-                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+    for test, kind in (
+        (stat.S_ISFIFO, "fifo"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISSOCK, "socket"),
+    ):
         if test(mode):
             return kind
     return None
@@ -365,30 +399,52 @@ def samples_from_arrow(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray | 
         offsets = array.offsets.to_numpy()
         values = array.values.to_numpy(zero_copy_only=True)
         valid = array.is_valid().to_numpy(zero_copy_only=False)
-        rows.extend(values[offsets[i]:offsets[i + 1]] if valid[i] else None for i in range(len(array)))
+        rows.extend(values[offsets[i] : offsets[i + 1]] if valid[i] else None for i in range(len(array)))
     return rows
 
 
-def _decode_row(item: tuple[str, bytes | None, bool], storage_options: dict | None, sample_rate_hz: int,
-                max_duration_s: float | None, timeout_s: float | None, crash_test: CrashTest | None,
-                allowed_prefixes: tuple[str, ...] = (), sink: Callable[[np.ndarray], None] | None = None,
-                ) -> tuple[np.ndarray | None, float | None, str | None]:
+def _decode_row(
+    item: tuple[str, bytes | None, bool],
+    storage_options: dict | None,
+    sample_rate_hz: int,
+    max_duration_s: float | None,
+    timeout_s: float | None,
+    crash_test: CrashTest | None,
+    allowed_prefixes: tuple[str, ...] = (),
+    sink: Callable[[np.ndarray], None] | None = None,
+) -> tuple[np.ndarray | None, float | None, str | None]:
     """(samples, duration_s, None) for one recording (uri, embedded bytes or None, split channels),
     or (None, None, the reason it failed); with `sink` (mono), its samples went there (decode_audio)."""
     uri, data, split_channels = item
     if crash_test is not None:
         crash_test.check("decode", [uri])
     try:
-        recording = load_recording(uri, storage_options, sample_rate_hz, max_duration_s, timeout_s, data=data,
-                                   split_channels=split_channels, allowed_prefixes=allowed_prefixes, sink=sink)
+        recording = load_recording(
+            uri,
+            storage_options,
+            sample_rate_hz,
+            max_duration_s,
+            timeout_s,
+            data=data,
+            split_channels=split_channels,
+            allowed_prefixes=allowed_prefixes,
+            sink=sink,
+        )
     except DecodeError as exc:
         return None, None, str(exc)
     return recording.samples, recording.duration_s, None
 
 
-def decode_table(table: pa.Table, storage_options: dict | None = None, sample_rate_hz: int = SAMPLE_RATE_HZ,
-                 max_duration_s: float | None = None, timeout_s: float | None = None, isolate: bool = True,
-                 crash_test: CrashTest | None = None, allowed_prefixes: tuple[str, ...] = ()) -> pa.Table:
+def decode_table(
+    table: pa.Table,
+    storage_options: dict | None = None,
+    sample_rate_hz: int = SAMPLE_RATE_HZ,
+    max_duration_s: float | None = None,
+    timeout_s: float | None = None,
+    isolate: bool = True,
+    crash_test: CrashTest | None = None,
+    allowed_prefixes: tuple[str, ...] = (),
+) -> pa.Table:
     """Decode stage: add `samples`, `channel_count` and `duration_s`; a row that cannot be decoded
     gets `error`. Embedded audio (`audio_bytes`) is decoded from memory and its bytes dropped here;
     a row whose `channels` is `split` keeps one run of samples per channel, channel after channel
@@ -417,21 +473,37 @@ def decode_inputs(table: pa.Table) -> tuple[list[str | None], list[tuple[str, by
     errors = table.column("error").to_pylist()
     uris = table.column("audio").to_pylist()
     data = table.column("audio_bytes").to_pylist() if "audio_bytes" in table.column_names else [None] * n
-    split = ([mode == "split" for mode in table.column("channels").to_pylist()]
-             if "channels" in table.column_names else [False] * n)
+    split = (
+        [mode == "split" for mode in table.column("channels").to_pylist()]
+        if "channels" in table.column_names
+        else [False] * n
+    )
     return errors, list(zip(uris, data, split)), [i for i in range(n) if errors[i] is None]
 
 
-def row_decoder(storage_options: dict | None, sample_rate_hz: int, max_duration_s: float | None,
-                timeout_s: float | None, crash_test: CrashTest | None, allowed_prefixes: tuple[str, ...] = ()):
+def row_decoder(
+    storage_options: dict | None,
+    sample_rate_hz: int,
+    max_duration_s: float | None,
+    timeout_s: float | None,
+    crash_test: CrashTest | None,
+    allowed_prefixes: tuple[str, ...] = (),
+):
     """`_decode_row` with the job's settings: one picklable function of a row's `decode_inputs` item."""
-    return functools.partial(_decode_row, storage_options=storage_options, sample_rate_hz=sample_rate_hz,
-                             max_duration_s=max_duration_s, timeout_s=timeout_s, crash_test=crash_test,
-                             allowed_prefixes=tuple(allowed_prefixes))
+    return functools.partial(
+        _decode_row,
+        storage_options=storage_options,
+        sample_rate_hz=sample_rate_hz,
+        max_duration_s=max_duration_s,
+        timeout_s=timeout_s,
+        crash_test=crash_test,
+        allowed_prefixes=tuple(allowed_prefixes),
+    )
 
 
-def decoded_table(table: pa.Table, errors: list[str | None],
-                  decoded: dict[int, tuple[np.ndarray | None, float | None]]) -> pa.Table:
+def decoded_table(
+    table: pa.Table, errors: list[str | None], decoded: dict[int, tuple[np.ndarray | None, float | None]]
+) -> pa.Table:
     """`table` with `errors`, and `duration_s`, `channel_count` and `samples` from `decoded`
     (row: (samples, mono or (channels, samples), duration)); rows not in it get nulls."""
     n = table.num_rows

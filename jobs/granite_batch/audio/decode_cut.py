@@ -27,11 +27,19 @@ from granite_batch.audio.stream_cut import StreamCut
 from granite_batch.audio.vad import VAD_RATE_HZ, VadOptions, warm_vad
 
 
-def decode_blocks(table: pa.Table, max_segment_s: float, storage_options: dict | None = None,
-                  sample_rate_hz: int = VAD_RATE_HZ, max_duration_s: float | None = None,
-                  timeout_s: float | None = None, isolate: bool = True, crash_test: CrashTest | None = None,
-                  allowed_prefixes: tuple[str, ...] = (), options: VadOptions = VadOptions(),
-                  block_bytes: int = SEGMENT_BLOCK_BYTES):
+def decode_blocks(
+    table: pa.Table,
+    max_segment_s: float,
+    storage_options: dict | None = None,
+    sample_rate_hz: int = VAD_RATE_HZ,
+    max_duration_s: float | None = None,
+    timeout_s: float | None = None,
+    isolate: bool = True,
+    crash_test: CrashTest | None = None,
+    allowed_prefixes: tuple[str, ...] = (),
+    options: VadOptions = VadOptions(),
+    block_bytes: int = SEGMENT_BLOCK_BYTES,
+):
     """Decode stage: `audio.decode_table`, except that a recording at least `long_recording_s` long
     is also cut into its segments in the helper process that decodes it, as it decodes it
     (`StreamCut`), and its segment rows come back in tables of about `block_bytes` of samples: no
@@ -47,11 +55,16 @@ def decode_blocks(table: pa.Table, max_segment_s: float, storage_options: dict |
     the worker" (isolation.stream_isolated, which reruns it alone first and skips what was sent).
     """
     errors, items, todo = audio.decode_inputs(table)
-    decode = audio.row_decoder(storage_options, sample_rate_hz, max_duration_s, timeout_s, crash_test,
-                               allowed_prefixes)
-    work = functools.partial(_decode_and_cut, decode=decode, sample_rate_hz=sample_rate_hz,
-                             max_segment_s=max_segment_s, options=options, crash_test=crash_test,
-                             block_bytes=block_bytes)
+    decode = audio.row_decoder(storage_options, sample_rate_hz, max_duration_s, timeout_s, crash_test, allowed_prefixes)
+    work = functools.partial(
+        _decode_and_cut,
+        decode=decode,
+        sample_rate_hz=sample_rate_hz,
+        max_segment_s=max_segment_s,
+        options=options,
+        crash_test=crash_test,
+        block_bytes=block_bytes,
+    )
     if isolate and todo:
         warm_vad()  # before the stream's helper is forked, so that it starts warm
     base = table.drop_columns([c for c in ("audio_bytes",) if c in table.column_names])
@@ -78,15 +91,27 @@ def decode_blocks(table: pa.Table, max_segment_s: float, storage_options: dict |
     # row of a long one (segment_count: how many segment rows it had; the driver waits for them).
     last = audio.decoded_table(table, errors, decoded)
     n = table.num_rows
-    for name, values in (("segment_index", [None] * n), ("segment_count", [counts.get(i) for i in range(n)]),
-                         ("start_s", [None] * n), ("end_s", [None] * n), ("channel", [None] * n)):
+    for name, values in (
+        ("segment_index", [None] * n),
+        ("segment_count", [counts.get(i) for i in range(n)]),
+        ("start_s", [None] * n),
+        ("end_s", [None] * n),
+        ("channel", [None] * n),
+    ):
         kind = pa.float64() if name.endswith("_s") else pa.int32()
         last = last.add_column(last.schema.get_field_index("samples"), name, pa.array(values, kind))
     yield last
 
 
-def _decode_and_cut(item, decode, sample_rate_hz: int, max_segment_s: float, options: VadOptions,
-                    crash_test: CrashTest | None, block_bytes: int):
+def _decode_and_cut(
+    item,
+    decode,
+    sample_rate_hz: int,
+    max_segment_s: float,
+    options: VadOptions,
+    crash_test: CrashTest | None,
+    block_bytes: int,
+):
     """In the helper (isolation.stream_isolated): decode one row, then ("whole", samples, duration,
     error) for a short or failed recording, or, for a long one, its segments as ("segments",
     [(start, end, channel)], their samples end to end), about `block_bytes` at a time, then ("end",
@@ -101,10 +126,19 @@ def _decode_and_cut(item, decode, sample_rate_hz: int, max_segment_s: float, opt
             return
         yield Stage("segment")
         errors: list[str | None] = [None]
-        bounds = plan_recordings([samples.reshape(-1)], [samples.shape[0]], [item[0]], errors, sample_rate_hz,
-                                 max_segment_s, options, False, crash_test).get(0, [])
+        bounds = plan_recordings(
+            [samples.reshape(-1)],
+            [samples.shape[0]],
+            [item[0]],
+            errors,
+            sample_rate_hz,
+            max_segment_s,
+            options,
+            False,
+            crash_test,
+        ).get(0, [])
         del samples
-        yield from _sent_in_blocks([(b[:3], b[3][b[0]:b[1]]) for b in bounds], block_bytes)
+        yield from _sent_in_blocks([(b[:3], b[3][b[0] : b[1]]) for b in bounds], block_bytes)
         yield "end", duration, len(bounds), None
         return
     head: list[np.ndarray] = []  # the first pieces, until the recording is known to be long
@@ -204,8 +238,14 @@ class _Stopped(BaseException):
     """Raised in the decoder's sink when its consumer has stopped."""
 
 
-def _cut_rows(base: pa.Table, row: int, first: int, bounds: list[tuple[int, int, int | None]], samples: np.ndarray,
-              sample_rate_hz: int) -> pa.Table:
+def _cut_rows(
+    base: pa.Table,
+    row: int,
+    first: int,
+    bounds: list[tuple[int, int, int | None]],
+    samples: np.ndarray,
+    sample_rate_hz: int,
+) -> pa.Table:
     """Segment rows `first`.. of `base`'s row `row`, in decode_blocks' columns, around `samples`
     (the segments' samples end to end, as the helper sent them: no copy). Their `segment_count` is
     -1: the recording's end row, which comes after them, has it (and `duration_s`)."""
@@ -215,8 +255,10 @@ def _cut_rows(base: pa.Table, row: int, first: int, bounds: list[tuple[int, int,
     offsets = np.zeros(n + 1, np.int64)
     np.cumsum([end - start for start, end, _ in bounds], out=offsets[1:])
     for name, values, kind in (
-        ("duration_s", [None] * n, pa.float64()), ("channel_count", [None] * n, pa.int32()),
-        ("segment_index", list(range(first, first + n)), pa.int32()), ("segment_count", [-1] * n, pa.int32()),
+        ("duration_s", [None] * n, pa.float64()),
+        ("channel_count", [None] * n, pa.int32()),
+        ("segment_index", list(range(first, first + n)), pa.int32()),
+        ("segment_count", [-1] * n, pa.int32()),
         ("start_s", [b[0] / sample_rate_hz for b in bounds], pa.float64()),
         ("end_s", [b[1] / sample_rate_hz for b in bounds], pa.float64()),
         ("channel", [b[2] for b in bounds], pa.int32()),

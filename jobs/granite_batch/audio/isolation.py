@@ -27,8 +27,9 @@ import pickle
 import signal as signals
 import struct
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
@@ -105,7 +106,7 @@ def _run(fn, items: list) -> list:
     while start < len(items):
         with _borrowed() as helper:
             done, crash = helper.run(fn, items[start:])
-        results[start:start + len(done)] = done
+        results[start : start + len(done)] = done
         start += len(done)
         if crash is None:
             break
@@ -118,8 +119,9 @@ def _run(fn, items: list) -> list:
     return results
 
 
-def stream_isolated(fn: Callable[[Any], Iterator[Any]], items: Sequence[Any],
-                    isolate: bool = True) -> Iterator[tuple[int, Any]]:
+def stream_isolated(
+    fn: Callable[[Any], Iterator[Any]], items: Sequence[Any], isolate: bool = True
+) -> Iterator[tuple[int, Any]]:
     """`(i, value)` for each value the generator `fn(items[i])` yields, item after item, computed in
     the helper process and sent back as it is made, so neither process holds more than the
     values in flight. `Stage` values are not passed on; they name what the item is doing.
@@ -171,8 +173,7 @@ def _streamed(fn, items: list) -> Iterator[tuple[int, Any]]:
     with _borrowed() as helper:
         finished = False
         try:
-            for message in helper.stream(fn, items):
-                yield message
+            yield from helper.stream(fn, items)
             finished = True
         finally:
             if not finished and helper.alive:  # messages still on their way: this helper cannot be reused
@@ -357,7 +358,7 @@ def _write_message(fd: int, kind: int, value: Any) -> None:
     for part in (header, metadata, *views):
         view = memoryview(part).cast("B")
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
 
 
 def _read_exactly(pipe, length: int) -> np.ndarray | None:

@@ -46,8 +46,13 @@ from granite_batch.schema import CUT_COLUMNS
 SEGMENT_BLOCK_BYTES = 64 << 20
 
 
-def plan_segments(samples: np.ndarray, sample_rate_hz: int, max_segment_s: float,
-                  options: VadOptions = VadOptions(), probabilities: np.ndarray | None = None) -> list[tuple[int, int]]:
+def plan_segments(
+    samples: np.ndarray,
+    sample_rate_hz: int,
+    max_segment_s: float,
+    options: VadOptions = VadOptions(),
+    probabilities: np.ndarray | None = None,
+) -> list[tuple[int, int]]:
     """(start, end) sample offsets of the speech segments, in order, each at most `max_segment_s`.
 
     A recording no longer than the limit that holds speech is one segment (0, len(samples));
@@ -83,8 +88,15 @@ def _padded(regions: list[tuple[int, int]], n: int, pad: int) -> list[tuple[int,
     return padded
 
 
-def _cut_long(samples: np.ndarray, start: int, end: int, max_len: int, sample_rate_hz: int,
-              probabilities: np.ndarray, options: VadOptions) -> list[tuple[int, int]]:
+def _cut_long(
+    samples: np.ndarray,
+    start: int,
+    end: int,
+    max_len: int,
+    sample_rate_hz: int,
+    probabilities: np.ndarray,
+    options: VadOptions,
+) -> list[tuple[int, int]]:
     """Cut [start, end) into pieces of at most `max_len`, each cut in the longest pause of the
     second half of its window (`_cut_point`), so pieces stay long and words stay whole."""
     pieces = []
@@ -96,8 +108,9 @@ def _cut_long(samples: np.ndarray, start: int, end: int, max_len: int, sample_ra
     return pieces
 
 
-def _cut_point(samples: np.ndarray, low: int, high: int, sample_rate_hz: int, probabilities: np.ndarray,
-               options: VadOptions) -> int:
+def _cut_point(
+    samples: np.ndarray, low: int, high: int, sample_rate_hz: int, probabilities: np.ndarray, options: VadOptions
+) -> int:
     """Where to cut speech inside [low, high): in its longest pause.
 
     A 10 ms frame is a pause when the VAD calls it non-speech (probability below `neg_threshold`) or
@@ -112,7 +125,7 @@ def _cut_point(samples: np.ndarray, low: int, high: int, sample_rate_hz: int, pr
     count = (high - low) // frame
     if count < 1:
         return high
-    energy = np.square(samples[low: low + count * frame], dtype=np.float64).reshape(count, frame).mean(axis=1)
+    energy = np.square(samples[low : low + count * frame], dtype=np.float64).reshape(count, frame).mean(axis=1)
     centres = low + np.arange(count) * frame + frame // 2
     speech = probabilities[np.minimum(centres // VAD_FRAME, len(probabilities) - 1)]
     quiet_level = np.median(energy) * 10 ** (-PAUSE_DB / 10)
@@ -120,12 +133,13 @@ def _cut_point(samples: np.ndarray, low: int, high: int, sample_rate_hz: int, pr
     edges = np.flatnonzero(np.diff(np.concatenate(([0], pause.astype(np.int8), [0]))))
     runs = edges.reshape(-1, 2)
     if len(runs):
-        first, last = max(runs.tolist(), key=lambda run: (run[1] - run[0], -speech[run[0]:run[1]].mean(), run[0]))
+        first, last = max(runs.tolist(), key=lambda run: (run[1] - run[0], -speech[run[0] : run[1]].mean(), run[0]))
     else:
         first, last = 0, count
     # Least speech probability, then least energy, then nearest the pause's middle.
-    order = np.lexsort((np.abs(np.arange(first, last) - (first + last - 1) / 2), energy[first:last],
-                        speech[first:last]))
+    order = np.lexsort(
+        (np.abs(np.arange(first, last) - (first + last - 1) / 2), energy[first:last], speech[first:last])
+    )
     return int(centres[first + order[0]])
 
 
@@ -141,17 +155,28 @@ def _merge(pieces: list[tuple[int, int]], max_len: int, max_gap: int) -> list[tu
     return segments
 
 
-def segment_table(table: pa.Table, sample_rate_hz: int, max_segment_s: float,
-                  options: VadOptions = VadOptions(), isolate: bool = True,
-                  crash_test: CrashTest | None = None) -> pa.Table:
+def segment_table(
+    table: pa.Table,
+    sample_rate_hz: int,
+    max_segment_s: float,
+    options: VadOptions = VadOptions(),
+    isolate: bool = True,
+    crash_test: CrashTest | None = None,
+) -> pa.Table:
     """`segment_blocks` as one table."""
     blocks = list(segment_blocks(table, sample_rate_hz, max_segment_s, options, isolate, crash_test))
     return pa.concat_tables(blocks) if len(blocks) > 1 else blocks[0]
 
 
-def segment_blocks(table: pa.Table, sample_rate_hz: int, max_segment_s: float,
-                   options: VadOptions = VadOptions(), isolate: bool = True,
-                   crash_test: CrashTest | None = None, block_bytes: int = SEGMENT_BLOCK_BYTES):
+def segment_blocks(
+    table: pa.Table,
+    sample_rate_hz: int,
+    max_segment_s: float,
+    options: VadOptions = VadOptions(),
+    isolate: bool = True,
+    crash_test: CrashTest | None = None,
+    block_bytes: int = SEGMENT_BLOCK_BYTES,
+):
     """Segment stage: decoded recordings in, one row per speech segment out, in tables of about
     `block_bytes` of samples each (Ray Data gathers them into blocks up to its own target size,
     128 MB, and stores each block as it fills), so the worker never builds a long recording's
@@ -185,10 +210,10 @@ def segment_blocks(table: pa.Table, sample_rate_hz: int, max_segment_s: float,
     n = table.num_rows
     audio = table.column("audio").to_pylist() if "audio" in table.column_names else [None] * n
     errors = table.column("error").to_pylist() if "error" in table.column_names else [None] * n
-    channel_counts = (table.column("channel_count").to_pylist() if "channel_count" in table.column_names
-                      else [None] * n)
-    bounds_of = plan_recordings(recordings, channel_counts, audio, errors, sample_rate_hz, max_segment_s, options,
-                                isolate, crash_test)
+    channel_counts = table.column("channel_count").to_pylist() if "channel_count" in table.column_names else [None] * n
+    bounds_of = plan_recordings(
+        recordings, channel_counts, audio, errors, sample_rate_hz, max_segment_s, options, isolate, crash_test
+    )
     base = table.drop_columns([c for c in ("samples", "error", "channel_count") if c in table.column_names])
     base = base.append_column("error", pa.array(errors, pa.string()))
     block: list[tuple[int, int | None, int, tuple[int, int, int | None, np.ndarray] | None]] = []
@@ -207,9 +232,17 @@ def segment_blocks(table: pa.Table, sample_rate_hz: int, max_segment_s: float,
         yield _segment_block(base, block, sample_rate_hz)
 
 
-def plan_recordings(recordings: list[np.ndarray | None], channel_counts: list[int | None], audio: list[str | None],
-                    errors: list[str | None], sample_rate_hz: int, max_segment_s: float, options: VadOptions,
-                    isolate: bool, crash_test: CrashTest | None) -> dict[int, list[tuple[int, int, int | None, np.ndarray]]]:
+def plan_recordings(
+    recordings: list[np.ndarray | None],
+    channel_counts: list[int | None],
+    audio: list[str | None],
+    errors: list[str | None],
+    sample_rate_hz: int,
+    max_segment_s: float,
+    options: VadOptions,
+    isolate: bool,
+    crash_test: CrashTest | None,
+) -> dict[int, list[tuple[int, int, int | None, np.ndarray]]]:
     """The segments of each recording, {row: [(start, end, channel, the samples they index)]}, in
     time order over its channels (then by channel); the VAD runs over all of them at once. A
     recording whose VAD crashes gets its `errors` entry and no segment."""
@@ -222,13 +255,14 @@ def plan_recordings(recordings: list[np.ndarray | None], channel_counts: list[in
             units.append((row, None, samples))
             continue
         length = len(samples) // channel_counts[row]
-        units.extend((row, c, samples[c * length:(c + 1) * length]) for c in range(channel_counts[row]))
+        units.extend((row, c, samples[c * length : (c + 1) * length]) for c in range(channel_counts[row]))
     # Too short to hold a word: no VAD, no segment.
     units = [unit for unit in units if len(unit[2]) >= options.min_speech_s * sample_rate_hz]
     if isolate and units:
         warm_vad()  # before the helper is forked, so that it starts warm
-    probabilities = _vad([samples for _, _, samples in units], [audio[row] for row, _, _ in units],
-                         options, isolate, crash_test)
+    probabilities = _vad(
+        [samples for _, _, samples in units], [audio[row] for row, _, _ in units], options, isolate, crash_test
+    )
     bounds_of: dict[int, list[tuple[int, int, int | None, np.ndarray]]] = {}
     for (row, channel, samples), probs in zip(units, probabilities):
         if isinstance(probs, Crash):
@@ -262,9 +296,11 @@ def _segment_block(base: pa.Table, block: list, sample_rate_hz: int) -> pa.Table
     out = base.take(pa.array([row for row, _, _, _ in block], pa.int64()))
     out = out.append_column("segment_index", pa.array([k for _, k, _, _ in block], pa.int32()))
     out = out.append_column("segment_count", pa.array([count for _, _, count, _ in block], pa.int32()))
-    out = out.append_column("start_s", pa.array([None if b is None else b[0] / sample_rate_hz for b in bounds],
-                                                pa.float64()))
-    out = out.append_column("end_s", pa.array([None if b is None else b[1] / sample_rate_hz for b in bounds],
-                                              pa.float64()))
+    out = out.append_column(
+        "start_s", pa.array([None if b is None else b[0] / sample_rate_hz for b in bounds], pa.float64())
+    )
+    out = out.append_column(
+        "end_s", pa.array([None if b is None else b[1] / sample_rate_hz for b in bounds], pa.float64())
+    )
     out = out.append_column("channel", pa.array([None if b is None else b[2] for b in bounds], pa.int32()))
-    return out.append_column("samples", samples_to_arrow([None if b is None else b[3][b[0]:b[1]] for b in bounds]))
+    return out.append_column("samples", samples_to_arrow([None if b is None else b[3][b[0] : b[1]] for b in bounds]))

@@ -52,7 +52,7 @@ class _Tail:
             if self.starts[k] >= high:
                 break
             offset = self.starts[k]
-            parts.append(self.pieces[k][max(low - offset, 0):high - offset])
+            parts.append(self.pieces[k][max(low - offset, 0) : high - offset])
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def forget_before(self, offset: int) -> None:
@@ -78,16 +78,26 @@ class StreamCut:
     1,024 s, and the margin), and one probability per 32 ms frame.
     """
 
-    def __init__(self, sample_rate_hz: int, max_segment_s: float, options: VadOptions,
-                 crash_test: CrashTest | None, audio: str | None):
+    def __init__(
+        self,
+        sample_rate_hz: int,
+        max_segment_s: float,
+        options: VadOptions,
+        crash_test: CrashTest | None,
+        audio: str | None,
+    ):
         if sample_rate_hz != VAD_RATE_HZ:
             raise ValueError(f"segmentation needs {VAD_RATE_HZ} Hz samples, not {sample_rate_hz}")
         self.options, self.crash_test, self.audio = options, crash_test, audio
         self.max_len = int(max_segment_s * sample_rate_hz)
         self.max_gap = int(options.max_merge_gap_s * sample_rate_hz)
         self.pad = int(options.pad_s * sample_rate_hz)
-        self.margin = (self.max_len + self.max_gap + 2 * self.pad
-                       + int((options.min_speech_s + options.min_silence_s + 1.0) * sample_rate_hz))
+        self.margin = (
+            self.max_len
+            + self.max_gap
+            + 2 * self.pad
+            + int((options.min_speech_s + options.min_silence_s + 1.0) * sample_rate_hz)
+        )
         self.window = round(options.max_window_s * VAD_RATE_HZ / VAD_FRAME)
         self.tail = _Tail()
         self.probs = np.zeros(0, np.float32)
@@ -108,31 +118,46 @@ class StreamCut:
         return the segments that became final, in order."""
         while self.ready():
             first = len(self.probs)
-            self._group([(0, f, self.window) for f in range(first, first + self.options.batch_windows * self.window,
-                                                              self.window)])
+            self._group(
+                [
+                    (0, f, self.window)
+                    for f in range(first, first + self.options.batch_windows * self.window, self.window)
+                ]
+            )
         count = -(-self.tail.end // VAD_FRAME)
         if final and len(self.probs) < count:
             self._group([(0, f, min(self.window, count - f)) for f in range(len(self.probs), count, self.window)])
         known = self.tail.end if final else len(self.probs) * VAD_FRAME
-        fresh = [(start + self.restart * VAD_FRAME, end + self.restart * VAD_FRAME) for start, end in
-                 speech_regions(self.probs[self.restart:], known - self.restart * VAD_FRAME, self.options)]
+        fresh = [
+            (start + self.restart * VAD_FRAME, end + self.restart * VAD_FRAME)
+            for start, end in speech_regions(self.probs[self.restart :], known - self.restart * VAD_FRAME, self.options)
+        ]
         regions = self.regions + fresh
         closed = [r for r in fresh if final or r[1] < known]  # a region still open ends at `known`
         if closed and not final:  # silero's state is idle where a region starts: run again from the last closed one
             last = closed[-1]
-            self.regions += fresh[:fresh.index(last)]
+            self.regions += fresh[: fresh.index(last)]
             self.restart = last[0] // VAD_FRAME
         pieces: list[tuple[int, int]] = []
         for start, end in _padded(regions, known, self.pad) if regions else []:
             if end > self.emitted_end:
-                pieces.extend(_cut_long(self.tail, max(start, self.emitted_end), end, self.max_len, VAD_RATE_HZ,
-                                        self.probs, self.options))
+                pieces.extend(
+                    _cut_long(
+                        self.tail,
+                        max(start, self.emitted_end),
+                        end,
+                        self.max_len,
+                        VAD_RATE_HZ,
+                        self.probs,
+                        self.options,
+                    )
+                )
         merged = _merge(pieces, self.max_len, self.max_gap) if pieces else []
         horizon = known if final else known - self.margin
         done = [segment for segment in merged if segment[1] <= horizon]
         if done:
             self.emitted_end = done[-1][1]
-        waiting = [segment[0] for segment in merged[len(done):]]
+        waiting = [segment[0] for segment in merged[len(done) :]]
         self.keep_from = max(self.emitted_end, min(waiting + [known - self.margin]))
         return done
 
@@ -144,8 +169,9 @@ class StreamCut:
         self.tail.forget_before(self.keep_from)
 
     def _group(self, windows: list[tuple[int, int, int]]) -> None:
-        computed = _group_probabilities((window_samples([self.tail], windows, self.options), [self.audio]),
-                                        self.options, self.crash_test)
+        computed = _group_probabilities(
+            (window_samples([self.tail], windows, self.options), [self.audio]), self.options, self.crash_test
+        )
         end = windows[-1][1] + windows[-1][2]
         self.probs = np.concatenate([self.probs, np.zeros(end - len(self.probs), np.float32)])
         scatter_probabilities([self.probs], windows, computed)

@@ -73,14 +73,15 @@ def speech_probabilities(samples: np.ndarray, options: VadOptions = VadOptions()
     return speech_probabilities_many([samples], [(0, 0, len(samples))], options)[0]
 
 
-def speech_probabilities_many(buffers: list[np.ndarray], spans: list[tuple[int, int, int]],
-                              options: VadOptions = VadOptions()) -> list[np.ndarray]:
+def speech_probabilities_many(
+    buffers: list[np.ndarray], spans: list[tuple[int, int, int]], options: VadOptions = VadOptions()
+) -> list[np.ndarray]:
     """`speech_probabilities` of each recording `buffers[b][offset:offset + length]`, for
     (b, offset, length) in `spans` (recordings packed in a few buffers, as Arrow chunks hold them),
     computed together in this process: windows of all the recordings run side by side,
     `batch_windows` at a time (`vad_window_groups`, `window_samples`, `window_probabilities`).
     """
-    recordings = [buffers[b][offset:offset + length] for b, offset, length in spans]
+    recordings = [buffers[b][offset : offset + length] for b, offset, length in spans]
     return _vad(recordings, [None] * len(recordings), options, isolate=False, crash_test=None)
 
 
@@ -96,16 +97,19 @@ def vad_window_groups(lengths: list[int], options: VadOptions = VadOptions()) ->
     windows = []
     for i, length in enumerate(lengths):
         count = -(-length // VAD_FRAME)
-        window = min(round(options.max_window_s * per_s),
-                     max(round(options.min_window_s * per_s), -(-count // options.batch_windows)))
+        window = min(
+            round(options.max_window_s * per_s),
+            max(round(options.min_window_s * per_s), -(-count // options.batch_windows)),
+        )
         windows.extend((i, first, min(window, count - first)) for first in range(0, count, window))
     # Similar lengths side by side, so few steps run past a window's end.
     windows.sort(key=lambda job: job[2], reverse=True)
-    return [windows[start:start + options.batch_windows] for start in range(0, len(windows), options.batch_windows)]
+    return [windows[start : start + options.batch_windows] for start in range(0, len(windows), options.batch_windows)]
 
 
-def window_samples(recordings: list[np.ndarray], group: list[tuple[int, int, int]],
-                   options: VadOptions = VadOptions()) -> np.ndarray:
+def window_samples(
+    recordings: list[np.ndarray], group: list[tuple[int, int, int]], options: VadOptions = VadOptions()
+) -> np.ndarray:
     """The samples one group of windows reads, as (windows x (warm-up + longest window) * 512)
     float32: each row `warmup_s` of the audio before its window, then the window, silence outside
     its recording. At most `batch_windows` x 16.5 s of audio (68 MB), however long the recordings."""
@@ -116,7 +120,7 @@ def window_samples(recordings: list[np.ndarray], group: list[tuple[int, int, int
         samples = recordings[recording]
         start = (first - warmup) * VAD_FRAME
         low, high = max(0, start), min(len(samples), (first + frames) * VAD_FRAME)
-        out[row, low - start:high - start] = samples[low:high]
+        out[row, low - start : high - start] = samples[low:high]
     return out
 
 
@@ -138,7 +142,7 @@ def window_probabilities(samples: np.ndarray, options: VadOptions = VadOptions()
             model.reset_states()
             for step in range(steps):
                 # A fresh array each step: the model may keep a view of its input as context.
-                chunk = np.ascontiguousarray(samples[:, step * VAD_FRAME:(step + 1) * VAD_FRAME])
+                chunk = np.ascontiguousarray(samples[:, step * VAD_FRAME : (step + 1) * VAD_FRAME])
                 out = model(torch.from_numpy(chunk), VAD_RATE_HZ)[:, 0].numpy()
                 if step >= warmup:
                     probs[:, step - warmup] = out
@@ -150,7 +154,7 @@ def window_probabilities(samples: np.ndarray, options: VadOptions = VadOptions()
 def scatter_probabilities(probs: list[np.ndarray], group: list[tuple[int, int, int]], computed: np.ndarray) -> None:
     """Put each window's probabilities (`window_probabilities`) in its recording's place in `probs`."""
     for row, (recording, first, frames) in enumerate(group):
-        probs[recording][first:first + frames] = computed[row, :frames]
+        probs[recording][first : first + frames] = computed[row, :frames]
 
 
 def _warmup_frames(options: VadOptions) -> int:
@@ -168,15 +172,21 @@ def speech_regions(probs: np.ndarray, n: int, options: VadOptions = VadOptions()
     from silero_vad import get_speech_timestamps_from_probs
 
     regions = get_speech_timestamps_from_probs(
-        probs.tolist(), sampling_rate=VAD_RATE_HZ, threshold=options.threshold,
-        neg_threshold=options.neg_threshold, min_speech_duration_ms=options.min_speech_s * 1000,
-        min_silence_duration_ms=options.min_silence_s * 1000, speech_pad_ms=0, audio_length_samples=n,
+        probs.tolist(),
+        sampling_rate=VAD_RATE_HZ,
+        threshold=options.threshold,
+        neg_threshold=options.neg_threshold,
+        min_speech_duration_ms=options.min_speech_s * 1000,
+        min_silence_duration_ms=options.min_silence_s * 1000,
+        speech_pad_ms=0,
+        audio_length_samples=n,
     )
     return [(region["start"], region["end"]) for region in regions]
 
 
-def _group_probabilities(work: tuple[np.ndarray, list[str | None]], options: VadOptions,
-                         crash_test: CrashTest | None) -> np.ndarray:
+def _group_probabilities(
+    work: tuple[np.ndarray, list[str | None]], options: VadOptions, crash_test: CrashTest | None
+) -> np.ndarray:
     """`window_probabilities` of one group's samples, as the helper process runs it (isolation.py);
     the audio its windows come from is named for `crash_test`."""
     samples, audio = work
@@ -185,8 +195,9 @@ def _group_probabilities(work: tuple[np.ndarray, list[str | None]], options: Vad
     return window_probabilities(samples, options)
 
 
-def _vad(units: list[np.ndarray], audio: list[str | None], options: VadOptions, isolate: bool,
-         crash_test: CrashTest | None) -> list[np.ndarray | Crash]:
+def _vad(
+    units: list[np.ndarray], audio: list[str | None], options: VadOptions, isolate: bool, crash_test: CrashTest | None
+) -> list[np.ndarray | Crash]:
     """Speech probabilities of each of `units` (the samples of a recording or of one of its
     channels; `audio` names each unit's recording), or a `Crash` for a unit whose VAD kills the
     helper process.

@@ -19,6 +19,7 @@ DECISION_RANKING = (BY_FALLBACK, BY_AUTOREGRESSIVE, BY_VERIFICATION, BY_CTC)
 
 log = logging.getLogger(__name__)
 
+
 def join_segments(ordered: list[dict], separator: str) -> str:
     """A recording's text from its segments in time order. With split channels (segments with a
     `channel`), each turn, a run of segments of one channel, is its own line labelled
@@ -57,8 +58,9 @@ class InferenceStats:
             "truncated_segments": self.truncated_segments,
             # Segments to check by hand: mean token log-probability below confidence.LOW_CONFIDENCE_LOGPROB.
             "low_confidence_segments": self.low_confidence_segments,
-            "low_confidence_fraction": (round(self.low_confidence_segments / self.scored_segments, 4)
-                                        if self.scored_segments else None),
+            "low_confidence_fraction": (
+                round(self.low_confidence_segments / self.scored_segments, 4) if self.scored_segments else None
+            ),
         }
 
 
@@ -98,7 +100,8 @@ class RecordingAssembler:
         if self.recording_schema is None:
             # The recording's own columns: everything the segment rows carry but the segment's.
             self.recording_schema = pa.schema(
-                [f for f in batch.schema if f.name not in SEGMENT_COLUMNS + RESULT_COLUMNS])
+                [f for f in batch.schema if f.name not in SEGMENT_COLUMNS + RESULT_COLUMNS]
+            )
         done: list[_Pending] = []
         names = self.recording_schema.names
         for row in batch.to_pylist():
@@ -113,9 +116,14 @@ class RecordingAssembler:
                 pending.recording, pending.count = {name: row[name] for name in names}, row["segment_count"]
             if row["segment_index"] is not None and row["segment_index"] not in pending.segments:
                 segment = {
-                    "start": row["start_s"], "end": row["end_s"], "text": row["segment_text"] or "",
-                    "truncated": bool(row["segment_truncated"]), "avg_logprob": row.get("segment_avg_logprob"),
-                    "speaker": None, "words": row.get("segment_words"), "channel": row.get("channel"),
+                    "start": row["start_s"],
+                    "end": row["end_s"],
+                    "text": row["segment_text"] or "",
+                    "truncated": bool(row["segment_truncated"]),
+                    "avg_logprob": row.get("segment_avg_logprob"),
+                    "speaker": None,
+                    "words": row.get("segment_words"),
+                    "channel": row.get("channel"),
                 }
                 # A tagged call gives one output segment per speaker turn (a list in place of one segment).
                 parts = row.get("segment_parts")
@@ -153,9 +161,11 @@ class RecordingAssembler:
                 segments.append([])
                 decoded_by.append(None)
                 continue
-            ordered = [part for k in sorted(pending.segments)
-                       for part in (pending.segments[k] if isinstance(pending.segments[k], list)
-                                    else [pending.segments[k]])]
+            ordered = [
+                part
+                for k in sorted(pending.segments)
+                for part in (pending.segments[k] if isinstance(pending.segments[k], list) else [pending.segments[k]])
+            ]
             language = recording["target_language"] if recording["task"] == "ast" else recording["language"]
             separator = "" if language in UNSPACED_LANGUAGES else " "
             texts.append(join_segments(ordered, separator))

@@ -143,19 +143,27 @@ class DetectionTally:
                 }
                 for language, rows in sorted(self._rows.items())
             },
-            "disagreements": {"rows": sum(self._disagreements.values()), "by_pair": dict(sorted(self._disagreements.items()))},
+            "disagreements": {
+                "rows": sum(self._disagreements.values()),
+                "by_pair": dict(sorted(self._disagreements.items())),
+            },
         }
 
 
-def identify_recordings(table: pa.Table, detect_all: bool = False, candidates: Iterable[str] = ASR_LANGUAGES,
-                        threshold: float = DEFAULT_THRESHOLD, tally: DetectionTally | None = None) -> pa.Table:
+def identify_recordings(
+    table: pa.Table,
+    detect_all: bool = False,
+    candidates: Iterable[str] = ASR_LANGUAGES,
+    threshold: float = DEFAULT_THRESHOLD,
+    tally: DetectionTally | None = None,
+) -> pa.Table:
     """Identify the transcripts of assembled recording rows (`language`, `task`, `text`, `segments`, `error`).
 
     Rows whose `language` is `auto`, and with `detect_all` every transcription row, get
     `language_detected`; an `auto` row takes it as its `language` (its partition; `und` when below
-    the threshold, and for a failed row, which gets no `language_detected`), and if that language is written without spaces its text
-    is joined again from its segments without them. Other rows keep their language, and `tally`
-    counts where the identifier disagrees with it.
+    the threshold, and for a failed row, which gets no `language_detected`), and if that language is
+    written without spaces its text is joined again from its segments without them. Other rows keep
+    their language, and `tally` counts where the identifier disagrees with it.
     """
     allowed = tuple(candidates)
     asked = pc.equal(table.column("language"), AUTO)
@@ -168,8 +176,11 @@ def identify_recordings(table: pa.Table, detect_all: bool = False, candidates: I
     texts = table.column("text").to_pylist()
     errors = table.column("error").to_pylist()
     segments = table.column("segments").to_pylist()
-    detected: list[str | None] = (table.column("language_detected").to_pylist()
-                                  if "language_detected" in table.column_names else [None] * table.num_rows)
+    detected: list[str | None] = (
+        table.column("language_detected").to_pylist()
+        if "language_detected" in table.column_names
+        else [None] * table.num_rows
+    )
     for row, requested in enumerate(languages):
         auto = requested == AUTO
         if not auto and not (detect_all and tasks[row] == "asr"):

@@ -48,8 +48,10 @@ def _flag(value, name: str) -> tuple[bool | None, str | None]:
 def row_requests(table: pa.Table, flags: RequestFlags) -> tuple[list[Request], list[bool | None], list[str | None]]:
     """Each row's request (punctuation True only where asked for explicitly), its explicit punctuation
     (None: the job's, or unset), and an error for a flag that is not a boolean."""
-    columns = {name: table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
-               for name in ("task", "target_language", "keywords", "language") + FLAG_COLUMNS}
+    columns = {
+        name: table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
+        for name in ("task", "target_language", "keywords", "language") + FLAG_COLUMNS
+    }
     requests, punctuation, errors = [], [], []
     for row in range(table.num_rows):
         values, error = {}, None
@@ -57,10 +59,17 @@ def row_requests(table: pa.Table, flags: RequestFlags) -> tuple[list[Request], l
             value, problem = _flag(columns[name][row], name)
             error = error or problem
             values[name] = getattr(flags, name) if value is None else value
-        requests.append(Request(columns["task"][row], columns["target_language"][row],
-                                tuple(columns["keywords"][row] or ()), columns["language"][row],
-                                punctuation=values["punctuation"] is True, speakers=bool(values["speakers"]),
-                                word_times=bool(values["word_timestamps"])))
+        requests.append(
+            Request(
+                columns["task"][row],
+                columns["target_language"][row],
+                tuple(columns["keywords"][row] or ()),
+                columns["language"][row],
+                punctuation=values["punctuation"] is True,
+                speakers=bool(values["speakers"]),
+                word_times=bool(values["word_timestamps"]),
+            )
+        )
         punctuation.append(values["punctuation"])
         errors.append(error)
     return requests, punctuation, errors
@@ -72,13 +81,17 @@ def served_request(request: Request, punctuation: bool | None, profile: ModelPro
     if profile is None:
         return request
     wanted = profile.punctuation if punctuation is None else punctuation
-    return replace(request, punctuation=wanted and profile.punctuation,
-                   speakers=request.speakers and profile.speakers,
-                   word_times=request.word_times and profile.word_times)
+    return replace(
+        request,
+        punctuation=wanted and profile.punctuation,
+        speakers=request.speakers and profile.speakers,
+        word_times=request.word_times and profile.word_times,
+    )
 
 
-def route_table(table: pa.Table, models: list[tuple[str, ModelProfile]], flags: RequestFlags,
-                keep: int | None = None) -> pa.Table:
+def route_table(
+    table: pa.Table, models: list[tuple[str, ModelProfile]], flags: RequestFlags, keep: int | None = None
+) -> pa.Table:
     """Add ROUTE_COLUMN (the first of `models` that serves each row); a row none serves keeps index 0
     and gets `error` naming what each model lacks. Rows that already have an error are left alone.
     With `keep`, only the rows routed to that model are returned."""

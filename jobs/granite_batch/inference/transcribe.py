@@ -65,11 +65,19 @@ def transcribe_segments(table: pa.Table, speech_model: SpeechModel, flags: Reque
     # Word times asked for, that the served request does not get from the model's own [T:N] tags
     # (served_request keeps word_times only for a model that tags them): aligned here instead.
     tagged = bool(profile is not None and profile.word_times)
-    aligned_rows = [row for row, (_, request) in zip(rows, items) if requests[row].word_times and tasks[row] == "asr"
-                    and not (request.speakers or (tagged and request.word_times))]
+    aligned_rows = [
+        row
+        for row, (_, request) in zip(rows, items)
+        if requests[row].word_times
+        and tasks[row] == "asr"
+        and not (request.speakers or (tagged and request.word_times))
+    ]
     parts: list[list[dict] | None] = [None] * table.num_rows
-    for row, (_, request), result in zip(rows, items, _generate_or_isolate(
-            speech_model, items, [ids[row] for row in rows], errors, rows, bool(aligned_rows))):
+    for row, (_, request), result in zip(
+        rows,
+        items,
+        _generate_or_isolate(speech_model, items, [ids[row] for row in rows], errors, rows, bool(aligned_rows)),
+    ):
         results[row] = result
         if result is not None and (request.speakers or (tagged and request.word_times)):
             parts[row] = _parts(table, row, result.text, request)
@@ -82,8 +90,11 @@ def transcribe_segments(table: pa.Table, speech_model: SpeechModel, flags: Reque
             if result is None:
                 continue
             if result.words is not None:  # the engine timed its words itself; its last frame may pass the end
-                aligned = [replace(w, start=min(w.start + starts[row], ends[row]), end=min(w.end + starts[row], ends[row]))
-                           for w in result.words if w.start + starts[row] < ends[row]]
+                aligned = [
+                    replace(w, start=min(w.start + starts[row], ends[row]), end=min(w.end + starts[row], ends[row]))
+                    for w in result.words
+                    if w.start + starts[row] < ends[row]
+                ]
             else:
                 aligned = align_words(result.ctc_log_probs, result.text, result.frame_s or 0.0, starts[row], ends[row])
             words[row] = [w.as_dict() for w in aligned]
@@ -113,8 +124,10 @@ def transcribe_segments(table: pa.Table, speech_model: SpeechModel, flags: Reque
 def _parts(table: pa.Table, row: int, text: str, request: Request) -> list[dict]:
     """The output segments of one tagged call (tags.py), as PART_TYPE dicts."""
     start, end, call = (table.column(name)[row].as_py() for name in ("start_s", "end_s", "segment_index"))
-    return [{"start": p.start, "end": p.end, "text": p.text, "speaker": p.speaker, "words": p.words}
-            for p in tagged_parts(text, start, end, call or 0, request.speakers, request.word_times)]
+    return [
+        {"start": p.start, "end": p.end, "text": p.text, "speaker": p.speaker, "words": p.words}
+        for p in tagged_parts(text, start, end, call or 0, request.speakers, request.word_times)
+    ]
 
 
 def fit_context(speech_model: SpeechModel, request: Request, longest: np.ndarray) -> tuple[Request, int]:
@@ -128,28 +141,35 @@ def fit_context(speech_model: SpeechModel, request: Request, longest: np.ndarray
         return request, 0
     audio_tokens = audio_token_count(audio_processor, len(longest))
     new_tokens = speech_model.token_budget(longest)
-    return fit_keywords(speech_model.tokenizer, request, audio_tokens, new_tokens, max_positions,
-                        getattr(speech_model, "profile", None))
+    return fit_keywords(
+        speech_model.tokenizer, request, audio_tokens, new_tokens, max_positions, getattr(speech_model, "profile", None)
+    )
 
 
-def _generate_or_isolate(speech_model: SpeechModel, items: list[tuple[np.ndarray, Request]], owners: list[str],
-                         errors: list, rows: list[int], posteriors: bool = False) -> list[SegmentResult | None]:
+def _generate_or_isolate(
+    speech_model: SpeechModel,
+    items: list[tuple[np.ndarray, Request]],
+    owners: list[str],
+    errors: list,
+    rows: list[int],
+    posteriors: bool = False,
+) -> list[SegmentResult | None]:
     """Generate for all items; if the batch fails, retry recording by recording (`owners` are the
     items' recording ids) so one bad recording fails alone: its rows' `errors` are set."""
     options = {"posteriors": True} if posteriors else {}
     try:
         return speech_model.generate_segments(items, **options)
     except Exception as exc:  # a failed batch must not take its neighbours down
-        log.warning("batch of %d segments failed (%s); retrying recording by recording", len(items),
-                    first_line(exc))
+        log.warning("batch of %d segments failed (%s); retrying recording by recording", len(items), first_line(exc))
     results: list[SegmentResult | None] = [None] * len(items)
     by_owner: dict[str, list[int]] = defaultdict(list)
     for position, owner in enumerate(owners):
         by_owner[owner].append(position)
     for positions in by_owner.values():
         try:
-            for position, result in zip(positions, speech_model.generate_segments([items[p] for p in positions],
-                                                                                  **options)):
+            for position, result in zip(
+                positions, speech_model.generate_segments([items[p] for p in positions], **options)
+            ):
                 results[position] = result
         except Exception as exc:
             for position in positions:

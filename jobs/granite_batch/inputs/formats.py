@@ -8,8 +8,8 @@ import csv
 import io
 import json
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -48,6 +48,7 @@ def _python_kind(value) -> str:
 
 def _value_conflict(values: list, lines: list[int], column: str) -> str | None:
     """For a column pa.array refuses: the first line whose value cannot share a type with an earlier one."""
+
     def fails(items) -> bool:
         try:
             pa.array(items)
@@ -66,8 +67,7 @@ def _value_conflict(values: list, lines: list[int], column: str) -> str | None:
             low = middle + 1
     bad = values[high]
     if fails([bad]):  # the value alone: a list or object whose own items cannot share a type
-        return (f"line {lines[high]}: field {column!r} is a {_python_kind(bad)} whose items cannot share "
-                "one type")
+        return f"line {lines[high]}: field {column!r} is a {_python_kind(bad)} whose items cannot share one type"
     earlier = next((j for j in range(high) if values[j] is not None and fails([values[j], bad])), None)
     if earlier is None:
         return f"line {lines[high]}: field {column!r} has a value Arrow cannot type ({_python_kind(bad)})"
@@ -92,10 +92,15 @@ def _canonical_keywords(value, where: str):
         value = value.split(",")
     if isinstance(value, list) and all(part is None or isinstance(part, str) for part in value):
         return value
-    kind = _python_kind(value) if not isinstance(value, list) else "a list holding " + ", ".join(
-        sorted({_python_kind(part) for part in value if part is not None and not isinstance(part, str)}))
-    raise ManifestError(f"{where}: field 'keywords' must be a list of strings or one comma-separated "
-                        f"string, not {kind}")
+    kind = (
+        _python_kind(value)
+        if not isinstance(value, list)
+        else "a list holding "
+        + ", ".join(sorted({_python_kind(part) for part in value if part is not None and not isinstance(part, str)}))
+    )
+    raise ManifestError(
+        f"{where}: field 'keywords' must be a list of strings or one comma-separated string, not {kind}"
+    )
 
 
 def _rows_to_table(rows: list[dict], lines: list[int], name: str) -> pa.Table:
@@ -172,8 +177,9 @@ def _json_fast(chunk: bytes) -> pa.Table | None:
     schema = pa.schema([f.with_type(_without_timestamps(f.type)) for f in table.schema])
     if schema != table.schema:
         try:
-            table = pajson.read_json(io.BytesIO(chunk), read_options=options,
-                                     parse_options=pajson.ParseOptions(explicit_schema=schema))
+            table = pajson.read_json(
+                io.BytesIO(chunk), read_options=options, parse_options=pajson.ParseOptions(explicit_schema=schema)
+            )
         except pa.ArrowInvalid:
             return None
     return table
@@ -222,8 +228,9 @@ def _json_block(chunk: bytes, first_line: int, name: str) -> _Block:
     return _Block(_json_fast(chunk), lambda: _json_slow(chunk, first_line, name), line_numbers)
 
 
-def _csv_line_numbers(fs, file: str, name: str, header_fields: int | None = None,
-                      upto_row: int | None = None) -> list[int]:
+def _csv_line_numbers(
+    fs, file: str, name: str, header_fields: int | None = None, upto_row: int | None = None
+) -> list[int]:
     """The line each data row of a CSV file ends on, read with Python's csv module (the slow path);
     raises ManifestError naming the line of an undecodable byte or of a row with the wrong field count."""
     position = {"line": 0, "byte": 0}
@@ -235,8 +242,9 @@ def _csv_line_numbers(fs, file: str, name: str, header_fields: int | None = None
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as exc:
-                    raise ManifestError(f"{name} line {position['line']}: not valid UTF-8 "
-                                        f"(byte {position['byte'] + exc.start})") from None
+                    raise ManifestError(
+                        f"{name} line {position['line']}: not valid UTF-8 (byte {position['byte'] + exc.start})"
+                    ) from None
                 position["byte"] += len(raw)
                 yield text
 
@@ -349,8 +357,9 @@ def _parquet_blocks(fs, file: str, name: str, block_bytes: int) -> Iterator[_Blo
                 start = done
                 done += table.num_rows
                 lines = list(range(start + 1, done + 1))
-                yield _Block(table, lambda table=table, lines=lines: (table, lines), lambda lines=lines: lines,
-                             where="row")
+                yield _Block(
+                    table, lambda table=table, lines=lines: (table, lines), lambda lines=lines: lines, where="row"
+                )
         except (pa.ArrowInvalid, OSError) as exc:
             raise ManifestError(f"{name}: not a readable Parquet file ({exc})") from None
 

@@ -7,8 +7,26 @@ import re
 
 from granite_batch.inputs.shards import TAR_SUFFIXES, is_shard
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".oga", ".m4a", ".aac", ".mp4", ".m4v", ".mkv",
-                  ".webm", ".mov", ".wma", ".aif", ".aiff", ".amr", ".3gp")
+AUDIO_SUFFIXES = (
+    ".wav",
+    ".flac",
+    ".mp3",
+    ".ogg",
+    ".opus",
+    ".oga",
+    ".m4a",
+    ".aac",
+    ".mp4",
+    ".m4v",
+    ".mkv",
+    ".webm",
+    ".mov",
+    ".wma",
+    ".aif",
+    ".aiff",
+    ".amr",
+    ".3gp",
+)
 
 
 _GLOB_CHARS = "*?[{"
@@ -59,4 +77,3 @@ def _iter_listing(fs, pattern: str, sizes: bool = False):
             if match and (has_glob or posixpath.splitext(name)[1].lower() in AUDIO_SUFFIXES + TAR_SUFFIXES):
                 language = match.groupdict().get("language")
                 yield (path, language, names[name].get("size") or 0) if sizes else (path, language)
-

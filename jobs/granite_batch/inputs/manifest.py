@@ -12,7 +12,7 @@ again by the slow path, one Python object per line, which either normalises it o
 from __future__ import annotations
 
 import posixpath
-from typing import Iterator
+from collections.abc import Iterator
 
 import pyarrow as pa
 
@@ -36,9 +36,7 @@ MANIFEST_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet
 
 def _list_manifest_files(fs, path: str) -> list[str]:
     if fs.isdir(path):
-        files = sorted(
-            p for p in fs.find(path) if posixpath.splitext(p)[1].lower() in MANIFEST_SUFFIXES
-        )
+        files = sorted(p for p in fs.find(path) if posixpath.splitext(p)[1].lower() in MANIFEST_SUFFIXES)
         if not files:
             raise ManifestError(f"{path}: no manifest files (.jsonl .json .csv .parquet) in this folder")
         return files
@@ -58,8 +56,16 @@ class ManifestStream:
     what was read. Duplicate ids are not removed here (see `first_of_each_id` and plan.py).
     """
 
-    def __init__(self, uri: str, defaults: Defaults, storage_options: dict | None = None, *,
-                 listing: bool = False, block_bytes: int = BLOCK_BYTES, listing_rows: int = 100_000):
+    def __init__(
+        self,
+        uri: str,
+        defaults: Defaults,
+        storage_options: dict | None = None,
+        *,
+        listing: bool = False,
+        block_bytes: int = BLOCK_BYTES,
+        listing_rows: int = 100_000,
+    ):
         self.uri = uri
         self.defaults = defaults
         self.listing = listing
@@ -77,7 +83,9 @@ class ManifestStream:
         self.protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         self.rows_in = 0
         self.ids_replaced = 0
-        self._passthrough: dict[str, tuple[pa.Field, tuple[str, str] | None]] = {}  # name -> (field, where first non-null)
+        self._passthrough: dict[
+            str, tuple[pa.Field, tuple[str, str] | None]
+        ] = {}  # name -> (field, where first non-null)
 
     @property
     def schema(self) -> pa.Schema:
@@ -111,14 +119,16 @@ class ManifestStream:
                 table = _as_reference(table, self.defaults.reference_column, name)
                 _check_columns(table, name, first)
                 try:
-                    out, replaced = _normalise(table, _Where(name, block.where, lines),
-                                               posixpath.dirname(path), self.protocol, self.defaults)
+                    out, replaced = _normalise(
+                        table, _Where(name, block.where, lines), posixpath.dirname(path), self.protocol, self.defaults
+                    )
                 except _SlowPath:
                     table, lines = block.slow()
                     table = _as_reference(table, self.defaults.reference_column, name)
                     _check_columns(table, name, first)
-                    out, replaced = _normalise(table, _Where(name, block.where, lines),
-                                               posixpath.dirname(path), self.protocol, self.defaults)
+                    out, replaced = _normalise(
+                        table, _Where(name, block.where, lines), posixpath.dirname(path), self.protocol, self.defaults
+                    )
                 first = False
                 self._unify(out, name, block, lines)
                 self.rows_in += out.num_rows
@@ -127,7 +137,7 @@ class ManifestStream:
 
     def _unify(self, table: pa.Table, name: str, block: _Block, lines: list[int] | None) -> None:
         """Fold the block's passthrough types into the stream's; a clash names the column and two lines."""
-        for column in table.schema.names[len(NORMALISED_FIELDS):]:
+        for column in table.schema.names[len(NORMALISED_FIELDS) :]:
             new = table.schema.field(column)
             if column not in self._passthrough:
                 self._passthrough[column] = (new, self._where_first(table, column, name, block, lines))
@@ -146,13 +156,15 @@ class ManifestStream:
                 if (this, that) == ("dict", "dict") or (this, that) == ("list", "list"):
                     this, that = str(new.type), str(old.type)
                 there = old_where[1] if old_where[0] == here_name else f"{old_where[0]} {old_where[1]}"
-                raise ManifestError(f"{here_name}: {here_line}: field {column!r} is {this}, "
-                                    f"but {there} has {that}") from None
+                raise ManifestError(
+                    f"{here_name}: {here_line}: field {column!r} is {this}, but {there} has {that}"
+                ) from None
             self._passthrough[column] = (merged.field(column), old_where)
 
     @staticmethod
-    def _where_first(table: pa.Table, column: str, name: str, block: _Block,
-                     lines: list[int] | None) -> tuple[str, str] | None:
+    def _where_first(
+        table: pa.Table, column: str, name: str, block: _Block, lines: list[int] | None
+    ) -> tuple[str, str] | None:
         """(file, "line N") of the column's first non-null value in the block."""
         array = table.column(column)
         if array.null_count == len(array):
@@ -236,8 +248,9 @@ def _collect(stream: ManifestStream, dedupe: bool) -> Manifest:
     )
 
 
-def list_recordings(uri: str, defaults: Defaults, storage_options: dict | None = None,
-                    chunk_rows: int = 100_000) -> Manifest:
+def list_recordings(
+    uri: str, defaults: Defaults, storage_options: dict | None = None, chunk_rows: int = 100_000
+) -> Manifest:
     """Build the manifest by listing `uri` (a prefix or glob; `{language}` takes it from the path)."""
     stream = ManifestStream(uri, defaults, storage_options, listing=True, listing_rows=chunk_rows)
     return _collect(stream, dedupe=False)

@@ -34,6 +34,7 @@ from granite_batch.storage import LOCAL_PROTOCOLS, is_allowed
 
 log = logging.getLogger(__name__)
 
+
 class _Where:
     """Names a row of a block in errors; without line numbers, asks for the slow path instead."""
 
@@ -67,7 +68,7 @@ def _type_name(kind: pa.DataType) -> str:
 
 def _value_bytes(array: pa.Array) -> np.ndarray:
     """Each string's length in bytes, from its offsets."""
-    offsets = np.frombuffer(array.buffers()[1], dtype=np.int32)[array.offset: array.offset + len(array) + 1]
+    offsets = np.frombuffer(array.buffers()[1], dtype=np.int32)[array.offset : array.offset + len(array) + 1]
     return np.diff(offsets)
 
 
@@ -109,8 +110,11 @@ def _clean_keyword_lists(lists: pa.Array) -> pa.Array:
 def _keywords_column(table: pa.Table, n: int, where: _Where, default: tuple[str, ...]) -> pa.Array:
     default_list = pa.scalar(list(default), pa.list_(pa.string()))
     if "keywords" not in table.column_names:
-        return pa.array([list(default)] * n, pa.list_(pa.string())) if default else \
-            pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, np.int32)), pa.array([], pa.string()))
+        return (
+            pa.array([list(default)] * n, pa.list_(pa.string()))
+            if default
+            else pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, np.int32)), pa.array([], pa.string()))
+        )
     array = table.column("keywords").combine_chunks()
     kind = array.type
     if pa.types.is_null(kind):
@@ -118,12 +122,16 @@ def _keywords_column(table: pa.Table, n: int, where: _Where, default: tuple[str,
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         lists = pc.split_pattern(array.cast(pa.string()), ",")
     elif (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and (
-            pa.types.is_string(kind.value_type) or pa.types.is_large_string(kind.value_type)
-            or pa.types.is_null(kind.value_type)):
+        pa.types.is_string(kind.value_type)
+        or pa.types.is_large_string(kind.value_type)
+        or pa.types.is_null(kind.value_type)
+    ):
         lists = array
     else:
-        return where.fail(_first_valid(array), "field 'keywords' must be a list of strings or one "
-                          f"comma-separated string, not {_type_name(kind)}")
+        return where.fail(
+            _first_valid(array),
+            f"field 'keywords' must be a list of strings or one comma-separated string, not {_type_name(kind)}",
+        )
     cleaned = _clean_keyword_lists(lists)
     return pc.if_else(pc.is_null(lists), default_list, cleaned) if default else cleaned
 
@@ -164,8 +172,7 @@ def _embedded_names(names: pa.Array, data: pa.Array) -> pa.Array:
     if not pc.any(missing).as_py():
         return names
     rows = pc.indices_nonzero(missing)
-    digests = [EMBEDDED_PREFIX + hashlib.sha256(value.as_buffer()).hexdigest()[:32]
-               for value in data.take(rows)]
+    digests = [EMBEDDED_PREFIX + hashlib.sha256(value.as_buffer()).hexdigest()[:32] for value in data.take(rows)]
     return pc.replace_with_mask(names, missing, pa.array(digests, pa.string()))
 
 
@@ -177,8 +184,11 @@ def _channels_column(table: pa.Table, n: int, where: _Where, default: str) -> tu
         return pa.array([default] * n, pa.string()), pa.nulls(n, pa.string())
     array = pc.fill_null(pc.utf8_lower(array), default)
     bad = pc.invert(pc.is_in(array, value_set=pa.array(CHANNEL_MODES)))
-    errors = pc.if_else(bad, pc.binary_join_element_wise(
-        pa.scalar("unsupported channels '"), array, pa.scalar("'; use mix or split"), ""), pa.scalar(None, pa.string()))
+    errors = pc.if_else(
+        bad,
+        pc.binary_join_element_wise(pa.scalar("unsupported channels '"), array, pa.scalar("'; use mix or split"), ""),
+        pa.scalar(None, pa.string()),
+    )
     return array, errors
 
 
@@ -198,8 +208,7 @@ def _resolve_audio(audio: pa.Array, base: str, protocol: str) -> pa.Array:
         odd = pc.and_(relative, pc.match_substring_regex(audio, r"(^|/)\.\.?(/|$)|//|/$"))
         if pc.any(odd).as_py():
             indices = pc.indices_nonzero(odd)
-            fixed = [posixpath.normpath(posixpath.join(base, path))
-                     for path in pc.take(audio, indices).to_pylist()]
+            fixed = [posixpath.normpath(posixpath.join(base, path)) for path in pc.take(audio, indices).to_pylist()]
             joined = pc.replace_with_mask(joined, odd, pa.array(fixed, pa.string()))
         if not local:
             joined = pc.binary_join_element_wise(pa.scalar(f"{protocol}://"), joined, "")
@@ -275,8 +284,7 @@ def _request_columns(table: pa.Table, where: _Where, defaults: Defaults) -> tupl
     return tuple(pa.array(values, pa.string()).take(rows) for values in columns)
 
 
-def _normalise(table: pa.Table, where: _Where, base: str, protocol: str, defaults: Defaults
-               ) -> tuple[pa.Table, int]:
+def _normalise(table: pa.Table, where: _Where, base: str, protocol: str, defaults: Defaults) -> tuple[pa.Table, int]:
     """The block's rows in the normalised schema, and how many had an empty id replaced."""
     n = table.num_rows
     audio, data = _audio_columns(table, where)
@@ -293,19 +301,24 @@ def _normalise(table: pa.Table, where: _Where, base: str, protocol: str, default
 
     language, task, target, error = _request_columns(table, where, defaults)
     keywords = _keywords_column(table, n, where, defaults.keywords)
-    keyworded_translations = pc.sum(pc.and_(pc.and_(pc.equal(task, "ast"), pc.is_null(error)),
-                                            pc.greater(pc.list_value_length(keywords), 0))).as_py()
+    keyworded_translations = pc.sum(
+        pc.and_(pc.and_(pc.equal(task, "ast"), pc.is_null(error)), pc.greater(pc.list_value_length(keywords), 0))
+    ).as_py()
     if keyworded_translations:
-        log.warning("%s: %d row(s): %s", where.name, keyworded_translations,
-                    unlisted_request("en", "ast", "fr", ("keyword",)))
+        log.warning(
+            "%s: %d row(s): %s", where.name, keyworded_translations, unlisted_request("en", "ast", "fr", ("keyword",))
+        )
 
     channels, channels_error = _channels_column(table, n, where, defaults.channels)
     error = pc.coalesce(error, channels_error)
 
     if defaults.allowed_prefixes:  # embedded audio is read from nowhere: no prefix applies to it
-        refused = [None if e is not None or inside or is_allowed(a, defaults.allowed_prefixes)
-                   else f"not allowed: {a} is outside the allowed prefixes"
-                   for a, e, inside in zip(audio.to_pylist(), error.to_pylist(), embedded.to_pylist())]
+        refused = [
+            None
+            if e is not None or inside or is_allowed(a, defaults.allowed_prefixes)
+            else f"not allowed: {a} is outside the allowed prefixes"
+            for a, e, inside in zip(audio.to_pylist(), error.to_pylist(), embedded.to_pylist())
+        ]
         error = pc.coalesce(error, pa.array(refused, pa.string()))
 
     ids = _text_column(table, "id", where)
@@ -315,9 +328,15 @@ def _normalise(table: pa.Table, where: _Where, base: str, protocol: str, default
     if ids.null_count:
         missing = pc.is_null(ids)
         rows = pc.indices_nonzero(missing)
-        digests = [default_id(a, t, g, k) for a, t, g, k in zip(
-            audio.take(rows).to_pylist(), task.take(rows).to_pylist(), target.take(rows).to_pylist(),
-            keywords.take(rows).to_pylist())]
+        digests = [
+            default_id(a, t, g, k)
+            for a, t, g, k in zip(
+                audio.take(rows).to_pylist(),
+                task.take(rows).to_pylist(),
+                target.take(rows).to_pylist(),
+                keywords.take(rows).to_pylist(),
+            )
+        ]
         ids = pc.replace_with_mask(ids, missing, pa.array(digests, pa.string()))
 
     passthrough = [f for f in table.schema if f.name not in KNOWN_COLUMNS]

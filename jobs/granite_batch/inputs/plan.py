@@ -64,7 +64,7 @@ def bucket_of(ids: pa.Array | pa.ChunkedArray, buckets: int) -> np.ndarray:
     n = len(ids)
     if n == 0 or buckets == 1:
         return np.zeros(n, np.uint32)
-    offsets = np.frombuffer(ids.buffers()[1], dtype=np.int32)[ids.offset: ids.offset + n + 1].astype(np.int64)
+    offsets = np.frombuffer(ids.buffers()[1], dtype=np.int32)[ids.offset : ids.offset + n + 1].astype(np.int64)
     start, end = int(offsets[0]), int(offsets[-1])
     if end == start:
         return np.zeros(n, np.uint32)
@@ -202,9 +202,17 @@ def plan_folder(output_uri: str, run_id: str) -> str:
     return posixpath.join(output_uri.rstrip("/"), STAGING_DIR, run_id, PLAN_DIR)
 
 
-def prepare_plan(stream: ManifestStream, output_uri: str, folder: str, storage_options: dict | None = None,
-                 *, retry_failed: bool = False, buckets: int | None = None,
-                 spool_bytes: int = SPOOL_BYTES, dataset_dir: str = TRANSCRIPTS_DIR) -> PlanLayout:
+def prepare_plan(
+    stream: ManifestStream,
+    output_uri: str,
+    folder: str,
+    storage_options: dict | None = None,
+    *,
+    retry_failed: bool = False,
+    buckets: int | None = None,
+    spool_bytes: int = SPOOL_BYTES,
+    dataset_dir: str = TRANSCRIPTS_DIR,
+) -> PlanLayout:
     """Stream the manifest and the output's committed ids into bucket files under `folder`.
 
     Raises ManifestError for a bad manifest and output.OutputError for one of our own output files
@@ -269,10 +277,19 @@ def prepare_plan(stream: ManifestStream, output_uri: str, folder: str, storage_o
         done.add(pa.table({"id": table.column("id").cast(pa.string()), "ok": ok}))
     done.flush()
     counts.failed_files = list(failed_files)
-    return PlanLayout(folder=uri_of(plan_fs, plan_path), buckets=buckets, schema=stream.schema,
-                      rows_in=stream.rows_in, ids_replaced=stream.ids_replaced, manifest_files=stream.files,
-                      passthrough=stream.passthrough, retry_failed=retry_failed, committed=counts,
-                      storage_options=storage_options, bytes_per_row=bytes_per_row)
+    return PlanLayout(
+        folder=uri_of(plan_fs, plan_path),
+        buckets=buckets,
+        schema=stream.schema,
+        rows_in=stream.rows_in,
+        ids_replaced=stream.ids_replaced,
+        manifest_files=stream.files,
+        passthrough=stream.passthrough,
+        retry_failed=retry_failed,
+        committed=counts,
+        storage_options=storage_options,
+        bytes_per_row=bytes_per_row,
+    )
 
 
 def _parquet_rows(fs, path: str) -> int:
@@ -304,9 +321,13 @@ def _plan(layout: PlanLayout, bucket: int, columns: list[str] | None = None) -> 
     if layout.retry_failed and todo.num_rows:
         failed_ids = done.column("id").filter(pc.invert(ok)).combine_chunks()
         retried = pc.sum(pc.is_in(todo.column("id"), value_set=failed_ids)).as_py() or 0
-    counts = {"rows_in": rows.num_rows, "duplicates": rows.num_rows - unique.num_rows,
-              "rows_already_done": pc.sum(is_done).as_py() or 0, "rows_to_do": todo.num_rows,
-              "rows_retried": retried}
+    counts = {
+        "rows_in": rows.num_rows,
+        "duplicates": rows.num_rows - unique.num_rows,
+        "rows_already_done": pc.sum(is_done).as_py() or 0,
+        "rows_to_do": todo.num_rows,
+        "rows_retried": retried,
+    }
     return todo, counts
 
 
@@ -323,8 +344,9 @@ def plan_counts(layout: PlanLayout) -> dict:
     return sum_counts([_plan(layout, b, columns=["id"])[1] for b in range(layout.buckets)])
 
 
-def discard_plan(output_uri: str, run_id: str, storage_options: dict | None = None,
-                 output_created: bool = False) -> None:
+def discard_plan(
+    output_uri: str, run_id: str, storage_options: dict | None = None, output_created: bool = False
+) -> None:
     """Remove what planning left in the output of a run that stopped before any work: the run's
     staging folder, `_staging` when nothing else is in it, and the output root if the run made it."""
     fs, root = filesystem(output_uri, storage_options)
@@ -347,8 +369,14 @@ class Status:
     manifest: dict | None = None  # sum_counts over the manifest's buckets (rows_to_do: pending)
 
 
-def count_status(output_uri: str, stream: ManifestStream | None = None, storage_options: dict | None = None,
-                 *, buckets: int | None = None, dataset_dir: str = TRANSCRIPTS_DIR) -> Status:
+def count_status(
+    output_uri: str,
+    stream: ManifestStream | None = None,
+    storage_options: dict | None = None,
+    *,
+    buckets: int | None = None,
+    dataset_dir: str = TRANSCRIPTS_DIR,
+) -> Status:
     """Done/failed rows of the output and, with a manifest, how many of its distinct ids have no row:
     the same bucketed plan as a run, in a local temporary folder, one bucket in memory at a time."""
     if stream is None:

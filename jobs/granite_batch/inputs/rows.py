@@ -28,12 +28,17 @@ EMBEDDED_PREFIX = "embedded:"  # the source name of embedded audio that came wit
 
 
 NORMALISED_FIELDS = [
-    pa.field("id", pa.string()), pa.field("audio", pa.string()), pa.field("language", pa.string()),
-    pa.field("task", pa.string()), pa.field("target_language", pa.string()),
-    pa.field("keywords", pa.list_(pa.string())), pa.field("error", pa.string()),
+    pa.field("id", pa.string()),
+    pa.field("audio", pa.string()),
+    pa.field("language", pa.string()),
+    pa.field("task", pa.string()),
+    pa.field("target_language", pa.string()),
+    pa.field("keywords", pa.list_(pa.string())),
+    pa.field("error", pa.string()),
     # Inputs of the row's work, not output columns: the recording's bytes when the manifest (or a tar
     # shard) carries them, and how its channels are transcribed.
-    pa.field("audio_bytes", pa.large_binary()), pa.field("channels", pa.string()),
+    pa.field("audio_bytes", pa.large_binary()),
+    pa.field("channels", pa.string()),
 ]
 
 
@@ -57,10 +62,17 @@ class Defaults:
     reference_column: str | None = None  # the column read as `reference` (e.g. HF test sets' `text`)
 
     @classmethod
-    def from_config(cls, config) -> "Defaults":
+    def from_config(cls, config) -> Defaults:
         """The defaults a job config (`config.JobConfig`) gives rows."""
-        return cls(config.language, config.task, config.target_language, tuple(config.keywords),
-                   tuple(config.allowed_prefixes), config.channels, config.reference_column)
+        return cls(
+            config.language,
+            config.task,
+            config.target_language,
+            tuple(config.keywords),
+            tuple(config.allowed_prefixes),
+            config.channels,
+            config.reference_column,
+        )
 
 
 @dataclass
@@ -103,8 +115,9 @@ def _cast(column: pa.ChunkedArray, kind: pa.DataType) -> pa.ChunkedArray:
 def conform_rows(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """`table` with `schema`'s columns in its order and types (absent ones null)."""
     n = table.num_rows
-    arrays = [_cast(table.column(f.name), f.type) if f.name in table.column_names else pa.nulls(n, f.type)
-              for f in schema]
+    arrays = [
+        _cast(table.column(f.name), f.type) if f.name in table.column_names else pa.nulls(n, f.type) for f in schema
+    ]
     return pa.Table.from_arrays(arrays, schema=schema)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import posixpath
 import tarfile
-from typing import Iterator
+from collections.abc import Iterator
 
 TAR_SUFFIXES = (".tar",)
 
@@ -40,8 +40,9 @@ def _key_and_extension(name: str) -> tuple[str, str]:
     return posixpath.join(folder, stem) if folder else stem, extension.lower() if dot else ""
 
 
-def iter_samples(fs, path: str, audio_suffixes: tuple[str, ...], name: str | None = None
-                 ) -> Iterator[tuple[str, bytes, dict]]:
+def iter_samples(
+    fs, path: str, audio_suffixes: tuple[str, ...], name: str | None = None
+) -> Iterator[tuple[str, bytes, dict]]:
     """(member name, audio bytes, sidecar columns) for each audio member of the shard at `path`, in
     shard order. Members that are neither audio (by `audio_suffixes`) nor a `.json` sidecar are
     skipped. Raises ShardError for a shard that is not a tar file, or a sidecar that is not a JSON

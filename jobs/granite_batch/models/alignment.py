@@ -24,8 +24,8 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 BLANK = 0
 SPACE = ord(" ")
@@ -88,8 +88,9 @@ def proportional_words(words: Sequence[str], start_s: float, end_s: float) -> li
 
 def _word(start: float, end: float, text: str, confidence: float | None, lo: float, hi: float) -> Word:
     """A Word with times rounded to milliseconds, kept inside [lo, hi]."""
-    return Word(max(lo, round(start, 3)), min(hi, round(end, 3)), text,
-                None if confidence is None else round(confidence, 4))
+    return Word(
+        max(lo, round(start, 3)), min(hi, round(end, 3)), text, None if confidence is None else round(confidence, 4)
+    )
 
 
 def _units(word: str, classes: int) -> list[object]:
@@ -99,8 +100,9 @@ def _units(word: str, classes: int) -> list[object]:
     units: list[object] = []
     for char in word:
         lower, upper = char.lower(), char.upper()
-        spelled = char.isalpha() and any(len(c) == 1 and 0 < ord(c) < min(classes, 256) and ord(c) != SPACE
-                                         for c in (lower, upper))
+        spelled = char.isalpha() and any(
+            len(c) == 1 and 0 < ord(c) < min(classes, 256) and ord(c) != SPACE for c in (lower, upper)
+        )
         if spelled:
             units.append(lower if len(lower) == 1 else char)
         elif char.isalnum() or unicodedata.category(char).startswith("M"):
@@ -161,14 +163,15 @@ def align_words(log_probs, text: str, frame_s: float, start_s: float = 0.0, end_
         columns.append(log_probs[:, SPACE])
     columns += [torch.logsumexp(log_probs[:, class_ids(letter)], dim=-1) for letter in letters]
     emission = torch.stack(columns, dim=-1).unsqueeze(0)
-    path, scores = forced_align(emission, torch.tensor([targets], dtype=torch.int32, device=emission.device),
-                                blank=BLANK)
+    path, scores = forced_align(
+        emission, torch.tensor([targets], dtype=torch.int32, device=emission.device), blank=BLANK
+    )
     spans = _token_spans(path[0].tolist(), scores[0].exp().tolist())
     first = [math.inf] * len(words)
     last = [-math.inf] * len(words)
     probabilities: list[list[float]] = [[] for _ in words]
     # The path visits the targets in order, one span each (repeats are split by a blank).
-    for (label, frame_start, frame_end, probability), index, target in zip(spans, owner, targets):
+    for (_label, frame_start, frame_end, probability), index, target in zip(spans, owner, targets):
         if index is None:
             continue
         first[index] = min(first[index], frame_start)
@@ -184,7 +187,9 @@ def align_words(log_probs, text: str, frame_s: float, start_s: float = 0.0, end_
     return out
 
 
-def _token_spans(path: Sequence[int], probabilities: Sequence[float] | None = None) -> list[tuple[int, int, int, float | None]]:
+def _token_spans(
+    path: Sequence[int], probabilities: Sequence[float] | None = None
+) -> list[tuple[int, int, int, float | None]]:
     """(label, first frame, frame after the last, mean probability) of each non-blank run of a CTC path."""
     spans = []
     start = 0
@@ -197,8 +202,14 @@ def _token_spans(path: Sequence[int], probabilities: Sequence[float] | None = No
     return spans
 
 
-def words_from_ctc_path(frame_ids: Sequence[int], pieces: Sequence[str], frame_s: float, start_s: float = 0.0,
-                        blank_id: int = BLANK, frame_probs: Sequence[float] | None = None) -> list[Word]:
+def words_from_ctc_path(
+    frame_ids: Sequence[int],
+    pieces: Sequence[str],
+    frame_s: float,
+    start_s: float = 0.0,
+    blank_id: int = BLANK,
+    frame_probs: Sequence[float] | None = None,
+) -> list[Word]:
     """Words of a CTC model's greedy path: `frame_ids` is the argmax token id of each frame,
     `pieces[id]` the text of a token (a character, or a word piece that starts a word with `▁`, `Ġ`
     or a space; a piece that is only a space separates words). A word spans its first token's first
@@ -212,8 +223,14 @@ def words_from_ctc_path(frame_ids: Sequence[int], pieces: Sequence[str], frame_s
     def close():
         if text.strip():
             confidence = sum(probabilities) / len(probabilities) if probabilities else None
-            words.append(Word(round(start_s + first * frame_s, 3), round(start_s + last * frame_s, 3), text.strip(),
-                              None if confidence is None else round(confidence, 4)))
+            words.append(
+                Word(
+                    round(start_s + first * frame_s, 3),
+                    round(start_s + last * frame_s, 3),
+                    text.strip(),
+                    None if confidence is None else round(confidence, 4),
+                )
+            )
 
     for label, frame_start, frame_end, probability in spans:
         piece = pieces[label - 1]

@@ -112,8 +112,12 @@ def load_bpe_head(name: str, revision: str | None, model, device: str) -> BpeDra
 
             path = hf_hub_download(repo_id=name, filename=BPE_HEAD_FILE, revision=revision)
         except Exception as exc:  # offline, or a checkpoint without the file
-            log.warning("no %s for %s (%s): drafts are not made; rows decode autoregressively",
-                        BPE_HEAD_FILE, name, str(exc).splitlines()[0][:200])
+            log.warning(
+                "no %s for %s (%s): drafts are not made; rows decode autoregressively",
+                BPE_HEAD_FILE,
+                name,
+                str(exc).splitlines()[0][:200],
+            )
             return None
     weights = load_file(path)
     out_dim, in_dim = weights["weight"].shape

@@ -10,7 +10,7 @@ reference scoring (`lm_head(h) / logits_scaling`).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 # Below this mean token log-probability (a geometric-mean token probability of about 0.55) a segment
 # counts as low confidence in the run summary; Whisper's own fallback threshold is -1.0.

@@ -41,9 +41,16 @@ class CtcPath:
 class CtcSpeechModel:
     """A Granite Speech 5 CTC model and its processor on one device, ready for batched decoding."""
 
-    def __init__(self, model, processor, device: str, max_batch_audio_s: float = 480.0,
-                 max_batch_segments: int | None = None, profile: ModelProfile = GRANITE_SPEECH5_CTC,
-                 **generation_options):
+    def __init__(
+        self,
+        model,
+        processor,
+        device: str,
+        max_batch_audio_s: float = 480.0,
+        max_batch_segments: int | None = None,
+        profile: ModelProfile = GRANITE_SPEECH5_CTC,
+        **generation_options,
+    ):
         # Generation options (budgets, beams, speculative decoding) mean nothing to a CTC model.
         self.model = model
         self.processor = processor
@@ -57,12 +64,23 @@ class CtcSpeechModel:
         self.blank_id = model.config.pad_token_id
         encoder = model.config.encoder_config
         # A feature frame stacks `frame_stacking` mel frames; each subsampling block halves the rate.
-        self.frame_s = (self.feature_extractor.hop_length * self.feature_extractor.frame_stacking
-                        * 2 ** len(encoder.subsample_layers) / self.sample_rate_hz)
+        self.frame_s = (
+            self.feature_extractor.hop_length
+            * self.feature_extractor.frame_stacking
+            * 2 ** len(encoder.subsample_layers)
+            / self.sample_rate_hz
+        )
 
     @classmethod
-    def load(cls, name: str, revision: str | None = None, device: str = "auto", dtype: str = "auto",
-             trust_remote_code: bool = False, **options) -> "CtcSpeechModel":
+    def load(
+        cls,
+        name: str,
+        revision: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+        **options,
+    ) -> CtcSpeechModel:
         """Load processor and weights once (hub id or local folder) onto `device`."""
         model, processor, device = load_pretrained("AutoModelForCTC", name, revision, device, dtype, trust_remote_code)
         return cls(model, processor, device, **options)
@@ -74,7 +92,9 @@ class CtcSpeechModel:
     def generate(self, items: list[tuple[np.ndarray, Request]]) -> list[str]:
         return [result.text for result in self.generate_segments(items)]
 
-    def generate_segments(self, items: list[tuple[np.ndarray, Request]], posteriors: bool = False) -> list[SegmentResult]:
+    def generate_segments(
+        self, items: list[tuple[np.ndarray, Request]], posteriors: bool = False
+    ) -> list[SegmentResult]:
         """Transcribe each (16 kHz mono samples, request), in input order, in length-sorted batches of
         at most `max_batch_segments` segments and `max_batch_audio_s` padded seconds. With
         `posteriors` (word times asked for), each result's `words` come straight from the frames of
@@ -86,10 +106,21 @@ class CtcSpeechModel:
             for position, (index, path) in enumerate(zip(batch, paths)):
                 ids = collapse(path.frame_ids, self.blank_id)
                 text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-                words = None if pieces is None else words_from_ctc_path(
-                    path.frame_ids, pieces, path.frame_s, 0.0, self.blank_id)
-                results[index] = SegmentResult(text, DECODED_BY_CTC, len(ids), False, width,
-                                               width - len(path.frame_ids), position == 0, words=words)
+                words = (
+                    None
+                    if pieces is None
+                    else words_from_ctc_path(path.frame_ids, pieces, path.frame_s, 0.0, self.blank_id)
+                )
+                results[index] = SegmentResult(
+                    text,
+                    DECODED_BY_CTC,
+                    len(ids),
+                    False,
+                    width,
+                    width - len(path.frame_ids),
+                    position == 0,
+                    words=words,
+                )
         return results
 
     @functools.cached_property
@@ -117,16 +148,20 @@ class CtcSpeechModel:
 
         with torch.inference_mode():
             # Features per clip on the device (see the module docstring), then padded with their mask.
-            features = [self.feature_extractor(torch.tensor(clip), sampling_rate=self.sample_rate_hz,
-                                               return_tensors="pt", device=self.device)["input_features"][0]
-                        for clip in clips]
+            features = [
+                self.feature_extractor(
+                    torch.tensor(clip), sampling_rate=self.sample_rate_hz, return_tensors="pt", device=self.device
+                )["input_features"][0]
+                for clip in clips
+            ]
             width = max(f.shape[0] for f in features)
-            inputs = torch.zeros((len(features), width, features[0].shape[1]), dtype=self.model.dtype,
-                                 device=self.device)
+            inputs = torch.zeros(
+                (len(features), width, features[0].shape[1]), dtype=self.model.dtype, device=self.device
+            )
             mask = torch.zeros((len(features), width), dtype=torch.long, device=self.device)
             for row, f in enumerate(features):
-                inputs[row, :f.shape[0]] = f
-                mask[row, :f.shape[0]] = 1
+                inputs[row, : f.shape[0]] = f
+                mask[row, : f.shape[0]] = 1
             frame_ids = self.model.generate(input_features=inputs, attention_mask=mask)
             # The valid encoder frames of each row, as the model's own generate masks them.
             valid = self.model._get_output_attention_mask(mask, target_length=frame_ids.shape[1]).sum(-1).tolist()

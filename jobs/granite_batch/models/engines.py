@@ -13,8 +13,9 @@ from granite_batch.models.model import ModelLoadError, SpeechModel, first_line, 
 from granite_batch.models.profiles import CTC, ModelProfile, detect_profile
 
 
-def model_profile(name: str, revision: str | None = None, trust_remote_code: bool = False,
-                  override: str | None = None) -> ModelProfile:
+def model_profile(
+    name: str, revision: str | None = None, trust_remote_code: bool = False, override: str | None = None
+) -> ModelProfile:
     """The checkpoint's profile, or ModelLoadError when its config cannot be read or is not Granite Speech."""
     try:
         return detect_profile(name, revision, trust_remote_code, override)
@@ -22,13 +23,21 @@ def model_profile(name: str, revision: str | None = None, trust_remote_code: boo
         raise ModelLoadError(f"cannot load model {name!r}: {first_line(exc)}; {load_hint(name)}") from None
 
 
-def load_speech_model(name: str, revision: str | None = None, device: str = "auto", dtype: str = "auto",
-                      trust_remote_code: bool = False, profile: ModelProfile | None = None, **options):
+def load_speech_model(
+    name: str,
+    revision: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    profile: ModelProfile | None = None,
+    **options,
+):
     """Load `name` (hub id or folder) with the engine of its profile (detected when not given)."""
     profile = profile or model_profile(name, revision, trust_remote_code)
     engine = CtcSpeechModel if profile.engine == CTC else SpeechModel
-    speech_model = engine.load(name, revision, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                               profile=profile, **options)
+    speech_model = engine.load(
+        name, revision, device=device, dtype=dtype, trust_remote_code=trust_remote_code, profile=profile, **options
+    )
     speculative = options.get("speculative")
     if profile.bpe_drafting and speculative is not None and speculative.mode != "autoregressive":
         speech_model.bpe_head = load_bpe_head(name, revision, speech_model.model, speech_model.device)

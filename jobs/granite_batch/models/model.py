@@ -115,8 +115,9 @@ def first_line(exc: Exception) -> str:
     return (text[0] if text else type(exc).__name__)[:300]
 
 
-def load_pretrained(auto_class: str, name: str, revision: str | None, device: str, dtype: str,
-                    trust_remote_code: bool, **model_options):
+def load_pretrained(
+    auto_class: str, name: str, revision: str | None, device: str, dtype: str, trust_remote_code: bool, **model_options
+):
     """(model on `device` in eval mode, processor, device) for `name` through transformers' `auto_class`
     (e.g. AutoModelForSpeechSeq2Seq); `device`/`dtype` "auto": cuda and bfloat16 when there is a GPU.
     ModelLoadError says what to do when it cannot load."""
@@ -128,10 +129,12 @@ def load_pretrained(auto_class: str, name: str, revision: str | None, device: st
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" else "float32"
     try:
-        processor = transformers.AutoProcessor.from_pretrained(name, revision=revision,
-                                                               trust_remote_code=trust_remote_code)
+        processor = transformers.AutoProcessor.from_pretrained(
+            name, revision=revision, trust_remote_code=trust_remote_code
+        )
         model = getattr(transformers, auto_class).from_pretrained(
-            name, revision=revision, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, **model_options)
+            name, revision=revision, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, **model_options
+        )
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for a bad model
         raise ModelLoadError(f"cannot load model {name!r}: {first_line(exc)}; {load_hint(name)}") from None
     return model.to(device).eval(), processor, device
@@ -161,11 +164,22 @@ class SegmentResult:
 class SpeechModel:
     """A Granite Speech model and its processor on one device, ready for batched generation."""
 
-    def __init__(self, model, processor, device: str, max_new_tokens: int | None = 200, num_beams: int = 1,
-                 repetition_penalty: float = 1.0, max_batch_audio_s: float = 480.0,
-                 speculative: SpeculativeOptions | None = None, max_new_tokens_per_audio_s: float | None = None,
-                 drafter=None, max_batch_segments: int | None = None, profile: ModelProfile | None = None,
-                 bpe_head=None):
+    def __init__(
+        self,
+        model,
+        processor,
+        device: str,
+        max_new_tokens: int | None = 200,
+        num_beams: int = 1,
+        repetition_penalty: float = 1.0,
+        max_batch_audio_s: float = 480.0,
+        speculative: SpeculativeOptions | None = None,
+        max_new_tokens_per_audio_s: float | None = None,
+        drafter=None,
+        max_batch_segments: int | None = None,
+        profile: ModelProfile | None = None,
+        bpe_head=None,
+    ):
         if max_new_tokens is None and max_new_tokens_per_audio_s is None:
             raise ValueError("give max_new_tokens, max_new_tokens_per_audio_s or both")
         self.model = model
@@ -194,17 +208,28 @@ class SpeechModel:
         self._prompts: dict[Request, str] = {}
 
     @classmethod
-    def load(cls, name: str, revision: str | None = None, device: str = "auto", dtype: str = "auto",
-             trust_remote_code: bool = False, **options) -> "SpeechModel":
+    def load(
+        cls,
+        name: str,
+        revision: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+        **options,
+    ) -> SpeechModel:
         """Load processor and weights once (hub id or local folder) onto `device`."""
-        model, processor, device = load_pretrained("AutoModelForSpeechSeq2Seq", name, revision, device, dtype,
-                                                   trust_remote_code, attn_implementation="sdpa")
+        model, processor, device = load_pretrained(
+            "AutoModelForSpeechSeq2Seq", name, revision, device, dtype, trust_remote_code, attn_implementation="sdpa"
+        )
         return cls(model, processor, device, **options)
 
     def prompt(self, request: Request) -> str:
         if request not in self._prompts:
-            self._prompts[request] = (render_prompt(self.tokenizer, request) if self.profile is None
-                                      else self.profile.render_prompt(self.tokenizer, request))
+            self._prompts[request] = (
+                render_prompt(self.tokenizer, request)
+                if self.profile is None
+                else self.profile.render_prompt(self.tokenizer, request)
+            )
         return self._prompts[request]
 
     def token_budget(self, samples: np.ndarray) -> int:
@@ -231,7 +256,9 @@ class SpeechModel:
         """Like `generate`, with what decided each text (see speculative.py; None for too-short audio)."""
         return [(result.text, result.decided_by) for result in self.generate_segments(items)]
 
-    def generate_segments(self, items: list[tuple[np.ndarray, Request]], posteriors: bool = False) -> list["SegmentResult"]:
+    def generate_segments(
+        self, items: list[tuple[np.ndarray, Request]], posteriors: bool = False
+    ) -> list[SegmentResult]:
         """Like `generate`, with each segment's decoding facts: what decided it, its new tokens, whether
         it stopped at its budget, its share of the language model's (padded) positions, its mean token
         log-probability, and with `posteriors` its CTC log-posteriors for word alignment.
@@ -262,8 +289,9 @@ class SpeechModel:
                 logprobs: list = []
                 tokens = self._autoregressive(embeds, budgets, logprobs_out=logprobs)
                 decisions = [BY_AUTOREGRESSIVE] * len(batch)
-            log_posteriors = [torch.log_softmax(logits.float(), dim=-1) if posteriors else None
-                              for logits in ctc_logits]
+            log_posteriors = [
+                torch.log_softmax(logits.float(), dim=-1) if posteriors else None for logits in ctc_logits
+            ]
         frame_s = self._frame_s if posteriors else None
         texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
         # Positions the language model computed for this batch: the left-padded prompts, then one per
@@ -271,12 +299,22 @@ class SpeechModel:
         prompt_width = max(e.shape[0] for e in embeds)
         steps = max(min(len(t) + 1, b) for t, b in zip(tokens, budgets))
         for position, (index, text, decision, row_tokens, row_budget, embed) in enumerate(
-                zip(batch, texts, decisions, tokens, budgets, embeds)):
+            zip(batch, texts, decisions, tokens, budgets, embeds)
+        ):
             truncated = len(row_tokens) >= row_budget  # no eos within the budget
             useful = embed.shape[0] + min(len(row_tokens) + (0 if truncated else 1), steps)
-            results[index] = SegmentResult(text.strip(), decision, len(row_tokens), truncated,
-                                           prompt_width + steps, prompt_width + steps - useful, position == 0,
-                                           mean_logprob(logprobs[position]), log_posteriors[position], frame_s)
+            results[index] = SegmentResult(
+                text.strip(),
+                decision,
+                len(row_tokens),
+                truncated,
+                prompt_width + steps,
+                prompt_width + steps - useful,
+                position == 0,
+                mean_logprob(logprobs[position]),
+                log_posteriors[position],
+                frame_s,
+            )
 
     @functools.cached_property
     def _frame_s(self) -> float:
@@ -290,16 +328,18 @@ class SpeechModel:
         import torch
 
         width = max(e.shape[0] for e in sequences)
-        inputs = torch.zeros((len(sequences), width, sequences[0].shape[1]), dtype=sequences[0].dtype,
-                             device=self.device)
+        inputs = torch.zeros(
+            (len(sequences), width, sequences[0].shape[1]), dtype=sequences[0].dtype, device=self.device
+        )
         mask = torch.zeros((len(sequences), width), dtype=torch.long, device=self.device)
         for row, e in enumerate(sequences):
-            inputs[row, width - e.shape[0]:] = e
-            mask[row, width - e.shape[0]:] = 1
+            inputs[row, width - e.shape[0] :] = e
+            mask[row, width - e.shape[0] :] = 1
         return inputs, mask
 
-    def _autoregressive(self, embeds: list, budgets: list[int], num_beams: int | None = None,
-                        logprobs_out: list | None = None) -> list[list[int]]:
+    def _autoregressive(
+        self, embeds: list, budgets: list[int], num_beams: int | None = None, logprobs_out: list | None = None
+    ) -> list[list[int]]:
         """Greedy (or beam) generation on left-padded prompt embeddings; at most `budgets[row]` new
         tokens per row (the batch runs to the largest; batches are formed from similar lengths).
         `logprobs_out` gets, per row, its tokens' scaled log-probabilities under greedy search (None
@@ -318,9 +358,14 @@ class SpeechModel:
         recorder = ChosenTokenLogprobs(self._logits_divisor) if num_beams == 1 else None
         with scaled:
             tokens = self.model.generate(
-                inputs_embeds=inputs, attention_mask=mask, max_new_tokens=max(budgets),
-                num_beams=num_beams, early_stopping=num_beams > 1, do_sample=False,
-                repetition_penalty=self.repetition_penalty, eos_token_id=eos,
+                inputs_embeds=inputs,
+                attention_mask=mask,
+                max_new_tokens=max(budgets),
+                num_beams=num_beams,
+                early_stopping=num_beams > 1,
+                do_sample=False,
+                repetition_penalty=self.repetition_penalty,
+                eos_token_id=eos,
                 pad_token_id=self.tokenizer.pad_token_id,
                 logits_processor=LogitsProcessorList([recorder] if recorder else []),
             )
@@ -332,7 +377,7 @@ class SpeechModel:
             out.append([t for t in row if t != self.tokenizer.pad_token_id])
         if logprobs_out is not None:
             steps = recorder.rows() if recorder else []
-            logprobs_out.extend(steps[row][:len(row_tokens)] if steps else None for row, row_tokens in enumerate(out))
+            logprobs_out.extend(steps[row][: len(row_tokens)] if steps else None for row, row_tokens in enumerate(out))
         return out
 
     @functools.cached_property
@@ -369,8 +414,7 @@ class SpeechModel:
         if divisor == 1.0:
             yield
             return
-        handle = self.model.get_output_embeddings().register_forward_hook(
-            lambda module, args, output: output / divisor)
+        handle = self.model.get_output_embeddings().register_forward_hook(lambda module, args, output: output / divisor)
         try:
             yield
         finally:
@@ -385,13 +429,15 @@ class SpeechModel:
         if self.drafter is not None:
             ids = list(self.drafter(samples, request))
             return ids, self.tokenizer.decode(ids), math.inf
-        text, entropy = (ctc_draft(ctc_logits) if self.bpe_head is None
-                         else self.bpe_head.draft(ctc_logits, self.tokenizer))
+        text, entropy = (
+            ctc_draft(ctc_logits) if self.bpe_head is None else self.bpe_head.draft(ctc_logits, self.tokenizer)
+        )
         text = text.strip()
         return (self.tokenizer.encode(text, add_special_tokens=False) if text else []), text, entropy
 
-    def _speculative(self, embeds: list, requests: list[Request], drafts: list,
-                     budgets: list[int]) -> tuple[list, list[str], list]:
+    def _speculative(
+        self, embeds: list, requests: list[Request], drafts: list, budgets: list[int]
+    ) -> tuple[list, list[str], list]:
         """Decide each row by CTC, by one batched verification pass, or by decoding after it
         (speculative.py says how each mode decides). Also returns each row's token log-probabilities
         where the language model scored every token (None for CTC answers and beam fallbacks)."""
@@ -430,7 +476,7 @@ class SpeechModel:
                 draft = drafts[row][0][:length]
                 # Logits at the last prompt position predict draft[0]; the last one predicts what follows.
                 start = width - length - 1
-                step_logits = logits[position, start: start + length + 1].float()
+                step_logits = logits[position, start : start + length + 1].float()
                 if relaxed:
                     probs = torch.softmax(step_logits[:length], dim=-1)
                     chosen = probs[torch.arange(length), torch.tensor(draft)].tolist()
@@ -442,7 +488,7 @@ class SpeechModel:
                 accepted = strict_accepted(draft, greedy[:length])
                 following = greedy[accepted]  # the model's own token where the draft stops
                 prefix = draft[:accepted] if following == eos else draft[:accepted] + [following]
-                scored = torch.log_softmax(step_logits[:len(prefix)] / self._logits_divisor, dim=-1)
+                scored = torch.log_softmax(step_logits[: len(prefix)] / self._logits_divisor, dim=-1)
                 logprobs[row] = scored[torch.arange(len(prefix)), torch.tensor(prefix)].tolist()
                 if following == eos or len(prefix) >= budgets[row]:
                     # Finished without a single autoregressive step: the verification pass decided it.
@@ -493,14 +539,16 @@ class SpeechModel:
             waveforms = [torch.tensor(items[i][0]) for i in members]  # a copy: Arrow buffers are read-only
             # The log-mel step runs on the model's device: on one CPU core it takes 1/2200 of the audio's
             # length, so at the GPU throughput we aim for (RTFx 3000) the actor's CPU could not keep up.
-            features = self.processor(text=[prompt] * len(members), audio=waveforms, return_tensors="pt",
-                                      device=self.device).to(self.device)
+            features = self.processor(
+                text=[prompt] * len(members), audio=waveforms, return_tensors="pt", device=self.device
+            ).to(self.device)
             bpe = with_ctc and self.bpe_head is not None
             with self.bpe_head.capture() if bpe else contextlib.nullcontext():
                 encoded = inner.encoder(features["input_features"].to(self.model.dtype)).last_hidden_state
             audio = inner.projector(encoded)
             merged = inner.get_merged_audio_embeddings(
-                input_ids=features["input_ids"], audio_features=audio,
+                input_ids=features["input_ids"],
+                audio_features=audio,
                 input_features_mask=features["input_features_mask"],
             )
             # IBM's notebook applies the (shared) CTC head `encoder.out` to the final encoder output.

@@ -53,18 +53,25 @@ ASR_INSTRUCTION = "can you transcribe the speech into a written format?"
 PUNCTUATED_ASR_INSTRUCTION = "transcribe the speech with proper punctuation and capitalization."
 # granite_speech_plus.md (transformers docs of 4.1-2b-plus), usage section: SYSTEM_PROMPT, and the
 # SAA_PROMPT / TS_PROMPT user turns, whose instruction follows "<|audio|> " (with a space).
-PLUS_SYSTEM_PROMPT = ("Knowledge Cutoff Date: April 2024.\nToday's Date: December 19, 2024.\n"
-                      "You are Granite, developed by IBM. You are a helpful AI assistant")
-SPEAKERS_INSTRUCTION = ("Speaker attribution: Transcribe and denote who is speaking by adding [Speaker 1]: and "
-                        "[Speaker 2]: tags before speaker turns.")
-WORD_TIMES_INSTRUCTION = ("Timestamps: Transcribe the speech. After each word, add a timestamp tag showing the "
-                          "end time in centiseconds, e.g. hello [T:45] world [T:82]")
+PLUS_SYSTEM_PROMPT = (
+    "Knowledge Cutoff Date: April 2024.\nToday's Date: December 19, 2024.\n"
+    "You are Granite, developed by IBM. You are a helpful AI assistant"
+)
+SPEAKERS_INSTRUCTION = (
+    "Speaker attribution: Transcribe and denote who is speaking by adding [Speaker 1]: and "
+    "[Speaker 2]: tags before speaker turns."
+)
+WORD_TIMES_INSTRUCTION = (
+    "Timestamps: Transcribe the speech. After each word, add a timestamp tag showing the "
+    "end time in centiseconds, e.g. hello [T:45] world [T:82]"
+)
 
 _LATIN = ("en", "fr", "de", "es", "pt")
 # granite-speech-4.1-2b card: "bidirectional automatic speech translation (AST) for English, French,
 # German, Spanish, Portuguese and Japanese"; en->it/zh as for 4.0 (../shared/FACTS.md).
 AST_PAIRS_41 = frozenset({(src, "en") for src in ("fr", "de", "es", "pt", "ja")}) | frozenset(
-    {("en", tgt) for tgt in ("fr", "de", "es", "pt", "ja", "it", "zh")})
+    {("en", tgt) for tgt in ("fr", "de", "es", "pt", "ja", "it", "zh")}
+)
 
 
 @dataclass(frozen=True)
@@ -104,8 +111,11 @@ class ModelProfile:
             # The transcript is identified afterwards (language_id.py): a one-language model would
             # transcribe every recording as its language, so unknown-language rows need several.
             if len(self.asr_languages) < 2:
-                return "transcription of recordings of unknown language (it transcribes only " + \
-                    " ".join(sorted(self.asr_languages)) + ")"
+                return (
+                    "transcription of recordings of unknown language (it transcribes only "
+                    + " ".join(sorted(self.asr_languages))
+                    + ")"
+                )
         elif language not in self.asr_languages:
             return f"{language} transcription"
         if request.keywords and not self.keywords:
@@ -200,8 +210,9 @@ GRANITE_SPEECH5_CTC = ModelProfile(
 # For a granite_speech* type this code has never seen: what every Granite Speech model does.
 CONSERVATIVE = ModelProfile(name="granite-speech-unknown", engine=GENERATE, asr_languages=frozenset({"en"}))
 
-PROFILES = {p.name: p for p in (GRANITE_SPEECH, GRANITE_SPEECH_41, GRANITE_SPEECH_PLUS, GRANITE_SPEECH5_CTC,
-                                CONSERVATIVE)}
+PROFILES = {
+    p.name: p for p in (GRANITE_SPEECH, GRANITE_SPEECH_41, GRANITE_SPEECH_PLUS, GRANITE_SPEECH5_CTC, CONSERVATIVE)
+}
 BY_MODEL_TYPE = {
     "granite_speech": GRANITE_SPEECH,
     "granite_speech_plus": GRANITE_SPEECH_PLUS,
@@ -216,12 +227,17 @@ def profile_for(model_type: str, name: str = "") -> ModelProfile:
     if model_type in BY_MODEL_TYPE:
         return BY_MODEL_TYPE[model_type]
     if model_type.startswith("granite_speech"):
-        log.warning("model type %r is not known to this job: using the most conservative profile (%s: %s ASR "
-                    "only); set profile: in the job config if you know better", model_type, CONSERVATIVE.name,
-                    " ".join(sorted(CONSERVATIVE.asr_languages)))
+        log.warning(
+            "model type %r is not known to this job: using the most conservative profile (%s: %s ASR "
+            "only); set profile: in the job config if you know better",
+            model_type,
+            CONSERVATIVE.name,
+            " ".join(sorted(CONSERVATIVE.asr_languages)),
+        )
         return CONSERVATIVE
-    raise ValueError(f"model type {model_type!r} is not a Granite Speech model "
-                     f"(known: {', '.join(sorted(BY_MODEL_TYPE))})")
+    raise ValueError(
+        f"model type {model_type!r} is not a Granite Speech model (known: {', '.join(sorted(BY_MODEL_TYPE))})"
+    )
 
 
 def read_model_type(name: str, revision: str | None = None, trust_remote_code: bool = False) -> str:
@@ -234,8 +250,9 @@ def read_model_type(name: str, revision: str | None = None, trust_remote_code: b
     return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code).model_type
 
 
-def detect_profile(name: str, revision: str | None = None, trust_remote_code: bool = False,
-                   override: str | None = None) -> ModelProfile:
+def detect_profile(
+    name: str, revision: str | None = None, trust_remote_code: bool = False, override: str | None = None
+) -> ModelProfile:
     """The profile of checkpoint `name` (hub id or folder), or the one named by `override`."""
     if override and override != "auto":
         if override not in PROFILES:

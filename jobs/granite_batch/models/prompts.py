@@ -57,8 +57,10 @@ def check_request(language: str, task: str, target_language: str | None) -> str 
     if language == AUTO_LANGUAGE:
         if task == "ast":
             # A translation is in the target language: nothing in it says which language was spoken.
-            return ("language auto needs task asr: the spoken language is identified from a transcript, "
-                    "so a translation row must name its language")
+            return (
+                "language auto needs task asr: the spoken language is identified from a transcript, "
+                "so a translation row must name its language"
+            )
         return None
     if language not in ASR_LANGUAGES:
         return f"unsupported language: {language!r} (supported: {' '.join(ASR_LANGUAGES)} or auto)"
@@ -81,8 +83,10 @@ def unlisted_request(language: str, task: str, target_language: str | None, keyw
     if task != "ast":
         return None
     if (language, target_language) == ("ja", "en"):
-        return ("ja -> en translation is not in granite-4.0-1b-speech's training (its card lists no "
-                "Japanese-to-English data; granite-speech-4.1-2b's card does)")
+        return (
+            "ja -> en translation is not in granite-4.0-1b-speech's training (its card lists no "
+            "Japanese-to-English data; granite-speech-4.1-2b's card does)"
+        )
     if keywords:
         return "keywords on a translation: IBM's model cards describe keyword biasing for transcription (asr) only"
     return None
@@ -160,8 +164,9 @@ def _text_positions(tokenizer, request: Request, profile=None) -> int:
     return len(tokenizer(prompt)["input_ids"])
 
 
-def fit_keywords(tokenizer, request: Request, audio_tokens: int, new_tokens: int,
-                 max_positions: int, profile=None) -> tuple[Request, int]:
+def fit_keywords(
+    tokenizer, request: Request, audio_tokens: int, new_tokens: int, max_positions: int, profile=None
+) -> tuple[Request, int]:
     """`request` with as many of its cleaned keywords (in order, the first kept) as let the prompt,
     `audio_tokens` audio positions and `new_tokens` generated ones fit in `max_positions` (the text
     model's `max_position_embeddings`); and how many keywords were dropped. Raises PromptTooLong
@@ -179,7 +184,8 @@ def fit_keywords(tokenizer, request: Request, audio_tokens: int, new_tokens: int
         needed = prompt_positions(tokenizer, replace(request, keywords=()), audio_tokens, profile) + new_tokens
         raise PromptTooLong(
             f"prompt too long: {needed} positions (prompt, {audio_tokens} audio, {new_tokens} new tokens) "
-            f"exceed the model's {max_positions} (shorten max_segment_s or max_new_tokens)")
+            f"exceed the model's {max_positions} (shorten max_segment_s or max_new_tokens)"
+        )
     # Positions grow with the keyword count: the most that fit, by bisection (a few tokenizer calls).
     low, high = 0, len(keywords)  # fits(low), not fits(high)
     while high - low > 1:

@@ -41,8 +41,7 @@ class Part:
     texts: list[str] = field(default_factory=list, repr=False)
 
 
-def tagged_parts(text: str, start_s: float, end_s: float, call: int, speakers: bool,
-                 word_times: bool) -> list[Part]:
+def tagged_parts(text: str, start_s: float, end_s: float, call: int, speakers: bool, word_times: bool) -> list[Part]:
     """The output segments of one tagged call spanning [start_s, end_s] of the recording: one per
     speaker turn (`speakers`), each with its timed words (`word_times`). Tags not asked for are
     dropped from the text. Never raises, whatever the text."""
@@ -59,7 +58,7 @@ def _parts(text: str, start_s: float, end_s: float, call: int, speakers: bool, w
     previous = offset = 0.0  # the call's clock: last word end, and the unwrapped multiples of 10 s
     position = 0
     for match in list(TAG.finditer(text)) + [None]:
-        chunk = text[position: match.start() if match else len(text)]
+        chunk = text[position : match.start() if match else len(text)]
         pending += [word for word in chunk.split() if word != SILENCE]
         if match is None:
             break
@@ -76,8 +75,9 @@ def _parts(text: str, start_s: float, end_s: float, call: int, speakers: bool, w
             end = min(max(at + offset, previous), duration)
             if pending:
                 spoken = " ".join(pending)
-                parts[-1].words.append({"start": round(start_s + previous, 3), "end": round(start_s + end, 3),
-                                        "text": spoken})
+                parts[-1].words.append(
+                    {"start": round(start_s + previous, 3), "end": round(start_s + end, 3), "text": spoken}
+                )
                 parts[-1].texts.append(spoken)
                 pending = []
             previous = end

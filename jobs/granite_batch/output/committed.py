@@ -50,13 +50,15 @@ def list_dataset_files(fs, root: str, dataset_dir: str = TRANSCRIPTS_DIR) -> Dat
             (ours if OWN_FILE.fullmatch(relative) else foreign).append(path)
     if foreign:
         shown = ", ".join(uri_of(fs, p) for p in foreign[:10]) + (" ..." if len(foreign) > 10 else "")
-        log.warning("skipping %d file(s) under %s not written by granite-batch: %s", len(foreign),
-                    uri_of(fs, base), shown)
+        log.warning(
+            "skipping %d file(s) under %s not written by granite-batch: %s", len(foreign), uri_of(fs, base), shown
+        )
     return DatasetFiles(ours, [uri_of(fs, p) for p in foreign])
 
 
-def iter_committed_batches(fs, paths: list[str], columns: tuple[str, ...] = COMMITTED_COLUMNS,
-                           batch_rows: int = 262_144):
+def iter_committed_batches(
+    fs, paths: list[str], columns: tuple[str, ...] = COMMITTED_COLUMNS, batch_rows: int = 262_144
+):
     """Yield (path, table of `columns`) for each of our committed files, a few batches per file.
 
     A file with our name that cannot be read, or lacks one of `columns`, raises OutputError naming it.
@@ -67,8 +69,10 @@ def iter_committed_batches(fs, paths: list[str], columns: tuple[str, ...] = COMM
                 parquet = pq.ParquetFile(handle)
                 missing = [c for c in columns if c not in parquet.schema_arrow.names]
                 if missing:
-                    raise OutputError(f"{uri_of(fs, path)}: committed file lacks column {missing[0]!r}; "
-                                      "move it out of the output root or repair it")
+                    raise OutputError(
+                        f"{uri_of(fs, path)}: committed file lacks column {missing[0]!r}; "
+                        "move it out of the output root or repair it"
+                    )
                 for batch in parquet.iter_batches(batch_size=batch_rows, columns=list(columns)):
                     yield path, pa.Table.from_batches([batch])
         except (pa.ArrowInvalid, OSError) as exc:
@@ -106,8 +110,9 @@ def failure_reasons(errors) -> Counter:
     return Counter(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
 
 
-def read_committed(output_uri: str, storage_options: dict | None = None,
-                   dataset_dir: str = TRANSCRIPTS_DIR) -> Committed:
+def read_committed(
+    output_uri: str, storage_options: dict | None = None, dataset_dir: str = TRANSCRIPTS_DIR
+) -> Committed:
     """Scan the committed rows of a dataset under the output root (only `id` and `error`), one file
     at a time: the transcripts, or another dataset such as a second pass's. Holds every id in memory;
     plan.py plans and counts without doing so."""
@@ -152,7 +157,7 @@ def drop_rows(output_uri: str, ids_by_file: dict[str, list[str]], storage_option
     fs, root = filesystem(output_uri, storage_options)
     for path, ids in ids_by_file.items():
         value_set = pa.array(ids, pa.string())
-        _rewrite_without(fs, root, path, lambda table: pc.is_in(table.column("id"), value_set=value_set))
+        _rewrite_without(fs, root, path, lambda table, ids=value_set: pc.is_in(table.column("id"), value_set=ids))
 
 
 def drop_failed_rows(output_uri: str, paths: list[str], storage_options: dict | None = None) -> None:

@@ -68,8 +68,13 @@ def wrap_lines(words: list[str], width: int = MAX_LINE_CHARS) -> list[str]:
     whole = _join(words)
     if len(whole) <= width or len(words) < 2:
         return [whole]
-    best = min(range(1, len(words)),
-               key=lambda k: (max(len(_join(words[:k])), len(_join(words[k:]))), len(_join(words[:k])) > len(_join(words[k:]))))
+    best = min(
+        range(1, len(words)),
+        key=lambda k: (
+            max(len(_join(words[:k])), len(_join(words[k:]))),
+            len(_join(words[:k])) > len(_join(words[k:])),
+        ),
+    )
     return [_join(words[:best]), _join(words[best:])]
 
 
@@ -100,11 +105,13 @@ def _cues(segments: list[dict]) -> list[tuple[float, float, str]]:
                 texts = [w["text"] for w in current]
                 last = current[-1]
                 span_s = current[-1]["end"] - current[0]["start"]
-                if (not _fits(texts + [word["text"]]) or word["end"] - current[0]["start"] > MAX_CUE_S
-                        or word["start"] - last["end"] >= PAUSE_S
-                        or (_SENTENCE_END.search(last["text"]) and span_s >= MIN_CUE_S)
-                        or (_CLAUSE_END.search(last["text"])
-                            and len(_join(texts)) >= MAX_LINE_CHARS * MAX_LINES // 2)):
+                if (
+                    not _fits(texts + [word["text"]])
+                    or word["end"] - current[0]["start"] > MAX_CUE_S
+                    or word["start"] - last["end"] >= PAUSE_S
+                    or (_SENTENCE_END.search(last["text"]) and span_s >= MIN_CUE_S)
+                    or (_CLAUSE_END.search(last["text"]) and len(_join(texts)) >= MAX_LINE_CHARS * MAX_LINES // 2)
+                ):
                     groups.append(current)
                     current = []
             current.append(word)
@@ -156,7 +163,7 @@ def subtitle_name(row_id: str, subtitle_format: str) -> str:
     extension = f".{subtitle_format}"
     if len(name) + len(extension) > MAX_NAME_BYTES:  # ASCII after quote(): characters are bytes
         digest = hashlib.sha256(row_id.encode("utf-8", "surrogatepass")).hexdigest()[:DIGEST_CHARS]
-        prefix = name[:MAX_NAME_BYTES - len(extension) - len(DIGEST_MARK) - DIGEST_CHARS]
+        prefix = name[: MAX_NAME_BYTES - len(extension) - len(DIGEST_MARK) - DIGEST_CHARS]
         escape = prefix.rfind("%", len(prefix) - 2)
         if escape != -1:
             prefix = prefix[:escape]  # never half of a %XX
@@ -169,8 +176,9 @@ def subtitle_path(root: str, subtitle_format: str, row_id: str) -> str:
     return posixpath.join(root, SUBTITLES_DIR, subtitle_format, subtitle_name(row_id, subtitle_format))
 
 
-def write_subtitles(table: pa.Table, output_uri: str, formats: list[str], run_id: str,
-                    storage_options: dict | None = None) -> list[str]:
+def write_subtitles(
+    table: pa.Table, output_uri: str, formats: list[str], run_id: str, storage_options: dict | None = None
+) -> list[str]:
     """Write one file per format for each row of `table` that succeeded and has segments;
     return the paths written. Rows with an error or without segments are skipped."""
     if not formats or table.num_rows == 0:

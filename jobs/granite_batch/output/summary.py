@@ -56,7 +56,8 @@ class RunStats:
                     self.decoding.setdefault(language, Counter())[decided] += 1
 
 
-def write_summary(output_uri: str, run_id: str, summary: dict, storage_options: dict | None = None,
-                  runs_dir: str = RUNS_DIR) -> str:
+def write_summary(
+    output_uri: str, run_id: str, summary: dict, storage_options: dict | None = None, runs_dir: str = RUNS_DIR
+) -> str:
     """Write `<runs_dir>/<run_id>.json` under the output root; return its path."""
     return write_json(output_uri, posixpath.join(runs_dir, f"{run_id}.json"), summary, storage_options)

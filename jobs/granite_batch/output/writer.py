@@ -28,6 +28,7 @@ from granite_batch.storage import filesystem, uri_of
 
 log = logging.getLogger(__name__)
 
+
 class TranscriptWriter:
     """Streams transcript rows into a modest number of Parquet files per language partition.
 
@@ -35,9 +36,17 @@ class TranscriptWriter:
     seconds (so a long run makes its progress durable), and at `close()`.
     """
 
-    def __init__(self, output_uri: str, run_id: str, schema: pa.Schema, storage_options: dict | None = None,
-                 rows_per_file: int = 200_000, commit_interval_s: float = 600.0,
-                 dataset_dir: str = TRANSCRIPTS_DIR, before_commit: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        output_uri: str,
+        run_id: str,
+        schema: pa.Schema,
+        storage_options: dict | None = None,
+        rows_per_file: int = 200_000,
+        commit_interval_s: float = 600.0,
+        dataset_dir: str = TRANSCRIPTS_DIR,
+        before_commit: Callable[[], None] | None = None,
+    ):
         self.fs, self.root = filesystem(output_uri, storage_options)
         self.before_commit = before_commit  # raises to stop a commit, e.g. a lease check
         self.dataset_dir = dataset_dir  # relative to the output root; other datasets (second_pass/<name>) too
@@ -76,7 +85,7 @@ class TranscriptWriter:
             self.fs.rm(staging, recursive=True)
         return self.committed
 
-    def _start(self, language: str) -> "_OpenFile":
+    def _start(self, language: str) -> _OpenFile:
         self._sequence += 1
         name = f"part-{self.run_id}-{self._sequence:05d}.parquet"
         relative = posixpath.join(f"language={language}", name)

@@ -8,7 +8,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pyarrow as pa
 
@@ -20,6 +20,7 @@ from granite_batch.run.lease import LeaseTerms, NoLease, take_lease
 from granite_batch.storage import filesystem
 
 log = logging.getLogger(__name__)
+
 
 class TooManyFailures(RuntimeError):
     """More rows failed than `max_failed_fraction` allows; the summary is written all the same."""
@@ -35,7 +36,7 @@ class RunResult:
 
 def new_run_id() -> str:
     """Sortable by start time, unique across concurrent runs."""
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
 
 
 class _Run:
@@ -51,7 +52,7 @@ class _Run:
         self.runs_dir = runs_dir
         self.storage_options = storage_options
         self.run_id = run_id or new_run_id()
-        self.started_at = datetime.now(timezone.utc)
+        self.started_at = datetime.now(UTC)
         self.clock = time.monotonic()
         self.summary: Callable[[str], dict] | None = None
         self.last: dict = {}
@@ -62,23 +63,30 @@ class _Run:
         fs, root = filesystem(self.output_uri, self.storage_options)
         if fs.exists(posixpath.join(root, self.runs_dir, f"{self.run_id}.json")):
             # Its files are named after the run id: a second run of that name would replace them.
-            raise ConfigError(f"run id {self.run_id!r} already exists in {self.output_uri}; pick another --run-id "
-                              "(or leave it out for a new one)")
+            raise ConfigError(
+                f"run id {self.run_id!r} already exists in {self.output_uri}; pick another --run-id "
+                "(or leave it out for a new one)"
+            )
 
     def wall_s(self) -> float:
         return time.monotonic() - self.clock
 
     def times(self, status: str) -> dict:
-        return {"run_id": self.run_id, "status": status, "started_at": self.started_at.isoformat(),
-                "finished_at": datetime.now(timezone.utc).isoformat() if status != "running" else None}
+        return {
+            "run_id": self.run_id,
+            "status": status,
+            "started_at": self.started_at.isoformat(),
+            "finished_at": datetime.now(UTC).isoformat() if status != "running" else None,
+        }
 
     def write(self, status: str, **extra) -> str:
         """Write the summary with `status` (and `extra` fields); it stays in `self.last`."""
         self.last = {**self.summary(status), **extra}
         return write_summary(self.output_uri, self.run_id, self.last, self.storage_options, runs_dir=self.runs_dir)
 
-    def stream(self, batches: Iterable[pa.Table], writer: TranscriptWriter,
-               on_batch: Callable[[pa.Table], None]) -> None:
+    def stream(
+        self, batches: Iterable[pa.Table], writer: TranscriptWriter, on_batch: Callable[[pa.Table], None]
+    ) -> None:
         """Write every batch (after `on_batch` has seen it); the summary follows each commit."""
         for batch in batches:
             on_batch(batch)
@@ -87,7 +95,7 @@ class _Run:
             if len(writer.committed) != files_before:
                 self.write("running")
 
-    def __enter__(self) -> "_Run":
+    def __enter__(self) -> _Run:
         # A summary exists from the start, so a run killed at any moment still shows what it did.
         self.write("running")
         return self
@@ -107,7 +115,7 @@ class _Run:
         raises LeaseHeld naming another holder), then plan what is left to do: `planner()`."""
         self.lease = take_lease(self.output_uri, dataset_dir, self.run_id, self.storage_options, terms)
         # The run starts now: time spent waiting for the lease is not its wall time.
-        self.started_at, self.clock = datetime.now(timezone.utc), time.monotonic()
+        self.started_at, self.clock = datetime.now(UTC), time.monotonic()
         try:
             self._refuse_existing_run_id()  # a run of the same id may have held the lease meanwhile
             return planner()

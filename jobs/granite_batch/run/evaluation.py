@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import posixpath
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from granite_batch import results
 from granite_batch.schema import (
@@ -12,8 +12,13 @@ from granite_batch.schema import (
 from granite_batch.storage import write_json
 
 
-def evaluate_output(output_uri: str, run_id: str | None = None, language: str | None = None,
-                    task: str | None = None, storage_options: dict | None = None) -> tuple[dict, str]:
+def evaluate_output(
+    output_uri: str,
+    run_id: str | None = None,
+    language: str | None = None,
+    task: str | None = None,
+    storage_options: dict | None = None,
+) -> tuple[dict, str]:
     """Score the rows of one run of an output root (the newest when `run_id` is None; every row
     when it is "all"), optionally of one language and task, and write the report to
     `OUTPUT/eval/<run_id>.json` (`<run_id>.language=L.task=T.json` when filtered).
@@ -27,14 +32,19 @@ def evaluate_output(output_uri: str, run_id: str | None = None, language: str | 
         if run_id is not None and run_id not in known:
             raise ValueError(f"no run {run_id} under {output_uri}/runs; newest: {known[-1]}")
         run_id = run_id or known[-1]
-    table = results.load(output_uri, language=language, task=task,
-                         run_id=None if run_id == "all" else run_id, storage_options=storage_options)
+    table = results.load(
+        output_uri,
+        language=language,
+        task=task,
+        run_id=None if run_id == "all" else run_id,
+        storage_options=storage_options,
+    )
     filters = {"language": language, "task": task}
     report = {
         "run_id": run_id,
         "output": output_uri,
         "filters": filters,
-        "evaluated_at": datetime.now(timezone.utc).isoformat(),
+        "evaluated_at": datetime.now(UTC).isoformat(),
         "models": sorted(set(table.column("model").to_pylist())) if "model" in table.column_names else [],
         **score_table(table),
     }

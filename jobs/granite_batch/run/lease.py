@@ -43,7 +43,7 @@ import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from granite_batch.config import DEFAULT_EXPIRY_S, DEFAULT_WAIT_S
 from granite_batch.storage import LOCAL_PROTOCOLS, filesystem, protocol_of
@@ -63,11 +63,13 @@ class LeaseError(RuntimeError):
 class LeaseHeld(LeaseError):
     """Another run holds the dataset (and waiting was off or ran out); `holder` says who."""
 
-    def __init__(self, dataset: str, holder: "Holder", waited_s: float):
+    def __init__(self, dataset: str, holder: Holder, waited_s: float):
         self.dataset, self.holder, self.waited_s = dataset, holder, waited_s
         waited = f" after waiting {waited_s:.0f} s" if waited_s > 0 else ""
-        super().__init__(f"{dataset} is held by {holder.describe()}{waited}; "
-                         f"the lease expires if that run stops renewing it for {holder.expiry_s:g} s")
+        super().__init__(
+            f"{dataset} is held by {holder.describe()}{waited}; "
+            f"the lease expires if that run stops renewing it for {holder.expiry_s:g} s"
+        )
 
 
 class LeaseLost(LeaseError):
@@ -93,8 +95,10 @@ class Holder:
     released: bool = False
 
     def describe(self) -> str:
-        return (f"run {self.run_id} on host {self.host} (pid {self.pid}), started {self.started_at}, "
-                f"last renewed {self.renewed_at}")
+        return (
+            f"run {self.run_id} on host {self.host} (pid {self.pid}), started {self.started_at}, "
+            f"last renewed {self.renewed_at}"
+        )
 
     def renewed_age_s(self) -> float | None:
         """Seconds since the record's renewal time by this host's clock (None if unreadable)."""
@@ -102,26 +106,33 @@ class Holder:
             renewed = datetime.fromisoformat(self.renewed_at)
         except (TypeError, ValueError):
             return None
-        return (datetime.now(timezone.utc) - renewed).total_seconds()
+        return (datetime.now(UTC) - renewed).total_seconds()
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode() + b"\n"
 
     @classmethod
-    def from_bytes(cls, data: bytes, generation: int, default_expiry_s: float) -> "Holder":
+    def from_bytes(cls, data: bytes, generation: int, default_expiry_s: float) -> Holder:
         try:
             raw = json.loads(data)
-            return cls(run_id=str(raw["run_id"]), host=str(raw.get("host", "?")), pid=int(raw.get("pid", -1)),
-                       started_at=str(raw.get("started_at", "?")), renewed_at=str(raw.get("renewed_at", "?")),
-                       expiry_s=float(raw.get("expiry_s", default_expiry_s)), token=str(raw.get("token", "")),
-                       generation=generation, released=bool(raw.get("released", False)))
+            return cls(
+                run_id=str(raw["run_id"]),
+                host=str(raw.get("host", "?")),
+                pid=int(raw.get("pid", -1)),
+                started_at=str(raw.get("started_at", "?")),
+                renewed_at=str(raw.get("renewed_at", "?")),
+                expiry_s=float(raw.get("expiry_s", default_expiry_s)),
+                token=str(raw.get("token", "")),
+                generation=generation,
+                released=bool(raw.get("released", False)),
+            )
         except (ValueError, KeyError, TypeError):
             # Not ours or damaged: held by someone unknown, stale after an expiry of watching.
             return cls("unknown", "?", -1, "?", "?", default_expiry_s, "", generation)
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def _name(generation: int) -> str:
@@ -286,9 +297,19 @@ class Lease:
         self._thread.start()
 
     @classmethod
-    def acquire(cls, output_uri: str, dataset_dir: str, run_id: str, storage_options: dict | None = None, *,
-                expiry_s: float = DEFAULT_EXPIRY_S, wait_s: float = DEFAULT_WAIT_S, poll_s: float | None = None,
-                renew_every_s: float | None = None, clock_skew_s: float | None = None) -> "Lease":
+    def acquire(
+        cls,
+        output_uri: str,
+        dataset_dir: str,
+        run_id: str,
+        storage_options: dict | None = None,
+        *,
+        expiry_s: float = DEFAULT_EXPIRY_S,
+        wait_s: float = DEFAULT_WAIT_S,
+        poll_s: float | None = None,
+        renew_every_s: float | None = None,
+        clock_skew_s: float | None = None,
+    ) -> Lease:
         """Take the lease on dataset `dataset_dir` (e.g. "transcripts") of `output_uri` for `run_id`,
         waiting up to `wait_s` seconds while another run holds it.
 
@@ -317,13 +338,22 @@ class Lease:
                 if latest is not None and not latest.released:
                     log.warning("taking over the stale lease on %s from %s", dataset_uri, latest.describe())
                 attempt_at, stamp = time.monotonic(), _now()
-                holder = Holder(run_id, socket.gethostname(), os.getpid(), stamp, stamp, expiry_s, token,
-                                generation=(latest.generation + 1) if latest else 1)
+                holder = Holder(
+                    run_id,
+                    socket.gethostname(),
+                    os.getpid(),
+                    stamp,
+                    stamp,
+                    expiry_s,
+                    token,
+                    generation=(latest.generation + 1) if latest else 1,
+                )
                 data = holder.to_bytes()
                 if store.create(holder.generation, data):
                     try:
                         honoured = not isinstance(store, _ConditionalPutStore) or store.honours_exclusive_create(
-                            holder.generation, data)
+                            holder.generation, data
+                        )
                     except BaseException:
                         store.delete(holder.generation)  # not left behind to block the next run
                         raise
@@ -332,18 +362,22 @@ class Lease:
                         raise LeaseUnsupported(
                             f"the store of {dataset_uri} accepted an object over an existing one despite "
                             f"If-None-Match: *, so it cannot hold a lease; run one job at a time on this "
-                            f"output and set lease: none (--no-lease)")
+                            f"output and set lease: none (--no-lease)"
+                        )
                     _prune(store, holder.generation)
-                    log.info("took the lease on %s for run %s (generation %d)", dataset_uri, run_id,
-                             holder.generation)
+                    log.info("took the lease on %s for run %s (generation %d)", dataset_uri, run_id, holder.generation)
                     return cls(store, dataset_uri, holder, renew_every_s, attempt_at)
                 continue  # another run made that generation first: look again
             if now >= deadline:
                 raise LeaseHeld(dataset_uri, latest, now - started)
             if announced != latest.run_id:
                 announced = latest.run_id
-                log.warning("%s is held by %s; waiting up to %.0f s for it (--no-wait stops at once)",
-                            dataset_uri, latest.describe(), max(0.0, deadline - now))
+                log.warning(
+                    "%s is held by %s; waiting up to %.0f s for it (--no-wait stops at once)",
+                    dataset_uri,
+                    latest.describe(),
+                    max(0.0, deadline - now),
+                )
             time.sleep(min(poll_s, max(0.0, deadline - now)))
 
     def renew(self) -> None:
@@ -386,18 +420,28 @@ class Lease:
         with self._lock:
             if self._lost is not None:
                 return
-            released = Holder(**{**asdict(self.holder), "renewed_at": _now(), "released": True,
-                                 "generation": self.holder.generation + 1})
+            released = Holder(
+                **{
+                    **asdict(self.holder),
+                    "renewed_at": _now(),
+                    "released": True,
+                    "generation": self.holder.generation + 1,
+                }
+            )
             try:
                 if self._store.create(released.generation, released.to_bytes()):
                     _prune(self._store, released.generation)
                     self._lost = LeaseLost(f"the lease on {self.dataset_uri} was released")
                     log.info("released the lease on %s (run %s)", self.dataset_uri, self.holder.run_id)
             except Exception as exc:  # it expires on its own; the run's own outcome matters more
-                log.warning("could not release the lease on %s (%s); it expires after %g s",
-                            self.dataset_uri, exc, self.holder.expiry_s)
+                log.warning(
+                    "could not release the lease on %s (%s); it expires after %g s",
+                    self.dataset_uri,
+                    exc,
+                    self.holder.expiry_s,
+                )
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Lease:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -422,8 +466,10 @@ class Lease:
             except Exception as exc:  # transient store trouble: retry soon; give up once it may have expired
                 if time.monotonic() - self._confirmed_at >= self.holder.expiry_s:
                     with self._lock:
-                        self._lost = LeaseLost(f"run {self.holder.run_id} could not renew its lease on "
-                                               f"{self.dataset_uri} within {self.holder.expiry_s:g} s: {exc}")
+                        self._lost = LeaseLost(
+                            f"run {self.holder.run_id} could not renew its lease on "
+                            f"{self.dataset_uri} within {self.holder.expiry_s:g} s: {exc}"
+                        )
                     log.error("%s", self._lost)
                     return
                 log.warning("could not renew the lease on %s (%s); retrying", self.dataset_uri, exc)
@@ -461,7 +507,7 @@ class NoLease:
     def release(self) -> None:
         pass
 
-    def __enter__(self) -> "NoLease":
+    def __enter__(self) -> NoLease:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -478,8 +524,13 @@ class LeaseTerms:
     wait_s: float = DEFAULT_WAIT_S
 
 
-def take_lease(output_uri: str, dataset_dir: str, run_id: str, storage_options: dict | None = None,
-               terms: LeaseTerms = LeaseTerms()) -> Lease | NoLease:
+def take_lease(
+    output_uri: str,
+    dataset_dir: str,
+    run_id: str,
+    storage_options: dict | None = None,
+    terms: LeaseTerms = LeaseTerms(),
+) -> Lease | NoLease:
     """The lease a run holds on dataset `dataset_dir` of `output_uri` while it writes: a `Lease`, or a
     `NoLease` when the operator opted out (mode "none"). Raises LeaseHeld / LeaseUnsupported as
     `Lease.acquire`."""
@@ -487,8 +538,7 @@ def take_lease(output_uri: str, dataset_dir: str, run_id: str, storage_options: 
     if terms.mode == "none":
         log.warning("no lease on %s (lease: none): make sure no other run writes it at the same time", dataset_uri)
         return NoLease(dataset_uri)
-    return Lease.acquire(output_uri, dataset_dir, run_id, storage_options, expiry_s=terms.expiry_s,
-                         wait_s=terms.wait_s)
+    return Lease.acquire(output_uri, dataset_dir, run_id, storage_options, expiry_s=terms.expiry_s, wait_s=terms.wait_s)
 
 
 def discard_own_records(output_uri: str, run_id: str, storage_options: dict | None = None) -> None:

@@ -21,8 +21,10 @@ def check_output_root(output_uri: str, storage_options: dict | None = None) -> N
     except FileNotFoundError:
         return  # created on the first write
     if kind not in ("directory", None):
-        raise ConfigError(f"output {output_uri} is a {'file' if kind == 'file' else kind}, not a folder: "
-                          "--output names the dataset root (a folder or prefix)")
+        raise ConfigError(
+            f"output {output_uri} is a {'file' if kind == 'file' else kind}, not a folder: "
+            "--output names the dataset root (a folder or prefix)"
+        )
 
 
 def check_run_id_unused(output_uri: str, run_id: str, storage_options: dict | None = None) -> None:

@@ -9,9 +9,9 @@ actor pools restart a dead actor and retry its task without end by default (`max
 1. runs the job with the actor restarted but its task not retried (`MODEL_ACTOR_RETRIES`) and lets
    Ray Data drop a batch whose actor died (`DataContext.max_errored_blocks = MAX_LOST_BATCHES`);
 2. when fewer rows came back than were planned, finds the lost ones by planning again against what
-   is now committed (drivers._still_to_do, bounded like the first plan) and runs them again one
-   recording per block and one segment per model call, so each can only take itself down (an actor killed once, by an operator or the
-   OOM killer, costs its batch this second round, nothing more);
+   is now committed (run/transcription.py, bounded like the first plan) and runs them again one
+   recording per block and one segment per model call, so each can only take itself down (an actor
+   killed once, by an operator or the OOM killer, costs its batch this second round, nothing more);
 3. writes the rows still lost as error rows (`crashed_rows`): "model crashed the worker: ...".
 
 Each death costs an actor restart (the model loaded again), so a poison row costs two.
@@ -27,16 +27,25 @@ import pyarrow as pa
 CRASH_REASON = "model crashed the worker: the model actor died on this row, also alone (see the worker logs)"
 
 
-def crashed_rows(lost: pa.Table, schema: pa.Schema, model: str | list[str], model_revision: str | None | list,
-                 run_id: str, reason: str = CRASH_REASON) -> pa.Table:
+def crashed_rows(
+    lost: pa.Table,
+    schema: pa.Schema,
+    model: str | list[str],
+    model_revision: str | None | list,
+    run_id: str,
+    reason: str = CRASH_REASON,
+) -> pa.Table:
     """Transcript rows (in `schema`) for the `lost` manifest rows: `error` set to `reason` (a row
     that already had an error keeps it), no text, no segments; `model` and `model_revision` are the
     rows' own (lists, one per row: the models they were routed to) or the same for all."""
     n = lost.num_rows
     if not isinstance(model, list):
         model, model_revision = [model] * n, [model_revision] * n
-    errors = [error if error is not None else reason for error in lost.column("error").to_pylist()] \
-        if "error" in lost.column_names else [reason] * n
+    errors = (
+        [error if error is not None else reason for error in lost.column("error").to_pylist()]
+        if "error" in lost.column_names
+        else [reason] * n
+    )
     filled = {
         "error": pa.array(errors, pa.string()),
         "text": pa.nulls(n, pa.string()),

@@ -26,6 +26,7 @@ from granite_batch.second_pass.prompts import Prompter, load_template
 
 log = logging.getLogger(__name__)
 
+
 def _ids_to_skip(output_uri: str, dataset_dir: str, retry_failed: bool, storage_options: dict | None) -> pa.Array:
     """Ids that already have a row in the dataset (with `retry_failed`, only a successful one).
 
@@ -38,9 +39,14 @@ def _ids_to_skip(output_uri: str, dataset_dir: str, retry_failed: bool, storage_
     return committed.ids(include_failed=not retry_failed)
 
 
-def run_second_pass(output_uri: str, options: SecondPassOptions, storage_options: dict | None = None,
-                    run_id: str | None = None, progress: bool = True,
-                    lease_terms: LeaseTerms = LeaseTerms()) -> RunResult:
+def run_second_pass(
+    output_uri: str,
+    options: SecondPassOptions,
+    storage_options: dict | None = None,
+    run_id: str | None = None,
+    progress: bool = True,
+    lease_terms: LeaseTerms = LeaseTerms(),
+) -> RunResult:
     """Run the second pass over the committed transcripts of `output_uri`.
 
     Raises ConfigError (bad template, no transcripts, a context too small for the template) or
@@ -53,8 +59,7 @@ def run_second_pass(output_uri: str, options: SecondPassOptions, storage_options
     dataset_dir = second_pass_dir(name)
     run = _Run(output_uri, posixpath.join(dataset_dir, "_runs"), run_id, storage_options)
     template_source = load_template(options)
-    transcripts = results.load(output_uri, storage_options=storage_options,
-                               columns=["id", "language", "text", "error"])
+    transcripts = results.load(output_uri, storage_options=storage_options, columns=["id", "language", "text", "error"])
     if transcripts.num_rows == 0:
         raise ConfigError(f"no transcripts under {output_uri}: run `granite-batch run` first")
     model_ref, tokenizer, context_tokens = resolve_language_model(options)
@@ -71,32 +76,48 @@ def run_second_pass(output_uri: str, options: SecondPassOptions, storage_options
     failed = pc.is_valid(transcripts.column("error"))
     empty = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(pc.fill_null(transcripts.column("text"), "")), ""), True)
     usable = transcripts.filter(pc.and_(pc.invert(failed), pc.invert(empty)))
-    done_ids = run.plan(dataset_dir, lease_terms,
-                        lambda: _ids_to_skip(output_uri, dataset_dir, options.retry_failed, storage_options))
+    done_ids = run.plan(
+        dataset_dir, lease_terms, lambda: _ids_to_skip(output_uri, dataset_dir, options.retry_failed, storage_options)
+    )
     todo = usable.filter(pc.invert(pc.is_in(usable.column("id"), value_set=done_ids)))
     todo = todo.select(["id", "language", "text"])
-    log.info("second pass %s (run %s): %d transcripts to do, %d already done", name, run.run_id, todo.num_rows,
-             usable.num_rows - todo.num_rows)
+    log.info(
+        "second pass %s (run %s): %d transcripts to do, %d already done",
+        name,
+        run.run_id,
+        todo.num_rows,
+        usable.num_rows - todo.num_rows,
+    )
 
-    writer = TranscriptWriter(output_uri, run.run_id, SECOND_PASS_SCHEMA, storage_options, dataset_dir=dataset_dir,
-                              before_commit=run.lease.check)
+    writer = TranscriptWriter(
+        output_uri,
+        run.run_id,
+        SECOND_PASS_SCHEMA,
+        storage_options,
+        dataset_dir=dataset_dir,
+        before_commit=run.lease.check,
+    )
     counts: Counter = Counter()
     failures: Counter = Counter()
 
     def summary(status: str) -> dict:
         return {
-            **run.times(status), "name": name,
+            **run.times(status),
+            "name": name,
             "transcripts": transcripts.num_rows,
             "skipped_failed": pc.sum(failed).as_py() or 0,
             "skipped_empty": pc.sum(pc.and_(pc.invert(failed), empty)).as_py() or 0,
             "rows_already_done": usable.num_rows - todo.num_rows,
             "rows_to_do": todo.num_rows,
-            "rows_written": counts["written"], "rows_ok": counts["ok"], "rows_failed": counts["failed"],
+            "rows_written": counts["written"],
+            "rows_ok": counts["ok"],
+            "rows_failed": counts["failed"],
             "rows_chunked": counts["chunked"],
             "failures_by_reason": dict(failures.most_common()),
             "context_tokens": context_tokens,
             "wall_s": round(run.wall_s(), 3),
-            "model": model_ref.name, "model_revision": model_ref.revision,
+            "model": model_ref.name,
+            "model_revision": model_ref.revision,
             "files": list(writer.committed),
             "options": options.model_dump(mode="json"),
         }

@@ -46,6 +46,7 @@ from granite_batch.storage import filesystem
 
 log = logging.getLogger(__name__)
 
+
 def _quality(table: pa.Table) -> dict:
     """Corpus-level WER/CER/BLEU/chrF of this run's rows that have a reference (needs the eval extra).
     Never fails the run: a scoring problem is reported in the summary instead."""
@@ -73,22 +74,32 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
     if config.run_id is not None:
         check_run_id_unused(config.output, config.run_id, config.storage_options)
     run = _Run(config.output, RUNS_DIR, config.run_id, config.storage_options)
-    stream = ManifestStream(config.manifest or config.input, Defaults.from_config(config), config.storage_options,
-                            listing=config.manifest is None)
+    stream = ManifestStream(
+        config.manifest or config.input,
+        Defaults.from_config(config),
+        config.storage_options,
+        listing=config.manifest is None,
+    )
     fs, root = filesystem(config.output, config.storage_options)
     output_existed = fs.exists(root)
     lease_terms = LeaseTerms(config.lease, config.lease_expiry_s, config.lease_wait_s)
 
     def plan():
         # Bucketed by id on the output's filesystem, so the driver never holds the manifest (plan.py).
-        return prepare_plan(stream, config.output, plan_folder(config.output, run.run_id), config.storage_options,
-                            retry_failed=config.retry_failed)
+        return prepare_plan(
+            stream,
+            config.output,
+            plan_folder(config.output, run.run_id),
+            config.storage_options,
+            retry_failed=config.retry_failed,
+        )
 
     try:
         layout = run.plan(TRANSCRIPTS_DIR, lease_terms, plan)
         # Every model of the job, in routing order; the first is the run's `model` in the summary.
-        model_refs = [resolve_model(spec.model, spec.revision, config.trust_remote_code)
-                      for spec in config.model_specs()]
+        model_refs = [
+            resolve_model(spec.model, spec.revision, config.trust_remote_code) for spec in config.model_specs()
+        ]
         for spec in config.model_specs():  # a checkpoint that is no Granite Speech stops the job here (exit 3)
             model_profile(spec.model, spec.revision, config.trust_remote_code, spec.profile)
         model_ref = model_refs[0]
@@ -102,8 +113,14 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
     if config.retry_failed and layout.committed.failed_files:
         # A crash after this leaves the failed ids with no row, so they are redone, never with two.
         drop_failed_rows(config.output, layout.committed.failed_files, config.storage_options)
-    log.info("run %s: %d rows to do, %d already done, %d duplicates, from %s", run.run_id, planned["rows_to_do"],
-             planned["rows_already_done"], planned["duplicates"], config.manifest or config.input)
+    log.info(
+        "run %s: %d rows to do, %d already done, %d duplicates, from %s",
+        run.run_id,
+        planned["rows_to_do"],
+        planned["rows_already_done"],
+        planned["duplicates"],
+        config.manifest or config.input,
+    )
 
     stats = RunStats()
     detection = DetectionTally(config.language_threshold)
@@ -111,17 +128,24 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
     def identified(recordings: pa.Table) -> pa.Table:
         # `language: auto` rows get their partition from their transcript (language_id.py), so this
         # runs before anything reads a row's language: subtitles, counts, the writer's partitions.
-        return identify_recordings(recordings, detect_all=config.detect_language,
-                                   threshold=config.language_threshold, tally=detection)
+        return identify_recordings(
+            recordings, detect_all=config.detect_language, threshold=config.language_threshold, tally=detection
+        )
 
     assembler: RecordingAssembler | None = None
     scored_columns = ["id", "language", "task", "target_language", "text", "error", "reference"]
     with_reference: list[pa.Table] = []  # the small part of each batch that quality figures need
     redone_alone = 0
     keywords_dropped = Counter()
-    writer = TranscriptWriter(config.output, run.run_id, transcript_schema(layout.schema),
-                              config.storage_options, config.rows_per_file, config.commit_interval_s,
-                              before_commit=run.lease.check)
+    writer = TranscriptWriter(
+        config.output,
+        run.run_id,
+        transcript_schema(layout.schema),
+        config.storage_options,
+        config.rows_per_file,
+        config.commit_interval_s,
+        before_commit=run.lease.check,
+    )
 
     def summary(status: str) -> dict:
         wall_s = run.wall_s()
@@ -143,7 +167,9 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
             "language_detection": detection.as_dict() if detection.rows else None,
             "rows_incomplete": assembler.pending if assembler else 0,
             "decoding": {language: dict(sorted(counts.items())) for language, counts in sorted(stats.decoding.items())},
-            "inference": {model: figures.summary() for model, figures in assembler.inference.items()} if assembler else {},
+            "inference": {model: figures.summary() for model, figures in assembler.inference.items()}
+            if assembler
+            else {},
             "audio_s": round(stats.audio_s, 3),
             "audio_hours": round(stats.audio_s / 3600, 4),
             "wall_s": round(wall_s, 3),
@@ -188,15 +214,15 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
                     run.stream(_recordings(alone, assembler, identified), writer, on_batch)
                     writer.commit_open()
                     still_lost = _still_to_do(config, run.run_id, attempt=2)
-                    crashed = crashed_rows(still_lost, writer.schema, *_routed_models(still_lost, config, model_refs),
-                                           run.run_id)
+                    crashed = crashed_rows(
+                        still_lost, writer.schema, *_routed_models(still_lost, config, model_refs), run.run_id
+                    )
                     if crashed.num_rows:
                         crashed = identified(crashed)
                         on_batch(crashed)
                         writer.write(crashed)
             if assembler.pending:  # never written half: the next run redoes them
-                log.warning("%d recordings did not receive all their segments; a re-run redoes them",
-                            assembler.pending)
+                log.warning("%d recordings did not receive all their segments; a re-run redoes them", assembler.pending)
         writer.close()  # removes the run's staging folder, the plans included
         failed_fraction = stats.rows_failed / stats.rows_written if stats.rows_written else 0.0
         too_many = failed_fraction > config.max_failed_fraction
@@ -226,10 +252,15 @@ def _routed_models(rows: pa.Table, config: JobConfig, model_refs: list) -> tuple
 def _still_to_do(config: JobConfig, run_id: str, attempt: int) -> pa.Table:
     """The manifest rows that still have no committed row, planned again (bounded like the first plan);
     used only when a run got back fewer rows than it planned, so the result is small."""
-    stream = ManifestStream(config.manifest or config.input, Defaults.from_config(config), config.storage_options,
-                            listing=config.manifest is None)
-    layout = prepare_plan(stream, config.output, f"{plan_folder(config.output, run_id)}-lost-{attempt}",
-                          config.storage_options)
+    stream = ManifestStream(
+        config.manifest or config.input,
+        Defaults.from_config(config),
+        config.storage_options,
+        listing=config.manifest is None,
+    )
+    layout = prepare_plan(
+        stream, config.output, f"{plan_folder(config.output, run_id)}-lost-{attempt}", config.storage_options
+    )
     tables = [todo for todo, _ in (plan_bucket(layout, b) for b in range(layout.buckets)) if todo.num_rows]
     return pa.concat_tables(tables, promote_options="permissive") if tables else layout.schema.empty_table()
 
@@ -242,8 +273,9 @@ def _recordings(segments, assembler: RecordingAssembler, finish: Callable[[pa.Ta
             yield finish(recordings)
 
 
-def transcribe_files(paths: Iterable[str | Path | dict], output: str | Path, model: str | None = None,
-                     progress: bool = False, **options) -> pa.Table:
+def transcribe_files(
+    paths: Iterable[str | Path | dict], output: str | Path, model: str | None = None, progress: bool = False, **options
+) -> pa.Table:
     """Run a job over `paths` (recording paths or URIs, or manifest rows as dicts) into `output`
     and return those recordings' rows. `options` are job config fields (`language`, `task`,
     `target_language`, `generation={"max_new_tokens": 64}`, ...). Recordings that already have a
@@ -257,8 +289,7 @@ def transcribe_files(paths: Iterable[str | Path | dict], output: str | Path, mod
             row["audio"] = str(Path(row["audio"]).resolve())
     with tempfile.TemporaryDirectory(prefix="granite-batch-") as folder:
         manifest_path = Path(folder) / "manifest.jsonl"
-        manifest_path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows),
-                                 encoding="utf-8")
+        manifest_path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
         overrides = {"manifest": str(manifest_path), "output": str(output), "model": model, **options}
         config = load_config(overrides=overrides)
         ids = read_manifest(config.manifest, Defaults.from_config(config), config.storage_options).table.column("id")

@@ -9,8 +9,16 @@ from granite_batch.models.model import ModelLoadError, ModelRef, first_line, loa
 class LanguageModel:
     """A causal language model and its tokenizer on one device: batched greedy generation, left padding."""
 
-    def __init__(self, model, tokenizer, device: str, max_new_tokens: int = 256, batch_size: int = 8,
-                 max_batch_tokens: int = 32768, context_tokens: int | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        device: str,
+        max_new_tokens: int = 256,
+        batch_size: int = 8,
+        max_batch_tokens: int = 32768,
+        context_tokens: int | None = None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "left"  # generation continues every row from its last real token
@@ -25,8 +33,9 @@ class LanguageModel:
         self.prompt_budget = self.context_tokens - max_new_tokens
 
     @classmethod
-    def load(cls, name: str, revision: str | None = None, device: str = "auto", dtype: str = "auto",
-             **options) -> "LanguageModel":
+    def load(
+        cls, name: str, revision: str | None = None, device: str = "auto", dtype: str = "auto", **options
+    ) -> LanguageModel:
         """Load tokenizer and weights once (hub id or local folder) onto `device`: bf16 on GPU, fp32 on CPU."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -55,18 +64,26 @@ class LanguageModel:
         batch: list[int] = []
         for index in order + [None]:
             # Sorted longest first, so a batch's first prompt sets its padded width.
-            full = batch and (index is None or len(batch) >= self.batch_size
-                              or lengths[batch[0]] * (len(batch) + 1) > self.max_batch_tokens)
+            full = batch and (
+                index is None
+                or len(batch) >= self.batch_size
+                or lengths[batch[0]] * (len(batch) + 1) > self.max_batch_tokens
+            )
             if full:
-                encoded = self.tokenizer([prompts[i] for i in batch], add_special_tokens=False, padding=True,
-                                         return_tensors="pt").to(self.device)
+                encoded = self.tokenizer(
+                    [prompts[i] for i in batch], add_special_tokens=False, padding=True, return_tensors="pt"
+                ).to(self.device)
                 with torch.inference_mode():
                     tokens = self.model.generate(
-                        **encoded, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
+                        **encoded,
+                        max_new_tokens=self.max_new_tokens,
+                        do_sample=False,
+                        num_beams=1,
                         pad_token_id=self.tokenizer.pad_token_id,
                     )
-                texts = self.tokenizer.batch_decode(tokens[:, encoded["input_ids"].shape[1]:],
-                                                    skip_special_tokens=True)
+                texts = self.tokenizer.batch_decode(
+                    tokens[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True
+                )
                 for i, text in zip(batch, texts):
                     results[i] = text.strip()
                 batch = []

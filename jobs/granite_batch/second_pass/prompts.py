@@ -21,7 +21,8 @@ TEMPLATES = {
         "{% elif stage == 'map' %}Below is part {{ part }} of {{ parts }} of a recording's transcript. "
         "Summarise this part in a few sentences."
         "{% else %}Below is the transcript of a recording. Summarise it in a few sentences.{% endif %} "
-        + _GUARD + "\n\n{{ transcript }}"
+        + _GUARD
+        + "\n\n{{ transcript }}"
     ),
     "topics": (
         "{% if stage == 'reduce' %}Below are topic lists of consecutive parts of one recording's transcript. "
@@ -60,8 +61,10 @@ def load_template(options: SecondPassOptions) -> str:
     try:
         source = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"second_pass.template: {options.template!r} is not summary, topics, qa or a readable "
-                          f"Jinja file ({getattr(exc, 'strerror', None) or exc})") from None
+        raise ConfigError(
+            f"second_pass.template: {options.template!r} is not summary, topics, qa or a readable "
+            f"Jinja file ({getattr(exc, 'strerror', None) or exc})"
+        ) from None
     try:
         variables = jinja2.meta.find_undeclared_variables(ImmutableSandboxedEnvironment().parse(source))
     except jinja2.TemplateSyntaxError as exc:
@@ -87,15 +90,19 @@ class Prompter:
         self.tokenizer = tokenizer
         self.template = ImmutableSandboxedEnvironment(undefined=StrictUndefined).from_string(template_source)
         specials = set(tokenizer.all_special_tokens) | {
-            t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+            t.content for t in tokenizer.added_tokens_decoder.values() if t.special
+        }
         self.special_tokens = sorted((t for t in specials if len(t) > 1), key=len, reverse=True)
         self.special_ids = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special} | set(
-            tokenizer.all_special_ids)
+            tokenizer.all_special_ids
+        )
         self.role_markers = self._role_markers()
         # "USER:" also as "user :": the marker's letters and punctuation with any spacing between.
         self._marker_patterns = [
-            (re.compile(r"\s*".join(re.escape(run) for run in re.findall(r"\w+|\W+", marker)), re.IGNORECASE),
-             "".join(c for c in marker if c.isalnum()))
+            (
+                re.compile(r"\s*".join(re.escape(run) for run in re.findall(r"\w+|\W+", marker)), re.IGNORECASE),
+                "".join(c for c in marker if c.isalnum()),
+            )
             for marker in self.role_markers
         ]
         self.question = self.escape(question) if question else None
@@ -111,13 +118,14 @@ class Prompter:
         prompt = self.tokenizer.apply_chat_template(conversation[:1], tokenize=False, add_generation_prompt=True)
         bare = self.tokenizer.apply_chat_template(conversation[:1], tokenize=False)
         lines = [line for line in rendered.splitlines() if _SENTINEL in line]
-        lines.append(prompt[len(bare):] if prompt.startswith(bare) else "")
+        lines.append(prompt[len(bare) :] if prompt.startswith(bare) else "")
         markers = set()
         for line in lines:
             for token in self.special_tokens:
                 line = line.replace(token, " ")
-            markers.update(piece for piece in line.replace(_SENTINEL, " ").split()
-                           if not piece.isalnum() and len(piece) > 1)
+            markers.update(
+                piece for piece in line.replace(_SENTINEL, " ").split() if not piece.isalnum() and len(piece) > 1
+            )
         return sorted(markers, key=len, reverse=True)
 
     def escape(self, text: str) -> str:
@@ -193,7 +201,7 @@ class Prompter:
             if self.count(prompt) <= budget:
                 prompts.append(prompt)
             elif len(group) > 1:
-                groups[:0] = [group[: len(group) // 2], group[len(group) // 2:]]
+                groups[:0] = [group[: len(group) // 2], group[len(group) // 2 :]]
             else:
                 raise ContextTooSmall(f"context too small: one note needs more than {budget} prompt tokens")
         return prompts
@@ -221,7 +229,7 @@ def split_tokens(tokenizer, text: str, max_tokens: int) -> list[str]:
                     last = cut
                     break
         end = offsets[last] if last < len(offsets) else len(text)
-        piece = text[offsets[first]:end].strip()
+        piece = text[offsets[first] : end].strip()
         if piece:
             pieces.append(piece)
         first = last

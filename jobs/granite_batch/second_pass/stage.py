@@ -22,6 +22,7 @@ from granite_batch.second_pass.prompts import ContextTooSmall, Prompter
 
 log = logging.getLogger(__name__)
 
+
 def second_pass_table(batch: pa.Table, lm: LanguageModel, prompter: Prompter) -> pa.Table:
     """Map transcript rows (id, language, text) to (id, language, output, error, chunked).
 
@@ -43,13 +44,15 @@ def second_pass_table(batch: pa.Table, lm: LanguageModel, prompter: Prompter) ->
             outputs.append(output)
             errors.append(error)
             chunked.append(was_chunked)
-    return pa.table({
-        "id": batch.column("id"),
-        "language": batch.column("language").cast(pa.string()),
-        "output": pa.array(outputs, pa.string()),
-        "error": pa.array(errors, pa.string()),
-        "chunked": pa.array(chunked, pa.bool_()),
-    })
+    return pa.table(
+        {
+            "id": batch.column("id"),
+            "language": batch.column("language").cast(pa.string()),
+            "output": pa.array(outputs, pa.string()),
+            "error": pa.array(errors, pa.string()),
+            "chunked": pa.array(chunked, pa.bool_()),
+        }
+    )
 
 
 def _process(texts: list[str], lm: LanguageModel, prompter: Prompter):
@@ -87,8 +90,10 @@ def _process(texts: list[str], lm: LanguageModel, prompter: Prompter):
                 errors[row] = str(exc)
                 continue
             if len(prompts) >= len(notes):
-                errors[row] = (f"context too small: {lm.context_tokens} tokens cannot combine the notes of "
-                               f"{len(notes)} parts; lower max_new_tokens")
+                errors[row] = (
+                    f"context too small: {lm.context_tokens} tokens cannot combine the notes of "
+                    f"{len(notes)} parts; lower max_new_tokens"
+                )
                 continue
             requests += [(row, p) for p in prompts]
         pending = {}

@@ -113,8 +113,11 @@ def build_config(tokenizer, initializer_range: float = 0.5, model_type: str = "g
     )
     encoder_kwargs = dict(input_dim=160, num_layers=2, hidden_dim=32, num_heads=4, output_dim=16, context_size=200)
     # The plus encoder concatenates hidden layers for the projector (its `cat_hidden_layers`): one here.
-    encoder_config = (GraniteSpeechPlusEncoderConfig(**encoder_kwargs, cat_hidden_layers=[0]) if plus
-                      else GraniteSpeechEncoderConfig(**encoder_kwargs))
+    encoder_config = (
+        GraniteSpeechPlusEncoderConfig(**encoder_kwargs, cat_hidden_layers=[0])
+        if plus
+        else GraniteSpeechEncoderConfig(**encoder_kwargs)
+    )
     projector_config = Blip2QFormerConfig(
         hidden_size=32,
         num_hidden_layers=1,
@@ -156,8 +159,11 @@ def write_tiny_model(directory: str | Path, seed: int = 0, model_type: str = "gr
     tokenizer = build_tokenizer()
     config = build_config(tokenizer, model_type=model_type)
     torch.manual_seed(seed)
-    model_class = (GraniteSpeechPlusForConditionalGeneration if model_type == "granite_speech_plus"
-                   else GraniteSpeechForConditionalGeneration)
+    model_class = (
+        GraniteSpeechPlusForConditionalGeneration
+        if model_type == "granite_speech_plus"
+        else GraniteSpeechForConditionalGeneration
+    )
     model = model_class(config).eval()
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.eos_token_id,
@@ -185,8 +191,12 @@ def build_ctc_tokenizer(vocab_size: int = 320):
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[CTC_BLANK_TOKEN],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[CTC_BLANK_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     backend.train_from_iterator(_TRAINING_TEXT[3:], trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=CTC_BLANK_TOKEN)
 
@@ -213,11 +223,19 @@ def write_tiny_ctc_model(directory: str | Path, seed: int = 0) -> Path:
     tokenizer = build_ctc_tokenizer()
     vocab_size = len(tokenizer)
     encoder_config = GraniteSpeech5EncoderConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_mel_bins=80, context_size=64, max_position_embeddings=64, initializer_range=0.5,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_mel_bins=80,
+        context_size=64,
+        max_position_embeddings=64,
+        initializer_range=0.5,
     )
-    config = GraniteSpeech5CTCConfig(vocab_size=vocab_size, encoder_config=encoder_config,
-                                     pad_token_id=tokenizer.pad_token_id)
+    config = GraniteSpeech5CTCConfig(
+        vocab_size=vocab_size, encoder_config=encoder_config, pad_token_id=tokenizer.pad_token_id
+    )
     torch.manual_seed(seed)
     model = GraniteSpeech5ForCTC(config).eval()
     with torch.no_grad():
