@@ -194,9 +194,9 @@ def in_process(config, mark_rows: int | None = None) -> dict:
     from granite_batch.inference.assemble import RecordingAssembler
     from granite_batch.inputs.manifest import read_manifest
     from granite_batch.inputs.rows import Defaults
-    from granite_batch.models.model import resolve_model
     from granite_batch.output.writer import TranscriptWriter
-    from granite_batch.pipeline import Transcriber, actor_batch_rows
+    from granite_batch.pipeline import Transcriber, actor_batch_rows, load_options, request_flags
+    from granite_batch.run.transcription import resolve_job_models
     from granite_batch.schema import transcript_schema
 
     # Ray runs each task and actor with OMP_NUM_THREADS = its CPUs (1 here): the same for the loop.
@@ -205,8 +205,8 @@ def in_process(config, mark_rows: int | None = None) -> dict:
     try:
         start = time.perf_counter()
         manifest = read_manifest(config.manifest, Defaults.from_config(config), config.storage_options)
-        model_ref = resolve_model(config.model, config.revision, config.trust_remote_code)
-        transcriber = Transcriber(config, model_ref, config.run_id, "cpu")
+        model = resolve_job_models(config)[0]
+        transcriber = Transcriber(model, load_options(config, "cpu"), request_flags(config), config.run_id)
         writer = TranscriptWriter(
             config.output,
             config.run_id,
@@ -277,15 +277,15 @@ def pipeline_wall(config) -> dict:
     """The Ray Data pipeline of `pipeline.build_dataset` over the same rows, iterated to the end."""
     from granite_batch.inputs.manifest import read_manifest
     from granite_batch.inputs.rows import Defaults
-    from granite_batch.models.model import resolve_model
     from granite_batch.pipeline import build_dataset
+    from granite_batch.run.transcription import resolve_job_models
 
     manifest = read_manifest(config.manifest, Defaults.from_config(config), config.storage_options)
-    model_ref = resolve_model(config.model, config.revision, config.trust_remote_code)
+    models = resolve_job_models(config)
     start = time.perf_counter()
     first = None
     rows = 0
-    dataset = build_dataset(manifest.table, config, model_ref, config.run_id)
+    dataset = build_dataset(manifest.table, config, models, config.run_id)
     first_rows = 0
     for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
         if first is None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
-from conftest import SAMPLES, run_cli, write_jsonl
+from conftest import REPO, SAMPLES, run_cli, write_jsonl
 from granite_batch.evaluate import score_table
 
 
@@ -130,7 +131,7 @@ def test_rows_lost_with_their_batch_become_error_rows_in_the_output_schema():
 # --- the job, end to end (tiny checkpoint, real Ray) ----------------------------------------------
 
 
-def run_job(tmp_path, tiny_model_dir, rows, config: str = "", extra: list[str] = ()):
+def run_job(tmp_path, tiny_model_dir, rows, config: str = "", extra: list[str] = (), dry: bool = False):
     manifest = write_jsonl(tmp_path / "m.jsonl", rows)
     (tmp_path / "job.yaml").write_text(config or "{}\n")
     command = [
@@ -148,7 +149,7 @@ def run_job(tmp_path, tiny_model_dir, rows, config: str = "", extra: list[str] =
         "--no-progress",
         *extra,
     ]
-    return command, run_cli(command)
+    return command, None if dry else run_cli(command)
 
 
 def output_rows(tmp_path) -> dict:
@@ -178,8 +179,34 @@ CRASH_REASONS = {
 def test_rows_that_kill_their_workers_become_one_error_row_each_and_the_job_goes_on(tmp_path, tiny_model_dir):
     # One chosen row per stage kills the process working on it (SIGSEGV, as a native crash would).
     chosen = {"decode": CRASH_ROWS[1]["audio"], "segment": CRASH_ROWS[2]["audio"], "model": CRASH_ROWS[3]["audio"]}
-    config = f"crash_test: {json.dumps(chosen)}\ndecode_batch_size: 2\nbatch_size: 4\n"
-    command, result = run_job(tmp_path, tiny_model_dir, CRASH_ROWS, config)
+    command, _ = run_job(tmp_path, tiny_model_dir, CRASH_ROWS, "decode_batch_size: 2\nbatch_size: 4\n", dry=True)
+    # The hook is a test's argument to run_job, never part of the user's config: a driver of the test's own.
+    driver = (
+        "import json, sys\n"
+        "from granite_batch.audio.isolation import CrashTest\n"
+        "from granite_batch.config import load_config\n"
+        "from granite_batch.run.transcription import run_job\n"
+        "overrides = {'manifest': sys.argv[2], 'output': sys.argv[3], 'model': sys.argv[4],\n"
+        "             'generation': {'max_new_tokens': 6}}\n"
+        "crash_test = CrashTest(**json.loads(sys.argv[5]))\n"
+        "run_job(load_config(sys.argv[1], overrides), progress=False, crash_test=crash_test)\n"
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            driver,
+            str(tmp_path / "job.yaml"),
+            str(tmp_path / "m.jsonl"),
+            str(tmp_path / "out"),
+            str(tiny_model_dir),
+            json.dumps(chosen),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = output_rows(tmp_path)
     assert sorted(rows) == ["de", "en", "fr", "pt"]

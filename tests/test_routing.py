@@ -239,15 +239,16 @@ def test_the_ctc_checkpoint_alone_runs_the_samples_and_refuses_what_it_cannot_se
 def test_rows_lost_to_crashes_are_labelled_with_the_model_they_were_routed_to(
     tiny_model_dir, tiny_ctc_dir, tiny_plus_dir
 ):
-    from granite_batch.models.model import resolve_model
+    from granite_batch.pipeline import request_flags
     from granite_batch.run.recovery import crashed_rows
-    from granite_batch.run.transcription import _routed_models
+    from granite_batch.run.transcription import resolve_job_models, routed_models
 
     dirs = [str(d) for d in (tiny_ctc_dir, tiny_model_dir, tiny_plus_dir)]
     config = load_config(overrides={"manifest": "m.jsonl", "output": "out", "models": [{"model": d} for d in dirs]})
-    refs = [resolve_model(spec.model, spec.revision, False) for spec in config.model_specs()]
+    models = resolve_job_models(config)
+    refs = [model.ref for model in models]
     lost = rows_table([{"id": "en"}, {"id": "fr", "language": "fr"}, {"id": "spk", "speakers": True}])
-    names, revisions = _routed_models(lost, config, refs)
+    names, revisions = routed_models(lost, models, request_flags(config))
     assert names == [refs[0].name, refs[1].name, refs[2].name] and len(set(names)) == 3
     schema = pa.schema(
         [
@@ -262,4 +263,4 @@ def test_rows_lost_to_crashes_are_labelled_with_the_model_they_were_routed_to(
     rows = crashed_rows(lost, schema, names, revisions, "R1")
     assert rows.column("model").to_pylist() == names and rows.column("model_revision").to_pylist() == revisions
     one = load_config(overrides={"manifest": "m.jsonl", "output": "out", "model": dirs[1]})
-    assert _routed_models(lost, one, refs[1:2])[0] == [refs[1].name] * 3
+    assert routed_models(lost, resolve_job_models(one), request_flags(one))[0] == [refs[1].name] * 3

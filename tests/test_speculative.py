@@ -201,8 +201,8 @@ def test_speculative_modes_need_greedy_search(tiny_model_dir):
 
 def test_the_job_config_carries_ibms_settings_to_the_model_actor(tiny_model_dir):
     from granite_batch.config import GenerationOptions, load_config
-    from granite_batch.models.model import ModelRef
-    from granite_batch.pipeline import Transcriber
+    from granite_batch.pipeline import Transcriber, load_options, request_flags
+    from granite_batch.run.transcription import resolve_job_models
 
     assert GenerationOptions().model_dump(include={"ctc_entropy_threshold", "verify_threshold", "fallback_beams"}) == {
         "ctc_entropy_threshold": 0.7,
@@ -218,7 +218,8 @@ def test_the_job_config_carries_ibms_settings_to_the_model_actor(tiny_model_dir)
     config = load_config(
         overrides={"manifest": "m.jsonl", "output": "out", "model": str(tiny_model_dir), "generation": leaderboard}
     )
-    actor = Transcriber(config, ModelRef(str(tiny_model_dir), None), "run", "cpu")
+    model = resolve_job_models(config)[0]
+    actor = Transcriber(model, load_options(config, "cpu"), request_flags(config), "run")
     assert actor.speech_model.speculative == SpeculativeOptions("speculative", 0.7, 0.2, 2)
     with pytest.raises(ValueError, match="num_beams 1"):
         GenerationOptions(decoding="speculative", num_beams=2)  # beams belong to the fallback

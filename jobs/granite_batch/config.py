@@ -8,7 +8,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from granite_batch.audio.isolation import CrashTest
 from granite_batch.models.prompts import ASR_LANGUAGES, AST_PAIRS, AUTO_LANGUAGE, LANGUAGE_NAMES
 
 DEFAULT_MODEL = "ibm-granite/granite-4.0-1b-speech"
@@ -280,11 +279,6 @@ class JobConfig(_Strict):
     storage_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="fsspec options per URI scheme, e.g. {s3: {endpoint_url: ..., anon: true}}; no secrets",
-    )
-    crash_test: CrashTest | None = Field(
-        None,
-        description="test only: {decode|segment|model: AUDIO, signal: 11}: that stage's worker kills itself "
-        "on the row whose audio is AUDIO, to test that the job survives native crashes; never set it in production",
     )
 
     @field_validator("language")

@@ -14,15 +14,17 @@ from __future__ import annotations
 import logging
 import math
 import posixpath
+from dataclasses import dataclass
 
 import pyarrow as pa
 
 from granite_batch.audio import decode_cut, segment
+from granite_batch.audio.isolation import CrashTest
 from granite_batch.config import JobConfig, ModelSpec, SecondPassOptions
 from granite_batch.inference.routing import RequestFlags, route_table
 from granite_batch.inference.transcribe import transcribe_segments
 from granite_batch.inputs.plan import PlanLayout, plan_bucket
-from granite_batch.models.engines import load_speech_model, model_profile
+from granite_batch.models.engines import load_speech_model
 from granite_batch.models.model import ModelRef
 from granite_batch.models.profiles import ModelProfile
 from granite_batch.models.speculative import SpeculativeOptions
@@ -31,44 +33,51 @@ from granite_batch.second_pass.prompts import Prompter
 from granite_batch.second_pass.stage import second_pass_table
 
 
+@dataclass(frozen=True)
+class JobModel:
+    """One model of the job, resolved once on the driver (run/transcription.py): the entry that named
+    it, the exact revision its rows are labelled with and loaded from, and its profile."""
+
+    spec: ModelSpec
+    ref: ModelRef
+    profile: ModelProfile
+
+
+def load_options(config: JobConfig, device: str) -> dict:
+    """What the model actor passes to `load_speech_model`, built once from the job's config."""
+    segments, audio_s = config.model_batch(gpu=device.startswith("cuda"))
+    generation = config.generation
+    return {
+        "device": device,
+        "dtype": config.dtype,
+        "trust_remote_code": config.trust_remote_code,
+        "max_new_tokens": generation.max_new_tokens,
+        "max_new_tokens_per_audio_s": generation.max_new_tokens_per_audio_s,
+        "num_beams": generation.num_beams,
+        "repetition_penalty": generation.repetition_penalty,
+        "max_batch_audio_s": audio_s,
+        "max_batch_segments": segments,
+        "speculative": SpeculativeOptions(
+            generation.decoding,
+            generation.ctc_entropy_threshold,
+            generation.verify_threshold,
+            generation.fallback_beams,
+        ),
+    }
+
+
 class Transcriber:
     """Model actor: loads the model once, then maps batches of segment rows to their texts."""
 
     def __init__(
-        self,
-        config: JobConfig,
-        model_ref: ModelRef,
-        run_id: str,
-        device: str,
-        spec: ModelSpec | None = None,
-        profile: ModelProfile | None = None,
+        self, model: JobModel, options: dict, flags: RequestFlags, run_id: str, crash_test: CrashTest | None = None
     ):
-        self.model_ref = model_ref
+        self.model_ref = model.ref
         self.run_id = run_id
-        spec = spec or config.model_specs()[0]
-        segments, audio_s = config.model_batch(gpu=device.startswith("cuda"))
-        self.crash_test = config.crash_test
-        self.flags = request_flags(config)
-        self.speech_model = load_speech_model(
-            spec.model,
-            spec.revision,
-            device=device,
-            dtype=config.dtype,
-            trust_remote_code=config.trust_remote_code,
-            profile=profile,
-            max_new_tokens=config.generation.max_new_tokens,
-            max_new_tokens_per_audio_s=config.generation.max_new_tokens_per_audio_s,
-            num_beams=config.generation.num_beams,
-            repetition_penalty=config.generation.repetition_penalty,
-            max_batch_audio_s=audio_s,
-            max_batch_segments=segments,
-            speculative=SpeculativeOptions(
-                config.generation.decoding,
-                config.generation.ctc_entropy_threshold,
-                config.generation.verify_threshold,
-                config.generation.fallback_beams,
-            ),
-        )
+        self.flags = flags
+        self.crash_test = crash_test
+        # The exact revision the rows are labelled with is the one loaded.
+        self.speech_model = load_speech_model(model.ref.name, model.ref.revision, profile=model.profile, **options)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.crash_test is not None:
@@ -175,55 +184,47 @@ def actor_batch_rows(segments_per_call: int, audio_s_per_call: float, max_segmen
     return SORT_POOL_CALLS * max(1, min(segments_per_call, int(audio_s_per_call // max_segment_s)))
 
 
-def job_models(config: JobConfig, model_refs: list[ModelRef]) -> list[tuple[ModelSpec, ModelRef, ModelProfile]]:
-    """The job's models in routing order, each with its resolved ref and its profile (profiles.py)."""
-    return [
-        (spec, ref, model_profile(spec.model, spec.revision, config.trust_remote_code, spec.profile))
-        for spec, ref in zip(config.model_specs(), model_refs)
-    ]
-
-
 def build_dataset(
     rows_to_do: pa.Table | tuple[PlanLayout, int],
     config: JobConfig,
-    model_ref: ModelRef | list[ModelRef],
+    models: list[JobModel],
     run_id: str,
     alone: bool = False,
+    crash_test: CrashTest | None = None,
 ):
     """The lazy Ray Dataset of segment results for `rows_to_do`, a table or a prepared plan and its
     number of rows to do (nothing runs until it is iterated): one row per speech segment, and one per
     recording that gave no segment; the driver assembles them into recordings
     (transcribe.RecordingAssembler).
 
-    With several models (`model_ref` a list, in the order of `config.model_specs()`), each row is
+    With several models (`models`, in routing order), each row is
     routed first (routing.py: the first model that serves it), and each model has its own branch of
     decode, segment (cut to the model's per-call limit) and actor pool, with its own resources; the
     branches are one union. A row no model serves goes, with its error, through the first branch.
 
     A batch whose worker dies twice is dropped, not retried forever (recovery.py): the driver
     finds its rows missing and runs them again with `alone`: one recording per block, one segment
-    per model call.
+    per model call. `crash_test` is for tests only (audio.isolation.CrashTest).
     """
     ray = ensure_ray()
     cluster = ray.cluster_resources()
-    refs = model_ref if isinstance(model_ref, list) else [model_ref]
-    models = job_models(config, refs)
+    flags = request_flags(config)
     branches = []
-    for index, (spec, ref, profile) in enumerate(models):
+    for index, model in enumerate(models):
         ds = _input_dataset(ray, rows_to_do, cluster, alone, config)
         # Routing is cheap (no I/O): each branch routes its input and keeps its own rows.
         ds = ds.map_batches(
             route_table,
             fn_kwargs={
-                "models": [(s.model, p) for s, _, p in models],
-                "flags": request_flags(config),
+                "models": [(m.spec.model, m.profile) for m in models],
+                "flags": flags,
                 "keep": index if len(models) > 1 else None,
             },
             batch_format="pyarrow",
             batch_size=None,
             num_cpus=config.resources.decode_cpus,
         )
-        branches.append(_model_branch(ray, ds, config, spec, ref, profile, run_id, cluster, alone))
+        branches.append(_model_branch(ray, ds, config, model, flags, run_id, cluster, alone, crash_test))
     return branches[0] if len(branches) == 1 else branches[0].union(*branches[1:])
 
 
@@ -248,15 +249,16 @@ def _model_branch(
     ray,
     ds,
     config: JobConfig,
-    spec: ModelSpec,
-    model_ref: ModelRef,
-    profile: ModelProfile,
+    model: JobModel,
+    flags: RequestFlags,
     run_id: str,
     cluster: dict,
     alone: bool,
+    crash_test: CrashTest | None,
 ):
     """decode -> segment -> this model's actor pool, for the rows routed to it."""
-    resources = config.resources_for(spec)
+    resources = config.resources_for(model.spec)
+    profile = model.profile
     gpus_per_actor = resources.gpus_per_actor
     if gpus_per_actor is None:
         gpus_per_actor = 1.0 if cluster.get("GPU", 0) >= 1 else 0.0
@@ -279,7 +281,7 @@ def _model_branch(
             "sample_rate_hz": config.sample_rate_hz,
             "max_duration_s": config.max_duration_s,
             "timeout_s": config.decode_timeout_s,
-            "crash_test": config.crash_test,
+            "crash_test": crash_test,
             "allowed_prefixes": tuple(config.allowed_prefixes),
         },
         batch_format="pyarrow",
@@ -292,7 +294,7 @@ def _model_branch(
         fn_kwargs={
             "sample_rate_hz": config.sample_rate_hz,
             "max_segment_s": max_segment_s,
-            "crash_test": config.crash_test,
+            "crash_test": crash_test,
         },
         batch_format="pyarrow",
         batch_size=None,
@@ -308,12 +310,11 @@ def _model_branch(
     return ds.map_batches(
         Transcriber,
         fn_constructor_kwargs={
-            "config": config,
-            "model_ref": model_ref,
+            "model": model,
+            "options": load_options(config, device),
+            "flags": flags,
             "run_id": run_id,
-            "device": device,
-            "spec": spec,
-            "profile": profile,
+            "crash_test": crash_test,
         },
         # Alone, an actor works on one call at a time: calls queued on an actor die with it.
         compute=ray.data.ActorPoolStrategy(

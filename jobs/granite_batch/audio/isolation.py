@@ -72,7 +72,7 @@ class Stage:
 class CrashTest:
     """Test only: the process working on the row whose `audio` is the one named for its stage
     kills itself with `signal`, as a native crash would. Given to the stages as an argument
-    (JobConfig's `crash_test`), never set in production."""
+    (`run_job(..., crash_test=)`), never set in production."""
 
     decode: str | None = None
     segment: str | None = None

@@ -12,13 +12,14 @@ import json
 import logging
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from granite_batch import pipeline, results
+from granite_batch.audio.isolation import CrashTest
 from granite_batch.config import JobConfig, load_config
 from granite_batch.inference.assemble import RecordingAssembler
 from granite_batch.inference.language_id import DetectionTally, identify_recordings
@@ -32,6 +33,7 @@ from granite_batch.output.committed import drop_failed_rows
 from granite_batch.output.subtitles import write_subtitles
 from granite_batch.output.summary import RunStats
 from granite_batch.output.writer import TranscriptWriter
+from granite_batch.pipeline import JobModel
 from granite_batch.run.bookkeeping import RunResult, TooManyFailures, _Run
 from granite_batch.run.lease import LeaseTerms, discard_own_records
 from granite_batch.run.preflight import check_output_root, check_run_id_unused
@@ -45,6 +47,8 @@ from granite_batch.schema import (
 from granite_batch.storage import filesystem
 
 log = logging.getLogger(__name__)
+# What the run's quality figures read of each row with a reference.
+SCORED_COLUMNS = ["id", "language", "task", "target_language", "text", "error", "reference"]
 
 
 def _quality(table: pa.Table) -> dict:
@@ -62,93 +66,204 @@ def _quality(table: pa.Table) -> dict:
     return {key: scores[key] for key in ("rows_scored", "rows_skipped", "overall", "by_task")}
 
 
-def run_job(config: JobConfig, progress: bool = True) -> RunResult:
+def resolve_job_models(config: JobConfig) -> list[JobModel]:
+    """Every model of the job in routing order, resolved once here on the driver: its exact revision
+    and its profile (a checkpoint that is no Granite Speech, or cannot be read, stops the job: exit 3)."""
+    models = []
+    for spec in config.model_specs():
+        ref = resolve_model(spec.model, spec.revision, config.trust_remote_code)
+        profile = model_profile(spec.model, spec.revision, config.trust_remote_code, spec.profile)
+        models.append(JobModel(spec, ref, profile))
+    return models
+
+
+def run_job(config: JobConfig, progress: bool = True, crash_test: CrashTest | None = None) -> RunResult:
     """Run one transcription job end to end. Raises ConfigError / ManifestError / ModelLoadError
     before any work is done, TooManyFailures after writing everything when failed rows exceed
     `max_failed_fraction`.
 
     Ids that already have a row in the output are skipped (with `retry_failed`, only those with a
-    successful row), so re-running the same command after a crash finishes the rest.
+    successful row), so re-running the same command after a crash finishes the rest. `crash_test`
+    is for tests only (audio.isolation.CrashTest).
     """
-    check_output_root(config.output, config.storage_options)
-    if config.run_id is not None:
-        check_run_id_unused(config.output, config.run_id, config.storage_options)
-    run = _Run(config.output, RUNS_DIR, config.run_id, config.storage_options)
-    stream = ManifestStream(
-        config.manifest or config.input,
-        Defaults.from_config(config),
-        config.storage_options,
-        listing=config.manifest is None,
-    )
-    fs, root = filesystem(config.output, config.storage_options)
-    output_existed = fs.exists(root)
-    lease_terms = LeaseTerms(config.lease, config.lease_expiry_s, config.lease_wait_s)
+    return TranscriptionRun(config, progress, crash_test).run()
 
-    def plan():
-        # Bucketed by id on the output's filesystem, so the driver never holds the manifest (plan.py).
-        return prepare_plan(
-            stream,
-            config.output,
-            plan_folder(config.output, run.run_id),
+
+class TranscriptionRun:
+    """One transcription run, step by step: prepare (plan and resolve the models, leaving nothing
+    behind when either fails), transcribe (stream the pipeline's recordings into the writer),
+    recover (redo alone the rows lost with a dying worker), finish (summary, second pass)."""
+
+    def __init__(self, config: JobConfig, progress: bool = True, crash_test: CrashTest | None = None):
+        self.config = config
+        self.progress = progress
+        self.crash_test = crash_test
+        self.stats = RunStats()
+        self.detection = DetectionTally(config.language_threshold)
+        self.assembler = RecordingAssembler()
+        self.with_reference: list[pa.Table] = []  # the small part of each batch that quality figures need
+        self.redone_alone = 0
+        self.keywords_dropped: Counter[str] = Counter()
+
+    def run(self) -> RunResult:
+        config = self.config
+        self.prepare()
+        with self.bookkeeping:
+            if self.planned["rows_to_do"]:
+                self.transcribe()
+            self.writer.close()  # removes the run's staging folder, the plans included
+            failed_fraction = self.stats.rows_failed / self.stats.rows_written if self.stats.rows_written else 0.0
+            too_many = failed_fraction > config.max_failed_fraction
+            extra = {"quality": _quality(pa.concat_tables(self.with_reference))} if self.with_reference else {}
+            path = self.bookkeeping.write("too_many_failures" if too_many else "succeeded", **extra)
+        if config.second_pass is not None:  # over every committed transcript, this run's included
+            run_second_pass(
+                config.output,
+                config.second_pass,
+                config.storage_options,
+                self.bookkeeping.run_id,
+                self.progress,
+                self.lease_terms,
+            )
+        if too_many:
+            raise TooManyFailures(
+                f"{self.stats.rows_failed} of {self.stats.rows_written} rows failed ({failed_fraction:.1%}), "
+                f"more than max_failed_fraction {config.max_failed_fraction:.1%}; summary: {path}"
+            )
+        return RunResult(self.bookkeeping.run_id, self.bookkeeping.last, path, list(self.writer.committed))
+
+    def prepare(self) -> None:
+        """Check the output, take its lease, plan what is left and resolve the models; a bad manifest
+        or model stops here with nothing left behind."""
+        config = self.config
+        check_output_root(config.output, config.storage_options)
+        if config.run_id is not None:
+            check_run_id_unused(config.output, config.run_id, config.storage_options)
+        run = self.bookkeeping = _Run(config.output, RUNS_DIR, config.run_id, config.storage_options)
+        stream = ManifestStream(
+            config.manifest or config.input,
+            Defaults.from_config(config),
             config.storage_options,
-            retry_failed=config.retry_failed,
+            listing=config.manifest is None,
+        )
+        fs, root = filesystem(config.output, config.storage_options)
+        output_existed = fs.exists(root)
+        self.lease_terms = LeaseTerms(config.lease, config.lease_expiry_s, config.lease_wait_s)
+
+        def plan():
+            # Bucketed by id on the output's filesystem, so the driver never holds the manifest (plan.py).
+            return prepare_plan(
+                stream,
+                config.output,
+                plan_folder(config.output, run.run_id),
+                config.storage_options,
+                retry_failed=config.retry_failed,
+            )
+
+        try:
+            self.layout = run.plan(TRANSCRIPTS_DIR, self.lease_terms, plan)
+            self.models = resolve_job_models(config)  # the first is the run's `model` in the summary
+        except BaseException:  # a bad manifest or model: nothing was done, so nothing is left behind
+            run.lease.release()
+            if not output_existed:
+                discard_own_records(config.output, run.run_id, config.storage_options)
+            discard_plan(config.output, run.run_id, config.storage_options, output_created=not output_existed)
+            raise
+        self.planned = plan_counts(self.layout)
+        if config.retry_failed and self.layout.committed.failed_files:
+            # A crash after this leaves the failed ids with no row, so they are redone, never with two.
+            drop_failed_rows(config.output, self.layout.committed.failed_files, config.storage_options)
+        log.info(
+            "run %s: %d rows to do, %d already done, %d duplicates, from %s",
+            run.run_id,
+            self.planned["rows_to_do"],
+            self.planned["rows_already_done"],
+            self.planned["duplicates"],
+            config.manifest or config.input,
+        )
+        self.writer = TranscriptWriter(
+            config.output,
+            run.run_id,
+            transcript_schema(self.layout.schema),
+            config.storage_options,
+            config.rows_per_file,
+            config.commit_interval_s,
+            before_commit=run.lease.check,
+        )
+        run.summary = self.summary
+
+    def transcribe(self) -> None:
+        """Stream the planned rows through the pipeline into the writer; then recover lost rows."""
+        pipeline.ensure_ray().data.DataContext.get_current().enable_progress_bars = self.progress
+        segments = self._dataset((self.layout, self.planned["rows_to_do"]))
+        self.bookkeeping.stream(self._recordings(segments), self.writer, self.on_batch)
+        if self.stats.rows_written + self.assembler.pending < self.planned["rows_to_do"]:
+            self.recover()
+        if self.assembler.pending:  # never written half: the next run redoes them
+            log.warning(
+                "%d recordings did not receive all their segments; a re-run redoes them", self.assembler.pending
+            )
+
+    def recover(self) -> None:
+        """Batches whose worker died twice were dropped (pipeline.MAX_LOST_BATCHES): find their rows by
+        planning again against what is now committed, redo each recording alone, then error rows."""
+        config, run_id = self.config, self.bookkeeping.run_id
+        self.writer.commit_open()
+        lost = _still_to_do(config, run_id, attempt=1)
+        log.warning("%d rows lost with batches whose worker died; redoing them one by one", lost.num_rows)
+        self.redone_alone = lost.num_rows
+        if not lost.num_rows:
+            return
+        alone = self._dataset(lost, alone=True)
+        self.bookkeeping.stream(self._recordings(alone), self.writer, self.on_batch)
+        self.writer.commit_open()
+        still_lost = _still_to_do(config, run_id, attempt=2)
+        routed = routed_models(still_lost, self.models, pipeline.request_flags(config))
+        crashed = crashed_rows(still_lost, self.writer.schema, *routed, run_id)
+        if crashed.num_rows:
+            crashed = self.identified(crashed)
+            self.on_batch(crashed)
+            self.writer.write(crashed)
+
+    def _dataset(self, rows_to_do, alone: bool = False):
+        return pipeline.build_dataset(
+            rows_to_do, self.config, self.models, self.bookkeeping.run_id, alone=alone, crash_test=self.crash_test
         )
 
-    try:
-        layout = run.plan(TRANSCRIPTS_DIR, lease_terms, plan)
-        # Every model of the job, in routing order; the first is the run's `model` in the summary.
-        model_refs = [
-            resolve_model(spec.model, spec.revision, config.trust_remote_code) for spec in config.model_specs()
-        ]
-        for spec in config.model_specs():  # a checkpoint that is no Granite Speech stops the job here (exit 3)
-            model_profile(spec.model, spec.revision, config.trust_remote_code, spec.profile)
-        model_ref = model_refs[0]
-    except BaseException:  # a bad manifest or model: nothing was done, so nothing is left behind
-        run.lease.release()
-        if not output_existed:
-            discard_own_records(config.output, run.run_id, config.storage_options)
-        discard_plan(config.output, run.run_id, config.storage_options, output_created=not output_existed)
-        raise
-    planned = plan_counts(layout)
-    if config.retry_failed and layout.committed.failed_files:
-        # A crash after this leaves the failed ids with no row, so they are redone, never with two.
-        drop_failed_rows(config.output, layout.committed.failed_files, config.storage_options)
-    log.info(
-        "run %s: %d rows to do, %d already done, %d duplicates, from %s",
-        run.run_id,
-        planned["rows_to_do"],
-        planned["rows_already_done"],
-        planned["duplicates"],
-        config.manifest or config.input,
-    )
+    def _recordings(self, segments):
+        """The complete recordings' rows, as their last segments arrive from the Ray dataset."""
+        for batch in segments.iter_batches(batch_format="pyarrow", batch_size=None):
+            recordings = self.assembler.add(batch)
+            if recordings is not None:
+                yield self.identified(recordings)
 
-    stats = RunStats()
-    detection = DetectionTally(config.language_threshold)
-
-    def identified(recordings: pa.Table) -> pa.Table:
+    def identified(self, recordings: pa.Table) -> pa.Table:
         # `language: auto` rows get their partition from their transcript (language_id.py), so this
         # runs before anything reads a row's language: subtitles, counts, the writer's partitions.
         return identify_recordings(
-            recordings, detect_all=config.detect_language, threshold=config.language_threshold, tally=detection
+            recordings,
+            detect_all=self.config.detect_language,
+            threshold=self.config.language_threshold,
+            tally=self.detection,
         )
 
-    assembler: RecordingAssembler | None = None
-    scored_columns = ["id", "language", "task", "target_language", "text", "error", "reference"]
-    with_reference: list[pa.Table] = []  # the small part of each batch that quality figures need
-    redone_alone = 0
-    keywords_dropped = Counter()
-    writer = TranscriptWriter(
-        config.output,
-        run.run_id,
-        transcript_schema(layout.schema),
-        config.storage_options,
-        config.rows_per_file,
-        config.commit_interval_s,
-        before_commit=run.lease.check,
-    )
+    def on_batch(self, batch: pa.Table) -> None:
+        config = self.config
+        # Before the rows: once a row is committed its id is done, so its subtitles must exist.
+        write_subtitles(batch, config.output, config.subtitles, self.bookkeeping.run_id, config.storage_options)
+        self.stats.add(batch)
+        if "keywords_dropped" in batch.column_names:
+            dropped = [count for count in batch.column("keywords_dropped").to_pylist() if count]
+            self.keywords_dropped.update(rows=len(dropped), keywords=sum(dropped))
+        if "reference" in batch.column_names:
+            referenced = batch.filter(pc.is_valid(batch.column("reference")))
+            if referenced.num_rows:
+                self.with_reference.append(referenced.select(SCORED_COLUMNS))
 
-    def summary(status: str) -> dict:
+    def summary(self, status: str) -> dict:
+        run, stats, planned, layout = self.bookkeeping, self.stats, self.planned, self.layout
         wall_s = run.wall_s()
+        first = self.models[0].ref
         return {
             **run.times(status),
             "manifest_files": layout.manifest_files,
@@ -164,88 +279,33 @@ def run_job(config: JobConfig, progress: bool = True) -> RunResult:
             "rows_failed": stats.rows_failed,
             "failures_by_reason": dict(stats.failures_by_reason.most_common()),
             "rows_by_language": dict(sorted(stats.rows_by_language.items())),
-            "language_detection": detection.as_dict() if detection.rows else None,
-            "rows_incomplete": assembler.pending if assembler else 0,
+            "language_detection": self.detection.as_dict() if self.detection.rows else None,
+            "rows_incomplete": self.assembler.pending,
             "decoding": {language: dict(sorted(counts.items())) for language, counts in sorted(stats.decoding.items())},
-            "inference": {model: figures.summary() for model, figures in assembler.inference.items()}
-            if assembler
-            else {},
+            "inference": {model: figures.summary() for model, figures in self.assembler.inference.items()},
             "audio_s": round(stats.audio_s, 3),
             "audio_hours": round(stats.audio_s / 3600, 4),
             "wall_s": round(wall_s, 3),
             "real_time_factor": round(stats.audio_s / wall_s, 3) if wall_s > 0 else None,
-            "model": model_ref.name,
-            "model_revision": model_ref.revision,
-            "models": [{"model": ref.name, "model_revision": ref.revision} for ref in model_refs],
-            "files": list(writer.committed),
-            "rows_redone_alone": redone_alone,
-            "keywords_dropped": dict(keywords_dropped),
-            "config": config.public_dict(),
+            "model": first.name,
+            "model_revision": first.revision,
+            "models": [{"model": m.ref.name, "model_revision": m.ref.revision} for m in self.models],
+            "files": list(self.writer.committed),
+            "rows_redone_alone": self.redone_alone,
+            "keywords_dropped": dict(self.keywords_dropped),
+            "config": self.config.public_dict(),
         }
 
-    def on_batch(batch: pa.Table) -> None:
-        # Before the rows: once a row is committed its id is done, so its subtitles must exist.
-        write_subtitles(batch, config.output, config.subtitles, run.run_id, config.storage_options)
-        stats.add(batch)
-        if "keywords_dropped" in batch.column_names:
-            dropped = [count for count in batch.column("keywords_dropped").to_pylist() if count]
-            keywords_dropped.update(rows=len(dropped), keywords=sum(dropped))
-        if "reference" in batch.column_names:
-            referenced = batch.filter(pc.is_valid(batch.column("reference")))
-            if referenced.num_rows:
-                with_reference.append(referenced.select(scored_columns))
 
-    run.summary = summary
-    with run:
-        if planned["rows_to_do"]:
-            pipeline.ensure_ray().data.DataContext.get_current().enable_progress_bars = progress
-            segments = pipeline.build_dataset((layout, planned["rows_to_do"]), config, model_refs, run.run_id)
-            assembler = RecordingAssembler()
-            run.stream(_recordings(segments, assembler, identified), writer, on_batch)
-            if stats.rows_written + assembler.pending < planned["rows_to_do"]:
-                # Batches whose worker died twice were dropped (recovery.py): find their rows by planning
-                # again against what is now committed, redo each recording alone, then error rows.
-                writer.commit_open()
-                lost = _still_to_do(config, run.run_id, attempt=1)
-                log.warning("%d rows lost with batches whose worker died; redoing them one by one", lost.num_rows)
-                redone_alone = lost.num_rows
-                if lost.num_rows:
-                    alone = pipeline.build_dataset(lost, config, model_refs, run.run_id, alone=True)
-                    run.stream(_recordings(alone, assembler, identified), writer, on_batch)
-                    writer.commit_open()
-                    still_lost = _still_to_do(config, run.run_id, attempt=2)
-                    crashed = crashed_rows(
-                        still_lost, writer.schema, *_routed_models(still_lost, config, model_refs), run.run_id
-                    )
-                    if crashed.num_rows:
-                        crashed = identified(crashed)
-                        on_batch(crashed)
-                        writer.write(crashed)
-            if assembler.pending:  # never written half: the next run redoes them
-                log.warning("%d recordings did not receive all their segments; a re-run redoes them", assembler.pending)
-        writer.close()  # removes the run's staging folder, the plans included
-        failed_fraction = stats.rows_failed / stats.rows_written if stats.rows_written else 0.0
-        too_many = failed_fraction > config.max_failed_fraction
-        extra = {"quality": _quality(pa.concat_tables(with_reference))} if with_reference else {}
-        path = run.write("too_many_failures" if too_many else "succeeded", **extra)
-    if config.second_pass is not None:  # over every committed transcript, this run's included
-        run_second_pass(config.output, config.second_pass, config.storage_options, run.run_id, progress, lease_terms)
-    if too_many:
-        raise TooManyFailures(
-            f"{stats.rows_failed} of {stats.rows_written} rows failed ({failed_fraction:.1%}), "
-            f"more than max_failed_fraction {config.max_failed_fraction:.1%}; summary: {path}"
-        )
-    return RunResult(run.run_id, run.last, path, list(writer.committed))
-
-
-def _routed_models(rows: pa.Table, config: JobConfig, model_refs: list) -> tuple[list[str], list[str | None]]:
+def routed_models(rows: pa.Table, models: list[JobModel], flags) -> tuple[list[str], list[str | None]]:
     """The name and revision of the model each of `rows` goes to, routed as the job routes them
     (routing.route_table: the first model that serves it; the first model for a row none serves)."""
-    if len(model_refs) == 1:
-        return [model_refs[0].name] * rows.num_rows, [model_refs[0].revision] * rows.num_rows
-    models = pipeline.job_models(config, model_refs)
-    routed = route_table(rows, [(spec.model, profile) for spec, _, profile in models], pipeline.request_flags(config))
-    refs = [model_refs[i] for i in routed.column(ROUTE_COLUMN).to_pylist()]
+    refs = [model.ref for model in models]
+    if len(refs) > 1:
+        routed = route_table(rows, [(m.spec.model, m.profile) for m in models], flags)
+        refs = [refs[i] for i in routed.column(ROUTE_COLUMN).to_pylist()]
+    else:
+        refs = refs * rows.num_rows
     return [ref.name for ref in refs], [ref.revision for ref in refs]
 
 
@@ -263,14 +323,6 @@ def _still_to_do(config: JobConfig, run_id: str, attempt: int) -> pa.Table:
     )
     tables = [todo for todo, _ in (plan_bucket(layout, b) for b in range(layout.buckets)) if todo.num_rows]
     return pa.concat_tables(tables, promote_options="permissive") if tables else layout.schema.empty_table()
-
-
-def _recordings(segments, assembler: RecordingAssembler, finish: Callable[[pa.Table], pa.Table]):
-    """The complete recordings' rows, as their last segments arrive from the Ray dataset, through `finish`."""
-    for batch in segments.iter_batches(batch_format="pyarrow", batch_size=None):
-        recordings = assembler.add(batch)
-        if recordings is not None:
-            yield finish(recordings)
 
 
 def transcribe_files(
