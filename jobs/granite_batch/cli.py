@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 
 EXIT_OK = 0
@@ -316,6 +318,46 @@ def _could_not_finish(what: str, exc: Exception) -> int:
     return EXIT_RUNTIME
 
 
+def _interrupted(exc: KeyboardInterrupt) -> int:
+    """Ctrl-C or SIGTERM: one line, the exit status a shell gives the signal (130, 143)."""
+    from granite_batch.run.bookkeeping import interrupt_signal
+
+    number = interrupt_signal(exc)
+    print(
+        f"granite-batch: interrupted ({signal.Signals(number).name}): committed rows are kept and the run's "
+        "summary says so; run the same command again to finish the rest",
+        file=sys.stderr,
+    )
+    return 128 + number
+
+
+def _raise_interrupted(number: int, frame) -> None:
+    from granite_batch.run.bookkeeping import Interrupted
+
+    raise Interrupted(number)
+
+
+def _exit_now(code: int) -> None:
+    """After an interrupt: stop the local Ray (tasks may still be running) within a bound, then exit,
+    rather than wait for them in the interpreter's exit handlers."""
+    import threading
+
+    def shutdown() -> None:
+        try:
+            import ray
+
+            ray.shutdown()
+        except Exception:
+            pass  # exiting anyway: Ray's own processes end with this driver
+
+    stopper = threading.Thread(target=shutdown, daemon=True)
+    stopper.start()
+    stopper.join(timeout=30)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from granite_batch.config import ConfigError, load_config
     from granite_batch.inputs.rows import ManifestError
@@ -333,6 +375,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     try:
         result = run_job(config, progress=not args.no_progress)
+    except KeyboardInterrupt as exc:
+        return _interrupted(exc)
     except (ConfigError, LeaseUnsupported) as exc:
         print(f"granite-batch: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -469,6 +513,8 @@ def _cmd_second_pass(args: argparse.Namespace) -> int:
         result = run_second_pass(
             args.output, options, storage, run_id=args.run_id, progress=not args.no_progress, lease_terms=terms
         )
+    except KeyboardInterrupt as exc:
+        return _interrupted(exc)
     except (ConfigError, LeaseUnsupported) as exc:
         print(f"granite-batch: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -533,7 +579,12 @@ def main(argv: list[str] | None = None) -> int:
         "second-pass": _cmd_second_pass,
         "tiny-lm": _cmd_tiny_lm,
     }[args.command]
-    return handler(args)
+    if args.command in ("run", "second-pass"):
+        signal.signal(signal.SIGTERM, _raise_interrupted)  # stops like Ctrl-C: committed rows stay
+    code = handler(args)
+    if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        _exit_now(code)
+    return code
 
 
 if __name__ == "__main__":

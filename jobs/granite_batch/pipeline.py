@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import math
 import posixpath
+import signal
+import threading
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -131,8 +133,13 @@ def ensure_ray():
     import ray
 
     if not ray.is_initialized():
+        on_sigterm = signal.getsignal(signal.SIGTERM)
         # Connects to RAY_ADDRESS / a running cluster when there is one, else starts a local Ray.
         ray.init(logging_level=logging.WARNING, log_to_driver=True)
+        if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+            # Ray's core worker installs a SIGTERM handler that aborts the driver: the driver's own
+            # (a clean stop, cli.py) goes back in place.
+            signal.signal(signal.SIGTERM, on_sigterm)
     return ray
 
 

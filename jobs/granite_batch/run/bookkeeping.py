@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
+import signal
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -20,6 +21,19 @@ from granite_batch.run.lease import LeaseTerms, NoLease, take_lease
 from granite_batch.storage import filesystem
 
 log = logging.getLogger(__name__)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt, so a run stops the same way on both."""
+
+    def __init__(self, signal_number: int = signal.SIGTERM):
+        super().__init__(signal.Signals(signal_number).name)
+        self.signal_number = signal_number
+
+
+def interrupt_signal(error: BaseException) -> int:
+    """The signal that stopped a run: SIGTERM for Interrupted, SIGINT for a plain KeyboardInterrupt."""
+    return error.signal_number if isinstance(error, Interrupted) else signal.SIGINT
 
 
 class TooManyFailures(RuntimeError):
@@ -104,7 +118,10 @@ class _Run:
         try:
             if error is not None and self.summary is not None:
                 try:
-                    self.write("failed", error=f"{kind.__name__}: {first_line(error)}")
+                    if isinstance(error, KeyboardInterrupt):  # Ctrl-C or SIGTERM: what is committed stays
+                        self.write("interrupted", signal=signal.Signals(interrupt_signal(error)).name)
+                    else:
+                        self.write("failed", error=f"{kind.__name__}: {first_line(error)}")
                 except Exception:  # the output itself may be what failed; the original error matters more
                     log.warning("could not record the failure in the run summary", exc_info=True)
         finally:

@@ -109,8 +109,13 @@ class TranscriptionRun:
         config = self.config
         self.prepare()
         with self.bookkeeping:
-            if self.planned["rows_to_do"]:
-                self.transcribe()
+            try:
+                if self.planned["rows_to_do"]:
+                    self.transcribe()
+            except KeyboardInterrupt:
+                # Every row written so far is whole: commit them, and leave no staging (plans included).
+                self.writer.close()
+                raise
             self.writer.close()  # removes the run's staging folder, the plans included
             failed_fraction = self.stats.rows_failed / self.stats.rows_written if self.stats.rows_written else 0.0
             too_many = failed_fraction > config.max_failed_fraction
