@@ -3,7 +3,7 @@
     PYTHONPATH=jobs python benchmarks/bench_alignment.py [--segment-s 10 30] [--segments 40] [--device cpu]
 
 For segments of each length it builds the CTC head's output as granite-4.0-1b-speech has it (348
-classes, one frame per 20 ms: ../shared/FACTS.md) and an English text at a fast speaking rate (15
+classes, one frame per 20 ms: its published config.json) and an English text at a fast speaking rate (15
 characters a second, about 170 words a minute), then times what the model actor adds per segment
 when `word_timestamps` is on: the log-softmax of the head's logits and `align_words` (emission
 columns, `torchaudio.functional.forced_align`, word spans). The posteriors are random: the Viterbi

@@ -2,7 +2,7 @@
 
 A standalone script for a GPU machine with torch, torchaudio, numpy and transformers (5.17 or
 later) and nothing else: no Ray, no network, no weights. It builds the granite-4.0-1b-speech
-architecture (published config, ../shared/FACTS.md) with random weights in bfloat16, makes every
+architecture (its published config.json on the Hub) with random weights in bfloat16, makes every
 clip generate exactly the same number of tokens (`min_new_tokens = max_new_tokens`, ~4 per audio
 second on average, so random weights do a real transcript's work), and reports RTFx (audio seconds
 / wall seconds, as the Open ASR leaderboard counts it) and peak GPU memory for:

@@ -1,9 +1,12 @@
-"""The notebooks run top to bottom on a real output (the tiny checkpoint's) and save their figures."""
+"""The notebooks run top to bottom on a real output (the tiny checkpoint's) and save their figures; the
+committed copies carry their outputs and find the repository root from wherever they are opened."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import matplotlib.image
@@ -78,13 +81,44 @@ def assert_figures(folder: Path, names: list[str]) -> None:
         assert image.std() > 0.01, f"{name} is blank"
 
 
-@pytest.mark.parametrize("name", ["explore_results", "evaluate_quality", "run_a_small_job"])
-def test_notebooks_are_committed_without_outputs(name):
+NAMES = ["explore_results", "evaluate_quality", "run_a_small_job"]
+FIGURES_SHOWN = {"explore_results": 4, "evaluate_quality": 3, "run_a_small_job": 1}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebooks_are_committed_with_their_outputs(name):
+    """A reader on the web (and the docs site) sees every cell's output: `python
+    notebooks/refresh_outputs.py` ran them on the samples; nothing of the machine it ran on is saved."""
     notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     nbformat.validate(notebook)
-    for cell in notebook.cells:
-        if cell.cell_type == "code":
-            assert cell.outputs == [] and cell.execution_count is None
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert all(cell.execution_count for cell in code), "run python notebooks/refresh_outputs.py"
+    outputs = [output for cell in code for output in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == FIGURES_SHOWN[name]
+    saved = json.dumps(outputs)
+    for machine_path in ("/tmp/", "/work/", "/home/", "/root/"):
+        assert machine_path not in saved, machine_path
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("opened_from", ["notebooks", "root"])
+def test_notebook_defaults_find_the_repository_root(name, opened_from, tmp_path):
+    """Opened from notebooks/ or from the root, a notebook's default output is the out/ the Quick
+    start writes at the root (and its samples are the root's)."""
+    notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    settings = next(cell.source for cell in notebook.cells if cell.cell_type == "code")
+    script = settings + "\nprint(OUTPUT)\nprint(globals().get('SAMPLES', ''))\n"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("GRANITE_BATCH_")}
+    env["GRANITE_BATCH_FIGURES"] = str(tmp_path)
+    env["MPLBACKEND"] = "Agg"
+    cwd = NOTEBOOKS if opened_from == "notebooks" else REPO
+    done = subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    output, samples = done.stdout.splitlines()[-2:]
+    assert Path(output) == REPO / "out"
+    if name == "run_a_small_job":
+        assert Path(samples) == SAMPLES
 
 
 def test_explore_results(job_output, tmp_path):

@@ -18,7 +18,7 @@ WORD_TYPE = pa.struct(
 )
 
 
-# One speech segment of a recording (../shared/CONTRACT.md, `segments`): seconds from the recording's
+# One speech segment of a recording (docs/contract.md, `segments`): seconds from the recording's
 # start; `truncated` when decoding stopped at the token budget; `avg_logprob` the mean scaled log-probability
 # of its tokens (null where no language model scored them); `words` with word timestamps on; `speaker` and
 # `channel` stay null until something computes them (speaker labels, split channels).

@@ -37,7 +37,7 @@ def join_segments(ordered: list[dict], separator: str) -> str:
 
 @dataclass
 class InferenceStats:
-    """How the model was fed, for the run summary (`../shared/CONTRACT.md`, `inference`)."""
+    """How the model was fed, for the run summary (docs/contract.md, `inference`)."""
 
     generate_calls: int = 0
     segments: int = 0

@@ -1,6 +1,6 @@
 """Load Granite Speech and run batched, batch-invariant generation.
 
-Batching follows what ../shared/FACTS.md measured: the feature extractor zero-pads waveforms before
+Batching follows what was measured (docs/explanation/inference.md): the feature extractor zero-pads waveforms before
 the mel step and the conformer encoder has no padding mask, so padded audio changes the audio
 embeddings. Features and encoder + projector therefore run per recording (or per group of
 recordings with identical sample counts and prompts), and only the language model is batched, on

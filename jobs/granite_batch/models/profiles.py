@@ -68,7 +68,7 @@ WORD_TIMES_INSTRUCTION = (
 
 _LATIN = ("en", "fr", "de", "es", "pt")
 # granite-speech-4.1-2b card: "bidirectional automatic speech translation (AST) for English, French,
-# German, Spanish, Portuguese and Japanese"; en->it/zh as for 4.0 (../shared/FACTS.md).
+# German, Spanish, Portuguese and Japanese"; en->it/zh as for 4.0 (its model card, huggingface.co/ibm-granite).
 AST_PAIRS_41 = frozenset({(src, "en") for src in ("fr", "de", "es", "pt", "ja")}) | frozenset(
     {("en", tgt) for tgt in ("fr", "de", "es", "pt", "ja", "it", "zh")}
 )
@@ -196,7 +196,7 @@ GRANITE_SPEECH_PLUS = ModelProfile(
     word_times=True,
     system_prompt=PLUS_SYSTEM_PROMPT,
     instruction_separator=" ",
-    # IBM states about 9 minutes per call for speaker attribution and 5 for timestamps (../shared/FACTS.md;
+    # IBM states about 9 minutes per call for speaker attribution and 5 for timestamps (4.1-2b-plus's card;
     # one public copy of the card reads 3.5 minutes for timestamps, so the smaller is used).
     max_call_s=540.0,
     max_speakers_call_s=540.0,

@@ -5,8 +5,8 @@ Sources for the instruction texts:
   system prompt: IBM's granite-speech-models `notebooks/speculative_decoding_notebook.ipynb` and the
   granite-4.0-1b-speech model card.
 - Keyword biasing: the instruction followed by `Keywords: kw1, kw2`, with ". " inserted only when the
-  instruction does not already end in punctuation and keywords de-duplicated (IBM's own library, as
-  recorded in ../shared/FACTS.md).
+  instruction does not already end in punctuation and keywords de-duplicated (IBM's own Granite Speech
+  inference code).
 - AST: `<|audio|>translate the speech to {Language}`: the form vLLM's Granite Speech example and the
   granite-4.1 card use (the 4.0 card shows no translation prompt).
 """
