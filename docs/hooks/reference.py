@@ -202,7 +202,6 @@ def config_reference() -> str:
         (config.SecondPassOptions, "SecondPassOptions"),
     ]
     example = config.JobConfig(manifest="samples/manifest.jsonl", output="out/").model_dump(mode="json")
-    example.pop("crash_test")
     sections = [_model_table(model, heading) for model, heading in models]
     yaml_text = yaml.safe_dump(example, sort_keys=False, allow_unicode=True)
     return (
