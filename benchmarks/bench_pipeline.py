@@ -201,7 +201,7 @@ def in_process(config, mark_rows: int | None = None) -> dict:
 
     # Ray runs each task and actor with OMP_NUM_THREADS = its CPUs (1 here): the same for the loop.
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(config.resources.cpus_per_actor)))
+    torch.set_num_threads(max(1, int(config.resources.cpus_per_actor or 1)))
     try:
         start = time.perf_counter()
         manifest = read_manifest(config.manifest, Defaults.from_config(config), config.storage_options)

@@ -78,11 +78,29 @@ class Resources(_Strict):
 
     decode_cpus: float = Field(0.5, gt=0, description="CPUs per decode/segment task")
     model_actors_min: int = Field(1, ge=1, description="smallest size of the model actor pool")
-    model_actors_max: int = Field(1, ge=1, description="largest size of the model actor pool")
-    gpus_per_actor: float | None = Field(
-        None, ge=0, description="GPUs per model actor; default 1 when the cluster has GPUs, else 0"
+    model_actors_max: int | None = Field(
+        None,
+        ge=1,
+        description="largest size of the model actor pool; default: as many actors as the cluster's GPUs "
+        "hold (shared among the job's models), 1 without GPUs",
     )
-    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float | None = Field(
+        None,
+        ge=0,
+        description="GPUs per model actor; default 1 when the cluster has a GPU for each of the job's models, "
+        "a share of them when it has fewer (two models on one GPU: 0.5 each), 0 without GPUs",
+    )
+    cpus_per_actor: float | None = Field(
+        None,
+        gt=0,
+        description="CPUs per model actor; default 1, or without GPUs a share of what the decode tasks leave "
+        "(two models on 2 CPUs: 0.75 each)",
+    )
+    wait_for_autoscaler: bool = Field(
+        False,
+        description="start even when the cluster cannot hold the model pools yet (nodes that join on demand, "
+        "KubeRay's autoscaler); by default such a job stops before any work, naming what does not fit",
+    )
     accelerator_type: str | None = None
     actor_resources: dict[str, float] = Field(
         default_factory=dict, description="custom Ray resources each model actor needs, e.g. {speech_gpu: 1}"
@@ -96,7 +114,7 @@ class Resources(_Strict):
 
     @model_validator(mode="after")
     def _pool_bounds(self) -> Resources:
-        if self.model_actors_max < self.model_actors_min:
+        if self.model_actors_max is not None and self.model_actors_max < self.model_actors_min:
             raise ValueError("model_actors_max must be >= model_actors_min")
         return self
 
@@ -260,6 +278,12 @@ class JobConfig(_Strict):
     rows_per_file: int = Field(200_000, ge=1, description="rows before a Parquet file is closed")
     commit_interval_s: float = Field(600.0, gt=0, description="seconds before open files are closed")
     max_failed_fraction: float = Field(1.0, ge=0.0, le=1.0)
+    stall_warning_s: float = Field(
+        600.0,
+        gt=0,
+        description="a run that finishes no recording for this long says so in its log, with the resources "
+        "Ray has free, instead of waiting silently",
+    )
     retry_failed: bool = Field(False, description="also redo ids whose committed row has an error")
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
     lease: Literal["auto", "none"] = Field(

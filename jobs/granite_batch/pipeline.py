@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from granite_batch.audio import decode_cut, segment
 from granite_batch.audio.isolation import CrashTest
-from granite_batch.config import JobConfig, ModelSpec, SecondPassOptions
+from granite_batch.config import ConfigError, JobConfig, ModelSpec, SecondPassOptions
 from granite_batch.inference.routing import RequestFlags, route_table
 from granite_batch.inference.transcribe import transcribe_segments
 from granite_batch.inputs.plan import PlanLayout, plan_bucket
@@ -43,6 +43,95 @@ class JobModel:
     spec: ModelSpec
     ref: ModelRef
     profile: ModelProfile
+
+
+class ResourcesDoNotFit(ConfigError):
+    """The job's model pools and the decoding they need cannot fit the cluster it runs on."""
+
+
+@dataclass(frozen=True)
+class Pool:
+    """What one model's actor pool asks of Ray."""
+
+    cpus_per_actor: float
+    gpus_per_actor: float
+    actors_min: int
+    actors_max: int
+    accelerator_type: str | None
+    custom: dict[str, float]
+
+
+def plan_pools(config: JobConfig, models: list[JobModel], cluster: dict[str, float]) -> list[Pool]:
+    """Each model's pool, sized for `cluster` (ray.cluster_resources()) where the config leaves it open:
+    the job's models share the GPUs there are (a fraction each when fewer than models), pools grow to
+    the GPUs present, and without GPUs the model actors share the CPUs the decode tasks leave.
+    Raises ResourcesDoNotFit, naming what is missing, when the pools at their smallest and one decode
+    task cannot run at once (unless `resources.wait_for_autoscaler`)."""
+    n = len(models)
+    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    decode_cpus = config.resources.decode_cpus
+    pools = []
+    for model in models:
+        asked = config.resources_for(model.spec)
+        gpu = asked.gpus_per_actor
+        if gpu is None:
+            gpu = min(1.0, gpus / n) if gpus > 0 else 0.0
+        cpu = asked.cpus_per_actor
+        if cpu is None:
+            # Without GPUs the model runs on CPUs: leave the decode tasks theirs, or the job waits forever.
+            cpu = 1.0 if gpu > 0 else max(0.25, min(1.0, (cpus - decode_cpus) / n))
+        most = asked.model_actors_max
+        if most is None:
+            most = max(asked.model_actors_min, int(gpus / n / gpu + 1e-9)) if gpu > 0 else asked.model_actors_min
+        pools.append(Pool(cpu, gpu, asked.model_actors_min, most, asked.accelerator_type, dict(asked.actor_resources)))
+    if not config.resources.wait_for_autoscaler:
+        _check_fit(models, pools, cluster, decode_cpus)
+    return pools
+
+
+def _check_fit(models: list[JobModel], pools: list[Pool], cluster: dict[str, float], decode_cpus: float) -> None:
+    names = [model.spec.model for model in models]
+    missing = []
+    need_cpu = sum(p.actors_min * p.cpus_per_actor for p in pools) + decode_cpus
+    if need_cpu > cluster.get("CPU", 0.0) + 1e-9:
+        each = ", ".join(f"{name}: {p.actors_min} x {p.cpus_per_actor:g}" for name, p in zip(names, pools))
+        missing.append(
+            f"{need_cpu:g} CPU (model actors {each}, and {decode_cpus:g} for a decode task) where the cluster "
+            f"has {cluster.get('CPU', 0.0):g}: lower resources.cpus_per_actor or decode_cpus, or leave "
+            "cpus_per_actor unset to share what there is"
+        )
+    need_gpu = sum(p.actors_min * p.gpus_per_actor for p in pools)
+    if need_gpu > cluster.get("GPU", 0.0) + 1e-9:
+        missing.append(
+            f"{need_gpu:g} GPU where the cluster has {cluster.get('GPU', 0.0):g}: lower resources.gpus_per_actor "
+            "(0.5 lets two models share a GPU) or model_actors_min"
+        )
+    for name, pool in zip(names, pools):
+        if pool.accelerator_type and f"accelerator_type:{pool.accelerator_type}" not in cluster:
+            missing.append(f"accelerator_type {pool.accelerator_type} for {name}: no node of the cluster has it")
+        for resource, amount in pool.custom.items():
+            if pool.actors_min * amount > cluster.get(resource, 0.0) + 1e-9:
+                missing.append(
+                    f"{pool.actors_min * amount:g} of resource {resource!r} for {name}; the cluster has "
+                    f"{cluster.get(resource, 0.0):g}"
+                )
+    if missing:
+        raise ResourcesDoNotFit(
+            "the job does not fit this Ray cluster, so nothing was started: it needs "
+            + "; and ".join(missing)
+            + " (resources.wait_for_autoscaler: true starts anyway where nodes join on demand)"
+        )
+
+
+def waiting_for() -> str:
+    """What the cluster has free, for a run that makes no progress."""
+    import ray
+
+    free, total = ray.available_resources(), ray.cluster_resources()
+    shown = [key for key in ("CPU", "GPU") if key in total] + sorted(
+        key for key in total if not key.startswith(("node:", "memory", "object_store_memory", "CPU", "GPU"))
+    )
+    return ", ".join(f"{free.get(key, 0.0):g} of {total[key]:g} {key} free" for key in shown)
 
 
 def load_options(config: JobConfig, device: str) -> dict:
@@ -160,22 +249,32 @@ def _input_blocks(table: pa.Table, cluster: dict, max_rows: int) -> list[pa.Tabl
     return [table.slice(i, block_rows) for i in range(0, table.num_rows, block_rows)]
 
 
-def _plan_buckets(buckets: pa.Table, layout: PlanLayout):
+def _plan_buckets(buckets: pa.Table, layout: PlanLayout, block_rows: int):
     for bucket in buckets.column("id").to_pylist():
         todo, _ = plan_bucket(layout, bucket)
-        if todo.num_rows:
-            yield todo
+        for start in range(0, todo.num_rows, block_rows):  # a bucket's rows leave in small blocks
+            yield todo.slice(start, block_rows)
 
 
-def planned_rows(layout: PlanLayout, rows_to_do: int, cluster: dict, max_rows: int):
+def planned_rows(layout: PlanLayout, rows_to_do: int, cluster: dict, max_rows: int, num_cpus: float):
     """The rows still to do as a lazy Ray Dataset: one task plans each bucket of the plan (plan.py),
-    so rows reach the next stage as soon as their bucket is planned, in blocks of `_block_rows`."""
+    so rows reach the next stage as soon as their bucket is planned, in blocks of `_block_rows`.
+
+    The bucket numbers come from the driver, not a read task: Ray's read tasks ask for a whole CPU,
+    which model actors holding the rest of a small machine would never leave them (the job hung)."""
     import ray
 
-    ds = ray.data.range(layout.buckets, override_num_blocks=layout.buckets)
-    ds = ds.map_batches(_plan_buckets, fn_kwargs={"layout": layout}, batch_size=1, batch_format="pyarrow")
-    # Streaming, fused into the planning tasks: a bucket's rows leave them in small blocks.
-    return ds.repartition(target_num_rows_per_block=_block_rows(rows_to_do, cluster, max_rows))
+    buckets = [pa.table({"id": [bucket]}) for bucket in range(layout.buckets)]
+    ds = ray.data.from_arrow(buckets)
+    # The planning tasks cut their rows into blocks themselves: a repartition operator would ask for a CPU of its own.
+    block_rows = _block_rows(rows_to_do, cluster, max_rows)
+    return ds.map_batches(
+        _plan_buckets,
+        fn_kwargs={"layout": layout, "block_rows": block_rows},
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=num_cpus,
+    )
 
 
 # The model actor takes this many generate() calls' worth of segments at a time and sorts them by
@@ -215,6 +314,7 @@ def build_dataset(
     """
     ray = ensure_ray()
     cluster = ray.cluster_resources()
+    pools = plan_pools(config, models, cluster)
     flags = request_flags(config)
     branches = []
     for index, model in enumerate(models):
@@ -231,7 +331,7 @@ def build_dataset(
             batch_size=None,
             num_cpus=config.resources.decode_cpus,
         )
-        branches.append(_model_branch(ray, ds, config, model, flags, run_id, cluster, alone, crash_test))
+        branches.append(_model_branch(ray, ds, config, model, pools[index], flags, run_id, alone, crash_test))
     return branches[0] if len(branches) == 1 else branches[0].union(*branches[1:])
 
 
@@ -241,7 +341,9 @@ def _input_dataset(ray, rows_to_do, cluster: dict, alone: bool, config: JobConfi
     if isinstance(rows_to_do, pa.Table):
         ds = ray.data.from_arrow(_input_blocks(rows_to_do, cluster, max_rows=1 if alone else 16))
     else:
-        ds = planned_rows(*rows_to_do, cluster, max_rows=rows_to_do[0].input_block_rows(16))
+        ds = planned_rows(
+            *rows_to_do, cluster, max_rows=rows_to_do[0].input_block_rows(16), num_cpus=config.resources.decode_cpus
+        )
     ds.context.max_errored_blocks = MAX_LOST_BATCHES  # this dataset's own copy of the context
     if config.resources.object_store_mb is not None:
         # Ray Data's backpressure: operators stop launching tasks while their queued outputs would pass it.
@@ -257,18 +359,15 @@ def _model_branch(
     ds,
     config: JobConfig,
     model: JobModel,
+    pool: Pool,
     flags: RequestFlags,
     run_id: str,
-    cluster: dict,
     alone: bool,
     crash_test: CrashTest | None,
 ):
     """decode -> segment -> this model's actor pool, for the rows routed to it."""
-    resources = config.resources_for(model.spec)
     profile = model.profile
-    gpus_per_actor = resources.gpus_per_actor
-    if gpus_per_actor is None:
-        gpus_per_actor = 1.0 if cluster.get("GPU", 0) >= 1 else 0.0
+    gpus_per_actor = pool.gpus_per_actor
     device = config.device if config.device != "auto" else ("cuda" if gpus_per_actor > 0 else "cpu")
     # What leaves these stages is segments of at most max_segment_s (and of the model's per-call
     # limit), however long the recording, in tables of at most 64 MB of samples.
@@ -308,11 +407,11 @@ def _model_branch(
         num_cpus=config.resources.decode_cpus,
         **TASK_RETRIES,
     )
-    actor_options = {}
-    if resources.accelerator_type:
-        actor_options["accelerator_type"] = resources.accelerator_type
-    if resources.actor_resources:
-        actor_options["resources"] = dict(resources.actor_resources)
+    actor_options: dict = {}
+    if pool.accelerator_type:
+        actor_options["accelerator_type"] = pool.accelerator_type
+    if pool.custom:
+        actor_options["resources"] = dict(pool.custom)
     segments_per_call, audio_s_per_call = config.model_batch(gpu=device.startswith("cuda"))
     return ds.map_batches(
         Transcriber,
@@ -325,15 +424,15 @@ def _model_branch(
         },
         # Alone, an actor works on one call at a time: calls queued on an actor die with it.
         compute=ray.data.ActorPoolStrategy(
-            min_size=resources.model_actors_min,
-            max_size=resources.model_actors_max,
+            min_size=pool.actors_min,
+            max_size=pool.actors_max,
             **({"max_tasks_in_flight_per_actor": 1} if alone else {}),
         ),
         # Alone, one segment per call: a poison recording can only take its own segments down.
         batch_format="pyarrow",
         batch_size=1 if alone else actor_batch_rows(segments_per_call, audio_s_per_call, max_segment_s),
         num_gpus=gpus_per_actor,
-        num_cpus=resources.cpus_per_actor,
+        num_cpus=pool.cpus_per_actor,
         **MODEL_ACTOR_RETRIES,
         **actor_options,
     )

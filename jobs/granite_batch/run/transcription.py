@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import threading
+import time
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -64,6 +66,37 @@ def _quality(table: pa.Table) -> dict:
         log.warning("quality figures failed", exc_info=True)
         return {"skipped": f"scoring failed: {type(exc).__name__}: {first_line(exc)}"}
     return {key: scores[key] for key in ("rows_scored", "rows_skipped", "overall", "by_task")}
+
+
+class StallWarning:
+    """Logs a warning each time `after_s` pass without `progress()`, naming what the cluster has free."""
+
+    def __init__(self, after_s: float):
+        self.after_s = after_s
+        self.last = time.monotonic()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="granite-batch-stall", daemon=True)
+
+    def __enter__(self) -> StallWarning:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopped.set()
+
+    def progress(self) -> None:
+        self.last = time.monotonic()
+
+    def _watch(self) -> None:
+        while not self.stopped.wait(min(self.after_s, 30.0)):
+            idle = time.monotonic() - self.last
+            if idle >= self.after_s:
+                try:
+                    free = pipeline.waiting_for()
+                except Exception as exc:  # Ray itself may be what stopped
+                    free = f"Ray did not answer ({type(exc).__name__})"
+                log.warning("no recording finished for %.0f s; the cluster has %s", idle, free)
+                self.last = time.monotonic()
 
 
 def resolve_job_models(config: JobConfig) -> list[JobModel]:
@@ -168,13 +201,15 @@ class TranscriptionRun:
         try:
             self.layout = run.plan(TRANSCRIPTS_DIR, self.lease_terms, plan)
             self.models = resolve_job_models(config)  # the first is the run's `model` in the summary
+            self.planned = plan_counts(self.layout)
+            if self.planned["rows_to_do"]:  # a job that cannot fit the cluster stops now, never waits
+                pipeline.plan_pools(config, self.models, pipeline.ensure_ray().cluster_resources())
         except BaseException:  # a bad manifest or model: nothing was done, so nothing is left behind
             run.lease.release()
             if not output_existed:
                 discard_own_records(config.output, run.run_id, config.storage_options)
             discard_plan(config.output, run.run_id, config.storage_options, output_created=not output_existed)
             raise
-        self.planned = plan_counts(self.layout)
         if config.retry_failed and self.layout.committed.failed_files:
             # A crash after this leaves the failed ids with no row, so they are redone, never with two.
             drop_failed_rows(config.output, self.layout.committed.failed_files, config.storage_options)
@@ -236,11 +271,14 @@ class TranscriptionRun:
         )
 
     def _recordings(self, segments):
-        """The complete recordings' rows, as their last segments arrive from the Ray dataset."""
-        for batch in segments.iter_batches(batch_format="pyarrow", batch_size=None):
-            recordings = self.assembler.add(batch)
-            if recordings is not None:
-                yield self.identified(recordings)
+        """The complete recordings' rows, as their last segments arrive from the Ray dataset; a run
+        that finishes none for `stall_warning_s` says so, with what Ray has free."""
+        with StallWarning(self.config.stall_warning_s) as stall:
+            for batch in segments.iter_batches(batch_format="pyarrow", batch_size=None):
+                recordings = self.assembler.add(batch)
+                if recordings is not None:
+                    stall.progress()
+                    yield self.identified(recordings)
 
     def identified(self, recordings: pa.Table) -> pa.Table:
         # `language: auto` rows get their partition from their transcript (language_id.py), so this
