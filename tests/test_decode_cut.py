@@ -15,6 +15,7 @@ from granite_batch.audio import decode_cut, segment, stream_cut
 from granite_batch.audio.decode import decode_table, load_recording
 from granite_batch.audio.isolation import CrashTest
 from granite_batch.audio.vad import VadOptions
+from granite_batch.schema import END, SEGMENT, WHOLE
 
 RATE = 16000
 # Recordings of at least 4 x 16 s are "long" here (64 s; 1,024 s with the job's options), so a test
@@ -75,10 +76,10 @@ def recordings_of(rows: list[dict]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for r in rows:
         recording = out.setdefault(r["id"], {"segments": {}, "count": None, "duration_s": None, "error": None})
-        if r["segment_index"] is not None:
+        if r["row_kind"] == SEGMENT:
             assert r["segment_index"] not in recording["segments"]
             recording["segments"][r["segment_index"]] = (r["start_s"], r["end_s"], r["channel"], r["samples"])
-        if r["segment_count"] >= 0:
+        if r["segment_count"] is not None:  # null: a long recording's segment, its END row has it
             assert recording["count"] in (None, r["segment_count"])
             recording["count"], recording["duration_s"] = r["segment_count"], r["duration_s"]
         recording["error"] = recording["error"] or r["error"]
@@ -107,9 +108,19 @@ def test_cut_where_decoded_gives_the_rows_of_decoding_then_segmenting(recordings
     cut = blocks[:-1]
     assert len(cut) >= 4 and set(pc.unique(pa.concat_tables(cut).column("id")).to_pylist()) == {"long", "stereo"}
     assert all(block.column("samples").nbytes < (2 << 20) + 30 * RATE * 4 + 4096 for block in cut)
-    assert set(pa.concat_tables(cut).column("segment_count").to_pylist()) == {-1}
-    last = dict(zip(blocks[-1].column("id").to_pylist(), blocks[-1].column("segment_count").to_pylist()))
-    assert last == {"short": None, "long": counts["long"], "broken": None, "silent": 0, "stereo": counts["stereo"]}
+    assert set(pa.concat_tables(cut).column("row_kind").to_pylist()) == {SEGMENT}
+    assert set(pa.concat_tables(cut).column("segment_count").to_pylist()) == {None}  # the END rows have them
+    last = {
+        r["id"]: (r["row_kind"], r["segment_count"])
+        for r in blocks[-1].select(["id", "row_kind", "segment_count"]).to_pylist()
+    }
+    assert last == {
+        "short": (WHOLE, None),
+        "long": (END, counts["long"]),
+        "broken": (WHOLE, None),
+        "silent": (END, 0),
+        "stereo": (END, counts["stereo"]),
+    }
 
 
 def test_a_long_recording_is_cut_as_it_is_decoded_without_being_held(recordings):

@@ -15,6 +15,7 @@ from granite_batch.audio import segment, vad
 from granite_batch.audio.decode import load_recording, samples_to_arrow
 from granite_batch.audio.segment import plan_segments, segment_table
 from granite_batch.audio.vad import VadOptions, speech_probabilities, speech_regions
+from granite_batch.schema import END, SEGMENT, SEGMENT_COLUMNS
 
 RATE = 16000
 
@@ -207,9 +208,9 @@ def test_vad_model_loads_once_and_leaves_torch_threads_alone(clip):
 def segment_bounds(out: pa.Table) -> dict[int, list[tuple[int, int]]]:
     """Per input recording (its `rec` column), the (start, end) sample offsets of its segment rows."""
     bounds: dict[int, list[tuple[int, int]]] = {}
-    for row in out.select(["rec", "segment_index", "segment_count", "start_s", "end_s"]).to_pylist():
+    for row in out.select(["rec", "row_kind", "segment_index", "segment_count", "start_s", "end_s"]).to_pylist():
         segments = bounds.setdefault(row["rec"], [])
-        if row["segment_count"]:
+        if row["row_kind"] == SEGMENT:
             assert row["segment_index"] == len(segments)  # in order, none missing
             segments.append((round(row["start_s"] * RATE), round(row["end_s"] * RATE)))
     return bounds
@@ -225,11 +226,14 @@ def test_segment_stage_emits_one_row_per_segment_and_one_per_recording_without(c
     assert segment_bounds(out) == {0: planned, 1: []}
     # Each segment row carries the segment's own samples, no more than max_segment_s of them.
     for row, (start, end) in zip(out.filter(pc.equal(out.column("rec"), 0)).to_pylist(), planned):
-        assert row["segment_count"] == len(planned)
+        assert (row["row_kind"], row["segment_count"]) == (SEGMENT, len(planned))
         np.testing.assert_array_equal(np.asarray(row["samples"], np.float32), speech[start:end])
         assert len(row["samples"]) <= 30 * RATE
     no_samples = out.filter(pc.equal(out.column("rec"), 1)).to_pylist()
-    assert [(r["segment_count"], r["segment_index"], r["samples"]) for r in no_samples] == [(0, None, None)]
+    assert [(r["row_kind"], r["segment_count"], r["segment_index"], r["samples"]) for r in no_samples] == [
+        (END, 0, None, None)
+    ]
+    assert out.column_names[-len(SEGMENT_COLUMNS) - 1 :] == [*SEGMENT_COLUMNS, "samples"]
     out = segment_table(pa.concat_tables([table.slice(0, 1), table.slice(2, 1)]), RATE, 30.0)  # two chunks
     assert segment_bounds(out) == {0: planned, 2: []}  # silence: one row, no segment
 

@@ -10,13 +10,14 @@ import pyarrow as pa
 import pytest
 
 from conftest import SAMPLES
+from granite_batch import schema
 from granite_batch.audio.decode import load_recording, samples_to_arrow
 from granite_batch.inference.assemble import RecordingAssembler
 from granite_batch.inference.routing import RequestFlags
 from granite_batch.inference.transcribe import transcribe_segments
 from granite_batch.models.model import SpeechModel
 from granite_batch.models.prompts import Request
-from granite_batch.schema import SEGMENT_TYPE
+from granite_batch.schema import END, SEGMENT, SEGMENT_TYPE
 
 RATE = 16000
 NAMES = ["en_weather.flac", "fr_gare.mp3", "ja_tenki.flac", "pt_praia.wav", "de_bibliothek.ogg"]
@@ -34,7 +35,7 @@ def model(tiny_model_dir, **options) -> SpeechModel:
 def segment_rows(recordings: list[dict]) -> pa.Table:
     """Segment rows as segment.segment_table makes them, for recordings given as dicts with
     `id`, `language`, `task`, `target_language`, `keywords`, `error` and `pieces` (sample arrays)."""
-    rows, samples = [], []
+    rows, samples, segments = [], [], []
     for rec in recordings:
         pieces = rec["pieces"]
         start = 0.0
@@ -51,15 +52,12 @@ def segment_rows(recordings: list[dict]) -> pa.Table:
                     "error": rec.get("error"),
                     "duration_s": 60.0,
                     "reference": rec.get("reference"),
-                    "segment_index": k if pieces else None,
-                    "segment_count": len(pieces),
-                    "start_s": start if pieces else None,
-                    "end_s": start + length if pieces else None,
                 }
             )
+            segments.append((SEGMENT, k, start, start + length) if pieces else (END, None, None, None))
             samples.append(piece)
             start += length + 1.0
-    table = pa.Table.from_pylist(
+    recording = pa.Table.from_pylist(
         rows,
         schema=pa.schema(
             [
@@ -72,14 +70,19 @@ def segment_rows(recordings: list[dict]) -> pa.Table:
                 ("error", pa.string()),
                 ("duration_s", pa.float64()),
                 ("reference", pa.string()),
-                ("segment_index", pa.int32()),
-                ("segment_count", pa.int32()),
-                ("start_s", pa.float64()),
-                ("end_s", pa.float64()),
             ]
         ),
     )
-    return table.append_column("samples", samples_to_arrow(samples))
+    counts = {rec["id"]: len(rec["pieces"]) for rec in recordings}
+    return schema.segment_rows(
+        recording,
+        samples_to_arrow(samples),
+        row_kind=[kind for kind, _, _, _ in segments],
+        segment_index=[k for _, k, _, _ in segments],
+        segment_count=[counts[row["id"]] for row in rows],
+        start_s=[start for _, _, start, _ in segments],
+        end_s=[end for _, _, _, end in segments],
+    )
 
 
 def test_a_batch_mixing_recordings_and_requests_equals_one_segment_at_a_time(tiny_model_dir, clips):
@@ -167,23 +170,20 @@ def test_a_segment_delivered_twice_is_counted_once(tiny_model_dir, clips):
 
 
 def cut_as_decoded(table: pa.Table, ids: set[str], error: str | None = None) -> pa.Table:
-    """`table`'s segment rows of `ids` as decode_cut.decode_blocks sends a long recording's: segment
-    count -1 and no duration on each, then one end row with the count, the duration and `error`."""
+    """`table`'s segment rows of `ids` as decode_cut.decode_blocks sends a long recording's: no segment
+    count and no duration on each, then one END row with the count, the duration and `error`."""
     keys = table.column("id").to_pylist()
     chosen = [key in ids for key in keys]
-    table = table.set_column(
-        table.schema.get_field_index("segment_count"),
-        "segment_count",
-        pa.array([-1 if c else n for c, n in zip(chosen, table.column("segment_count").to_pylist())], pa.int32()),
-    )
-    table = table.set_column(
-        table.schema.get_field_index("duration_s"),
-        "duration_s",
-        pa.array([None if c else d for c, d in zip(chosen, table.column("duration_s").to_pylist())], pa.float64()),
-    )
+    for name, kind in (("segment_count", pa.int32()), ("duration_s", pa.float64())):
+        table = table.set_column(
+            table.schema.get_field_index(name),
+            table.schema.field(name),
+            pa.array([None if c else v for c, v in zip(chosen, table.column(name).to_pylist())], kind),
+        )
     ends = [
         {
             **table.slice(keys.index(key), 1).to_pylist()[0],
+            "row_kind": END,
             "segment_index": None,
             "start_s": None,
             "end_s": None,

@@ -128,8 +128,54 @@ def error_reason(error: str) -> str:
     return error.split(":", 1)[0].strip()
 
 
-# Columns a segment row has beyond its recording's.
-SEGMENT_COLUMNS = ("segment_index", "segment_count", "start_s", "end_s", "channel")
+# Segment rows: what the decode and segment stages hand the model, one row per speech segment, and
+# what the driver's RecordingAssembler (inference/assemble.py) joins back into one row per recording.
+# Each carries its recording's columns, then SEGMENT_FIELDS, then `samples` (large_list<float32>, the
+# segment's own; null on an end row). `row_kind` says what the row is:
+# - SEGMENT: one speech segment of its recording, with `segment_index` (0-based, in time order),
+#   `start_s` / `end_s` (seconds from the recording's start) and `channel` (null for mono). Its
+#   `segment_count` is the recording's, or null when the recording was cut as it was decoded (a long
+#   recording, audio/decode_cut.py): more rows are to come and its END row brings the count (and the
+#   recording's `duration_s`, which such a segment row lacks).
+# - END: no segment: the recording's last row. `segment_count` is how many SEGMENT rows it has: 0 for
+#   a recording without any (failed, silent, too short to hold speech), which has no other row; the
+#   number sent before it for a long recording cut as it was decoded. It carries the recording's
+#   `duration_s` and `error` (an error after some segments left: the recording is written as an error
+#   row once they have arrived).
+# - WHOLE: a decoded recording still to be cut, all its samples (the decode stage's rows that the
+#   segment stage, audio/segment.py `segment_blocks`, cuts into SEGMENT and END rows); never reaches
+#   the model.
+# A recording is complete once a row with its `segment_count` has arrived and that many segments.
+SEGMENT = "segment"
+END = "end"
+WHOLE = "whole"
+SEGMENT_FIELDS = [
+    pa.field("row_kind", pa.string(), nullable=False),
+    pa.field("segment_index", pa.int32()),
+    pa.field("segment_count", pa.int32()),
+    pa.field("start_s", pa.float64()),
+    pa.field("end_s", pa.float64()),
+    pa.field("channel", pa.int32()),
+]
+# Columns a segment row has beyond its recording's (and its `samples`).
+SEGMENT_COLUMNS = tuple(f.name for f in SEGMENT_FIELDS)
+
+
+def segment_rows(recordings: pa.Table, samples: pa.Array | pa.ChunkedArray, row_kind, **columns) -> pa.Table:
+    """Segment rows: `recordings` (one row per segment row: its recording's columns, `error`
+    included), then SEGMENT_FIELDS, then `samples`. `row_kind` and each of `columns` (the other
+    SEGMENT_FIELDS by name; one left out is all nulls) is a value for every row or a list of one
+    per row."""
+    unknown = set(columns) - set(SEGMENT_COLUMNS)
+    if unknown:
+        raise TypeError(f"not segment columns: {sorted(unknown)}")
+    n = recordings.num_rows
+    columns["row_kind"] = row_kind
+    out = recordings
+    for f in SEGMENT_FIELDS:
+        values = columns.get(f.name)
+        out = out.append_column(f, pa.array(values if isinstance(values, list) else [values] * n, f.type))
+    return out.append_column("samples", samples)
 
 
 # Columns the inference stage adds to each segment row; the driver folds them into the recording's row
@@ -159,7 +205,3 @@ PART_TYPE = pa.struct(
         ("words", SEGMENT_TYPE.field("words").type),
     ]
 )
-
-
-# The columns a segment row adds to its recording's (its samples are the segment's).
-CUT_COLUMNS = ("segment_index", "segment_count", "start_s", "end_s", "channel")

@@ -25,6 +25,7 @@ from granite_batch.audio.isolation import Crash, CrashTest, Stage, stream_isolat
 from granite_batch.audio.segment import SEGMENT_BLOCK_BYTES, long_recording_s, plan_recordings
 from granite_batch.audio.stream_cut import StreamCut
 from granite_batch.audio.vad import VAD_RATE_HZ, VadOptions, warm_vad
+from granite_batch.schema import END, SEGMENT, WHOLE, segment_rows
 
 
 def decode_blocks(
@@ -45,11 +46,12 @@ def decode_blocks(
     (`StreamCut`), and its segment rows come back in tables of about `block_bytes` of samples: no
     process holds a long mono recording whole, the worker one table of its segments at a time.
 
-    Every row of `table` comes once in the last table: a short recording whole, with null
-    `segment.CUT_COLUMNS` (`segment.segment_blocks` cuts them, many side by side), a failed one with its error, and a
-    long one as its end row: no samples, `segment_count` (how many segment rows it sent before, each
-    with `segment_count` -1 and no `duration_s`), `duration_s`, and an error if it failed after some
-    segments had left (transcribe.RecordingAssembler waits for them, then writes the error). Its
+    All rows are schema.segment_rows. A long recording's segments come first, SEGMENT rows with
+    null `segment_count` and `duration_s` (more are to come). Every row of `table` comes once in the
+    last table: a short recording as a WHOLE row (`segment.segment_blocks` cuts them, many side by
+    side), a failed one as a WHOLE row with its error, and a long one as its END row: no samples,
+    `segment_count` (how many segment rows it sent before), `duration_s`, and an error if it failed
+    after some segments had left (assemble.RecordingAssembler waits for them, then writes the error). Its
     segments are those `segment_blocks` would give (the same VAD windows, the same plan: tested). A
     crash while decoding or cutting it is its row's "decode crashed the worker" or "segment crashed
     the worker" (isolation.stream_isolated, which reruns it alone first and skips what was sent).
@@ -87,20 +89,16 @@ def decode_blocks(
         else:
             _, duration, counts[row], errors[row] = value
             decoded[row] = None, duration
-    # Every row once more: whole (short: segment_count null, for segment_blocks), failed, or the end
-    # row of a long one (segment_count: how many segment rows it had; the driver waits for them).
+    # Every row once more: whole (short or failed, for segment_blocks), or the end row of a long one
+    # (segment_count: how many segment rows it had; the driver waits for them).
     last = audio.decoded_table(table, errors, decoded)
     n = table.num_rows
-    for name, values in (
-        ("segment_index", [None] * n),
-        ("segment_count", [counts.get(i) for i in range(n)]),
-        ("start_s", [None] * n),
-        ("end_s", [None] * n),
-        ("channel", [None] * n),
-    ):
-        kind = pa.float64() if name.endswith("_s") else pa.int32()
-        last = last.add_column(last.schema.get_field_index("samples"), name, pa.array(values, kind))
-    yield last
+    yield segment_rows(
+        last.drop_columns(["samples"]),
+        last.column("samples"),
+        row_kind=[END if i in counts else WHOLE for i in range(n)],
+        segment_count=[counts.get(i) for i in range(n)],
+    )
 
 
 def _decode_and_cut(
@@ -248,20 +246,20 @@ def _cut_rows(
 ) -> pa.Table:
     """Segment rows `first`.. of `base`'s row `row`, in decode_blocks' columns, around `samples`
     (the segments' samples end to end, as the helper sent them: no copy). Their `segment_count` is
-    -1: the recording's end row, which comes after them, has it (and `duration_s`)."""
+    null: the recording's END row, which comes after them, has it (and `duration_s`)."""
     n = len(bounds)
     out = base.take(pa.array([row] * n, pa.int64()))
     out = out.set_column(out.schema.get_field_index("error"), "error", pa.nulls(n, pa.string()))
     offsets = np.zeros(n + 1, np.int64)
     np.cumsum([end - start for start, end, _ in bounds], out=offsets[1:])
-    for name, values, kind in (
-        ("duration_s", [None] * n, pa.float64()),
-        ("channel_count", [None] * n, pa.int32()),
-        ("segment_index", list(range(first, first + n)), pa.int32()),
-        ("segment_count", [-1] * n, pa.int32()),
-        ("start_s", [b[0] / sample_rate_hz for b in bounds], pa.float64()),
-        ("end_s", [b[1] / sample_rate_hz for b in bounds], pa.float64()),
-        ("channel", [b[2] for b in bounds], pa.int32()),
-    ):
-        out = out.append_column(name, pa.array(values, kind))
-    return out.append_column("samples", pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(samples)))
+    out = out.append_column("duration_s", pa.nulls(n, pa.float64()))
+    out = out.append_column("channel_count", pa.nulls(n, pa.int32()))
+    return segment_rows(
+        out,
+        pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(samples)),
+        row_kind=SEGMENT,
+        segment_index=list(range(first, first + n)),
+        start_s=[b[0] / sample_rate_hz for b in bounds],
+        end_s=[b[1] / sample_rate_hz for b in bounds],
+        channel=[b[2] for b in bounds],
+    )

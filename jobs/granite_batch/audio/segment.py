@@ -40,7 +40,7 @@ from granite_batch.audio.vad import (
     speech_regions,
     warm_vad,
 )
-from granite_batch.schema import CUT_COLUMNS
+from granite_batch.schema import END, SEGMENT, SEGMENT_COLUMNS, WHOLE, segment_rows
 
 # Segment rows leave the segment stage in tables of about this many bytes of samples (17 minutes).
 SEGMENT_BLOCK_BYTES = 64 << 20
@@ -182,30 +182,31 @@ def segment_blocks(
     128 MB, and stores each block as it fills), so the worker never builds a long recording's
     segment rows all at once.
 
-    Each segment row carries its recording's columns (all but `samples`), `segment_index` (0-based),
+    The rows are schema.segment_rows (schema.py declares them). Each segment row (`row_kind`
+    SEGMENT) carries its recording's columns (all but `samples`), `segment_index` (0-based),
     `segment_count` (the recording's), `start_s` / `end_s`, `channel` and the segment's own
     `samples`, at most `max_segment_s` long: what leaves this stage is bounded however long the
     recording. A recording decoded with its channels split (`channel_count` set, audio.decode_table)
     is segmented channel by channel; its segments carry their `channel` and are numbered in time
     order over all channels (then by channel), so a silent channel costs its VAD and nothing more;
     `channel` is null for mono recordings. A recording with no segment (an error, silence, too short
-    to hold speech) gives one row with `segment_count` 0 and no samples, so every recording still
-    reaches the driver. The VAD runs over all the recordings (and channels) of the table at once, so
+    to hold speech) gives one END row with `segment_count` 0 and no samples, so every recording
+    still reaches the driver. The VAD runs over all the recordings (and channels) of the table at once, so
     short clips run side by side. With `isolate` it runs in a helper process (isolation.py), one
     group of windows at a time: a recording that crashes it becomes an error row ("segment crashed
     the worker: signal 11 (SIGSEGV)"). Segments are then planned here from the probabilities (numpy
-    only). Rows `decode_cut.decode_blocks` already cut (`segment_count` set) pass through as they are.
+    only). Rows `decode_cut.decode_blocks` already cut (all but its WHOLE rows) pass through as they are.
     `crash_test` is for tests only.
     """
-    if "segment_count" in table.column_names:  # from decode_blocks: long recordings come already cut
-        to_cut = table.column("segment_count").null_count
+    if "row_kind" in table.column_names:  # from decode_blocks: long recordings come already cut
+        whole = pc.equal(table.column("row_kind"), WHOLE)
+        to_cut = pc.sum(whole).as_py() or 0
         if to_cut == 0 and table.num_rows:
             yield _output_columns(table)
             return
-        cut = table.column("segment_count").is_valid()
         if to_cut < table.num_rows:
-            yield _output_columns(table.filter(cut))
-        table = table.filter(pc.invert(cut)).drop_columns(list(CUT_COLUMNS))
+            yield _output_columns(table.filter(pc.invert(whole)))
+        table = table.filter(whole).drop_columns(list(SEGMENT_COLUMNS))
     recordings = samples_from_arrow(table.column("samples"))
     n = table.num_rows
     audio = table.column("audio").to_pylist() if "audio" in table.column_names else [None] * n
@@ -220,7 +221,7 @@ def segment_blocks(
     size = 0
     for row in range(n):
         bounds = bounds_of.get(row, [])
-        if not bounds:  # one row all the same, so the recording reaches the driver
+        if not bounds:  # an END row all the same, so the recording reaches the driver
             block.append((row, None, 0, None))
         for k, bound in enumerate(bounds):
             block.append((row, k, len(bounds), bound))
@@ -279,8 +280,8 @@ def plan_recordings(
 
 def _output_columns(table: pa.Table) -> pa.Table:
     """Segment rows from decode_cut.decode_blocks in segment_blocks' column order: the recording's, `error`,
-    CUT_COLUMNS, `samples`."""
-    last = ["error", *CUT_COLUMNS, "samples"]
+    SEGMENT_COLUMNS, `samples`."""
+    last = ["error", *SEGMENT_COLUMNS, "samples"]
     return table.select([c for c in table.column_names if c not in last and c != "channel_count"] + last)
 
 
@@ -291,16 +292,16 @@ def long_recording_s(options: VadOptions = VadOptions()) -> float:
 
 
 def _segment_block(base: pa.Table, block: list, sample_rate_hz: int) -> pa.Table:
-    """The segment rows of `block` ((row of `base`, segment index, segment count, bound or None))."""
+    """The segment rows of `block` ((row of `base`, segment index, segment count, bound or None)):
+    a SEGMENT row for each bound, an END row (count 0) for a recording without any."""
     bounds = [bound for _, _, _, bound in block]
-    out = base.take(pa.array([row for row, _, _, _ in block], pa.int64()))
-    out = out.append_column("segment_index", pa.array([k for _, k, _, _ in block], pa.int32()))
-    out = out.append_column("segment_count", pa.array([count for _, _, count, _ in block], pa.int32()))
-    out = out.append_column(
-        "start_s", pa.array([None if b is None else b[0] / sample_rate_hz for b in bounds], pa.float64())
+    return segment_rows(
+        base.take(pa.array([row for row, _, _, _ in block], pa.int64())),
+        samples_to_arrow([None if b is None else b[3][b[0] : b[1]] for b in bounds]),
+        row_kind=[END if b is None else SEGMENT for b in bounds],
+        segment_index=[k for _, k, _, _ in block],
+        segment_count=[count for _, _, count, _ in block],
+        start_s=[None if b is None else b[0] / sample_rate_hz for b in bounds],
+        end_s=[None if b is None else b[1] / sample_rate_hz for b in bounds],
+        channel=[None if b is None else b[2] for b in bounds],
     )
-    out = out.append_column(
-        "end_s", pa.array([None if b is None else b[1] / sample_rate_hz for b in bounds], pa.float64())
-    )
-    out = out.append_column("channel", pa.array([None if b is None else b[2] for b in bounds], pa.int32()))
-    return out.append_column("samples", samples_to_arrow([None if b is None else b[3][b[0] : b[1]] for b in bounds]))

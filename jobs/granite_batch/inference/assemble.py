@@ -13,7 +13,7 @@ import pyarrow as pa
 from granite_batch.models.confidence import low_confidence
 from granite_batch.models.prompts import UNSPACED_LANGUAGES
 from granite_batch.models.speculative import BY_AUTOREGRESSIVE, BY_CTC, BY_FALLBACK, BY_VERIFICATION
-from granite_batch.schema import RESULT_COLUMNS, SEGMENT_COLUMNS, SEGMENT_TYPE
+from granite_batch.schema import RESULT_COLUMNS, SEGMENT, SEGMENT_COLUMNS, SEGMENT_TYPE
 
 DECISION_RANKING = (BY_FALLBACK, BY_AUTOREGRESSIVE, BY_VERIFICATION, BY_CTC)
 
@@ -81,10 +81,11 @@ class RecordingAssembler:
     Data delivers them) and returns the rows of the recordings completed by them: the recording's
     columns, `text` (its segments' texts in order, joined with spaces, or without for Japanese and
     Mandarin), `segments` and `decoded_by`. A recording is never returned half; `pending` says how
-    many are waiting for segments. A row's `segment_count` is its recording's, or -1 for the
-    segments of a long recording cut as it was decoded (decode_cut.decode_blocks): that recording's
-    end row (no `segment_index`) has the count, its `duration_s` and any error (then the recording
-    is an error row once the segments sent before the error have arrived).
+    many are waiting for segments. The rows are schema.segment_rows: a SEGMENT row's
+    `segment_count` is its recording's, or null for the segments of a long recording cut as it was
+    decoded (decode_cut.decode_blocks), whose END row has the count, its `duration_s` and any error
+    (then the recording is an error row once the segments sent before the error have arrived); a
+    recording without segments is its END row alone (count 0).
     """
 
     def __init__(self):
@@ -108,13 +109,13 @@ class RecordingAssembler:
             self._count(row)
             key = row["id"]
             pending = self._pending.get(key)
-            known = row["segment_count"] >= 0
+            count = row["segment_count"]  # null: more to come, its recording's END row has it
             if pending is None:
-                pending = _Pending({name: row[name] for name in names}, row["segment_count"] if known else None)
+                pending = _Pending({name: row[name] for name in names}, count)
                 self._pending[key] = pending
-            elif known and pending.count is None:
-                pending.recording, pending.count = {name: row[name] for name in names}, row["segment_count"]
-            if row["segment_index"] is not None and row["segment_index"] not in pending.segments:
+            elif count is not None and pending.count is None:
+                pending.recording, pending.count = {name: row[name] for name in names}, count
+            if row["row_kind"] == SEGMENT and row["segment_index"] not in pending.segments:
                 segment = {
                     "start": row["start_s"],
                     "end": row["end_s"],
