@@ -23,7 +23,7 @@ from granite_batch.inference.assemble import RecordingAssembler, join_segments
 from granite_batch.inference.transcribe import transcribe_segments
 from granite_batch.inputs import shards
 from granite_batch.inputs.manifest import ManifestStream, list_recordings, read_manifest
-from granite_batch.inputs.rows import Defaults, ManifestError, default_id
+from granite_batch.inputs.rows import Defaults, ManifestError, content_digest, default_id
 from granite_batch.models.model import SpeechModel
 from web_server import WebServer
 
@@ -169,7 +169,8 @@ def test_tar_shard_listed_like_a_folder_gives_the_by_path_transcripts(tmp_path, 
         for n, name in enumerate(NAMES)
     ]
     assert [r["id"] for r in rows[:2]] == NAMES[:2]  # the sidecar's id
-    assert rows[2]["id"] == default_id(rows[2]["audio"], "asr", None, [])  # no sidecar id: the shard + member
+    # No sidecar id: the shard, the member and its bytes.
+    assert rows[2]["id"] == default_id(rows[2]["audio"], "asr", None, [], content_digest(rows[2]["audio_bytes"]))
     assert [r["language"] for r in rows] == [LANGUAGES[n] for n in NAMES]
     assert [r["reference"] for r in rows] == [f"reference of {n}" for n in NAMES]
     assert "reference" in listed.passthrough

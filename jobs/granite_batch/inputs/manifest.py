@@ -27,6 +27,7 @@ from granite_batch.inputs.rows import (
     Manifest,
     ManifestError,
     conform_rows,
+    differing_duplicates,
     first_of_each_id,
     normalised_schema,
 )
@@ -254,7 +255,13 @@ def _collect(stream: ManifestStream, dedupe: bool) -> Manifest:
     schema = stream.schema
     combined = pa.concat_tables([conform_rows(t, schema) for t in tables])
     unique = first_of_each_id(combined) if dedupe else combined
+    differing = differing_duplicates(combined, unique)
+    if differing:
+        log.warning(
+            "%s: %d row(s) repeat an id with another recording; the first row of each id is kept", stream.uri, differing
+        )
     return Manifest(
+        duplicates_differing=differing,
         table=unique,
         rows_in=stream.rows_in,
         duplicates=combined.num_rows - unique.num_rows,

@@ -20,6 +20,7 @@ from granite_batch.inputs.rows import (
     RESERVED_COLUMNS,
     Defaults,
     ManifestError,
+    content_digest,
     default_id,
     normalised_schema,
 )
@@ -328,13 +329,15 @@ def _normalise(table: pa.Table, where: _Where, base: str, protocol: str, default
     if ids.null_count:
         missing = pc.is_null(ids)
         rows = pc.indices_nonzero(missing)
+        contents = [None if b is None else content_digest(b) for b in data.take(rows).to_pylist()]
         digests = [
-            default_id(a, t, g, k)
-            for a, t, g, k in zip(
+            default_id(a, t, g, k, c)
+            for a, t, g, k, c in zip(
                 audio.take(rows).to_pylist(),
                 task.take(rows).to_pylist(),
                 target.take(rows).to_pylist(),
                 keywords.take(rows).to_pylist(),
+                contents,
             )
         ]
         ids = pc.replace_with_mask(ids, missing, pa.array(digests, pa.string()))
