@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -381,3 +383,24 @@ def test_a_duplicate_id_naming_another_recording_is_warned_and_counted(tmp_path,
     assert [r["id"] for r in rows_of(manifest)] == ["x"]
     assert manifest.duplicates == 2 and manifest.duplicates_differing == 1
     assert "1 row(s) repeat an id with another recording" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("column", "message"),
+    [
+        ("language_detected", "'language_detected' is reserved for the output"),
+        ("Text", "'Text' differs from the job's column 'text' only in case"),
+        ("ERROR", "'ERROR' differs from the job's column 'error'"),
+        ("Language", "'Language' differs from the job's column 'language'"),
+        ("id ", "'id ' differs from the job's column 'id'"),
+        ("", "a column has an empty name ''"),
+        ("  ", "a column has an empty name '  '"),
+    ],
+)
+def test_a_column_the_output_would_shadow_is_refused_naming_it(tmp_path, column, message):
+    path = write_jsonl(tmp_path / "m.jsonl", [{"audio": "/a.wav", column: "x"}])
+    with pytest.raises(ManifestError, match=re.escape(message)):
+        read_manifest(str(path), Defaults())
+    pq.write_table(pa.table({"audio": ["/a.wav"], column: ["x"]}), tmp_path / "m.parquet")
+    with pytest.raises(ManifestError, match=re.escape(message)):
+        read_manifest(str(tmp_path / "m.parquet"), Defaults())

@@ -18,7 +18,16 @@ TEXT_COLUMNS = ("id", "audio", "language", "task", "target_language", "channels"
 
 
 # Output columns a manifest may not carry: they would be silently overwritten.
-RESERVED_COLUMNS = ("text", "segments", "duration_s", "error", "model", "model_revision", "run_id")
+RESERVED_COLUMNS = (
+    "text",
+    "segments",
+    "language_detected",
+    "duration_s",
+    "error",
+    "model",
+    "model_revision",
+    "run_id",
+)
 
 
 CHANNEL_MODES = ("mix", "split")
