@@ -362,3 +362,21 @@ def test_eval_cli_scores_a_named_run_or_all_rows_with_filters(output_root):
 
     unknown = run_cli(["eval", str(output_root), "--run", "no-such-run"])
     assert unknown.returncode == 2 and "no run no-such-run" in unknown.stderr
+
+
+@pytest.mark.parametrize("language", ["../../../escaped", "en/../../x", "/tmp/x", "en\\..\\x", ""])
+def test_eval_refuses_a_path_like_language_and_writes_nothing_outside_the_root(output_root, language):
+    before = set(output_root.parent.rglob("*"))
+    result = run_cli(["eval", str(output_root), "--run", "all", "--language", language])
+    assert result.returncode == 2, result.stderr
+    assert "language" in result.stderr and "Traceback" not in result.stderr
+    assert {p for p in set(output_root.parent.rglob("*")) - before if output_root not in p.parents} == set()
+
+
+def test_json_documents_are_never_written_outside_their_root(tmp_path):
+    from granite_batch.storage import write_json
+
+    for relative in ("../x.json", "eval/../../x.json", "/x.json", "eval//x.json", "eval/a\\..\\..\\x.json"):
+        with pytest.raises(ValueError, match="would not lie inside"):
+            write_json(str(tmp_path / "out"), relative, {})
+    assert not (tmp_path / "x.json").exists()

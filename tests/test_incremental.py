@@ -191,6 +191,7 @@ def test_rerun_with_every_id_done_plans_nothing_and_counts_them_all_done(tmp_pat
     assert counts == {
         "rows_in": ROWS + 40,
         "duplicates": 40,
+        "duplicates_differing": 0,
         "rows_already_done": ROWS,
         "rows_to_do": 0,
         "rows_retried": 0,

@@ -21,8 +21,9 @@ from granite_batch.audio.decode import decode_table, load_recording
 from granite_batch.audio.segment import segment_table
 from granite_batch.inference.assemble import RecordingAssembler, join_segments
 from granite_batch.inference.transcribe import transcribe_segments
+from granite_batch.inputs import shards
 from granite_batch.inputs.manifest import ManifestStream, list_recordings, read_manifest
-from granite_batch.inputs.rows import Defaults, ManifestError, default_id
+from granite_batch.inputs.rows import Defaults, ManifestError, content_digest, default_id
 from granite_batch.models.model import SpeechModel
 from web_server import WebServer
 
@@ -168,7 +169,8 @@ def test_tar_shard_listed_like_a_folder_gives_the_by_path_transcripts(tmp_path, 
         for n, name in enumerate(NAMES)
     ]
     assert [r["id"] for r in rows[:2]] == NAMES[:2]  # the sidecar's id
-    assert rows[2]["id"] == default_id(rows[2]["audio"], "asr", None, [])  # no sidecar id: the shard + member
+    # No sidecar id: the shard, the member and its bytes.
+    assert rows[2]["id"] == default_id(rows[2]["audio"], "asr", None, [], content_digest(rows[2]["audio_bytes"]))
     assert [r["language"] for r in rows] == [LANGUAGES[n] for n in NAMES]
     assert [r["reference"] for r in rows] == [f"reference of {n}" for n in NAMES]
     assert "reference" in listed.passthrough
@@ -203,6 +205,56 @@ def test_a_sidecar_text_column_asks_for_the_reference_column(tmp_path):
         list_recordings(str(tmp_path / "s.tar"), Defaults())
     rows = list_recordings(str(tmp_path / "s.tar"), Defaults(reference_column="text")).table
     assert rows.column("reference").to_pylist() == ["the weather"]
+
+
+def ordinary_shard(path, names=NAMES) -> None:
+    """A shard made the ordinary way, `tar cf shard.tar *.flac *.mp3 ... *.json`: every audio
+    member first, then every sidecar, so no sidecar lies next to its audio."""
+    with tarfile.open(path, "w") as tar:
+        for name in names:
+            add_member(tar, name, (SAMPLES / name).read_bytes())
+        for name in names:
+            sidecar = {"id": f"id-{name}", "language": LANGUAGES[name], "reference": f"reference of {name}"}
+            add_member(tar, name.split(".")[0] + ".json", json.dumps(sidecar).encode())
+
+
+@pytest.mark.parametrize("held_bytes", [shards.HELD_BYTES, 1])
+def test_sidecars_are_matched_by_key_anywhere_in_the_shard(tmp_path, monkeypatch, held_bytes):
+    monkeypatch.setattr(shards, "HELD_BYTES", held_bytes)  # 1: every audio member is read again
+    ordinary_shard(tmp_path / "s.tar")
+    rows = {r["id"]: r for r in list_recordings(str(tmp_path / "s.tar"), Defaults()).table.to_pylist()}
+    assert sorted(rows) == sorted(f"id-{name}" for name in NAMES)
+    for name in NAMES:
+        row = rows[f"id-{name}"]
+        assert row["language"] == LANGUAGES[name] and row["reference"] == f"reference of {name}"
+        assert row["audio_bytes"] == (SAMPLES / name).read_bytes() and row["error"] is None
+
+
+def test_link_members_are_error_rows_and_skipped_members_are_counted(tmp_path, caplog):
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        add_member(tar, "a.flac", (SAMPLES / "en_weather.flac").read_bytes())
+        for kind, name in ((tarfile.LNKTYPE, "b.flac"), (tarfile.SYMTYPE, "c.flac"), (tarfile.SYMTYPE, "d.json")):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, "a.flac"
+            tar.addfile(info)
+        add_member(tar, "b.json", json.dumps({"id": "the-b"}).encode())
+        add_member(tar, "notes.txt", b"not a sample")
+        add_member(tar, "orphan.json", b"{}")
+    stream = ManifestStream(str(tmp_path / "s.tar"), Defaults(), listing=True)
+    with caplog.at_level("WARNING"):
+        rows = {r["audio"].split("::")[0]: r for r in pa.concat_tables(list(stream)).to_pylist()}
+    assert rows["tar://a.flac"]["error"] is None
+    assert rows["tar://b.flac"]["id"] == "the-b"  # the sidecar still names the row
+    assert rows["tar://b.flac"]["error"] == (
+        "not a regular file: shard member b.flac is a hard link to a.flac (store the recording itself in the shard)"
+    )
+    assert rows["tar://c.flac"]["error"].startswith("not a regular file: shard member c.flac is a symbolic link")
+    assert dict(stream.shard_counts.skipped) == {
+        "neither audio nor a .json sidecar": 1,
+        "a sidecar that is a symbolic link": 1,
+        "a sidecar without audio": 1,
+    }
+    assert "1 shard member(s) skipped: a sidecar without audio" in caplog.text
 
 
 def test_a_shard_that_is_not_a_tar_stops_the_job_naming_it(tmp_path):

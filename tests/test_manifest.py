@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -354,3 +356,51 @@ def test_lists_of_nulls_pass_through_and_meet_other_blocks(tmp_path):
             )
         )
         assert table.column("x").to_pylist() == [[None, None], ["y"]]
+
+
+HF_AUDIO = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+
+def test_embedded_recordings_that_share_a_path_but_differ_get_their_own_ids(tmp_path):
+    a, b = (SAMPLES / "en_weather.flac").read_bytes(), (SAMPLES / "fr_gare.mp3").read_bytes()
+    audio = [{"bytes": a, "path": "clip.wav"}, {"bytes": b, "path": "clip.wav"}, {"bytes": a, "path": "clip.wav"}]
+    pq.write_table(pa.table({"audio": pa.array(audio, HF_AUDIO)}), tmp_path / "m.parquet")
+    manifest = read_manifest(str(tmp_path / "m.parquet"), Defaults())
+    rows = rows_of(manifest)
+    assert len(rows) == 2 and rows[0]["id"] != rows[1]["id"]  # two recordings, two ids
+    assert [r["audio_bytes"] for r in rows] == [a, b]
+    assert manifest.duplicates == 1 and manifest.duplicates_differing == 0  # the third is the first again
+
+
+def test_a_duplicate_id_naming_another_recording_is_warned_and_counted(tmp_path, caplog):
+    rows = [
+        {"id": "x", "audio": "/a.wav"},
+        {"id": " x", "audio": "/a.wav"},  # ids are stripped: the same id, the same recording
+        {"id": "x ", "audio": "/b.wav"},  # the same id, another recording
+    ]
+    with caplog.at_level("WARNING"):
+        manifest = read_manifest(str(write_jsonl(tmp_path / "m.jsonl", rows)), Defaults())
+    assert [r["id"] for r in rows_of(manifest)] == ["x"]
+    assert manifest.duplicates == 2 and manifest.duplicates_differing == 1
+    assert "1 row(s) repeat an id with another recording" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("column", "message"),
+    [
+        ("language_detected", "'language_detected' is reserved for the output"),
+        ("Text", "'Text' differs from the job's column 'text' only in case"),
+        ("ERROR", "'ERROR' differs from the job's column 'error'"),
+        ("Language", "'Language' differs from the job's column 'language'"),
+        ("id ", "'id ' differs from the job's column 'id'"),
+        ("", "a column has an empty name ''"),
+        ("  ", "a column has an empty name '  '"),
+    ],
+)
+def test_a_column_the_output_would_shadow_is_refused_naming_it(tmp_path, column, message):
+    path = write_jsonl(tmp_path / "m.jsonl", [{"audio": "/a.wav", column: "x"}])
+    with pytest.raises(ManifestError, match=re.escape(message)):
+        read_manifest(str(path), Defaults())
+    pq.write_table(pa.table({"audio": ["/a.wav"], column: ["x"]}), tmp_path / "m.parquet")
+    with pytest.raises(ManifestError, match=re.escape(message)):
+        read_manifest(str(tmp_path / "m.parquet"), Defaults())

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import http.server
+import posixpath
 import threading
+import urllib.parse
 from pathlib import Path
 
 
@@ -12,12 +14,14 @@ class WebServer:
     closes the connection without an answer, `/flaky/<name>` does so on the first request of each
     kind and then serves the file, `/cut/<name>` ends every answer halfway through its body,
     `/moved/<name>` redirects to `/files/<name>`, and `/away/<name>` redirects to the same file under
-    another host name (`localhost`)."""
+    another host name (`localhost`); `redirects` maps a raw request path to a Location of choice.
+    Like nginx, a path is percent-decoded and its `.`/`..` segments resolved before it is served."""
 
     def __init__(self, root: Path):
         self.root = root
         self.requests: list[str] = []
         self.seen: set[str] = set()
+        self.redirects: dict[str, str] = {}
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -34,7 +38,10 @@ class WebServer:
 
             def _answer(self, body: bool):
                 server.requests.append(f"{self.command} {self.path}")
-                kind, _, name = self.path.lstrip("/").partition("/")
+                if self.path in server.redirects:
+                    return self._status(302, {"Location": server.redirects[self.path]})
+                path = posixpath.normpath(urllib.parse.unquote(self.path.split("?", 1)[0]))
+                kind, _, name = path.lstrip("/").partition("/")
                 first_time = self.path not in server.seen
                 server.seen.add(self.path)
                 if kind == "drop" or (kind == "flaky" and first_time):

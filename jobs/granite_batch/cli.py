@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 
@@ -15,6 +16,24 @@ EXIT_RUNTIME = 4  # the job could not run to the end (storage unreachable, clust
 EXIT_TOO_MANY_FAILURES = 5  # the job ran, but more rows failed than --max-failed-fraction allows
 
 log = logging.getLogger("granite_batch")
+
+LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}([-_][a-z0-9]{2,8})*$", re.IGNORECASE)
+
+
+def _prefix_list(value: str) -> str:
+    """`--allowed-prefixes`: an allow-list given but empty (`" , "`, from an empty template
+    variable) is a usage error (exit 2), never a list that allows everything."""
+    if not any(part.strip() for part in value.split(",")):
+        raise argparse.ArgumentTypeError(f"{value!r} names no prefix; give at least one, or leave the flag out")
+    return value
+
+
+def _language_code(value: str) -> str:
+    """A language code (`en`, `pt-BR`, `und`): it names a partition and a report file, so nothing
+    path-like gets through (exit 2)."""
+    if not LANGUAGE_CODE.match(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a language code (e.g. en, pt-BR)")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -111,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--anon", action="store_true", default=None, help="read public buckets without credentials")
     run.add_argument(
         "--allowed-prefixes",
+        type=_prefix_list,
         help="comma-separated URI/path prefixes recordings must lie under; "
         "others become error rows (e.g. 's3://archive/,/mnt/audio/')",
     )
@@ -135,7 +155,9 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="list the runs of an output root and what is done, failed, pending")
     status.add_argument("output", help="output dataset root")
     status.add_argument("--manifest", help="also count the manifest's ids that have no row yet")
-    status.add_argument("--language", default="en", help="the job's --language, for manifest ids (default en)")
+    status.add_argument(
+        "--language", type=_language_code, default="en", help="the job's --language, for manifest ids (default en)"
+    )
     status.add_argument("--endpoint-url", help="S3-compatible endpoint")
 
     tiny = commands.add_parser("tiny-model", help="write a tiny random Granite Speech checkpoint to DIR")
@@ -193,7 +215,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("output", help="output dataset root")
     evaluate.add_argument("--run", help="score this run's rows, or 'all' for every row (default: the newest run)")
-    evaluate.add_argument("--language", help="only rows of this recording language")
+    evaluate.add_argument("--language", type=_language_code, help="only rows of this recording language")
     evaluate.add_argument("--task", choices=["asr", "ast"], help="only rows of this task")
     evaluate.add_argument("--endpoint-url", help="S3-compatible endpoint")
     return parser

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -39,27 +40,92 @@ class NotAllowed(Exception):
     """A URI (or a redirect's target) lies outside the job's allowed prefixes; str() says which."""
 
 
+# Percent-encodings that would change a path's segments or decode again on a server that decodes
+# twice: `/`, `\`, and control characters (`%25`, a literal `%`, is fine unless what it decodes to
+# is itself an encoding). A URL that carries one cannot be given one
+# canonical form, so under an allow-list it is refused.
+_UNSAFE_ENCODED = re.compile(r"%(2f|5c|[01][0-9a-f]|7f)", re.IGNORECASE)
+_PERCENT = re.compile(r"%[0-9a-fA-F]{2}")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+# What stays unquoted in a canonical path: RFC 3986's unreserved characters and a segment's
+# sub-delimiters, as yarl (aiohttp's URL type) leaves them.
+_PATH_SAFE = "/-._~!$&'()*+,;=:@"
+
+
+class NotCanonical(ValueError):
+    """An http(s) URL that cannot be given one canonical form (str() says why)."""
+
+
+def canonical_url(url: str) -> str:
+    """`url` as the one URL the job checks and then fetches: scheme and host lower-cased, the
+    default port dropped, the path percent-decoded, its `.`/`..` segments and doubled slashes
+    resolved (as aiohttp's yarl and most servers resolve them, `%2e%2e` included), then quoted
+    again; the query kept, the fragment dropped. Raises NotCanonical for what has no single
+    reading: encoded slashes or backslashes, backslashes, control characters, double encoding,
+    `..;` segments, bytes that are not UTF-8, user information, a bad port or no host."""
+    if any(ord(c) < 0x20 or c in "\\\x7f" for c in url):
+        raise NotCanonical(f"{url!r} holds a backslash or a control character")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise NotCanonical(f"{url!r}: {exc}") from None
+    if "@" in parts.netloc:  # parsers disagree on `a@b@c`; credentials have no place in a manifest
+        raise NotCanonical(f"{url!r} carries user information")
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").rstrip(".")
+    if scheme not in HTTP_PROTOCOLS or not host:
+        raise NotCanonical(f"{url!r} is not an http(s) URL with a host")
+    if _UNSAFE_ENCODED.search(parts.path):
+        raise NotCanonical(f"{url!r} percent-encodes a slash, a backslash or a control character")
+    try:
+        path = urllib.parse.unquote(parts.path, errors="strict")
+    except UnicodeDecodeError:
+        raise NotCanonical(f"{url!r} percent-encodes bytes that are not UTF-8") from None
+    if _PERCENT.search(path):
+        raise NotCanonical(f"{url!r} is percent-encoded twice")
+    if any(segment.split(";", 1)[0] in (".", "..") and ";" in segment for segment in path.split("/")):
+        raise NotCanonical(f"{url!r} has a dot segment with parameters (`..;`)")
+    path = "/" + posixpath.normpath("/" + path).lstrip("/")
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None and port != _DEFAULT_PORTS[scheme]:
+        netloc += f":{port}"
+    return urllib.parse.urlunsplit((scheme, netloc, urllib.parse.quote(path, safe=_PATH_SAFE), parts.query, ""))
+
+
 def _canonical(uri: str) -> str:
-    """A URI with `..`, symlinks (local files) and scheme aliases resolved, for prefix checks."""
+    """A URI with `..`, symlinks (local files) and scheme aliases resolved, for prefix checks
+    (http(s): `canonical_url`'s host, port and decoded path; raises NotCanonical)."""
     protocol = protocol_of(uri)
     if protocol in LOCAL_PROTOCOLS:
         path = uri[len("file://") :] if uri.startswith("file://") else uri
         return os.path.realpath(path)
     path = uri.split("://", 1)[1] if "://" in uri else uri
-    if protocol in HTTP_PROTOCOLS:  # host names are case-insensitive; the query is not a folder
-        parts = urllib.parse.urlsplit(uri)
-        path = parts.netloc.lower() + (parts.path or "/")
+    if protocol in HTTP_PROTOCOLS:  # the query is not a folder
+        parts = urllib.parse.urlsplit(canonical_url(uri))
+        return f"{protocol}://{parts.netloc}{urllib.parse.unquote(parts.path)}"
     return f"{protocol}://{posixpath.normpath('/' + path).lstrip('/')}"
 
 
 def is_allowed(uri: str, prefixes: tuple[str, ...]) -> bool:
     """Whether `uri` lies under one of `prefixes` (whole path components; no prefixes allows all).
-    For http(s) a prefix names a host and a path prefix (`https://media.example.org/podcasts/`)."""
+    For http(s) a prefix names a host and a path prefix (`https://media.example.org/podcasts/`),
+    and the URL is compared in the form it is fetched in (`canonical_url`); one without a canonical
+    form is outside. A blank prefix allows nothing, so a list of blanks (an empty template
+    variable) refuses every URI instead of allowing them all."""
     if not prefixes:
         return True
-    target = _canonical(uri)
+    try:
+        target = _canonical(uri)
+    except NotCanonical:
+        return False
     for prefix in prefixes:
-        base = _canonical(prefix).rstrip("/")
+        if not prefix.strip():
+            continue
+        try:
+            base = _canonical(prefix.strip()).rstrip("/")
+        except NotCanonical:
+            continue
         if target == base or target.startswith(base + "/"):
             return True
     return False
@@ -99,13 +165,29 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None  # each hop is checked by `probe_url` before it is followed
 
 
+def _checked(url: str, allowed_prefixes: tuple[str, ...], came_from: str | None = None) -> str:
+    """`url` in its canonical form, the one the job then asks for; raises NotAllowed when it has
+    none or lies outside `allowed_prefixes` (`came_from`: the URL that redirected to it)."""
+    what = f"{came_from} redirects to {url}," if came_from else f"{url} is"
+    try:
+        canonical = canonical_url(url)
+    except NotCanonical as exc:
+        raise NotAllowed(f"{what} not checkable against the allowed prefixes ({exc})") from None
+    if not is_allowed(canonical, allowed_prefixes):
+        raise NotAllowed(f"{what} outside the allowed prefixes")
+    return canonical
+
+
 def probe_url(url: str, allowed_prefixes: tuple[str, ...] = (), timeout_s: float = 30.0) -> tuple[str, int | None]:
-    """(the URL `url` leads to after its redirects, its Content-Length or None), by HEAD requests,
-    each redirect's target checked against `allowed_prefixes` before it is followed (a server that
+    """(the URL `url` leads to after its redirects, its Content-Length or None), by HEAD requests;
+    with `allowed_prefixes`, `url` and each redirect's target are checked in their canonical form
+    (`canonical_url`), and that form is what is asked for and returned (a server that
     refuses HEAD is taken at its word). Raises NotAllowed for a target outside them,
     FileNotFoundError (404, 410), PermissionError (401, 403), OSError otherwise (dropped
     connections, timeouts, other statuses: `status` holds the HTTP status when there is one)."""
     opener = urllib.request.build_opener(_NoRedirect())
+    if allowed_prefixes:
+        url = _checked(url, allowed_prefixes)
     for _ in range(HTTP_MAX_REDIRECTS + 1):
         request = urllib.request.Request(url, method="HEAD", headers={"Accept-Encoding": "identity"})
         try:
@@ -115,9 +197,7 @@ def probe_url(url: str, allowed_prefixes: tuple[str, ...] = (), timeout_s: float
         except urllib.error.HTTPError as exc:
             if exc.code in (301, 302, 303, 307, 308) and exc.headers.get("Location"):
                 target = urllib.parse.urljoin(url, exc.headers["Location"])
-                if not is_allowed(target, allowed_prefixes):
-                    raise NotAllowed(f"{url} redirects to {target}, outside the allowed prefixes") from None
-                url = target
+                url = _checked(target, allowed_prefixes, came_from=url) if allowed_prefixes else target
                 continue
             if exc.code in (404, 410):
                 raise FileNotFoundError(url) from None
@@ -143,7 +223,12 @@ def write_json(
     """Write `document` as indented JSON to `relative_path` under `root_uri`; return its URI.
 
     The one writer of the job's JSON files: run summaries, second-pass summaries, eval reports.
+    Raises ValueError for a `relative_path` that is absolute or leaves `root_uri` (`..`), such as
+    one built from a path-like filter value.
     """
+    parts = relative_path.replace("\\", "/").split("/")
+    if relative_path.startswith(("/", "\\")) or ".." in parts or "" in parts:
+        raise ValueError(f"refusing to write {relative_path!r}: it would not lie inside {root_uri}")
     fs, root = filesystem(root_uri, storage_options)
     path = posixpath.join(root, relative_path)
     fs.makedirs(posixpath.dirname(path), exist_ok=True)

@@ -11,10 +11,12 @@ again by the slow path, one Python object per line, which either normalises it o
 
 from __future__ import annotations
 
+import logging
 import posixpath
 from collections.abc import Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from granite_batch.inputs.formats import _BLOCK_READERS, BLOCK_BYTES, _Block, _rows_to_table, _SlowPath
 from granite_batch.inputs.listing import AUDIO_SUFFIXES, _iter_listing
@@ -25,11 +27,14 @@ from granite_batch.inputs.rows import (
     Manifest,
     ManifestError,
     conform_rows,
+    differing_duplicates,
     first_of_each_id,
     normalised_schema,
 )
-from granite_batch.inputs.shards import ShardError, is_shard, iter_samples, member_uri
+from granite_batch.inputs.shards import ShardCounts, ShardError, is_shard, iter_samples, member_uri
 from granite_batch.storage import filesystem, uri_of
+
+log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -83,6 +88,7 @@ class ManifestStream:
         self.protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         self.rows_in = 0
         self.ids_replaced = 0
+        self.shard_counts = ShardCounts()  # shard members that gave no row, by reason
         self._passthrough: dict[
             str, tuple[pa.Field, tuple[str, str] | None]
         ] = {}  # name -> (field, where first non-null)
@@ -177,6 +183,7 @@ class ManifestStream:
         """Rows of the recordings listed, and of every audio member of each tar shard listed (its
         bytes, and its sidecar's columns), in blocks of `listing_rows` rows or `block_bytes` of audio."""
         rows: list[dict] = []
+        member_errors: list[str | None] = []  # per row: a shard member's own error (a link)
         held_bytes = 0
         done = 0
         embedded = pa.struct([("bytes", pa.large_binary()), ("path", pa.string())])
@@ -190,6 +197,11 @@ class ManifestStream:
             table = _as_reference(table, self.defaults.reference_column, where)
             _check_columns(table, where, first_block=False)  # a sidecar's `text` would shadow the output's
             out, replaced = _normalise(table, _Where(where, "line", lines), "", self.protocol, self.defaults)
+            if any(member_errors):  # links in a shard: a row each, with its error
+                at = out.schema.get_field_index("error")
+                errors = pc.coalesce(pa.array(member_errors, pa.string()), out.column(at))
+                out = out.set_column(at, out.schema.field(at), errors)
+            member_errors.clear()
             self._unify(out, where, _Block(None, None, lambda: lines), lines)
             self.rows_in += out.num_rows
             self.ids_replaced += replaced
@@ -203,13 +215,16 @@ class ManifestStream:
                 uri = uri_of(self.fs, path)
                 if not is_shard(path):
                     rows.append({"audio": {"bytes": None, "path": uri}, "language": path_language})
+                    member_errors.append(None)
                 else:
                     try:
-                        for member, data, sidecar in iter_samples(self.fs, path, AUDIO_SUFFIXES, uri):
-                            columns = {k: v for k, v in sidecar.items() if k != "audio"}
+                        for sample in iter_samples(self.fs, path, AUDIO_SUFFIXES, uri, self.shard_counts):
+                            columns = {k: v for k, v in sample.sidecar.items() if k != "audio"}
                             columns.setdefault("language", path_language)
-                            rows.append({**columns, "audio": {"bytes": data, "path": member_uri(uri, member)}})
-                            held_bytes += len(data)
+                            audio = {"bytes": sample.data, "path": member_uri(uri, sample.name)}
+                            rows.append({**columns, "audio": audio})
+                            member_errors.append(sample.error)
+                            held_bytes += len(sample.data)
                             if len(rows) >= self.listing_rows or held_bytes >= self.block_bytes:
                                 yield flush()
                     except ShardError as exc:
@@ -220,6 +235,8 @@ class ManifestStream:
             raise ManifestError(f"{self.uri}: no such prefix") from None
         if rows:
             yield flush()
+        for reason, count in sorted(self.shard_counts.skipped.items()):
+            log.warning("%s: %d shard member(s) skipped: %s", self.uri, count, reason)
         if self.rows_in == 0:
             raise ManifestError(f"{self.uri}: no recordings match")
 
@@ -238,7 +255,13 @@ def _collect(stream: ManifestStream, dedupe: bool) -> Manifest:
     schema = stream.schema
     combined = pa.concat_tables([conform_rows(t, schema) for t in tables])
     unique = first_of_each_id(combined) if dedupe else combined
+    differing = differing_duplicates(combined, unique)
+    if differing:
+        log.warning(
+            "%s: %d row(s) repeat an id with another recording; the first row of each id is kept", stream.uri, differing
+        )
     return Manifest(
+        duplicates_differing=differing,
         table=unique,
         rows_in=stream.rows_in,
         duplicates=combined.num_rows - unique.num_rows,

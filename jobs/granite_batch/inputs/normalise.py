@@ -20,6 +20,7 @@ from granite_batch.inputs.rows import (
     RESERVED_COLUMNS,
     Defaults,
     ManifestError,
+    content_digest,
     default_id,
     normalised_schema,
 )
@@ -328,13 +329,15 @@ def _normalise(table: pa.Table, where: _Where, base: str, protocol: str, default
     if ids.null_count:
         missing = pc.is_null(ids)
         rows = pc.indices_nonzero(missing)
+        contents = [None if b is None else content_digest(b) for b in data.take(rows).to_pylist()]
         digests = [
-            default_id(a, t, g, k)
-            for a, t, g, k in zip(
+            default_id(a, t, g, k, c)
+            for a, t, g, k, c in zip(
                 audio.take(rows).to_pylist(),
                 task.take(rows).to_pylist(),
                 target.take(rows).to_pylist(),
                 keywords.take(rows).to_pylist(),
+                contents,
             )
         ]
         ids = pc.replace_with_mask(ids, missing, pa.array(digests, pa.string()))
@@ -357,7 +360,21 @@ def _as_reference(table: pa.Table, column: str | None, name: str) -> pa.Table:
 def _check_columns(table: pa.Table, name: str, first_block: bool) -> None:
     if first_block and "audio" not in table.column_names:
         raise ManifestError(f"{name}: missing required column 'audio'")
+    """Refuse (never rename) a column the output would shadow: an output column (`text`,
+    `language_detected`, ... every transcript column the job writes), a case or whitespace variant
+    of any column the job knows (`Text`, `ID `: one name in case-insensitive readers), and a column
+    with an empty or blank name. The error names the column; the user renames it."""
+    for column in table.column_names:
+        if not column.strip():
+            raise ManifestError(f"{name}: a column has an empty name {column!r}; name it or drop it")
     reserved = [column for column in RESERVED_COLUMNS if column in table.column_names]
     if reserved:
         hint = " (reference texts: --reference-column text)" if reserved[0] == "text" else ""
         raise ManifestError(f"{name}: column {reserved[0]!r} is reserved for the output; rename it{hint}")
+    known = {c.casefold(): c for c in (*RESERVED_COLUMNS, *KNOWN_COLUMNS, "reference")}
+    for column in table.column_names:
+        twin = known.get(column.strip().casefold())
+        if twin is not None and twin != column:
+            raise ManifestError(
+                f"{name}: column {column!r} differs from the job's column {twin!r} only in case or spaces; rename it"
+            )

@@ -19,6 +19,7 @@ about ROWS_PER_BUCKET rows whatever the manifest's size.
 
 from __future__ import annotations
 
+import logging
 import math
 import posixpath
 import tempfile
@@ -30,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from granite_batch.inputs.manifest import ManifestStream
-from granite_batch.inputs.rows import ManifestError, conform_rows, first_of_each_id
+from granite_batch.inputs.rows import ManifestError, conform_rows, differing_duplicates, first_of_each_id
 from granite_batch.output.committed import failure_reasons, iter_committed_batches, list_dataset_files
 from granite_batch.schema import STAGING_DIR, TRANSCRIPTS_DIR
 from granite_batch.storage import LOCAL_PROTOCOLS, filesystem, uri_of
@@ -44,7 +45,9 @@ MAX_BUCKETS = 4096
 SPOOL_BYTES = 64 << 20  # the driver's write buffer over all buckets
 LISTING_BUCKETS = 256
 DONE_SCHEMA = pa.schema([("id", pa.string()), ("ok", pa.bool_())])
-COUNT_KEYS = ("rows_in", "duplicates", "rows_already_done", "rows_to_do", "rows_retried")
+log = logging.getLogger(__name__)
+
+COUNT_KEYS = ("rows_in", "duplicates", "duplicates_differing", "rows_already_done", "rows_to_do", "rows_retried")
 
 _P = 0x100000001B3  # FNV's 64-bit prime: odd, so invertible modulo 2**64
 _P_INVERSE = pow(_P, -1, 1 << 64)
@@ -313,6 +316,11 @@ def _plan(layout: PlanLayout, bucket: int, columns: list[str] | None = None) -> 
     rows = _read_bucket(fs, posixpath.join(folder, "manifest"), bucket, layout.schema, columns)
     done = _read_bucket(fs, posixpath.join(folder, "done"), bucket, DONE_SCHEMA)
     unique = first_of_each_id(rows)
+    differing = differing_duplicates(rows, unique)
+    if differing:
+        log.warning(
+            "%d manifest row(s) repeat an id with another recording; the first row of each id is kept", differing
+        )
     ok = done.column("ok")
     done_ids = done.column("id").filter(ok) if layout.retry_failed else done.column("id")
     is_done = pc.is_in(unique.column("id"), value_set=done_ids.combine_chunks())
@@ -324,6 +332,7 @@ def _plan(layout: PlanLayout, bucket: int, columns: list[str] | None = None) -> 
     counts = {
         "rows_in": rows.num_rows,
         "duplicates": rows.num_rows - unique.num_rows,
+        "duplicates_differing": differing,
         "rows_already_done": pc.sum(is_done).as_py() or 0,
         "rows_to_do": todo.num_rows,
         "rows_retried": retried,

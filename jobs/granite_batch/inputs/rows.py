@@ -18,7 +18,16 @@ TEXT_COLUMNS = ("id", "audio", "language", "task", "target_language", "channels"
 
 
 # Output columns a manifest may not carry: they would be silently overwritten.
-RESERVED_COLUMNS = ("text", "segments", "duration_s", "error", "model", "model_revision", "run_id")
+RESERVED_COLUMNS = (
+    "text",
+    "segments",
+    "language_detected",
+    "duration_s",
+    "error",
+    "model",
+    "model_revision",
+    "run_id",
+)
 
 
 CHANNEL_MODES = ("mix", "split")
@@ -85,12 +94,51 @@ class Manifest:
     files: list[str]
     passthrough: list[str] = field(default_factory=list)
     ids_replaced: int = 0  # rows whose `id` was empty, blank or null and got the digest id
+    duplicates_differing: int = 0  # duplicates (of `duplicates`) whose recording differs from the kept row's
 
 
-def default_id(audio: str, task: str, target_language: str | None, keywords: list[str]) -> str:
-    """A digest of what the row asks for, identical in every run."""
-    key = json.dumps([audio, task, target_language, list(keywords)], ensure_ascii=False, separators=(",", ":"))
+def default_id(
+    audio: str, task: str, target_language: str | None, keywords: list[str], content: str | None = None
+) -> str:
+    """A digest of what the row asks for, identical in every run. `content`: for a recording the
+    row carries (embedded bytes, a shard member), a digest of its bytes, so two recordings that
+    share a path (`audio.path`, a member name) but differ get different ids.
+
+    Ids a manifest gives are its own, with surrounding whitespace stripped (`" x"` is `"x"`); an
+    empty or blank id gets this default."""
+    fields = [audio, task, target_language, list(keywords)] + ([content] if content is not None else [])
+    key = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(key.encode("utf-8")).hexdigest()[:32]
+
+
+def content_digest(data: bytes) -> str:
+    """The digest of a recording's bytes that default ids and duplicate checks use."""
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def differing_duplicates(table: pa.Table, unique: pa.Table) -> int:
+    """How many rows of `table` repeat an id of `unique` (its first rows) but name another
+    recording (another `audio`, or other embedded bytes): not the same recording, so dropping
+    them is worth a warning, not only a count."""
+    if table.num_rows == unique.num_rows or "audio" not in table.column_names:
+        return 0
+    columns = [c for c in ("audio", "audio_bytes") if c in table.column_names]
+    counts = pc.value_counts(table.column("id"))
+    repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    if len(repeated) == 0:
+        return 0
+
+    def recordings(t: pa.Table) -> list[tuple]:
+        """(id, what names the recording) of `t`'s rows whose id repeats."""
+        t = t.filter(pc.is_in(t.column("id"), value_set=repeated)).select(["id", *columns])
+        return [
+            (row["id"], *(content_digest(v) if isinstance(v, bytes) else v for v in (row[c] for c in columns)))
+            for row in t.to_pylist()
+        ]
+
+    firsts = {key[0]: key for key in recordings(unique)}
+    differing = sum(key != firsts[key[0]] for key in recordings(table))
+    return differing
 
 
 def normalised_schema(passthrough: list[pa.Field] | pa.Schema = ()) -> pa.Schema:
