@@ -43,7 +43,9 @@ _TRAINING_TEXT = [
     "[Speaker 1]: hello [Speaker 2]: hi there [T:45] [T:82] [T:130] _",
 ]
 MODEL_TYPES = ("granite_speech", "granite_speech_plus", "granite_speech5_ctc")
-CTC_BLANK_TOKEN = "<pad>"
+# The blank of granite-speech-5.0-470m-turboctc: id 0, `<|blank|>`, the tokenizer's pad token
+# (transformers `models/granite_speech5/convert_granite_speech5_to_hf.py`).
+CTC_BLANK_TOKEN = "<|blank|>"
 
 
 def build_tokenizer(vocab_size: int = 512):
@@ -184,13 +186,15 @@ def write_tiny_model(directory: str | Path, seed: int = 0, model_type: str = "gr
 
 
 def build_ctc_tokenizer(vocab_size: int = 320):
-    """A byte-level BPE tokenizer whose id 0 is the CTC blank (`<pad>`), as GraniteSpeech5CTCConfig's
-    `pad_token_id=0` makes it."""
-    from transformers import PreTrainedTokenizerFast
+    """The tokenizer class the real TurboCTC checkpoint loads with: `ParakeetTokenizer` (transformers'
+    auto mapping for `granite_speech5_ctc`), over a GPT-2 style byte-level BPE (`Ġ` word starts, the
+    decoder dropping the leading space) whose id 0 is the blank `<|blank|>` and the pad token, as
+    `convert_granite_speech5_to_hf.py` builds it. Its decode groups repeated ids and drops the blank."""
+    from transformers import ParakeetTokenizer
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-    backend.decoder = decoders.ByteLevel()
+    backend.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Strip(" ", 1, 0)])
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=[CTC_BLANK_TOKEN],
@@ -198,7 +202,9 @@ def build_ctc_tokenizer(vocab_size: int = 320):
         show_progress=False,
     )
     backend.train_from_iterator(_TRAINING_TEXT[3:], trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=CTC_BLANK_TOKEN)
+    tokenizer = ParakeetTokenizer(tokenizer_object=backend, pad_token=CTC_BLANK_TOKEN)
+    assert tokenizer.pad_token_id == 0
+    return tokenizer
 
 
 def write_tiny_ctc_model(directory: str | Path, seed: int = 0) -> Path:
