@@ -97,7 +97,7 @@ class CtcSpeechModel:
         model, processor, device = load_pretrained("AutoModelForCTC", name, revision, device, dtype, trust_remote_code)
         return cls(model, processor, device, **options)
 
-    def token_budget(self, samples: np.ndarray) -> int:
+    def token_budget(self, samples: np.ndarray, request: Request | None = None) -> int:
         """At most one token per encoder frame (a CTC model never stops early or late)."""
         return max(1, int(len(samples) / self.sample_rate_hz / self.frame_s) + 1)
 

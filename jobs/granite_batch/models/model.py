@@ -232,8 +232,10 @@ class SpeechModel:
             )
         return self._prompts[request]
 
-    def token_budget(self, samples: np.ndarray) -> int:
-        """New tokens a segment may generate: 16 + `max_new_tokens_per_audio_s` per audio second
+    def token_budget(self, samples: np.ndarray, request: Request | None = None) -> int:
+        """New tokens a segment may generate: the card's budget for the request's prompt mode where the
+        profile names one (granite-speech-4.1-2b-plus: 2,000, or 10,000 for word timestamps), at most
+        `max_new_tokens` when that is set; else 16 + `max_new_tokens_per_audio_s` per audio second
         (at most `max_new_tokens` when that is set), or `max_new_tokens` alone when the rate is None.
 
         The budget follows the segment's length with no lower cap, so a 30 s segment of dense speech
@@ -242,6 +244,9 @@ class SpeechModel:
         where speech of its length must have ended. IBM's card uses 200 new tokens for short clips;
         our segments run to `max_segment_s`. A segment that stops at its budget is marked `truncated`.
         """
+        card = None if self.profile is None or request is None else self.profile.new_tokens(request)
+        if card is not None:
+            return card if self.max_new_tokens is None else min(self.max_new_tokens, card)
         if self.max_new_tokens_per_audio_s is None:
             return self.max_new_tokens
         seconds = len(samples) / self.sample_rate_hz
@@ -281,7 +286,7 @@ class SpeechModel:
         with torch.inference_mode():
             embeds, ctc_logits = self._prompt_embeddings(items, batch, with_ctc=speculative or posteriors)
             requests = [items[i][1] for i in batch]
-            budgets = [self.token_budget(items[i][0]) for i in batch]
+            budgets = [self.token_budget(*items[i]) for i in batch]
             if speculative:
                 drafts = [self._draft(items[i], logits) for i, logits in zip(batch, ctc_logits)]
                 tokens, decisions, logprobs = self._speculative(embeds, requests, drafts, budgets)

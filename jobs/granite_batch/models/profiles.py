@@ -93,6 +93,10 @@ class ModelProfile:
     max_call_s: float | None = None  # longest audio one call may carry (None: no limit known)
     max_speakers_call_s: float | None = None
     max_word_times_call_s: float | None = None
+    # New tokens one call may generate, per prompt mode, where the card names them (None: the job's
+    # per-second budget, model.SpeechModel.token_budget). A ceiling, as the card's `max_new_tokens`.
+    asr_new_tokens: int | None = None  # ASR and speaker attribution
+    word_times_new_tokens: int | None = None  # `[T:N]` word timestamps
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -140,6 +144,12 @@ class ModelProfile:
             limits.append(self.max_word_times_call_s)
         known = [limit for limit in limits if limit is not None]
         return min(known) if known else None
+
+    def new_tokens(self, request: Request) -> int | None:
+        """The card's new-token budget for one call of `request`, or None where the card names none."""
+        if request.word_times and self.word_times and not request.speakers:
+            return self.word_times_new_tokens
+        return self.asr_new_tokens
 
     def instruction(self, request: Request) -> str:
         """The user turn for `request`: the audio placeholder, then the instruction text."""
@@ -201,6 +211,12 @@ GRANITE_SPEECH_PLUS = ModelProfile(
     max_call_s=540.0,
     max_speakers_call_s=540.0,
     max_word_times_call_s=210.0,
+    # The card's `transcribe(audio, prompt, max_new_tokens=2000, ...)` and
+    # `transcribe(audio.data, TS_PROMPT, max_new_tokens=10000)`
+    # (https://huggingface.co/ibm-granite/granite-speech-4.1-2b-plus, usage section): a `[T:N]` tag
+    # after every word takes several tokens per word, so 16 + 12 per second cut it short.
+    asr_new_tokens=2000,
+    word_times_new_tokens=10000,
 )
 GRANITE_SPEECH5_CTC = ModelProfile(
     name="granite-speech-5-ctc",

@@ -49,27 +49,36 @@ CTC_BLANK_TOKEN = "<|blank|>"
 
 
 def build_tokenizer(vocab_size: int = 512):
-    """A byte-level BPE tokenizer with the special tokens Granite Speech's processor needs."""
-    from transformers import PreTrainedTokenizerFast
+    """A byte-level BPE tokenizer of the class, special tokens and id layout a Granite Speech 4.x
+    checkpoint names: `GPT2Tokenizer` (Granite's language models' tokenizer_config.json class, over a
+    GPT-2 byte-level BPE), bos = eos = `<|end_of_text|>` right after pad `<|pad|>` (100257 and 100256
+    in the real vocabulary), and `<|audio|>` the last id (100352 of 100353: IBM's
+    `granite/run_eval_speculative_bpe.py`, "100352 Granite BPE tokens + 1 CTC blank"), registered as
+    the tokenizer's `audio_token`, which GraniteSpeechProcessor reads."""
+    from transformers import GPT2Tokenizer
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS_TOKEN, PAD_TOKEN, AUDIO_TOKEN],
+        vocab_size=vocab_size - 3,
+        special_tokens=[],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     backend.train_from_iterator(_TRAINING_TEXT, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
+    backend.add_special_tokens([PAD_TOKEN, EOS_TOKEN, AUDIO_TOKEN])
+    tokenizer = GPT2Tokenizer(
         tokenizer_object=backend,
+        unk_token=None,
         bos_token=EOS_TOKEN,
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
         padding_side="left",
         extra_special_tokens={"audio_token": AUDIO_TOKEN},
     )
+    assert tokenizer.convert_tokens_to_ids(AUDIO_TOKEN) == len(tokenizer) - 1
+    assert tokenizer.eos_token_id == tokenizer.pad_token_id + 1
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
@@ -102,7 +111,9 @@ def build_config(tokenizer, initializer_range: float = 0.5, model_type: str = "g
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=4096,
+        # The plus model's budgets reach 10,000 new tokens (word timestamps, its card), so its context
+        # is Granite 4.0's long one; the base model keeps 4096 so prompt-context tests stay small.
+        max_position_embeddings=131072 if plus else 4096,
         embedding_multiplier=1,
         logits_scaling=8.0,
         residual_multiplier=0.22,
@@ -127,6 +138,7 @@ def build_config(tokenizer, initializer_range: float = 0.5, model_type: str = "g
         intermediate_size=64,
         encoder_hidden_size=64 if plus else 32,
         cross_attention_frequency=1,
+        initializer_range=initializer_range,  # the projector too, or its output barely depends on the audio
     )
     return (GraniteSpeechPlusConfig if plus else GraniteSpeechConfig)(
         text_config=text_config,
