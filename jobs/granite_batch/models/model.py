@@ -29,10 +29,11 @@ from granite_batch.models.speculative import (
     BY_CTC,
     BY_FALLBACK,
     BY_VERIFICATION,
+    LEADERBOARD_40,
     SpeculativeOptions,
     ctc_draft,
     draft_verified,
-    draftable,
+    drafted,
     strict_accepted,
 )
 
@@ -192,7 +193,12 @@ class SpeechModel:
         self.max_batch_audio_s = max_batch_audio_s
         self.max_batch_segments = max_batch_segments
         self.max_new_tokens_per_audio_s = max_new_tokens_per_audio_s
-        self.speculative = speculative or SpeculativeOptions()
+        # The job's mode where this model can draft (else autoregressive), its thresholds where the job
+        # sets none (speculative.py; profiles.py `speculative_defaults`).
+        can_draft = profile is None or profile.ctc_drafting or profile.bpe_drafting or drafter is not None
+        self.speculative = (speculative or SpeculativeOptions()).resolved(
+            LEADERBOARD_40 if profile is None else profile.speculative_defaults, can_draft
+        )
         if self.speculative.mode != "autoregressive" and (num_beams != 1 or repetition_penalty != 1.0):
             raise ValueError("speculative decoding needs greedy search: num_beams 1, repetition_penalty 1")
         self.sample_rate_hz = processor.audio_processor.sampling_rate
@@ -282,20 +288,22 @@ class SpeechModel:
     def _generate_batch(self, items, batch: list[int], results: list, posteriors: bool = False) -> None:
         import torch
 
-        speculative = self.speculative.mode != "autoregressive"
+        # Drafts are computed only by a model that makes them (a 4.1 checkpoint without its BPE head does not).
+        speculative = self.speculative.mode != "autoregressive" and self._drafts
         with torch.inference_mode():
-            embeds, ctc_logits = self._prompt_embeddings(items, batch, with_ctc=speculative or posteriors)
+            embeds, draft_logits, ctc_logits = self._encode(items, batch, speculative, posteriors)
             requests = [items[i][1] for i in batch]
             budgets = [self.token_budget(*items[i]) for i in batch]
             if speculative:
-                drafts = [self._draft(items[i], logits) for i, logits in zip(batch, ctc_logits)]
+                drafts = [self._draft(items[i], logits) for i, logits in zip(batch, draft_logits)]
                 tokens, decisions, logprobs = self._speculative(embeds, requests, drafts, budgets)
             else:
                 logprobs: list = []
                 tokens = self._autoregressive(embeds, budgets, logprobs_out=logprobs)
                 decisions = [BY_AUTOREGRESSIVE] * len(batch)
             log_posteriors = [
-                torch.log_softmax(logits.float(), dim=-1) if posteriors else None for logits in ctc_logits
+                torch.log_softmax(logits.float(), dim=-1) if posteriors and logits is not None else None
+                for logits in ctc_logits
             ]
         frame_s = self._frame_s if posteriors else None
         texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
@@ -425,11 +433,17 @@ class SpeechModel:
         finally:
             handle.remove()
 
+    @property
+    def _drafts(self) -> bool:
+        """Whether this model makes drafts: a character head the profile drafts with, or the BPE head."""
+        return (
+            self.profile is None or self.profile.ctc_drafting or self.bpe_head is not None or self.drafter is not None
+        )
+
     def _draft(self, item, ctc_logits) -> tuple[list[int] | None, str, float]:
         """(draft token ids or None when this request is not drafted, draft text, max CTC entropy)."""
         samples, request = item
-        character_head = self.profile is None or self.profile.ctc_drafting
-        if not draftable(request.task, request.language) or not (character_head or self.bpe_head is not None):
+        if not drafted(request) or not self._drafts:
             return None, "", math.inf
         if self.drafter is not None:
             ids = list(self.drafter(samples, request))
@@ -473,15 +487,21 @@ class SpeechModel:
                 sequences.append(torch.cat([embeds[row], embed_tokens(ids).to(embeds[row].dtype)]))
                 lengths.append(len(draft))
             inputs, mask = self._left_pad(sequences)
-            # IBM: softmax(lm_head(hidden) / logits_scaling); strict compares argmaxes, which need no scale.
-            with self._scaled_logits() if relaxed else contextlib.nullcontext():
-                logits = self.model(inputs_embeds=inputs, attention_mask=mask, use_cache=False).logits
+            # IBM's verification (run_eval_speculative.py, run_eval_speculative_bpe.py): the language
+            # model's hidden states, gathered at the draft's positions, then `lm_head(h) / logits_scaling`,
+            # never the full vocabulary at every position (about 22 GB of logits at 256 x 30 s).
+            hidden = self.model.model(inputs_embeds=inputs, attention_mask=mask, use_cache=False).last_hidden_state
             width = inputs.shape[1]
+            # The last prompt position predicts draft[0]; the draft's last position predicts what follows.
+            rows_at = torch.cat([torch.full((length + 1,), at) for at, length in enumerate(lengths)])
+            positions_at = torch.cat([torch.arange(width - length - 1, width) for length in lengths])
+            gathered = hidden[rows_at.to(hidden.device), positions_at.to(hidden.device)]
+            logits = (self.model.get_output_embeddings()(gathered).float() / self.logits_scaling).split(
+                [length + 1 for length in lengths]
+            )
             for position, (row, length) in enumerate(zip(verify, lengths)):
                 draft = drafts[row][0][:length]
-                # Logits at the last prompt position predict draft[0]; the last one predicts what follows.
-                start = width - length - 1
-                step_logits = logits[position, start : start + length + 1].float()
+                step_logits = logits[position]
                 if relaxed:
                     probs = torch.softmax(step_logits[:length], dim=-1)
                     chosen = probs[torch.arange(length), torch.tensor(draft)].tolist()
@@ -493,7 +513,7 @@ class SpeechModel:
                 accepted = strict_accepted(draft, greedy[:length])
                 following = greedy[accepted]  # the model's own token where the draft stops
                 prefix = draft[:accepted] if following == eos else draft[:accepted] + [following]
-                scored = torch.log_softmax(step_logits[: len(prefix)] / self._logits_divisor, dim=-1)
+                scored = torch.log_softmax(step_logits[: len(prefix)], dim=-1)
                 logprobs[row] = scored[torch.arange(len(prefix)), torch.tensor(prefix)].tolist()
                 if following == eos or len(prefix) >= budgets[row]:
                     # Finished without a single autoregressive step: the verification pass decided it.
@@ -528,7 +548,16 @@ class SpeechModel:
 
     def _prompt_embeddings(self, items, batch: list[int], with_ctc: bool = False) -> tuple[list, list]:
         """Per item: prompt token embeddings with its audio embeddings in place of `<|audio|>` tokens,
-        and (with_ctc) the CTC head's logits over its encoder frames."""
+        and (with_ctc) the logits its drafts are made from (the BPE head's where loaded, else the
+        character head's)."""
+        embeds, draft_logits, ctc_logits = self._encode(items, batch, with_ctc, with_ctc and self.bpe_head is None)
+        return embeds, draft_logits if self.bpe_head is not None else ctc_logits
+
+    def _encode(self, items, batch: list[int], drafts: bool = False, posteriors: bool = False) -> tuple:
+        """Per item: prompt embeddings; with `drafts`, the logits drafts are made from (the BPE head's
+        pooled windows where it is loaded, else the character head's frames); with `posteriors`, the
+        character CTC head's logits over the encoder's 20 ms frames, which word alignment reads, never
+        the pooled BPE head's (alignment.py)."""
         import torch
 
         groups: dict[tuple[int, Request], list[int]] = defaultdict(list)
@@ -537,7 +566,9 @@ class SpeechModel:
             groups[(len(samples), request)].append(index)
         embeds: dict[int, object] = {}
         ctc: dict[int, object] = {}
+        draft: dict[int, object] = {}
         inner = self.model.model
+        bpe = drafts and self.bpe_head is not None
         for (_, request), members in groups.items():
             # Equal sample counts and prompts need no padding, so they can share one encoder pass.
             prompt = self.prompt(request)
@@ -547,7 +578,6 @@ class SpeechModel:
             features = self.processor(
                 text=[prompt] * len(members), audio=waveforms, return_tensors="pt", device=self.device
             ).to(self.device)
-            bpe = with_ctc and self.bpe_head is not None
             with self.bpe_head.capture() if bpe else contextlib.nullcontext():
                 encoded = inner.encoder(features["input_features"].to(self.model.dtype)).last_hidden_state
             audio = inner.projector(encoded)
@@ -556,11 +586,20 @@ class SpeechModel:
                 audio_features=audio,
                 input_features_mask=features["input_features_mask"],
             )
-            # IBM's notebook applies the (shared) CTC head `encoder.out` to the final encoder output.
-            logits = inner.encoder.out(encoded) if with_ctc and not bpe else None
-            if bpe:
-                logits = self.bpe_head.pooled_logits(encoded, [len(items[i][0]) for i in members])
+            # IBM's notebook applies the (shared) CTC head `encoder.out` to the final encoder output. The
+            # plus encoder concatenates earlier layers before it (`cat_hidden_layers`): its last
+            # `hidden_dim` columns are the final output.
+            character = None
+            if posteriors or (drafts and not bpe):
+                character = inner.encoder.out(encoded[..., -inner.encoder.config.hidden_dim :])
+            pooled = self.bpe_head.pooled_logits(encoded, [len(items[i][0]) for i in members]) if bpe else None
             for row, index in enumerate(members):
                 embeds[index] = merged[row]
-                ctc[index] = None if logits is None else logits[row]
-        return [embeds[index] for index in batch], [ctc[index] for index in batch]
+                ctc[index] = character[row] if posteriors and character is not None else None
+                if drafts:
+                    draft[index] = pooled[row] if pooled is not None else character[row]
+        return (
+            [embeds[index] for index in batch],
+            [draft.get(index) for index in batch],
+            [ctc[index] for index in batch],
+        )

@@ -40,6 +40,7 @@ from granite_batch.models.prompts import (
     Request,
     clean_keywords,
 )
+from granite_batch.models.speculative import LEADERBOARD_40, LEADERBOARD_41
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,9 @@ class ModelProfile:
     word_times: bool = False  # `[T:N]` word end times by prompt (model-native, not alignment)
     ctc_drafting: bool = False  # the encoder's character CTC head drafts for speculative decoding
     bpe_drafting: bool = False  # a separate BPE CTC head (out_llm.safetensors) drafts instead (bpe_draft.py)
+    # Speculative decoding's (CTC entropy, verification probability, fallback beams) where the job
+    # sets none: IBM's published values for this model (speculative.py).
+    speculative_defaults: tuple[float, float, int] = LEADERBOARD_40
     system_prompt: str | None = None
     instruction_separator: str = ""  # between `<|audio|>` and the instruction
     max_call_s: float | None = None  # longest audio one call may carry (None: no limit known)
@@ -197,6 +201,7 @@ GRANITE_SPEECH_41 = ModelProfile(
     # checkpoint's out_llm.safetensors (bpe_draft.py), not with the character head.
     ctc_drafting=False,
     bpe_drafting=True,
+    speculative_defaults=LEADERBOARD_41,
 )
 GRANITE_SPEECH_PLUS = ModelProfile(
     name="granite-speech-plus",
