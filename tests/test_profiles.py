@@ -92,6 +92,19 @@ def test_prompts_follow_the_cards():
     assert GRANITE_SPEECH_41.instruction(Request(language="de")) == (
         "<|audio|>can you transcribe the speech into a written format?"
     )
+    # granite-speech-4.1-2b's "preferred prompt by task".
+    assert GRANITE_SPEECH_41.instruction(Request(language="en", keywords=("Ray", "Arrow"), punctuation=True)) == (
+        "<|audio|>transcribe the speech to text. Keywords: Ray, Arrow"
+    )
+    assert GRANITE_SPEECH_41.instruction(Request("ast", "fr", language="en")) == (
+        "<|audio|>translate the speech to French."
+    )
+    assert GRANITE_SPEECH_41.instruction(Request("ast", "fr", language="en", punctuation=True)) == (
+        "<|audio|>translate the speech to French with proper punctuation and capitalization."
+    )
+    assert GRANITE_SPEECH_41.instruction(Request("ast", "en", ("Ray",), "de", punctuation=True)) == (
+        "<|audio|>translate the speech to English. Keywords: Ray"
+    )
     assert GRANITE_SPEECH_PLUS.instruction(Request(language="en", speakers=True)).startswith(
         "<|audio|> Speaker attribution: Transcribe and denote who is speaking"
     )

@@ -89,11 +89,23 @@ def test_granite_speech_40_is_its_card(tiny_model_dir, clip):
     assert result.text == expected.strip() and result.text
 
 
-def test_granite_speech_41_is_its_card(tiny_model_dir, clip):
-    """4.1's card prompt for ASR with punctuation (the job's default where the model has it)."""
-    messages = [{"role": "user", "content": "<|audio|>" + PUNCTUATED_ASR_INSTRUCTION}]
+@pytest.mark.parametrize(
+    "request_, instruction",
+    [
+        (Request(language="en"), PUNCTUATED_ASR_INSTRUCTION),  # punctuated: the job's default where it can
+        (Request(language="en", keywords=("Granite", "Ray")), "transcribe the speech to text. Keywords: Granite, Ray"),
+        (
+            Request("ast", "fr", language="en"),
+            "translate the speech to French with proper punctuation and capitalization.",
+        ),
+    ],
+    ids=["asr", "keywords", "translation"],
+)
+def test_granite_speech_41_is_its_card(tiny_model_dir, clip, request_, instruction):
+    """4.1's card, "preferred prompt by task"."""
+    messages = [{"role": "user", "content": "<|audio|>" + instruction}]
     expected = card_generate(tiny_model_dir, messages, clip, 200)
-    result = job_text(tiny_model_dir, clip, Request(language="en"), GRANITE_SPEECH_41, **CARD_BUDGET)
+    result = job_text(tiny_model_dir, clip, request_, GRANITE_SPEECH_41, **CARD_BUDGET)
     assert result.text == expected.strip() and result.text
 
 

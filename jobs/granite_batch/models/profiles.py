@@ -52,6 +52,16 @@ ASR_INSTRUCTION = "can you transcribe the speech into a written format?"
 # granite-speech-4.1-2b card ("a simple prompt change"); the same text is what IBM's ollama/GGUF
 # builds of 4.1 document as their task prompt.
 PUNCTUATED_ASR_INSTRUCTION = "transcribe the speech with proper punctuation and capitalization."
+# granite-speech-4.1-2b card, "preferred prompt by task" (https://huggingface.co/ibm-granite/granite-speech-4.1-2b):
+#   ASR (with keyword biasing)  transcribe the speech to text. Keywords: <kw1>, <kw2>, ...
+#   AST (raw transcripts)       translate the speech to <language>.
+#   AST (with punctuation)      translate the speech to <language> with proper punctuation and capitalization.
+#   AST (with keyword biasing)  translate the speech to <language>. Keywords: <kw1>, <kw2>, ...
+# IBM's granite-speech library (granite_speech/prompts.py) does the same: keywords replace the
+# punctuation prompt by "transcribe the speech to text."
+KEYWORD_ASR_INSTRUCTION_41 = "transcribe the speech to text."
+AST_INSTRUCTION_41 = "translate the speech to {language}."
+PUNCTUATED_AST_INSTRUCTION_41 = "translate the speech to {language} with proper punctuation and capitalization."
 # granite_speech_plus.md (transformers docs of 4.1-2b-plus), usage section: SYSTEM_PROMPT, and the
 # SAA_PROMPT / TS_PROMPT user turns, whose instruction follows "<|audio|> " (with a space).
 PLUS_SYSTEM_PROMPT = (
@@ -87,6 +97,7 @@ class ModelProfile:
     punctuation: bool = False  # a punctuated-transcript prompt beside the raw one
     speakers: bool = False  # `[Speaker N]:` turns by prompt
     word_times: bool = False  # `[T:N]` word end times by prompt (model-native, not alignment)
+    preferred_prompts: bool = False  # 4.1's "preferred prompt by task" (keywords, translation)
     ctc_drafting: bool = False  # the encoder's character CTC head drafts for speculative decoding
     bpe_drafting: bool = False  # a separate BPE CTC head (out_llm.safetensors) drafts instead (bpe_draft.py)
     # Speculative decoding's (CTC entropy, verification probability, fallback beams) where the job
@@ -157,6 +168,9 @@ class ModelProfile:
 
     def instruction(self, request: Request) -> str:
         """The user turn for `request`: the audio placeholder, then the instruction text."""
+        keywords = clean_keywords(list(request.keywords)) if self.keywords else []
+        if self.preferred_prompts:
+            return AUDIO_TOKEN + self.instruction_separator + self._preferred_instruction(request, keywords)
         if request.task == "ast":
             text = AST_INSTRUCTION.format(language=LANGUAGE_NAMES[request.target_language])
         elif request.speakers and self.speakers:
@@ -167,11 +181,23 @@ class ModelProfile:
             text = PUNCTUATED_ASR_INSTRUCTION
         else:
             text = ASR_INSTRUCTION
-        keywords = clean_keywords(list(request.keywords)) if self.keywords else []
         if keywords:
             separator = " " if text[-1] in ".?!" else ". "
             text = f"{text}{separator}Keywords: {', '.join(keywords)}"
         return AUDIO_TOKEN + self.instruction_separator + text
+
+    @staticmethod
+    def _preferred_instruction(request: Request, keywords: list[str]) -> str:
+        """granite-speech-4.1-2b's "preferred prompt by task" (see the constants above)."""
+        suffix = f" Keywords: {', '.join(keywords)}" if keywords else ""
+        if request.task == "ast":
+            language = LANGUAGE_NAMES[request.target_language]
+            if request.punctuation and not keywords:
+                return PUNCTUATED_AST_INSTRUCTION_41.format(language=language)
+            return AST_INSTRUCTION_41.format(language=language) + suffix
+        if keywords:
+            return KEYWORD_ASR_INSTRUCTION_41 + suffix
+        return PUNCTUATED_ASR_INSTRUCTION if request.punctuation else ASR_INSTRUCTION
 
     def render_prompt(self, tokenizer, request: Request) -> str:
         """The full prompt through the model's own chat template (system turn where the card uses one)."""
@@ -197,6 +223,7 @@ GRANITE_SPEECH_41 = ModelProfile(
     ast_pairs=AST_PAIRS_41,
     keywords=True,
     punctuation=True,
+    preferred_prompts=True,
     # IBM's 4.1 leaderboard script (run_eval_speculative_bpe.py) drafts with the BPE CTC head of the
     # checkpoint's out_llm.safetensors (bpe_draft.py), not with the character head.
     ctc_drafting=False,
