@@ -295,7 +295,11 @@ def read_model_type(name: str, revision: str | None = None, trust_remote_code: b
         return json.loads(config_file.read_text(encoding="utf-8")).get("model_type", "")
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code).model_type
+    from granite_batch.models.model import _hub_options  # local: model.py imports this module
+
+    return AutoConfig.from_pretrained(
+        name, revision=revision, trust_remote_code=trust_remote_code, **_hub_options(name)
+    ).model_type
 
 
 def detect_profile(
