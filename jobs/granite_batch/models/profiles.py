@@ -288,29 +288,62 @@ def profile_for(model_type: str, name: str = "") -> ModelProfile:
     )
 
 
-def read_model_type(name: str, revision: str | None = None, trust_remote_code: bool = False) -> str:
-    """`model_type` from the checkpoint's config.json: read from a local folder, else via transformers."""
+class UnsupportedModel(ValueError):
+    """A Granite Speech checkpoint this job cannot run as IBM runs it; str() says why and what to use."""
+
+
+# granite-speech-3.3 (2b, 8b) ships a LoRA that transformers switches on only when audio is given, and
+# only with peft installed (transformers `models/granite_speech/modeling_granite_speech.py` `generate`;
+# `docs/source/en/model_doc/granite_speech.md`: "Be sure to install PEFT"); IBM prompts it with a system
+# turn (its card, and the Open ASR leaderboard's `granite/run_eval.py`). The job's batched decoding runs
+# the language model on embeddings with no adapter switch, so it would silently run 3.3 without its LoRA.
+LORA_REFUSAL = (
+    "checkpoints with a LoRA adapter (granite-speech-3.3: has_lora_adapter is true in its config) are not "
+    "supported: IBM runs them with peft, the adapter on for audio, and a system turn, which this job does "
+    "not do; use granite-4.0-1b-speech, granite-speech-4.1-2b, granite-speech-4.1-2b-plus or "
+    "granite-speech-5.0-470m-turboctc"
+)
+
+
+def read_config(name: str, revision: str | None = None, trust_remote_code: bool = False) -> dict:
+    """The checkpoint's config.json as a dict: read from a local folder, else via transformers."""
     config_file = Path(name) / "config.json"
     if config_file.is_file():
-        return json.loads(config_file.read_text(encoding="utf-8")).get("model_type", "")
+        return json.loads(config_file.read_text(encoding="utf-8"))
     from transformers import AutoConfig
 
     from granite_batch.models.model import _hub_options  # local: model.py imports this module
 
     return AutoConfig.from_pretrained(
         name, revision=revision, trust_remote_code=trust_remote_code, **_hub_options(name)
-    ).model_type
+    ).to_dict()
+
+
+def read_model_type(name: str, revision: str | None = None, trust_remote_code: bool = False) -> str:
+    """`model_type` from the checkpoint's config.json."""
+    return read_config(name, revision, trust_remote_code).get("model_type", "")
+
+
+def check_supported(config: dict) -> None:
+    """Raise UnsupportedModel for a checkpoint the job cannot run as IBM does (a LoRA checkpoint).
+    Published configs always carry `has_lora_adapter` (transformers writes it: it is not a base-config
+    key); a hand-written config without it is taken as having none."""
+    if config.get("model_type", "").startswith("granite_speech") and config.get("has_lora_adapter") is True:
+        raise UnsupportedModel(LORA_REFUSAL)
 
 
 def detect_profile(
     name: str, revision: str | None = None, trust_remote_code: bool = False, override: str | None = None
 ) -> ModelProfile:
-    """The profile of checkpoint `name` (hub id or folder), or the one named by `override`."""
+    """The profile of checkpoint `name` (hub id or folder), or the one named by `override`; raises
+    UnsupportedModel for a checkpoint with a LoRA adapter (granite-speech-3.3), whatever the override."""
+    config = read_config(name, revision, trust_remote_code)
+    check_supported(config)
     if override and override != "auto":
         if override not in PROFILES:
             raise ValueError(f"unknown profile {override!r} (known: {', '.join(PROFILES)})")
         return PROFILES[override]
-    return profile_for(read_model_type(name, revision, trust_remote_code), name)
+    return profile_for(config.get("model_type", ""), name)
 
 
 def route(request: Request, models: list[tuple[str, ModelProfile]]) -> tuple[int | None, str | None]:
