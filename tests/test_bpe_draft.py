@@ -74,3 +74,21 @@ def test_a_41_checkpoint_without_the_head_decodes_autoregressively(tiny_model_di
     assert model.bpe_head is None and "out_llm.safetensors" in caplog.text
     clip = load_recording(str(SAMPLES / "en_weather.flac")).samples
     assert model.generate_segments([(clip, Request(language="en"))])[0].decided_by == BY_AUTOREGRESSIVE
+
+
+def test_word_times_align_on_the_character_head_in_speculative_modes(tiny_41):
+    """The BPE head's pooled windows (80 ms, Granite tokens) drafts; word alignment reads 20 ms
+    character posteriors, the character head's, whatever the decoding mode."""
+    clip = load_recording(str(SAMPLES / "en_weather.flac")).samples
+    item = (clip, Request(language="en"))
+    options = dict(device="cpu", max_new_tokens=6)
+    plain = load_speech_model(str(tiny_41), **options).generate_segments([item], posteriors=True)[0]
+    for mode in ("speculative", "speculative-strict"):
+        model = load_speech_model(str(tiny_41), speculative=SpeculativeOptions(mode), **options)
+        assert model.bpe_head is not None
+        (result,) = model.generate_segments([item], posteriors=True)
+        assert result.decided_by != BY_AUTOREGRESSIVE  # drafted with the BPE head
+        assert result.ctc_log_probs.shape == plain.ctc_log_probs.shape
+        assert result.ctc_log_probs.shape[-1] == model.model.config.encoder_config.output_dim
+        torch.testing.assert_close(result.ctc_log_probs, plain.ctc_log_probs)
+        assert result.frame_s == plain.frame_s

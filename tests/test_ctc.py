@@ -9,7 +9,7 @@ import torch
 
 from conftest import SAMPLES
 from granite_batch.audio.decode import decode_audio
-from granite_batch.models.ctc import CtcSpeechModel, collapse
+from granite_batch.models.ctc import CtcPath, CtcSpeechModel, collapse
 from granite_batch.models.engines import load_speech_model
 from granite_batch.models.prompts import Request
 
@@ -54,13 +54,56 @@ def test_batched_output_equals_one_at_a_time(ctc_model, clips):
     assert min(r.padded_positions for r in batched[:6]) == 0 < max(r.padded_positions for r in batched)
 
 
+def test_the_checkpoint_has_the_real_classes(ctc_model):
+    """What transformers loads for a real granite_speech5_ctc checkpoint: ParakeetTokenizer with the
+    blank `<|blank|>` at id 0 as its pad token, GraniteSpeech5Processor and its feature extractor."""
+    from transformers import GraniteSpeech5FeatureExtractor, GraniteSpeech5Processor, ParakeetTokenizer
+
+    assert type(ctc_model.tokenizer) is ParakeetTokenizer
+    assert ctc_model.tokenizer.pad_token == "<|blank|>" and ctc_model.tokenizer.pad_token_id == 0
+    assert ctc_model.blank_id == 0 == ctc_model.model.config.pad_token_id
+    assert type(ctc_model.processor) is GraniteSpeech5Processor
+    assert type(ctc_model.feature_extractor) is GraniteSpeech5FeatureExtractor
+
+
+def _path_of(tokenizer, text: str) -> list[int]:
+    """A greedy frame path spelling `text`: each token over two frames, a blank between tokens."""
+    path = [0]
+    for token in tokenizer.encode(text, add_special_tokens=False):
+        path += [token, token, 0]
+    return path
+
+
+def _with_path(ctc_model, monkeypatch, path):
+    monkeypatch.setattr(ctc_model, "_decode", lambda clips: [CtcPath(path, ctc_model.frame_s, 0)] * len(clips))
+    return ctc_model.generate_segments([(np.zeros(16_000, np.float32), Request(language="en"))], posteriors=True)[0]
+
+
+@pytest.mark.parametrize("text", ["no no 2000 the the", "El rápido zorro marrón"])
+def test_the_path_is_decoded_once(ctc_model, monkeypatch, text):
+    """Repeated tokens split by a blank stay repeated ("2000" is `Ġ2 0 0 0`: ParakeetTokenizer's own
+    grouping must not merge the collapsed zeros into "20"), and the words spell the text."""
+    result = _with_path(ctc_model, monkeypatch, _path_of(ctc_model.tokenizer, " " + text))
+    assert result.text == text
+    assert [w.text for w in result.words] == text.split()
+    # The card's decode of the same frames gives the same text.
+    path = _path_of(ctc_model.tokenizer, " " + text)
+    assert ctc_model.processor.batch_decode([path], skip_special_tokens=True) == [text]
+
+
+def test_words_spell_the_text(ctc_model, clips):
+    for result in ctc_model.generate_segments([(clip, Request(language="en")) for clip in clips], posteriors=True):
+        assert " ".join(w.text for w in result.words or []) == " ".join(result.text.split())
+
+
 def test_texts_are_the_models_own_greedy_ctc(ctc_model, clips):
-    """The model's own processor + generate on one clip, collapsed and decoded, is our text."""
+    """The card's flow on one clip (processor -> generate -> processor.batch_decode) is our text."""
     clip = clips[0]
     features = ctc_model.processor(audio=[clip], sampling_rate=16_000, return_tensors="pt")
     with torch.inference_mode():
         frames = ctc_model.model.generate(**features)[0].tolist()
-    expected = ctc_model.tokenizer.decode(collapse(frames, ctc_model.blank_id), skip_special_tokens=True).strip()
+    (expected,) = ctc_model.processor.batch_decode([frames], skip_special_tokens=True)
+    expected = expected.strip()
     (result,) = ctc_model.generate_segments([(clip, Request(language="en"))])
     assert result.text == expected and result.text
     path = ctc_model.frame_paths([(clip, Request(language="en"))])[0]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -86,8 +88,11 @@ def test_empty_or_tiny_segments_give_empty_text(speech_model, recordings):
 
 
 def test_unloadable_model_says_what_to_do(tmp_path):
-    with pytest.raises(ModelLoadError, match="pass --model /path/to/that/folder"):
+    # The tests run with HF_HUB_OFFLINE=1 (conftest): a Hub id not in the cache fails at once.
+    started = time.monotonic()
+    with pytest.raises(ModelLoadError, match="hf download no-such-org/no-such-model-granite-batch-test --local-dir"):
         resolve_model("no-such-org/no-such-model-granite-batch-test")
+    assert time.monotonic() - started < 5
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ModelLoadError, match="check that the folder holds config.json"):
         resolve_model(str(tmp_path))
@@ -186,7 +191,8 @@ def test_two_beams_equal_a_reference_beam_search_on_scaled_logits(tiny_model_dir
             return output
 
         beams.model.register_forward_hook(divide, with_kwargs=True)
-    items = [(samples, Request()) for samples in recordings[:3]]
+    # Three recordings on which the scale changes the beams' choice (de, pt) or does not (en).
+    items = [(samples, Request()) for samples in (recordings[0], recordings[3], recordings[4])]
     with torch.inference_mode():
         prompts, _ = beams._prompt_embeddings(items, [0, 1, 2])
     expected = [reference_beam_search(beams, prompt, 10) for prompt in prompts]
@@ -217,3 +223,22 @@ def test_generation_stops_at_the_tokenizers_eos_whatever_the_generation_config_s
     loaded = SpeechModel.load(str(copy), max_new_tokens=24)
     assert loaded.generate([(recordings[0], Request())]) == speech_model.generate([(recordings[0], Request())])
     assert foreign != speech_model.tokenizer.eos_token_id and len(tokens) == 24
+
+
+def test_a_machine_without_network_fails_fast_and_once(monkeypatch):
+    """HF_HUB_OFFLINE unset, the Hub unreachable: one probe of a few seconds, then the cache only, and
+    one message naming the command that works (huggingface-hub 2.x ships `hf`, not huggingface-cli)."""
+    from granite_batch.models import model as model_module
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    model_module._hub_reachable.cache_clear()
+    started = time.monotonic()
+    assert model_module.hub_offline()
+    with pytest.raises(ModelLoadError) as raised:
+        resolve_model("ibm-granite/granite-4.0-1b-speech-not-cached")
+    assert time.monotonic() - started < 10
+    message = str(raised.value)
+    assert "hf download ibm-granite/granite-4.0-1b-speech-not-cached --local-dir DIR" in message
+    assert "huggingface-cli" not in message and "\n" not in message
+    model_module._hub_reachable.cache_clear()

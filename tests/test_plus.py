@@ -62,3 +62,23 @@ def test_41_rows_are_punctuated_by_default_and_not_when_a_row_says_no(tiny_model
     prompts = {request.punctuation: prompt for request, prompt in model._prompts.items()}
     assert "proper punctuation and capitalization" in prompts[True]
     assert "can you transcribe the speech" in prompts[False]
+
+
+@pytest.mark.parametrize("mode", ["speculative", "speculative-strict"])
+def test_a_speculative_job_decodes_plus_autoregressively(tiny_plus_dir, plus, mode, monkeypatch):
+    """Plus has no draft head IBM uses: the job's speculative mode does not apply to it, and its
+    concatenated encoder output never meets the character head for a draft."""
+    from granite_batch.models.prompts import Request
+    from granite_batch.models.speculative import BY_AUTOREGRESSIVE, SpeculativeOptions
+
+    speculative = load_speech_model(
+        str(tiny_plus_dir), device="cpu", max_new_tokens=12, speculative=SpeculativeOptions(mode)
+    )
+    assert speculative.speculative.mode == "autoregressive"
+    monkeypatch.setattr(speculative, "_draft", lambda *args: pytest.fail("a plus row was drafted"))
+    clip = load_recording(str(SAMPLES / "en_weather.flac")).samples
+    items = [(clip, Request(language="en")), (clip[:30_000], Request(language="en", speakers=True))]
+    results = speculative.generate_segments(items)
+    assert [r.decided_by for r in results] == [BY_AUTOREGRESSIVE] * 2
+    reference = load_speech_model(str(tiny_plus_dir), device="cpu", max_new_tokens=12)
+    assert [r.text for r in results] == [r.text for r in reference.generate_segments(items)]

@@ -92,6 +92,19 @@ def test_prompts_follow_the_cards():
     assert GRANITE_SPEECH_41.instruction(Request(language="de")) == (
         "<|audio|>can you transcribe the speech into a written format?"
     )
+    # granite-speech-4.1-2b's "preferred prompt by task".
+    assert GRANITE_SPEECH_41.instruction(Request(language="en", keywords=("Ray", "Arrow"), punctuation=True)) == (
+        "<|audio|>transcribe the speech to text. Keywords: Ray, Arrow"
+    )
+    assert GRANITE_SPEECH_41.instruction(Request("ast", "fr", language="en")) == (
+        "<|audio|>translate the speech to French."
+    )
+    assert GRANITE_SPEECH_41.instruction(Request("ast", "fr", language="en", punctuation=True)) == (
+        "<|audio|>translate the speech to French with proper punctuation and capitalization."
+    )
+    assert GRANITE_SPEECH_41.instruction(Request("ast", "en", ("Ray",), "de", punctuation=True)) == (
+        "<|audio|>translate the speech to English. Keywords: Ray"
+    )
     assert GRANITE_SPEECH_PLUS.instruction(Request(language="en", speakers=True)).startswith(
         "<|audio|> Speaker attribution: Transcribe and denote who is speaking"
     )
@@ -120,3 +133,25 @@ def test_the_plus_checkpoint_is_prompted_with_its_system_turn(tiny_plus_dir):
     prompt = model.prompt(Request(language="en", speakers=True))
     assert prompt.startswith("Knowledge Cutoff Date") and "Speaker attribution" in prompt
     assert type(model.model).__name__ == "GraniteSpeechPlusForConditionalGeneration"
+
+
+def test_a_lora_checkpoint_is_refused_with_its_reason(tiny_model_dir, tmp_path):
+    """granite-speech-3.3 needs peft, its adapter on for audio and a system turn: refused, clearly,
+    whatever profile is forced, before any weights load."""
+    import json
+    import shutil
+
+    from granite_batch.models.engines import model_profile
+    from granite_batch.models.model import ModelLoadError
+
+    folder = tmp_path / "granite-speech-3.3-2b"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["has_lora_adapter"] = True
+    (folder / "config.json").write_text(json.dumps(config))
+    for override in (None, "granite-speech"):
+        with pytest.raises(ModelLoadError, match="LoRA adapter .* peft") as raised:
+            model_profile(str(folder), override=override)
+        assert "hf download" not in str(raised.value)
+    with pytest.raises(profiles.UnsupportedModel):
+        detect_profile(str(folder))

@@ -13,6 +13,7 @@ from granite_batch.models.model import SpeechModel
 from granite_batch.models.prompts import Request
 from granite_batch.models.speculative import (
     BY_AUTOREGRESSIVE,
+    BY_CTC,
     BY_FALLBACK,
     BY_VERIFICATION,
     SpeculativeOptions,
@@ -151,7 +152,13 @@ def test_relaxed_mode_decodes_a_rejected_draft_from_scratch(tiny_model_dir, reco
     draft = [runner_up, unlikely]
     threshold = float(first[runner_up]) / 2  # the first token passes, the second does not
     assert float(second[unlikely]) < threshold
-    relaxed = model(tiny_model_dir, "speculative", drafter=lambda samples, request: draft, verify_threshold=threshold)
+    relaxed = model(
+        tiny_model_dir,
+        "speculative",
+        drafter=lambda samples, request: draft,
+        verify_threshold=threshold,
+        fallback_beams=1,  # IBM's notebook
+    )
     text, decision = relaxed.generate_with_decisions([item])[0]
     # IBM's fallback() decodes the prompt alone: no draft token survives, even the probable first one.
     assert (text, decision) == (greedy[0][0], BY_FALLBACK)
@@ -190,7 +197,24 @@ def test_relaxed_mode_takes_a_draft_whose_every_token_reaches_the_threshold(
     counter = ForwardCounter(at, monkeypatch)  # counted once the model has made its one probe pass
     assert at.generate_with_decisions([item])[0] == (expected, BY_VERIFICATION)
     assert counter.calls == 1  # the verification pass alone
-    above = model(tiny_model_dir, "speculative", drafter=lambda samples, request: draft, verify_threshold=least * 1.001)
+    # IBM's verify(): lm_head on the hidden states gathered at the draft's positions (and the one after),
+    # never on every position of prompt and audio.
+    rows = []
+    handle = at.model.get_output_embeddings().register_forward_hook(
+        lambda module, args, output: rows.append(args[0].shape[:-1].numel())
+    )
+    try:
+        assert at.generate_with_decisions([item])[0] == (expected, BY_VERIFICATION)
+    finally:
+        handle.remove()
+    assert rows == [len(draft) + 1]
+    above = model(
+        tiny_model_dir,
+        "speculative",
+        drafter=lambda samples, request: draft,
+        verify_threshold=least * 1.001,
+        fallback_beams=1,
+    )
     assert above.generate_with_decisions([item])[0] == (greedy[0][1], BY_FALLBACK)
 
 
@@ -309,3 +333,42 @@ def test_job_with_strict_speculation_writes_the_same_text_and_counts_decisions(t
             assert decoding["fr"]["autoregressive"] == 1 and sum(decoding["fr"].values()) == 2
             assert sum(sum(c.values()) for c in decoding.values()) == 8
     assert texts["speculative-strict"] == texts["autoregressive"]
+
+
+# --- per model: thresholds, and drafts only where IBM makes them -----------------------------------
+
+
+def test_each_model_gets_ibms_thresholds_unless_the_job_sets_them(tiny_model_dir):
+    from granite_batch.models.profiles import GRANITE_SPEECH, GRANITE_SPEECH_41, GRANITE_SPEECH_PLUS
+
+    def options(profile, **given):
+        speech_model = SpeechModel.load(
+            str(tiny_model_dir),
+            max_new_tokens=4,
+            speculative=SpeculativeOptions("speculative", **given),
+            profile=profile,
+        )
+        return speech_model.speculative
+
+    # The leaderboard runs: 4.0 at 0.7 / 0.2 / 2 beams, 4.1 (BPE drafts) at 0.0 / 0.4 / 2 beams.
+    assert options(GRANITE_SPEECH) == SpeculativeOptions("speculative", 0.7, 0.2, 2)
+    assert options(None) == SpeculativeOptions("speculative", 0.7, 0.2, 2)
+    assert options(GRANITE_SPEECH_41) == SpeculativeOptions("speculative", 0.0, 0.4, 2)
+    assert options(GRANITE_SPEECH_41, verify_threshold=0.1) == SpeculativeOptions("speculative", 0.0, 0.1, 2)
+    # A model that cannot draft decodes autoregressively whatever the job's mode.
+    assert options(GRANITE_SPEECH_PLUS).mode == "autoregressive"
+
+
+def test_only_the_raw_asr_prompt_is_drafted(tiny_model_dir, recordings):
+    """IBM drafts and judges drafts under the raw ASR prompt only: a keyword row (or a translation) is
+    decoded autoregressively, so relaxed mode never answers it with a draft made without its keywords."""
+    samples = recordings[0][0]
+    # The CTC head's own drafts, taken without the language model (threshold inf).
+    relaxed = model(tiny_model_dir, "speculative", ctc_entropy_threshold=math.inf)
+    items = [
+        (samples, Request(language="en")),
+        (samples, Request(language="en", keywords=("Granite",))),
+        (samples, Request("ast", "fr", language="en")),
+    ]
+    decisions = [decision for _, decision in relaxed.generate_with_decisions(items)]
+    assert decisions == [BY_CTC, BY_AUTOREGRESSIVE, BY_AUTOREGRESSIVE]

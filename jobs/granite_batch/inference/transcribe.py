@@ -140,7 +140,7 @@ def fit_context(speech_model: SpeechModel, request: Request, longest: np.ndarray
     if not max_positions or not hasattr(audio_processor, "_get_num_audio_features"):
         return request, 0
     audio_tokens = audio_token_count(audio_processor, len(longest))
-    new_tokens = speech_model.token_budget(longest)
+    new_tokens = speech_model.token_budget(longest, request)
     return fit_keywords(
         speech_model.tokenizer, request, audio_tokens, new_tokens, max_positions, getattr(speech_model, "profile", None)
     )

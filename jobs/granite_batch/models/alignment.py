@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 BLANK = 0
@@ -209,25 +209,32 @@ def words_from_ctc_path(
     start_s: float = 0.0,
     blank_id: int = BLANK,
     frame_probs: Sequence[float] | None = None,
+    decode: Callable[[list[int]], str] | None = None,
 ) -> list[Word]:
     """Words of a CTC model's greedy path: `frame_ids` is the argmax token id of each frame,
     `pieces[id]` the text of a token (a character, or a word piece that starts a word with `▁`, `Ġ`
     or a space; a piece that is only a space separates words). A word spans its first token's first
     frame to its last token's last frame; with `frame_probs` (the chosen token's probability per
-    frame) its confidence is the mean over its tokens of their frames' mean probability."""
+    frame) its confidence is the mean over its tokens of their frames' mean probability.
+
+    `pieces` only say where words start. With `decode` (token ids -> text, the tokenizer's own decode)
+    a word's text is its tokens decoded together, so it is spelled as the decoded transcript is
+    (a byte-level piece `ĠrÃ¡pid` is `rápid`); without it, the pieces are joined as they are."""
     path = [BLANK if i == blank_id else i + 1 for i in frame_ids]  # shift so that blank is 0 here
     spans = _token_spans(path, frame_probs)
     words: list[Word] = []
     text, first, last, probabilities = "", None, None, []
+    ids: list[int] = []
 
     def close():
-        if text.strip():
+        word = decode(ids) if decode is not None and ids else text
+        if word.strip():
             confidence = sum(probabilities) / len(probabilities) if probabilities else None
             words.append(
                 Word(
                     round(start_s + first * frame_s, 3),
                     round(start_s + last * frame_s, 3),
-                    text.strip(),
+                    word.strip(),
                     None if confidence is None else round(confidence, 4),
                 )
             )
@@ -236,13 +243,14 @@ def words_from_ctc_path(
         piece = pieces[label - 1]
         if piece.startswith(_WORD_START_MARKS) or not piece.strip():
             close()
-            text, first, probabilities = "", None, []
+            text, first, probabilities, ids = "", None, [], []
             piece = piece.lstrip("".join(_WORD_START_MARKS))
             if not piece:
                 continue
         if first is None:
             first = frame_start
         text += piece
+        ids.append(label - 1)  # the token id (labels here are ids + 1, 0 the blank)
         last = frame_end
         if probability is not None:
             probabilities.append(probability)

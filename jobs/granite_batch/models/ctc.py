@@ -6,6 +6,17 @@ head over BPE units, decoded greedily by the model's own `generate` (argmax per 
 set to the blank), as the model card says ("inference is done non-autoregressively with greedy
 decoding"); repeats are collapsed and blanks dropped here, the standard greedy CTC rule.
 
+The frame path is collapsed exactly once. The card's reference flow is
+`processor.batch_decode(model.generate(**inputs), skip_special_tokens=True)` (transformers
+`docs/source/en/model_doc/granite_speech5.md`, and the docstring of `GraniteSpeech5ForCTC.generate`),
+and the checkpoint's tokenizer is `ParakeetTokenizer` (transformers `models/auto/tokenization_auto.py`
+maps `granite_speech5_ctc` to it; `convert_granite_speech5_to_hf.py` builds it with `pad_token` the
+blank `<|blank|>`, id 0), whose `_decode` merges repeated ids and drops the blank itself
+(`group_tokens=True` by default). Decoding ids that are already collapsed that way would merge a token
+that really repeats ("2000" as `Ġ2 0 0 0` became "20"), so collapsed ids are decoded with
+`group_tokens=False` (`decode_ids`). Word times come from the same path, each word's tokens decoded
+together by the same tokenizer, so a word is spelled as the text spells it.
+
 Batching is exact: the encoder takes an attention mask, so padded frames do not change the others
 (checked: zero difference). The feature extractor, though, zero-pads waveforms before its STFT and
 deltas, which changes the last frames of the shorter clips (measured 0.54 on the last feature frame);
@@ -16,6 +27,7 @@ Batched output is then identical to one segment at a time (tested).
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,7 +97,7 @@ class CtcSpeechModel:
         model, processor, device = load_pretrained("AutoModelForCTC", name, revision, device, dtype, trust_remote_code)
         return cls(model, processor, device, **options)
 
-    def token_budget(self, samples: np.ndarray) -> int:
+    def token_budget(self, samples: np.ndarray, request: Request | None = None) -> int:
         """At most one token per encoder frame (a CTC model never stops early or late)."""
         return max(1, int(len(samples) / self.sample_rate_hz / self.frame_s) + 1)
 
@@ -105,11 +117,13 @@ class CtcSpeechModel:
             width = max(len(path.frame_ids) for path in paths)
             for position, (index, path) in enumerate(zip(batch, paths)):
                 ids = collapse(path.frame_ids, self.blank_id)
-                text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+                text = self.decode_ids(ids).strip()
                 words = (
                     None
                     if pieces is None
-                    else words_from_ctc_path(path.frame_ids, pieces, path.frame_s, 0.0, self.blank_id)
+                    else words_from_ctc_path(
+                        path.frame_ids, pieces, path.frame_s, 0.0, self.blank_id, decode=self.decode_ids
+                    )
                 )
                 results[index] = SegmentResult(
                     text,
@@ -122,6 +136,17 @@ class CtcSpeechModel:
                     words=words,
                 )
         return results
+
+    def decode_ids(self, ids: list[int]) -> str:
+        """Text of token ids already collapsed (`collapse`): decoded once more, never grouped again."""
+        if self._tokenizer_groups:
+            return self.tokenizer.decode(ids, skip_special_tokens=True, group_tokens=False)
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    @functools.cached_property
+    def _tokenizer_groups(self) -> bool:
+        """Whether the tokenizer's decode merges repeated ids itself (ParakeetTokenizer's `group_tokens`)."""
+        return "group_tokens" in inspect.signature(self.tokenizer._decode).parameters
 
     @functools.cached_property
     def _pieces(self) -> list[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from granite_batch.models.bpe_draft import load_bpe_head
 from granite_batch.models.ctc import CtcSpeechModel
 from granite_batch.models.model import ModelLoadError, SpeechModel, first_line, load_hint
-from granite_batch.models.profiles import CTC, ModelProfile, detect_profile
+from granite_batch.models.profiles import CTC, ModelProfile, UnsupportedModel, detect_profile
 
 
 def model_profile(
@@ -19,6 +19,8 @@ def model_profile(
     """The checkpoint's profile, or ModelLoadError when its config cannot be read or is not Granite Speech."""
     try:
         return detect_profile(name, revision, trust_remote_code, override)
+    except UnsupportedModel as exc:
+        raise ModelLoadError(f"cannot run model {name!r}: {exc}") from None
     except Exception as exc:
         raise ModelLoadError(f"cannot load model {name!r}: {first_line(exc)}; {load_hint(name)}") from None
 

@@ -29,10 +29,11 @@ from granite_batch.models.speculative import (
     BY_CTC,
     BY_FALLBACK,
     BY_VERIFICATION,
+    LEADERBOARD_40,
     SpeculativeOptions,
     ctc_draft,
     draft_verified,
-    draftable,
+    drafted,
     strict_accepted,
 )
 
@@ -56,32 +57,79 @@ class ModelRef:
     revision: str | None
 
 
+# How long the driver waits to learn whether the Hub answers at all, before any transformers call
+# (whose own retries take minutes on a machine without network).
+HUB_PROBE_S = 3.0
+_TRUE = ("1", "true", "yes", "on")
+
+
 def load_hint(name: str) -> str:
     if os.path.isdir(name):
         return "check that the folder holds config.json, the weights and the processor files"
+    # huggingface-hub 2.x ships only the `hf` command (`huggingface-cli` is gone).
     return (
-        "if this machine cannot reach the Hugging Face Hub, download the model elsewhere "
-        "(huggingface-cli download " + name + ") and pass --model /path/to/that/folder"
+        "if this machine cannot reach the Hugging Face Hub, download the model on one that can "
+        f"(hf download {name} --local-dir DIR), copy DIR here and pass --model /path/to/that/folder"
     )
+
+
+def hub_offline() -> bool:
+    """Whether Hub ids must be read from the local cache only: HF_HUB_OFFLINE is set, or the Hub's
+    endpoint does not accept a connection within HUB_PROBE_S seconds (asked once per process)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE:
+        return True
+    return not _hub_reachable(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+
+
+@functools.lru_cache(maxsize=8)
+def _hub_reachable(endpoint: str, timeout_s: float = HUB_PROBE_S) -> bool:
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(endpoint)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname or "", port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _offline_error(name: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"cannot load model {name!r}: the Hugging Face Hub cannot be reached (or HF_HUB_OFFLINE is set) "
+        f"and the model is not in this machine's Hub cache; on a machine with network run "
+        f"`hf download {name} --local-dir DIR`, copy DIR here and pass --model DIR"
+    )
+
+
+def _hub_options(name: str) -> dict:
+    """`local_files_only=True` for a Hub id when the Hub cannot be reached, so a cached model loads at
+    once and a missing one fails at once, instead of after transformers' retries."""
+    return {"local_files_only": True} if not os.path.isdir(name) and hub_offline() else {}
 
 
 def resolve_model(name: str, revision: str | None = None, trust_remote_code: bool = False) -> ModelRef:
     """Check that the model's config and processor can be loaded, and find its exact revision.
 
-    Cheap enough for the driver (no weights), so a wrong --model stops the job before any work.
+    Cheap enough for the driver (no weights), so a wrong --model stops the job before any work; a Hub
+    id on a machine without network fails within seconds, once, naming the command that fixes it.
     """
     from transformers import AutoConfig, AutoProcessor
     from transformers.utils import cached_file
 
+    hub = _hub_options(name)
     try:
-        AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
-        AutoProcessor.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+        AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code, **hub)
+        AutoProcessor.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code, **hub)
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for a bad model
+        if hub:
+            raise _offline_error(name) from None
         raise ModelLoadError(f"cannot load model {name!r}: {first_line(exc)}; {load_hint(name)}") from None
     if os.path.isdir(name):
         _check_local_weights(Path(name))
         return ModelRef(str(Path(name).resolve()), revision)
-    config_path = cached_file(name, "config.json", revision=revision)
+    config_path = cached_file(name, "config.json", revision=revision, **hub)
     parts = Path(config_path).parts
     # Hub cache layout: .../models--org--name/snapshots/<commit sha>/config.json
     resolved = parts[-2] if len(parts) > 2 and parts[-3] == "snapshots" else revision
@@ -128,14 +176,22 @@ def load_pretrained(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" else "float32"
+    hub = _hub_options(name)
     try:
         processor = transformers.AutoProcessor.from_pretrained(
-            name, revision=revision, trust_remote_code=trust_remote_code
+            name, revision=revision, trust_remote_code=trust_remote_code, **hub
         )
         model = getattr(transformers, auto_class).from_pretrained(
-            name, revision=revision, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, **model_options
+            name,
+            revision=revision,
+            dtype=getattr(torch, dtype),
+            trust_remote_code=trust_remote_code,
+            **hub,
+            **model_options,
         )
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for a bad model
+        if hub:
+            raise _offline_error(name) from None
         raise ModelLoadError(f"cannot load model {name!r}: {first_line(exc)}; {load_hint(name)}") from None
     return model.to(device).eval(), processor, device
 
@@ -192,7 +248,12 @@ class SpeechModel:
         self.max_batch_audio_s = max_batch_audio_s
         self.max_batch_segments = max_batch_segments
         self.max_new_tokens_per_audio_s = max_new_tokens_per_audio_s
-        self.speculative = speculative or SpeculativeOptions()
+        # The job's mode where this model can draft (else autoregressive), its thresholds where the job
+        # sets none (speculative.py; profiles.py `speculative_defaults`).
+        can_draft = profile is None or profile.ctc_drafting or profile.bpe_drafting or drafter is not None
+        self.speculative = (speculative or SpeculativeOptions()).resolved(
+            LEADERBOARD_40 if profile is None else profile.speculative_defaults, can_draft
+        )
         if self.speculative.mode != "autoregressive" and (num_beams != 1 or repetition_penalty != 1.0):
             raise ValueError("speculative decoding needs greedy search: num_beams 1, repetition_penalty 1")
         self.sample_rate_hz = processor.audio_processor.sampling_rate
@@ -232,8 +293,10 @@ class SpeechModel:
             )
         return self._prompts[request]
 
-    def token_budget(self, samples: np.ndarray) -> int:
-        """New tokens a segment may generate: 16 + `max_new_tokens_per_audio_s` per audio second
+    def token_budget(self, samples: np.ndarray, request: Request | None = None) -> int:
+        """New tokens a segment may generate: the card's budget for the request's prompt mode where the
+        profile names one (granite-speech-4.1-2b-plus: 2,000, or 10,000 for word timestamps), at most
+        `max_new_tokens` when that is set; else 16 + `max_new_tokens_per_audio_s` per audio second
         (at most `max_new_tokens` when that is set), or `max_new_tokens` alone when the rate is None.
 
         The budget follows the segment's length with no lower cap, so a 30 s segment of dense speech
@@ -242,6 +305,9 @@ class SpeechModel:
         where speech of its length must have ended. IBM's card uses 200 new tokens for short clips;
         our segments run to `max_segment_s`. A segment that stops at its budget is marked `truncated`.
         """
+        card = None if self.profile is None or request is None else self.profile.new_tokens(request)
+        if card is not None:
+            return card if self.max_new_tokens is None else min(self.max_new_tokens, card)
         if self.max_new_tokens_per_audio_s is None:
             return self.max_new_tokens
         seconds = len(samples) / self.sample_rate_hz
@@ -277,20 +343,22 @@ class SpeechModel:
     def _generate_batch(self, items, batch: list[int], results: list, posteriors: bool = False) -> None:
         import torch
 
-        speculative = self.speculative.mode != "autoregressive"
+        # Drafts are computed only by a model that makes them (a 4.1 checkpoint without its BPE head does not).
+        speculative = self.speculative.mode != "autoregressive" and self._drafts
         with torch.inference_mode():
-            embeds, ctc_logits = self._prompt_embeddings(items, batch, with_ctc=speculative or posteriors)
+            embeds, draft_logits, ctc_logits = self._encode(items, batch, speculative, posteriors)
             requests = [items[i][1] for i in batch]
-            budgets = [self.token_budget(items[i][0]) for i in batch]
+            budgets = [self.token_budget(*items[i]) for i in batch]
             if speculative:
-                drafts = [self._draft(items[i], logits) for i, logits in zip(batch, ctc_logits)]
+                drafts = [self._draft(items[i], logits) for i, logits in zip(batch, draft_logits)]
                 tokens, decisions, logprobs = self._speculative(embeds, requests, drafts, budgets)
             else:
                 logprobs: list = []
                 tokens = self._autoregressive(embeds, budgets, logprobs_out=logprobs)
                 decisions = [BY_AUTOREGRESSIVE] * len(batch)
             log_posteriors = [
-                torch.log_softmax(logits.float(), dim=-1) if posteriors else None for logits in ctc_logits
+                torch.log_softmax(logits.float(), dim=-1) if posteriors and logits is not None else None
+                for logits in ctc_logits
             ]
         frame_s = self._frame_s if posteriors else None
         texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
@@ -420,11 +488,17 @@ class SpeechModel:
         finally:
             handle.remove()
 
+    @property
+    def _drafts(self) -> bool:
+        """Whether this model makes drafts: a character head the profile drafts with, or the BPE head."""
+        return (
+            self.profile is None or self.profile.ctc_drafting or self.bpe_head is not None or self.drafter is not None
+        )
+
     def _draft(self, item, ctc_logits) -> tuple[list[int] | None, str, float]:
         """(draft token ids or None when this request is not drafted, draft text, max CTC entropy)."""
         samples, request = item
-        character_head = self.profile is None or self.profile.ctc_drafting
-        if not draftable(request.task, request.language) or not (character_head or self.bpe_head is not None):
+        if not drafted(request) or not self._drafts:
             return None, "", math.inf
         if self.drafter is not None:
             ids = list(self.drafter(samples, request))
@@ -468,15 +542,21 @@ class SpeechModel:
                 sequences.append(torch.cat([embeds[row], embed_tokens(ids).to(embeds[row].dtype)]))
                 lengths.append(len(draft))
             inputs, mask = self._left_pad(sequences)
-            # IBM: softmax(lm_head(hidden) / logits_scaling); strict compares argmaxes, which need no scale.
-            with self._scaled_logits() if relaxed else contextlib.nullcontext():
-                logits = self.model(inputs_embeds=inputs, attention_mask=mask, use_cache=False).logits
+            # IBM's verification (run_eval_speculative.py, run_eval_speculative_bpe.py): the language
+            # model's hidden states, gathered at the draft's positions, then `lm_head(h) / logits_scaling`,
+            # never the full vocabulary at every position (about 22 GB of logits at 256 x 30 s).
+            hidden = self.model.model(inputs_embeds=inputs, attention_mask=mask, use_cache=False).last_hidden_state
             width = inputs.shape[1]
+            # The last prompt position predicts draft[0]; the draft's last position predicts what follows.
+            rows_at = torch.cat([torch.full((length + 1,), at) for at, length in enumerate(lengths)])
+            positions_at = torch.cat([torch.arange(width - length - 1, width) for length in lengths])
+            gathered = hidden[rows_at.to(hidden.device), positions_at.to(hidden.device)]
+            logits = (self.model.get_output_embeddings()(gathered).float() / self.logits_scaling).split(
+                [length + 1 for length in lengths]
+            )
             for position, (row, length) in enumerate(zip(verify, lengths)):
                 draft = drafts[row][0][:length]
-                # Logits at the last prompt position predict draft[0]; the last one predicts what follows.
-                start = width - length - 1
-                step_logits = logits[position, start : start + length + 1].float()
+                step_logits = logits[position]
                 if relaxed:
                     probs = torch.softmax(step_logits[:length], dim=-1)
                     chosen = probs[torch.arange(length), torch.tensor(draft)].tolist()
@@ -488,7 +568,7 @@ class SpeechModel:
                 accepted = strict_accepted(draft, greedy[:length])
                 following = greedy[accepted]  # the model's own token where the draft stops
                 prefix = draft[:accepted] if following == eos else draft[:accepted] + [following]
-                scored = torch.log_softmax(step_logits[: len(prefix)] / self._logits_divisor, dim=-1)
+                scored = torch.log_softmax(step_logits[: len(prefix)], dim=-1)
                 logprobs[row] = scored[torch.arange(len(prefix)), torch.tensor(prefix)].tolist()
                 if following == eos or len(prefix) >= budgets[row]:
                     # Finished without a single autoregressive step: the verification pass decided it.
@@ -523,7 +603,16 @@ class SpeechModel:
 
     def _prompt_embeddings(self, items, batch: list[int], with_ctc: bool = False) -> tuple[list, list]:
         """Per item: prompt token embeddings with its audio embeddings in place of `<|audio|>` tokens,
-        and (with_ctc) the CTC head's logits over its encoder frames."""
+        and (with_ctc) the logits its drafts are made from (the BPE head's where loaded, else the
+        character head's)."""
+        embeds, draft_logits, ctc_logits = self._encode(items, batch, with_ctc, with_ctc and self.bpe_head is None)
+        return embeds, draft_logits if self.bpe_head is not None else ctc_logits
+
+    def _encode(self, items, batch: list[int], drafts: bool = False, posteriors: bool = False) -> tuple:
+        """Per item: prompt embeddings; with `drafts`, the logits drafts are made from (the BPE head's
+        pooled windows where it is loaded, else the character head's frames); with `posteriors`, the
+        character CTC head's logits over the encoder's 20 ms frames, which word alignment reads, never
+        the pooled BPE head's (alignment.py)."""
         import torch
 
         groups: dict[tuple[int, Request], list[int]] = defaultdict(list)
@@ -532,7 +621,9 @@ class SpeechModel:
             groups[(len(samples), request)].append(index)
         embeds: dict[int, object] = {}
         ctc: dict[int, object] = {}
+        draft: dict[int, object] = {}
         inner = self.model.model
+        bpe = drafts and self.bpe_head is not None
         for (_, request), members in groups.items():
             # Equal sample counts and prompts need no padding, so they can share one encoder pass.
             prompt = self.prompt(request)
@@ -542,7 +633,6 @@ class SpeechModel:
             features = self.processor(
                 text=[prompt] * len(members), audio=waveforms, return_tensors="pt", device=self.device
             ).to(self.device)
-            bpe = with_ctc and self.bpe_head is not None
             with self.bpe_head.capture() if bpe else contextlib.nullcontext():
                 encoded = inner.encoder(features["input_features"].to(self.model.dtype)).last_hidden_state
             audio = inner.projector(encoded)
@@ -551,11 +641,20 @@ class SpeechModel:
                 audio_features=audio,
                 input_features_mask=features["input_features_mask"],
             )
-            # IBM's notebook applies the (shared) CTC head `encoder.out` to the final encoder output.
-            logits = inner.encoder.out(encoded) if with_ctc and not bpe else None
-            if bpe:
-                logits = self.bpe_head.pooled_logits(encoded, [len(items[i][0]) for i in members])
+            # IBM's notebook applies the (shared) CTC head `encoder.out` to the final encoder output. The
+            # plus encoder concatenates earlier layers before it (`cat_hidden_layers`): its last
+            # `hidden_dim` columns are the final output.
+            character = None
+            if posteriors or (drafts and not bpe):
+                character = inner.encoder.out(encoded[..., -inner.encoder.config.hidden_dim :])
+            pooled = self.bpe_head.pooled_logits(encoded, [len(items[i][0]) for i in members]) if bpe else None
             for row, index in enumerate(members):
                 embeds[index] = merged[row]
-                ctc[index] = None if logits is None else logits[row]
-        return [embeds[index] for index in batch], [ctc[index] for index in batch]
+                ctc[index] = character[row] if posteriors and character is not None else None
+                if drafts:
+                    draft[index] = pooled[row] if pooled is not None else character[row]
+        return (
+            [embeds[index] for index in batch],
+            [draft.get(index) for index in batch],
+            [ctc[index] for index in batch],
+        )

@@ -40,6 +40,7 @@ from granite_batch.models.prompts import (
     Request,
     clean_keywords,
 )
+from granite_batch.models.speculative import LEADERBOARD_40, LEADERBOARD_41
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,16 @@ ASR_INSTRUCTION = "can you transcribe the speech into a written format?"
 # granite-speech-4.1-2b card ("a simple prompt change"); the same text is what IBM's ollama/GGUF
 # builds of 4.1 document as their task prompt.
 PUNCTUATED_ASR_INSTRUCTION = "transcribe the speech with proper punctuation and capitalization."
+# granite-speech-4.1-2b card, "preferred prompt by task" (https://huggingface.co/ibm-granite/granite-speech-4.1-2b):
+#   ASR (with keyword biasing)  transcribe the speech to text. Keywords: <kw1>, <kw2>, ...
+#   AST (raw transcripts)       translate the speech to <language>.
+#   AST (with punctuation)      translate the speech to <language> with proper punctuation and capitalization.
+#   AST (with keyword biasing)  translate the speech to <language>. Keywords: <kw1>, <kw2>, ...
+# IBM's granite-speech library (granite_speech/prompts.py) does the same: keywords replace the
+# punctuation prompt by "transcribe the speech to text."
+KEYWORD_ASR_INSTRUCTION_41 = "transcribe the speech to text."
+AST_INSTRUCTION_41 = "translate the speech to {language}."
+PUNCTUATED_AST_INSTRUCTION_41 = "translate the speech to {language} with proper punctuation and capitalization."
 # granite_speech_plus.md (transformers docs of 4.1-2b-plus), usage section: SYSTEM_PROMPT, and the
 # SAA_PROMPT / TS_PROMPT user turns, whose instruction follows "<|audio|> " (with a space).
 PLUS_SYSTEM_PROMPT = (
@@ -86,13 +97,21 @@ class ModelProfile:
     punctuation: bool = False  # a punctuated-transcript prompt beside the raw one
     speakers: bool = False  # `[Speaker N]:` turns by prompt
     word_times: bool = False  # `[T:N]` word end times by prompt (model-native, not alignment)
+    preferred_prompts: bool = False  # 4.1's "preferred prompt by task" (keywords, translation)
     ctc_drafting: bool = False  # the encoder's character CTC head drafts for speculative decoding
     bpe_drafting: bool = False  # a separate BPE CTC head (out_llm.safetensors) drafts instead (bpe_draft.py)
+    # Speculative decoding's (CTC entropy, verification probability, fallback beams) where the job
+    # sets none: IBM's published values for this model (speculative.py).
+    speculative_defaults: tuple[float, float, int] = LEADERBOARD_40
     system_prompt: str | None = None
     instruction_separator: str = ""  # between `<|audio|>` and the instruction
     max_call_s: float | None = None  # longest audio one call may carry (None: no limit known)
     max_speakers_call_s: float | None = None
     max_word_times_call_s: float | None = None
+    # New tokens one call may generate, per prompt mode, where the card names them (None: the job's
+    # per-second budget, model.SpeechModel.token_budget). A ceiling, as the card's `max_new_tokens`.
+    asr_new_tokens: int | None = None  # ASR and speaker attribution
+    word_times_new_tokens: int | None = None  # `[T:N]` word timestamps
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -141,8 +160,17 @@ class ModelProfile:
         known = [limit for limit in limits if limit is not None]
         return min(known) if known else None
 
+    def new_tokens(self, request: Request) -> int | None:
+        """The card's new-token budget for one call of `request`, or None where the card names none."""
+        if request.word_times and self.word_times and not request.speakers:
+            return self.word_times_new_tokens
+        return self.asr_new_tokens
+
     def instruction(self, request: Request) -> str:
         """The user turn for `request`: the audio placeholder, then the instruction text."""
+        keywords = clean_keywords(list(request.keywords)) if self.keywords else []
+        if self.preferred_prompts:
+            return AUDIO_TOKEN + self.instruction_separator + self._preferred_instruction(request, keywords)
         if request.task == "ast":
             text = AST_INSTRUCTION.format(language=LANGUAGE_NAMES[request.target_language])
         elif request.speakers and self.speakers:
@@ -153,11 +181,23 @@ class ModelProfile:
             text = PUNCTUATED_ASR_INSTRUCTION
         else:
             text = ASR_INSTRUCTION
-        keywords = clean_keywords(list(request.keywords)) if self.keywords else []
         if keywords:
             separator = " " if text[-1] in ".?!" else ". "
             text = f"{text}{separator}Keywords: {', '.join(keywords)}"
         return AUDIO_TOKEN + self.instruction_separator + text
+
+    @staticmethod
+    def _preferred_instruction(request: Request, keywords: list[str]) -> str:
+        """granite-speech-4.1-2b's "preferred prompt by task" (see the constants above)."""
+        suffix = f" Keywords: {', '.join(keywords)}" if keywords else ""
+        if request.task == "ast":
+            language = LANGUAGE_NAMES[request.target_language]
+            if request.punctuation and not keywords:
+                return PUNCTUATED_AST_INSTRUCTION_41.format(language=language)
+            return AST_INSTRUCTION_41.format(language=language) + suffix
+        if keywords:
+            return KEYWORD_ASR_INSTRUCTION_41 + suffix
+        return PUNCTUATED_ASR_INSTRUCTION if request.punctuation else ASR_INSTRUCTION
 
     def render_prompt(self, tokenizer, request: Request) -> str:
         """The full prompt through the model's own chat template (system turn where the card uses one)."""
@@ -183,10 +223,12 @@ GRANITE_SPEECH_41 = ModelProfile(
     ast_pairs=AST_PAIRS_41,
     keywords=True,
     punctuation=True,
+    preferred_prompts=True,
     # IBM's 4.1 leaderboard script (run_eval_speculative_bpe.py) drafts with the BPE CTC head of the
     # checkpoint's out_llm.safetensors (bpe_draft.py), not with the character head.
     ctc_drafting=False,
     bpe_drafting=True,
+    speculative_defaults=LEADERBOARD_41,
 )
 GRANITE_SPEECH_PLUS = ModelProfile(
     name="granite-speech-plus",
@@ -201,6 +243,12 @@ GRANITE_SPEECH_PLUS = ModelProfile(
     max_call_s=540.0,
     max_speakers_call_s=540.0,
     max_word_times_call_s=210.0,
+    # The card's `transcribe(audio, prompt, max_new_tokens=2000, ...)` and
+    # `transcribe(audio.data, TS_PROMPT, max_new_tokens=10000)`
+    # (https://huggingface.co/ibm-granite/granite-speech-4.1-2b-plus, usage section): a `[T:N]` tag
+    # after every word takes several tokens per word, so 16 + 12 per second cut it short.
+    asr_new_tokens=2000,
+    word_times_new_tokens=10000,
 )
 GRANITE_SPEECH5_CTC = ModelProfile(
     name="granite-speech-5-ctc",
@@ -240,25 +288,62 @@ def profile_for(model_type: str, name: str = "") -> ModelProfile:
     )
 
 
-def read_model_type(name: str, revision: str | None = None, trust_remote_code: bool = False) -> str:
-    """`model_type` from the checkpoint's config.json: read from a local folder, else via transformers."""
+class UnsupportedModel(ValueError):
+    """A Granite Speech checkpoint this job cannot run as IBM runs it; str() says why and what to use."""
+
+
+# granite-speech-3.3 (2b, 8b) ships a LoRA that transformers switches on only when audio is given, and
+# only with peft installed (transformers `models/granite_speech/modeling_granite_speech.py` `generate`;
+# `docs/source/en/model_doc/granite_speech.md`: "Be sure to install PEFT"); IBM prompts it with a system
+# turn (its card, and the Open ASR leaderboard's `granite/run_eval.py`). The job's batched decoding runs
+# the language model on embeddings with no adapter switch, so it would silently run 3.3 without its LoRA.
+LORA_REFUSAL = (
+    "checkpoints with a LoRA adapter (granite-speech-3.3: has_lora_adapter is true in its config) are not "
+    "supported: IBM runs them with peft, the adapter on for audio, and a system turn, which this job does "
+    "not do; use granite-4.0-1b-speech, granite-speech-4.1-2b, granite-speech-4.1-2b-plus or "
+    "granite-speech-5.0-470m-turboctc"
+)
+
+
+def read_config(name: str, revision: str | None = None, trust_remote_code: bool = False) -> dict:
+    """The checkpoint's config.json as a dict: read from a local folder, else via transformers."""
     config_file = Path(name) / "config.json"
     if config_file.is_file():
-        return json.loads(config_file.read_text(encoding="utf-8")).get("model_type", "")
+        return json.loads(config_file.read_text(encoding="utf-8"))
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code).model_type
+    from granite_batch.models.model import _hub_options  # local: model.py imports this module
+
+    return AutoConfig.from_pretrained(
+        name, revision=revision, trust_remote_code=trust_remote_code, **_hub_options(name)
+    ).to_dict()
+
+
+def read_model_type(name: str, revision: str | None = None, trust_remote_code: bool = False) -> str:
+    """`model_type` from the checkpoint's config.json."""
+    return read_config(name, revision, trust_remote_code).get("model_type", "")
+
+
+def check_supported(config: dict) -> None:
+    """Raise UnsupportedModel for a checkpoint the job cannot run as IBM does (a LoRA checkpoint).
+    Published configs always carry `has_lora_adapter` (transformers writes it: it is not a base-config
+    key); a hand-written config without it is taken as having none."""
+    if config.get("model_type", "").startswith("granite_speech") and config.get("has_lora_adapter") is True:
+        raise UnsupportedModel(LORA_REFUSAL)
 
 
 def detect_profile(
     name: str, revision: str | None = None, trust_remote_code: bool = False, override: str | None = None
 ) -> ModelProfile:
-    """The profile of checkpoint `name` (hub id or folder), or the one named by `override`."""
+    """The profile of checkpoint `name` (hub id or folder), or the one named by `override`; raises
+    UnsupportedModel for a checkpoint with a LoRA adapter (granite-speech-3.3), whatever the override."""
+    config = read_config(name, revision, trust_remote_code)
+    check_supported(config)
     if override and override != "auto":
         if override not in PROFILES:
             raise ValueError(f"unknown profile {override!r} (known: {', '.join(PROFILES)})")
         return PROFILES[override]
-    return profile_for(read_model_type(name, revision, trust_remote_code), name)
+    return profile_for(config.get("model_type", ""), name)
 
 
 def route(request: Request, models: list[tuple[str, ModelProfile]]) -> tuple[int | None, str | None]:

@@ -20,15 +20,18 @@ leaderboard row of granite-4.0-1b-speech):
    greedy choice; the model's own token at the first mismatch comes free, and greedy decoding goes
    on from there. The output is the greedy autoregressive output.
 
-Defaults are the notebook's (`CTC_THRESHOLD = 0.7`, `CONFIDENCE_THRESHOLD = 0.1`, `NUM_BEAMS = 1`).
-The leaderboard runs `--ctc_threshold=0.7 --confidence_threshold=0.2 --num_beams=2`
-(`granite/submit_jobs.sh`, `run_speculative.sh`); granite-speech-4.1-2b's BPE-draft script uses 0.0,
-0.4 and 2 beams, with a BPE CTC head we do not load.
+Thresholds are per model (profiles.py `speculative_defaults`), IBM's published values for it, unless
+the job sets them: granite-4.0-1b-speech as the leaderboard runs it (`granite/submit_jobs.sh`,
+`run_speculative.sh`: `--ctc_threshold=0.7 --confidence_threshold=0.2 --num_beams=2`; the notebook uses
+0.7, 0.1 and 1), granite-speech-4.1-2b with its BPE drafts as its leaderboard run
+(`--ctc_threshold=0.0 --confidence_threshold=0.4 --num_beams=2`). A model that cannot draft (plus,
+TurboCTC) decodes autoregressively whatever the job's mode.
 
-Drafting applies to transcription of languages in Latin script: the CTC head transcribes (it cannot
-draft a translation), and its 92 katakana classes have no documented character mapping, so
-Japanese, translation and anything else decode autoregressively. Keyword prompts are verified like
-any other transcription prompt.
+Drafts are made and judged only where IBM does: transcription with the raw ASR prompt
+("can you transcribe the speech into a written format?", no keywords; both leaderboard scripts and the
+notebook use no other), of languages in Latin script: the CTC head transcribes (it cannot draft a
+translation), and its 92 katakana classes have no documented character mapping. A keyword row is
+decoded autoregressively, so relaxed mode never takes a draft made without its keywords.
 """
 
 from __future__ import annotations
@@ -45,21 +48,49 @@ BY_CTC, BY_VERIFICATION, BY_FALLBACK, BY_AUTOREGRESSIVE = "ctc", "verification",
 
 @dataclass(frozen=True)
 class SpeculativeOptions:
+    """A decoding mode and its thresholds; a threshold left None is the model's own (`resolved`)."""
+
     mode: str = "autoregressive"
-    ctc_entropy_threshold: float = 0.7  # IBM's notebook: CTC_THRESHOLD (the leaderboard: 0.7)
-    verify_threshold: float = 0.1  # IBM's notebook: CONFIDENCE_THRESHOLD (the leaderboard: 0.2)
-    fallback_beams: int = 1  # IBM's notebook: NUM_BEAMS (the leaderboard: 2); `speculative` only
+    ctc_entropy_threshold: float | None = None  # IBM: CTC_THRESHOLD / --ctc_threshold
+    verify_threshold: float | None = None  # IBM: CONFIDENCE_THRESHOLD / --confidence_threshold
+    fallback_beams: int | None = None  # IBM: NUM_BEAMS / --num_beams; `speculative` only
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown decoding mode {self.mode!r}; one of {', '.join(MODES)}")
-        if self.fallback_beams < 1:
+        if self.fallback_beams is not None and self.fallback_beams < 1:
             raise ValueError("fallback_beams must be at least 1")
+
+    def resolved(self, defaults: tuple[float, float, int], can_draft: bool = True) -> SpeculativeOptions:
+        """These options for one model: its (ctc, verify, beams) `defaults` where unset, and
+        autoregressive decoding for a model that cannot draft."""
+        ctc, verify, beams = defaults
+        return SpeculativeOptions(
+            self.mode if can_draft else "autoregressive",
+            ctc if self.ctc_entropy_threshold is None else self.ctc_entropy_threshold,
+            verify if self.verify_threshold is None else self.verify_threshold,
+            beams if self.fallback_beams is None else self.fallback_beams,
+        )
+
+
+# granite-4.0-1b-speech on the Open ASR leaderboard (ctc, verify, fallback beams).
+LEADERBOARD_40 = (0.7, 0.2, 2)
+# granite-speech-4.1-2b on the leaderboard (`run_eval_speculative_bpe.py`, `submit_jobs.sh`).
+LEADERBOARD_41 = (0.0, 0.4, 2)
 
 
 def draftable(task: str, language: str | None) -> bool:
     """Whether the CTC head can draft this request."""
     return task == "asr" and language in DRAFT_LANGUAGES
+
+
+def drafted(request) -> bool:
+    """Whether a prompts.Request is drafted: the raw ASR prompt, no keywords, a draftable language."""
+    return (
+        draftable(request.task, request.language)
+        and not request.keywords
+        and not (request.punctuation or request.speakers or request.word_times)
+    )
 
 
 def ctc_draft(logits) -> tuple[str, float]:

@@ -43,31 +43,42 @@ _TRAINING_TEXT = [
     "[Speaker 1]: hello [Speaker 2]: hi there [T:45] [T:82] [T:130] _",
 ]
 MODEL_TYPES = ("granite_speech", "granite_speech_plus", "granite_speech5_ctc")
-CTC_BLANK_TOKEN = "<pad>"
+# The blank of granite-speech-5.0-470m-turboctc: id 0, `<|blank|>`, the tokenizer's pad token
+# (transformers `models/granite_speech5/convert_granite_speech5_to_hf.py`).
+CTC_BLANK_TOKEN = "<|blank|>"
 
 
 def build_tokenizer(vocab_size: int = 512):
-    """A byte-level BPE tokenizer with the special tokens Granite Speech's processor needs."""
-    from transformers import PreTrainedTokenizerFast
+    """A byte-level BPE tokenizer of the class, special tokens and id layout a Granite Speech 4.x
+    checkpoint names: `GPT2Tokenizer` (Granite's language models' tokenizer_config.json class, over a
+    GPT-2 byte-level BPE), bos = eos = `<|end_of_text|>` right after pad `<|pad|>` (100257 and 100256
+    in the real vocabulary), and `<|audio|>` the last id (100352 of 100353: IBM's
+    `granite/run_eval_speculative_bpe.py`, "100352 Granite BPE tokens + 1 CTC blank"), registered as
+    the tokenizer's `audio_token`, which GraniteSpeechProcessor reads."""
+    from transformers import GPT2Tokenizer
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS_TOKEN, PAD_TOKEN, AUDIO_TOKEN],
+        vocab_size=vocab_size - 3,
+        special_tokens=[],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     backend.train_from_iterator(_TRAINING_TEXT, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
+    backend.add_special_tokens([PAD_TOKEN, EOS_TOKEN, AUDIO_TOKEN])
+    tokenizer = GPT2Tokenizer(
         tokenizer_object=backend,
+        unk_token=None,
         bos_token=EOS_TOKEN,
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
         padding_side="left",
         extra_special_tokens={"audio_token": AUDIO_TOKEN},
     )
+    assert tokenizer.convert_tokens_to_ids(AUDIO_TOKEN) == len(tokenizer) - 1
+    assert tokenizer.eos_token_id == tokenizer.pad_token_id + 1
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
@@ -100,7 +111,9 @@ def build_config(tokenizer, initializer_range: float = 0.5, model_type: str = "g
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=4096,
+        # The plus model's budgets reach 10,000 new tokens (word timestamps, its card), so its context
+        # is Granite 4.0's long one; the base model keeps 4096 so prompt-context tests stay small.
+        max_position_embeddings=131072 if plus else 4096,
         embedding_multiplier=1,
         logits_scaling=8.0,
         residual_multiplier=0.22,
@@ -125,6 +138,7 @@ def build_config(tokenizer, initializer_range: float = 0.5, model_type: str = "g
         intermediate_size=64,
         encoder_hidden_size=64 if plus else 32,
         cross_attention_frequency=1,
+        initializer_range=initializer_range,  # the projector too, or its output barely depends on the audio
     )
     return (GraniteSpeechPlusConfig if plus else GraniteSpeechConfig)(
         text_config=text_config,
@@ -184,13 +198,15 @@ def write_tiny_model(directory: str | Path, seed: int = 0, model_type: str = "gr
 
 
 def build_ctc_tokenizer(vocab_size: int = 320):
-    """A byte-level BPE tokenizer whose id 0 is the CTC blank (`<pad>`), as GraniteSpeech5CTCConfig's
-    `pad_token_id=0` makes it."""
-    from transformers import PreTrainedTokenizerFast
+    """The tokenizer class the real TurboCTC checkpoint loads with: `ParakeetTokenizer` (transformers'
+    auto mapping for `granite_speech5_ctc`), over a GPT-2 style byte-level BPE (`Ġ` word starts, the
+    decoder dropping the leading space) whose id 0 is the blank `<|blank|>` and the pad token, as
+    `convert_granite_speech5_to_hf.py` builds it. Its decode groups repeated ids and drops the blank."""
+    from transformers import ParakeetTokenizer
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-    backend.decoder = decoders.ByteLevel()
+    backend.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Strip(" ", 1, 0)])
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=[CTC_BLANK_TOKEN],
@@ -198,7 +214,9 @@ def build_ctc_tokenizer(vocab_size: int = 320):
         show_progress=False,
     )
     backend.train_from_iterator(_TRAINING_TEXT[3:], trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=CTC_BLANK_TOKEN)
+    tokenizer = ParakeetTokenizer(tokenizer_object=backend, pad_token=CTC_BLANK_TOKEN)
+    assert tokenizer.pad_token_id == 0
+    return tokenizer
 
 
 def write_tiny_ctc_model(directory: str | Path, seed: int = 0) -> Path:
