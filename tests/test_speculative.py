@@ -229,22 +229,22 @@ def test_the_job_config_carries_ibms_settings_to_the_model_actor(tiny_model_dir)
     from granite_batch.run.transcription import resolve_job_models
 
     assert GenerationOptions().model_dump(include={"ctc_entropy_threshold", "verify_threshold", "fallback_beams"}) == {
-        "ctc_entropy_threshold": 0.7,
-        "verify_threshold": 0.1,
-        "fallback_beams": 1,
-    }  # IBM's notebook
-    leaderboard = {
-        "decoding": "speculative",
-        "ctc_entropy_threshold": 0.7,
-        "verify_threshold": 0.2,
-        "fallback_beams": 2,
-    }
-    config = load_config(
-        overrides={"manifest": "m.jsonl", "output": "out", "model": str(tiny_model_dir), "generation": leaderboard}
-    )
-    model = resolve_job_models(config)[0]
-    actor = Transcriber(model, load_options(config, "cpu"), request_flags(config), "run")
-    assert actor.speech_model.speculative == SpeculativeOptions("speculative", 0.7, 0.2, 2)
+        "ctc_entropy_threshold": None,
+        "verify_threshold": None,
+        "fallback_beams": None,
+    }  # each model's own published values unless the job sets them
+
+    def actor_options(generation: dict) -> SpeculativeOptions:
+        config = load_config(
+            overrides={"manifest": "m.jsonl", "output": "out", "model": str(tiny_model_dir), "generation": generation}
+        )
+        model = resolve_job_models(config)[0]
+        return Transcriber(model, load_options(config, "cpu"), request_flags(config), "run").speech_model.speculative
+
+    # Unset: granite-4.0-1b-speech's Open ASR leaderboard settings; set: IBM's notebook's, as the job says.
+    assert actor_options({"decoding": "speculative"}) == SpeculativeOptions("speculative", 0.7, 0.2, 2)
+    notebook = {"decoding": "speculative", "ctc_entropy_threshold": 0.7, "verify_threshold": 0.1, "fallback_beams": 1}
+    assert actor_options(notebook) == SpeculativeOptions("speculative", 0.7, 0.1, 1)
     with pytest.raises(ValueError, match="num_beams 1"):
         GenerationOptions(decoding="speculative", num_beams=2)  # beams belong to the fallback
 

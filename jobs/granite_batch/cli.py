@@ -360,21 +360,11 @@ def _raise_interrupted(number: int, frame) -> None:
 
 
 def _exit_now(code: int) -> None:
-    """After an interrupt: stop the local Ray (tasks may still be running) within a bound, then exit,
-    rather than wait for them in the interpreter's exit handlers."""
-    import threading
+    """After an interrupt: stop the local Ray within a bound, then exit at once rather than wait
+    for its tasks in the interpreter's exit handlers."""
+    from granite_batch.pipeline import stop_ray
 
-    def shutdown() -> None:
-        try:
-            import ray
-
-            ray.shutdown()
-        except Exception:
-            pass  # exiting anyway: Ray's own processes end with this driver
-
-    stopper = threading.Thread(target=shutdown, daemon=True)
-    stopper.start()
-    stopper.join(timeout=30)
+    stop_ray(timeout_s=30)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -435,7 +425,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
             f"{run['run_id']:<34} {run['status']:<18} {started:<20} {run['rows_ok']:>8} "
             f"{run['rows_failed']:>8} {run['wall_s']:>9.1f}"
         )
-    _print_leases(args.output, options)
+    from granite_batch.run.lease import describe_leases
+
+    print()
+    for line in describe_leases(args.output, options):
+        print(line)
     try:
         stream = ManifestStream(args.manifest, Defaults(language=args.language), options) if args.manifest else None
         # Counted file by file and bucket by bucket: never every id in memory at once (plan.py).
@@ -453,31 +447,6 @@ def _cmd_status(args: argparse.Namespace) -> int:
         distinct = status.manifest["rows_in"] - status.manifest["duplicates"]
         print(f"pending: {status.manifest['rows_to_do']} of {distinct} manifest ids have no row yet")
     return EXIT_OK
-
-
-def _print_leases(output: str, options: dict) -> None:
-    """Who holds the transcripts' lease, and any second pass's."""
-    import posixpath
-
-    from granite_batch.run.lease import read_holder
-    from granite_batch.schema import SECOND_PASS_DIR, TRANSCRIPTS_DIR
-    from granite_batch.storage import filesystem
-
-    fs, root = filesystem(output, options)
-    folder = posixpath.join(root, SECOND_PASS_DIR)
-    passes = sorted(posixpath.basename(p) for p in fs.ls(folder, detail=False)) if fs.isdir(folder) else []
-    print()
-    for dataset in [TRANSCRIPTS_DIR] + [posixpath.join(SECOND_PASS_DIR, name) for name in passes]:
-        holder = read_holder(output, dataset, options)
-        if holder is None:
-            if dataset == TRANSCRIPTS_DIR:
-                print(f"lease on {dataset}: free")
-            continue
-        age = holder.renewed_age_s()
-        state = (f"renewed {age:.0f} s ago" if age is not None else "renewal time unknown") + (
-            f"; stale after {holder.expiry_s:g} s unrenewed, then the next run takes it over"
-        )
-        print(f"lease on {dataset}: held by {holder.describe()} ({state})")
 
 
 def _models(names: list[str] | None) -> dict:

@@ -48,16 +48,24 @@ class GenerationOptions(_Strict):
     num_beams: int = Field(1, ge=1, le=16)
     repetition_penalty: float = Field(1.0, gt=0)
     decoding: Literal["autoregressive", "speculative-strict", "speculative"] = "autoregressive"
-    # speculative: IBM's relaxed procedure (speculative.py). Defaults from IBM's notebook; the Open ASR
-    # leaderboard's run of granite-4.0-1b-speech uses 0.7, 0.2 and 2 beams.
-    ctc_entropy_threshold: float = Field(
-        0.7, ge=0, description="speculative: take a CTC draft whose max frame entropy is at most this"
+    # speculative: IBM's relaxed procedure (models/speculative.py). Unset thresholds are each model's
+    # published Open ASR leaderboard values (models/profiles.py): 4.0 0.7/0.2/2 beams, 4.1 0.0/0.4/2.
+    ctc_entropy_threshold: float | None = Field(
+        None,
+        ge=0,
+        description="speculative: take a CTC draft whose max frame entropy is at most this; default: the model's",
     )
-    verify_threshold: float = Field(
-        0.1, ge=0, le=1, description="speculative: a verified draft has every token at least this probable"
+    verify_threshold: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="speculative: a verified draft has every token at least this probable; default: the model's",
     )
-    fallback_beams: int = Field(
-        1, ge=1, le=16, description="speculative: beams when a rejected draft is decoded from scratch"
+    fallback_beams: int | None = Field(
+        None,
+        ge=1,
+        le=16,
+        description="speculative: beams when a rejected draft is decoded from scratch; default: the model's",
     )
 
     @model_validator(mode="after")
@@ -256,6 +264,16 @@ class JobConfig(_Strict):
     allowed_prefixes: list[str] = Field(
         default_factory=list, description="if set, recordings outside these URI/path prefixes become error rows"
     )
+
+    @field_validator("allowed_prefixes")
+    @classmethod
+    def _prefixes_name_something(cls, value: list[str]) -> list[str]:
+        # An allow-list given but blank (an empty template variable) must never mean "allow everything".
+        kept = [prefix.strip() for prefix in value if prefix and prefix.strip()]
+        if value and not kept:
+            raise ValueError("allowed_prefixes names no prefix; give at least one, or leave it out")
+        return kept
+
     sample_rate_hz: Literal[16000] = 16000
     reference_column: str | None = Field(
         None,

@@ -34,6 +34,8 @@ from granite_batch.second_pass.language_model import LanguageModel
 from granite_batch.second_pass.prompts import Prompter
 from granite_batch.second_pass.stage import second_pass_table
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class JobModel:
@@ -230,6 +232,21 @@ def ensure_ray():
             # (a clean stop, cli.py) goes back in place.
             signal.signal(signal.SIGTERM, on_sigterm)
     return ray
+
+
+def stop_ray(timeout_s: float) -> None:
+    """Shut Ray down, waiting at most `timeout_s` (tasks may still be running after an interrupt)."""
+    import ray
+
+    def shutdown() -> None:
+        try:
+            ray.shutdown()
+        except Exception:
+            log.debug("ray.shutdown failed", exc_info=True)  # exiting anyway: Ray's processes end with us
+
+    stopper = threading.Thread(target=shutdown, daemon=True)
+    stopper.start()
+    stopper.join(timeout=timeout_s)
 
 
 # Each input block is one object put by the driver: past this many, blocks grow instead.

@@ -22,6 +22,7 @@ import numpy as np
 
 from granite_batch.models.batching import length_batches
 from granite_batch.models.confidence import ChosenTokenLogprobs, mean_logprob
+from granite_batch.models.hub import ModelLoadError, hub_options, offline_error
 from granite_batch.models.profiles import ModelProfile
 from granite_batch.models.prompts import Request, render_prompt
 from granite_batch.models.speculative import (
@@ -45,22 +46,12 @@ MIN_SEGMENT_S = 0.1
 BASE_NEW_TOKENS = 16
 
 
-class ModelLoadError(RuntimeError):
-    """The model or its processor cannot be loaded; the message says what to do."""
-
-
 @dataclass(frozen=True)
 class ModelRef:
     """Which model a run uses, as recorded beside every row."""
 
     name: str
     revision: str | None
-
-
-# How long the driver waits to learn whether the Hub answers at all, before any transformers call
-# (whose own retries take minutes on a machine without network).
-HUB_PROBE_S = 3.0
-_TRUE = ("1", "true", "yes", "on")
 
 
 def load_hint(name: str) -> str:
@@ -73,42 +64,6 @@ def load_hint(name: str) -> str:
     )
 
 
-def hub_offline() -> bool:
-    """Whether Hub ids must be read from the local cache only: HF_HUB_OFFLINE is set, or the Hub's
-    endpoint does not accept a connection within HUB_PROBE_S seconds (asked once per process)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE:
-        return True
-    return not _hub_reachable(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-
-
-@functools.lru_cache(maxsize=8)
-def _hub_reachable(endpoint: str, timeout_s: float = HUB_PROBE_S) -> bool:
-    import socket
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(endpoint)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parts.hostname or "", port), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
-
-
-def _offline_error(name: str) -> ModelLoadError:
-    return ModelLoadError(
-        f"cannot load model {name!r}: the Hugging Face Hub cannot be reached (or HF_HUB_OFFLINE is set) "
-        f"and the model is not in this machine's Hub cache; on a machine with network run "
-        f"`hf download {name} --local-dir DIR`, copy DIR here and pass --model DIR"
-    )
-
-
-def _hub_options(name: str) -> dict:
-    """`local_files_only=True` for a Hub id when the Hub cannot be reached, so a cached model loads at
-    once and a missing one fails at once, instead of after transformers' retries."""
-    return {"local_files_only": True} if not os.path.isdir(name) and hub_offline() else {}
-
-
 def resolve_model(name: str, revision: str | None = None, trust_remote_code: bool = False) -> ModelRef:
     """Check that the model's config and processor can be loaded, and find its exact revision.
 
@@ -118,13 +73,13 @@ def resolve_model(name: str, revision: str | None = None, trust_remote_code: boo
     from transformers import AutoConfig, AutoProcessor
     from transformers.utils import cached_file
 
-    hub = _hub_options(name)
+    hub = hub_options(name)
     try:
         AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code, **hub)
         AutoProcessor.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code, **hub)
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for a bad model
         if hub:
-            raise _offline_error(name) from None
+            raise offline_error(name) from None
         raise ModelLoadError(f"cannot load model {name!r}: {first_line(exc)}; {load_hint(name)}") from None
     if os.path.isdir(name):
         _check_local_weights(Path(name))
@@ -176,7 +131,7 @@ def load_pretrained(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" else "float32"
-    hub = _hub_options(name)
+    hub = hub_options(name)
     try:
         processor = transformers.AutoProcessor.from_pretrained(
             name, revision=revision, trust_remote_code=trust_remote_code, **hub
@@ -191,7 +146,7 @@ def load_pretrained(
         )
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for a bad model
         if hub:
-            raise _offline_error(name) from None
+            raise offline_error(name) from None
         raise ModelLoadError(f"cannot load model {name!r}: {first_line(exc)}; {load_hint(name)}") from None
     return model.to(device).eval(), processor, device
 

@@ -32,6 +32,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from granite_batch.models.hub import hub_options
 from granite_batch.models.prompts import (
     AST_INSTRUCTION,
     AST_PAIRS,
@@ -312,10 +313,8 @@ def read_config(name: str, revision: str | None = None, trust_remote_code: bool 
         return json.loads(config_file.read_text(encoding="utf-8"))
     from transformers import AutoConfig
 
-    from granite_batch.models.model import _hub_options  # local: model.py imports this module
-
     return AutoConfig.from_pretrained(
-        name, revision=revision, trust_remote_code=trust_remote_code, **_hub_options(name)
+        name, revision=revision, trust_remote_code=trust_remote_code, **hub_options(name)
     ).to_dict()
 
 

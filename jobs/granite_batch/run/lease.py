@@ -556,3 +556,25 @@ def discard_own_records(output_uri: str, run_id: str, storage_options: dict | No
         except (OSError, ValueError):
             return
     fs.rm(folder, recursive=True)
+
+
+def describe_leases(output: str, options: dict) -> list[str]:
+    """A line for the transcripts' lease (free or who holds it), and one per held second-pass lease."""
+    from granite_batch.schema import SECOND_PASS_DIR, TRANSCRIPTS_DIR
+
+    fs, root = filesystem(output, options)
+    folder = posixpath.join(root, SECOND_PASS_DIR)
+    passes = sorted(posixpath.basename(p) for p in fs.ls(folder, detail=False)) if fs.isdir(folder) else []
+    lines = []
+    for dataset in [TRANSCRIPTS_DIR] + [posixpath.join(SECOND_PASS_DIR, name) for name in passes]:
+        holder = read_holder(output, dataset, options)
+        if holder is None:
+            if dataset == TRANSCRIPTS_DIR:
+                lines.append(f"lease on {dataset}: free")
+            continue
+        age = holder.renewed_age_s()
+        state = (f"renewed {age:.0f} s ago" if age is not None else "renewal time unknown") + (
+            f"; stale after {holder.expiry_s:g} s unrenewed, then the next run takes it over"
+        )
+        lines.append(f"lease on {dataset}: held by {holder.describe()} ({state})")
+    return lines
