@@ -540,7 +540,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         from granite_batch.evaluate import format_report
         from granite_batch.run.evaluation import evaluate_output
     except ImportError as exc:
-        print(f"granite-batch: eval needs the eval extra (pip install 'granite-batch[eval]'): {exc}", file=sys.stderr)
+        print(
+            f"granite-batch: eval needs the eval extra (pip install -e '.[eval]' in a checkout): {exc}", file=sys.stderr
+        )
         return EXIT_CONFIG
 
     storage = {"s3": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else {}

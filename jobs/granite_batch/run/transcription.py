@@ -59,7 +59,9 @@ def _quality(table: pa.Table) -> dict:
     try:
         from granite_batch.evaluate import score_table
     except ImportError as exc:
-        return {"skipped": f"install granite-batch[eval] for quality figures ({exc.name} missing)"}
+        return {
+            "skipped": f"install the eval extra (pip install -e '.[eval]') for quality figures ({exc.name} missing)"
+        }
     try:
         scores = score_table(table)
     except Exception as exc:
