@@ -12,7 +12,8 @@ import torch
 
 from conftest import SAMPLES, ffmpeg_decode
 from granite_batch.audio.decode import load_recording
-from granite_batch.models.model import ModelLoadError, SpeechModel, resolve_model
+from granite_batch.models.hub import ModelLoadError, resolve_model
+from granite_batch.models.model import SpeechModel
 from granite_batch.models.prompts import Request
 
 

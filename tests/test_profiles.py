@@ -142,7 +142,7 @@ def test_a_lora_checkpoint_is_refused_with_its_reason(tiny_model_dir, tmp_path):
     import shutil
 
     from granite_batch.models.engines import model_profile
-    from granite_batch.models.model import ModelLoadError
+    from granite_batch.models.hub import ModelLoadError
 
     folder = tmp_path / "granite-speech-3.3-2b"
     shutil.copytree(tiny_model_dir, folder)

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import SAMPLES, run_cli, write_jsonl
 from granite_batch.config import load_config
-from granite_batch.models.model import ModelRef
+from granite_batch.models.hub import ModelRef
 from granite_batch.pipeline import JobModel, ResourcesDoNotFit, plan_pools
 
 
@@ -19,8 +19,8 @@ def job(models: list[dict], **fields):
 def test_two_models_on_two_cores_share_what_decoding_leaves():
     config, models = job([{"model": "ctc"}, {"model": "llm"}])
     pools = plan_pools(config, models, {"CPU": 2.0})
-    assert [(p.cpus_per_actor, p.gpus_per_actor, p.actors_min, p.actors_max) for p in pools] == [(0.75, 0, 1, 1)] * 2
-    assert sum(p.cpus_per_actor for p in pools) + config.resources.decode_cpus <= 2.0
+    assert [(p.cpus_per_actor, p.gpus_per_actor, p.actors_min, p.actors_max) for p in pools] == [(0.5, 0, 1, 1)] * 2
+    assert sum(p.cpus_per_actor for p in pools) + 1.0 <= 2.0  # a CPU for the planning and decode tasks
 
 
 def test_one_model_keeps_a_whole_cpu_and_gpu_pools_grow_to_the_gpus_present():
@@ -53,7 +53,7 @@ def test_what_the_config_sets_is_kept():
                 {"model": "b", "resources": {"cpus_per_actor": 1.0}},
             ],
             {"CPU": 2.0},
-            "2.5 CPU",
+            "3 CPU",
         ),
         ([{"model": "a", "resources": {"gpus_per_actor": 1.0}}], {"CPU": 8.0}, "1 GPU"),
         ([{"model": "a", "resources": {"actor_resources": {"speech_gpu": 1}}}], {"CPU": 8.0}, "'speech_gpu'"),
@@ -114,5 +114,5 @@ def test_a_job_that_cannot_fit_stops_at_once_with_exit_2_and_leaves_nothing(tmp_
         timeout=300,
     )
     assert result.returncode == 2, result.stderr[-3000:]
-    assert "does not fit this Ray cluster" in result.stderr and "4.5 CPU" in result.stderr
+    assert "does not fit this Ray cluster" in result.stderr and "5 CPU" in result.stderr
     assert not output.exists() or not any((output / name).exists() for name in ("transcripts", "_staging", "runs"))

@@ -373,7 +373,7 @@ def _exit_now(code: int) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from granite_batch.config import ConfigError, load_config
     from granite_batch.inputs.rows import ManifestError
-    from granite_batch.models.model import ModelLoadError
+    from granite_batch.models.hub import ModelLoadError
 
     try:
         config = load_config(args.config, _overrides(args))
@@ -468,7 +468,7 @@ def _cmd_second_pass(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from granite_batch.config import ConfigError, SecondPassOptions
-    from granite_batch.models.model import ModelLoadError
+    from granite_batch.models.hub import ModelLoadError
 
     fields = {
         "template": args.template,
@@ -575,6 +575,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("run", "second-pass"):
         signal.signal(signal.SIGTERM, _raise_interrupted)  # stops like Ctrl-C: committed rows stay
     code = handler(args)
+    if args.command in ("run", "second-pass"):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the run is over: nothing left to stop cleanly
     if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
         _exit_now(code)
     return code

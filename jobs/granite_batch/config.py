@@ -101,8 +101,8 @@ class Resources(_Strict):
     cpus_per_actor: float | None = Field(
         None,
         gt=0,
-        description="CPUs per model actor; default 1, or without GPUs a share of what the decode tasks leave "
-        "(two models on 2 CPUs: 0.75 each)",
+        description="CPUs per model actor; default 1, or without GPUs a share of what the planning and decode "
+        "tasks leave (they keep one CPU: two models on 2 CPUs get 0.5 each)",
     )
     wait_for_autoscaler: bool = Field(
         False,

@@ -27,7 +27,7 @@ from granite_batch.inference.routing import RequestFlags, route_table
 from granite_batch.inference.transcribe import transcribe_segments
 from granite_batch.inputs.plan import PlanLayout, plan_bucket
 from granite_batch.models.engines import load_speech_model
-from granite_batch.models.model import ModelRef
+from granite_batch.models.hub import ModelRef
 from granite_batch.models.profiles import ModelProfile
 from granite_batch.models.speculative import SpeculativeOptions
 from granite_batch.second_pass.language_model import LanguageModel
@@ -67,11 +67,13 @@ def plan_pools(config: JobConfig, models: list[JobModel], cluster: dict[str, flo
     """Each model's pool, sized for `cluster` (ray.cluster_resources()) where the config leaves it open:
     the job's models share the GPUs there are (a fraction each when fewer than models), pools grow to
     the GPUs present, and without GPUs the model actors share the CPUs the decode tasks leave.
-    Raises ResourcesDoNotFit, naming what is missing, when the pools at their smallest and one decode
-    task cannot run at once (unless `resources.wait_for_autoscaler`)."""
+    Raises ResourcesDoNotFit, naming what is missing, when the pools at their smallest and the CPU
+    stages' tasks cannot run at once (unless `resources.wait_for_autoscaler`)."""
     n = len(models)
     cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
-    decode_cpus = config.resources.decode_cpus
+    # What the CPU stages need free beside the model actors: the planning tasks (Ray's read and
+    # repartition tasks) ask for a whole CPU, the decode tasks for decode_cpus.
+    stage_cpus = max(1.0, config.resources.decode_cpus)
     pools = []
     for model in models:
         asked = config.resources_for(model.spec)
@@ -81,26 +83,26 @@ def plan_pools(config: JobConfig, models: list[JobModel], cluster: dict[str, flo
         cpu = asked.cpus_per_actor
         if cpu is None:
             # Without GPUs the model runs on CPUs: leave the decode tasks theirs, or the job waits forever.
-            cpu = 1.0 if gpu > 0 else max(0.25, min(1.0, (cpus - decode_cpus) / n))
+            cpu = 1.0 if gpu > 0 else max(0.25, min(1.0, (cpus - stage_cpus) / n))
         most = asked.model_actors_max
         if most is None:
             most = max(asked.model_actors_min, int(gpus / n / gpu + 1e-9)) if gpu > 0 else asked.model_actors_min
         pools.append(Pool(cpu, gpu, asked.model_actors_min, most, asked.accelerator_type, dict(asked.actor_resources)))
     if not config.resources.wait_for_autoscaler:
-        _check_fit(models, pools, cluster, decode_cpus)
+        _check_fit(models, pools, cluster, stage_cpus)
     return pools
 
 
-def _check_fit(models: list[JobModel], pools: list[Pool], cluster: dict[str, float], decode_cpus: float) -> None:
+def _check_fit(models: list[JobModel], pools: list[Pool], cluster: dict[str, float], stage_cpus: float) -> None:
     names = [model.spec.model for model in models]
     missing = []
-    need_cpu = sum(p.actors_min * p.cpus_per_actor for p in pools) + decode_cpus
+    need_cpu = sum(p.actors_min * p.cpus_per_actor for p in pools) + stage_cpus
     if need_cpu > cluster.get("CPU", 0.0) + 1e-9:
         each = ", ".join(f"{name}: {p.actors_min} x {p.cpus_per_actor:g}" for name, p in zip(names, pools))
         missing.append(
-            f"{need_cpu:g} CPU (model actors {each}, and {decode_cpus:g} for a decode task) where the cluster "
-            f"has {cluster.get('CPU', 0.0):g}: lower resources.cpus_per_actor or decode_cpus, or leave "
-            "cpus_per_actor unset to share what there is"
+            f"{need_cpu:g} CPU (model actors {each}, and {stage_cpus:g} for the planning and decode tasks) "
+            f"where the cluster has {cluster.get('CPU', 0.0):g}: lower resources.cpus_per_actor or leave it "
+            "unset to share what there is"
         )
     need_gpu = sum(p.actors_min * p.gpus_per_actor for p in pools)
     if need_gpu > cluster.get("GPU", 0.0) + 1e-9:
@@ -266,32 +268,23 @@ def _input_blocks(table: pa.Table, cluster: dict, max_rows: int) -> list[pa.Tabl
     return [table.slice(i, block_rows) for i in range(0, table.num_rows, block_rows)]
 
 
-def _plan_buckets(buckets: pa.Table, layout: PlanLayout, block_rows: int):
+def _plan_buckets(buckets: pa.Table, layout: PlanLayout):
     for bucket in buckets.column("id").to_pylist():
         todo, _ = plan_bucket(layout, bucket)
-        for start in range(0, todo.num_rows, block_rows):  # a bucket's rows leave in small blocks
-            yield todo.slice(start, block_rows)
+        if todo.num_rows:
+            yield todo
 
 
-def planned_rows(layout: PlanLayout, rows_to_do: int, cluster: dict, max_rows: int, num_cpus: float):
+def planned_rows(layout: PlanLayout, rows_to_do: int, cluster: dict, max_rows: int):
     """The rows still to do as a lazy Ray Dataset: one task plans each bucket of the plan (plan.py),
     so rows reach the next stage as soon as their bucket is planned, in blocks of `_block_rows`.
-
-    The bucket numbers come from the driver, not a read task: Ray's read tasks ask for a whole CPU,
-    which model actors holding the rest of a small machine would never leave them (the job hung)."""
+    Its tasks ask for a whole CPU (Ray's read and repartition tasks): plan_pools leaves one free."""
     import ray
 
-    buckets = [pa.table({"id": [bucket]}) for bucket in range(layout.buckets)]
-    ds = ray.data.from_arrow(buckets)
-    # The planning tasks cut their rows into blocks themselves: a repartition operator would ask for a CPU of its own.
-    block_rows = _block_rows(rows_to_do, cluster, max_rows)
-    return ds.map_batches(
-        _plan_buckets,
-        fn_kwargs={"layout": layout, "block_rows": block_rows},
-        batch_size=1,
-        batch_format="pyarrow",
-        num_cpus=num_cpus,
-    )
+    ds = ray.data.range(layout.buckets, override_num_blocks=layout.buckets)
+    ds = ds.map_batches(_plan_buckets, fn_kwargs={"layout": layout}, batch_size=1, batch_format="pyarrow")
+    # Streaming, fused into the planning tasks: a bucket's rows leave them in small blocks.
+    return ds.repartition(target_num_rows_per_block=_block_rows(rows_to_do, cluster, max_rows))
 
 
 # The model actor takes this many generate() calls' worth of segments at a time and sorts them by
@@ -358,9 +351,7 @@ def _input_dataset(ray, rows_to_do, cluster: dict, alone: bool, config: JobConfi
     if isinstance(rows_to_do, pa.Table):
         ds = ray.data.from_arrow(_input_blocks(rows_to_do, cluster, max_rows=1 if alone else 16))
     else:
-        ds = planned_rows(
-            *rows_to_do, cluster, max_rows=rows_to_do[0].input_block_rows(16), num_cpus=config.resources.decode_cpus
-        )
+        ds = planned_rows(*rows_to_do, cluster, max_rows=rows_to_do[0].input_block_rows(16))
     ds.context.max_errored_blocks = MAX_LOST_BATCHES  # this dataset's own copy of the context
     if config.resources.object_store_mb is not None:
         # Ray Data's backpressure: operators stop launching tasks while their queued outputs would pass it.

@@ -19,7 +19,8 @@ import pyarrow as pa
 from granite_batch.audio.decode import samples_from_arrow
 from granite_batch.inference.routing import RequestFlags, row_requests, served_request
 from granite_batch.models.alignment import align_words
-from granite_batch.models.model import SegmentResult, SpeechModel, first_line
+from granite_batch.models.hub import first_line
+from granite_batch.models.model import SegmentResult, SpeechModel
 from granite_batch.models.prompts import PromptTooLong, Request, audio_token_count, fit_keywords
 from granite_batch.models.tags import tagged_parts
 from granite_batch.schema import PART_TYPE, WORD_TYPE

@@ -34,7 +34,8 @@ import numpy as np
 
 from granite_batch.models.alignment import words_from_ctc_path
 from granite_batch.models.batching import length_batches
-from granite_batch.models.model import MIN_SEGMENT_S, SegmentResult, load_pretrained
+from granite_batch.models.hub import load_pretrained
+from granite_batch.models.model import MIN_SEGMENT_S, SegmentResult
 from granite_batch.models.profiles import GRANITE_SPEECH5_CTC, ModelProfile
 from granite_batch.models.prompts import Request
 

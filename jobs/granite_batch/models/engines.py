@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from granite_batch.models.bpe_draft import load_bpe_head
 from granite_batch.models.ctc import CtcSpeechModel
-from granite_batch.models.model import ModelLoadError, SpeechModel, first_line, load_hint
+from granite_batch.models.hub import ModelLoadError, first_line, load_hint
+from granite_batch.models.model import SpeechModel
 from granite_batch.models.profiles import CTC, ModelProfile, UnsupportedModel, detect_profile
 
 

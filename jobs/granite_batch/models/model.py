@@ -13,16 +13,14 @@ import contextlib
 import functools
 import logging
 import math
-import os
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from granite_batch.models.batching import length_batches
 from granite_batch.models.confidence import ChosenTokenLogprobs, mean_logprob
-from granite_batch.models.hub import ModelLoadError, hub_options, offline_error
+from granite_batch.models.hub import load_pretrained
 from granite_batch.models.profiles import ModelProfile
 from granite_batch.models.prompts import Request, render_prompt
 from granite_batch.models.speculative import (
@@ -44,111 +42,6 @@ log = logging.getLogger(__name__)
 MIN_SEGMENT_S = 0.1
 # New tokens any segment may have, on top of `max_new_tokens_per_audio_s` for each of its seconds.
 BASE_NEW_TOKENS = 16
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """Which model a run uses, as recorded beside every row."""
-
-    name: str
-    revision: str | None
-
-
-def load_hint(name: str) -> str:
-    if os.path.isdir(name):
-        return "check that the folder holds config.json, the weights and the processor files"
-    # huggingface-hub 2.x ships only the `hf` command (`huggingface-cli` is gone).
-    return (
-        "if this machine cannot reach the Hugging Face Hub, download the model on one that can "
-        f"(hf download {name} --local-dir DIR), copy DIR here and pass --model /path/to/that/folder"
-    )
-
-
-def resolve_model(name: str, revision: str | None = None, trust_remote_code: bool = False) -> ModelRef:
-    """Check that the model's config and processor can be loaded, and find its exact revision.
-
-    Cheap enough for the driver (no weights), so a wrong --model stops the job before any work; a Hub
-    id on a machine without network fails within seconds, once, naming the command that fixes it.
-    """
-    from transformers import AutoConfig, AutoProcessor
-    from transformers.utils import cached_file
-
-    hub = hub_options(name)
-    try:
-        AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code, **hub)
-        AutoProcessor.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code, **hub)
-    except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for a bad model
-        if hub:
-            raise offline_error(name) from None
-        raise ModelLoadError(f"cannot load model {name!r}: {first_line(exc)}; {load_hint(name)}") from None
-    if os.path.isdir(name):
-        _check_local_weights(Path(name))
-        return ModelRef(str(Path(name).resolve()), revision)
-    config_path = cached_file(name, "config.json", revision=revision, **hub)
-    parts = Path(config_path).parts
-    # Hub cache layout: .../models--org--name/snapshots/<commit sha>/config.json
-    resolved = parts[-2] if len(parts) > 2 and parts[-3] == "snapshots" else revision
-    return ModelRef(name, resolved)
-
-
-def _check_local_weights(folder: Path) -> None:
-    """Read every safetensors header, so truncated or corrupt weights stop the job in the driver.
-
-    safetensors checks that the header describes exactly the bytes in the file; this costs one
-    small read per file, not a load of the weights.
-    """
-    from safetensors import safe_open
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files and not list(folder.glob("*.bin")):
-        raise ModelLoadError(f"cannot load model {str(folder)!r}: no weights (*.safetensors) in the folder")
-    for path in files:
-        try:
-            with safe_open(str(path), "pt") as handle:
-                handle.keys()
-        except Exception as exc:
-            raise ModelLoadError(
-                f"cannot load model {str(folder)!r}: corrupt weights in {path.name} ({first_line(exc)}); "
-                "download the model again"
-            ) from None
-
-
-def first_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
-
-
-def load_pretrained(
-    auto_class: str, name: str, revision: str | None, device: str, dtype: str, trust_remote_code: bool, **model_options
-):
-    """(model on `device` in eval mode, processor, device) for `name` through transformers' `auto_class`
-    (e.g. AutoModelForSpeechSeq2Seq); `device`/`dtype` "auto": cuda and bfloat16 when there is a GPU.
-    ModelLoadError says what to do when it cannot load."""
-    import torch
-    import transformers
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if device == "cuda" else "float32"
-    hub = hub_options(name)
-    try:
-        processor = transformers.AutoProcessor.from_pretrained(
-            name, revision=revision, trust_remote_code=trust_remote_code, **hub
-        )
-        model = getattr(transformers, auto_class).from_pretrained(
-            name,
-            revision=revision,
-            dtype=getattr(torch, dtype),
-            trust_remote_code=trust_remote_code,
-            **hub,
-            **model_options,
-        )
-    except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for a bad model
-        if hub:
-            raise offline_error(name) from None
-        raise ModelLoadError(f"cannot load model {name!r}: {first_line(exc)}; {load_hint(name)}") from None
-    return model.to(device).eval(), processor, device
 
 
 @dataclass(frozen=True)

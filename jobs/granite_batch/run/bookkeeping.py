@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 import pyarrow as pa
 
 from granite_batch.config import ConfigError
-from granite_batch.models.model import first_line
+from granite_batch.models.hub import first_line
 from granite_batch.output.summary import write_summary
 from granite_batch.output.writer import TranscriptWriter
 from granite_batch.run.lease import LeaseTerms, NoLease, take_lease

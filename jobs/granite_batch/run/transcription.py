@@ -30,7 +30,7 @@ from granite_batch.inputs.manifest import ManifestStream, read_manifest
 from granite_batch.inputs.plan import discard_plan, plan_bucket, plan_counts, plan_folder, prepare_plan
 from granite_batch.inputs.rows import Defaults
 from granite_batch.models.engines import model_profile
-from granite_batch.models.model import first_line, resolve_model
+from granite_batch.models.hub import first_line, resolve_model
 from granite_batch.output.committed import drop_failed_rows
 from granite_batch.output.subtitles import write_subtitles
 from granite_batch.output.summary import RunStats

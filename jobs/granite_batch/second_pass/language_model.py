@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from granite_batch.config import SecondPassOptions
-from granite_batch.models.model import ModelLoadError, ModelRef, first_line, load_hint, resolve_model
+from granite_batch.models.hub import ModelLoadError, ModelRef, first_line, load_hint, resolve_model
 
 
 class LanguageModel:

@@ -16,7 +16,7 @@ import logging
 
 import pyarrow as pa
 
-from granite_batch.models.model import first_line
+from granite_batch.models.hub import first_line
 from granite_batch.second_pass.language_model import LanguageModel
 from granite_batch.second_pass.prompts import ContextTooSmall, Prompter
 
