@@ -353,12 +353,6 @@ def _interrupted(exc: KeyboardInterrupt) -> int:
     return 128 + number
 
 
-def _raise_interrupted(number: int, frame) -> None:
-    from granite_batch.run.bookkeeping import Interrupted
-
-    raise Interrupted(number)
-
-
 def _exit_now(code: int) -> None:
     """After an interrupt: stop the local Ray within a bound, then exit at once rather than wait
     for its tasks in the interpreter's exit handlers."""
@@ -573,10 +567,14 @@ def main(argv: list[str] | None = None) -> int:
         "tiny-lm": _cmd_tiny_lm,
     }[args.command]
     if args.command in ("run", "second-pass"):
-        signal.signal(signal.SIGTERM, _raise_interrupted)  # stops like Ctrl-C: committed rows stay
+        from granite_batch.run.bookkeeping import on_interrupt
+
+        for number in (signal.SIGINT, signal.SIGTERM):  # a clean stop: committed rows stay, counted exactly
+            signal.signal(number, on_interrupt)
     code = handler(args)
     if args.command in ("run", "second-pass"):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the run is over: nothing left to stop cleanly
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
         _exit_now(code)
     return code

@@ -226,13 +226,15 @@ def ensure_ray():
     import ray
 
     if not ray.is_initialized():
-        on_sigterm = signal.getsignal(signal.SIGTERM)
+        handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
         # Connects to RAY_ADDRESS / a running cluster when there is one, else starts a local Ray.
         ray.init(logging_level=logging.WARNING, log_to_driver=True)
-        if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread():
             # Ray's core worker installs a SIGTERM handler that aborts the driver: the driver's own
-            # (a clean stop, cli.py) goes back in place.
-            signal.signal(signal.SIGTERM, on_sigterm)
+            # (a clean stop, cli.py) go back in place.
+            for number, handler in handlers.items():
+                if callable(handler):
+                    signal.signal(number, handler)
     return ray
 
 

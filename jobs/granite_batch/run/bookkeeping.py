@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import posixpath
 import signal
@@ -29,6 +30,38 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signal_number: int = signal.SIGTERM):
         super().__init__(signal.Signals(signal_number).name)
         self.signal_number = signal_number
+
+
+class _Deferral:
+    """Whether a batch is being counted and written right now, and a signal that came meanwhile."""
+
+    active = False
+    pending: int | None = None
+
+
+_DEFERRAL = _Deferral()
+
+
+def on_interrupt(number: int, frame) -> None:
+    """Signal handler for SIGINT and SIGTERM: stop the run now, or, while a batch is being counted and
+    written, right after it, so the summary's counts are exactly the rows committed."""
+    if _DEFERRAL.active:
+        _DEFERRAL.pending = number
+        return
+    raise Interrupted(number)
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Hold an interrupt that arrives inside this block until its end."""
+    _DEFERRAL.active, _DEFERRAL.pending = True, None
+    try:
+        yield
+    finally:
+        _DEFERRAL.active = False
+    if _DEFERRAL.pending is not None:
+        number, _DEFERRAL.pending = _DEFERRAL.pending, None
+        raise Interrupted(number)
 
 
 def interrupt_signal(error: BaseException) -> int:
@@ -103,11 +136,12 @@ class _Run:
     ) -> None:
         """Write every batch (after `on_batch` has seen it); the summary follows each commit."""
         for batch in batches:
-            on_batch(batch)
-            files_before = len(writer.committed)
-            writer.write(batch)
-            if len(writer.committed) != files_before:
-                self.write("running")
+            with interrupts_deferred():  # counted and written together, or neither
+                on_batch(batch)
+                files_before = len(writer.committed)
+                writer.write(batch)
+                if len(writer.committed) != files_before:
+                    self.write("running")
 
     def __enter__(self) -> _Run:
         # A summary exists from the start, so a run killed at any moment still shows what it did.

@@ -36,7 +36,7 @@ from granite_batch.output.subtitles import write_subtitles
 from granite_batch.output.summary import RunStats
 from granite_batch.output.writer import TranscriptWriter
 from granite_batch.pipeline import JobModel
-from granite_batch.run.bookkeeping import RunResult, TooManyFailures, _Run
+from granite_batch.run.bookkeeping import RunResult, TooManyFailures, _Run, interrupts_deferred
 from granite_batch.run.lease import LeaseTerms, discard_own_records
 from granite_batch.run.preflight import check_output_root, check_run_id_unused
 from granite_batch.run.recovery import crashed_rows
@@ -149,7 +149,8 @@ class TranscriptionRun:
                     self.transcribe()
             except KeyboardInterrupt:
                 # Every row written so far is whole: commit them, and leave no staging (plans included).
-                self.writer.close()
+                with interrupts_deferred():
+                    self.writer.close()
                 raise
             self.writer.close()  # removes the run's staging folder, the plans included
             failed_fraction = self.stats.rows_failed / self.stats.rows_written if self.stats.rows_written else 0.0
