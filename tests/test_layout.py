@@ -165,6 +165,7 @@ def test_the_rooms_mirror_the_pipeline():
         "second_pass",
         "run",
         "testing",
+        "cli",
     }
 
 

@@ -2,7 +2,7 @@
 
 A page writes a marker such as `<!-- generated: config -->` on a line of its own and this hook
 replaces it with tables read from the code: the pydantic JobConfig (config.py), the argparse parser
-(cli.py), the Arrow schemas (schema.py), the exit codes (cli.py) and the public Python functions.
+(cli/), the Arrow schemas (schema.py), the exit codes (cli/common.py) and the public Python functions.
 A field, flag or column the code gains without a description here or in the code fails the strict
 build (a warning), so the reference cannot fall behind silently. The notebooks/ folder is added to
 the site as it is, for mkdocs-jupyter to render with their saved outputs.
@@ -285,7 +285,7 @@ def schema_folders() -> str:
 
 
 def exit_codes() -> str:
-    source = inspect.getsource(cli)
+    source = inspect.getsource(cli.common)
     lines = ["| code | name | meaning |", "|---|---|---|"]
     for name, value, comment in re.findall(r"^(EXIT_\w+) = (\d+)(?:\s*#\s*(.*))?$", source, re.MULTILINE):
         meaning = "; ".join(part for part in (comment, EXIT_NOTES.get(name)) if part) or _missing(f"exit {name}")

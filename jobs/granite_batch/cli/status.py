@@ -1,0 +1,59 @@
+"""`granite-batch status`: the runs of an output root, and what is done, failed and pending."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from granite_batch.cli.common import EXIT_CONFIG, EXIT_OK, language_code
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    status = commands.add_parser("status", help="list the runs of an output root and what is done, failed, pending")
+    status.add_argument("output", help="output dataset root")
+    status.add_argument("--manifest", help="also count the manifest's ids that have no row yet")
+    status.add_argument(
+        "--language", type=language_code, default="en", help="the job's --language, for manifest ids (default en)"
+    )
+    status.add_argument("--endpoint-url", help="S3-compatible endpoint")
+
+    status.set_defaults(handler=_cmd_status)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from granite_batch.inputs.manifest import ManifestStream
+    from granite_batch.inputs.plan import count_status
+    from granite_batch.inputs.rows import Defaults, ManifestError
+    from granite_batch.output.summary import read_summaries
+
+    options = {"s3": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else {}
+    runs = read_summaries(args.output, options)
+    print(f"{'run':<34} {'status':<18} {'started (UTC)':<20} {'ok':>8} {'failed':>8} {'wall s':>9}")
+    for run in runs:
+        started = (run.get("started_at") or "")[:19].replace("T", " ")
+        print(
+            f"{run['run_id']:<34} {run['status']:<18} {started:<20} {run['rows_ok']:>8} "
+            f"{run['rows_failed']:>8} {run['wall_s']:>9.1f}"
+        )
+    from granite_batch.run.lease import describe_leases
+
+    print()
+    for line in describe_leases(args.output, options):
+        print(line)
+    try:
+        stream = ManifestStream(args.manifest, Defaults(language=args.language), options) if args.manifest else None
+        # Counted file by file and bucket by bucket: never every id in memory at once (plan.py).
+        status = count_status(args.output, stream, options)
+    except ManifestError as exc:
+        print(f"granite-batch: bad manifest: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    done = status.committed
+    print(f"\nrows done: {done.rows_ok + done.rows_failed} ({done.rows_ok} ok, {done.rows_failed} failed)")
+    for reason, count in done.failures_by_reason.most_common():
+        print(f"  failed: {count:>6}  {reason}")
+    for path in done.foreign_files:
+        print(f"  skipped (not written by granite-batch): {path}")
+    if status.manifest is not None:
+        distinct = status.manifest["rows_in"] - status.manifest["duplicates"]
+        print(f"pending: {status.manifest['rows_to_do']} of {distinct} manifest ids have no row yet")
+    return EXIT_OK
