@@ -38,11 +38,11 @@ def format_validation_error(error: ValidationError, sources: list[str], origins:
     return "\n".join(lines)
 
 
-def _record(origins: Origins, path: FieldPath, value: Any, origin: str) -> None:
+def _record(origins: Origins, path: FieldPath, value: Any, origin: Callable[[FieldPath], str]) -> None:
     """`path`, and every path below it, now comes from `origin`."""
     for known in [known for known in origins if known[: len(path)] == path]:
         del origins[known]
-    origins[path] = origin
+    origins[path] = origin(path)
     if isinstance(value, dict):
         for key, inner in value.items():
             _record(origins, (*path, str(key)), inner, origin)
@@ -66,7 +66,7 @@ def merge(
             merge(base[key], value, origins, origin, keep_none, here)
         else:
             base[key] = value
-            _record(origins, here, value, origin(here))
+            _record(origins, here, value, origin)
 
 
 def read_yaml(yaml_path: str | Path) -> tuple[dict[str, Any], Callable[[FieldPath], str]]:
