@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import shlex
-import tomllib
 
 import yaml
 from ray.runtime_env import RuntimeEnv
@@ -15,9 +14,9 @@ from granite_batch.cli import _parser
 from granite_batch.config import load_config
 
 CLUSTER = REPO / "cluster"
-PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
-PINS = dict(re.match(r"([A-Za-z0-9_.\-\[\],]+)==(\S+)", dep).groups() for dep in PYPROJECT["project"]["dependencies"])
-RAY_VERSION = PINS["ray[data,default]"]
+# The exact versions CI runs (pyproject.toml holds ranges around them).
+PINS = dict(re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)$", (REPO / "constraints.txt").read_text(), re.M))
+RAY_VERSION = PINS["ray"]
 IMAGE = f"ghcr.io/my-org/granite-batch:{__version__}"
 
 

@@ -221,6 +221,42 @@ def _flag_value(action: argparse.Action) -> str:
     return {"int": "integer", "float": "number", "str": "string"}.get(kind, kind)
 
 
+def _flag_rows(name: str, actions: list[argparse.Action]) -> list[str]:
+    out = ["| flag | value | what |", "|---|---|---|"]
+    for action in actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        flag = ", ".join(f"`{o}`" for o in action.option_strings) or f"`{action.dest}` (positional)"
+        what = action.help or FLAG_NOTES.get(action.dest) or _missing(f"flag {name} {flag}")
+        if action.default not in (None, False, [], argparse.SUPPRESS) and "default" not in what:
+            what += f" (default {action.default})"
+        if action.option_strings and isinstance(action, argparse._AppendAction) and "repeat" not in what:
+            what += "; repeatable"
+        out.append(f"| {flag} | {_flag_value(action)} | {_cell(what)} |")
+    return out + [""]
+
+
+def _command(name: str, sub: argparse.ArgumentParser, help_text: str | None) -> list[str]:
+    nested = next((a for a in sub._actions if isinstance(a, argparse._SubParsersAction)), None)
+    if nested is not None:  # a command with commands of its own (`config show`, `config schema`)
+        helps = {choice.dest: choice.help for choice in nested._choices_actions}
+        out = []
+        for inner, parser in nested.choices.items():
+            out += _command(f"{name} {inner}", parser, helps.get(inner))
+        return out
+    out = [f"## `granite-batch {name}`", "", help_text or _missing(f"command {name}"), ""]
+    out += ["```text", sub.format_usage().strip(), "```", ""]
+    groups = [group for group in sub._action_groups if group._group_actions]
+    if len(groups) <= 2:  # argparse's own two: positional arguments and options
+        return out + _flag_rows(name, [a for a in sub._actions])
+    for group in groups:  # `run`'s flags by topic, as its --help shows them
+        actions = [a for a in group._group_actions if not isinstance(a, argparse._HelpAction)]
+        if actions:
+            out += [f"**{group.title}**" + (f": {group.description}" if group.description else ""), ""]
+            out += _flag_rows(name, actions)
+    return out
+
+
 def cli_reference() -> str:
     os.environ["COLUMNS"] = "100"  # argparse wraps usage lines at the terminal's width
     parser = cli._parser()
@@ -228,19 +264,7 @@ def cli_reference() -> str:
     helps = {choice.dest: choice.help for choice in commands._choices_actions}
     out = []
     for name, sub in commands.choices.items():
-        out += [f"## `granite-batch {name}`", "", helps.get(name) or _missing(f"command {name}"), ""]
-        out += ["```text", sub.format_usage().strip(), "```", "", "| flag | value | what |", "|---|---|---|"]
-        for action in sub._actions:
-            if isinstance(action, argparse._HelpAction):
-                continue
-            flag = ", ".join(f"`{o}`" for o in action.option_strings) or f"`{action.dest}` (positional)"
-            what = action.help or FLAG_NOTES.get(action.dest) or _missing(f"flag {name} {flag}")
-            if action.default not in (None, False, argparse.SUPPRESS) and "default" not in what:
-                what += f" (default {action.default})"
-            if action.option_strings and action.dest == "model" and isinstance(action, argparse._AppendAction):
-                what += "; repeatable"
-            out.append(f"| {flag} | {_flag_value(action)} | {_cell(what)} |")
-        out.append("")
+        out += _command(name, sub, helps.get(name))
     return "\n".join(out)
 
 

@@ -1,13 +1,23 @@
-"""The job's one typed configuration, built at the edge (CLI flags over an optional YAML file)."""
+"""The job's one typed configuration, built at the edge in layers (layers.py): defaults < YAML < env < flags."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from granite_batch.layers import (
+    ConfigError,
+    Origins,
+    format_validation_error,
+    merge,
+    parse_set,
+    read_environment,
+    read_yaml,
+    variable,
+)
 from granite_batch.models.prompts import ASR_LANGUAGES, AST_PAIRS, AUTO_LANGUAGE, LANGUAGE_NAMES
 
 DEFAULT_MODEL = "ibm-granite/granite-4.0-1b-speech"
@@ -20,10 +30,6 @@ SECOND_PASS_TEMPLATES = ("summary", "topics", "qa")
 # Speech segments per generate() call when the job does not say.
 GPU_BATCH_SEGMENTS = 256
 CPU_BATCH_SEGMENTS = 32
-
-
-class ConfigError(ValueError):
-    """The job configuration is invalid; the message names the field."""
 
 
 class _Strict(BaseModel):
@@ -376,48 +382,32 @@ class JobConfig(_Strict):
         return data
 
 
-def _format_validation_error(error: ValidationError, source: str) -> str:
-    lines = [f"invalid job configuration ({source}):"]
-    for item in error.errors():
-        field = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        lines.append(f"  {field}: {item['msg']}")
-    return "\n".join(lines)
-
-
-def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> None:
-    """Deep-merge `overrides` into `base`; None means "not given"."""
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = value
-
-
-def load_config(yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> JobConfig:
-    """Build the config from an optional YAML file and flag overrides (flags win; None means unset)."""
+def load_config(
+    yaml_path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    sets: Sequence[str] = (),
+    environment: bool = False,
+) -> JobConfig:
+    """Build the config in layers, each over the one before: the defaults, the YAML file, the
+    environment (`GRANITE_BATCH_*`, when `environment` is true, as the CLI asks), flag `overrides`
+    (None means unset) and `sets` (`--set a.b=VALUE`, in order). Raises ConfigError naming each bad
+    field and where its value came from (file and line, variable, flag)."""
     data: dict[str, Any] = {}
-    source = "command line"
+    origins: Origins = {}
+    sources = []
     if yaml_path is not None:
-        source = f"{yaml_path} and command line"
-        try:
-            with open(yaml_path, encoding="utf-8") as handle:
-                loaded = yaml.safe_load(handle) or {}
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {yaml_path}: {exc.strerror or exc}") from exc
-        except UnicodeDecodeError as exc:
-            raise ConfigError(
-                f"config file {yaml_path} is not text: byte 0x{exc.object[exc.start]:02x} at "
-                f"offset {exc.start} is not UTF-8 (give a YAML file)"
-            ) from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {yaml_path} is not valid YAML: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {yaml_path} must hold a mapping of fields")
-        data.update(loaded)
-    _merge(data, overrides or {})
+        loaded, line_of = read_yaml(yaml_path)
+        merge(data, loaded, origins, line_of, keep_none=True)
+        sources.append(str(yaml_path))
+    if environment:
+        variables = read_environment(JobConfig)
+        merge(data, variables, origins, variable, keep_none=True)
+        sources += ["environment"] if variables else []
+    merge(data, overrides or {}, origins, lambda path: "command line")
+    sources.append("command line")
+    for item in sets:
+        merge(data, parse_set(item, JobConfig), origins, lambda path, item=item: f"--set {item}", keep_none=True)
     try:
         return JobConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, source)) from exc
+        raise ConfigError(format_validation_error(exc, sources, origins)) from exc

@@ -9,7 +9,7 @@ import argparse
 import logging
 import signal
 
-from granite_batch.cli import checkpoints, evaluate, run, second_pass, status
+from granite_batch.cli import checkpoints, config, evaluate, run, second_pass, status
 from granite_batch.cli.common import (
     EXIT_CONFIG,
     EXIT_MODEL,
@@ -24,6 +24,7 @@ __all__ = ["EXIT_CONFIG", "EXIT_MODEL", "EXIT_OK", "EXIT_RUNTIME", "EXIT_TOO_MAN
 # In the order `--help` lists them.
 REGISTER = (
     run.register,
+    config.register,
     status.register,
     checkpoints.register_tiny_model,
     second_pass.register,

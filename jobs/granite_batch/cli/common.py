@@ -20,12 +20,17 @@ log = logging.getLogger("granite_batch")
 LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}([-_][a-z0-9]{2,8})*$", re.IGNORECASE)
 
 
-def prefix_list(value: str) -> str:
+def comma_list(value: str) -> list[str]:
+    """`a, b,c` -> ["a", "b", "c"] (blanks dropped)."""
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def prefix_list(value: str) -> list[str]:
     """`--allowed-prefixes`: an allow-list given but empty (`" , "`, from an empty template
     variable) is a usage error (exit 2), never a list that allows everything."""
-    if not any(part.strip() for part in value.split(",")):
+    if not comma_list(value):
         raise argparse.ArgumentTypeError(f"{value!r} names no prefix; give at least one, or leave the flag out")
-    return value
+    return comma_list(value)
 
 
 def language_code(value: str) -> str:
@@ -36,7 +41,7 @@ def language_code(value: str) -> str:
     return value
 
 
-def lease_arguments(command: argparse.ArgumentParser) -> None:
+def lease_arguments(command: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     command.add_argument(
         "--no-wait",
         action="store_true",
@@ -54,6 +59,39 @@ def lease_arguments(command: argparse.ArgumentParser) -> None:
 
 def lease_overrides(args: argparse.Namespace) -> dict:
     return {"lease": "none" if args.no_lease else None, "lease_wait_s": 0.0 if args.no_wait else args.lease_wait_s}
+
+
+def exit_code(exc: BaseException, what: str) -> int:
+    """The one place a command turns what stopped it into a line on stderr and an exit code:
+    a bad config or manifest 2, a model that cannot load 3 (also when it failed inside a Ray actor),
+    another run holding the output 4, too many failed rows 5, an interrupt 130/143, else 4."""
+    from granite_batch.config import ConfigError
+
+    if isinstance(exc, KeyboardInterrupt):
+        return interrupted(exc)
+    if isinstance(exc, ConfigError):  # before the imports below: a bad config stops before any work
+        print(f"granite-batch: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    from granite_batch.inputs.rows import ManifestError
+    from granite_batch.models.hub import ModelLoadError
+    from granite_batch.run.bookkeeping import TooManyFailures
+    from granite_batch.run.lease import LeaseError, LeaseUnsupported
+
+    # Most specific first: LeaseUnsupported is a LeaseError, and a config problem, not a busy output.
+    codes: list[tuple[type[BaseException], int, str]] = [
+        (LeaseUnsupported, EXIT_CONFIG, ""),
+        (LeaseError, EXIT_RUNTIME, ""),  # another run holds the output, or took it over from this one
+        (ManifestError, EXIT_CONFIG, "bad manifest: "),
+        (ModelLoadError, EXIT_MODEL, ""),
+        (TooManyFailures, EXIT_TOO_MANY_FAILURES, ""),
+    ]
+    for kind, code, prefix in codes:
+        if isinstance(exc, kind):
+            print(f"granite-batch: {prefix}{exc}", file=sys.stderr)
+            return code
+    if not isinstance(exc, Exception):
+        raise exc
+    return could_not_finish(what, exc)
 
 
 def could_not_finish(what: str, exc: Exception) -> int:

@@ -5,16 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from granite_batch.cli.common import (
-    EXIT_CONFIG,
-    EXIT_MODEL,
-    EXIT_OK,
-    EXIT_RUNTIME,
-    could_not_finish,
-    interrupted,
-    lease_arguments,
-    lease_overrides,
-)
+from granite_batch.cli.common import EXIT_CONFIG, EXIT_OK, exit_code, lease_arguments, lease_overrides
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -57,8 +48,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 def _cmd_second_pass(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from granite_batch.config import ConfigError, SecondPassOptions
-    from granite_batch.models.hub import ModelLoadError
+    from granite_batch.config import SecondPassOptions
 
     fields = {
         "template": args.template,
@@ -82,7 +72,7 @@ def _cmd_second_pass(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
 
     from granite_batch.config import DEFAULT_WAIT_S
-    from granite_batch.run.lease import LeaseError, LeaseTerms, LeaseUnsupported
+    from granite_batch.run.lease import LeaseTerms
     from granite_batch.run.second_pass import run_second_pass
 
     storage = {"s3": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else {}
@@ -94,19 +84,8 @@ def _cmd_second_pass(args: argparse.Namespace) -> int:
         result = run_second_pass(
             args.output, options, storage, run_id=args.run_id, progress=not args.no_progress, lease_terms=terms
         )
-    except KeyboardInterrupt as exc:
-        return interrupted(exc)
-    except (ConfigError, LeaseUnsupported) as exc:
-        print(f"granite-batch: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except LeaseError as exc:
-        print(f"granite-batch: {exc}", file=sys.stderr)
-        return EXIT_RUNTIME
-    except ModelLoadError as exc:
-        print(f"granite-batch: {exc}", file=sys.stderr)
-        return EXIT_MODEL
-    except Exception as exc:  # the run could not finish
-        return could_not_finish("second pass", exc)
+    except (Exception, KeyboardInterrupt) as exc:  # exit codes: cli/common.py
+        return exit_code(exc, "second pass")
     s = result.summary
     print(
         f"\nsecond pass {s['name']} (run {s['run_id']}): {s['rows_ok']} ok, {s['rows_failed']} failed, "
