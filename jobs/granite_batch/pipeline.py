@@ -474,21 +474,25 @@ def build_second_pass_dataset(
     )
 
 
-def transcripts_dataset(fs, base: str, languages: list[str] | None = None, row_filter=None):
-    """The transcripts under `base` (a folder of `fs`) as a lazy Ray Dataset with hive partitioning,
-    so `language` is a column; only `languages` when given, rows matching `row_filter` (a pyarrow
-    expression) when given."""
+def transcripts_dataset(fs, base: str, files: list[str], schema, languages: list[str] | None = None, row_filter=None):
+    """The committed `files` under `base` (a folder of `fs`; output/committed.py lists them and
+    unifies their `schema`) as a lazy Ray Dataset with hive partitioning, so `language` is a column;
+    only `languages` when given, rows matching `row_filter` (a pyarrow expression) when given."""
     import pyarrow.fs as pafs
     from ray.data.datasource import Partitioning
 
     ray = ensure_ray()
     arrow_fs = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
-    paths = [posixpath.join(base, f"language={lang}") for lang in languages] if languages else base
+    if languages:
+        folders = tuple(posixpath.join(base, f"language={lang}") + "/" for lang in languages)
+        files = [path for path in files if path.startswith(folders)]
+    if not files:
+        return ray.data.from_arrow(schema.empty_table())
     ds = ray.data.read_parquet(
-        paths,
+        files,
         filesystem=arrow_fs,
-        ignore_missing_paths=True,
         partitioning=Partitioning("hive", base_dir=base, field_types={"language": str}, filesystem=arrow_fs),
+        schema=schema.remove(schema.get_field_index("language")),
     )
     if row_filter is not None:
         ds = ds.map_batches(lambda batch: batch.filter(row_filter), batch_format="pyarrow")
