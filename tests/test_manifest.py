@@ -404,3 +404,22 @@ def test_a_column_the_output_would_shadow_is_refused_naming_it(tmp_path, column,
     pq.write_table(pa.table({"audio": ["/a.wav"], column: ["x"]}), tmp_path / "m.parquet")
     with pytest.raises(ManifestError, match=re.escape(message)):
         read_manifest(str(tmp_path / "m.parquet"), Defaults())
+
+
+def test_an_output_root_inside_the_manifest_folder_is_not_read_as_manifests(tmp_path):
+    # What a run leaves under OUTPUT when OUTPUT lies inside the manifest folder: its lease, its
+    # summary, its committed files and a second pass's; none of them is a manifest.
+    folder = tmp_path / "nightly"
+    (folder / "out" / "_leases" / "transcripts").mkdir(parents=True)
+    (folder / "out" / "_leases" / "transcripts" / "00000001.json").write_text('{"holder": "x"}\n')
+    (folder / "out" / "runs").mkdir()
+    (folder / "out" / "runs" / "r1.json").write_text('{"run_id": "r1"}\n')
+    (folder / "out" / "transcripts" / "language=en").mkdir(parents=True)
+    pq.write_table(pa.table({"id": ["a"]}), folder / "out" / "transcripts" / "language=en" / "part-r1-00000.parquet")
+    (folder / "out" / "second_pass" / "qa" / "_runs").mkdir(parents=True)
+    (folder / "out" / "second_pass" / "qa" / "_runs" / "s1.json").write_text('{"run_id": "s1"}\n')
+    write_jsonl(folder / "monday.jsonl", [{"audio": "/a.wav"}])
+    write_jsonl(folder / "out" / "extra.jsonl", [{"audio": "/b.wav"}])  # the user's own file stays a manifest
+    manifest = read_manifest(str(folder), DEFAULTS)
+    assert [r["audio"] for r in rows_of(manifest)] == ["/a.wav", "/b.wav"]
+    assert len(manifest.files) == 2
