@@ -4,9 +4,9 @@ did not write."""
 
 from __future__ import annotations
 
-import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from granite_batch import results
 from granite_batch.output.committed import read_committed
