@@ -379,12 +379,10 @@ def _model_branch(
     profile = model.profile
     gpus_per_actor = pool.gpus_per_actor
     device = config.device if config.device != "auto" else ("cuda" if gpus_per_actor > 0 else "cpu")
-    # What leaves these stages is segments of at most max_segment_s (and of the model's per-call
-    # limit), however long the recording, in tables of at most 64 MB of samples.
-    limits = [config.max_segment_s] + [
-        limit for limit in (profile.max_call_s, profile.max_speakers_call_s, profile.max_word_times_call_s) if limit
-    ]
-    max_segment_s = min(limits)
+    # What leaves these stages is segments of at most this model's call length (the job's max_segment_s,
+    # or the model's own, within its per-call limits), however long the recording, in tables of at
+    # most 64 MB of samples.
+    max_segment_s = profile.call_segment_s(config.max_segment_s)
     # A long recording (over 17 minutes) is decoded and cut in one helper process and leaves as
     # segments (decode_cut.decode_blocks); shorter ones leave whole, and Ray Data gathers them into a
     # block until it passes its target size (128 MB), so the VAD sees a block's short clips side by

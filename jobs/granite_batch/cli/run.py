@@ -86,7 +86,11 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="autoregressive (default), speculative-strict (CTC drafts, output identical to "
         "greedy) or speculative (IBM's relaxed acceptance)",
     )
-    run.add_argument("--max-segment-s", type=float, help="longest segment sent to the model (default 30)")
+    run.add_argument(
+        "--max-segment-s",
+        type=float,
+        help="longest segment sent to the model (default: the model's own, 30 s; 300 s for 4.1-2b-plus)",
+    )
     run.add_argument("--max-duration-s", type=float, help="longer recordings become error rows (default 21600)")
     run.add_argument("--subtitles", help="comma-separated subtitle formats to write per recording: srt, vtt")
     run.add_argument(
