@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import run_cli
 from granite_batch import results
 from granite_batch.output.committed import read_committed
 from granite_batch.schema import SECOND_PASS_SCHEMA, conform, file_schema, transcript_schema
@@ -101,3 +102,16 @@ def test_to_ray_reads_the_same_rows_as_load(tmp_path):
         ("b", "x-2", "en"),
         ("c", "20260101", "en"),
     ]
+
+
+def test_status_on_a_missing_root_exits_non_zero_naming_it(tmp_path):
+    result = run_cli(["status", str(tmp_path / "no-such-root")])
+    assert result.returncode == 2
+    assert "no-such-root: no such output root" in result.stderr
+
+
+def test_status_skips_stray_files_and_counts_a_drifted_root(tmp_path):
+    result = run_cli(["status", str(drifted_root(tmp_path))])
+    assert result.returncode == 0, result.stderr
+    assert "rows done: 3 (3 ok, 0 failed)" in result.stdout
+    assert result.stdout.count("skipped (not written by granite-batch)") == 2
