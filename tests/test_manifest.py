@@ -140,7 +140,7 @@ def test_job_defaults_fill_empty_columns(tmp_path):
         ('{"audio": "/a.wav", "text": "x"}\n', r"m\.jsonl: column 'text' is reserved"),
         (
             '{"audio": "/a.wav", "n": 1}\n{"audio": "/b.wav", "n": "two"}\n',
-            r"m\.jsonl: line 2: field 'n' is str, but line 1 has float",
+            r"m\.jsonl: line 2: field 'n' is str, but line 1 has int",
         ),
         ('{"audio": "/a.wav", "keywords": 5}\n', r"field 'keywords' must be a list of strings"),
     ],
@@ -254,11 +254,11 @@ def test_empty_blank_and_null_ids_are_replaced_by_the_digest_and_counted(tmp_pat
     [
         (
             ['{"audio": "/a.wav", "n": 1}', '{"audio": "/b.wav"}', '{"audio": "/c.wav", "n": "two"}'],
-            r"m\.jsonl: line 3: field 'n' is str, but line 1 has float",
+            r"m\.jsonl: line 3: field 'n' is str, but line 1 has int",
         ),
         (
             ['{"audio": "/a.wav", "meta": {"a": 1}}', '{"audio": "/b.wav", "meta": 2}'],
-            r"m\.jsonl: line 2: field 'meta' is float, but line 1 has dict",
+            r"m\.jsonl: line 2: field 'meta' is int, but line 1 has dict",
         ),
         (
             ['{"audio": "/a.wav", "meta": {"a": {"b": 1}}}', '{"audio": "/b.wav", "meta": {"a": 2}}'],
@@ -266,11 +266,11 @@ def test_empty_blank_and_null_ids_are_replaced_by_the_digest_and_counted(tmp_pat
         ),
         (
             ['{"audio": "/a.wav"}', '{"audio": "/b.wav", "keywords": 5}'],
-            r"m\.jsonl line 2: field 'keywords' must be a list of strings or one comma-separated string, not float",
+            r"m\.jsonl line 2: field 'keywords' must be a list of strings or one comma-separated string, not int",
         ),
         (
             ['{"audio": "/a.wav"}', '{"audio": "/b.wav", "keywords": ["x", 3]}'],
-            r"m\.jsonl line 2: field 'keywords' must be a list of strings .*not a list holding float",
+            r"m\.jsonl line 2: field 'keywords' must be a list of strings .*not a list holding int",
         ),
         (['{"audio": "/a.wav", "id": 1.5}'], r"m\.jsonl line 1: field 'id' must be a string or an integer"),
         (
@@ -404,3 +404,29 @@ def test_a_column_the_output_would_shadow_is_refused_naming_it(tmp_path, column,
     pq.write_table(pa.table({"audio": ["/a.wav"], column: ["x"]}), tmp_path / "m.parquet")
     with pytest.raises(ManifestError, match=re.escape(message)):
         read_manifest(str(tmp_path / "m.parquet"), Defaults())
+
+
+def test_an_output_root_inside_the_manifest_folder_is_not_read_as_manifests(tmp_path):
+    # What a run leaves under OUTPUT when OUTPUT lies inside the manifest folder: its lease, its
+    # summary, its committed files and a second pass's; none of them is a manifest.
+    folder = tmp_path / "nightly"
+    (folder / "out" / "_leases" / "transcripts").mkdir(parents=True)
+    (folder / "out" / "_leases" / "transcripts" / "00000001.json").write_text('{"holder": "x"}\n')
+    (folder / "out" / "runs").mkdir()
+    (folder / "out" / "runs" / "r1.json").write_text('{"run_id": "r1"}\n')
+    (folder / "out" / "transcripts" / "language=en").mkdir(parents=True)
+    pq.write_table(pa.table({"id": ["a"]}), folder / "out" / "transcripts" / "language=en" / "part-r1-00000.parquet")
+    (folder / "out" / "second_pass" / "qa" / "_runs").mkdir(parents=True)
+    (folder / "out" / "second_pass" / "qa" / "_runs" / "s1.json").write_text('{"run_id": "s1"}\n')
+    write_jsonl(folder / "monday.jsonl", [{"audio": "/a.wav"}])
+    write_jsonl(folder / "out" / "extra.jsonl", [{"audio": "/b.wav"}])  # the user's own file stays a manifest
+    manifest = read_manifest(str(folder), DEFAULTS)
+    assert [r["audio"] for r in rows_of(manifest)] == ["/a.wav", "/b.wav"]
+    assert len(manifest.files) == 2
+
+
+def test_a_dictionary_encoded_language_column_is_read_as_text(tmp_path):
+    path = tmp_path / "m.parquet"
+    languages = pa.array(["en", "fr", "en"]).dictionary_encode()
+    pq.write_table(pa.table({"audio": ["/a.wav", "/b.wav", "/c.wav"], "language": languages}), path)
+    assert [r["language"] for r in rows_of(read_manifest(str(path), DEFAULTS))] == ["en", "fr", "en"]

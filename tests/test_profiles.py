@@ -113,8 +113,31 @@ def test_prompts_follow_the_cards():
 
 def test_per_call_limits():
     assert GRANITE_SPEECH_PLUS.max_segment_s(Request(language="en", speakers=True)) == 540.0
-    assert GRANITE_SPEECH_PLUS.max_segment_s(Request(language="en", word_times=True)) == 210.0
+    # The card's 5 minutes for timestamps, not the 3.5 of third-party copies.
+    assert GRANITE_SPEECH_PLUS.max_segment_s(Request(language="en", word_times=True)) == 300.0
     assert GRANITE_SPEECH.max_segment_s(Request(language="en")) is None
+
+
+def test_each_model_is_cut_at_its_own_call_length():
+    # Plus runs at the call lengths IBM evaluated speakers on (2-5 min), not the 30 s of the others.
+    assert GRANITE_SPEECH_PLUS.call_segment_s(None) == 300.0
+    assert GRANITE_SPEECH.call_segment_s(None) == 30.0
+    assert GRANITE_SPEECH5_CTC.call_segment_s(None) == 30.0
+    # A length the job sets applies to every model, within each model's per-call limit.
+    assert GRANITE_SPEECH.call_segment_s(120.0) == 120.0
+    assert GRANITE_SPEECH_PLUS.call_segment_s(60.0) == 60.0
+    assert GRANITE_SPEECH_PLUS.call_segment_s(540.0) == 300.0
+
+
+def test_plus_takes_keywords_on_its_asr_prompt_only():
+    request = Request(language="en", keywords=("Ray", "Granite"))
+    assert GRANITE_SPEECH_PLUS.serves(request)
+    assert GRANITE_SPEECH_PLUS.instruction(request) == (
+        "<|audio|> can you transcribe the speech into a written format? Keywords: Ray, Granite"
+    )
+    assert GRANITE_SPEECH_PLUS.unsupported(Request(language="en", keywords=("Ray",), speakers=True)) == (
+        "keywords with speaker labels or word times"
+    )
 
 
 def test_route_picks_the_first_model_that_serves_and_names_what_is_missing():

@@ -256,7 +256,14 @@ class JobConfig(_Strict):
         ge=1,
         description="recordings per decode call; decoded clips are gathered into blocks for the VAD",
     )
-    max_segment_s: float = Field(30.0, ge=1.0, le=120.0)
+    max_segment_s: float | None = Field(
+        None,
+        ge=1.0,
+        le=540.0,
+        description="longest speech segment one model call carries; longer speech is cut in pauses. Default: "
+        "the model's own (300 s for granite-speech-4.1-2b-plus, 30 s for the others), never above its "
+        "per-call limit",
+    )
     max_duration_s: float = Field(6 * 3600.0, gt=0)
     subtitles: list[Literal["srt", "vtt"]] = Field(
         default_factory=list, description="also write OUTPUT/subtitles/<format>/<id>.<format> from the segments"

@@ -379,12 +379,10 @@ def _model_branch(
     profile = model.profile
     gpus_per_actor = pool.gpus_per_actor
     device = config.device if config.device != "auto" else ("cuda" if gpus_per_actor > 0 else "cpu")
-    # What leaves these stages is segments of at most max_segment_s (and of the model's per-call
-    # limit), however long the recording, in tables of at most 64 MB of samples.
-    limits = [config.max_segment_s] + [
-        limit for limit in (profile.max_call_s, profile.max_speakers_call_s, profile.max_word_times_call_s) if limit
-    ]
-    max_segment_s = min(limits)
+    # What leaves these stages is segments of at most this model's call length (the job's max_segment_s,
+    # or the model's own, within its per-call limits), however long the recording, in tables of at
+    # most 64 MB of samples.
+    max_segment_s = profile.call_segment_s(config.max_segment_s)
     # A long recording (over 17 minutes) is decoded and cut in one helper process and leaves as
     # segments (decode_cut.decode_blocks); shorter ones leave whole, and Ray Data gathers them into a
     # block until it passes its target size (128 MB), so the VAD sees a block's short clips side by
@@ -474,21 +472,25 @@ def build_second_pass_dataset(
     )
 
 
-def transcripts_dataset(fs, base: str, languages: list[str] | None = None, row_filter=None):
-    """The transcripts under `base` (a folder of `fs`) as a lazy Ray Dataset with hive partitioning,
-    so `language` is a column; only `languages` when given, rows matching `row_filter` (a pyarrow
-    expression) when given."""
+def transcripts_dataset(fs, base: str, files: list[str], schema, languages: list[str] | None = None, row_filter=None):
+    """The committed `files` under `base` (a folder of `fs`; output/committed.py lists them and
+    unifies their `schema`) as a lazy Ray Dataset with hive partitioning, so `language` is a column;
+    only `languages` when given, rows matching `row_filter` (a pyarrow expression) when given."""
     import pyarrow.fs as pafs
     from ray.data.datasource import Partitioning
 
     ray = ensure_ray()
     arrow_fs = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
-    paths = [posixpath.join(base, f"language={lang}") for lang in languages] if languages else base
+    if languages:
+        folders = tuple(posixpath.join(base, f"language={lang}") + "/" for lang in languages)
+        files = [path for path in files if path.startswith(folders)]
+    if not files:
+        return ray.data.from_arrow(schema.empty_table())
     ds = ray.data.read_parquet(
-        paths,
+        files,
         filesystem=arrow_fs,
-        ignore_missing_paths=True,
         partitioning=Partitioning("hive", base_dir=base, field_types={"language": str}, filesystem=arrow_fs),
+        schema=schema.remove(schema.get_field_index("language")),
     )
     if row_filter is not None:
         ds = ds.map_batches(lambda batch: batch.filter(row_filter), batch_format="pyarrow")

@@ -14,14 +14,11 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
+from granite_batch.output.committed import committed_dataset
 from granite_batch.output.summary import read_summaries
 from granite_batch.schema import TRANSCRIPT_FIELDS, TRANSCRIPTS_DIR, second_pass_dir
 from granite_batch.storage import filesystem
-
-# `language` lives in the folder names; declared as a plain string so it never comes back as a dictionary.
-PARTITIONING = pads.partitioning(pa.schema([("language", pa.string())]), flavor="hive")
 
 
 def _one_or_many(value: str | Sequence[str] | None) -> list[str] | None:
@@ -49,19 +46,14 @@ def load(
     """Every committed transcript row under `output_uri` (optionally only these languages, tasks
     and runs), as one Arrow table with `language` as a plain string column, the contract's
     columns first, then passthrough columns. Files written by runs with different passthrough
-    columns are read together (missing values are null). An output with no transcripts gives an
-    empty table with the contract's columns."""
+    columns are read together (missing values are null; a passthrough column whose type changed
+    between runs is read as text). Files under `transcripts/` that the job did not write are skipped,
+    as every command skips them. An output with no transcripts gives an empty table with the
+    contract's columns."""
     fs, root = filesystem(str(output_uri), storage_options)
-    base = posixpath.join(root, TRANSCRIPTS_DIR)
-    if not fs.exists(base):
+    dataset = committed_dataset(fs, root, TRANSCRIPTS_DIR)
+    if dataset is None:
         return pa.schema(TRANSCRIPT_FIELDS).empty_table()
-    dataset = pads.dataset(base, filesystem=fs, format="parquet", partitioning=PARTITIONING)
-    # The first file's schema would drop columns that only later runs' files have.
-    schemas = [fragment.physical_schema for fragment in dataset.get_fragments()]
-    if not schemas:
-        return pa.schema(TRANSCRIPT_FIELDS).empty_table()
-    schema = pa.unify_schemas([*schemas, PARTITIONING.schema], promote_options="permissive")
-    dataset = pads.dataset(base, schema=schema, filesystem=fs, format="parquet", partitioning=PARTITIONING)
     table = dataset.to_table(filter=_row_filter(language, task, run_id), columns=columns)
     contract = [f.name for f in TRANSCRIPT_FIELDS if f.name in table.column_names]
     return table.select(contract + [name for name in table.column_names if name not in contract])
@@ -84,8 +76,15 @@ def to_ray(
     from granite_batch.pipeline import transcripts_dataset
 
     fs, root = filesystem(str(output_uri), storage_options)
+    dataset = committed_dataset(fs, root, TRANSCRIPTS_DIR)
+    files, schema = (dataset.files, dataset.schema) if dataset else ([], pa.schema(TRANSCRIPT_FIELDS))
     return transcripts_dataset(
-        fs, posixpath.join(root, TRANSCRIPTS_DIR), _one_or_many(language), _row_filter(task=task, run_id=run_id)
+        fs,
+        posixpath.join(root, TRANSCRIPTS_DIR),
+        files,
+        schema,
+        _one_or_many(language),
+        _row_filter(task=task, run_id=run_id),
     )
 
 
@@ -102,12 +101,10 @@ def second_pass_results(output_uri: str | Path, name: str, storage_options: dict
     """
     transcripts = load(output_uri, storage_options=storage_options)
     fs, root = filesystem(str(output_uri), storage_options)
-    base = posixpath.join(root, second_pass_dir(name))
-    if transcripts.num_rows == 0 or not fs.exists(base):
+    dataset = committed_dataset(fs, root, second_pass_dir(name))
+    if transcripts.num_rows == 0 or dataset is None:
         raise FileNotFoundError(f"no transcripts or no second pass {name!r} under {output_uri}")
-    second = pads.dataset(base, filesystem=fs, format="parquet", partitioning=PARTITIONING).to_table(
-        columns=["id", "output", "chunked", "error", "model", "run_id"]
-    )
+    second = dataset.to_table(columns=["id", "output", "chunked", "error", "model", "run_id"])
     positions = pc.index_in(transcripts.column("id"), value_set=second.column("id"))
     has_row = pc.is_valid(positions)
     joined = transcripts.filter(has_row)

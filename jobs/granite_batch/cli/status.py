@@ -26,7 +26,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from granite_batch.inputs.rows import Defaults, ManifestError
     from granite_batch.output.summary import read_summaries
 
+    from granite_batch.storage import filesystem
+
     options = {"s3": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else {}
+    fs, root = filesystem(args.output, options)
+    if not fs.exists(root):  # a typo in the root must not read as "nothing done yet"
+        print(f"granite-batch: {args.output}: no such output root", file=sys.stderr)
+        return EXIT_CONFIG
     runs = read_summaries(args.output, options)
     print(f"{'run':<34} {'status':<18} {'started (UTC)':<20} {'ok':>8} {'failed':>8} {'wall s':>9}")
     for run in runs:

@@ -41,9 +41,7 @@ class _Block:
 def _python_kind(value) -> str:
     if isinstance(value, bool):
         return "bool"
-    if isinstance(value, (int, float)):
-        return "float"  # JSON has one number type: ints and floats share a column
-    return type(value).__name__
+    return type(value).__name__  # int and float share a column, but a message names what the line holds
 
 
 def _value_conflict(values: list, lines: list[int], column: str) -> str | None:

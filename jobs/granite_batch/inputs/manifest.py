@@ -32,6 +32,8 @@ from granite_batch.inputs.rows import (
     normalised_schema,
 )
 from granite_batch.inputs.shards import ShardCounts, ShardError, is_shard, iter_samples, member_uri
+from granite_batch.output.committed import OWN_FILE
+from granite_batch.schema import EVAL_DIR, RUNS_DIR, SECOND_PASS_DIR, STAGING_DIR, TRANSCRIPTS_DIR
 from granite_batch.storage import filesystem, uri_of
 
 log = logging.getLogger(__name__)
@@ -39,9 +41,37 @@ log = logging.getLogger(__name__)
 MANIFEST_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
+LEASES_DIR = "_leases"  # run/lease.py's, which this room may not import
+# What the job writes under an output root; an output root inside a manifest folder is recognised by
+# its lease or staging folder, or by committed files the job named (output/committed.py's OWN_FILE).
+OUTPUT_FOLDERS = frozenset({TRANSCRIPTS_DIR, RUNS_DIR, STAGING_DIR, LEASES_DIR, SECOND_PASS_DIR, EVAL_DIR, "subtitles"})
+
+
+def _output_roots(paths: list[str]) -> set[str]:
+    """The folders among `paths`' ancestors that are a granite-batch output root."""
+    roots = set()
+    for path in paths:
+        parts = path.split("/")
+        for depth, part in enumerate(parts[:-1]):
+            own = part == TRANSCRIPTS_DIR and OWN_FILE.fullmatch("/".join(parts[depth + 1 :]))
+            if part in (LEASES_DIR, STAGING_DIR) or own:
+                roots.add("/".join(parts[:depth]))
+    return roots
+
+
+def _is_job_output(path: str, roots: set[str]) -> bool:
+    return any(
+        path.startswith(root + "/") and path[len(root) + 1 :].split("/", 1)[0] in OUTPUT_FOLDERS for root in roots
+    )
+
+
 def _list_manifest_files(fs, path: str) -> list[str]:
     if fs.isdir(path):
-        files = sorted(p for p in fs.find(path) if posixpath.splitext(p)[1].lower() in MANIFEST_SUFFIXES)
+        found = sorted(fs.find(path))
+        roots = _output_roots(found)
+        files = [
+            p for p in found if posixpath.splitext(p)[1].lower() in MANIFEST_SUFFIXES and not _is_job_output(p, roots)
+        ]
         if not files:
             raise ManifestError(f"{path}: no manifest files (.jsonl .json .csv .parquet) in this folder")
         return files

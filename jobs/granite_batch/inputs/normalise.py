@@ -56,7 +56,9 @@ def _type_name(kind: pa.DataType) -> str:
     """An Arrow type named as the slow path names a JSON value's type."""
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         return "str"
-    if pa.types.is_integer(kind) or pa.types.is_floating(kind):
+    if pa.types.is_integer(kind):
+        return "int"
+    if pa.types.is_floating(kind):
         return "float"
     if pa.types.is_boolean(kind):
         return "bool"
@@ -86,6 +88,8 @@ def _text_column(table: pa.Table, column: str, where: _Where, strip: bool = True
     if column not in table.column_names:
         return None
     array = table.column(column).combine_chunks()
+    if pa.types.is_dictionary(array.type):  # Parquet writers dictionary-encode repetitive columns (pandas' category)
+        array = array.dictionary_decode()
     kind = array.type
     if pa.types.is_null(kind):
         return pa.nulls(len(array), pa.string())

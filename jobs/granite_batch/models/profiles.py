@@ -18,7 +18,7 @@ Sources, cited beside each prompt below:
   ways between English and fr/de/es/pt/ja;
 - granite-speech-4.1-2b-plus card and transformers' `docs/source/en/model_doc/granite_speech_plus.md`
   (the SYSTEM_PROMPT / ASR_PROMPT / SAA_PROMPT / TS_PROMPT of its usage section): no punctuation,
-  no Japanese, no translation or keywords; `[Speaker N]:` turns; `[T:N]` word end times in
+  no Japanese, no translation; keywords on its ASR prompt; `[Speaker N]:` turns; `[T:N]` word end times in
   centiseconds, modulo 1000;
 - granite-speech-5.0-470m-turboctc card (https://huggingface.co/ibm-granite/granite-speech-5.0-470m-turboctc):
   English ASR, CTC over 16,384 BPE units, "inference is done non-autoregressively with greedy decoding".
@@ -44,6 +44,10 @@ from granite_batch.models.prompts import (
 from granite_batch.models.speculative import LEADERBOARD_40, LEADERBOARD_41
 
 log = logging.getLogger(__name__)
+
+# The segment length of a model whose profile names none: about what IBM's cards and the Open ASR
+# leaderboard run 4.0 and 4.1 at, and the length their token budgets (16 + 12 per second) were sized for.
+DEFAULT_SEGMENT_S = 30.0
 
 GENERATE = "generate"  # a speech-aware language model: prompt, audio embeddings, autoregressive decoding
 CTC = "ctc"  # an encoder with a CTC head: greedy frame decoding, no prompt
@@ -106,6 +110,9 @@ class ModelProfile:
     speculative_defaults: tuple[float, float, int] = LEADERBOARD_40
     system_prompt: str | None = None
     instruction_separator: str = ""  # between `<|audio|>` and the instruction
+    # The segment length this model is run at when the job sets no `max_segment_s` (None: the job's
+    # DEFAULT_SEGMENT_S); the per-call limits below cap it and any length the job sets.
+    segment_s: float | None = None
     max_call_s: float | None = None  # longest audio one call may carry (None: no limit known)
     max_speakers_call_s: float | None = None
     max_word_times_call_s: float | None = None
@@ -140,6 +147,8 @@ class ModelProfile:
             return f"{language} transcription"
         if request.keywords and not self.keywords:
             return "keywords"
+        if request.keywords and (request.speakers or request.word_times):
+            return "keywords with speaker labels or word times"  # the card biases its ASR prompt only
         if request.speakers and not self.speakers:
             return "speaker labels"
         if request.word_times and request.speakers:
@@ -160,6 +169,14 @@ class ModelProfile:
             limits.append(self.max_word_times_call_s)
         known = [limit for limit in limits if limit is not None]
         return min(known) if known else None
+
+    def call_segment_s(self, job_max_segment_s: float | None) -> float:
+        """The longest segment this model's calls carry in a job: the job's `max_segment_s` where set,
+        else this model's own `segment_s` (else DEFAULT_SEGMENT_S), within every per-call limit of
+        the model (segments are cut before a row's prompt mode is known)."""
+        wanted = job_max_segment_s or self.segment_s or DEFAULT_SEGMENT_S
+        limits = (self.max_call_s, self.max_speakers_call_s, self.max_word_times_call_s)
+        return min([wanted, *(limit for limit in limits if limit is not None)])
 
     def new_tokens(self, request: Request) -> int | None:
         """The card's new-token budget for one call of `request`, or None where the card names none."""
@@ -235,15 +252,22 @@ GRANITE_SPEECH_PLUS = ModelProfile(
     name="granite-speech-plus",
     engine=GENERATE,
     asr_languages=frozenset(_LATIN),  # card: no Japanese
+    # The card documents keyword biasing for plus as for 4.1-2b, on its ASR prompt ("can you transcribe
+    # the speech into a written format? Keywords: ..."); not combined with speaker or timestamp prompts.
+    keywords=True,
     speakers=True,
     word_times=True,
     system_prompt=PLUS_SYSTEM_PROMPT,
     instruction_separator=" ",
-    # IBM states about 9 minutes per call for speaker attribution and 5 for timestamps (4.1-2b-plus's card;
-    # one public copy of the card reads 3.5 minutes for timestamps, so the smaller is used).
+    # granite-speech-4.1-2b-plus card (https://huggingface.co/ibm-granite/granite-speech-4.1-2b-plus):
+    # speaker attribution works on calls of up to 9 minutes (its WDER is averaged over segments of 2 to 5
+    # minutes) and word timestamps on calls of up to 5 minutes. Some third-party copies of the card read
+    # 3.5 minutes for timestamps; the card itself is taken. So plus runs at 5-minute calls by default,
+    # the longest that serves both of its prompt modes and within the lengths IBM evaluated speakers on.
+    segment_s=300.0,
     max_call_s=540.0,
     max_speakers_call_s=540.0,
-    max_word_times_call_s=210.0,
+    max_word_times_call_s=300.0,
     # The card's `transcribe(audio, prompt, max_new_tokens=2000, ...)` and
     # `transcribe(audio.data, TS_PROMPT, max_new_tokens=10000)`
     # (https://huggingface.co/ibm-granite/granite-speech-4.1-2b-plus, usage section): a `[T:N]` tag

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from granite_batch.schema import STAGING_DIR, TRANSCRIPTS_DIR
@@ -24,6 +25,9 @@ OWN_FILE = re.compile(r"language=(?P<language>[^/]+)/part-(?P<run_id>.+)-(?P<seq
 
 
 COMMITTED_COLUMNS = ("id", "error")
+
+# `language` lives in the folder names; declared as a plain string so it never comes back as a dictionary.
+PARTITIONING = pads.partitioning(pa.schema([("language", pa.string())]), flavor="hive")
 
 
 class OutputError(RuntimeError):
@@ -77,6 +81,54 @@ def iter_committed_batches(
                     yield path, pa.Table.from_batches([batch])
         except (pa.ArrowInvalid, OSError) as exc:
             raise OutputError(f"{uri_of(fs, path)}: committed file is not readable Parquet ({exc})") from None
+
+
+def unified_schema(schemas: list[pa.Schema], where: str = "") -> pa.Schema:
+    """One schema for files written by different runs: columns only some runs had are kept (null
+    elsewhere), types are promoted where Arrow can (int32 and int64), and a passthrough column whose
+    type drifted between runs in a way that cannot be promoted (text one night, all digits the next)
+    is read as text. A drift between nested types, which cannot be read as text, raises OutputError."""
+    try:
+        return pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        pass
+    types: dict[str, list[pa.DataType]] = {}
+    for schema in schemas:
+        for f in schema:
+            types.setdefault(f.name, []).append(f.type)
+    as_text = []
+    for name, seen in types.items():
+        try:
+            pa.unify_schemas([pa.schema([(name, t)]) for t in seen], promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            if any(pa.types.is_nested(t) for t in seen):
+                raise OutputError(
+                    f"{where}: column {name!r} has types that cannot be read together in different runs' "
+                    f"files ({', '.join(sorted({str(t) for t in seen}))}); rename it in the manifest"
+                ) from None
+            as_text.append(name)
+    log.warning("%s: column(s) %s changed type between runs; read as text", where, ", ".join(as_text))
+    return pa.unify_schemas(
+        [pa.schema([f.with_type(pa.string()) if f.name in as_text else f for f in s]) for s in schemas],
+        promote_options="permissive",
+    )
+
+
+def committed_dataset(fs, root: str, dataset_dir: str = TRANSCRIPTS_DIR) -> pads.Dataset | None:
+    """Our committed files under `root/dataset_dir` as one Arrow dataset with `language` from the
+    folder names, or None when there are none. The one reader of committed rows for every command
+    (results.load, eval, second-pass): files not written by the job are skipped (as the run and
+    status do), and columns whose type drifted between runs are unified (`unified_schema`)."""
+    files = list_dataset_files(fs, root, dataset_dir).ours
+    if not files:
+        return None
+    base = posixpath.join(root, dataset_dir)
+    dataset = pads.dataset(files, filesystem=fs, format="parquet", partitioning=PARTITIONING, partition_base_dir=base)
+    schemas = [fragment.physical_schema for fragment in dataset.get_fragments()]
+    schema = unified_schema([*schemas, PARTITIONING.schema], uri_of(fs, base))
+    return pads.dataset(
+        files, schema=schema, filesystem=fs, format="parquet", partitioning=PARTITIONING, partition_base_dir=base
+    )
 
 
 @dataclass
