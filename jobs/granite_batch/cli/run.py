@@ -36,6 +36,17 @@ def register(commands: argparse._SubParsersAction) -> None:
         "to route each row to the first model that serves it",
     )
     run.add_argument(
+        "--escalate-below",
+        type=float,
+        help="a cascade: segments of the first --model whose confidence (avg_logprob) is below this go on "
+        "to the next --model that serves the row, e.g. -0.3 (docs: how-to/cascade)",
+    )
+    run.add_argument(
+        "--escalate-on",
+        help="a cascade: comma-separated quality flags (low_confidence, repetition, truncated, rate) that send "
+        "segments of the first --model on to the next",
+    )
+    run.add_argument(
         "--speakers",
         action="store_true",
         default=None,
@@ -135,11 +146,28 @@ def register(commands: argparse._SubParsersAction) -> None:
     run.set_defaults(handler=_cmd_run)
 
 
-def _models(names: list[str] | None) -> dict:
-    """`--model` once: the job's model; repeated: its routed model list."""
+def _models(args: argparse.Namespace) -> dict:
+    """`--model` once: the job's model; repeated: its routed model list, the first escalating as
+    `--escalate-below` / `--escalate-on` say."""
+    names = args.model
+    escalation = {
+        "escalate_below": args.escalate_below,
+        "escalate_on": None
+        if args.escalate_on is None
+        else [f.strip() for f in args.escalate_on.split(",") if f.strip()],
+    }
+    escalation = {key: value for key, value in escalation.items() if value is not None}
+    if escalation and len(names or []) < 2:
+        from granite_batch.config import ConfigError
+
+        raise ConfigError(
+            "--escalate-below and --escalate-on need two --model or more: the first escalates to the next"
+        )
     if not names:
         return {}
-    return {"model": names[0], "models": []} if len(names) == 1 else {"models": [{"model": name} for name in names]}
+    if len(names) == 1:
+        return {"model": names[0], "models": []}
+    return {"models": [{"model": names[0], **escalation}] + [{"model": name} for name in names[1:]]}
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -166,7 +194,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         "input": args.input,
         "output": args.output,
         "revision": args.revision,
-        **_models(args.model),
+        **_models(args),
         "speakers": args.speakers,
         "punctuation": args.punctuation,
         "language": args.language,
@@ -218,6 +246,8 @@ def _print_summary(summary: dict, path: str) -> None:
                 f"  low confidence ({model}): {figures['low_confidence_segments']} segments "
                 f"({figures['low_confidence_fraction']:.1%} of those scored) worth a look by hand"
             )
+    for pair in summary.get("cascade") or []:
+        _print_cascade(pair, summary.get("inference", {}))
     detection = summary.get("language_detection")
     if detection:
         found = ", ".join(
@@ -226,6 +256,19 @@ def _print_summary(summary: dict, path: str) -> None:
         )
         print(f"  languages identified: {found}; {detection['disagreements']['rows']} disagree with the manifest")
     print(f"summary: {path}")
+
+
+def _print_cascade(pair: dict, inference: dict) -> None:
+    """One escalation pair: what went on and why, and what the second model decoded against all of it."""
+    source, target = pair["from"], pair["to"]
+    first_s = inference.get(source, {}).get("audio_s") or 0.0
+    why = ", ".join(f"{flag} {count}" for flag, count in pair["why"].items())
+    share = f" ({pair['audio_s'] / first_s:.1%})" if first_s else ""
+    print(
+        f"  cascade {source} -> {target}: {pair['segments']} segments escalated ({why}); {target} decoded "
+        f"{pair['audio_s']:.1f} s{share} of the {first_s:.1f} s it would have decoded without {source}, "
+        f"which decoded all of it"
+    )
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
