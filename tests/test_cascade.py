@@ -13,6 +13,7 @@ import pytest
 
 from conftest import REPO, SAMPLES, run_cli, write_jsonl
 from granite_batch.audio.decode import load_recording
+from granite_batch.cli.run import _print_cascade
 from granite_batch.config import ConfigError, ModelSpec, load_config
 from granite_batch.inference.assemble import RecordingAssembler
 from granite_batch.inference.escalation import BELOW_CONFIDENCE, Cascade, cascade_flags, escalation_pairs, pool_models
@@ -134,6 +135,14 @@ def test_escalation_flags_and_the_cli_form(tmp_path, tiny_ctc_dir, tiny_model_di
         load_config(None, {**base, "models": [{"model": "a", "escalate_on": ["music"]}, {"model": "b"}]})
     result = run_cli(["run", "--manifest", "m.jsonl", "--output", str(tmp_path), "--escalate-below", "-0.5"])
     assert result.returncode != 0 and "need two --model" in result.stderr
+
+
+def test_the_printed_summary_says_what_share_of_the_audio_the_second_model_decoded(capsys):
+    pair = {"from": "ctc", "to": "llm", "segments": 3, "audio_s": 12.5, "why": {"confidence": 2, "rate": 1}}
+    _print_cascade(pair, {"ctc": {"audio_s": 250.0}, "llm": {"audio_s": 40.0}})
+    printed = capsys.readouterr().out
+    assert "cascade ctc -> llm: 3 segments escalated (confidence 2, rate 1)" in printed
+    assert "llm decoded 12.5 s (5.0%) of the 250.0 s it would have decoded without ctc" in printed
 
 
 def test_a_cascade_job_keeps_one_row_per_id_with_word_times_and_subtitles_also_when_the_second_model_dies(
