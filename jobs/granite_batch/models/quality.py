@@ -80,15 +80,21 @@ def tokens(text: str, language: str | None) -> list[str]:
 
 
 def longest_loop(items: Sequence[str], max_n: int = MAX_LOOP_N) -> tuple[int, int]:
-    """(n, repeats) of the n-gram repeated back to back over the most tokens; (0, 0) for none."""
+    """(n, repeats) of the n-gram repeated back to back over the most tokens; (0, 0) for none.
+
+    One pass per n: a run of L positions where items[i] == items[i + n] is a stretch of period n,
+    L + n tokens long, so (L + n) // n copies of its first n-gram."""
     best = (0, 0)
     for n in range(1, max_n + 1):
-        for start in range(len(items) - 2 * n + 1):
-            repeats = 1
-            while items[start + repeats * n : start + (repeats + 1) * n] == items[start : start + n]:
-                repeats += 1
+        run = 0
+        for i in range(len(items) - n + 1):
+            if i + n < len(items) and items[i] == items[i + n]:
+                run += 1
+                continue
+            repeats = (run + n) // n
             if repeats > 1 and n * repeats > best[0] * best[1]:
                 best = (n, repeats)
+            run = 0
     return best
 
 
