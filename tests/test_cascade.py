@@ -208,6 +208,7 @@ def test_a_cascade_job_keeps_one_row_per_id_with_word_times_and_subtitles_also_w
             assert segment["model"] == granite and segment["quality"]["escalated_from"] == ctc
             assert BELOW_CONFIDENCE in segment["quality"]["escalated_for"]
             assert segment["words"] is not None  # word times from the model that made the segment
+            assert 0.0 <= segment["quality"]["speech_ratio"] <= 1.0  # from the CTC head the word times use
         assert (output / "subtitles" / "vtt").exists()
     assert by_id["fr"]["model"] == granite and by_id["fr"]["error"] is None
     assert all(s["model"] == granite and s["quality"]["escalated_from"] is None for s in by_id["fr"]["segments"])

@@ -110,8 +110,8 @@ QUALITY_NOTES = {
     "chars_per_s": "characters (spaces left out) per second of the segment; null for an empty span",
     "rate": "`chars_per_s` outside its language's range (1.5-28; ja 0.5-14; zh 0.5-12) on a segment of 1 s or more "
     "with text: text invented beyond the audio, or speech dropped",
-    "speech_ratio": "share of the segment's CTC frames outside pauses (blank runs of 0.3 s or more); CTC models "
-    "only, else null",
+    "speech_ratio": "share of the segment's CTC frames outside pauses (blank runs of 0.3 s or more): CTC models, "
+    "and LLM models with word times on (their encoder's CTC head); else null",
     "language_mismatch": "the row's language identified from its transcript is not its manifest language "
     "(`detect_language`); null where not identified",
     "escalated_from": "the model whose segment this one replaced in a cascade; null when not escalated",

@@ -18,9 +18,9 @@ WORD_TYPE = pa.struct(
 )
 
 
-# What a segment's own decoding says of its quality (models/quality.py; docs/reference/output-schema.md):
+# What a segment's own decoding says of its quality (models/quality.py; docs/reference/output.md):
 # flags need no reference. `low_confidence` is null where no confidence was computed, `speech_ratio`
-# where no CTC frames were (LLM engines), `language_mismatch` where language detection is off;
+# where no CTC frames were (LLM engines without word times), `language_mismatch` where language detection is off;
 # `escalated_from` names the model whose segment this one replaced (a cascade), `escalated_for` why.
 QUALITY_TYPE = pa.struct(
     [

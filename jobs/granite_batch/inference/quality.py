@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Any, cast
 
 import pyarrow as pa
 
+from granite_batch.models.alignment import BLANK
 from granite_batch.models.model import SegmentResult
 from granite_batch.models.prompts import UNDETERMINED_LANGUAGE
-from granite_batch.models.quality import segment_quality
+from granite_batch.models.quality import segment_quality, speech_ratio
 from granite_batch.schema import SEGMENT_TYPE
 
 
@@ -24,7 +26,11 @@ def segment_qualities(table: pa.Table, results: list[SegmentResult | None]) -> l
             continue
         language = targets[row] if columns["task"][row] == "ast" else columns["language"][row]
         duration_s = (columns["end_s"][row] or 0.0) - (columns["start_s"][row] or 0.0)
-        quality = segment_quality(result.text, duration_s, language, result.avg_logprob, result.speech_ratio)
+        speech, log_probs = result.speech_ratio, cast(Any, result.ctc_log_probs)  # a torch tensor
+        if speech is None and log_probs is not None and result.frame_s:
+            # An LLM model's encoder CTC head, computed for word times: its greedy path (class 0 the blank).
+            speech = speech_ratio(log_probs.argmax(dim=-1).tolist(), BLANK, result.frame_s)
+        quality = segment_quality(result.text, duration_s, language, result.avg_logprob, speech)
         out.append({**asdict(quality), "language_mismatch": None, "escalated_from": None, "escalated_for": None})
     return out
 
