@@ -127,6 +127,8 @@ def test_escalation_flags_and_the_cli_form(tmp_path, tiny_ctc_dir, tiny_model_di
     assert cascade_flags(RequestFlags(punctuation=True), ctc).punctuation is True
     models = [job_model(tiny_ctc_dir, escalate_on=["repetition", "truncated"]), job_model(tiny_model_dir)]
     assert escalation_pairs(models) == [(0, 1)]
+    # Granite serves all the CTC model serves: no row could go on past it, so no stage for a third model.
+    assert escalation_pairs(models + [job_model(tiny_model_dir)]) == [(0, 1)]
     assert [m.ref.name for m in pool_models(models)] == [str(tiny_ctc_dir), str(tiny_model_dir), str(tiny_model_dir)]
     base = {"manifest": "m.jsonl", "output": str(tmp_path)}
     with pytest.raises(ConfigError, match="no model follows it"):

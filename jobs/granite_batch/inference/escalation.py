@@ -46,10 +46,28 @@ class Cascade:
 Model = TypeVar("Model")  # pipeline.JobModel: anything with a `spec` (config.ModelSpec)
 
 
+def covers(later: ModelProfile, first: ModelProfile) -> bool:
+    """Whether `later` serves every request `first` serves (profiles.ModelProfile.unsupported)."""
+    return (
+        first.asr_languages <= later.asr_languages
+        and first.ast_pairs <= later.ast_pairs
+        and all(getattr(later, flag) for flag in ("keywords", "speakers", "punctuation") if getattr(first, flag))
+    )
+
+
 def escalation_pairs(models: Sequence) -> list[tuple[int, int]]:
-    """(escalating model, later model) for each escalation stage: every later model of a model that
-    escalates gets a stage (and an actor pool) after that model's own."""
-    return [(i, j) for i, model in enumerate(models) if model.spec.escalates for j in range(i + 1, len(models))]
+    """(escalating model, later model) for each escalation stage: the later models of a model that
+    escalates, up to the first that serves everything it serves (no row could go past that one), each
+    a stage (and an actor pool) after the escalating model's own."""
+    pairs = []
+    for i, model in enumerate(models):
+        if not model.spec.escalates:
+            continue
+        for j in range(i + 1, len(models)):
+            pairs.append((i, j))
+            if covers(models[j].profile, model.profile):
+                break
+    return pairs
 
 
 def pool_models(models: Sequence[Model]) -> list[Model]:
