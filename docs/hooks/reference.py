@@ -96,7 +96,28 @@ COLUMN_NOTES = {
     "chunked": "the transcript was too long for one prompt and was processed in chunks, then combined",
 }
 WORD_NOTES = {"text": "the word as written in the segment's text"}
-SEGMENT_NOTES = {"text": "the segment's transcript or translation"}
+SEGMENT_NOTES = {
+    "text": "the segment's transcript or translation",
+    "model": "the model that made the segment: with a cascade, the model it was escalated to (rows can mix models)",
+    "quality": "flags a reviewer can filter on, from the segment's own decoding (below)",
+    "avg_logprob": "the segment's confidence: mean log-probability of its chosen tokens (scaled logits), for a CTC "
+    "model of the labels its frames emit; null where none was computed",
+}
+QUALITY_NOTES = {
+    "low_confidence": "`avg_logprob` below -0.6 (a geometric-mean token probability of about 0.55); null without one",
+    "repetition": "the text loops: an n-gram of up to 12 words (characters in ja/zh) three times back to back over "
+    "6+ words (12+ characters), or a zlib compression ratio over 2.4 (Whisper's test)",
+    "chars_per_s": "characters (spaces left out) per second of the segment; null for an empty span",
+    "rate": "`chars_per_s` outside its language's range (1.5-28; ja 0.5-14; zh 0.5-12) on a segment of 1 s or more "
+    "with text: text invented beyond the audio, or speech dropped",
+    "speech_ratio": "share of the segment's CTC frames outside pauses (blank runs of 0.3 s or more): CTC models, "
+    "and LLM models with word times on (their encoder's CTC head); else null",
+    "language_mismatch": "the row's language identified from its transcript is not its manifest language "
+    "(`detect_language`); null where not identified",
+    "escalated_from": "the model whose segment this one replaced in a cascade; null when not escalated",
+    "escalated_for": "why it was sent on: `confidence` (below `escalate_below`) and the `escalate_on` flags it "
+    "raised; set without `escalated_from` when the next model failed on it and the first model's text was kept",
+}
 
 # Flags whose argparse help is empty, by dest.
 FLAG_NOTES = {
@@ -286,6 +307,10 @@ def schema_segment() -> str:
     return _fields_table(list(schema.SEGMENT_TYPE), SEGMENT_NOTES)
 
 
+def schema_quality() -> str:
+    return _fields_table(list(schema.QUALITY_TYPE), QUALITY_NOTES)
+
+
 def schema_word() -> str:
     return _fields_table(list(schema.WORD_TYPE), WORD_NOTES)
 
@@ -342,6 +367,7 @@ GENERATORS = {
     "schema-second-pass": schema_second_pass,
     "exit-codes": exit_codes,
     "python-api": python_api,
+    "schema-quality": schema_quality,
 }
 
 

@@ -144,6 +144,21 @@ class ModelSpec(_Strict):
         description="overrides of the job's resources for this model's actor pool, "
         "e.g. {gpus_per_actor: 0.5, model_actors_max: 4}",
     )
+    # A cascade (docs/how-to/cascade.md): this model's segments that fall short go on to the next listed
+    # model that serves the row's request, which decodes them again.
+    escalate_below: float | None = Field(
+        None,
+        le=0.0,
+        description="send on to the next model the segments whose confidence (avg_logprob, a mean "
+        "log-probability) is below this, e.g. -0.3",
+    )
+    escalate_on: list[Literal["low_confidence", "repetition", "truncated", "rate"]] = Field(
+        default_factory=list, description="send on to the next model the segments that raise any of these quality flags"
+    )
+
+    @property
+    def escalates(self) -> bool:
+        return self.escalate_below is not None or bool(self.escalate_on)
 
     @field_validator("resources")
     @classmethod
@@ -349,6 +364,12 @@ class JobConfig(_Strict):
         if value is not None and value not in LANGUAGE_NAMES:
             raise ValueError(f"unsupported target language {value!r}; supported: {' '.join(LANGUAGE_NAMES)}")
         return value
+
+    @model_validator(mode="after")
+    def _escalation_has_somewhere_to_go(self) -> JobConfig:
+        if self.models and self.models[-1].escalates:
+            raise ValueError(f"{self.models[-1].model} escalates, but no model follows it in models")
+        return self
 
     @model_validator(mode="after")
     def _one_source(self) -> JobConfig:

@@ -23,6 +23,14 @@ import pyarrow as pa
 from granite_batch.audio import decode_cut, segment
 from granite_batch.audio.isolation import CrashTest
 from granite_batch.config import ConfigError, JobConfig, ModelSpec, SecondPassOptions
+from granite_batch.inference.escalation import (
+    Cascade,
+    cascade_flags,
+    escalate_segments,
+    escalation_pairs,
+    mark_escalations,
+    pool_models,
+)
 from granite_batch.inference.routing import RequestFlags, route_table
 from granite_batch.inference.transcribe import transcribe_segments
 from granite_batch.inputs.plan import PlanLayout, plan_bucket
@@ -165,12 +173,19 @@ class Transcriber:
     """Model actor: loads the model once, then maps batches of segment rows to their texts."""
 
     def __init__(
-        self, model: JobModel, options: dict, flags: RequestFlags, run_id: str, crash_test: CrashTest | None = None
+        self,
+        model: JobModel,
+        options: dict,
+        flags: RequestFlags,
+        run_id: str,
+        crash_test: CrashTest | None = None,
+        cascade: Cascade | None = None,
     ):
         self.model_ref = model.ref
         self.run_id = run_id
         self.flags = flags
         self.crash_test = crash_test
+        self.cascade = cascade
         # The exact revision the rows are labelled with is the one loaded.
         self.speech_model = load_speech_model(model.ref.name, model.ref.revision, profile=model.profile, **options)
 
@@ -181,7 +196,39 @@ class Transcriber:
         n = table.num_rows
         table = table.append_column("model", pa.array([self.model_ref.name] * n, pa.string()))
         table = table.append_column("model_revision", pa.array([self.model_ref.revision] * n, pa.string()))
-        return table.append_column("run_id", pa.array([self.run_id] * n, pa.string()))
+        table = table.append_column("run_id", pa.array([self.run_id] * n, pa.string()))
+        table = table.append_column("segment_model", pa.array([self.model_ref.name] * n, pa.string()))
+        cascade = self.cascade
+        if cascade is None:
+            return table.append_column("escalate_to", pa.nulls(n, pa.int32()))
+        return mark_escalations(
+            table, batch.column("samples"), cascade.models, cascade.index, cascade.below, cascade.on, self.flags
+        )
+
+
+class Escalator:
+    """Model actor of an escalation stage: decodes again the segments an earlier model sent on to it."""
+
+    def __init__(
+        self,
+        model: JobModel,
+        index: int,
+        options: dict,
+        flags: RequestFlags,
+        last: bool,
+        crash_test: CrashTest | None = None,
+    ):
+        self.model_ref = model.ref
+        self.index = index
+        self.flags = flags
+        self.last = last
+        self.crash_test = crash_test
+        self.speech_model = load_speech_model(model.ref.name, model.ref.revision, profile=model.profile, **options)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.crash_test is not None:
+            self.crash_test.check("escalation", batch.column("audio").to_pylist())
+        return escalate_segments(batch, self.speech_model, self.index, self.model_ref.name, self.flags, self.last)
 
 
 def request_flags(config: JobConfig) -> RequestFlags:
@@ -326,10 +373,10 @@ def build_dataset(
     """
     ray = ensure_ray()
     cluster = ray.cluster_resources()
-    pools = plan_pools(config, models, cluster)
+    pools = plan_pools(config, pool_models(models), cluster)
     flags = request_flags(config)
     branches = []
-    for index, model in enumerate(models):
+    for index in range(len(models)):
         ds = _input_dataset(ray, rows_to_do, cluster, alone, config)
         # Routing is cheap (no I/O): each branch routes its input and keeps its own rows.
         ds = ds.map_batches(
@@ -343,7 +390,7 @@ def build_dataset(
             batch_size=None,
             num_cpus=config.resources.decode_cpus,
         )
-        branches.append(_model_branch(ray, ds, config, model, pools[index], flags, run_id, alone, crash_test))
+        branches.append(_model_branch(ray, ds, config, models, index, pools, flags, run_id, alone, crash_test))
     return branches[0] if len(branches) == 1 else branches[0].union(*branches[1:])
 
 
@@ -368,21 +415,21 @@ def _model_branch(
     ray,
     ds,
     config: JobConfig,
-    model: JobModel,
-    pool: Pool,
+    models: list[JobModel],
+    index: int,
+    pools: list[Pool],
     flags: RequestFlags,
     run_id: str,
     alone: bool,
     crash_test: CrashTest | None,
 ):
-    """decode -> segment -> this model's actor pool, for the rows routed to it."""
-    profile = model.profile
-    gpus_per_actor = pool.gpus_per_actor
-    device = config.device if config.device != "auto" else ("cuda" if gpus_per_actor > 0 else "cpu")
+    """decode -> segment -> this model's actor pool (-> its escalation stages), for the rows routed to it."""
+    model = models[index]
     # What leaves these stages is segments of at most this model's call length (the job's max_segment_s,
-    # or the model's own, within its per-call limits), however long the recording, in tables of at
-    # most 64 MB of samples.
-    max_segment_s = profile.call_segment_s(config.max_segment_s)
+    # or the model's own, within its per-call limits) and of the call lengths of the models it escalates
+    # to, however long the recording, in tables of at most 64 MB of samples.
+    targets = [models[j] for i, j in escalation_pairs(models) if i == index]
+    max_segment_s = min(m.profile.call_segment_s(config.max_segment_s) for m in [model, *targets])
     # A long recording (over 17 minutes) is decoded and cut in one helper process and leaves as
     # segments (decode_cut.decode_blocks); shorter ones leave whole, and Ray Data gathers them into a
     # block until it passes its target size (128 MB), so the VAD sees a block's short clips side by
@@ -415,6 +462,47 @@ def _model_branch(
         num_cpus=config.resources.decode_cpus,
         **TASK_RETRIES,
     )
+    cascade = None
+    if model.spec.escalates:
+        cascade = Cascade(
+            [(m.spec.model, m.profile) for m in models], index, model.spec.escalate_below, list(model.spec.escalate_on)
+        )
+    ds = _actor_stage(
+        ray,
+        ds,
+        Transcriber,
+        {"model": model, "flags": flags, "run_id": run_id, "crash_test": crash_test, "cascade": cascade},
+        config,
+        pools[index],
+        alone,
+        max_segment_s,
+    )
+    # A cascade: a stage per later model decodes again the segments sent on to it (escalation.py).
+    stages = [(j, pools[k]) for k, (i, j) in enumerate(escalation_pairs(models), start=len(models)) if i == index]
+    for position, (j, escalation_pool) in enumerate(stages):
+        ds = _actor_stage(
+            ray,
+            ds,
+            Escalator,
+            {
+                "model": models[j],
+                "index": j,
+                "flags": cascade_flags(flags, model.profile),
+                "last": position == len(stages) - 1,
+                "crash_test": crash_test,
+            },
+            config,
+            escalation_pool,
+            alone,
+            max_segment_s,
+        )
+    return ds
+
+
+def _actor_stage(ray, ds, actor, kwargs: dict, config: JobConfig, pool: Pool, alone: bool, max_segment_s: float):
+    """`ds` through an actor pool of `actor` (a model actor class, constructed with `kwargs` and the
+    model's load options) with `pool`'s resources."""
+    device = config.device if config.device != "auto" else ("cuda" if pool.gpus_per_actor > 0 else "cpu")
     actor_options: dict = {}
     if pool.accelerator_type:
         actor_options["accelerator_type"] = pool.accelerator_type
@@ -422,14 +510,8 @@ def _model_branch(
         actor_options["resources"] = dict(pool.custom)
     segments_per_call, audio_s_per_call = config.model_batch(gpu=device.startswith("cuda"))
     return ds.map_batches(
-        Transcriber,
-        fn_constructor_kwargs={
-            "model": model,
-            "options": load_options(config, device),
-            "flags": flags,
-            "run_id": run_id,
-            "crash_test": crash_test,
-        },
+        actor,
+        fn_constructor_kwargs={**kwargs, "options": load_options(config, device)},
         # Alone, an actor works on one call at a time: calls queued on an actor die with it.
         compute=ray.data.ActorPoolStrategy(
             min_size=pool.actors_min,
@@ -439,7 +521,7 @@ def _model_branch(
         # Alone, one segment per call: a poison recording can only take its own segments down.
         batch_format="pyarrow",
         batch_size=1 if alone else actor_batch_rows(segments_per_call, audio_s_per_call, max_segment_s),
-        num_gpus=gpus_per_actor,
+        num_gpus=pool.gpus_per_actor,
         num_cpus=pool.cpus_per_actor,
         **MODEL_ACTOR_RETRIES,
         **actor_options,

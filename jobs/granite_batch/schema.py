@@ -18,10 +18,28 @@ WORD_TYPE = pa.struct(
 )
 
 
+# What a segment's own decoding says of its quality (models/quality.py; docs/reference/output.md):
+# flags need no reference. `low_confidence` is null where no confidence was computed, `speech_ratio`
+# where no CTC frames were (LLM engines without word times), `language_mismatch` where language detection is off;
+# `escalated_from` names the model whose segment this one replaced (a cascade), `escalated_for` why.
+QUALITY_TYPE = pa.struct(
+    [
+        ("low_confidence", pa.bool_()),
+        ("repetition", pa.bool_()),
+        ("chars_per_s", pa.float64()),
+        ("rate", pa.bool_()),
+        ("speech_ratio", pa.float64()),
+        ("language_mismatch", pa.bool_()),
+        ("escalated_from", pa.string()),
+        ("escalated_for", pa.list_(pa.string())),
+    ]
+)
+
+
 # One speech segment of a recording (docs/contract.md, `segments`): seconds from the recording's
 # start; `truncated` when decoding stopped at the token budget; `avg_logprob` the mean scaled log-probability
 # of its tokens (null where no language model scored them); `words` with word timestamps on; `speaker` and
-# `channel` stay null until something computes them (speaker labels, split channels).
+# `channel` stay null until something computes them (speaker labels, split channels); `model` made it.
 SEGMENT_TYPE = pa.struct(
     [
         ("start", pa.float64()),
@@ -32,6 +50,8 @@ SEGMENT_TYPE = pa.struct(
         ("speaker", pa.string()),
         ("words", pa.list_(WORD_TYPE)),
         ("channel", pa.int32()),
+        ("model", pa.string()),
+        ("quality", QUALITY_TYPE),
     ]
 )
 
@@ -179,7 +199,9 @@ def segment_rows(recordings: pa.Table, samples: pa.Array | pa.ChunkedArray, row_
 
 
 # Columns the inference stage adds to each segment row; the driver folds them into the recording's row
-# (`segment_text`, `segment_truncated`) and into the run summary's inference figures.
+# (`segment_text`, `segment_truncated`) and into the run summary's inference figures. `segment_model`
+# is the model that made the segment; `escalate_to` (internal) the index, in the job's model list, of
+# the model a cascade sends it on to (inference/escalation.py), null when it stays.
 RESULT_COLUMNS = (
     "segment_text",
     "segment_truncated",
@@ -192,6 +214,9 @@ RESULT_COLUMNS = (
     "segment_avg_logprob",
     "segment_words",
     "segment_parts",
+    "segment_quality",
+    "segment_model",
+    "escalate_to",
 )
 
 

@@ -77,9 +77,10 @@ class CrashTest:
     decode: str | None = None
     segment: str | None = None
     model: str | None = None
+    escalation: str | None = None  # a cascade's second model (inference/escalation.py)
     signal: int = int(signals.SIGSEGV)
 
-    def check(self, stage: Literal["decode", "segment", "model"], audio: Sequence[str | None]) -> None:
+    def check(self, stage: Literal["decode", "segment", "model", "escalation"], audio: Sequence[str | None]) -> None:
         """Kill this process if the row chosen for `stage` is among `audio`."""
         chosen = getattr(self, stage)
         if chosen is not None and chosen in audio:

@@ -152,6 +152,17 @@ def job_arguments(parser: argparse.ArgumentParser) -> None:
         help="model id on the Hub or local folder (default ibm-granite/granite-4.0-1b-speech); repeat it "
         "to route each row to the first model that serves it",
     )
+    models.add_argument(
+        "--escalate-below",
+        type=float,
+        help="a cascade: segments of the first --model whose confidence (avg_logprob) is below this go on "
+        "to the next --model that serves the row, e.g. -0.3 (docs: how-to/cascade)",
+    )
+    models.add_argument(
+        "--escalate-on",
+        help="a cascade: comma-separated quality flags (low_confidence, repetition, truncated, rate) that send "
+        "segments of the first --model on to the next",
+    )
     models.add_argument("--revision", help="model revision (branch, tag or commit)")
     models.add_argument("--device", choices=["auto", "cpu", "cuda"])
     models.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
@@ -208,11 +219,28 @@ def job_arguments(parser: argparse.ArgumentParser) -> None:
     misc.add_argument("-v", "--verbose", action="store_true")
 
 
-def _models(names: list[str] | None) -> dict:
-    """`--model` once: the job's model; repeated: its routed model list."""
+def _models(args: argparse.Namespace) -> dict:
+    """`--model` once: the job's model; repeated: its routed model list, the first escalating as
+    `--escalate-below` / `--escalate-on` say."""
+    names = args.model
+    escalation = {
+        "escalate_below": args.escalate_below,
+        "escalate_on": None
+        if args.escalate_on is None
+        else [f.strip() for f in args.escalate_on.split(",") if f.strip()],
+    }
+    escalation = {key: value for key, value in escalation.items() if value is not None}
+    if escalation and len(names or []) < 2:
+        from granite_batch.config import ConfigError
+
+        raise ConfigError(
+            "--escalate-below and --escalate-on need two --model or more: the first escalates to the next"
+        )
     if not names:
         return {}
-    return {"model": names[0], "models": []} if len(names) == 1 else {"models": [{"model": name} for name in names]}
+    if len(names) == 1:
+        return {"model": names[0], "models": []}
+    return {"models": [{"model": names[0], **escalation}] + [{"model": name} for name in names[1:]]}
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -227,7 +255,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         for group in groups:
             target = target.setdefault(group, {})
         target[name] = value
-    overrides.update(_models(args.model))
+    overrides.update(_models(args))
     if args.model_actors is not None:
         overrides["resources"] = {
             "model_actors_min": args.model_actors,
@@ -243,6 +271,19 @@ def job_config(args: argparse.Namespace) -> JobConfig:
     from granite_batch.config import load_config
 
     return load_config(args.config, _overrides(args), sets=args.set, environment=True)
+
+
+def _print_cascade(pair: dict, inference: dict) -> None:
+    """One escalation pair: what went on and why, and what the second model decoded against all of it."""
+    source, target = pair["from"], pair["to"]
+    first_s = inference.get(source, {}).get("audio_s") or 0.0
+    why = ", ".join(f"{flag} {count}" for flag, count in pair["why"].items())
+    share = f" ({pair['audio_s'] / first_s:.1%})" if first_s else ""
+    print(
+        f"  cascade {source} -> {target}: {pair['segments']} segments escalated ({why}); {target} decoded "
+        f"{pair['audio_s']:.1f} s{share} of the {first_s:.1f} s it would have decoded without {source}, "
+        f"which decoded all of it"
+    )
 
 
 def _print_summary(summary: dict, path: str) -> None:
@@ -266,6 +307,8 @@ def _print_summary(summary: dict, path: str) -> None:
                 f"  low confidence ({model}): {figures['low_confidence_segments']} segments "
                 f"({figures['low_confidence_fraction']:.1%} of those scored) worth a look by hand"
             )
+    for pair in summary.get("cascade") or []:
+        _print_cascade(pair, summary.get("inference", {}))
     detection = summary.get("language_detection")
     if detection:
         found = ", ".join(

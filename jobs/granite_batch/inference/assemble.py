@@ -5,7 +5,7 @@ inference figures of the run summary.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -47,6 +47,8 @@ class InferenceStats:
     padded_positions: int = 0
     scored_segments: int = 0  # segments with an avg_logprob
     low_confidence_segments: int = 0
+    audio_s: float = 0.0  # seconds of segments this model decoded (escalated ones included)
+    flagged: Counter = field(default_factory=Counter)  # quality flag -> segments of this model's that raise it
 
     def summary(self) -> dict:
         return {
@@ -61,7 +63,19 @@ class InferenceStats:
             "low_confidence_fraction": (
                 round(self.low_confidence_segments / self.scored_segments, 4) if self.scored_segments else None
             ),
+            "audio_s": round(self.audio_s, 3),
+            # Segments whose kept text raises each quality flag (schema.QUALITY_TYPE).
+            "quality_flags": {flag: self.flagged[flag] for flag in ("repetition", "rate", "low_confidence")},
         }
+
+
+@dataclass
+class Escalated:
+    """Segments one model sent on to another (inference/escalation.py), for the run summary."""
+
+    segments: int = 0
+    audio_s: float = 0.0
+    why: Counter = field(default_factory=Counter)
 
 
 @dataclass
@@ -91,6 +105,8 @@ class RecordingAssembler:
     def __init__(self):
         self.recording_schema: pa.Schema | None = None
         self.inference: dict[str, InferenceStats] = defaultdict(InferenceStats)
+        # (from model, to model) -> segments escalated, their seconds, and the flags why.
+        self.escalations: dict[tuple[str, str], Escalated] = defaultdict(Escalated)
         self._pending: dict[str, _Pending] = {}
 
     @property
@@ -125,6 +141,8 @@ class RecordingAssembler:
                     "speaker": None,
                     "words": row.get("segment_words"),
                     "channel": row.get("channel"),
+                    "model": row.get("segment_model") or row.get("model"),
+                    "quality": row.get("segment_quality"),
                 }
                 # A tagged call gives one output segment per speaker turn (a list in place of one segment).
                 parts = row.get("segment_parts")
@@ -141,7 +159,19 @@ class RecordingAssembler:
     def _count(self, row: dict) -> None:
         if row["new_tokens"] is None:
             return
-        stats = self.inference[row.get("model") or ""]
+        model = row.get("segment_model") or row.get("model") or ""
+        stats = self.inference[model]
+        seconds = (row["end_s"] or 0.0) - (row["start_s"] or 0.0)
+        stats.audio_s += seconds
+        quality = row.get("segment_quality") or {}
+        stats.flagged.update(flag for flag in ("repetition", "rate", "low_confidence") if quality.get(flag))
+        if quality.get("escalated_from"):
+            # The first model decoded it too; its figures for it were replaced by the second's.
+            self.inference[quality["escalated_from"]].audio_s += seconds
+            escalated = self.escalations[(quality["escalated_from"], model)]
+            escalated.segments += 1
+            escalated.audio_s += seconds
+            escalated.why.update(quality.get("escalated_for") or [])
         stats.generate_calls += bool(row["first_of_call"])
         stats.segments += 1
         stats.new_tokens += row["new_tokens"]
@@ -151,6 +181,20 @@ class RecordingAssembler:
         if row.get("segment_avg_logprob") is not None:
             stats.scored_segments += 1
             stats.low_confidence_segments += low_confidence(row["segment_avg_logprob"])
+
+    def cascade(self) -> list[dict]:
+        """The run summary's `cascade` block: per pair of models, the segments escalated, their audio
+        seconds, and how many raised each reason (a segment counts under each of its reasons)."""
+        return [
+            {
+                "from": source,
+                "to": target,
+                "segments": figures.segments,
+                "audio_s": round(figures.audio_s, 3),
+                "why": dict(figures.why.most_common()),
+            }
+            for (source, target), figures in sorted(self.escalations.items())
+        ]
 
     def _rows(self, done: list[_Pending]) -> pa.Table:
         texts, segments, decoded_by = [], [], []

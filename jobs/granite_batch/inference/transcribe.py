@@ -17,13 +17,14 @@ import numpy as np
 import pyarrow as pa
 
 from granite_batch.audio.decode import samples_from_arrow
+from granite_batch.inference.quality import segment_qualities
 from granite_batch.inference.routing import RequestFlags, row_requests, served_request
 from granite_batch.models.alignment import align_words
 from granite_batch.models.hub import first_line
 from granite_batch.models.model import SegmentResult, SpeechModel
 from granite_batch.models.prompts import PromptTooLong, Request, audio_token_count, fit_keywords
 from granite_batch.models.tags import tagged_parts
-from granite_batch.schema import PART_TYPE, WORD_TYPE
+from granite_batch.schema import PART_TYPE, QUALITY_TYPE, WORD_TYPE
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ def transcribe_segments(table: pa.Table, speech_model: SpeechModel, flags: Reque
         ("segment_avg_logprob", column("avg_logprob", pa.float64())),
         ("segment_words", pa.array(words, pa.list_(WORD_TYPE))),
         ("segment_parts", pa.array(parts, pa.list_(PART_TYPE))),
+        ("segment_quality", pa.array(segment_qualities(table, results), QUALITY_TYPE)),
     ]:
         table = table.append_column(name, values)
     return table

@@ -38,6 +38,7 @@ from granite_batch.models.hub import load_pretrained
 from granite_batch.models.model import MIN_SEGMENT_S, SegmentResult
 from granite_batch.models.profiles import GRANITE_SPEECH5_CTC, ModelProfile
 from granite_batch.models.prompts import Request
+from granite_batch.models.quality import emitted_logprob, speech_ratio
 
 DECODED_BY_CTC = "ctc"  # what decided a CTC model's segments, for the run summary
 
@@ -49,6 +50,7 @@ class CtcPath:
     frame_ids: list[int]
     frame_s: float  # seconds per encoder frame
     blank_id: int
+    frame_logprobs: list[float] | None = None  # log-posterior of each frame's label
 
 
 class CtcSpeechModel:
@@ -134,7 +136,9 @@ class CtcSpeechModel:
                     width,
                     width - len(path.frame_ids),
                     position == 0,
+                    avg_logprob=emitted_logprob(path.frame_ids, path.frame_logprobs or [], self.blank_id),
                     words=words,
+                    speech_ratio=speech_ratio(path.frame_ids, self.blank_id, path.frame_s),
                 )
         return results
 
@@ -188,11 +192,14 @@ class CtcSpeechModel:
             for row, f in enumerate(features):
                 inputs[row, : f.shape[0]] = f
                 mask[row, : f.shape[0]] = 1
-            frame_ids = self.model.generate(input_features=inputs, attention_mask=mask)
+            out = self.model.generate(input_features=inputs, attention_mask=mask, return_dict_in_generate=True)
+            frame_ids = out.sequences
             # The valid encoder frames of each row, as the model's own generate masks them.
             valid = self.model._get_output_attention_mask(mask, target_length=frame_ids.shape[1]).sum(-1).tolist()
             rows = frame_ids.tolist()
-        return [CtcPath(row[:n], self.frame_s, self.blank_id) for row, n in zip(rows, valid)]
+            # Each frame's label log-posterior, the confidence (quality.emitted_logprob): one copy per batch.
+            logprobs = torch.log_softmax(out.logits.float(), dim=-1).max(dim=-1).values.tolist()
+        return [CtcPath(row[:n], self.frame_s, self.blank_id, lp[:n]) for row, n, lp in zip(rows, valid, logprobs)]
 
 
 def collapse(frame_ids: list[int], blank_id: int) -> list[int]:

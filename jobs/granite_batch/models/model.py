@@ -63,6 +63,7 @@ class SegmentResult:
     # Word times an engine knows itself (a CTC model's greedy path, the plus model's [T:N] tags):
     # alignment.Word items, seconds from the segment's start; they take precedence over alignment.
     words: list | None = None
+    speech_ratio: float | None = None  # share of the segment's frames outside pauses (quality.py); CTC only
 
 
 class SpeechModel:

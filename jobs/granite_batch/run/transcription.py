@@ -25,6 +25,7 @@ from granite_batch.audio.isolation import CrashTest
 from granite_batch.config import JobConfig, load_config
 from granite_batch.inference.assemble import RecordingAssembler
 from granite_batch.inference.language_id import DetectionTally, identify_recordings
+from granite_batch.inference.quality import mark_language_mismatch
 from granite_batch.inference.routing import ROUTE_COLUMN, route_table
 from granite_batch.inputs.manifest import ManifestStream, read_manifest
 from granite_batch.inputs.plan import discard_plan, plan_bucket, plan_counts, plan_folder, prepare_plan
@@ -206,7 +207,9 @@ class TranscriptionRun:
             self.models = resolve_job_models(config)  # the first is the run's `model` in the summary
             self.planned = plan_counts(self.layout)
             if self.planned["rows_to_do"]:  # a job that cannot fit the cluster stops now, never waits
-                pipeline.plan_pools(config, self.models, pipeline.ensure_ray().cluster_resources())
+                pipeline.plan_pools(
+                    config, pipeline.pool_models(self.models), pipeline.ensure_ray().cluster_resources()
+                )
         except BaseException:  # a bad manifest or model: nothing was done, so nothing is left behind
             run.lease.release()
             if not output_existed:
@@ -286,12 +289,13 @@ class TranscriptionRun:
     def identified(self, recordings: pa.Table) -> pa.Table:
         # `language: auto` rows get their partition from their transcript (language_id.py), so this
         # runs before anything reads a row's language: subtitles, counts, the writer's partitions.
-        return identify_recordings(
+        identified = identify_recordings(
             recordings,
             detect_all=self.config.detect_language,
             threshold=self.config.language_threshold,
             tally=self.detection,
         )
+        return mark_language_mismatch(identified)
 
     def on_batch(self, batch: pa.Table) -> None:
         config = self.config
@@ -329,6 +333,7 @@ class TranscriptionRun:
             "rows_incomplete": self.assembler.pending,
             "decoding": {language: dict(sorted(counts.items())) for language, counts in sorted(stats.decoding.items())},
             "inference": {model: figures.summary() for model, figures in self.assembler.inference.items()},
+            "cascade": self.assembler.cascade(),
             "audio_s": round(stats.audio_s, 3),
             "audio_hours": round(stats.audio_s / 3600, 4),
             "wall_s": round(wall_s, 3),
