@@ -127,6 +127,21 @@ def register(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="also redo ids whose row in the output has an error (done ids are always skipped)",
     )
+    run.add_argument(
+        "--redo-model",
+        action="append",
+        metavar="NAME",
+        help="also redo ids whose committed row NAME made (its `model` column), with the job's models; "
+        "the new row takes the old one's place (repeatable)",
+    )
+    run.add_argument(
+        "--redo-where",
+        action="append",
+        metavar="SELECTION",
+        help="also redo ids whose committed row this holds for: `column op value` terms joined by `and`, "
+        "e.g. 'run_id < 20261001' or 'segments.avg_logprob < -1' (repeatable; see config field redo)",
+    )
+    run.add_argument("--format", choices=["parquet", "delta"], help="output format (default parquet)")
     run.add_argument("--run-id", help="name this run (default: UTC time + random suffix)")
     lease_arguments(run)
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -186,6 +201,8 @@ def _overrides(args: argparse.Namespace) -> dict:
         "trust_remote_code": args.trust_remote_code,
         "run_id": args.run_id,
         "retry_failed": args.retry_failed,
+        "redo": [f"model == {name}" for name in args.redo_model or []] + (args.redo_where or []) or None,
+        "output_format": args.format,
         "allowed_prefixes": allowed,
         "decode_timeout_s": args.decode_timeout_s,
         "channels": args.channels,

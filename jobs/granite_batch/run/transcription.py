@@ -22,16 +22,18 @@ import pyarrow.compute as pc
 
 from granite_batch import pipeline, results
 from granite_batch.audio.isolation import CrashTest
-from granite_batch.config import JobConfig, load_config
+from granite_batch.config import ConfigError, JobConfig, load_config
 from granite_batch.inference.assemble import RecordingAssembler
 from granite_batch.inference.language_id import DetectionTally, identify_recordings
 from granite_batch.inference.routing import ROUTE_COLUMN, route_table
 from granite_batch.inputs.manifest import ManifestStream, read_manifest
 from granite_batch.inputs.plan import discard_plan, plan_bucket, plan_counts, plan_folder, prepare_plan
+from granite_batch.inputs.redo import SelectionError, parse_selections
 from granite_batch.inputs.rows import Defaults
 from granite_batch.models.engines import model_profile
 from granite_batch.models.hub import first_line, resolve_model
 from granite_batch.output.committed import drop_failed_rows
+from granite_batch.output.replace import Replacements
 from granite_batch.output.subtitles import write_subtitles
 from granite_batch.output.summary import RunStats
 from granite_batch.output.writer import TranscriptWriter
@@ -177,6 +179,11 @@ class TranscriptionRun:
         """Check the output, take its lease, plan what is left and resolve the models; a bad manifest
         or model stops here with nothing left behind."""
         config = self.config
+        try:
+            redo = parse_selections(config.redo)
+        except SelectionError as exc:
+            raise ConfigError(f"redo: {exc}") from None
+        self.replacements = Replacements()
         check_output_root(config.output, config.storage_options)
         if config.run_id is not None:
             check_run_id_unused(config.output, config.run_id, config.storage_options)
@@ -199,6 +206,8 @@ class TranscriptionRun:
                 plan_folder(config.output, run.run_id),
                 config.storage_options,
                 retry_failed=config.retry_failed,
+                redo=redo,
+                replacements=self.replacements,
             )
 
         try:
@@ -232,6 +241,7 @@ class TranscriptionRun:
             config.rows_per_file,
             config.commit_interval_s,
             before_commit=run.lease.check,
+            replacements=self.replacements,
         )
         run.summary = self.summary
 
@@ -319,6 +329,7 @@ class TranscriptionRun:
             "rows_already_done": planned["rows_already_done"],
             "rows_to_do": planned["rows_to_do"],
             "rows_retried": planned["rows_retried"],
+            **self._redo_counts(),
             "foreign_files": layout.committed.foreign_files,
             "rows_written": stats.rows_written,
             "rows_ok": stats.rows_ok,
@@ -340,6 +351,22 @@ class TranscriptionRun:
             "rows_redone_alone": self.redone_alone,
             "keywords_dropped": dict(self.keywords_dropped),
             "config": self.config.public_dict(),
+        }
+
+    def _redo_counts(self) -> dict:
+        """What the redo selections chose: committed rows each holds for, rows redone (those the
+        manifest also lists), and how their new rows were committed (output/replace.py)."""
+        if not self.layout.redo:
+            return {}
+        selections = self.layout.redo
+        return {
+            "rows_redone": self.planned["rows_redone"],
+            "redo": {
+                "selected": dict(zip(selections, self.layout.committed.rows_selected)),
+                "planned": dict(zip(selections, self.planned["rows_redone_by"])),
+                "rows_replaced": self.replacements.rows_replaced,
+                "rows_moved": self.replacements.rows_moved,
+            },
         }
 
 
