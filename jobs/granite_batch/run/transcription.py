@@ -33,6 +33,7 @@ from granite_batch.inputs.rows import Defaults
 from granite_batch.models.engines import model_profile
 from granite_batch.models.hub import first_line, resolve_model
 from granite_batch.output.committed import drop_failed_rows
+from granite_batch.output.compact import finish_compactions
 from granite_batch.output.replace import Replacements
 from granite_batch.output.subtitles import write_subtitles
 from granite_batch.output.summary import RunStats
@@ -199,6 +200,7 @@ class TranscriptionRun:
         self.lease_terms = LeaseTerms(config.lease, config.lease_expiry_s, config.lease_wait_s)
 
         def plan():
+            finish_compactions(config.output, config.storage_options)  # under the lease: no id keeps two rows
             # Bucketed by id on the output's filesystem, so the driver never holds the manifest (plan.py).
             return prepare_plan(
                 stream,
