@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from granite_batch.output.delta import delta_dataset, is_delta
 from granite_batch.output.summary import read_summaries
 from granite_batch.schema import TRANSCRIPT_FIELDS, TRANSCRIPTS_DIR, second_pass_dir
 from granite_batch.storage import filesystem
@@ -55,6 +56,11 @@ def load(
     base = posixpath.join(root, TRANSCRIPTS_DIR)
     if not fs.exists(base):
         return pa.schema(TRANSCRIPT_FIELDS).empty_table()
+    if is_delta(str(output_uri), storage_options):  # the table's current version (output/delta.py)
+        dataset = delta_dataset(str(output_uri), storage_options)
+        table = dataset.to_table(filter=_row_filter(language, task, run_id), columns=columns)
+        contract = [f.name for f in TRANSCRIPT_FIELDS if f.name in table.column_names]
+        return table.select(contract + [name for name in table.column_names if name not in contract])
     dataset = pads.dataset(base, filesystem=fs, format="parquet", partitioning=PARTITIONING)
     # The first file's schema would drop columns that only later runs' files have.
     schemas = [fragment.physical_schema for fragment in dataset.get_fragments()]
@@ -81,8 +87,10 @@ def to_ray(
 ):
     """The transcripts as a lazy Ray Dataset, read in parallel by Ray with hive partitioning, so
     `language` is a column; the same rows as `load` with the same filters."""
-    from granite_batch.pipeline import transcripts_dataset
+    from granite_batch.pipeline import ensure_ray, transcripts_dataset
 
+    if is_delta(str(output_uri), storage_options):  # the table's current version, read here (not lazily)
+        return ensure_ray().data.from_arrow(load(output_uri, language, task, run_id, storage_options))
     fs, root = filesystem(str(output_uri), storage_options)
     return transcripts_dataset(
         fs, posixpath.join(root, TRANSCRIPTS_DIR), _one_or_many(language), _row_filter(task=task, run_id=run_id)

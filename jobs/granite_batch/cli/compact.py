@@ -38,6 +38,15 @@ def _cmd_compact(args: argparse.Namespace) -> int:
         DEFAULT_EXPIRY_S,
         DEFAULT_WAIT_S if lease["lease_wait_s"] is None else lease["lease_wait_s"],
     )
+    from granite_batch.output.delta import is_delta, optimize
+
+    if is_delta(args.output, options):  # the format's own compaction: one commit, readers see one version
+        metrics = optimize(args.output, options, args.target_size_mb)
+        print(
+            f"optimized the Delta table {args.output}/transcripts: {metrics['numFilesRemoved']} files -> "
+            f"{metrics['numFilesAdded']} (old files stay for older versions until a vacuum)"
+        )
+        return EXIT_OK
     try:
         result = compact_output(args.output, options, args.target_size_mb, terms)
     except LeaseUnsupported as exc:

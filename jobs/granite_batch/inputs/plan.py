@@ -34,7 +34,8 @@ import pyarrow.compute as pc
 from granite_batch.inputs.manifest import ManifestStream
 from granite_batch.inputs.redo import Selection, columns_needed, selected
 from granite_batch.inputs.rows import ManifestError, conform_rows, differing_duplicates, first_of_each_id
-from granite_batch.output.committed import failure_reasons, iter_committed_batches, list_dataset_files
+from granite_batch.output.committed import DatasetFiles, failure_reasons, iter_committed_batches, list_dataset_files
+from granite_batch.output.delta import delta_batches, delta_rows, is_delta
 from granite_batch.output.replace import Replacements
 from granite_batch.schema import STAGING_DIR, TRANSCRIPTS_DIR
 from granite_batch.storage import LOCAL_PROTOCOLS, filesystem, uri_of
@@ -244,8 +245,12 @@ def prepare_plan(
     plan_fs, plan_path = filesystem(folder, storage_options)
     if plan_fs.exists(plan_path):
         plan_fs.rm(plan_path, recursive=True)
-    dataset = list_dataset_files(fs, root, dataset_dir)
-    committed_rows = sum(_parquet_rows(fs, path) for path in dataset.ours)
+    delta = dataset_dir == TRANSCRIPTS_DIR and is_delta(output_uri, storage_options)
+    if delta:  # a Delta table's rows are its current version's, not the files under it
+        dataset, committed_rows = DatasetFiles([], []), delta_rows(output_uri, storage_options)
+    else:
+        dataset = list_dataset_files(fs, root, dataset_dir)
+        committed_rows = sum(_parquet_rows(fs, path) for path in dataset.ours)
 
     blocks = iter(stream)
     held: list[pa.Table] = []
@@ -290,23 +295,32 @@ def prepare_plan(
     optional = tuple(sorted(columns_needed(redo)))
     done = _Spool(plan_fs, posixpath.join(plan_path, "done"), buckets, spool_bytes)
     failed_files: dict[str, None] = {}
-    for path, table in iter_committed_batches(fs, dataset.ours, optional=optional):
+    batches = (
+        delta_batches(output_uri, ("id", "error"), storage_options, optional)
+        if delta
+        else iter_committed_batches(fs, dataset.ours, optional=optional)
+    )
+    for path, table in batches:
         ok = pc.is_null(table.column("error"))
         chosen = pa.nulls(table.num_rows, pa.int16())
-        if redo:
+        if redo and delta:
+            chosen = selected(redo, table)
+        elif redo:
             language = posixpath.basename(posixpath.dirname(path)).partition("=")[2]  # ours: language=<lang>/
             table = table.append_column("language", pa.array([language] * table.num_rows, pa.string()))
             chosen = selected(redo, table)
-            for index, count in enumerate(np.bincount(chosen.drop_null().to_numpy(), minlength=len(redo))):
-                counts.rows_selected[index] += int(count)
             if replacements is not None and chosen.null_count < table.num_rows:
                 replacements.add(path, table.column("id").filter(pc.is_valid(chosen)))
         rows_ok = pc.sum(ok).as_py() or 0
         counts.rows_ok += rows_ok
+        if redo:
+            for index, count in enumerate(np.bincount(chosen.drop_null().to_numpy(), minlength=len(redo))):
+                counts.rows_selected[index] += int(count)
         if rows_ok != table.num_rows:
             counts.rows_failed += table.num_rows - rows_ok
             counts.failures_by_reason.update(failure_reasons(table.column("error")))
-            failed_files[path] = None
+            if not delta:  # a Delta table's failed rows are replaced by the merge that commits their new rows
+                failed_files[path] = None
         done.add(pa.table({"id": table.column("id").cast(pa.string()), "ok": ok, "redo": chosen}))
     done.flush()
     counts.failed_files = list(failed_files)
@@ -433,9 +447,13 @@ def count_status(
     the same bucketed plan as a run, in a local temporary folder, one bucket in memory at a time."""
     if stream is None:
         fs, root = filesystem(output_uri, storage_options)
-        dataset = list_dataset_files(fs, root, dataset_dir)
+        if dataset_dir == TRANSCRIPTS_DIR and is_delta(output_uri, storage_options):
+            dataset, batches = DatasetFiles([], []), delta_batches(output_uri, ("id", "error"), storage_options)
+        else:
+            dataset = list_dataset_files(fs, root, dataset_dir)
+            batches = iter_committed_batches(fs, dataset.ours)
         counts = CommittedCounts(files=len(dataset.ours), foreign_files=dataset.foreign)
-        for _, table in iter_committed_batches(fs, dataset.ours):
+        for _, table in batches:
             rows_ok = table.column("error").null_count
             counts.rows_ok += rows_ok
             counts.rows_failed += table.num_rows - rows_ok

@@ -32,8 +32,9 @@ from granite_batch.inputs.redo import SelectionError, parse_selections
 from granite_batch.inputs.rows import Defaults
 from granite_batch.models.engines import model_profile
 from granite_batch.models.hub import first_line, resolve_model
-from granite_batch.output.committed import drop_failed_rows
+from granite_batch.output.committed import drop_failed_rows, list_dataset_files
 from granite_batch.output.compact import finish_compactions
+from granite_batch.output.delta import DeltaWriter, is_delta
 from granite_batch.output.replace import Replacements
 from granite_batch.output.subtitles import write_subtitles
 from granite_batch.output.summary import RunStats
@@ -186,6 +187,7 @@ class TranscriptionRun:
             raise ConfigError(f"redo: {exc}") from None
         self.replacements = Replacements()
         check_output_root(config.output, config.storage_options)
+        delta = check_output_format(config)
         if config.run_id is not None:
             check_run_id_unused(config.output, config.run_id, config.storage_options)
         run = self.bookkeeping = _Run(config.output, RUNS_DIR, config.run_id, config.storage_options)
@@ -198,6 +200,8 @@ class TranscriptionRun:
         fs, root = filesystem(config.output, config.storage_options)
         output_existed = fs.exists(root)
         self.lease_terms = LeaseTerms(config.lease, config.lease_expiry_s, config.lease_wait_s)
+        # A Delta table's commits keep one row per id (output/delta.py); a second pass still takes its lease.
+        transcripts_terms = LeaseTerms("table") if delta else self.lease_terms
 
         def plan():
             finish_compactions(config.output, config.storage_options)  # under the lease: no id keeps two rows
@@ -213,7 +217,7 @@ class TranscriptionRun:
             )
 
         try:
-            self.layout = run.plan(TRANSCRIPTS_DIR, self.lease_terms, plan)
+            self.layout = run.plan(TRANSCRIPTS_DIR, transcripts_terms, plan)
             self.models = resolve_job_models(config)  # the first is the run's `model` in the summary
             self.planned = plan_counts(self.layout)
             if self.planned["rows_to_do"]:  # a job that cannot fit the cluster stops now, never waits
@@ -235,16 +239,22 @@ class TranscriptionRun:
             self.planned["duplicates"],
             config.manifest or config.input,
         )
-        self.writer = TranscriptWriter(
-            config.output,
-            run.run_id,
-            transcript_schema(self.layout.schema),
-            config.storage_options,
-            config.rows_per_file,
-            config.commit_interval_s,
-            before_commit=run.lease.check,
-            replacements=self.replacements,
-        )
+        schema = transcript_schema(self.layout.schema)
+        self.writer: TranscriptWriter | DeltaWriter
+        if delta:
+            options, rows, interval = config.storage_options, config.rows_per_file, config.commit_interval_s
+            self.writer = DeltaWriter(config.output, run.run_id, schema, options, rows, interval)
+        else:
+            self.writer = TranscriptWriter(
+                config.output,
+                run.run_id,
+                schema,
+                config.storage_options,
+                config.rows_per_file,
+                config.commit_interval_s,
+                before_commit=run.lease.check,
+                replacements=self.replacements,
+            )
         run.summary = self.summary
 
     def transcribe(self) -> None:
@@ -366,10 +376,30 @@ class TranscriptionRun:
             "redo": {
                 "selected": dict(zip(selections, self.layout.committed.rows_selected)),
                 "planned": dict(zip(selections, self.planned["rows_redone_by"])),
-                "rows_replaced": self.replacements.rows_replaced,
+                "rows_replaced": getattr(self.writer, "rows_replaced", 0) + self.replacements.rows_replaced,
                 "rows_moved": self.replacements.rows_moved,
             },
         }
+
+
+def check_output_format(config: JobConfig) -> bool:
+    """Whether the run writes a Delta table; an output whose transcripts are in the other format, or
+    delta without the deltalake package, stops the run before any work (ConfigError)."""
+    delta = is_delta(config.output, config.storage_options)
+    if config.output_format == "parquet":
+        if delta:
+            raise ConfigError(f"{config.output}: its transcripts are a Delta table; run with --format delta")
+        return False
+    try:
+        import deltalake  # noqa: F401
+    except ImportError:
+        raise ConfigError("--format delta needs the deltalake package: pip install 'granite-batch[delta]'") from None
+    if config.second_pass is not None:
+        raise ConfigError("a second pass reads Parquet transcripts; it does not run over a Delta output yet")
+    fs, root = filesystem(config.output, config.storage_options)
+    if not delta and list_dataset_files(fs, root).ours:
+        raise ConfigError(f"{config.output}: its transcripts are Parquet files; a Delta output needs a new output root")
+    return True
 
 
 def routed_models(rows: pa.Table, models: list[JobModel], flags) -> tuple[list[str], list[str | None]]:
