@@ -4,17 +4,23 @@ new row takes its old row's place, so every id has exactly one row at every step
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
-from conftest import SAMPLES, run_cli, write_jsonl
+from conftest import REPO, SAMPLES, run_cli, write_jsonl
 from granite_batch.inputs.manifest import ManifestStream
 from granite_batch.inputs.plan import plan_counts, prepare_plan
 from granite_batch.inputs.redo import SelectionError, parse_selection, parse_selections, selected
 from granite_batch.inputs.rows import Defaults
+from granite_batch.output.committed import drop_failed_rows
 from granite_batch.output.replace import Replacements
 from granite_batch.output.writer import TranscriptWriter
 from granite_batch.schema import SEGMENT_TYPE, transcript_schema
@@ -176,6 +182,26 @@ def test_a_new_row_in_another_partition_moves_there(tmp_path):
     assert replacements.rows_moved == 1
 
 
+def test_redo_with_retry_failed_when_the_old_file_is_gone(tmp_path):
+    output = str(tmp_path / "out")
+    failed = rows(["a"], OLD, "r1").append_column("error", pa.array(["decode failed: no audio stream"]))
+    commit(output, failed, "r1")
+    replacements = Replacements()
+    layout = prepare_plan(
+        manifest(tmp_path, ["a"]),
+        output,
+        str(tmp_path / "p"),
+        retry_failed=True,
+        redo=parse_selections([f"model == {OLD}"]),
+        replacements=replacements,
+    )
+    assert plan_counts(layout)["rows_to_do"] == 1
+    drop_failed_rows(output, layout.committed.failed_files)  # the file held only the failed row: removed
+    commit(output, rows(["a"], NEW, "r2"), "r2", replacements=replacements)
+    table = committed(output)
+    assert table.column("id").to_pylist() == ["a"] and table.column("model").to_pylist() == [NEW]
+
+
 @pytest.mark.slow  # two CLI runs and two models: ~3 min on 2 busy cores
 def test_upgrade_rerun_replaces_exactly_the_selected_rows(tmp_path, tiny_model_dir, tiny_ctc_dir):
     """Run with model A, then redo A's rows with model B: the same ids, each once, now B's."""
@@ -203,3 +229,60 @@ def test_upgrade_rerun_replaces_exactly_the_selected_rows(tmp_path, tiny_model_d
     assert summary["rows_redone"] == 2 and summary["rows_already_done"] == 0
     assert summary["redo"]["selected"] == {f"model == {tiny_model_dir}": 2}
     assert summary["redo"]["rows_replaced"] == 2
+
+
+@pytest.mark.slow  # two CLI runs, one of them killed: ~3 min on 2 busy cores
+def test_a_killed_redo_run_leaves_one_row_per_id_and_the_rerun_finishes(tmp_path, tiny_model_dir):
+    """An archive made by an older model (written here directly); a redo run killed with SIGKILL while
+    it replaces rows; every look at the output, during and after, finds each id once."""
+    names = ["en_weather.flac", "fr_gare.mp3", "de_bibliothek.ogg", "es_mercado.m4a", "pt_praia.wav"]
+    entries = [
+        {"audio": str(SAMPLES / names[i % 5]), "language": names[i % 5][:2], "id": f"row-{i:03d}"} for i in range(30)
+    ]
+    output = tmp_path / "out"
+    old = pa.concat_tables(
+        [rows([e["id"]], OLD, "20250101T000000Z-old", language=e["language"]) for e in entries]
+    ).set_column(1, "audio", pa.array([e["audio"] for e in entries]))
+    commit(str(output), old, "20250101T000000Z-old", rows_per_file=7)
+    manifest_path = write_jsonl(tmp_path / "m.jsonl", entries)
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        "rows_per_file: 2\nbatch_size: 2\ndecode_batch_size: 1\ncommit_interval_s: 1\nlease_expiry_s: 2\n"
+    )
+    args = ["run", "--manifest", str(manifest_path), "--output", str(output), "--model", str(tiny_model_dir)]
+    args += ["--max-new-tokens", "4", "--no-progress", "--config", str(config), "--redo-model", OLD]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "granite_batch.cli", *args],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO / "jobs")},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    looks, replaced = 0, 0
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None and replaced < 4:
+        try:
+            table = committed(str(output))
+        except (OSError, pa.ArrowInvalid):  # a file replaced between listing and reading: look again
+            continue
+        ids = table.column("id").to_pylist()
+        assert sorted(ids) == sorted(e["id"] for e in entries)  # each id exactly once, at every look
+        replaced = sum(model != OLD for model in table.column("model").to_pylist())
+        looks += 1
+        time.sleep(0.1)
+    assert process.poll() is None, "the run ended before it could be killed; make it longer"
+    os.killpg(process.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    process.wait()
+    table = committed(str(output))
+    assert sorted(table.column("id").to_pylist()) == sorted(e["id"] for e in entries) and looks
+    still_old = sum(model == OLD for model in table.column("model").to_pylist())
+    assert 0 < still_old < len(entries)
+
+    again = run_cli(args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    table = committed(str(output))
+    assert sorted(table.column("id").to_pylist()) == sorted(e["id"] for e in entries)
+    assert set(table.column("model").to_pylist()) == {str(tiny_model_dir)}
+    summary = max((json.loads(p.read_text()) for p in (output / "runs").glob("*.json")), key=lambda s: s["started_at"])
+    assert summary["rows_redone"] == still_old and summary["rows_already_done"] == len(entries) - still_old

@@ -223,6 +223,8 @@ def _print_summary(summary: dict, path: str) -> None:
     )
     for reason, count in summary["failures_by_reason"].items():
         print(f"  failed: {count:>6}  {reason}")
+    for selection, count in summary.get("redo", {}).get("planned", {}).items():
+        print(f"  redone: {count:>6}  {selection}")
     for model, figures in summary.get("inference", {}).items():
         padding = figures["padding_fraction"]
         print(

@@ -80,6 +80,8 @@ class Replacements:
         placed = np.zeros(new.num_rows, bool)
         for index in np.unique(where[where >= 0]).tolist():
             path = self.files[index]
+            if not fs.exists(path):  # gone since planning (--retry-failed dropped its rows): new rows only
+                continue
             incoming = new.filter(pa.array(where == index))
             same_partition = posixpath.basename(posixpath.dirname(path)) == f"language={language}"
             with fs.open(path, "rb") as handle:
