@@ -110,7 +110,7 @@ def test_compact_runs_the_format_optimize_and_keeps_the_rows(tmp_path):
 def test_parquet_and_delta_outputs_are_not_mixed(tmp_path, tiny_model_dir):
     uri = str(tmp_path / "out")
     write(uri, rows(["a"], OLD, "r1"), "r1")
-    entries = [{"audio": str(SAMPLES / "en_weather.wav"), "id": "a"}]
+    entries = [{"audio": str(SAMPLES / "en_weather.flac"), "id": "a"}]
     args = ["run", "--manifest", str(write_jsonl(tmp_path / "m.jsonl", entries)), "--output", uri]
     refused = run_cli([*args, "--model", str(tiny_model_dir), "--no-progress"], timeout=300)
     assert refused.returncode == 2 and "--format delta" in refused.stderr
@@ -118,7 +118,7 @@ def test_parquet_and_delta_outputs_are_not_mixed(tmp_path, tiny_model_dir):
 
 @pytest.mark.slow  # two concurrent CLI runs: ~3 min on 2 busy cores
 def test_two_concurrent_runs_on_a_delta_output_give_each_id_one_row(tmp_path, tiny_model_dir):
-    entries = [{"audio": str(SAMPLES / name), "id": name} for name in ("en_weather.wav", "pt_praia.wav")]
+    entries = [{"audio": str(SAMPLES / name), "id": name} for name in ("en_weather.flac", "pt_praia.wav")]
     entries[1]["language"] = "pt"
     manifest_path = write_jsonl(tmp_path / "m.jsonl", entries)
     uri = str(tmp_path / "out")

@@ -205,7 +205,7 @@ def test_redo_with_retry_failed_when_the_old_file_is_gone(tmp_path):
 @pytest.mark.slow  # two CLI runs and two models: ~3 min on 2 busy cores
 def test_upgrade_rerun_replaces_exactly_the_selected_rows(tmp_path, tiny_model_dir, tiny_ctc_dir):
     """Run with model A, then redo A's rows with model B: the same ids, each once, now B's."""
-    recordings = [("en_weather.wav", "en"), ("fr_gare.mp3", "fr"), ("pt_praia.wav", "pt")]
+    recordings = [("en_weather.flac", "en"), ("fr_gare.mp3", "fr"), ("pt_praia.wav", "pt")]
     entries = [{"audio": str(SAMPLES / name), "language": lang, "id": name} for name, lang in recordings]
     first_manifest = write_jsonl(tmp_path / "first.jsonl", entries[:2])
     output = tmp_path / "out"
@@ -223,7 +223,7 @@ def test_upgrade_rerun_replaces_exactly_the_selected_rows(tmp_path, tiny_model_d
     assert sorted(ids) == sorted(e["id"] for e in entries)
     made_by = dict(zip(ids, table.column("model").to_pylist()))
     run_of = dict(zip(ids, table.column("run_id").to_pylist()))
-    assert made_by["en_weather.wav"] == str(tiny_ctc_dir) and made_by["fr_gare.mp3"] == str(tiny_model_dir)
+    assert made_by["en_weather.flac"] == str(tiny_ctc_dir) and made_by["fr_gare.mp3"] == str(tiny_model_dir)
     assert len(set(run_of.values())) == 1  # every row is the second run's: two redone, one new
     summary = json.loads(max((output / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime).read_text())
     assert summary["rows_redone"] == 2 and summary["rows_already_done"] == 0
