@@ -331,6 +331,18 @@ class JobConfig(_Strict):
         "Ray has free, instead of waiting silently",
     )
     retry_failed: bool = Field(False, description="also redo ids whose committed row has an error")
+    redo: list[str] = Field(
+        default_factory=list,
+        description="also redo ids whose committed row one of these selections holds for, e.g. "
+        "'model == ibm-granite/granite-4.0-1b-speech', 'run_id < 20261001 and segments.avg_logprob < -1': "
+        "terms `column op value` (== != < <= > >=, is [not] null) joined by `and`; the new row takes the "
+        "old one's place (docs: upgrading the archive)",
+    )
+    output_format: Literal["parquet", "delta"] = Field(
+        "parquet",
+        description="parquet: hive-partitioned Parquet files under OUTPUT/transcripts; delta: a Delta Lake "
+        "table there (the deltalake extra), committed by the table's own log",
+    )
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
     lease: Literal["auto", "none"] = Field(
         "auto",

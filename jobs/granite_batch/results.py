@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from granite_batch.output.committed import committed_dataset
+from granite_batch.output.delta import delta_dataset, is_delta
 from granite_batch.output.summary import read_summaries
 from granite_batch.schema import TRANSCRIPT_FIELDS, TRANSCRIPTS_DIR, second_pass_dir
 from granite_batch.storage import filesystem
@@ -50,10 +51,13 @@ def load(
     between runs is read as text). Files under `transcripts/` that the job did not write are skipped,
     as every command skips them. An output with no transcripts gives an empty table with the
     contract's columns."""
-    fs, root = filesystem(str(output_uri), storage_options)
-    dataset = committed_dataset(fs, root, TRANSCRIPTS_DIR)
-    if dataset is None:
-        return pa.schema(TRANSCRIPT_FIELDS).empty_table()
+    if is_delta(str(output_uri), storage_options):  # the table's current version (output/delta.py)
+        dataset = delta_dataset(str(output_uri), storage_options)
+    else:
+        fs, root = filesystem(str(output_uri), storage_options)
+        dataset = committed_dataset(fs, root, TRANSCRIPTS_DIR)
+        if dataset is None:
+            return pa.schema(TRANSCRIPT_FIELDS).empty_table()
     table = dataset.to_table(filter=_row_filter(language, task, run_id), columns=columns)
     contract = [f.name for f in TRANSCRIPT_FIELDS if f.name in table.column_names]
     return table.select(contract + [name for name in table.column_names if name not in contract])
@@ -73,8 +77,10 @@ def to_ray(
 ):
     """The transcripts as a lazy Ray Dataset, read in parallel by Ray with hive partitioning, so
     `language` is a column; the same rows as `load` with the same filters."""
-    from granite_batch.pipeline import transcripts_dataset
+    from granite_batch.pipeline import ensure_ray, transcripts_dataset
 
+    if is_delta(str(output_uri), storage_options):  # the table's current version, read here (not lazily)
+        return ensure_ray().data.from_arrow(load(output_uri, language, task, run_id, storage_options))
     fs, root = filesystem(str(output_uri), storage_options)
     dataset = committed_dataset(fs, root, TRANSCRIPTS_DIR)
     files, schema = (dataset.files, dataset.schema) if dataset else ([], pa.schema(TRANSCRIPT_FIELDS))

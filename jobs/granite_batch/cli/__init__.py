@@ -9,7 +9,7 @@ import argparse
 import logging
 import signal
 
-from granite_batch.cli import checkpoints, config, evaluate, run, second_pass, status
+from granite_batch.cli import checkpoints, compact, config, evaluate, run, second_pass, status
 from granite_batch.cli.common import (
     EXIT_CONFIG,
     EXIT_MODEL,
@@ -30,6 +30,7 @@ REGISTER = (
     second_pass.register,
     checkpoints.register_tiny_lm,
     evaluate.register,
+    compact.register,
 )
 
 

@@ -53,6 +53,7 @@ FLAG_FIELDS = {
     "decoding": "generation.decoding",
     "endpoint_url": "storage_options.s3.endpoint_url",
     "anon": "storage_options.s3.anon",
+    "format": "output_format",
 }
 
 
@@ -144,6 +145,21 @@ def job_arguments(parser: argparse.ArgumentParser) -> None:
     )
     output.add_argument("--max-failed-fraction", type=float, help="exit non-zero above this share of failed rows")
     output.add_argument("--run-id", help="name this run (default: UTC time + random suffix)")
+    output.add_argument(
+        "--redo-model",
+        action="append",
+        metavar="NAME",
+        help="also redo ids whose committed row NAME made (its `model` column), with the job's models; "
+        "the new row takes the old one's place (repeatable)",
+    )
+    output.add_argument(
+        "--redo-where",
+        action="append",
+        metavar="SELECTION",
+        help="also redo ids whose committed row this holds for: `column op value` terms joined by `and`, "
+        "e.g. 'run_id < 20261001' or 'segments.avg_logprob < -1' (repeatable; see config field redo)",
+    )
+    output.add_argument("--format", choices=["parquet", "delta"], help="output format (default parquet)")
 
     models = parser.add_argument_group("models", "which checkpoints, and where they run")
     models.add_argument(
@@ -256,6 +272,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             target = target.setdefault(group, {})
         target[name] = value
     overrides.update(_models(args))
+    redo = [f"model == {name}" for name in args.redo_model or []] + (args.redo_where or [])
+    if redo:
+        overrides["redo"] = redo
     if args.model_actors is not None:
         overrides["resources"] = {
             "model_actors_min": args.model_actors,
@@ -295,6 +314,8 @@ def _print_summary(summary: dict, path: str) -> None:
     )
     for reason, count in summary["failures_by_reason"].items():
         print(f"  failed: {count:>6}  {reason}")
+    for selection, count in summary.get("redo", {}).get("planned", {}).items():
+        print(f"  redone: {count:>6}  {selection}")
     for model, figures in summary.get("inference", {}).items():
         padding = figures["padding_fraction"]
         print(

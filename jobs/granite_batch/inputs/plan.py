@@ -9,7 +9,8 @@ planning goes by buckets of a digest of the id instead:
    by `bucket_of(id)` under a plan folder on the output's filesystem (so cluster workers read it);
 2. `plan_bucket(layout, b)` plans one bucket on its own: the first row of each id in manifest order,
    the others counted as duplicates, then an anti-join against the bucket's done ids (`retry_failed`
-   counts failed ids as not done). A read task per bucket feeds its rows into the pipeline
+   counts failed ids as not done, and so do committed rows a redo selection holds for: inputs/redo.py).
+   A read task per bucket feeds its rows into the pipeline
    (pipeline.planned_rows); `plan_counts` runs the same plan over the `id` column alone, for the
    counts the run summary starts with.
 
@@ -31,8 +32,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from granite_batch.inputs.manifest import ManifestStream
+from granite_batch.inputs.redo import Selection, columns_needed, selected
 from granite_batch.inputs.rows import ManifestError, conform_rows, differing_duplicates, first_of_each_id
-from granite_batch.output.committed import failure_reasons, iter_committed_batches, list_dataset_files
+from granite_batch.output.committed import DatasetFiles, failure_reasons, iter_committed_batches, list_dataset_files
+from granite_batch.output.delta import delta_batches, delta_rows, is_delta
+from granite_batch.output.replace import Replacements
 from granite_batch.schema import STAGING_DIR, TRANSCRIPTS_DIR
 from granite_batch.storage import LOCAL_PROTOCOLS, filesystem, uri_of
 
@@ -44,10 +48,19 @@ INPUT_BLOCK_BYTES = 32 << 20  # rows with embedded audio leave planning in block
 MAX_BUCKETS = 4096
 SPOOL_BYTES = 64 << 20  # the driver's write buffer over all buckets
 LISTING_BUCKETS = 256
-DONE_SCHEMA = pa.schema([("id", pa.string()), ("ok", pa.bool_())])
+# `redo`: the first redo selection that holds for the committed row (null: none does).
+DONE_SCHEMA = pa.schema([("id", pa.string()), ("ok", pa.bool_()), ("redo", pa.int16())])
 log = logging.getLogger(__name__)
 
-COUNT_KEYS = ("rows_in", "duplicates", "duplicates_differing", "rows_already_done", "rows_to_do", "rows_retried")
+COUNT_KEYS = (
+    "rows_in",
+    "duplicates",
+    "duplicates_differing",
+    "rows_already_done",
+    "rows_to_do",
+    "rows_retried",
+    "rows_redone",
+)
 
 _P = 0x100000001B3  # FNV's 64-bit prime: odd, so invertible modulo 2**64
 _P_INVERSE = pow(_P, -1, 1 << 64)
@@ -173,6 +186,7 @@ class CommittedCounts:
     files: int = 0
     failed_files: list[str] = field(default_factory=list)  # ours, holding rows with an error
     foreign_files: list[str] = field(default_factory=list)  # skipped by name, with a warning
+    rows_selected: list[int] = field(default_factory=list)  # committed rows per redo selection
 
 
 @dataclass
@@ -188,6 +202,7 @@ class PlanLayout:
     passthrough: list[str]
     retry_failed: bool
     committed: CommittedCounts
+    redo: list[str] = field(default_factory=list)  # the redo selections, as written
     storage_options: dict | None = None
     bytes_per_row: float = 0.0  # of the manifest rows, embedded audio included (sizes input blocks)
 
@@ -215,8 +230,13 @@ def prepare_plan(
     buckets: int | None = None,
     spool_bytes: int = SPOOL_BYTES,
     dataset_dir: str = TRANSCRIPTS_DIR,
+    redo: list[Selection] | None = None,
+    replacements: Replacements | None = None,
 ) -> PlanLayout:
     """Stream the manifest and the output's committed ids into bucket files under `folder`.
+
+    Committed rows that one of the `redo` selections holds for count as not done; their ids and files
+    go into `replacements`, so the writer can put each new row in place of its old one.
 
     Raises ManifestError for a bad manifest and output.OutputError for one of our own output files
     that cannot be read; files under the dataset that are not ours are skipped, by name.
@@ -225,8 +245,12 @@ def prepare_plan(
     plan_fs, plan_path = filesystem(folder, storage_options)
     if plan_fs.exists(plan_path):
         plan_fs.rm(plan_path, recursive=True)
-    dataset = list_dataset_files(fs, root, dataset_dir)
-    committed_rows = sum(_parquet_rows(fs, path) for path in dataset.ours)
+    delta = dataset_dir == TRANSCRIPTS_DIR and is_delta(output_uri, storage_options)
+    if delta:  # a Delta table's rows are its current version's, not the files under it
+        dataset, committed_rows = DatasetFiles([], []), delta_rows(output_uri, storage_options)
+    else:
+        dataset = list_dataset_files(fs, root, dataset_dir)
+        committed_rows = sum(_parquet_rows(fs, path) for path in dataset.ours)
 
     blocks = iter(stream)
     held: list[pa.Table] = []
@@ -266,18 +290,38 @@ def prepare_plan(
     if stream.rows_in == 0:
         raise ManifestError(f"{stream.uri}: the manifest has no rows")
 
-    counts = CommittedCounts(files=len(dataset.ours), foreign_files=dataset.foreign)
+    redo = redo or []
+    counts = CommittedCounts(files=len(dataset.ours), foreign_files=dataset.foreign, rows_selected=[0] * len(redo))
+    optional = tuple(sorted(columns_needed(redo)))
     done = _Spool(plan_fs, posixpath.join(plan_path, "done"), buckets, spool_bytes)
     failed_files: dict[str, None] = {}
-    for path, table in iter_committed_batches(fs, dataset.ours):
+    batches = (
+        delta_batches(output_uri, ("id", "error"), storage_options, optional)
+        if delta
+        else iter_committed_batches(fs, dataset.ours, optional=optional)
+    )
+    for path, table in batches:
         ok = pc.is_null(table.column("error"))
+        chosen = pa.nulls(table.num_rows, pa.int16())
+        if redo and delta:
+            chosen = selected(redo, table)
+        elif redo:
+            language = posixpath.basename(posixpath.dirname(path)).partition("=")[2]  # ours: language=<lang>/
+            table = table.append_column("language", pa.array([language] * table.num_rows, pa.string()))
+            chosen = selected(redo, table)
+            if replacements is not None and chosen.null_count < table.num_rows:
+                replacements.add(path, table.column("id").filter(pc.is_valid(chosen)))
         rows_ok = pc.sum(ok).as_py() or 0
         counts.rows_ok += rows_ok
+        if redo:
+            for index, count in enumerate(np.bincount(chosen.drop_null().to_numpy(), minlength=len(redo))):
+                counts.rows_selected[index] += int(count)
         if rows_ok != table.num_rows:
             counts.rows_failed += table.num_rows - rows_ok
             counts.failures_by_reason.update(failure_reasons(table.column("error")))
-            failed_files[path] = None
-        done.add(pa.table({"id": table.column("id").cast(pa.string()), "ok": ok}))
+            if not delta:  # a Delta table's failed rows are replaced by the merge that commits their new rows
+                failed_files[path] = None
+        done.add(pa.table({"id": table.column("id").cast(pa.string()), "ok": ok, "redo": chosen}))
     done.flush()
     counts.failed_files = list(failed_files)
     return PlanLayout(
@@ -290,6 +334,7 @@ def prepare_plan(
         passthrough=stream.passthrough,
         retry_failed=retry_failed,
         committed=counts,
+        redo=[selection.text for selection in redo],
         storage_options=storage_options,
         bytes_per_row=bytes_per_row,
     )
@@ -322,13 +367,22 @@ def _plan(layout: PlanLayout, bucket: int, columns: list[str] | None = None) -> 
             "%d manifest row(s) repeat an id with another recording; the first row of each id is kept", differing
         )
     ok = done.column("ok")
-    done_ids = done.column("id").filter(ok) if layout.retry_failed else done.column("id")
+    redo = done.column("redo")
+    counted = pc.and_(ok, pc.is_null(redo)) if layout.retry_failed else pc.is_null(redo)
+    done_ids = done.column("id").filter(counted)
     is_done = pc.is_in(unique.column("id"), value_set=done_ids.combine_chunks())
     todo = unique.filter(pc.invert(is_done))
     retried = 0
     if layout.retry_failed and todo.num_rows:
         failed_ids = done.column("id").filter(pc.invert(ok)).combine_chunks()
         retried = pc.sum(pc.is_in(todo.column("id"), value_set=failed_ids)).as_py() or 0
+    redone_by = [0] * len(layout.redo)
+    if layout.redo and todo.num_rows:
+        selected_rows = done.filter(pc.is_valid(redo))
+        where = pc.index_in(todo.column("id"), value_set=selected_rows.column("id").combine_chunks())
+        reasons = selected_rows.column("redo").combine_chunks().take(where.drop_null())
+        for index, count in enumerate(np.bincount(reasons.to_numpy(), minlength=len(layout.redo))):
+            redone_by[index] = int(count)
     counts = {
         "rows_in": rows.num_rows,
         "duplicates": rows.num_rows - unique.num_rows,
@@ -336,13 +390,16 @@ def _plan(layout: PlanLayout, bucket: int, columns: list[str] | None = None) -> 
         "rows_already_done": pc.sum(is_done).as_py() or 0,
         "rows_to_do": todo.num_rows,
         "rows_retried": retried,
+        "rows_redone": sum(redone_by),
+        "rows_redone_by": redone_by,
     }
     return todo, counts
 
 
 def sum_counts(counts: list[dict]) -> dict:
     """The run's counts from its buckets' (`buckets_planned` says how many were summed)."""
-    total = {key: sum(c.get(key, 0) for c in counts) for key in COUNT_KEYS}
+    total: dict = {key: sum(c.get(key, 0) for c in counts) for key in COUNT_KEYS}
+    total["rows_redone_by"] = [sum(column) for column in zip(*(c.get("rows_redone_by", []) for c in counts))]
     total["buckets_planned"] = len(counts)
     return total
 
@@ -390,9 +447,13 @@ def count_status(
     the same bucketed plan as a run, in a local temporary folder, one bucket in memory at a time."""
     if stream is None:
         fs, root = filesystem(output_uri, storage_options)
-        dataset = list_dataset_files(fs, root, dataset_dir)
+        if dataset_dir == TRANSCRIPTS_DIR and is_delta(output_uri, storage_options):
+            dataset, batches = DatasetFiles([], []), delta_batches(output_uri, ("id", "error"), storage_options)
+        else:
+            dataset = list_dataset_files(fs, root, dataset_dir)
+            batches = iter_committed_batches(fs, dataset.ours)
         counts = CommittedCounts(files=len(dataset.ours), foreign_files=dataset.foreign)
-        for _, table in iter_committed_batches(fs, dataset.ours):
+        for _, table in batches:
             rows_ok = table.column("error").null_count
             counts.rows_ok += rows_ok
             counts.rows_failed += table.num_rows - rows_ok

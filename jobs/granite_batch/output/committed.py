@@ -61,9 +61,14 @@ def list_dataset_files(fs, root: str, dataset_dir: str = TRANSCRIPTS_DIR) -> Dat
 
 
 def iter_committed_batches(
-    fs, paths: list[str], columns: tuple[str, ...] = COMMITTED_COLUMNS, batch_rows: int = 262_144
+    fs,
+    paths: list[str],
+    columns: tuple[str, ...] = COMMITTED_COLUMNS,
+    batch_rows: int = 262_144,
+    optional: tuple[str, ...] = (),
 ):
-    """Yield (path, table of `columns`) for each of our committed files, a few batches per file.
+    """Yield (path, table of `columns`) for each of our committed files, a few batches per file,
+    with those of the `optional` columns the file has.
 
     A file with our name that cannot be read, or lacks one of `columns`, raises OutputError naming it.
     """
@@ -77,7 +82,8 @@ def iter_committed_batches(
                         f"{uri_of(fs, path)}: committed file lacks column {missing[0]!r}; "
                         "move it out of the output root or repair it"
                     )
-                for batch in parquet.iter_batches(batch_size=batch_rows, columns=list(columns)):
+                present = [c for c in optional if c in parquet.schema_arrow.names and c not in columns]
+                for batch in parquet.iter_batches(batch_size=batch_rows, columns=list(columns) + present):
                     yield path, pa.Table.from_batches([batch])
         except (pa.ArrowInvalid, OSError) as exc:
             raise OutputError(f"{uri_of(fs, path)}: committed file is not readable Parquet ({exc})") from None

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from granite_batch.output.replace import Replacements
 from granite_batch.schema import STAGING_DIR, TRANSCRIPTS_DIR, conform, file_schema
 from granite_batch.storage import filesystem, uri_of
 
@@ -46,9 +47,11 @@ class TranscriptWriter:
         commit_interval_s: float = 600.0,
         dataset_dir: str = TRANSCRIPTS_DIR,
         before_commit: Callable[[], None] | None = None,
+        replacements: Replacements | None = None,
     ):
         self.fs, self.root = filesystem(output_uri, storage_options)
         self.before_commit = before_commit  # raises to stop a commit, e.g. a lease check
+        self.replacements = replacements  # old rows that new ones replace in place (output/replace.py)
         self.dataset_dir = dataset_dir  # relative to the output root; other datasets (second_pass/<name>) too
         self.run_id = run_id
         self.schema = schema
@@ -101,6 +104,10 @@ class TranscriptWriter:
         handle = self._open.pop(language)
         handle.writer.close()
         handle.stream.close()
+        if self.replacements is not None and len(self.replacements):
+            scratch = posixpath.join(self.root, STAGING_DIR, self.run_id, "replace")
+            if not self.replacements.commit(self.fs, handle.staged, language, scratch, self.before_commit):
+                return  # every row took the place of an old one
         self.fs.makedirs(posixpath.dirname(handle.final), exist_ok=True)
         if self.before_commit is not None:
             self.before_commit()  # last moment: the file stays staged if this raises

@@ -516,7 +516,8 @@ class NoLease:
 
 @dataclass(frozen=True)
 class LeaseTerms:
-    """How a run holds its lease: `mode` "auto" (take one) or "none" (the operator's opt-out), the
+    """How a run holds its lease: `mode` "auto" (take one), "none" (the operator's opt-out) or "table"
+    (none needed: a table format's commits keep one row per id, output/delta.py), the
     expiry after which an unrenewed lease may be taken over, and how long to wait for another run's."""
 
     mode: str = "auto"
@@ -535,6 +536,8 @@ def take_lease(
     `NoLease` when the operator opted out (mode "none"). Raises LeaseHeld / LeaseUnsupported as
     `Lease.acquire`."""
     dataset_uri = posixpath.join(output_uri, dataset_dir)
+    if terms.mode == "table":
+        return NoLease(dataset_uri)
     if terms.mode == "none":
         log.warning("no lease on %s (lease: none): make sure no other run writes it at the same time", dataset_uri)
         return NoLease(dataset_uri)

@@ -22,17 +22,21 @@ import pyarrow.compute as pc
 
 from granite_batch import pipeline, results
 from granite_batch.audio.isolation import CrashTest
-from granite_batch.config import JobConfig, load_config
+from granite_batch.config import ConfigError, JobConfig, load_config
 from granite_batch.inference.assemble import RecordingAssembler
 from granite_batch.inference.language_id import DetectionTally, identify_recordings
 from granite_batch.inference.quality import mark_language_mismatch
 from granite_batch.inference.routing import ROUTE_COLUMN, route_table
 from granite_batch.inputs.manifest import ManifestStream, read_manifest
 from granite_batch.inputs.plan import discard_plan, plan_bucket, plan_counts, plan_folder, prepare_plan
+from granite_batch.inputs.redo import SelectionError, parse_selections
 from granite_batch.inputs.rows import Defaults
 from granite_batch.models.engines import model_profile
 from granite_batch.models.hub import first_line, resolve_model
-from granite_batch.output.committed import drop_failed_rows
+from granite_batch.output.committed import drop_failed_rows, list_dataset_files
+from granite_batch.output.compact import finish_compactions
+from granite_batch.output.delta import DeltaWriter, is_delta
+from granite_batch.output.replace import Replacements
 from granite_batch.output.subtitles import write_subtitles
 from granite_batch.output.summary import RunStats
 from granite_batch.output.writer import TranscriptWriter
@@ -178,7 +182,13 @@ class TranscriptionRun:
         """Check the output, take its lease, plan what is left and resolve the models; a bad manifest
         or model stops here with nothing left behind."""
         config = self.config
+        try:
+            redo = parse_selections(config.redo)
+        except SelectionError as exc:
+            raise ConfigError(f"redo: {exc}") from None
+        self.replacements = Replacements()
         check_output_root(config.output, config.storage_options)
+        delta = check_output_format(config)
         if config.run_id is not None:
             check_run_id_unused(config.output, config.run_id, config.storage_options)
         run = self.bookkeeping = _Run(config.output, RUNS_DIR, config.run_id, config.storage_options)
@@ -191,8 +201,11 @@ class TranscriptionRun:
         fs, root = filesystem(config.output, config.storage_options)
         output_existed = fs.exists(root)
         self.lease_terms = LeaseTerms(config.lease, config.lease_expiry_s, config.lease_wait_s)
+        # A Delta table's commits keep one row per id (output/delta.py); a second pass still takes its lease.
+        transcripts_terms = LeaseTerms("table") if delta else self.lease_terms
 
         def plan():
+            finish_compactions(config.output, config.storage_options)  # under the lease: no id keeps two rows
             # Bucketed by id on the output's filesystem, so the driver never holds the manifest (plan.py).
             return prepare_plan(
                 stream,
@@ -200,10 +213,12 @@ class TranscriptionRun:
                 plan_folder(config.output, run.run_id),
                 config.storage_options,
                 retry_failed=config.retry_failed,
+                redo=redo,
+                replacements=self.replacements,
             )
 
         try:
-            self.layout = run.plan(TRANSCRIPTS_DIR, self.lease_terms, plan)
+            self.layout = run.plan(TRANSCRIPTS_DIR, transcripts_terms, plan)
             self.models = resolve_job_models(config)  # the first is the run's `model` in the summary
             self.planned = plan_counts(self.layout)
             if self.planned["rows_to_do"]:  # a job that cannot fit the cluster stops now, never waits
@@ -227,15 +242,22 @@ class TranscriptionRun:
             self.planned["duplicates"],
             config.manifest or config.input,
         )
-        self.writer = TranscriptWriter(
-            config.output,
-            run.run_id,
-            transcript_schema(self.layout.schema),
-            config.storage_options,
-            config.rows_per_file,
-            config.commit_interval_s,
-            before_commit=run.lease.check,
-        )
+        schema = transcript_schema(self.layout.schema)
+        self.writer: TranscriptWriter | DeltaWriter
+        if delta:
+            options, rows, interval = config.storage_options, config.rows_per_file, config.commit_interval_s
+            self.writer = DeltaWriter(config.output, run.run_id, schema, options, rows, interval)
+        else:
+            self.writer = TranscriptWriter(
+                config.output,
+                run.run_id,
+                schema,
+                config.storage_options,
+                config.rows_per_file,
+                config.commit_interval_s,
+                before_commit=run.lease.check,
+                replacements=self.replacements,
+            )
         run.summary = self.summary
 
     def transcribe(self) -> None:
@@ -323,6 +345,7 @@ class TranscriptionRun:
             "rows_already_done": planned["rows_already_done"],
             "rows_to_do": planned["rows_to_do"],
             "rows_retried": planned["rows_retried"],
+            **self._redo_counts(),
             "foreign_files": layout.committed.foreign_files,
             "rows_written": stats.rows_written,
             "rows_ok": stats.rows_ok,
@@ -346,6 +369,42 @@ class TranscriptionRun:
             "keywords_dropped": dict(self.keywords_dropped),
             "config": self.config.public_dict(),
         }
+
+    def _redo_counts(self) -> dict:
+        """What the redo selections chose: committed rows each holds for, rows redone (those the
+        manifest also lists), and how their new rows were committed (output/replace.py)."""
+        if not self.layout.redo:
+            return {}
+        selections = self.layout.redo
+        return {
+            "rows_redone": self.planned["rows_redone"],
+            "redo": {
+                "selected": dict(zip(selections, self.layout.committed.rows_selected)),
+                "planned": dict(zip(selections, self.planned["rows_redone_by"])),
+                "rows_replaced": getattr(self.writer, "rows_replaced", 0) + self.replacements.rows_replaced,
+                "rows_moved": self.replacements.rows_moved,
+            },
+        }
+
+
+def check_output_format(config: JobConfig) -> bool:
+    """Whether the run writes a Delta table; an output whose transcripts are in the other format, or
+    delta without the deltalake package, stops the run before any work (ConfigError)."""
+    delta = is_delta(config.output, config.storage_options)
+    if config.output_format == "parquet":
+        if delta:
+            raise ConfigError(f"{config.output}: its transcripts are a Delta table; run with --format delta")
+        return False
+    try:
+        import deltalake  # noqa: F401
+    except ImportError:
+        raise ConfigError("--format delta needs the deltalake package: pip install 'granite-batch[delta]'") from None
+    if config.second_pass is not None:
+        raise ConfigError("a second pass reads Parquet transcripts; it does not run over a Delta output yet")
+    fs, root = filesystem(config.output, config.storage_options)
+    if not delta and list_dataset_files(fs, root).ours:
+        raise ConfigError(f"{config.output}: its transcripts are Parquet files; a Delta output needs a new output root")
+    return True
 
 
 def routed_models(rows: pa.Table, models: list[JobModel], flags) -> tuple[list[str], list[str | None]]:
