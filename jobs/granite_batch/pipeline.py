@@ -16,16 +16,21 @@ import math
 import posixpath
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
 from granite_batch.audio import decode_cut, segment
 from granite_batch.audio.isolation import CrashTest
 from granite_batch.config import ConfigError, JobConfig, ModelSpec, SecondPassOptions
+from granite_batch.inference.assemble import RecordingRows
 from granite_batch.inference.routing import RequestFlags, route_table
 from granite_batch.inference.transcribe import transcribe_segments
+from granite_batch.inputs.normalise import normalise_rows
 from granite_batch.inputs.plan import PlanLayout, plan_bucket
+from granite_batch.inputs.rows import Defaults
 from granite_batch.models.engines import load_speech_model
 from granite_batch.models.hub import ModelRef
 from granite_batch.models.profiles import ModelProfile
@@ -33,6 +38,9 @@ from granite_batch.models.speculative import SpeculativeOptions
 from granite_batch.second_pass.language_model import LanguageModel
 from granite_batch.second_pass.prompts import Prompter
 from granite_batch.second_pass.stage import second_pass_table
+
+if TYPE_CHECKING:
+    from ray.data import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -326,11 +334,27 @@ def build_dataset(
     """
     ray = ensure_ray()
     cluster = ray.cluster_resources()
-    pools = plan_pools(config, models, cluster)
+    return segment_results(
+        lambda: _input_dataset(ray, rows_to_do, cluster, alone, config), config, models, run_id, alone, crash_test
+    )
+
+
+def segment_results(
+    inputs: Callable[[], Dataset],
+    config: JobConfig,
+    models: list[JobModel],
+    run_id: str,
+    alone: bool = False,
+    crash_test: CrashTest | None = None,
+) -> Dataset:
+    """The lazy Ray Dataset of segment results for the normalised manifest rows that `inputs()`
+    makes (called once per model branch): what the job and `transcript_rows` share."""
+    ray = ensure_ray()
+    pools = plan_pools(config, models, ray.cluster_resources())
     flags = request_flags(config)
     branches = []
     for index, model in enumerate(models):
-        ds = _input_dataset(ray, rows_to_do, cluster, alone, config)
+        ds = inputs()
         # Routing is cheap (no I/O): each branch routes its input and keeps its own rows.
         ds = ds.map_batches(
             route_table,
@@ -345,6 +369,30 @@ def build_dataset(
         )
         branches.append(_model_branch(ray, ds, config, model, pools[index], flags, run_id, alone, crash_test))
     return branches[0] if len(branches) == 1 else branches[0].union(*branches[1:])
+
+
+def transcript_rows(recordings: Dataset, config: JobConfig, models: list[JobModel], run_id: str) -> Dataset:
+    """`recordings` (a user's Ray Dataset of manifest-like rows) as a lazy Dataset of transcript rows
+    in the output schema: normalised as manifest rows are, then the job's graph (`segment_results`),
+    then one actor that joins each recording's segments (assemble.RecordingRows) as the job's driver
+    does. Nothing is written."""
+    normalised = recordings.map_batches(
+        normalise_rows,
+        fn_kwargs={"defaults": Defaults.from_config(config)},
+        batch_format="pyarrow",
+        batch_size=None,
+        num_cpus=config.resources.decode_cpus,
+    )
+    segments = segment_results(lambda: normalised, config, models, run_id)
+    # One actor sees every segment, so a recording's segments meet however the pool split them.
+    return segments.map_batches(
+        RecordingRows,
+        fn_constructor_kwargs={"detect_all": config.detect_language, "threshold": config.language_threshold},
+        compute=ensure_ray().data.ActorPoolStrategy(size=1),
+        batch_format="pyarrow",
+        batch_size=None,
+        num_cpus=0,
+    )
 
 
 def _input_dataset(ray, rows_to_do, cluster: dict, alone: bool, config: JobConfig):

@@ -9,7 +9,7 @@ import argparse
 import logging
 import signal
 
-from granite_batch.cli import checkpoints, evaluate, run, second_pass, status
+from granite_batch.cli import checkpoints, evaluate, gc, run, second_pass, status, transcribe
 from granite_batch.cli.common import (
     EXIT_CONFIG,
     EXIT_MODEL,
@@ -24,7 +24,9 @@ __all__ = ["EXIT_CONFIG", "EXIT_MODEL", "EXIT_OK", "EXIT_RUNTIME", "EXIT_TOO_MAN
 # In the order `--help` lists them.
 REGISTER = (
     run.register,
+    transcribe.register,
     status.register,
+    gc.register,
     checkpoints.register_tiny_model,
     second_pass.register,
     checkpoints.register_tiny_lm,

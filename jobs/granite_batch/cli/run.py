@@ -202,7 +202,7 @@ def _print_summary(summary: dict, path: str) -> None:
         f"\nrun {summary['run_id']}: {summary['rows_ok']} ok, {summary['rows_failed']} failed, "
         f"{summary['rows_already_done']} already done, {summary['duplicates']} duplicate ids; "
         f"{summary['audio_hours'] * 60:.1f} min of audio in {summary['wall_s']:.1f} s "
-        f"(real-time factor {summary['real_time_factor']})"
+        f"(RTFx {summary['rtfx']}: audio seconds per wall second)"
     )
     for reason, count in summary["failures_by_reason"].items():
         print(f"  failed: {count:>6}  {reason}")
@@ -228,10 +228,30 @@ def _print_summary(summary: dict, path: str) -> None:
     print(f"summary: {path}")
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from granite_batch.config import ConfigError, load_config
+def job_failure(exc: Exception) -> int:
+    """Say why a job stopped, on stderr, and return its exit code (`run` and `transcribe`)."""
+    from granite_batch.config import ConfigError
     from granite_batch.inputs.rows import ManifestError
     from granite_batch.models.hub import ModelLoadError
+    from granite_batch.run.bookkeeping import TooManyFailures
+    from granite_batch.run.lease import LeaseError, LeaseUnsupported
+
+    codes: list[tuple[type | tuple[type, ...], int, str]] = [
+        ((ConfigError, LeaseUnsupported), EXIT_CONFIG, ""),
+        (LeaseError, EXIT_RUNTIME, ""),  # another run holds the output, or took it over from this one
+        (ManifestError, EXIT_CONFIG, "bad manifest: "),
+        (ModelLoadError, EXIT_MODEL, ""),
+        (TooManyFailures, EXIT_TOO_MANY_FAILURES, ""),
+    ]
+    for kinds, code, prefix in codes:
+        if isinstance(exc, kinds):
+            print(f"granite-batch: {prefix}{exc}", file=sys.stderr)
+            return code
+    return could_not_finish("job", exc)  # the job could not finish
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from granite_batch.config import ConfigError, load_config
 
     try:
         config = load_config(args.config, _overrides(args))
@@ -239,30 +259,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"granite-batch: {exc}", file=sys.stderr)
         return EXIT_CONFIG
 
-    from granite_batch.run.bookkeeping import TooManyFailures
-    from granite_batch.run.lease import LeaseError, LeaseUnsupported
     from granite_batch.run.transcription import run_job
 
     try:
         result = run_job(config, progress=not args.no_progress)
     except KeyboardInterrupt as exc:
         return interrupted(exc)
-    except (ConfigError, LeaseUnsupported) as exc:
-        print(f"granite-batch: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except LeaseError as exc:  # another run holds the output, or took it over from this one
-        print(f"granite-batch: {exc}", file=sys.stderr)
-        return EXIT_RUNTIME
-    except ManifestError as exc:
-        print(f"granite-batch: bad manifest: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except ModelLoadError as exc:
-        print(f"granite-batch: {exc}", file=sys.stderr)
-        return EXIT_MODEL
-    except TooManyFailures as exc:
-        print(f"granite-batch: {exc}", file=sys.stderr)
-        return EXIT_TOO_MANY_FAILURES
-    except Exception as exc:  # the job could not finish
-        return could_not_finish("job", exc)
+    except Exception as exc:
+        return job_failure(exc)
     _print_summary(result.summary, result.summary_path)
     return EXIT_OK

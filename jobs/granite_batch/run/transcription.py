@@ -332,6 +332,9 @@ class TranscriptionRun:
             "audio_s": round(stats.audio_s, 3),
             "audio_hours": round(stats.audio_s / 3600, 4),
             "wall_s": round(wall_s, 3),
+            # RTFx: audio seconds per wall second (higher is faster). `real_time_factor` is the same
+            # figure under its old, misleading name (a real-time factor is wall over audio): deprecated.
+            "rtfx": round(stats.audio_s / wall_s, 3) if wall_s > 0 else None,
             "real_time_factor": round(stats.audio_s / wall_s, 3) if wall_s > 0 else None,
             "model": first.name,
             "model_revision": first.revision,
@@ -372,11 +375,17 @@ def _still_to_do(config: JobConfig, run_id: str, attempt: int) -> pa.Table:
 
 
 def transcribe_files(
-    paths: Iterable[str | Path | dict], output: str | Path, model: str | None = None, progress: bool = False, **options
+    paths: Iterable[str | Path | dict],
+    output: str | Path,
+    model: str | None = None,
+    progress: bool = False,
+    config_path: str | Path | None = None,
+    **options,
 ) -> pa.Table:
     """Run a job over `paths` (recording paths or URIs, or manifest rows as dicts) into `output`
     and return those recordings' rows. `options` are job config fields (`language`, `task`,
-    `target_language`, `generation={"max_new_tokens": 64}`, ...). Recordings that already have a
+    `target_language`, `generation={"max_new_tokens": 64}`, ...), over those of the job YAML at
+    `config_path` when given (its manifest and output are not used). Recordings that already have a
     row in `output` are not redone; their existing rows are returned with the new ones.
     Raises ConfigError, ManifestError, ModelLoadError or TooManyFailures, as `granite-batch run`
     exits on them."""
@@ -389,7 +398,7 @@ def transcribe_files(
         manifest_path = Path(folder) / "manifest.jsonl"
         manifest_path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
         overrides = {"manifest": str(manifest_path), "output": str(output), "model": model, **options}
-        config = load_config(overrides=overrides)
+        config = load_config(config_path, overrides)
         ids = read_manifest(config.manifest, Defaults.from_config(config), config.storage_options).table.column("id")
         run_job(config, progress=progress)
     table = results.load(config.output, storage_options=config.storage_options)
