@@ -236,7 +236,9 @@ def ensure_ray():
     if not ray.is_initialized():
         handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
         # Connects to RAY_ADDRESS / a running cluster when there is one, else starts a local Ray.
-        ray.init(logging_level=logging.WARNING, log_to_driver=True)
+        context = ray.init(logging_level=logging.WARNING, log_to_driver=True)
+        if getattr(context, "dashboard_url", None):  # hidden by logging_level=WARNING otherwise
+            log.info("Ray dashboard: http://%s", context.dashboard_url.removeprefix("http://"))
         if threading.current_thread() is threading.main_thread():
             # Ray's core worker installs a SIGTERM handler that aborts the driver: the driver's own
             # (a clean stop, cli.py) go back in place.
@@ -244,6 +246,29 @@ def ensure_ray():
                 if callable(handler):
                     signal.signal(number, handler)
     return ray
+
+
+class JobMetrics:
+    """A run's Ray metrics (`ray.util.metrics`, exported by Ray's Prometheus endpoint, tagged with the
+    run id): rows written ok and failed, audio seconds and segments, counted as rows are written."""
+
+    def __init__(self, run_id: str):
+        from ray.util.metrics import Counter
+
+        keys = ("run_id",)
+        self.tags = {"run_id": run_id}
+        self.counters = {
+            "rows_ok": Counter("granite_batch_rows_ok", "transcript rows written without error", tag_keys=keys),
+            "rows_failed": Counter("granite_batch_rows_failed", "transcript rows written with an error", tag_keys=keys),
+            "audio_s": Counter("granite_batch_audio_seconds", "seconds of audio in the rows written", tag_keys=keys),
+            "segments": Counter("granite_batch_segments", "speech segments in the rows written", tag_keys=keys),
+        }
+
+    def record(self, counts: dict[str, float]) -> None:
+        """Add a batch's counts (output.summary.batch_counts); Ray's counters take only positive steps."""
+        for name, value in counts.items():
+            if value > 0:
+                self.counters[name].inc(value, tags=self.tags)
 
 
 def stop_ray(timeout_s: float) -> None:

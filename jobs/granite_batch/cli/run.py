@@ -129,7 +129,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     run.add_argument("--run-id", help="name this run (default: UTC time + random suffix)")
     lease_arguments(run)
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--no-progress", action="store_true", help="no progress line (recordings, failures, audio hours, ETA)"
+    )
     run.add_argument("-v", "--verbose", action="store_true")
 
     run.set_defaults(handler=_cmd_run)

@@ -33,12 +33,13 @@ from granite_batch.models.engines import model_profile
 from granite_batch.models.hub import first_line, resolve_model
 from granite_batch.output.committed import drop_failed_rows
 from granite_batch.output.subtitles import write_subtitles
-from granite_batch.output.summary import RunStats
+from granite_batch.output.summary import RunStats, batch_counts
 from granite_batch.output.writer import TranscriptWriter
 from granite_batch.pipeline import JobModel
 from granite_batch.run.bookkeeping import RunResult, TooManyFailures, _Run, interrupts_deferred
 from granite_batch.run.lease import LeaseTerms, discard_own_records
 from granite_batch.run.preflight import check_output_root, check_run_id_unused
+from granite_batch.run.progress import Progress
 from granite_batch.run.recovery import crashed_rows
 from granite_batch.run.second_pass import run_second_pass
 from granite_batch.schema import (
@@ -139,6 +140,8 @@ class TranscriptionRun:
         self.with_reference: list[pa.Table] = []  # the small part of each batch that quality figures need
         self.redone_alone = 0
         self.keywords_dropped: Counter[str] = Counter()
+        self.metrics: pipeline.JobMetrics | None = None
+        self.shown: Progress | None = None
 
     def run(self) -> RunResult:
         config = self.config
@@ -237,11 +240,16 @@ class TranscriptionRun:
 
     def transcribe(self) -> None:
         """Stream the planned rows through the pipeline into the writer; then recover lost rows."""
-        pipeline.ensure_ray().data.DataContext.get_current().enable_progress_bars = self.progress
+        # The job's own progress line (run/progress.py) in place of Ray Data's operator bars.
+        pipeline.ensure_ray().data.DataContext.get_current().enable_progress_bars = False
+        self.metrics = pipeline.JobMetrics(self.bookkeeping.run_id)
+        self.shown = Progress(self.planned["rows_to_do"]) if self.progress else None
         segments = self._dataset((self.layout, self.planned["rows_to_do"]))
         self.bookkeeping.stream(self._recordings(segments), self.writer, self.on_batch)
         if self.stats.rows_written + self.assembler.pending < self.planned["rows_to_do"]:
             self.recover()
+        if self.shown is not None:
+            self.shown.close(self.stats)
         if self.assembler.pending:  # never written half: the next run redoes them
             log.warning(
                 "%d recordings did not receive all their segments; a re-run redoes them", self.assembler.pending
@@ -298,6 +306,10 @@ class TranscriptionRun:
         # Before the rows: once a row is committed its id is done, so its subtitles must exist.
         write_subtitles(batch, config.output, config.subtitles, self.bookkeeping.run_id, config.storage_options)
         self.stats.add(batch)
+        if self.metrics is not None:
+            self.metrics.record(batch_counts(batch))
+        if self.shown is not None:
+            self.shown.update(self.stats)
         if "keywords_dropped" in batch.column_names:
             dropped = [count for count in batch.column("keywords_dropped").to_pylist() if count]
             self.keywords_dropped.update(rows=len(dropped), keywords=sum(dropped))
