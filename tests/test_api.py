@@ -55,6 +55,19 @@ def test_rows_have_the_output_schema_and_the_processors_run_id(from_both):
     assert set(api.column("run_id").to_pylist()) == {from_both["processor"].run_id}
 
 
+def test_status_json_reads_the_runs_outcome(from_both, capsys):
+    from granite_batch.cli import main
+
+    assert main(["status", str(from_both["work"] / "out"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (run,) = report["runs"]
+    assert run["status"] == "succeeded" and run["rows_ok"] == len(SAMPLE_ROWS) and run["rows_failed"] == 0
+    assert run["rtfx"] > 0 and report["lease"] is None
+    assert report["rows"] == {"ok": len(SAMPLE_ROWS), "failed": 0, "failures_by_reason": {}}
+    assert main(["status", str(from_both["work"] / "out"), "--json", "--run-id", "no-such-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["runs"] == []
+
+
 def test_nothing_is_written_beside_the_jobs_output(from_both):
     assert sorted(p.name for p in from_both["work"].iterdir()) == ["out"]
 

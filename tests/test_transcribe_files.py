@@ -28,7 +28,7 @@ def transcribed(tmp_path_factory, tiny_model_dir):
     out = work / "texts"
     result = run_cli(
         ["transcribe", *paths, "--format", "all", "--output-dir", str(out), "--model", str(tiny_model_dir)]
-        + ["--max-new-tokens", "8", "--language", "de", "--no-progress"]
+        + ["--max-new-tokens", "8", "--language", "de"]
     )
     return {"result": result, "out": out, "paths": paths}
 
@@ -40,6 +40,12 @@ def test_every_file_gets_every_format_named_by_its_stem(transcribed):
     expected = ["fr_gare", "de_bibliothek", "en_weather.flac", "en_weather.wav"]  # the clash takes whole names
     assert names == sorted(f"{stem}.{fmt}" for stem in expected for fmt in ("txt", "srt", "vtt", "json"))
     assert "4 of 5 files transcribed" in result.stdout
+
+
+def test_progress_is_one_line_in_the_jobs_terms_off_a_terminal(transcribed):
+    lines = [line for line in transcribed["result"].stderr.splitlines() if "progress: " in line]
+    assert lines and "5 of 5 recordings (100.0%), 1 failed" in lines[-1] and lines[-1].endswith("done")
+    assert "Running Dataset" not in transcribed["result"].stderr  # Ray Data's operator bars are off
 
 
 def test_a_failed_file_is_named_on_stderr_and_writes_nothing(transcribed):
