@@ -85,3 +85,17 @@ def test_a_row_without_usable_values_is_an_error_row(tiny_model_dir, from_both):
     rows = [{"path": str(SAMPLES / SAMPLE_ROWS[0]["audio"]), "language": "xx", "id": "bad"}]
     (row,) = from_both["processor"](ray.data.from_items(rows)).take_all()
     assert row["id"] == "bad" and row["text"] is None and "xx" in row["error"]
+
+
+def test_read_binary_files_rows_and_path_rows_are_manifest_rows():
+    from granite_batch.inputs.normalise import normalise_rows
+    from granite_batch.inputs.rows import Defaults
+
+    data = (SAMPLES / SAMPLE_ROWS[0]["audio"]).read_bytes()
+    binary = normalise_rows(pa.table({"bytes": [data], "path": ["calls/a.flac"]}), Defaults(language="fr"))
+    assert binary.column("audio").to_pylist() == ["calls/a.flac"]
+    assert binary.column("audio_bytes").to_pylist() == [data]
+    assert binary.column("language").to_pylist() == ["fr"]
+    paths = normalise_rows(pa.table({"path": ["/data/b.wav"], "speaker": ["x"]}), Defaults())
+    assert paths.column("audio").to_pylist() == ["/data/b.wav"] and paths.column("speaker").to_pylist() == ["x"]
+    assert binary.column("id").to_pylist() != paths.column("id").to_pylist()
