@@ -136,6 +136,7 @@ EXIT_NOTES = {
 }
 
 PYTHON_API = {
+    "granite_batch.run.processor": ["build_processor", "Processor.__call__"],
     "granite_batch.results": ["load", "to_pandas", "to_ray", "runs", "second_pass_results"],
     "granite_batch.evaluate": ["score_table", "score_rows", "format_report", "normalise", "asr_metric"],
     "granite_batch.run.transcription": ["run_job", "transcribe_files"],
@@ -350,7 +351,9 @@ def python_api() -> str:
         module = importlib.import_module(module_name)
         out += [f"## `{module_name}`", "", (inspect.getdoc(module) or "").split("\n\n")[0], ""]
         for name in names:
-            function = getattr(module, name)
+            function = module
+            for part in name.split("."):  # a method: `Class.method`
+                function = getattr(function, part)
             signature = str(inspect.signature(function)).replace("'", "")
             doc = inspect.getdoc(function) or _missing(f"{module_name}.{name}")
             out += [f"### `{name}`", "", f"```python\n{name}{signature}\n```", "", doc, ""]

@@ -16,13 +16,16 @@ import math
 import posixpath
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
 from granite_batch.audio import decode_cut, segment
 from granite_batch.audio.isolation import CrashTest
 from granite_batch.config import ConfigError, JobConfig, ModelSpec, SecondPassOptions
+from granite_batch.inference.assemble import RecordingRows
 from granite_batch.inference.escalation import (
     Cascade,
     cascade_flags,
@@ -33,7 +36,9 @@ from granite_batch.inference.escalation import (
 )
 from granite_batch.inference.routing import RequestFlags, route_table
 from granite_batch.inference.transcribe import transcribe_segments
+from granite_batch.inputs.normalise import normalise_rows
 from granite_batch.inputs.plan import PlanLayout, plan_bucket
+from granite_batch.inputs.rows import Defaults
 from granite_batch.models.engines import load_speech_model
 from granite_batch.models.hub import ModelRef
 from granite_batch.models.profiles import ModelProfile
@@ -41,6 +46,9 @@ from granite_batch.models.speculative import SpeculativeOptions
 from granite_batch.second_pass.language_model import LanguageModel
 from granite_batch.second_pass.prompts import Prompter
 from granite_batch.second_pass.stage import second_pass_table
+
+if TYPE_CHECKING:
+    from ray.data import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +283,9 @@ def ensure_ray():
     if not ray.is_initialized():
         handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
         # Connects to RAY_ADDRESS / a running cluster when there is one, else starts a local Ray.
-        ray.init(logging_level=logging.WARNING, log_to_driver=True)
+        context = ray.init(logging_level=logging.WARNING, log_to_driver=True)
+        if getattr(context, "dashboard_url", None):  # hidden by logging_level=WARNING otherwise
+            log.info("Ray dashboard: http://%s", context.dashboard_url.removeprefix("http://"))
         if threading.current_thread() is threading.main_thread():
             # Ray's core worker installs a SIGTERM handler that aborts the driver: the driver's own
             # (a clean stop, cli.py) go back in place.
@@ -283,6 +293,29 @@ def ensure_ray():
                 if callable(handler):
                     signal.signal(number, handler)
     return ray
+
+
+class JobMetrics:
+    """A run's Ray metrics (`ray.util.metrics`, exported by Ray's Prometheus endpoint, tagged with the
+    run id): rows written ok and failed, audio seconds and segments, counted as rows are written."""
+
+    def __init__(self, run_id: str):
+        from ray.util.metrics import Counter
+
+        keys = ("run_id",)
+        self.tags = {"run_id": run_id}
+        self.counters = {
+            "rows_ok": Counter("granite_batch_rows_ok", "transcript rows written without error", tag_keys=keys),
+            "rows_failed": Counter("granite_batch_rows_failed", "transcript rows written with an error", tag_keys=keys),
+            "audio_s": Counter("granite_batch_audio_seconds", "seconds of audio in the rows written", tag_keys=keys),
+            "segments": Counter("granite_batch_segments", "speech segments in the rows written", tag_keys=keys),
+        }
+
+    def record(self, counts: dict[str, float]) -> None:
+        """Add a batch's counts (output.summary.batch_counts); Ray's counters take only positive steps."""
+        for name, value in counts.items():
+            if value > 0:
+                self.counters[name].inc(value, tags=self.tags)
 
 
 def stop_ray(timeout_s: float) -> None:
@@ -373,11 +406,27 @@ def build_dataset(
     """
     ray = ensure_ray()
     cluster = ray.cluster_resources()
-    pools = plan_pools(config, pool_models(models), cluster)
+    return segment_results(
+        lambda: _input_dataset(ray, rows_to_do, cluster, alone, config), config, models, run_id, alone, crash_test
+    )
+
+
+def segment_results(
+    inputs: Callable[[], Dataset],
+    config: JobConfig,
+    models: list[JobModel],
+    run_id: str,
+    alone: bool = False,
+    crash_test: CrashTest | None = None,
+) -> Dataset:
+    """The lazy Ray Dataset of segment results for the normalised manifest rows that `inputs()`
+    makes (called once per model branch): what the job and `transcript_rows` share."""
+    ray = ensure_ray()
+    pools = plan_pools(config, pool_models(models), ray.cluster_resources())
     flags = request_flags(config)
     branches = []
     for index in range(len(models)):
-        ds = _input_dataset(ray, rows_to_do, cluster, alone, config)
+        ds = inputs()
         # Routing is cheap (no I/O): each branch routes its input and keeps its own rows.
         ds = ds.map_batches(
             route_table,
@@ -392,6 +441,30 @@ def build_dataset(
         )
         branches.append(_model_branch(ray, ds, config, models, index, pools, flags, run_id, alone, crash_test))
     return branches[0] if len(branches) == 1 else branches[0].union(*branches[1:])
+
+
+def transcript_rows(recordings: Dataset, config: JobConfig, models: list[JobModel], run_id: str) -> Dataset:
+    """`recordings` (a user's Ray Dataset of manifest-like rows) as a lazy Dataset of transcript rows
+    in the output schema: normalised as manifest rows are, then the job's graph (`segment_results`),
+    then one actor that joins each recording's segments (assemble.RecordingRows) as the job's driver
+    does. Nothing is written."""
+    normalised = recordings.map_batches(
+        normalise_rows,
+        fn_kwargs={"defaults": Defaults.from_config(config)},
+        batch_format="pyarrow",
+        batch_size=None,
+        num_cpus=config.resources.decode_cpus,
+    )
+    segments = segment_results(lambda: normalised, config, models, run_id)
+    # One actor sees every segment, so a recording's segments meet however the pool split them.
+    return segments.map_batches(
+        RecordingRows,
+        fn_constructor_kwargs={"detect_all": config.detect_language, "threshold": config.language_threshold},
+        compute=ensure_ray().data.ActorPoolStrategy(size=1),
+        batch_format="pyarrow",
+        batch_size=None,
+        num_cpus=0,
+    )
 
 
 def _input_dataset(ray, rows_to_do, cluster: dict, alone: bool, config: JobConfig):

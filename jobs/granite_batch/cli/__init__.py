@@ -9,7 +9,7 @@ import argparse
 import logging
 import signal
 
-from granite_batch.cli import checkpoints, compact, config, evaluate, run, second_pass, status
+from granite_batch.cli import checkpoints, compact, config, evaluate, gc, run, second_pass, status, transcribe
 from granite_batch.cli.common import (
     EXIT_CONFIG,
     EXIT_MODEL,
@@ -24,8 +24,10 @@ __all__ = ["EXIT_CONFIG", "EXIT_MODEL", "EXIT_OK", "EXIT_RUNTIME", "EXIT_TOO_MAN
 # In the order `--help` lists them.
 REGISTER = (
     run.register,
+    transcribe.register,
     config.register,
     status.register,
+    gc.register,
     checkpoints.register_tiny_model,
     second_pass.register,
     checkpoints.register_tiny_lm,
@@ -48,16 +50,17 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    for noisy in ("httpx", "urllib3", "filelock", "fsspec"):
+    # ray.data: its INFO lines name internal operators; the job logs its own progress (run/progress.py).
+    for noisy in ("httpx", "urllib3", "filelock", "fsspec", "ray.data"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     handler = args.handler
-    if args.command in ("run", "second-pass"):
+    if args.command in ("run", "second-pass", "transcribe"):
         from granite_batch.run.bookkeeping import on_interrupt
 
         for number in (signal.SIGINT, signal.SIGTERM):  # a clean stop: committed rows stay, counted exactly
             signal.signal(number, on_interrupt)
     code = handler(args)
-    if args.command in ("run", "second-pass"):
+    if args.command in ("run", "second-pass", "transcribe"):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the run is over: nothing left to stop cleanly
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):

@@ -231,7 +231,9 @@ def job_arguments(parser: argparse.ArgumentParser) -> None:
 
     lease_arguments(parser.add_argument_group("lease", "one run at a time per output root"))
     misc = parser.add_argument_group("misc")
-    misc.add_argument("--no-progress", action="store_true", help="no progress bars")
+    misc.add_argument(
+        "--no-progress", action="store_true", help="no progress line (recordings, failures, audio hours, ETA)"
+    )
     misc.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -310,7 +312,7 @@ def _print_summary(summary: dict, path: str) -> None:
         f"\nrun {summary['run_id']}: {summary['rows_ok']} ok, {summary['rows_failed']} failed, "
         f"{summary['rows_already_done']} already done, {summary['duplicates']} duplicate ids; "
         f"{summary['audio_hours'] * 60:.1f} min of audio in {summary['wall_s']:.1f} s "
-        f"(real-time factor {summary['real_time_factor']})"
+        f"(RTFx {summary['rtfx']}: audio seconds per wall second)"
     )
     for reason, count in summary["failures_by_reason"].items():
         print(f"  failed: {count:>6}  {reason}")

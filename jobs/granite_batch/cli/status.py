@@ -3,9 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from granite_batch.cli.common import EXIT_CONFIG, EXIT_OK, language_code
+
+# What `status --json` keeps of each run summary: enough for a scheduler to read a run's outcome.
+RUN_KEYS = (
+    "run_id",
+    "status",
+    "error",
+    "signal",
+    "started_at",
+    "finished_at",
+    "rows_to_do",
+    "rows_ok",
+    "rows_failed",
+    "rows_incomplete",
+    "failures_by_reason",
+    "audio_hours",
+    "wall_s",
+    "rtfx",
+)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -16,7 +35,13 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--language", type=language_code, default="en", help="the job's --language, for manifest ids (default en)"
     )
     status.add_argument("--endpoint-url", help="S3-compatible endpoint")
-
+    status.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object (runs oldest first with their status and counts, the lease, rows done, "
+        "pending) for schedulers and scripts",
+    )
+    status.add_argument("--run-id", help="only this run (with --json: `runs` holds it alone, or nothing)")
     status.set_defaults(handler=_cmd_status)
 
 
@@ -25,6 +50,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from granite_batch.inputs.plan import count_status
     from granite_batch.inputs.rows import Defaults, ManifestError
     from granite_batch.output.summary import read_summaries
+    from granite_batch.run.lease import describe_leases, read_holder
+    from granite_batch.schema import TRANSCRIPTS_DIR
     from granite_batch.storage import filesystem
 
     options = {"s3": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else {}
@@ -32,19 +59,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if not fs.exists(root):  # a typo in the root must not read as "nothing done yet"
         print(f"granite-batch: {args.output}: no such output root", file=sys.stderr)
         return EXIT_CONFIG
-    runs = read_summaries(args.output, options)
-    print(f"{'run':<34} {'status':<18} {'started (UTC)':<20} {'ok':>8} {'failed':>8} {'wall s':>9}")
-    for run in runs:
-        started = (run.get("started_at") or "")[:19].replace("T", " ")
-        print(
-            f"{run['run_id']:<34} {run['status']:<18} {started:<20} {run['rows_ok']:>8} "
-            f"{run['rows_failed']:>8} {run['wall_s']:>9.1f}"
-        )
-    from granite_batch.run.lease import describe_leases
-
-    print()
-    for line in describe_leases(args.output, options):
-        print(line)
+    runs = [run for run in read_summaries(args.output, options) if args.run_id in (None, run["run_id"])]
     try:
         stream = ManifestStream(args.manifest, Defaults(language=args.language), options) if args.manifest else None
         # Counted file by file and bucket by bucket: never every id in memory at once (plan.py).
@@ -53,6 +68,39 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(f"granite-batch: bad manifest: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     done = status.committed
+    if args.json:
+        holder = read_holder(args.output, TRANSCRIPTS_DIR, options)
+        report = {
+            "output": args.output,
+            "runs": [{key: run.get(key) for key in RUN_KEYS} for run in runs],
+            "lease": None
+            if holder is None
+            else {
+                "run_id": holder.run_id,
+                "host": holder.host,
+                "pid": holder.pid,
+                "renewed_at": holder.renewed_at,
+                "expiry_s": holder.expiry_s,
+            },
+            "rows": {
+                "ok": done.rows_ok,
+                "failed": done.rows_failed,
+                "failures_by_reason": dict(done.failures_by_reason.most_common()),
+            },
+            "pending": None if status.manifest is None else status.manifest["rows_to_do"],
+        }
+        print(json.dumps(report, indent=2))
+        return EXIT_OK
+    print(f"{'run':<34} {'status':<18} {'started (UTC)':<20} {'ok':>8} {'failed':>8} {'wall s':>9}")
+    for run in runs:
+        started = (run.get("started_at") or "")[:19].replace("T", " ")
+        print(
+            f"{run['run_id']:<34} {run['status']:<18} {started:<20} {run['rows_ok']:>8} "
+            f"{run['rows_failed']:>8} {run['wall_s']:>9.1f}"
+        )
+    print()
+    for line in describe_leases(args.output, options):
+        print(line)
     print(f"\nrows done: {done.rows_ok + done.rows_failed} ({done.rows_ok} ok, {done.rows_failed} failed)")
     for reason, count in done.failures_by_reason.most_common():
         print(f"  failed: {count:>6}  {reason}")

@@ -10,10 +10,19 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from granite_batch.inference.language_id import identify_recordings
+from granite_batch.inference.routing import ROUTE_COLUMN
 from granite_batch.models.confidence import low_confidence
 from granite_batch.models.prompts import UNSPACED_LANGUAGES
 from granite_batch.models.speculative import BY_AUTOREGRESSIVE, BY_CTC, BY_FALLBACK, BY_VERIFICATION
-from granite_batch.schema import RESULT_COLUMNS, SEGMENT, SEGMENT_COLUMNS, SEGMENT_TYPE
+from granite_batch.schema import (
+    RESULT_COLUMNS,
+    SEGMENT,
+    SEGMENT_COLUMNS,
+    SEGMENT_TYPE,
+    conform,
+    transcript_schema,
+)
 
 DECISION_RANKING = (BY_FALLBACK, BY_AUTOREGRESSIVE, BY_VERIFICATION, BY_CTC)
 
@@ -222,3 +231,30 @@ class RecordingAssembler:
         # Not output columns: the driver counts them for the run summary.
         table = table.append_column("keywords_dropped", pa.array([p.keywords_dropped for p in done], pa.int32()))
         return table.append_column("decoded_by", pa.array(decoded_by, pa.string()))
+
+
+# Columns the assembled rows carry for the driver's counters, not for the output.
+DRIVER_COLUMNS = ("keywords_dropped", "decoded_by")
+
+
+class RecordingRows:
+    """The transcript rows of a stream of segment results, for one actor that sees the whole stream
+    (pipeline.transcript_rows): each call returns the recordings its batch completed (possibly none),
+    identified (language_id) and in the output schema (schema.transcript_schema), as the job's driver
+    writes them. A recording whose segments never all arrive is never returned."""
+
+    def __init__(self, detect_all: bool, threshold: float):
+        self.assembler = RecordingAssembler()
+        self.detect_all = detect_all
+        self.threshold = threshold
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        recordings = self.assembler.add(batch)
+        internal = set(DRIVER_COLUMNS) | {ROUTE_COLUMN}
+        schema = transcript_schema(
+            pa.schema([f for f in self.assembler.recording_schema or [] if f.name not in internal])
+        )
+        if recordings is None:
+            return schema.empty_table()
+        recordings = identify_recordings(recordings, detect_all=self.detect_all, threshold=self.threshold)
+        return conform(recordings, schema)

@@ -382,3 +382,22 @@ def _check_columns(table: pa.Table, name: str, first_block: bool) -> None:
             raise ManifestError(
                 f"{name}: column {column!r} differs from the job's column {twin!r} only in case or spaces; rename it"
             )
+
+
+def normalise_rows(table: pa.Table, defaults: Defaults) -> pa.Table:
+    """Rows of a user's Ray Dataset (granite_batch.build_processor) in the normalised manifest schema:
+    the same rules as a manifest's rows, with a `path` column standing for `audio` when there is no
+    `audio` (as Ray's `read_binary_files(include_paths=True)` names it); relative paths stay as given.
+    Raises ManifestError naming the block's row for a row no manifest would accept."""
+    if "audio" not in table.column_names:
+        if "bytes" in table.column_names:  # read_binary_files: the recording itself, named by its path
+            names = table.column("path") if "path" in table.column_names else pa.nulls(table.num_rows, pa.string())
+            audio = pa.StructArray.from_arrays(
+                [table.column("bytes").combine_chunks(), pa.array(names.to_pylist(), pa.string())], ["bytes", "path"]
+            )
+            table = table.drop_columns([c for c in ("bytes", "path") if c in table.column_names])
+            table = table.append_column("audio", audio)
+        elif "path" in table.column_names:
+            table = table.rename_columns(["audio" if name == "path" else name for name in table.column_names])
+    out, _ = _normalise(table, _Where("dataset block", "row", list(range(table.num_rows))), "", "file", defaults)
+    return out

@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from granite_batch.schema import RUNS_DIR, error_reason
 from granite_batch.storage import filesystem, write_json
@@ -61,3 +62,16 @@ def write_summary(
 ) -> str:
     """Write `<runs_dir>/<run_id>.json` under the output root; return its path."""
     return write_json(output_uri, posixpath.join(runs_dir, f"{run_id}.json"), summary, storage_options)
+
+
+def batch_counts(table: pa.Table) -> dict[str, float]:
+    """What a batch of transcript rows adds to the run's metrics: rows ok and failed, audio seconds,
+    segments (pipeline.JobMetrics)."""
+    failed = table.num_rows - table.column("error").null_count
+    segments = pc.sum(pc.list_value_length(table.column("segments"))).as_py() or 0
+    return {
+        "rows_ok": table.num_rows - failed,
+        "rows_failed": failed,
+        "audio_s": float(pc.sum(table.column("duration_s")).as_py() or 0.0),
+        "segments": segments,
+    }

@@ -38,12 +38,13 @@ from granite_batch.output.compact import finish_compactions
 from granite_batch.output.delta import DeltaWriter, is_delta
 from granite_batch.output.replace import Replacements
 from granite_batch.output.subtitles import write_subtitles
-from granite_batch.output.summary import RunStats
+from granite_batch.output.summary import RunStats, batch_counts
 from granite_batch.output.writer import TranscriptWriter
 from granite_batch.pipeline import JobModel
 from granite_batch.run.bookkeeping import RunResult, TooManyFailures, _Run, interrupts_deferred
 from granite_batch.run.lease import LeaseTerms, discard_own_records
 from granite_batch.run.preflight import check_output_root, check_run_id_unused
+from granite_batch.run.progress import Progress
 from granite_batch.run.recovery import crashed_rows
 from granite_batch.run.second_pass import run_second_pass
 from granite_batch.schema import (
@@ -144,6 +145,8 @@ class TranscriptionRun:
         self.with_reference: list[pa.Table] = []  # the small part of each batch that quality figures need
         self.redone_alone = 0
         self.keywords_dropped: Counter[str] = Counter()
+        self.metrics: pipeline.JobMetrics | None = None
+        self.shown: Progress | None = None
 
     def run(self) -> RunResult:
         config = self.config
@@ -262,11 +265,16 @@ class TranscriptionRun:
 
     def transcribe(self) -> None:
         """Stream the planned rows through the pipeline into the writer; then recover lost rows."""
-        pipeline.ensure_ray().data.DataContext.get_current().enable_progress_bars = self.progress
+        # The job's own progress line (run/progress.py) in place of Ray Data's operator bars.
+        pipeline.ensure_ray().data.DataContext.get_current().enable_progress_bars = False
+        self.metrics = pipeline.JobMetrics(self.bookkeeping.run_id)
+        self.shown = Progress(self.planned["rows_to_do"]) if self.progress else None
         segments = self._dataset((self.layout, self.planned["rows_to_do"]))
         self.bookkeeping.stream(self._recordings(segments), self.writer, self.on_batch)
         if self.stats.rows_written + self.assembler.pending < self.planned["rows_to_do"]:
             self.recover()
+        if self.shown is not None:
+            self.shown.close(self.stats)
         if self.assembler.pending:  # never written half: the next run redoes them
             log.warning(
                 "%d recordings did not receive all their segments; a re-run redoes them", self.assembler.pending
@@ -324,6 +332,10 @@ class TranscriptionRun:
         # Before the rows: once a row is committed its id is done, so its subtitles must exist.
         write_subtitles(batch, config.output, config.subtitles, self.bookkeeping.run_id, config.storage_options)
         self.stats.add(batch)
+        if self.metrics is not None:
+            self.metrics.record(batch_counts(batch))
+        if self.shown is not None:
+            self.shown.update(self.stats)
         if "keywords_dropped" in batch.column_names:
             dropped = [count for count in batch.column("keywords_dropped").to_pylist() if count]
             self.keywords_dropped.update(rows=len(dropped), keywords=sum(dropped))
@@ -360,6 +372,9 @@ class TranscriptionRun:
             "audio_s": round(stats.audio_s, 3),
             "audio_hours": round(stats.audio_s / 3600, 4),
             "wall_s": round(wall_s, 3),
+            # RTFx: audio seconds per wall second (higher is faster). `real_time_factor` is the same
+            # figure under its old, misleading name (a real-time factor is wall over audio): deprecated.
+            "rtfx": round(stats.audio_s / wall_s, 3) if wall_s > 0 else None,
             "real_time_factor": round(stats.audio_s / wall_s, 3) if wall_s > 0 else None,
             "model": first.name,
             "model_revision": first.revision,
@@ -436,11 +451,17 @@ def _still_to_do(config: JobConfig, run_id: str, attempt: int) -> pa.Table:
 
 
 def transcribe_files(
-    paths: Iterable[str | Path | dict], output: str | Path, model: str | None = None, progress: bool = False, **options
+    paths: Iterable[str | Path | dict],
+    output: str | Path,
+    model: str | None = None,
+    progress: bool = False,
+    config_path: str | Path | None = None,
+    **options,
 ) -> pa.Table:
     """Run a job over `paths` (recording paths or URIs, or manifest rows as dicts) into `output`
     and return those recordings' rows. `options` are job config fields (`language`, `task`,
-    `target_language`, `generation={"max_new_tokens": 64}`, ...). Recordings that already have a
+    `target_language`, `generation={"max_new_tokens": 64}`, ...), over those of the job YAML at
+    `config_path` when given (its manifest and output are not used). Recordings that already have a
     row in `output` are not redone; their existing rows are returned with the new ones.
     Raises ConfigError, ManifestError, ModelLoadError or TooManyFailures, as `granite-batch run`
     exits on them."""
@@ -453,7 +474,7 @@ def transcribe_files(
         manifest_path = Path(folder) / "manifest.jsonl"
         manifest_path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
         overrides = {"manifest": str(manifest_path), "output": str(output), "model": model, **options}
-        config = load_config(overrides=overrides)
+        config = load_config(config_path, overrides)
         ids = read_manifest(config.manifest, Defaults.from_config(config), config.storage_options).table.column("id")
         run_job(config, progress=progress)
     table = results.load(config.output, storage_options=config.storage_options)
