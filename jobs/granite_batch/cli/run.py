@@ -49,6 +49,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     run.add_argument("--revision", help="model revision (branch, tag or commit)")
     run.add_argument(
+        "--engine",
+        choices=("transformers", "vllm"),
+        help="what decodes the LLM-based models: transformers (default) or vllm (vLLM installed beside the job)",
+    )
+    run.add_argument(
         "--language",
         help="language spoken where a row does not say (default en), or auto: identify it from the transcript",
     )
@@ -166,6 +171,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         "input": args.input,
         "output": args.output,
         "revision": args.revision,
+        "engine": args.engine,
         **_models(args.model),
         "speakers": args.speakers,
         "punctuation": args.punctuation,

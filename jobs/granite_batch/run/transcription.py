@@ -22,14 +22,14 @@ import pyarrow.compute as pc
 
 from granite_batch import pipeline, results
 from granite_batch.audio.isolation import CrashTest
-from granite_batch.config import JobConfig, load_config
+from granite_batch.config import ConfigError, JobConfig, load_config
 from granite_batch.inference.assemble import RecordingAssembler
 from granite_batch.inference.language_id import DetectionTally, identify_recordings
 from granite_batch.inference.routing import ROUTE_COLUMN, route_table
 from granite_batch.inputs.manifest import ManifestStream, read_manifest
 from granite_batch.inputs.plan import discard_plan, plan_bucket, plan_counts, plan_folder, prepare_plan
 from granite_batch.inputs.rows import Defaults
-from granite_batch.models.engines import model_profile
+from granite_batch.models.engines import engine_problem, model_profile
 from granite_batch.models.hub import first_line, resolve_model
 from granite_batch.output.committed import drop_failed_rows
 from granite_batch.output.subtitles import write_subtitles
@@ -108,6 +108,9 @@ def resolve_job_models(config: JobConfig) -> list[JobModel]:
     for spec in config.model_specs():
         ref = resolve_model(spec.model, spec.revision, config.trust_remote_code)
         profile = model_profile(spec.model, spec.revision, config.trust_remote_code, spec.profile)
+        problem = engine_problem(spec.engine or config.engine, profile, config.word_timestamps)
+        if problem:
+            raise ConfigError(f"model {spec.model}: {problem}")
         models.append(JobModel(spec, ref, profile))
     return models
 
