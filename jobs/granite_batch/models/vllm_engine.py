@@ -132,12 +132,16 @@ class VllmSpeechModel(SpeechModel):
         return cls(llm, processor, config, device, profile=options.pop("profile", None), **options)
 
     def generate_segments(
-        self, items: list[tuple[np.ndarray, Request]], posteriors: bool = False
+        self, items: list[tuple[np.ndarray, Request]], posteriors: bool = False, audio_ids: list[str] | None = None
     ) -> list[SegmentResult]:
         """Greedy text for each (samples, request), in input order, with the facts model.SpeechModel
         gives: new tokens, whether the budget stopped it, positions computed (no padding: vLLM packs
         sequences), the mean scaled log-probability of its tokens. All items go to vLLM at once; its
-        scheduler batches them (results do not depend on it, with vllm_plugin; tested)."""
+        scheduler batches them (results do not depend on it, with vllm_plugin; tested).
+
+        `audio_ids` name the items' audio for vLLM's caches (its `multi_modal_uuids`): by default vLLM
+        hashes the samples, and an audio seen before reuses its cached encoder output; distinct ids
+        make it encode again (tests compare batchings that way)."""
         from vllm import SamplingParams
 
         if posteriors:
@@ -151,12 +155,13 @@ class VllmSpeechModel(SpeechModel):
         prompts, parameters = [], []
         for i in chosen:
             samples, request = items[i]
-            prompts.append(
-                {
-                    "prompt": self.prompt(request),
-                    "multi_modal_data": {"audio": (np.asarray(samples, dtype=np.float32), self.sample_rate_hz)},
-                }
-            )
+            prompt = {
+                "prompt": self.prompt(request),
+                "multi_modal_data": {"audio": (np.asarray(samples, dtype=np.float32), self.sample_rate_hz)},
+            }
+            if audio_ids is not None:
+                prompt["multi_modal_uuids"] = {"audio": [audio_ids[i]]}
+            prompts.append(prompt)
             # Greedy as IBM's cards (do_sample=False, num_beams=1); logprobs=0: the chosen token's own.
             parameters.append(
                 SamplingParams(temperature=0.0, max_tokens=self.token_budget(samples, request), logprobs=0)
@@ -165,11 +170,15 @@ class VllmSpeechModel(SpeechModel):
         eos = self.tokenizer.eos_token_id
         for position, (i, output) in enumerate(zip(chosen, outputs)):
             completion = output.outputs[0]
-            tokens = list(completion.token_ids)
-            if tokens and tokens[-1] == eos:
-                tokens = tokens[:-1]
+            generated = list(completion.token_ids)
+            if generated and generated[-1] == eos:
+                generated = generated[:-1]
+            # As the transformers engine counts them (model.py `_autoregressive`): pad ids are not text, and
+            # the log-probabilities are those of the first len(tokens) steps.
+            tokens = [token for token in generated if token != self.tokenizer.pad_token_id]
             truncated = completion.finish_reason == "length"
-            logprobs = [step[token].logprob for step, token in zip(completion.logprobs or [], tokens)]
+            logprobs = [step[token].logprob for step, token in zip(completion.logprobs or [], generated)]
+            logprobs = logprobs[: len(tokens)]
             positions = len(output.prompt_token_ids or []) + len(tokens) + (0 if truncated else 1)
             results[i] = SegmentResult(
                 self.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
