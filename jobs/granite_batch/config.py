@@ -20,11 +20,11 @@ SECOND_PASS_TEMPLATES = ("summary", "topics", "qa")
 # Speech segments per generate() call when the job does not say.
 GPU_BATCH_SEGMENTS = 256
 CPU_BATCH_SEGMENTS = 32
-# What decodes an LLM-based model (docs/explanation/models.md, "Engines"): transformers' generate, or vLLM.
+# What decodes an LLM-based model (docs/reference/models.md, "Engines"): transformers' generate, or vLLM.
 ENGINE_HELP = (
     "transformers: transformers' generate (every feature); vllm: vLLM's continuous batching "
     "(granite_speech and granite_speech_plus only; greedy autoregressive decoding, no CTC-head word "
-    "alignment; needs vLLM installed, see docs/how-to/vllm.md); null in a models: entry: the job's engine"
+    "alignment; needs vLLM installed: how-to 'Run with vLLM'); null in a models: entry: the job's engine"
 )
 
 
