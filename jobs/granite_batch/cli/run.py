@@ -54,6 +54,7 @@ FLAG_FIELDS = {
     "endpoint_url": "storage_options.s3.endpoint_url",
     "anon": "storage_options.s3.anon",
     "format": "output_format",
+    "engine": "engine",
 }
 
 
@@ -180,6 +181,11 @@ def job_arguments(parser: argparse.ArgumentParser) -> None:
         "segments of the first --model on to the next",
     )
     models.add_argument("--revision", help="model revision (branch, tag or commit)")
+    models.add_argument(
+        "--engine",
+        choices=("transformers", "vllm"),
+        help="what decodes the LLM-based models: transformers (default) or vllm (vLLM installed beside the job)",
+    )
     models.add_argument("--device", choices=["auto", "cpu", "cuda"])
     models.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     models.add_argument(

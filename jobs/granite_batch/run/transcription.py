@@ -31,7 +31,7 @@ from granite_batch.inputs.manifest import ManifestStream, read_manifest
 from granite_batch.inputs.plan import discard_plan, plan_bucket, plan_counts, plan_folder, prepare_plan
 from granite_batch.inputs.redo import SelectionError, parse_selections
 from granite_batch.inputs.rows import Defaults
-from granite_batch.models.engines import model_profile
+from granite_batch.models.engines import engine_problem, model_profile
 from granite_batch.models.hub import first_line, resolve_model
 from granite_batch.output.committed import drop_failed_rows, list_dataset_files
 from granite_batch.output.compact import finish_compactions
@@ -114,6 +114,9 @@ def resolve_job_models(config: JobConfig) -> list[JobModel]:
     for spec in config.model_specs():
         ref = resolve_model(spec.model, spec.revision, config.trust_remote_code)
         profile = model_profile(spec.model, spec.revision, config.trust_remote_code, spec.profile)
+        problem = engine_problem(spec.engine or config.engine, profile, config.word_timestamps)
+        if problem:
+            raise ConfigError(f"model {spec.model}: {problem}")
         models.append(JobModel(spec, ref, profile))
     return models
 

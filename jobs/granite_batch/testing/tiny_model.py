@@ -83,14 +83,15 @@ def build_tokenizer(vocab_size: int = 512):
     return tokenizer
 
 
-def build_config(tokenizer, initializer_range: float = 0.5, model_type: str = "granite_speech"):
+def build_config(tokenizer, initializer_range: float = 0.5, model_type: str = "granite_speech", head_dim: int = 16):
     """The real `GraniteSpeechConfig` with every dimension shrunk.
 
     `initializer_range=0.5` makes the random model's output depend on the audio (with the default
     0.02 it emits one token for every input and equality tests pass trivially); an embedding
     multiplier of 1 rather than the published 12 keeps the audio embeddings from being drowned by
     the prompt's. It stays an integer, as in the published config.json, whose integer multiplier
-    once broke loading in transformers 5.x (issue #44877).
+    once broke loading in transformers 5.x (issue #44877). `head_dim` sets the text model's attention
+    heads (64 / head_dim of them): vLLM's CPU attention needs at least 32.
     """
     from transformers import (
         GraniteConfig,
@@ -109,8 +110,8 @@ def build_config(tokenizer, initializer_range: float = 0.5, model_type: str = "g
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=64 // head_dim,
+        num_key_value_heads=max(1, 32 // head_dim),
         # The plus model's budgets reach 10,000 new tokens (word timestamps, its card), so its context
         # is Granite 4.0's long one; the base model keeps 4096 so prompt-context tests stay small.
         max_position_embeddings=131072 if plus else 4096,
@@ -153,8 +154,11 @@ def build_config(tokenizer, initializer_range: float = 0.5, model_type: str = "g
     )
 
 
-def write_tiny_model(directory: str | Path, seed: int = 0, model_type: str = "granite_speech") -> Path:
-    """Write a tiny random checkpoint of `model_type` (model, processor, tokenizer) to `directory`."""
+def write_tiny_model(
+    directory: str | Path, seed: int = 0, model_type: str = "granite_speech", head_dim: int = 16
+) -> Path:
+    """Write a tiny random checkpoint of `model_type` (model, processor, tokenizer) to `directory`;
+    `head_dim` 32 makes one vLLM runs (build_config)."""
     import torch
     from transformers import (
         GenerationConfig,
@@ -171,7 +175,7 @@ def write_tiny_model(directory: str | Path, seed: int = 0, model_type: str = "gr
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    config = build_config(tokenizer, model_type=model_type)
+    config = build_config(tokenizer, model_type=model_type, head_dim=head_dim)
     torch.manual_seed(seed)
     model_class = (
         GraniteSpeechPlusForConditionalGeneration
