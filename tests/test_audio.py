@@ -171,3 +171,30 @@ def test_a_sink_gets_the_samples_piece_by_piece_and_its_time_is_not_decoding_tim
     recording = load_recording(str(SAMPLES / name), timeout_s=timeout_s, sink=slow)
     assert recording.samples is None and recording.length == len(whole) and len(pieces) == len(count)
     assert np.array_equal(np.concatenate(pieces), whole)  # the same samples, in order, none kept
+
+
+def _decoded_through_the_converter(path) -> np.ndarray:
+    """16 kHz mono the way every frame used to go: PyAV's resampler to interleaved float, then the downmix."""
+    import av
+
+    from granite_batch.audio.decode import _downmix, _interleaved_seconds
+
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        rate = stream.codec_context.sample_rate
+        converter = av.AudioResampler(format="flt", rate=rate)
+        mono = np.concatenate([_downmix(x) for x in _interleaved_seconds(container, stream, converter, rate)])
+    return mono if rate == 16000 else soxr.resample(mono, rate, 16000, quality="HQ")
+
+
+@pytest.mark.parametrize("subtype", ["PCM_16", "PCM_24", "FLOAT"])
+def test_frames_read_from_their_planes_give_the_converter_s_exact_samples(format_corpus, tmp_path, subtype):
+    # s16 (FLAC, WAV), fltp (MP3, AAC, Opus) and flt frames skip PyAV's resampler (it cost as much as
+    # decoding): the floats must be the very ones it gave; other formats (s32: 24-bit) still go through it.
+    stereo = np.stack([np.sin(np.arange(48000) / 7.0), 0.3 * np.cos(np.arange(48000) / 3.0)], axis=1) * 0.7
+    extra = tmp_path / f"stereo-{subtype}.flac" if subtype != "FLOAT" else tmp_path / "stereo-float.wav"
+    sf.write(extra, stereo.astype(np.float32), 48000, subtype=subtype)
+    for path in [*format_corpus.values(), extra]:
+        got = load_recording(str(path)).samples
+        reference = _decoded_through_the_converter(path)
+        assert got.dtype == np.float32 and np.array_equal(got, reference), path.name

@@ -145,3 +145,62 @@ def test_language_id_bench_reports_accuracy_and_cost_against_decode_and_segment(
         assert figures["cpu_s_per_audio_h"] == pytest.approx(3600 / seconds * per_text_s, rel=1e-9)
         # Unrounded in the report (only the printed lines round), so this cannot depend on the timings.
         assert figures["share_of_decode_segment"] == pytest.approx(figures["cpu_s_per_audio_h"] / baseline_h, rel=1e-9)
+
+
+@pytest.mark.slow
+def test_cpu_cost_bench_reports_the_marginal_cost_its_breakdown_and_the_decoding_limit(tmp_path):
+    """Two real job runs at toy sizes (about 90 s on 2 cores): the figures are not judged, their arithmetic is."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "bench_cpu_cost.py"),
+            "--tiny",
+            "--cache-dir",
+            str(tmp_path / "audio"),
+            "--work-dir",
+            str(tmp_path),
+            "--timeout-s",
+            "300",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO / "jobs")},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = last_json(result.stdout)
+    large, small, summary, stages = figures["large"], figures["small"], figures["summary"], figures["stages"]
+    assert large["rows"] == 16 and small["rows"] == 4 and large["rows_ok"] == 16 and small["rows_ok"] == 4
+    assert large["method"] in ("cgroup", "rusage") and large["cpu_s"] > 0 and small["cpu_s"] > 0
+    assert summary["marginal_audio_s"] == pytest.approx(large["audio_s"] - small["audio_s"], rel=1e-12)
+    assert summary["marginal_cpu_s"] == pytest.approx(large["cpu_s"] - small["cpu_s"], rel=1e-12)
+    per_cpu_s = summary["marginal_audio_s"] / summary["marginal_cpu_s"]
+    assert summary["audio_s_per_cpu_s"] == pytest.approx(per_cpu_s, rel=1e-12)
+    assert summary["goal_met"] == (per_cpu_s >= 1050)
+    on_gpu = (stages["cpu_s"]["features"] + stages["cpu_s"]["model"]) / stages["audio_s"] * summary["marginal_audio_s"]
+    assert summary["marginal_on_gpu_cpu_s"] == pytest.approx(on_gpu, rel=1e-12)
+    host_x = summary["marginal_audio_s"] / (summary["marginal_cpu_s"] - on_gpu)
+    assert summary["host_audio_s_per_cpu_s"] == pytest.approx(host_x, rel=1e-12)
+    assert summary["goal_met_on_gpu_node"] == (host_x >= 1050)
+    for speed, cores in summary["cores_per_gpu"].items():
+        assert cores == pytest.approx(float(speed) / host_x, rel=1e-12)
+    assert set(summary["cores_per_gpu"]) == {"280", "3000", "12600"}
+    assert set(stages["cpu_s"]) == {
+        "read", "decode", "resample", "segment", "transport", "features", "model", "assembly", "write"
+    }  # fmt: skip
+    assert stages["total_cpu_s"] == pytest.approx(sum(stages["cpu_s"].values()), rel=1e-12)
+    assert sum(summary["stage_share"].values()) == pytest.approx(1.0, rel=1e-12)
+    for stage, x in summary["stage_x"].items():
+        assert x == pytest.approx(stages["audio_s"] / stages["cpu_s"][stage], rel=1e-12)
+    # The in-process stages decoded the whole large manifest (the decoders' priming adds a few ms).
+    assert stages["audio_s"] == pytest.approx(large["audio_s"], abs=0.05 * large["rows"])
+    limit = figures["pyav_alone"]
+    assert set(limit) == {"flac", "mp3", "opus", "aac"}
+    assert summary["pyav_alone_x"] == pytest.approx(
+        sum(v["audio_s"] for v in limit.values()) / sum(v["cpu_s"] for v in limit.values()), rel=1e-12
+    )
+    assert re.search(rf"at the margin: 1 CPU s per {per_cpu_s:.0f} audio s \(goal 1 per 1050", result.stdout)
+    assert f"limit: PyAV decoding alone, in process, same files: 1 CPU s per {summary['pyav_alone_x']:.0f}" in (
+        result.stdout
+    )

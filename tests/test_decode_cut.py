@@ -150,7 +150,7 @@ def test_streamed_cut_equals_the_whole_recording_s_plan_for_speech_without_pause
     continuous = np.concatenate(
         [np.resize(np.roll(speech, -int(rng.integers(len(speech)))), 40 * RATE) for _ in range(5)]
     )
-    for options in (OPTIONS, VadOptions(batch_windows=4, min_silence_s=2.0)):
+    for options in (OPTIONS, VadOptions(batch_windows=4, min_silence_s=2.0), VadOptions(batch_windows=4, vad=False)):
         cut = stream_cut.StreamCut(RATE, 30.0, options, None, "x")
         got = []
         for start in range(0, len(continuous), 7 * RATE):

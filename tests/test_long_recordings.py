@@ -185,6 +185,23 @@ def test_segments_cover_the_speech_within_the_limit_and_cut_in_quiet(long_record
         assert covered.mean() < 0.9 and len(bounds) < 2 * n / (max_segment_s * RATE)  # merged, not per word
 
 
+@pytest.mark.parametrize("max_segment_s", [30.0, 12.0])
+def test_without_the_vad_segments_tile_the_recording_and_every_join_is_in_quiet(long_recording, decoded, max_segment_s):
+    """The CTC models' cut (VadOptions.vad False): nothing dropped or doubled, and each join, like the
+    VAD path's, falls in a quiet moment, between words, never inside one."""
+    bounds = plan_segments(decoded, RATE, max_segment_s, VadOptions(vad=False))
+    n = len(decoded)
+    assert bounds[0][0] == 0 and bounds[-1][1] == n and all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    assert all(0 < end - start <= max_segment_s * RATE for start, end in bounds)
+    clean = long_recording["clean"]
+    typical = np.median(frame_energy(clean)[voiced_frames(long_recording)])
+    for _, boundary in bounds[:-1]:
+        around = np.square(clean[boundary - FRAME // 2 : boundary + FRAME // 2], dtype=np.float64).mean()
+        assert around < 0.01 * typical, f"join at {boundary / RATE:.2f} s is not in a quiet moment"
+    # Few more segments than the limit needs: each is cut in the second half of its window.
+    assert len(bounds) <= 2 * n / (max_segment_s * RATE) + 1
+
+
 @pytest.fixture(scope="module")
 def long_job(tmp_path_factory, tiny_model_dir, long_recording):
     """The real job over the long recording, a silent one and a too-short one, with subtitles."""

@@ -136,6 +136,34 @@ def test_speech_with_only_short_pauses_is_cut_in_the_longest_pause(clip):
         assert inside, f"cut at {cut / RATE:.3f} s is not well inside a 90 ms pause"
 
 
+def test_without_the_vad_a_recording_is_all_speech_cut_only_in_its_longest_pauses(monkeypatch):
+    def no_vad(*args, **kwargs):
+        raise AssertionError("the VAD ran")
+
+    monkeypatch.setattr(vad, "window_probabilities", no_vad)
+    options = VadOptions(vad=False)
+    speech, gaps = espeak_sentences_with_short_gaps((0.05, 0.09), 16)
+    lead = 20 * RATE  # silence first: kept, not dropped
+    samples = np.concatenate([np.zeros(lead, np.float32), speech])
+    bounds = plan_segments(samples, RATE, 12.0, options)
+    # The segments tile the recording: nothing dropped, nothing twice, so no word is lost or repeated at a join.
+    assert bounds[0][0] == 0 and bounds[-1][1] == len(samples) and len(bounds) >= 5
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    assert all(0 < end - start <= 12 * RATE for start, end in bounds)
+    long_gaps = [(lead + start, lead + end) for start, end, seconds in gaps if seconds == 0.09]
+    for _, cut in bounds[:-1]:
+        in_gap = any(start + 0.02 * RATE <= cut <= end - 0.02 * RATE for start, end in long_gaps)
+        assert in_gap or cut < lead, f"cut at {cut / RATE:.3f} s is neither in the silence nor in a 90 ms pause"
+    # Short recordings stay whole, silent or not; too short to hold a word still means no segment.
+    assert plan_segments(np.zeros(10 * RATE, np.float32), RATE, 30.0, options) == [(0, 10 * RATE)]
+    assert plan_segments(np.zeros(100, np.float32), RATE, 30.0, options) == []
+    table = pa.table({"id": ["a", "b"], "audio": ["a", "b"]}).append_column(
+        "samples", samples_to_arrow([speech[: 5 * RATE], np.zeros(3 * RATE, np.float32)])
+    )
+    out = segment_table(table, RATE, 30.0, options, isolate=True)
+    assert out.column("segment_count").to_pylist() == [1, 1] and out.column("row_kind").to_pylist() == [SEGMENT] * 2
+
+
 def test_windowed_vad_agrees_with_silero_frame_by_frame(clip):
     from silero_vad import get_speech_timestamps
 

@@ -287,6 +287,13 @@ class JobConfig(_Strict):
         "the model's own (300 s for granite-speech-4.1-2b-plus, 30 s for the others), never above its "
         "per-call limit",
     )
+    segmentation: Literal["auto", "vad", "energy"] = Field(
+        "auto",
+        description="how recordings are cut for the model: vad (silero finds speech, silence is dropped, long "
+        "speech is cut in pauses), energy (no speech detection: everything is kept, cut at most every "
+        "max_segment_s in the quietest pause; far less CPU), auto: what the model's profile says (energy for CTC "
+        "models, vad for the others)",
+    )
     max_duration_s: float = Field(6 * 3600.0, gt=0)
     subtitles: list[Literal["srt", "vtt"]] = Field(
         default_factory=list, description="also write OUTPUT/subtitles/<format>/<id>.<format> from the segments"

@@ -24,6 +24,7 @@ import pyarrow as pa
 
 from granite_batch.audio import decode_cut, segment
 from granite_batch.audio.isolation import CrashTest
+from granite_batch.audio.vad import VadOptions
 from granite_batch.config import ConfigError, JobConfig, ModelSpec, SecondPassOptions
 from granite_batch.inference.assemble import RecordingRows
 from granite_batch.inference.escalation import (
@@ -152,6 +153,11 @@ def waiting_for() -> str:
         key for key in total if not key.startswith(("node:", "memory", "object_store_memory", "CPU", "GPU"))
     )
     return ", ".join(f"{free.get(key, 0.0):g} of {total[key]:g} {key} free" for key in shown)
+
+
+def segment_options(config: JobConfig, profile: ModelProfile) -> VadOptions:
+    """How a model's recordings are cut: config `segmentation`, or (auto) the model profile's `vad`."""
+    return VadOptions(vad={"vad": True, "energy": False}.get(config.segmentation, profile.vad))
 
 
 def load_options(config: JobConfig, device: str) -> dict:
@@ -523,6 +529,7 @@ def _model_branch(
             "timeout_s": config.decode_timeout_s,
             "crash_test": crash_test,
             "allowed_prefixes": tuple(config.allowed_prefixes),
+            "options": segment_options(config, model.profile),
         },
         batch_format="pyarrow",
         batch_size=1 if alone else config.decode_batch_size,
@@ -535,6 +542,7 @@ def _model_branch(
             "sample_rate_hz": config.sample_rate_hz,
             "max_segment_s": max_segment_s,
             "crash_test": crash_test,
+            "options": segment_options(config, model.profile),
         },
         batch_format="pyarrow",
         batch_size=None,

@@ -67,7 +67,7 @@ def decode_blocks(
         crash_test=crash_test,
         block_bytes=block_bytes,
     )
-    if isolate and todo:
+    if isolate and todo and options.vad:
         warm_vad()  # before the stream's helper is forked, so that it starts warm
     base = table.drop_columns([c for c in ("audio_bytes",) if c in table.column_names])
     decoded: dict[int, tuple[np.ndarray | None, float | None]] = {}  # row: (samples or None, duration_s)

@@ -10,6 +10,11 @@ window, so a cut falls between words, not inside one. Silence outside every segm
 A recording no longer than `max_segment_s` that holds any speech stays whole (one segment); one
 with no speech, or too short to hold a word, has no segment.
 
+Without the VAD (`VadOptions.vad` False: the CTC models' default, config `segmentation`), every
+recording is all speech to this plan: kept whole up to `max_segment_s` (silent or not), cut beyond
+that in the longest run of quiet 10 ms frames (energy alone) of the second half of each window, and
+nothing is dropped: the segments tile the recording.
+
 Memory: the VAD works through a recording one group of windows at a time (`batch_windows` windows
 of at most 16 s, side by side: 68 MB of samples), and that group is all the helper process it runs in
 receives (isolation.py: a crash in it costs one row, not the worker), so neither holds a copy of a
@@ -66,7 +71,7 @@ def plan_segments(
         return []
     if probabilities is None:
         probabilities = speech_probabilities(samples, options)
-    regions = speech_regions(probabilities, n, options)
+    regions = speech_regions(probabilities, n, options) if options.vad else [(0, n)]
     if not regions:
         return []
     max_len = int(max_segment_s * sample_rate_hz)
@@ -113,13 +118,15 @@ def _cut_point(
 ) -> int:
     """Where to cut speech inside [low, high): in its longest pause.
 
-    A 10 ms frame is a pause when the VAD calls it non-speech (probability below `neg_threshold`) or
-    its energy is `PAUSE_DB` below the window's median frame (a gap between words: silero's
-    probability barely dips in gaps under 100 ms, so energy finds most of them). The longest run of
-    pause frames wins (then the one the VAD is surest of, then the latest), as silero's own splitter
-    prefers pauses of 98 ms or more over cutting at its limit; the cut is at the run's quietest frame.
-    With no pause at all (noise, music under speech) the cut is at the frame of least speech
-    probability, then least energy.
+        A 10 ms frame is a pause when the VAD calls it non-speech (probability below `neg_threshold`) or
+        its energy is `PAUSE_DB` below the window's median frame (a gap between words: silero's
+        probability barely dips in gaps under 100 ms, so energy finds most of them). The longest run of
+        pause frames wins (then the one the VAD is surest of, then the latest), as silero's own splitter
+        prefers pauses of 98 ms or more over cutting at its limit; the cut is at the run's quietest frame.
+        With no pause at all (noise, music under speech) the cut is at the frame of least speech
+        probability, then least energy. Without the VAD (`options.vad` False) a pause is energy alone and
+        the cut is at its middle frame; a frame within 10 dB of the window's quietest is a pause too (over
+    a noise floor, 35 dB below the median may be no frame at all).
     """
     frame = max(1, int(PAUSE_FRAME_S * sample_rate_hz))
     count = (high - low) // frame
@@ -129,11 +136,15 @@ def _cut_point(
     centres = low + np.arange(count) * frame + frame // 2
     speech = probabilities[np.minimum(centres // VAD_FRAME, len(probabilities) - 1)]
     quiet_level = np.median(energy) * 10 ** (-PAUSE_DB / 10)
+    if not options.vad:  # no VAD to see pauses over a noise floor: within 10 dB of the window's quietest frame
+        quiet_level = max(quiet_level, 10 * energy.min())
     pause = (speech < options.neg_threshold) | (energy <= quiet_level)
     edges = np.flatnonzero(np.diff(np.concatenate(([0], pause.astype(np.int8), [0]))))
     runs = edges.reshape(-1, 2)
     if len(runs):
         first, last = max(runs.tolist(), key=lambda run: (run[1] - run[0], -speech[run[0] : run[1]].mean(), run[0]))
+        if not options.vad:  # energy alone: the pause's middle, as far from both words as it gets
+            return int(centres[(first + last) // 2])
     else:
         first, last = 0, count
     # Least speech probability, then least energy, then nearest the pause's middle.
@@ -259,7 +270,7 @@ def plan_recordings(
         units.extend((row, c, samples[c * length : (c + 1) * length]) for c in range(channel_counts[row]))
     # Too short to hold a word: no VAD, no segment.
     units = [unit for unit in units if len(unit[2]) >= options.min_speech_s * sample_rate_hz]
-    if isolate and units:
+    if isolate and units and options.vad:
         warm_vad()  # before the helper is forked, so that it starts warm
     probabilities = _vad(
         [samples for _, _, samples in units], [audio[row] for row, _, _ in units], options, isolate, crash_test

@@ -128,10 +128,15 @@ class StreamCut:
         if final and len(self.probs) < count:
             self._group([(0, f, min(self.window, count - f)) for f in range(len(self.probs), count, self.window)])
         known = self.tail.end if final else len(self.probs) * VAD_FRAME
-        fresh = [
-            (start + self.restart * VAD_FRAME, end + self.restart * VAD_FRAME)
-            for start, end in speech_regions(self.probs[self.restart :], known - self.restart * VAD_FRAME, self.options)
-        ]
+        offset = self.restart * VAD_FRAME
+        fresh = (
+            [
+                (start + offset, end + offset)
+                for start, end in speech_regions(self.probs[self.restart :], known - offset, self.options)
+            ]
+            if self.options.vad
+            else [(0, known)]  # speech everywhere (VadOptions.vad)
+        )
         regions = self.regions + fresh
         closed = [r for r in fresh if final or r[1] < known]  # a region still open ends at `known`
         if closed and not final:  # silero's state is idle where a region starts: run again from the last closed one
@@ -169,9 +174,12 @@ class StreamCut:
         self.tail.forget_before(self.keep_from)
 
     def _group(self, windows: list[tuple[int, int, int]]) -> None:
+        end = windows[-1][1] + windows[-1][2]
+        if not self.options.vad:  # speech everywhere (VadOptions.vad)
+            self.probs = np.concatenate([self.probs, np.ones(end - len(self.probs), np.float32)])
+            return
         computed = _group_probabilities(
             (window_samples([self.tail], windows, self.options), [self.audio]), self.options, self.crash_test
         )
-        end = windows[-1][1] + windows[-1][2]
         self.probs = np.concatenate([self.probs, np.zeros(end - len(self.probs), np.float32)])
         scatter_probabilities([self.probs], windows, computed)

@@ -28,6 +28,11 @@ VAD_FRAME = 512  # samples per silero VAD frame at 16 kHz (32 ms)
 class VadOptions:
     """How speech is found and merged into segments (`max_segment_s` comes from the job config)."""
 
+    # False: no speech detection; the recording is all speech to the planner, so it is kept whole up
+    # to `max_segment_s` and cut in its longest quiet pause (energy alone) beyond that. For a CTC model,
+    # which takes silence in its stride (blank frames) and needs no whole utterances: the VAD is most
+    # of the CPU the job spends after decoding (benchmarks/bench_cpu_cost.py).
+    vad: bool = True
     threshold: float = 0.5  # speech probability at which speech starts
     neg_threshold: float = 0.35  # speech goes on until the probability falls below this
     min_speech_s: float = 0.25  # shorter bursts are noise, not words
@@ -207,6 +212,8 @@ def _vad(
     the helper, twice, is redone recording by recording, so only the recordings that crash it alone
     fail.
     """
+    if not options.vad:  # speech everywhere: nothing to run
+        return [np.ones(-(-len(samples) // VAD_FRAME), np.float32) for samples in units]
     probs: list[np.ndarray | Crash] = [np.zeros(-(-len(samples) // VAD_FRAME), np.float32) for samples in units]
     run = functools.partial(_group_probabilities, options=options, crash_test=crash_test)
     for group in vad_window_groups([len(samples) for samples in units], options):

@@ -114,6 +114,8 @@ class ModelProfile:
     # DEFAULT_SEGMENT_S); the per-call limits below cap it and any length the job sets.
     segment_s: float | None = None
     max_call_s: float | None = None  # longest audio one call may carry (None: no limit known)
+    # Speech detection before the model (audio/vad.py); False: cut by energy alone (config `segmentation`).
+    vad: bool = True
     max_speakers_call_s: float | None = None
     max_word_times_call_s: float | None = None
     # New tokens one call may generate, per prompt mode, where the card names them (None: the job's
@@ -279,6 +281,9 @@ GRANITE_SPEECH5_CTC = ModelProfile(
     name="granite-speech-5-ctc",
     engine=CTC,
     asr_languages=frozenset({"en"}),  # card: English ASR
+    # No VAD: a CTC model needs no whole utterances (its blank frames absorb silence and a cut only has
+    # to fall between words), and the VAD costs as much CPU as decoding (benchmarks/bench_cpu_cost.py).
+    vad=False,
 )
 # For a granite_speech* type this code has never seen: what every Granite Speech model does.
 CONSERVATIVE = ModelProfile(name="granite-speech-unknown", engine=GENERATE, asr_languages=frozenset({"en"}))
