@@ -148,7 +148,7 @@ def test_the_flag_table_names_real_fields_and_covers_every_flag():
     dests = {action.dest for action in run._actions} - {"help"}
     # Flags that are not one config field each: handled by name in cli/run.py and cli/common.py.
     by_hand = {"config", "set", "model", "model_actors", "max_model_actors", "no_wait", "lease_wait_s", "no_lease"}
-    by_hand |= {"no_progress", "verbose"}
+    by_hand |= {"no_progress", "verbose", "escalate_below", "escalate_on", "redo_model", "redo_where"}
     assert dests - by_hand == set(FLAG_FIELDS), "a flag of run sets no config field: add it to FLAG_FIELDS"
 
 
