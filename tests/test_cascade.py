@@ -218,10 +218,3 @@ def test_a_cascade_job_keeps_one_row_per_id_with_word_times_and_subtitles_also_w
     escalated = sum(len(by_id[i]["segments"]) for i in ("en", "en-too"))
     assert [(p["from"], p["to"], p["segments"]) for p in summary["cascade"]] == [(ctc, granite, escalated)]
     assert summary["inference"][ctc]["audio_s"] >= summary["cascade"][0]["audio_s"] > 0
-    # The same job again: nothing left to do, nothing doubled.
-    again = run_cli(
-        ["run", "--config", str(config), "--manifest", str(manifest), "--output", str(output), "--no-progress"]
-    )
-    assert again.returncode == 0, again.stderr[-3000:]
-    ids = pads.dataset(output / "transcripts", format="parquet", partitioning="hive").to_table().column("id")
-    assert sorted(ids.to_pylist()) == ["en", "en-too", "fr", "poison"]

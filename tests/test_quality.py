@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+
 import pyarrow as pa
 import pytest
 
+from conftest import REPO
 from granite_batch.inference.escalation import BELOW_CONFIDENCE, escalation_reasons
 from granite_batch.inference.quality import mark_language_mismatch
 from granite_batch.models.quality import (
@@ -111,3 +117,18 @@ def test_language_mismatch_is_set_on_the_segments_of_rows_whose_identified_langu
         for row in mark_language_mismatch(table)["segments"].to_pylist()
     ]
     assert marked == [[True, True], [False], [None], [None]]
+
+
+def test_the_quality_bench_reports_its_cost_per_segment():
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_quality.py"), "--segments", "20"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO / "jobs")},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    found = re.search(r"= ([\d.]+) ms; ([\d,]+)x real time on one core", result.stdout)
+    assert found, result.stdout
+    # The figures agree with each other (30 s segments), whatever the machine's speed.
+    assert float(found.group(2).replace(",", "")) == pytest.approx(30 / (float(found.group(1)) / 1e3), rel=0.02)
