@@ -243,7 +243,13 @@ class Escalator:
         self.flags = flags
         self.last = last
         self.crash_test = crash_test
-        self.speech_model = load_speech_model(model.ref.name, model.ref.revision, profile=model.profile, **options)
+        self.speech_model = load_speech_model(
+            model.ref.name,
+            model.ref.revision,
+            profile=model.profile,
+            engine=model.spec.engine or "transformers",
+            **options,
+        )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.crash_test is not None:
