@@ -117,19 +117,20 @@ def test_parquet_and_delta_outputs_are_not_mixed(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.slow  # two concurrent CLI runs: ~3 min on 2 busy cores
-def test_two_concurrent_runs_on_a_delta_output_give_each_id_one_row(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("ray_cluster", [{"head_cpus": 4}], indirect=True)
+def test_two_concurrent_runs_on_a_delta_output_give_each_id_one_row(tmp_path, tiny_model_dir, ray_cluster):
+    """Both runs on one Ray (two embedded Rays starting at once time out on a loaded 2-core machine)."""
     entries = [{"audio": str(SAMPLES / name), "id": name} for name in ("en_weather.flac", "pt_praia.wav")]
     entries[1]["language"] = "pt"
     manifest_path = write_jsonl(tmp_path / "m.jsonl", entries)
     uri = str(tmp_path / "out")
     command = [sys.executable, "-m", "granite_batch.cli", "run", "--manifest", str(manifest_path), "--output", uri]
     command += ["--model", str(tiny_model_dir), "--format", "delta", "--max-new-tokens", "4", "--no-progress"]
-    env = {"PYTHONPATH": str(REPO / "jobs")}
-    import os
-
-    runs = [subprocess.Popen(command, env={**os.environ, **env}, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    env = {**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["gcs"], "PYTHONPATH": str(REPO / "jobs")}
+    runs = [subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     for run in runs:
         _, stderr = run.communicate(timeout=900)
         assert run.returncode == 0, stderr[-2000:]
-    ids = delta_dataset(uri).to_table(columns=["id"]).column("id").to_pylist()
-    assert sorted(ids) == sorted(e["id"] for e in entries)  # each once, whichever run committed last
+    table = delta_dataset(uri).to_table(columns=["id", "error"])
+    assert sorted(table.column("id").to_pylist()) == sorted(e["id"] for e in entries)  # each once
+    assert table.column("error").null_count == 2

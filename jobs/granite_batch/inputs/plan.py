@@ -52,15 +52,7 @@ LISTING_BUCKETS = 256
 DONE_SCHEMA = pa.schema([("id", pa.string()), ("ok", pa.bool_()), ("redo", pa.int16())])
 log = logging.getLogger(__name__)
 
-COUNT_KEYS = (
-    "rows_in",
-    "duplicates",
-    "duplicates_differing",
-    "rows_already_done",
-    "rows_to_do",
-    "rows_retried",
-    "rows_redone",
-)
+COUNT_KEYS = ("rows_in", "duplicates", "duplicates_differing", "rows_already_done", "rows_to_do", "rows_retried")
 
 _P = 0x100000001B3  # FNV's 64-bit prime: odd, so invertible modulo 2**64
 _P_INVERSE = pow(_P, -1, 1 << 64)
@@ -390,16 +382,18 @@ def _plan(layout: PlanLayout, bucket: int, columns: list[str] | None = None) -> 
         "rows_already_done": pc.sum(is_done).as_py() or 0,
         "rows_to_do": todo.num_rows,
         "rows_retried": retried,
-        "rows_redone": sum(redone_by),
-        "rows_redone_by": redone_by,
     }
+    if layout.redo:
+        counts |= {"rows_redone": sum(redone_by), "rows_redone_by": redone_by}
     return todo, counts
 
 
 def sum_counts(counts: list[dict]) -> dict:
     """The run's counts from its buckets' (`buckets_planned` says how many were summed)."""
     total: dict = {key: sum(c.get(key, 0) for c in counts) for key in COUNT_KEYS}
-    total["rows_redone_by"] = [sum(column) for column in zip(*(c.get("rows_redone_by", []) for c in counts))]
+    if any("rows_redone" in c for c in counts):  # a run with redo selections
+        total["rows_redone"] = sum(c["rows_redone"] for c in counts)
+        total["rows_redone_by"] = [sum(column) for column in zip(*(c["rows_redone_by"] for c in counts))]
     total["buckets_planned"] = len(counts)
     return total
 
