@@ -130,6 +130,10 @@ def test_vllm_equals_transformers_and_batching_changes_nothing(vllm_checkpoints,
     served = load_speech_model(
         directory, engine="vllm", engine_args={"enable_prefix_caching": False}, max_batch_segments=8, **options
     )
+    # vLLM itself loaded the plugin, from the package's entry point.
+    from vllm.model_executor.models.granite_speech import GraniteSpeechForConditionalGeneration
+
+    assert GraniteSpeechForConditionalGeneration.embed_multimodal is vllm_plugin._embed_by_length
     # Each phase names its audio afresh, so vLLM encodes it again instead of reusing its encoder cache.
     ids = [[f"{phase}-{i}" for i in range(len(clips))] for phase in ("alone", "batched", "stock")]
     alone = [served.generate_segments([clip], audio_ids=[ids[0][i]])[0] for i, clip in enumerate(clips)]
