@@ -108,8 +108,12 @@ def test_the_wheel_installs_into_a_fresh_venv_with_the_lock(wheel, tmp_path):
     """A user's install: a new venv, the wheel and its dependencies at the locked versions (minutes, GBs)."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, "-c", str(REPO / "constraints.txt"), str(wheel)], check=True, timeout=1800)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install"]
+    install = subprocess.run(
+        [*pip, "-c", str(REPO / "constraints.txt"), str(wheel)], capture_output=True, text=True, timeout=1800
+    )
+    assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
+    assert (venv / "bin" / "granite-batch").exists(), install.stdout[-3000:]
     result = subprocess.run(
         [str(venv / "bin" / "granite-batch"), "config", "show", "--manifest", "m.jsonl", "--output", "out"],
         capture_output=True,
