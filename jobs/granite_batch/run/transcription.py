@@ -1,6 +1,6 @@
 """The drivers: run a transcription job, run a second pass, transcribe a few files, evaluate an output.
 
-A driver plans what is left to do, iterates a Ray Data graph from pipeline.py, writes what comes
+A driver plans what is left to do, iterates a Ray Data graph from pipeline/, writes what comes
 out through output.py and keeps a run summary. The two long-running drivers share one skeleton
 (`_Run`): a run id that is new in its output, a summary written when the run starts, after every
 committed file and at the end, with status `failed` and the reason when the run stops on an error.
@@ -24,6 +24,7 @@ from granite_batch import pipeline, results
 from granite_batch.audio.isolation import CrashTest
 from granite_batch.config import ConfigError, JobConfig, load_config
 from granite_batch.inference.assemble import RecordingAssembler
+from granite_batch.inference.escalation import pool_models
 from granite_batch.inference.language_id import DetectionTally, identify_recordings
 from granite_batch.inference.quality import mark_language_mismatch
 from granite_batch.inference.routing import ROUTE_COLUMN, route_table
@@ -228,9 +229,7 @@ class TranscriptionRun:
             self.models = resolve_job_models(config)  # the first is the run's `model` in the summary
             self.planned = plan_counts(self.layout)
             if self.planned["rows_to_do"]:  # a job that cannot fit the cluster stops now, never waits
-                pipeline.plan_pools(
-                    config, pipeline.pool_models(self.models), pipeline.ensure_ray().cluster_resources()
-                )
+                pipeline.plan_pools(config, pool_models(self.models), pipeline.ensure_ray().cluster_resources())
         except BaseException:  # a bad manifest or model: nothing was done, so nothing is left behind
             run.lease.release()
             if not output_existed:

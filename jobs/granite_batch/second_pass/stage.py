@@ -5,7 +5,7 @@ Granite Speech transcribes; reasoning over the transcript is a separate call to 
     OUTPUT/transcripts/ (id, language, text, error)       read, never rewritten
       -> prompt from a template; the transcript delimited and neutralised (second_pass_prompts.py)
       -> transcripts longer than the context: map over chunks, then reduce (never truncated)
-      -> batched greedy generation, left padding        (language_model.py; actor pool in pipeline.py)
+      -> batched greedy generation, left padding        (language_model.py; actor pool in pipeline/)
       -> OUTPUT/second_pass/<name>/language=<lang>/part-<run_id>-<n>.parquet
          OUTPUT/second_pass/<name>/_runs/<run_id>.json   (a summary per run; `_` keeps it out of the dataset)
 """

@@ -1,354 +1,56 @@
-"""The one place that assembles Ray Data graphs.
-
-    manifest rows -> decode (CPU tasks) -> segment (CPU tasks) -> Granite Speech (actor pool)
-    transcripts   -> second pass (language model actor pool)
-    a transcripts dataset read back as a Ray Dataset (results.to_ray)
-
-Each graph is lazy; the drivers (drivers.py) iterate it and write what comes out. The stages are
-plain functions and classes on Arrow tables (audio, segment, transcribe, second_pass); here they
-are wrapped in Ray Data's `map_batches` with their resources.
-"""
+"""The lazy Ray Data graphs: manifest rows -> decode -> segment -> model pools (-> escalation stages), a
+user's Dataset through the same stages (`build_processor`), transcripts -> second pass, and an output
+read back as a Ray Dataset."""
 
 from __future__ import annotations
 
 import logging
 import math
 import posixpath
-import signal
-import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
 from granite_batch.audio import decode_cut, segment
 from granite_batch.audio.isolation import CrashTest
-from granite_batch.audio.vad import VadOptions
-from granite_batch.config import ConfigError, JobConfig, ModelSpec, SecondPassOptions
+from granite_batch.config import JobConfig, SecondPassOptions
 from granite_batch.inference.assemble import RecordingRows
 from granite_batch.inference.escalation import (
     Cascade,
     cascade_flags,
-    escalate_segments,
     escalation_pairs,
-    mark_escalations,
     pool_models,
 )
 from granite_batch.inference.routing import RequestFlags, route_table
-from granite_batch.inference.transcribe import transcribe_segments
 from granite_batch.inputs.normalise import normalise_rows
 from granite_batch.inputs.plan import PlanLayout, plan_bucket
 from granite_batch.inputs.rows import Defaults
-from granite_batch.models.engines import load_speech_model
 from granite_batch.models.hub import ModelRef
-from granite_batch.models.profiles import ModelProfile
-from granite_batch.models.speculative import SpeculativeOptions
-from granite_batch.second_pass.language_model import LanguageModel
-from granite_batch.second_pass.prompts import Prompter
-from granite_batch.second_pass.stage import second_pass_table
 
 if TYPE_CHECKING:
     from ray.data import Dataset
 
+
+from granite_batch.pipeline.actors import (
+    Escalator,
+    SecondPassWorker,
+    Transcriber,
+    load_options,
+    request_flags,
+    segment_options,
+)
+from granite_batch.pipeline.cluster import (
+    MAX_LOST_BATCHES,
+    MODEL_ACTOR_RETRIES,
+    TASK_RETRIES,
+    JobModel,
+    Pool,
+    ensure_ray,
+    plan_pools,
+)
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class JobModel:
-    """One model of the job, resolved once on the driver (run/transcription.py): the entry that named
-    it, the exact revision its rows are labelled with and loaded from, and its profile."""
-
-    spec: ModelSpec
-    ref: ModelRef
-    profile: ModelProfile
-
-
-class ResourcesDoNotFit(ConfigError):
-    """The job's model pools and the decoding they need cannot fit the cluster it runs on."""
-
-
-@dataclass(frozen=True)
-class Pool:
-    """What one model's actor pool asks of Ray."""
-
-    cpus_per_actor: float
-    gpus_per_actor: float
-    actors_min: int
-    actors_max: int
-    accelerator_type: str | None
-    custom: dict[str, float]
-
-
-def plan_pools(config: JobConfig, models: list[JobModel], cluster: dict[str, float]) -> list[Pool]:
-    """Each model's pool, sized for `cluster` (ray.cluster_resources()) where the config leaves it open:
-    the job's models share the GPUs there are (a fraction each when fewer than models), pools grow to
-    the GPUs present, and without GPUs the model actors share the CPUs the decode tasks leave.
-    Raises ResourcesDoNotFit, naming what is missing, when the pools at their smallest and the CPU
-    stages' tasks cannot run at once (unless `resources.wait_for_autoscaler`)."""
-    n = len(models)
-    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
-    # What the CPU stages need free beside the model actors: the planning tasks (Ray's read and
-    # repartition tasks) ask for a whole CPU, the decode tasks for decode_cpus.
-    stage_cpus = max(1.0, config.resources.decode_cpus)
-    pools = []
-    for model in models:
-        asked = config.resources_for(model.spec)
-        gpu = asked.gpus_per_actor
-        if gpu is None:
-            gpu = min(1.0, gpus / n) if gpus > 0 else 0.0
-        cpu = asked.cpus_per_actor
-        if cpu is None:
-            # Without GPUs the model runs on CPUs: leave the decode tasks theirs, or the job waits forever.
-            cpu = 1.0 if gpu > 0 else max(0.25, min(1.0, (cpus - stage_cpus) / n))
-        most = asked.model_actors_max
-        if most is None:
-            most = max(asked.model_actors_min, int(gpus / n / gpu + 1e-9)) if gpu > 0 else asked.model_actors_min
-        pools.append(Pool(cpu, gpu, asked.model_actors_min, most, asked.accelerator_type, dict(asked.actor_resources)))
-    if not config.resources.wait_for_autoscaler:
-        _check_fit(models, pools, cluster, stage_cpus)
-    return pools
-
-
-def _check_fit(models: list[JobModel], pools: list[Pool], cluster: dict[str, float], stage_cpus: float) -> None:
-    names = [model.spec.model for model in models]
-    missing = []
-    need_cpu = sum(p.actors_min * p.cpus_per_actor for p in pools) + stage_cpus
-    if need_cpu > cluster.get("CPU", 0.0) + 1e-9:
-        each = ", ".join(f"{name}: {p.actors_min} x {p.cpus_per_actor:g}" for name, p in zip(names, pools))
-        missing.append(
-            f"{need_cpu:g} CPU (model actors {each}, and {stage_cpus:g} for the planning and decode tasks) "
-            f"where the cluster has {cluster.get('CPU', 0.0):g}: lower resources.cpus_per_actor or leave it "
-            "unset to share what there is"
-        )
-    need_gpu = sum(p.actors_min * p.gpus_per_actor for p in pools)
-    if need_gpu > cluster.get("GPU", 0.0) + 1e-9:
-        missing.append(
-            f"{need_gpu:g} GPU where the cluster has {cluster.get('GPU', 0.0):g}: lower resources.gpus_per_actor "
-            "(0.5 lets two models share a GPU) or model_actors_min"
-        )
-    for name, pool in zip(names, pools):
-        if pool.accelerator_type and f"accelerator_type:{pool.accelerator_type}" not in cluster:
-            missing.append(f"accelerator_type {pool.accelerator_type} for {name}: no node of the cluster has it")
-        for resource, amount in pool.custom.items():
-            if pool.actors_min * amount > cluster.get(resource, 0.0) + 1e-9:
-                missing.append(
-                    f"{pool.actors_min * amount:g} of resource {resource!r} for {name}; the cluster has "
-                    f"{cluster.get(resource, 0.0):g}"
-                )
-    if missing:
-        raise ResourcesDoNotFit(
-            "the job does not fit this Ray cluster, so nothing was started: it needs "
-            + "; and ".join(missing)
-            + " (resources.wait_for_autoscaler: true starts anyway where nodes join on demand)"
-        )
-
-
-def waiting_for() -> str:
-    """What the cluster has free, for a run that makes no progress."""
-    import ray
-
-    free, total = ray.available_resources(), ray.cluster_resources()
-    shown = [key for key in ("CPU", "GPU") if key in total] + sorted(
-        key for key in total if not key.startswith(("node:", "memory", "object_store_memory", "CPU", "GPU"))
-    )
-    return ", ".join(f"{free.get(key, 0.0):g} of {total[key]:g} {key} free" for key in shown)
-
-
-def segment_options(config: JobConfig, profile: ModelProfile) -> VadOptions:
-    """How a model's recordings are cut: config `segmentation`, or (auto) the model profile's `vad`."""
-    return VadOptions(vad={"vad": True, "energy": False}.get(config.segmentation, profile.vad))
-
-
-def load_options(config: JobConfig, device: str) -> dict:
-    """What the model actor passes to `load_speech_model`, built once from the job's config."""
-    segments, audio_s = config.model_batch(gpu=device.startswith("cuda"))
-    generation = config.generation
-    return {
-        "device": device,
-        "dtype": config.dtype,
-        "trust_remote_code": config.trust_remote_code,
-        "max_new_tokens": generation.max_new_tokens,
-        "max_new_tokens_per_audio_s": generation.max_new_tokens_per_audio_s,
-        "num_beams": generation.num_beams,
-        "repetition_penalty": generation.repetition_penalty,
-        "max_batch_audio_s": audio_s,
-        "max_batch_segments": segments,
-        "speculative": SpeculativeOptions(
-            generation.decoding,
-            generation.ctc_entropy_threshold,
-            generation.verify_threshold,
-            generation.fallback_beams,
-        ),
-    }
-
-
-class Transcriber:
-    """Model actor: loads the model once, then maps batches of segment rows to their texts."""
-
-    def __init__(
-        self,
-        model: JobModel,
-        options: dict,
-        flags: RequestFlags,
-        run_id: str,
-        crash_test: CrashTest | None = None,
-        cascade: Cascade | None = None,
-    ):
-        self.model_ref = model.ref
-        self.run_id = run_id
-        self.flags = flags
-        self.crash_test = crash_test
-        self.cascade = cascade
-        # The exact revision the rows are labelled with is the one loaded.
-        self.speech_model = load_speech_model(
-            model.ref.name,
-            model.ref.revision,
-            profile=model.profile,
-            engine=model.spec.engine or "transformers",
-            **options,
-        )
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        if self.crash_test is not None:
-            self.crash_test.check("model", batch.column("audio").to_pylist())
-        table = transcribe_segments(batch, self.speech_model, self.flags)
-        n = table.num_rows
-        table = table.append_column("model", pa.array([self.model_ref.name] * n, pa.string()))
-        table = table.append_column("model_revision", pa.array([self.model_ref.revision] * n, pa.string()))
-        table = table.append_column("run_id", pa.array([self.run_id] * n, pa.string()))
-        table = table.append_column("segment_model", pa.array([self.model_ref.name] * n, pa.string()))
-        cascade = self.cascade
-        if cascade is None:
-            return table.append_column("escalate_to", pa.nulls(n, pa.int32()))
-        return mark_escalations(
-            table, batch.column("samples"), cascade.models, cascade.index, cascade.below, cascade.on, self.flags
-        )
-
-
-class Escalator:
-    """Model actor of an escalation stage: decodes again the segments an earlier model sent on to it."""
-
-    def __init__(
-        self,
-        model: JobModel,
-        index: int,
-        options: dict,
-        flags: RequestFlags,
-        last: bool,
-        crash_test: CrashTest | None = None,
-    ):
-        self.model_ref = model.ref
-        self.index = index
-        self.flags = flags
-        self.last = last
-        self.crash_test = crash_test
-        self.speech_model = load_speech_model(
-            model.ref.name,
-            model.ref.revision,
-            profile=model.profile,
-            engine=model.spec.engine or "transformers",
-            **options,
-        )
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        if self.crash_test is not None:
-            self.crash_test.check("escalation", batch.column("audio").to_pylist())
-        return escalate_segments(batch, self.speech_model, self.index, self.model_ref.name, self.flags, self.last)
-
-
-def request_flags(config: JobConfig) -> RequestFlags:
-    """The job's request settings for rows that leave them unset (routing.py)."""
-    # word_timestamps belongs to the word-timings work; read it when the config has it.
-    return RequestFlags(config.speakers, config.punctuation, bool(getattr(config, "word_timestamps", False)))
-
-
-class SecondPassWorker:
-    """Language model actor: loads the model once, then maps batches of transcripts to second-pass rows."""
-
-    def __init__(self, options: SecondPassOptions, template_source: str, model_ref: ModelRef, run_id: str, device: str):
-        self.options = options
-        self.model_ref = model_ref
-        self.run_id = run_id
-        self.lm = LanguageModel.load(
-            options.model,
-            options.revision,
-            device=device,
-            dtype=options.dtype,
-            max_new_tokens=options.max_new_tokens,
-            batch_size=options.batch_size,
-            max_batch_tokens=options.max_batch_tokens,
-            context_tokens=options.context_tokens,
-        )
-        self.prompter = Prompter(self.lm.tokenizer, template_source, options.question)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        table = second_pass_table(batch, self.lm, self.prompter)
-        n = table.num_rows
-        for column, value in [
-            ("name", self.options.dataset_name),
-            ("model", self.model_ref.name),
-            ("model_revision", self.model_ref.revision),
-            ("run_id", self.run_id),
-        ]:
-            table = table.append_column(column, pa.array([value] * n, pa.string()))
-        return table
-
-
-def ensure_ray():
-    import ray
-
-    if not ray.is_initialized():
-        handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
-        # Connects to RAY_ADDRESS / a running cluster when there is one, else starts a local Ray.
-        context = ray.init(logging_level=logging.WARNING, log_to_driver=True)
-        if getattr(context, "dashboard_url", None):  # hidden by logging_level=WARNING otherwise
-            log.info("Ray dashboard: http://%s", context.dashboard_url.removeprefix("http://"))
-        if threading.current_thread() is threading.main_thread():
-            # Ray's core worker installs a SIGTERM handler that aborts the driver: the driver's own
-            # (a clean stop, cli.py) go back in place.
-            for number, handler in handlers.items():
-                if callable(handler):
-                    signal.signal(number, handler)
-    return ray
-
-
-class JobMetrics:
-    """A run's Ray metrics (`ray.util.metrics`, exported by Ray's Prometheus endpoint, tagged with the
-    run id): rows written ok and failed, audio seconds and segments, counted as rows are written."""
-
-    def __init__(self, run_id: str):
-        from ray.util.metrics import Counter
-
-        keys = ("run_id",)
-        self.tags = {"run_id": run_id}
-        self.counters = {
-            "rows_ok": Counter("granite_batch_rows_ok", "transcript rows written without error", tag_keys=keys),
-            "rows_failed": Counter("granite_batch_rows_failed", "transcript rows written with an error", tag_keys=keys),
-            "audio_s": Counter("granite_batch_audio_seconds", "seconds of audio in the rows written", tag_keys=keys),
-            "segments": Counter("granite_batch_segments", "speech segments in the rows written", tag_keys=keys),
-        }
-
-    def record(self, counts: dict[str, float]) -> None:
-        """Add a batch's counts (output.summary.batch_counts); Ray's counters take only positive steps."""
-        for name, value in counts.items():
-            if value > 0:
-                self.counters[name].inc(value, tags=self.tags)
-
-
-def stop_ray(timeout_s: float) -> None:
-    """Shut Ray down, waiting at most `timeout_s` (tasks may still be running after an interrupt)."""
-    import ray
-
-    def shutdown() -> None:
-        try:
-            ray.shutdown()
-        except Exception:
-            log.debug("ray.shutdown failed", exc_info=True)  # exiting anyway: Ray's processes end with us
-
-    stopper = threading.Thread(target=shutdown, daemon=True)
-    stopper.start()
-    stopper.join(timeout=timeout_s)
 
 
 # Each input block is one object put by the driver: past this many, blocks grow instead.
@@ -670,16 +372,3 @@ def transcripts_dataset(fs, base: str, files: list[str], schema, languages: list
     if row_filter is not None:
         ds = ds.map_batches(lambda batch: batch.filter(row_filter), batch_format="pyarrow")
     return ds
-
-
-# Passed to map_batches for the model actor pool: restart a dead actor, do not retry its batch (the
-# driver redoes its rows one by one).
-MODEL_ACTOR_RETRIES = {"max_restarts": -1, "max_task_retries": 0}
-
-
-# Passed to map_batches for the decode and segment tasks: their native work runs in a forked child
-# (isolation.py), so a worker that dies anyway (killed, out of memory) is retried once, not forever.
-TASK_RETRIES = {"max_retries": 1}
-
-
-MAX_LOST_BATCHES = 16
