@@ -25,7 +25,6 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from granite_batch.inputs.plan import count_status
     from granite_batch.inputs.rows import Defaults, ManifestError
     from granite_batch.output.summary import read_summaries
-
     from granite_batch.storage import filesystem
 
     options = {"s3": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else {}
