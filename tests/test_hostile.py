@@ -257,3 +257,12 @@ def test_no_keyword_text_changes_the_prompt_structure(tiny_model_dir, keywords, 
     assert prompt.count(AUDIO_TOKEN) == 1 and prompt.count("\n") == 1
     ids = tokenizer(prompt)["input_ids"]
     assert ids.count(tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)) == 1
+
+
+@pytest.mark.parametrize("flag, value", [("--max-segment-s", "nan"), ("--max-duration-s", "inf")])
+def test_a_number_that_is_not_finite_is_named_so(tmp_path, flag, value):
+    manifest = write_jsonl(tmp_path / "m.jsonl", [{"audio": str(SPEECH)}])
+    result = run_cli(["run", "--manifest", str(manifest), "--output", str(tmp_path / "out"), flag, value])
+    assert result.returncode == 2
+    assert "Input should be a finite number" in result.stderr and "greater than" not in result.stderr
+    assert not (tmp_path / "out").exists()
