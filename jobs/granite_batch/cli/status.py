@@ -33,11 +33,24 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(f"granite-batch: {args.output}: no such output root", file=sys.stderr)
         return EXIT_CONFIG
     runs = read_summaries(args.output, options)
+    from granite_batch.run.lease import read_holder
+    from granite_batch.schema import TRANSCRIPTS_DIR
+
+    holder = read_holder(args.output, TRANSCRIPTS_DIR, options)
+
+    def shown(run: dict) -> str:
+        """`running` only while the run holds a live lease; without lease records (lease: none) as written."""
+        if run["status"] != "running" or holder is None:
+            return run["status"]
+        age = holder.renewed_age_s()
+        live = holder.run_id == run["run_id"] and not holder.released and age is not None and age <= holder.expiry_s
+        return "running" if live else "died"
+
     print(f"{'run':<34} {'status':<18} {'started (UTC)':<20} {'ok':>8} {'failed':>8} {'wall s':>9}")
     for run in runs:
         started = (run.get("started_at") or "")[:19].replace("T", " ")
         print(
-            f"{run['run_id']:<34} {run['status']:<18} {started:<20} {run['rows_ok']:>8} "
+            f"{run['run_id']:<34} {shown(run):<18} {started:<20} {run['rows_ok']:>8} "
             f"{run['rows_failed']:>8} {run['wall_s']:>9.1f}"
         )
     from granite_batch.run.lease import describe_leases

@@ -33,7 +33,7 @@ from granite_batch.models.engines import model_profile
 from granite_batch.models.hub import first_line, resolve_model
 from granite_batch.output.committed import drop_failed_rows
 from granite_batch.output.subtitles import write_subtitles
-from granite_batch.output.summary import RunStats
+from granite_batch.output.summary import RunStats, reap_dead_runs
 from granite_batch.output.writer import TranscriptWriter
 from granite_batch.pipeline import JobModel
 from granite_batch.run.bookkeeping import RunResult, TooManyFailures, _Run, interrupts_deferred
@@ -192,6 +192,8 @@ class TranscriptionRun:
         self.lease_terms = LeaseTerms(config.lease, config.lease_expiry_s, config.lease_wait_s)
 
         def plan():
+            if config.lease != "none":  # under the lease: a run still `running` in its summary has died
+                reap_dead_runs(config.output, run.run_id, config.storage_options)
             # Bucketed by id on the output's filesystem, so the driver never holds the manifest (plan.py).
             return prepare_plan(
                 stream,
