@@ -122,6 +122,9 @@ def test_driver_killed_mid_run_then_rerun_gives_exactly_one_row_per_id(tmp_path,
     assert (
         f"taking over the stale lease on {output}/transcripts from run {summaries(output)[0]['run_id']}" in again.stderr
     )
+    killed = summaries(output)[0]
+    assert killed["status"] == "died"  # ended by the run that took its lease over, not running forever
+    assert not (output / "_staging" / killed["run_id"]).exists()  # its plan and half-written files are gone
     final = output_rows(output)
     ids = [r["id"] for r in final]
     assert len(ids) == len(set(ids)) == 40
