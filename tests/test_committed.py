@@ -115,3 +115,27 @@ def test_status_skips_stray_files_and_counts_a_drifted_root(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "rows done: 3 (3 ok, 0 failed)" in result.stdout
     assert result.stdout.count("skipped (not written by granite-batch)") == 2
+
+
+def test_a_killed_runs_staging_is_removed_and_its_summary_ends_by_the_next_lease_holder(tmp_path):
+    from granite_batch.output.summary import read_summaries, reap_dead_runs, write_summary
+    from granite_batch.run.lease import Lease
+
+    root = drifted_root(tmp_path)
+    for run_id, status in (("night1", "succeeded"), ("killed", "running"), ("live", "running")):
+        figures = {"started_at": f"2026-12-0{len(run_id)}T00:00:00", "rows_ok": 1, "rows_failed": 0, "wall_s": 1.0}
+        write_summary(str(root), run_id, {"run_id": run_id, "status": status, **figures})
+    for run_id in ("killed", "live"):
+        (root / "_staging" / run_id / "plan").mkdir(parents=True)
+    (root / "_staging" / "killed" / "part.parquet").write_bytes(b"half a file")
+    with Lease.acquire(str(root), "transcripts", "live"):
+        # Before any run reaps it, status shows the run that holds no live lease as died, not running.
+        lines = run_cli(["status", str(root)]).stdout.splitlines()
+        shown = dict(line.split()[:2] for line in lines if line.startswith(("killed ", "live ")))
+        assert shown == {"killed": "died", "live": "running"}
+        assert reap_dead_runs(str(root), "live") == ["killed"]
+    assert not (root / "_staging" / "killed").exists() and (root / "_staging" / "live" / "plan").exists()
+    statuses = {s["run_id"]: s["status"] for s in read_summaries(str(root))}
+    assert statuses == {"killed": "died", "night1": "succeeded", "live": "running"}
+    result = run_cli(["status", str(root)])
+    assert "killed" in result.stdout and "died" in result.stdout

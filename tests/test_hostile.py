@@ -257,3 +257,27 @@ def test_no_keyword_text_changes_the_prompt_structure(tiny_model_dir, keywords, 
     assert prompt.count(AUDIO_TOKEN) == 1 and prompt.count("\n") == 1
     ids = tokenizer(prompt)["input_ids"]
     assert ids.count(tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)) == 1
+
+
+@pytest.mark.parametrize("flag, value", [("--max-segment-s", "nan"), ("--max-duration-s", "inf")])
+def test_a_number_that_is_not_finite_is_named_so(tmp_path, flag, value):
+    manifest = write_jsonl(tmp_path / "m.jsonl", [{"audio": str(SPEECH)}])
+    result = run_cli(["run", "--manifest", str(manifest), "--output", str(tmp_path / "out"), flag, value])
+    assert result.returncode == 2
+    assert "Input should be a finite number" in result.stderr and "greater than" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_header_claiming_2_hz_is_the_rows_error_not_hours_of_audio(tmp_path):
+    # 2 s of 16 kHz speech whose header says 2 Hz: read at its word, it would be 4.4 hours of audio.
+    path = tmp_path / "two-hertz.wav"
+    sf.write(path, np.zeros(32000, np.float32), 16000, subtype="PCM_16")
+    data = bytearray(path.read_bytes())
+    data[24:32] = struct.pack("<II", 2, 4)  # sample rate, byte rate
+    path.write_bytes(bytes(data))
+    with pytest.raises(DecodeError, match="header claims a sample rate of 2 Hz"):
+        load_recording(str(path))
+    # A real low rate still decodes, to its true length.
+    low = tmp_path / "eight-khz.wav"
+    sf.write(low, np.zeros(8000, np.float32), 8000, subtype="PCM_16")
+    assert load_recording(str(low)).duration_s == pytest.approx(1.0, abs=0.01)

@@ -122,6 +122,9 @@ def test_driver_killed_mid_run_then_rerun_gives_exactly_one_row_per_id(tmp_path,
     assert (
         f"taking over the stale lease on {output}/transcripts from run {summaries(output)[0]['run_id']}" in again.stderr
     )
+    killed = summaries(output)[0]
+    assert killed["status"] == "died"  # ended by the run that took its lease over, not running forever
+    assert not (output / "_staging" / killed["run_id"]).exists()  # its plan and half-written files are gone
     final = output_rows(output)
     ids = [r["id"] for r in final]
     assert len(ids) == len(set(ids)) == 40
@@ -135,7 +138,15 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from granite_batch.inputs.manifest import ManifestStream
-from granite_batch.inputs.plan import bucket_of, count_status, plan_bucket, plan_folder, prepare_plan, sum_counts
+from granite_batch.inputs.plan import (
+    bucket_of,
+    count_status,
+    plan_bucket,
+    plan_counts,
+    plan_folder,
+    prepare_plan,
+    sum_counts,
+)
 from granite_batch.inputs.rows import Defaults
 from granite_batch.output.committed import OutputError, drop_failed_rows, read_committed
 from granite_batch.output.writer import TranscriptWriter
@@ -177,6 +188,17 @@ def manifest_of(path: Path, ids: list[str]) -> Path:
 def plan_all(layout) -> tuple[pa.Table, dict]:
     planned = [plan_bucket(layout, b) for b in range(layout.buckets)]
     return pa.concat_tables([t for t, _ in planned]), sum_counts([c for _, c in planned])
+
+
+def test_the_summary_counts_duplicates_that_name_another_recording(tmp_path):
+    rows = [{"audio": f"/r/{i}.wav", "id": f"rec-{i}"} for i in range(50)]
+    rows += [{"audio": "/r/3.wav", "id": "rec-3"}, {"audio": "/r/other.wav", "id": "rec-4"}]
+    manifest = write_jsonl(tmp_path / "m.jsonl", rows)
+    output = str(tmp_path / "out")
+    layout = prepare_plan(ManifestStream(str(manifest), Defaults()), output, plan_folder(output, "R1"), **SMALL)
+    counts = plan_counts(layout)  # what the run summary says: the id-only pass must not hide them
+    assert counts["duplicates"] == 2 and counts["duplicates_differing"] == 1
+    assert layout.shard_members_skipped == {}
 
 
 def test_rerun_with_every_id_done_plans_nothing_and_counts_them_all_done(tmp_path):

@@ -153,6 +153,8 @@ def test_run_summary(job):
     summary = only_summary(job["output"])
     assert summary["run_id"] == "test-run" and summary["status"] == "succeeded"
     assert summary["rows_in"] == len(job["rows"]) and summary["duplicates"] == 1
+    # The duplicate names another recording than the row kept: counted, not only logged.
+    assert summary["duplicates_differing"] == 1 and summary["shard_members_skipped"] == {}
     assert summary["rows_ok"] == 14 and summary["rows_failed"] == 7
     assert summary["failures_by_reason"] == {
         "decode failed": 4,

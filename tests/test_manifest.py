@@ -430,3 +430,23 @@ def test_a_dictionary_encoded_language_column_is_read_as_text(tmp_path):
     languages = pa.array(["en", "fr", "en"]).dictionary_encode()
     pq.write_table(pa.table({"audio": ["/a.wav", "/b.wav", "/c.wav"], "language": languages}), path)
     assert [r["language"] for r in rows_of(read_manifest(str(path), DEFAULTS))] == ["en", "fr", "en"]
+
+
+@pytest.mark.parametrize("block_bytes", [40, 1 << 20])
+def test_a_per_row_flag_that_is_no_boolean_is_that_rows_error_not_a_refused_manifest(tmp_path, block_bytes):
+    from granite_batch.inference.routing import RequestFlags, row_requests
+    from granite_batch.schema import conform
+
+    rows = [
+        {"audio": "/a.wav", "speakers": True},
+        {"audio": "/b.wav", "speakers": "maybe"},
+        {"audio": "/c.wav", "speakers": False, "word_timestamps": 1},
+        {"audio": "/d.wav", "speakers": "true"},
+    ]
+    stream = ManifestStream(str(write_jsonl(tmp_path / "m.jsonl", rows)), DEFAULTS, block_bytes=block_bytes)
+    blocks = list(stream)  # the stream's schema is known once every block is read, as plan.py conforms them
+    table = first_of_each_id(pa.concat_tables([conform(block, stream.schema) for block in blocks]))
+    requests, _, errors = row_requests(table, RequestFlags())
+    assert errors == [None, "invalid speakers: 'maybe' (use true or false)", None, None]
+    assert [r.speakers for r in requests] == [True, False, False, True]
+    assert requests[2].word_times is True  # 1 reads as true, as in CSV

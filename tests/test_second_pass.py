@@ -443,3 +443,21 @@ def test_custom_jinja_template(tmp_path, language_model):
     bad.write_text("Summarise the recording.", encoding="utf-8")
     with pytest.raises(ConfigError, match="transcript"):
         load_template(SecondPassOptions(template=str(bad)))
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("Summarise {{ transcript }} {{ transcript.__class__.__mro__ }}", "SecurityError: access to attribute"),
+        ("Summarise {{ transcript }} for {{ audience }}", "UndefinedError: 'audience' is undefined"),
+    ],
+)
+def test_a_template_the_sandbox_refuses_is_a_config_error_before_any_work(tmp_path, source, message):
+    template = tmp_path / "bad.j2"
+    template.write_text(source, encoding="utf-8")
+    with pytest.raises(ConfigError, match=message):
+        load_template(SecondPassOptions(template=str(template)))
+    # The same from the command line: exit 2 (a config error), not 4, and nothing written.
+    result = run_cli(["second-pass", str(tmp_path / "out"), "--template", str(template), "--model", "/none"])
+    assert result.returncode == 2 and message.split(":")[0] in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -39,7 +39,8 @@ ENGINE_HELP = (
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN or inf for a number is refused as "a finite number", not with a message about a bound.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class GenerationOptions(_Strict):

@@ -74,6 +74,11 @@ TRANSCRIPT_FIELDS = [
 ]
 
 
+# Per-row flags a manifest row may carry (true/false) to override the job's setting (inference/routing.py);
+# carried through to the output like other extra columns.
+FLAG_COLUMNS = ("speakers", "punctuation", "word_timestamps")
+
+
 TRANSCRIPTS_DIR = "transcripts"
 
 

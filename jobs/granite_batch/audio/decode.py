@@ -89,6 +89,24 @@ def decode_audio(
             raise DecodeError(f"decode failed: {_ffmpeg_reason(exc)} ({stream.codec_context.name})") from None
 
 
+# Below this a header's rate is not audio (speech codecs start at 8 kHz): a WAV header claiming 2 Hz
+# would be resampled into hours of samples and counted as hours of audio.
+MIN_SOURCE_RATE_HZ = 1000
+
+
+def _source_rate(stream) -> int:
+    """The stream's sample rate; DecodeError (the row's error) when it has none or an absurd one."""
+    source_rate = stream.codec_context.sample_rate or stream.rate
+    if not source_rate:
+        raise DecodeError("decode failed: the audio stream has no sample rate")
+    if source_rate < MIN_SOURCE_RATE_HZ:
+        raise DecodeError(
+            f"decode failed: the header claims a sample rate of {source_rate} Hz (audio has at least "
+            f"{MIN_SOURCE_RATE_HZ} Hz); the file is damaged or not what it says"
+        )
+    return source_rate
+
+
 def _decode_stream(
     container,
     stream,
@@ -97,9 +115,7 @@ def _decode_stream(
     timeout_s: float | None,
     sink: Callable[[np.ndarray], None] | None = None,
 ) -> Recording:
-    source_rate = stream.codec_context.sample_rate or stream.rate
-    if not source_rate:
-        raise DecodeError("decode failed: the audio stream has no sample rate")
+    source_rate = _source_rate(stream)
     channels = stream.codec_context.channels or 1
     # Interleaved float at the stream's own rate and layout: channel downmix and resampling are ours.
     # Not planar: PyAV 18.1's AudioFrame.planes counts planes by walking extended_data to a NULL
@@ -170,9 +186,7 @@ def _decode_channels(
 ) -> Recording:
     """`_decode_stream` without the downmix: soxr resamples the interleaved channels together, and
     the result is one row per channel (channels, samples)."""
-    source_rate = stream.codec_context.sample_rate or stream.rate
-    if not source_rate:
-        raise DecodeError("decode failed: the audio stream has no sample rate")
+    source_rate = _source_rate(stream)
     converter = av.AudioResampler(format="flt", rate=source_rate)
     resampler = None
     limit = None if max_duration_s is None else int(max_duration_s * sample_rate_hz)

@@ -60,6 +60,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(f"granite-batch: {args.output}: no such output root", file=sys.stderr)
         return EXIT_CONFIG
     runs = [run for run in read_summaries(args.output, options) if args.run_id in (None, run["run_id"])]
+    holder = read_holder(args.output, TRANSCRIPTS_DIR, options)
+
+    def shown(run: dict) -> str:
+        """`running` only while the run holds a live lease; without lease records (lease: none) as written."""
+        if run["status"] != "running" or holder is None:
+            return run["status"]
+        age = holder.renewed_age_s()
+        live = holder.run_id == run["run_id"] and not holder.released and age is not None and age <= holder.expiry_s
+        return "running" if live else "died"
+
     try:
         stream = ManifestStream(args.manifest, Defaults(language=args.language), options) if args.manifest else None
         # Counted file by file and bucket by bucket: never every id in memory at once (plan.py).
@@ -69,10 +79,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     done = status.committed
     if args.json:
-        holder = read_holder(args.output, TRANSCRIPTS_DIR, options)
         report = {
             "output": args.output,
-            "runs": [{key: run.get(key) for key in RUN_KEYS} for run in runs],
+            "runs": [{**{key: run.get(key) for key in RUN_KEYS}, "status": shown(run)} for run in runs],
             "lease": None
             if holder is None
             else {
@@ -95,7 +104,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     for run in runs:
         started = (run.get("started_at") or "")[:19].replace("T", " ")
         print(
-            f"{run['run_id']:<34} {run['status']:<18} {started:<20} {run['rows_ok']:>8} "
+            f"{run['run_id']:<34} {shown(run):<18} {started:<20} {run['rows_ok']:>8} "
             f"{run['rows_failed']:>8} {run['wall_s']:>9.1f}"
         )
     print()

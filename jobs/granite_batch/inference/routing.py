@@ -17,9 +17,9 @@ import pyarrow.compute as pc
 
 from granite_batch.models.profiles import ModelProfile, route
 from granite_batch.models.prompts import Request
+from granite_batch.schema import FLAG_COLUMNS
 
 ROUTE_COLUMN = "model_index"  # internal: the position, in the job's model list, of the row's model
-FLAG_COLUMNS = ("speakers", "punctuation", "word_timestamps")
 _TRUE = {"true", "yes", "1", "on"}
 _FALSE = {"false", "no", "0", "off"}
 

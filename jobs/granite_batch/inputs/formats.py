@@ -17,6 +17,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from granite_batch.inputs.rows import KNOWN_COLUMNS, TEXT_COLUMNS, ManifestError
+from granite_batch.schema import FLAG_COLUMNS
 
 BLOCK_BYTES = 16 << 20  # text read per block: ~100,000 rows of a typical JSON Lines manifest
 
@@ -101,6 +102,16 @@ def _canonical_keywords(value, where: str):
     )
 
 
+def _flag_text(value) -> str | None:
+    """A per-row flag as text, so that a row whose flag is no boolean does not refuse the manifest
+    (inference/routing.py reads "true"/"false" and makes any other value that row's error)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
 def _rows_to_table(rows: list[dict], lines: list[int], name: str) -> pa.Table:
     """The slow path's table: contract columns in their one canonical form, passthrough as Arrow infers."""
     columns: dict[str, None] = {}
@@ -115,6 +126,10 @@ def _rows_to_table(rows: list[dict], lines: list[int], name: str) -> pa.Table:
         elif column == "keywords":
             values = [_canonical_keywords(v, f"{name} line {n}") for v, n in zip(values, lines)]
             array = pa.array(values, pa.list_(pa.string()))
+        elif column in FLAG_COLUMNS and any(v is not None and not isinstance(v, bool) for v in values):
+            array = pa.array(
+                [_flag_text(v) for v in values], pa.string()
+            )  # a value that is no boolean: its row's error
         else:
             try:
                 array = pa.array(values)

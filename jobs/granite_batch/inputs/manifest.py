@@ -33,7 +33,7 @@ from granite_batch.inputs.rows import (
 )
 from granite_batch.inputs.shards import ShardCounts, ShardError, is_shard, iter_samples, member_uri
 from granite_batch.output.committed import OWN_FILE
-from granite_batch.schema import EVAL_DIR, RUNS_DIR, SECOND_PASS_DIR, STAGING_DIR, TRANSCRIPTS_DIR
+from granite_batch.schema import EVAL_DIR, FLAG_COLUMNS, RUNS_DIR, SECOND_PASS_DIR, STAGING_DIR, TRANSCRIPTS_DIR
 from granite_batch.storage import filesystem, uri_of
 
 log = logging.getLogger(__name__)
@@ -187,6 +187,9 @@ class ManifestStream:
             try:
                 merged = pa.unify_schemas([pa.schema([old]), pa.schema([new])], promote_options="permissive")
             except (pa.ArrowInvalid, pa.ArrowTypeError):
+                if column in FLAG_COLUMNS:  # booleans in one block, text in another: text, read per row
+                    self._passthrough[column] = (old.with_type(pa.string()), old_where)
+                    continue
                 here_name, here_line = self._where_first(table, column, name, block, lines)
                 this, that = _type_name(new.type), _type_name(old.type)
                 if (this, that) == ("dict", "dict") or (this, that) == ("list", "list"):

@@ -191,6 +191,7 @@ class PlanLayout:
     rows_in: int
     ids_replaced: int  # rows whose empty/blank/null id was replaced by the digest id
     manifest_files: list[str]
+    shard_members_skipped: dict[str, int]  # tar shard members that gave no row, by reason
     passthrough: list[str]
     retry_failed: bool
     committed: CommittedCounts
@@ -323,6 +324,7 @@ def prepare_plan(
         rows_in=stream.rows_in,
         ids_replaced=stream.ids_replaced,
         manifest_files=stream.files,
+        shard_members_skipped=dict(sorted(stream.shard_counts.skipped.items())),
         passthrough=stream.passthrough,
         retry_failed=retry_failed,
         committed=counts,
@@ -400,8 +402,17 @@ def sum_counts(counts: list[dict]) -> dict:
 
 def plan_counts(layout: PlanLayout) -> dict:
     """The whole plan's counts, bucket after bucket, reading only the `id` column of the manifest
-    rows: what the run summary says from the start, and whether there is anything to do at all."""
-    return sum_counts([_plan(layout, b, columns=["id"])[1] for b in range(layout.buckets)])
+    rows: what the run summary says from the start, and whether there is anything to do at all. A
+    bucket with duplicates is read again with its recordings (`audio`, embedded bytes) to count the
+    duplicates that name another recording."""
+    recording = [c for c in ("audio", "audio_bytes") if c in layout.schema.names]
+    counts = []
+    for bucket in range(layout.buckets):
+        bucket_counts = _plan(layout, bucket, columns=["id"])[1]
+        if bucket_counts["duplicates"]:
+            bucket_counts = _plan(layout, bucket, columns=["id", *recording])[1]
+        counts.append(bucket_counts)
+    return sum_counts(counts)
 
 
 def discard_plan(

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from granite_batch.schema import RUNS_DIR, error_reason
+from granite_batch.schema import RUNS_DIR, STAGING_DIR, error_reason
 from granite_batch.storage import filesystem, write_json
 
 
@@ -75,3 +75,23 @@ def batch_counts(table: pa.Table) -> dict[str, float]:
         "audio_s": float(pc.sum(table.column("duration_s")).as_py() or 0.0),
         "segments": segments,
     }
+
+
+def reap_dead_runs(output_uri: str, live_run_id: str, storage_options: dict | None = None) -> list[str]:
+    """The runs whose summary still says `running` while run `live_run_id` holds the transcripts'
+    lease: they died (killed, or their machine lost) before writing a final status. Their staging
+    folder is removed and their summary says `died`; returns their ids. Only a lease holder may
+    call this (with `lease: none` another run may really be running)."""
+    fs, root = filesystem(output_uri, storage_options)
+    dead = []
+    for summary in read_summaries(output_uri, storage_options):
+        run_id = summary.get("run_id")
+        if summary.get("status") != "running" or not run_id or run_id == live_run_id:
+            continue
+        staging = posixpath.join(root, STAGING_DIR, run_id)
+        if fs.exists(staging):
+            fs.rm(staging, recursive=True)
+        ended = {**summary, "status": "died", "error": f"stopped without a final status; run {live_run_id} found it"}
+        write_summary(output_uri, run_id, ended, storage_options)
+        dead.append(run_id)
+    return dead

@@ -39,7 +39,7 @@ from granite_batch.output.compact import finish_compactions
 from granite_batch.output.delta import DeltaWriter, is_delta
 from granite_batch.output.replace import Replacements
 from granite_batch.output.subtitles import write_subtitles
-from granite_batch.output.summary import RunStats, batch_counts
+from granite_batch.output.summary import RunStats, batch_counts, reap_dead_runs
 from granite_batch.output.writer import TranscriptWriter
 from granite_batch.pipeline import JobModel
 from granite_batch.run.bookkeeping import RunResult, TooManyFailures, _Run, interrupts_deferred
@@ -213,6 +213,8 @@ class TranscriptionRun:
 
         def plan():
             finish_compactions(config.output, config.storage_options)  # under the lease: no id keeps two rows
+            if config.lease != "none":  # under the lease: a run still `running` in its summary has died
+                reap_dead_runs(config.output, run.run_id, config.storage_options)
             # Bucketed by id on the output's filesystem, so the driver never holds the manifest (plan.py).
             return prepare_plan(
                 stream,
@@ -355,7 +357,9 @@ class TranscriptionRun:
             "manifest_files": layout.manifest_files,
             "rows_in": layout.rows_in,
             "duplicates": planned["duplicates"],
+            "duplicates_differing": planned.get("duplicates_differing", 0),
             "ids_replaced": layout.ids_replaced,
+            "shard_members_skipped": layout.shard_members_skipped,
             "rows_already_done": planned["rows_already_done"],
             "rows_to_do": planned["rows_to_do"],
             "rows_retried": planned["rows_retried"],

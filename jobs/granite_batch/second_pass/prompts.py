@@ -52,6 +52,7 @@ _SENTINEL = "\ue000"
 
 def load_template(options: SecondPassOptions) -> str:
     """The Jinja source of the options' template: a built-in one or a file's (which must use `transcript`)."""
+    import jinja2
     import jinja2.meta
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -71,6 +72,15 @@ def load_template(options: SecondPassOptions) -> str:
         raise ConfigError(f"second_pass.template: {path}: line {exc.lineno}: {exc.message}") from None
     if "transcript" not in variables:
         raise ConfigError(f"second_pass.template: {path} never uses {{{{ transcript }}}}")
+    # Rendered once per stage here, as the stage will: a template the sandbox refuses (attribute
+    # access such as `__class__`) or that names an unknown variable is a config error before any work,
+    # not a failure of every row.
+    template = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined).from_string(source)
+    for stage in ("whole", "map", "reduce"):
+        try:
+            template.render(stage=stage, transcript="<transcript>\n\n</transcript>", part=1, parts=2, question="?")
+        except jinja2.TemplateError as exc:
+            raise ConfigError(f"second_pass.template: {path}: {type(exc).__name__}: {exc}") from None
     return source
 
 
