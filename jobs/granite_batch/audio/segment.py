@@ -118,14 +118,14 @@ def _cut_point(
 ) -> int:
     """Where to cut speech inside [low, high): in its longest pause.
 
-        A 10 ms frame is a pause when the VAD calls it non-speech (probability below `neg_threshold`) or
-        its energy is `PAUSE_DB` below the window's median frame (a gap between words: silero's
-        probability barely dips in gaps under 100 ms, so energy finds most of them). The longest run of
-        pause frames wins (then the one the VAD is surest of, then the latest), as silero's own splitter
-        prefers pauses of 98 ms or more over cutting at its limit; the cut is at the run's quietest frame.
-        With no pause at all (noise, music under speech) the cut is at the frame of least speech
-        probability, then least energy. Without the VAD (`options.vad` False) a pause is energy alone and
-        the cut is at its middle frame; a frame within 10 dB of the window's quietest is a pause too (over
+    A 10 ms frame is a pause when the VAD calls it non-speech (probability below `neg_threshold`) or
+    its energy is `PAUSE_DB` below the window's median frame (a gap between words: silero's
+    probability barely dips in gaps under 100 ms, so energy finds most of them). The longest run of
+    pause frames wins (then the one the VAD is surest of, then the latest), as silero's own splitter
+    prefers pauses of 98 ms or more over cutting at its limit; the cut is at the run's quietest frame.
+    With no pause at all (noise, music under speech) the cut is at the frame of least speech
+    probability, then least energy. Without the VAD (`options.vad` False) a pause is energy alone and
+    the cut is at its middle frame; a frame within 10 dB of the window's quietest is a pause too (over
     a noise floor, 35 dB below the median may be no frame at all).
     """
     frame = max(1, int(PAUSE_FRAME_S * sample_rate_hz))
