@@ -125,6 +125,9 @@ def test_cut_where_decoded_gives_the_rows_of_decoding_then_segmenting(recordings
 
 def test_a_long_recording_is_cut_as_it_is_decoded_without_being_held(recordings):
     table = manifest(recordings, ["ten"])
+    # Warm up first: the modules the path imports and the VAD it loads on first use are not what this
+    # measures (run alone, the test counted 60 MB of imports as held samples).
+    list(decode_cut.decode_blocks(manifest(recordings, ["long"]), 30.0, isolate=False, options=OPTIONS))
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
