@@ -63,6 +63,14 @@ def load_options(config: JobConfig, device: str) -> dict:
     }
 
 
+def _load(model: JobModel, options: dict):
+    """A job model loaded in an actor with the engine its entry names; the exact revision rows are
+    labelled with is the one loaded."""
+    return load_speech_model(
+        model.ref.name, model.ref.revision, profile=model.profile, engine=model.spec.engine or "transformers", **options
+    )
+
+
 class Transcriber:
     """Model actor: loads the model once, then maps batches of segment rows to their texts."""
 
@@ -80,14 +88,7 @@ class Transcriber:
         self.flags = flags
         self.crash_test = crash_test
         self.cascade = cascade
-        # The exact revision the rows are labelled with is the one loaded.
-        self.speech_model = load_speech_model(
-            model.ref.name,
-            model.ref.revision,
-            profile=model.profile,
-            engine=model.spec.engine or "transformers",
-            **options,
-        )
+        self.speech_model = _load(model, options)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.crash_test is not None:
@@ -123,13 +124,7 @@ class Escalator:
         self.flags = flags
         self.last = last
         self.crash_test = crash_test
-        self.speech_model = load_speech_model(
-            model.ref.name,
-            model.ref.revision,
-            profile=model.profile,
-            engine=model.spec.engine or "transformers",
-            **options,
-        )
+        self.speech_model = _load(model, options)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.crash_test is not None:
