@@ -380,6 +380,13 @@ def ray_cluster(request):
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard}",
+            # The agents' own ports too: their defaults (52365 and others) are taken by any other Ray on
+            # the machine, such as the one this test session started, and a head whose job agent cannot
+            # listen answers every submission with "No available agent to submit job".
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
             f"--temp-dir={temp_dir}",
             "--disable-usage-stats",
         ],

@@ -138,6 +138,12 @@ def test_plus_takes_keywords_on_its_asr_prompt_only():
     assert GRANITE_SPEECH_PLUS.unsupported(Request(language="en", keywords=("Ray",), speakers=True)) == (
         "keywords with speaker labels or word times"
     )
+    assert GRANITE_SPEECH_PLUS.unsupported(Request(language="en", keywords=("Ray",), word_times=True)) == (
+        "keywords with speaker labels or word times"
+    )
+    # Word times by alignment (4.0, 4.1) keep the keyword prompt: only plus's `[T:N]` prompt has none.
+    for profile in (GRANITE_SPEECH, GRANITE_SPEECH_41):
+        assert profile.serves(Request(language="en", keywords=("Ray",), word_times=True)), profile.name
 
 
 def test_route_picks_the_first_model_that_serves_and_names_what_is_missing():

@@ -13,10 +13,10 @@ from conftest import RAY, REPO, SAMPLES
 
 
 def _submit(command: list[str], env: dict) -> subprocess.CompletedProcess:
-    """Submit as a user would, retrying what Ray itself says to retry: the dashboard answers before the
-    head node's job agent has registered, and then waits only 10 s for it (a busy CI machine took
-    longer). Nothing was submitted by a refused attempt, so trying again cannot run the job twice."""
-    for _attempt in range(12):
+    """Submit as a user would, retrying what Ray itself says to retry: the dashboard can answer before
+    the head node's job agent has registered, and then waits only 10 s for it. Nothing was submitted by
+    a refused attempt, so trying again cannot run the job twice."""
+    for _attempt in range(6):
         result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
         if result.returncode == 0 or "No available agent to submit job" not in result.stdout + result.stderr:
             return result

@@ -149,8 +149,10 @@ class ModelProfile:
             return f"{language} transcription"
         if request.keywords and not self.keywords:
             return "keywords"
-        if request.keywords and (request.speakers or request.word_times):
-            return "keywords with speaker labels or word times"  # the card biases its ASR prompt only
+        if request.keywords and (request.speakers or (request.word_times and self.word_times)):
+            # Plus: the card biases its ASR prompt only, not its speaker or `[T:N]` prompts; word times
+            # by alignment (4.0, 4.1) leave the keyword prompt as it is.
+            return "keywords with speaker labels or word times"
         if request.speakers and not self.speakers:
             return "speaker labels"
         if request.word_times and request.speakers:
