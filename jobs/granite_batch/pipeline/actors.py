@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
@@ -22,15 +21,10 @@ from granite_batch.models.engines import load_speech_model
 from granite_batch.models.hub import ModelRef
 from granite_batch.models.profiles import ModelProfile
 from granite_batch.models.speculative import SpeculativeOptions
+from granite_batch.pipeline.cluster import JobModel
 from granite_batch.second_pass.language_model import LanguageModel
 from granite_batch.second_pass.prompts import Prompter
 from granite_batch.second_pass.stage import second_pass_table
-
-if TYPE_CHECKING:
-    pass
-
-
-from granite_batch.pipeline.cluster import JobModel
 
 log = logging.getLogger(__name__)
 

@@ -7,15 +7,10 @@ import logging
 import signal
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from granite_batch.config import ConfigError, JobConfig, ModelSpec
 from granite_batch.models.hub import ModelRef
 from granite_batch.models.profiles import ModelProfile
-
-if TYPE_CHECKING:
-    pass
-
 
 log = logging.getLogger(__name__)
 
