@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 
+import deltalake  # a dev dependency: CI installs it, so these tests never skip
 import pyarrow as pa
 import pytest
 
@@ -17,8 +18,6 @@ from granite_batch.inputs.redo import parse_selections
 from granite_batch.output.delta import DeltaWriter, delta_dataset, delta_version, is_delta
 from granite_batch.schema import transcript_schema
 from test_redo import NEW, OLD, manifest, rows
-
-deltalake = pytest.importorskip("deltalake")
 
 
 def ids_and_models(output: str, options=None) -> list[tuple[str, str]]:
