@@ -15,6 +15,7 @@ import pytest
 from conftest import REPO
 
 BENCH_GPU = REPO / "benchmarks" / "bench_gpu.py"
+BENCH_GPU_CTC = REPO / "benchmarks" / "bench_gpu_ctc.py"
 BENCH_PIPELINE = REPO / "benchmarks" / "bench_pipeline.py"
 # What the GPU machine may lack (it has transformers and its dependencies, pyyaml among them, but
 # not this project's): the script must not import any of it.
@@ -25,20 +26,47 @@ def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def test_gpu_bench_runs_tiny_on_cpu_without_ray():
+def run_as_on_a_bare_gpu_machine(script: os.PathLike) -> subprocess.CompletedProcess:
+    """`script --tiny --device cpu` with what the GPU machine lacks made unimportable, and the package
+    from jobs/ (as the docs run it there, where granite-batch is not installed)."""
     blocker = (
         "import runpy, sys\n"
         f"for name in {ABSENT!r}:\n"
         "    sys.modules[name] = None  # import raises ImportError, as if not installed\n"
-        f"sys.argv = [{str(BENCH_GPU)!r}, '--tiny', '--device', 'cpu']\n"
-        f"runpy.run_path({str(BENCH_GPU)!r}, run_name='__main__')\n"
+        f"sys.argv = [{str(script)!r}, '--tiny', '--device', 'cpu']\n"
+        f"runpy.run_path({str(script)!r}, run_name='__main__')\n"
     )
-    # As the README runs it there, where granite-batch is not installed: the package from jobs/.
     env = {**os.environ, "PYTHONPATH": str(REPO / "jobs")}
     result = subprocess.run(
         [sys.executable, "-c", blocker], capture_output=True, text=True, timeout=300, cwd=REPO, env=env
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_turboctc_gpu_bench_runs_tiny_on_cpu_without_ray():
+    result = run_as_on_a_bare_gpu_machine(BENCH_GPU_CTC)
+    summary = last_json(result.stdout)
+    modes = [(r["mode"], r["batch_size"]) for r in summary["results"]]
+    best = max((r for r in summary["results"] if r["mode"] == "ours"), key=lambda r: r["rtfx"])["batch_size"]
+    assert modes == [("card", 1), ("card-batch", 2), ("ours", 2), ("card-batch", 4), ("ours", 4)] + [
+        (mode, best) for mode in ("ours-words", "features", "features+enc")
+    ]
+    rows = {(r["mode"], r["batch_size"]): r for r in summary["results"]}
+    for row in summary["results"]:
+        assert row["rtfx"] == pytest.approx(row["audio_s"] / row["wall_s"], rel=1e-9), row
+    # The job's text does not depend on the batch size or on word times.
+    assert (
+        rows[("ours", 2)]["characters"] == rows[("ours", 4)]["characters"] == rows[("ours-words", best)]["characters"]
+    )
+    assert rows[("ours", 2)]["characters"] > 0
+    split = summary["split_of_ours"]
+    assert split["features_share"] + split["encoder_share"] + split["host_decode_share"] == pytest.approx(1.0)
+    assert 0.2 < summary["token_frame_share"] < 0.5
+
+
+def test_gpu_bench_runs_tiny_on_cpu_without_ray():
+    result = run_as_on_a_bare_gpu_machine(BENCH_GPU)
     modes = [("naive", 1)] + [
         (mode, batch) for batch in (2, 4) for mode in ("transformers", "ours", "spec-wrong", "spec-right")
     ]

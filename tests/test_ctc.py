@@ -10,6 +10,7 @@ import torch
 from conftest import SAMPLES
 from granite_batch.audio.decode import decode_audio
 from granite_batch.models.ctc import CtcPath, CtcSpeechModel, collapse
+from granite_batch.models.ctc_features import batch_features
 from granite_batch.models.engines import load_speech_model
 from granite_batch.models.prompts import Request
 
@@ -37,6 +38,27 @@ def test_the_folder_loads_as_the_ctc_engine(ctc_model):
 def test_collapse_merges_repeats_and_drops_blanks():
     assert collapse([0, 5, 5, 0, 5, 7, 7, 0, 0], blank_id=0) == [5, 5, 7]
     assert collapse([0, 0], blank_id=0) == []
+
+
+@pytest.mark.parametrize("lengths", [[1600, 1601, 3199, 3200, 3201, 3360, 3519, 5000, 48_077], [16_000]])
+def test_batch_features_equal_each_clip_alone(ctc_model, lengths):
+    """One pass over the batch makes every row's features as that clip's own processor call does
+    (lengths on and off the hop and the stacking group), where the processor's padded batch does not."""
+    rng = np.random.default_rng(len(lengths))
+    clips = [(rng.standard_normal(n) * 0.1).astype(np.float32) for n in lengths]
+    extractor = ctc_model.feature_extractor
+    features, mask = batch_features(extractor, clips, "cpu", torch.float32)
+    padded = extractor(clips, sampling_rate=16_000, return_tensors="pt")["input_features"]
+    worst_padded = 0.0
+    for row, clip in enumerate(clips):
+        alone = extractor(torch.tensor(clip), sampling_rate=16_000, return_tensors="pt")
+        frames = alone["input_features"].shape[1]
+        assert mask[row].tolist() == alone["attention_mask"][0].tolist() + [0] * (features.shape[1] - frames)
+        torch.testing.assert_close(features[row, :frames], alone["input_features"][0], rtol=0, atol=1e-5)
+        assert not features[row, frames:].any()
+        worst_padded = max(worst_padded, (padded[row, :frames] - alone["input_features"][0]).abs().max().item())
+    if len(clips) > 1:  # the reason for batch_features: the padded batch changes the shorter rows' tails
+        assert worst_padded > 0.1
 
 
 def test_batched_output_equals_one_at_a_time(ctc_model, clips):
