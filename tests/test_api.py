@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+import warnings
 
 import pyarrow as pa
 import pytest
@@ -10,6 +12,8 @@ import ray
 
 from conftest import SAMPLES
 from granite_batch import build_processor
+from granite_batch.pipeline.actors import Transcriber
+from granite_batch.pipeline.cluster import MODEL_ACTOR_RETRIES, RETRY_OPTIONS
 from granite_batch.run.transcription import transcribe_files
 from granite_batch.schema import transcript_schema
 
@@ -99,3 +103,22 @@ def test_read_binary_files_rows_and_path_rows_are_manifest_rows():
     paths = normalise_rows(pa.table({"path": ["/data/b.wav"], "speaker": ["x"]}), Defaults())
     assert paths.column("audio").to_pylist() == ["/data/b.wav"] and paths.column("speaker").to_pylist() == ["x"]
     assert binary.column("id").to_pylist() != paths.column("id").to_pylist()
+
+
+def test_building_the_stages_warns_of_nothing_ray_deprecates(from_both):
+    """Our retry options reach Ray without its `ray_remote_args` deprecation warning on every run."""
+    rows = [dict(SAMPLE_ROWS[0], audio=str(SAMPLES / SAMPLE_ROWS[0]["audio"]))]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = from_both["processor"](ray.data.from_items(rows))  # lazy: the stages are built, not run
+    assert not [w for w in caught if "ray_remote_args" in str(w.message)]
+    # Passed all the same: the model stage asks Ray to restart its actor and never to retry its batch.
+    stage = ds._logical_plan.dag
+    while getattr(stage, "fn", None) is not Transcriber:  # down the chain to the model actor's stage
+        stage = stage.input_dependencies[0]
+    assert {k: stage.ray_remote_args[k] for k in MODEL_ACTOR_RETRIES} == MODEL_ACTOR_RETRIES
+
+
+def test_ray_still_names_no_retry_parameter():
+    """When `map_batches` names these, pass them by name and drop pipeline.cluster's warning filter."""
+    assert not set(RETRY_OPTIONS) & set(inspect.signature(ray.data.Dataset.map_batches).parameters)

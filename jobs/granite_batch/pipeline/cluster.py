@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import warnings
 from dataclasses import dataclass
 
 from granite_batch.config import ConfigError, JobConfig, ModelSpec
@@ -180,6 +181,24 @@ MODEL_ACTOR_RETRIES = {"max_restarts": -1, "max_task_retries": 0}
 # Passed to map_batches for the decode and segment tasks: their native work runs in a forked child
 # (isolation.py), so a worker that dies anyway (killed, out of memory) is retried once, not forever.
 TASK_RETRIES = {"max_retries": 1}
+
+# Ray 2.60's `map_batches` has named parameters for resources but none for these retry options, and
+# warns for any extra remote argument (`ray_remote_args` "is deprecated and will be removed in Ray
+# 2.64"; `ray_remote_args_fn`, the other way, is deprecated too). Dropping them is not an option: with
+# Ray Data's defaults a poison batch is retried forever. Our Ray range (<2.61) cannot reach 2.64
+# unnoticed, and tests/test_api.py fails once `map_batches` names them, to switch over.
+RETRY_OPTIONS = ("max_restarts", "max_task_retries", "max_retries")
+
+
+def map_batches_with_retries(ds, fn, retries: dict, **kwargs):
+    """`ds.map_batches(fn, **kwargs)` with `retries` (keys of RETRY_OPTIONS) passed as remote
+    arguments, without the deprecation warning that only names Ray's missing parameters."""
+    unknown = set(retries) - set(RETRY_OPTIONS)
+    if unknown:
+        raise ValueError(f"not a retry option: {sorted(unknown)}")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(fn, **kwargs, **retries)
 
 
 MAX_LOST_BATCHES = 16

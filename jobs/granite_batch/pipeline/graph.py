@@ -47,6 +47,7 @@ from granite_batch.pipeline.cluster import (
     JobModel,
     Pool,
     ensure_ray,
+    map_batches_with_retries,
     plan_pools,
 )
 
@@ -227,7 +228,8 @@ def _model_branch(
     # segments (decode_cut.decode_blocks); shorter ones leave whole, and Ray Data gathers them into a
     # block until it passes its target size (128 MB), so the VAD sees a block's short clips side by
     # side (16 of them: 408x real time, against 171x at 4).
-    ds = ds.map_batches(
+    ds = map_batches_with_retries(
+        ds,
         decode_cut.decode_blocks,
         fn_kwargs={
             "max_segment_s": max_segment_s,
@@ -242,9 +244,10 @@ def _model_branch(
         batch_format="pyarrow",
         batch_size=1 if alone else config.decode_batch_size,
         num_cpus=config.resources.decode_cpus,
-        **TASK_RETRIES,
+        retries=TASK_RETRIES,
     )
-    ds = ds.map_batches(
+    ds = map_batches_with_retries(
+        ds,
         segment.segment_blocks,
         fn_kwargs={
             "sample_rate_hz": config.sample_rate_hz,
@@ -255,7 +258,7 @@ def _model_branch(
         batch_format="pyarrow",
         batch_size=None,
         num_cpus=config.resources.decode_cpus,
-        **TASK_RETRIES,
+        retries=TASK_RETRIES,
     )
     cascade = None
     if model.spec.escalates:
@@ -304,7 +307,8 @@ def _actor_stage(ray, ds, actor, kwargs: dict, config: JobConfig, pool: Pool, al
     if pool.custom:
         actor_options["resources"] = dict(pool.custom)
     segments_per_call, audio_s_per_call = config.model_batch(gpu=device.startswith("cuda"))
-    return ds.map_batches(
+    return map_batches_with_retries(
+        ds,
         actor,
         fn_constructor_kwargs={**kwargs, "options": load_options(config, device)},
         # Alone, an actor works on one call at a time: calls queued on an actor die with it.
@@ -318,7 +322,7 @@ def _actor_stage(ray, ds, actor, kwargs: dict, config: JobConfig, pool: Pool, al
         batch_size=1 if alone else actor_batch_rows(segments_per_call, audio_s_per_call, max_segment_s),
         num_gpus=pool.gpus_per_actor,
         num_cpus=pool.cpus_per_actor,
-        **MODEL_ACTOR_RETRIES,
+        retries=MODEL_ACTOR_RETRIES,
         **actor_options,
     )
 
