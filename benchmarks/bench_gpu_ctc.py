@@ -37,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -168,6 +169,37 @@ def encoder_only(speech: CtcSpeechModel, clips, batch_size: int) -> None:
             pass  # the paths are made (device work and one copy to the host); nothing decoded
 
 
+def host_decode_us(speech: CtcSpeechModel, segments: int = 1024, share: float = 0.32) -> dict:
+    """Microseconds of host work per segment on made-up greedy paths (2-30 s, `share` of frames emitting,
+    ids over the whole vocabulary): collapse, text, confidence and speech ratio, with the job's decode
+    (`decode_ids`) and with ParakeetTokenizer's own `decode(group_tokens=False)`. The best of 3."""
+    from granite_batch.models.ctc import collapse
+    from granite_batch.models.quality import emitted_logprob, speech_ratio
+
+    rng = np.random.default_rng(1)
+    paths = []
+    for _ in range(segments):
+        frames = int(rng.uniform(2.0, 30.0) / speech.frame_s)
+        ids = np.where(rng.random(frames) < share, rng.integers(1, len(speech.tokenizer), frames), 0).tolist()
+        paths.append((ids, (-rng.random(frames)).tolist()))
+
+    def run(decode) -> float:
+        start = time.perf_counter()
+        for ids, logprobs in paths:
+            decode(collapse(ids, speech.blank_id))
+            emitted_logprob(ids, logprobs, speech.blank_id)
+            speech_ratio(ids, speech.blank_id, speech.frame_s)
+        return (time.perf_counter() - start) / segments * 1e6
+
+    def tokenizers_own(ids):
+        return speech.tokenizer.decode(ids, skip_special_tokens=True, group_tokens=False)
+
+    return {
+        "ours_us": min(run(speech.decode_ids) for _ in range(3)),
+        "tokenizer_decode_us": min(run(tokenizers_own) for _ in range(3)),
+    }
+
+
 def timed(device: str, work) -> tuple[float, object]:
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -263,6 +295,11 @@ def main(argv: list[str] | None = None) -> int:
         "host_decode_share": (best["wall_s"] - encoder["wall_s"]) / best["wall_s"],
         "word_times_cost": words["wall_s"] / best["wall_s"] - 1.0,
     }
+    host = host_decode_us(speech)
+    print(
+        f"host work per segment: {host['ours_us']:.0f} us with the job's decode, "
+        f"{host['tokenizer_decode_us']:.0f} us with the tokenizer's own"
+    )
     summary = {
         "bench": "turboctc-gpu",
         "tiny": tiny,
@@ -280,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         "total_s": time.perf_counter() - started,
         "results": results,
         "split_of_ours": split,
+        "host_per_segment": host,
     }
     card_best = max(r["rtfx"] for r in results if r["mode"] == "card-batch")
     print(

@@ -63,6 +63,7 @@ def test_turboctc_gpu_bench_runs_tiny_on_cpu_without_ray():
     split = summary["split_of_ours"]
     assert split["features_share"] + split["encoder_share"] + split["host_decode_share"] == pytest.approx(1.0)
     assert 0.2 < summary["token_frame_share"] < 0.5
+    assert summary["host_per_segment"]["ours_us"] > 0 and summary["host_per_segment"]["tokenizer_decode_us"] > 0
 
 
 def test_gpu_bench_runs_tiny_on_cpu_without_ray():

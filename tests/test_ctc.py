@@ -113,6 +113,18 @@ def test_the_path_is_decoded_once(ctc_model, monkeypatch, text):
     assert ctc_model.processor.batch_decode([path], skip_special_tokens=True) == [text]
 
 
+def test_decode_ids_is_the_tokenizers_own_ungrouped_decode(ctc_model):
+    """The shortcut past ParakeetTokenizer's per-id blank filter gives its own text, repeats, blanks
+    and unknown-to-bytes pieces included."""
+    assert ctc_model._ungrouped_decode is not None  # the real checkpoint's class takes the shortcut
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        ids = rng.integers(0, len(ctc_model.tokenizer), int(rng.integers(0, 40))).tolist()
+        ids += ids[: int(rng.integers(0, 5))]  # repeats
+        expected = ctc_model.tokenizer.decode(ids, skip_special_tokens=True, group_tokens=False)
+        assert ctc_model.decode_ids(ids) == expected
+
+
 def test_words_spell_the_text(ctc_model, clips):
     for result in ctc_model.generate_segments([(clip, Request(language="en")) for clip in clips], posteriors=True):
         assert " ".join(w.text for w in result.words or []) == " ".join(result.text.split())
