@@ -61,12 +61,15 @@ def test_batch_features_equal_each_clip_alone(ctc_model, lengths):
         assert worst_padded > 0.1
 
 
-def test_batched_output_equals_one_at_a_time(ctc_model, clips):
+def test_batched_output_equals_one_at_a_time(ctc_model, clips, monkeypatch):
+    monkeypatch.setattr("granite_batch.models.ctc.LOGPROB_ROWS", 4)  # confidences in chunks of a batch
     items = [(clip, Request(language="en")) for clip in clips]
     batched = ctc_model.generate_segments(items)
     alone = [ctc_model.generate_segments([item])[0] for item in items]
     assert [r.text for r in batched] == [r.text for r in alone]
     assert [r.new_tokens for r in batched] == [r.new_tokens for r in alone]
+    assert [r.avg_logprob for r in batched] == pytest.approx([r.avg_logprob for r in alone], abs=2e-4)
+    assert all(r.avg_logprob is not None for r in batched[:4])
     # Informative: the recordings give different texts, and the too-short one none.
     assert len({r.text for r in batched[:4]}) == 4
     assert batched[-1].text == "" and batched[-1].decided_by is None

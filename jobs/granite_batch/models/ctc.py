@@ -43,6 +43,7 @@ from granite_batch.models.prompts import Request
 from granite_batch.models.quality import emitted_logprob, speech_ratio
 
 DECODED_BY_CTC = "ctc"  # what decided a CTC model's segments, for the run summary
+LOGPROB_ROWS = 16  # segments whose frame log-posteriors are computed at once
 
 
 @dataclass(frozen=True)
@@ -194,8 +195,12 @@ class CtcSpeechModel:
             # The valid encoder frames of each row, as the model's own generate masks them.
             valid = self.model._get_output_attention_mask(mask, target_length=frame_ids.shape[1]).sum(-1).tolist()
             rows = frame_ids.tolist()
-            # Each frame's label log-posterior, the confidence (quality.emitted_logprob): one copy per batch.
-            logprobs = torch.log_softmax(out.logits.float(), dim=-1).max(dim=-1).values.tolist()
+            # Each frame's label log-posterior, the confidence (quality.emitted_logprob), in float32 a few
+            # rows at a time: the whole batch's would be 6 GB at 256 x 30 s over 16,384 units.
+            logprobs = []
+            for start in range(0, out.logits.shape[0], LOGPROB_ROWS):
+                chunk = out.logits[start : start + LOGPROB_ROWS].float()
+                logprobs += torch.log_softmax(chunk, dim=-1).max(dim=-1).values.tolist()
         return [CtcPath(row[:n], self.frame_s, self.blank_id, lp[:n]) for row, n, lp in zip(rows, valid, logprobs)]
 
 
