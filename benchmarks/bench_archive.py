@@ -36,6 +36,7 @@ from granite_batch.output.compact import compact_dataset
 from granite_batch.output.replace import Replacements
 from granite_batch.output.writer import TranscriptWriter
 from granite_batch.schema import SEGMENT_TYPE, transcript_schema
+from granite_batch.storage import OutputRoot
 
 
 def rows(ids: list[str], model: str | list[str]) -> pa.Table:
@@ -81,7 +82,7 @@ def main() -> None:
         output = str(Path(folder) / "out")
         per_file = -(-args.rows // args.files)
         for n in range(args.files):  # one night each
-            writer = TranscriptWriter(output, f"night{n:04d}", transcript_schema())
+            writer = TranscriptWriter(OutputRoot(output), f"night{n:04d}", transcript_schema())
             writer.write(rows(ids[n * per_file : (n + 1) * per_file], models[n * per_file : (n + 1) * per_file]))
             writer.close()
         manifest = Path(folder) / "m.jsonl"
@@ -92,7 +93,7 @@ def main() -> None:
         def plan():
             stream = ManifestStream(str(manifest), Defaults())
             layout = prepare_plan(
-                stream, output, str(Path(folder) / "plan"), redo=selections, replacements=replacements
+                stream, OutputRoot(output), str(Path(folder) / "plan"), redo=selections, replacements=replacements
             )
             return plan_counts(layout)
 
@@ -101,7 +102,11 @@ def main() -> None:
 
         def replace():
             writer = TranscriptWriter(
-                output, "redo", transcript_schema(), rows_per_file=args.rows_per_commit, replacements=replacements
+                OutputRoot(output),
+                "redo",
+                transcript_schema(),
+                rows_per_file=args.rows_per_commit,
+                replacements=replacements,
             )
             redo_ids = [ids[i] for i in chosen]
             for start in range(0, len(redo_ids), 1000):
@@ -112,7 +117,9 @@ def main() -> None:
         _, figures["replace_s"] = timed(replace)
         figures["commits"] = -(-len(chosen) // args.rows_per_commit)
         figures["rows_replaced"] = replacements.rows_replaced
-        result, figures["compact_s"] = timed(lambda: compact_dataset(output, "compact-bench", target_mb=1024))
+        result, figures["compact_s"] = timed(
+            lambda: compact_dataset(OutputRoot(output), "compact-bench", target_mb=1024)
+        )
         figures["files_after_compact"] = result.files_after
 
         try:
@@ -123,7 +130,7 @@ def main() -> None:
             delta = str(Path(folder) / "delta")
 
             def delta_write():
-                writer = DeltaWriter(delta, "nights", transcript_schema(), rows_per_file=per_file)
+                writer = DeltaWriter(OutputRoot(delta), "nights", transcript_schema(), rows_per_file=per_file)
                 for n in range(args.files):
                     writer.write(
                         rows(ids[n * per_file : (n + 1) * per_file], models[n * per_file : (n + 1) * per_file])
@@ -133,7 +140,7 @@ def main() -> None:
             _, figures["delta_initial_s"] = timed(delta_write)
 
             def delta_redo():
-                writer = DeltaWriter(delta, "redo", transcript_schema(), rows_per_file=args.rows_per_commit)
+                writer = DeltaWriter(OutputRoot(delta), "redo", transcript_schema(), rows_per_file=args.rows_per_commit)
                 redo_ids = [ids[i] for i in chosen]
                 for start in range(0, len(redo_ids), 1000):
                     writer.write(rows(redo_ids[start : start + 1000], "new"))

@@ -192,6 +192,7 @@ def stage_costs(files: list[tuple[str, float]], model_dir: Path, work: Path, seg
     from granite_batch.pipeline import Transcriber, actor_batch_rows, load_options, request_flags, segment_options
     from granite_batch.run.transcription import resolve_job_models
     from granite_batch.schema import transcript_schema
+    from granite_batch.storage import OutputRoot
 
     torch.set_num_threads(1)  # as Ray runs each task and actor here
     manifest_path = work / "stages.jsonl"
@@ -220,7 +221,7 @@ def stage_costs(files: list[tuple[str, float]], model_dir: Path, work: Path, seg
     cut_options = segment_options(config, model.profile)  # with or without the VAD, as the job
     speech_model = transcriber.speech_model
     extractor = speech_model.feature_extractor
-    writer = TranscriptWriter(config.output, "s", transcript_schema(manifest.table.schema), None, 100_000, 3600.0)
+    writer = TranscriptWriter(OutputRoot(config.output), "s", transcript_schema(manifest.table.schema), 100_000, 3600.0)
     assembler = RecordingAssembler()
     actor_rows = actor_batch_rows(*config.model_batch(gpu=False), config.max_segment_s)
     table = manifest.table

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from granite_batch.inputs.manifest import ManifestStream
 from granite_batch.inputs.plan import plan_bucket, prepare_plan
 from granite_batch.inputs.rows import Defaults
+from granite_batch.storage import OutputRoot
 
 AUDIO = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
@@ -53,7 +54,7 @@ def main() -> None:
         write_manifest(path, rows)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.time()
-    layout = prepare_plan(ManifestStream(str(path), Defaults()), str(work / "out"), str(work / "plan"))
+    layout = prepare_plan(ManifestStream(str(path), Defaults()), OutputRoot(str(work / "out")), str(work / "plan"))
     plan_s = time.time() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     largest = max(plan_bucket(layout, b)[0].nbytes for b in range(layout.buckets))

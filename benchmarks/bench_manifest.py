@@ -35,6 +35,7 @@ def write_inputs(folder: Path, rows: int) -> tuple[Path, Path]:
 
     from granite_batch.output.writer import TranscriptWriter
     from granite_batch.schema import SEGMENT_TYPE, transcript_schema
+    from granite_batch.storage import OutputRoot
 
     manifest = folder / "manifest.jsonl"
     languages = ["en", "fr", "de", "es", "pt", "ja"]
@@ -55,7 +56,7 @@ def write_inputs(folder: Path, rows: int) -> tuple[Path, Path]:
             )
     output = folder / "out"
     schema = transcript_schema(pa.schema([("reference", pa.string()), ("speaker", pa.string())]))
-    writer = TranscriptWriter(str(output), "bench", schema, rows_per_file=200_000)
+    writer = TranscriptWriter(OutputRoot(str(output)), "bench", schema, rows_per_file=200_000)
     step = 500_000
     for start in range(0, rows, step):
         n = min(step, rows - start)
@@ -93,6 +94,7 @@ def run_case(case: str, manifest: Path, output: Path) -> dict:
     from granite_batch.inputs.manifest import ManifestStream
     from granite_batch.inputs.plan import plan_bucket, prepare_plan, sum_counts
     from granite_batch.inputs.rows import Defaults
+    from granite_batch.storage import OutputRoot
 
     start = time.perf_counter()
     result: dict = {}
@@ -107,7 +109,7 @@ def run_case(case: str, manifest: Path, output: Path) -> dict:
         result.update(rows=rows.num_rows, rows_to_do=todo.num_rows)
     elif case == "plan_ours":
         with tempfile.TemporaryDirectory(dir=output.parent) as folder:
-            layout = prepare_plan(ManifestStream(str(manifest), Defaults()), str(output), folder)
+            layout = prepare_plan(ManifestStream(str(manifest), Defaults()), OutputRoot(str(output)), folder)
             counts = sum_counts([plan_bucket(layout, b)[1] for b in range(layout.buckets)])
             plan_files = [p for p in Path(folder).rglob("*.arrow")]
             result["plan_mb"] = sum(p.stat().st_size for p in plan_files) / 2**20

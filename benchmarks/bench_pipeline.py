@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from granite_batch.audio.decode import SAMPLE_RATE_HZ, decode_audio
+from granite_batch.storage import OutputRoot
 
 SAMPLES_DIR = Path(__file__).resolve().parents[1] / "samples"
 SOURCE_RATE_HZ = 44100
@@ -208,10 +209,9 @@ def in_process(config, mark_rows: int | None = None) -> dict:
         model = resolve_job_models(config)[0]
         transcriber = Transcriber(model, load_options(config, "cpu"), request_flags(config), config.run_id)
         writer = TranscriptWriter(
-            config.output,
+            OutputRoot(config.output, config.storage_options),
             config.run_id,
             transcript_schema(manifest.table.schema),
-            config.storage_options,
             config.rows_per_file,
             config.commit_interval_s,
         )

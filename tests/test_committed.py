@@ -12,6 +12,7 @@ from conftest import run_cli
 from granite_batch import results
 from granite_batch.output.committed import read_committed
 from granite_batch.schema import SECOND_PASS_SCHEMA, conform, file_schema, transcript_schema
+from granite_batch.storage import OutputRoot
 
 
 def _write_run(root, run_id: str, ids: list[str], batch: pa.Array) -> None:
@@ -65,7 +66,7 @@ def test_load_filters_and_columns_on_a_drifted_root(tmp_path):
 
 def test_every_reader_agrees_on_what_is_committed(tmp_path):
     root = drifted_root(tmp_path)
-    committed = read_committed(str(root))
+    committed = read_committed(OutputRoot(str(root)))
     assert sorted(committed.ids().to_pylist()) == sorted(results.load(str(root)).column("id").to_pylist())
     assert len(committed.foreign_files) == 2
 
@@ -124,18 +125,18 @@ def test_a_killed_runs_staging_is_removed_and_its_summary_ends_by_the_next_lease
     root = drifted_root(tmp_path)
     for run_id, status in (("night1", "succeeded"), ("killed", "running"), ("live", "running")):
         figures = {"started_at": f"2026-12-0{len(run_id)}T00:00:00", "rows_ok": 1, "rows_failed": 0, "wall_s": 1.0}
-        write_summary(str(root), run_id, {"run_id": run_id, "status": status, **figures})
+        write_summary(OutputRoot(str(root)), run_id, {"run_id": run_id, "status": status, **figures})
     for run_id in ("killed", "live"):
         (root / "_staging" / run_id / "plan").mkdir(parents=True)
     (root / "_staging" / "killed" / "part.parquet").write_bytes(b"half a file")
-    with Lease.acquire(str(root), "transcripts", "live"):
+    with Lease.acquire(OutputRoot(str(root)), "transcripts", "live"):
         # Before any run reaps it, status shows the run that holds no live lease as died, not running.
         lines = run_cli(["status", str(root)]).stdout.splitlines()
         shown = dict(line.split()[:2] for line in lines if line.startswith(("killed ", "live ")))
         assert shown == {"killed": "died", "live": "running"}
-        assert reap_dead_runs(str(root), "live") == ["killed"]
+        assert reap_dead_runs(OutputRoot(str(root)), "live") == ["killed"]
     assert not (root / "_staging" / "killed").exists() and (root / "_staging" / "live" / "plan").exists()
-    statuses = {s["run_id"]: s["status"] for s in read_summaries(str(root))}
+    statuses = {s["run_id"]: s["status"] for s in read_summaries(OutputRoot(str(root)))}
     assert statuses == {"killed": "died", "night1": "succeeded", "live": "running"}
     result = run_cli(["status", str(root)])
     assert "killed" in result.stdout and "died" in result.stdout

@@ -18,7 +18,7 @@ from granite_batch.output.writer import TranscriptWriter
 from granite_batch.run.compaction import compact_output
 from granite_batch.run.lease import LeaseTerms, take_lease
 from granite_batch.schema import TRANSCRIPTS_DIR, transcript_schema
-from granite_batch.storage import filesystem
+from granite_batch.storage import OutputRoot, filesystem
 from test_redo import rows
 
 
@@ -28,7 +28,7 @@ def nightly_runs(output: str, options=None, nights: int = 4) -> None:
         ids = [f"n{night}-{i}" for i in range(6)]
         run_id = f"2026120{night}T000000Z-r{night}"
         night_rows = pa.concat_tables([rows(ids[:3], "m", run_id, "en"), rows(ids[3:], "m", run_id, "fr")])
-        writer = TranscriptWriter(output, run_id, transcript_schema(), options, rows_per_file=2)
+        writer = TranscriptWriter(OutputRoot(output, options), run_id, transcript_schema(), rows_per_file=2)
         for row in range(night_rows.num_rows):
             writer.write(night_rows.slice(row, 1))
         writer.close()
@@ -59,7 +59,7 @@ def test_compaction_merges_small_files_per_language_and_keeps_the_rows(tmp_path,
     before, files_before = snapshot(output, options), our_files(output, options)
     assert len(files_before) == 16
 
-    result = compact_output(output, options, target_mb=64)
+    result = compact_output(OutputRoot(output, options), target_mb=64)
     after = our_files(output, options)
     assert snapshot(output, options) == before  # the same rows, each once
     assert len(after) == 2 and result.files_before == 16 and result.files_after == 2
@@ -75,7 +75,7 @@ def test_target_size_bounds_the_merged_files(tmp_path):
     before = snapshot(output)
     # About three files' worth of bytes per merged file: more than one merged file per language.
     target_mb = 3.5 * max((tmp_path / p).stat().st_size for p in our_files(output)) / (1 << 20)
-    result = compact_dataset(output, "compact-test", target_mb=target_mb)
+    result = compact_dataset(OutputRoot(output), "compact-test", target_mb=target_mb)
     assert snapshot(output) == before
     per_language = [p for p in our_files(output) if "language=en" in p]
     assert 2 <= len(per_language) < 8 and result.files_after == len(our_files(output))
@@ -90,9 +90,10 @@ def test_an_interrupted_compaction_is_finished_by_the_next_one(tmp_path):
         raise RuntimeError("lease lost")
 
     with pytest.raises(RuntimeError):  # stopped before the first merged file went into place
-        compact_dataset(output, "compact-a", before_commit=refuse)
+        compact_dataset(OutputRoot(output), "compact-a", before_commit=refuse)
     assert snapshot(output) == before and (tmp_path / "out" / JOURNAL_DIR).exists()
-    assert finish_compactions(output) == 0 and snapshot(output) == before  # nothing merged: nothing removed
+    # Nothing merged: nothing removed.
+    assert finish_compactions(OutputRoot(output)) == 0 and snapshot(output) == before
 
     # Killed after the merged file went into place, before its sources were removed: the rows are
     # there twice until the next compaction (or run) finishes the journal.
@@ -103,7 +104,7 @@ def test_an_interrupted_compaction_is_finished_by_the_next_one(tmp_path):
     journal.parent.mkdir(exist_ok=True)
     journal.write_text(json.dumps({"merged": str(merged), "sources": sources}))
     assert len(snapshot(output)) == len(before) + 6
-    result = compact_output(output, target_mb=64)
+    result = compact_output(OutputRoot(output), target_mb=64)
     assert result.recovered == len(sources) and snapshot(output) == before and not journal.exists()
 
 
@@ -111,7 +112,7 @@ def test_compact_waits_for_a_run_that_holds_the_output(tmp_path):
     output = str(tmp_path / "out")
     nightly_runs(output, nights=1)
     files = our_files(output)
-    lease = take_lease(output, TRANSCRIPTS_DIR, "a-running-job", None, LeaseTerms(wait_s=0))
+    lease = take_lease(OutputRoot(output), TRANSCRIPTS_DIR, "a-running-job", LeaseTerms(wait_s=0))
     try:
         held = run_cli(["compact", output, "--no-wait"], timeout=120)
     finally:

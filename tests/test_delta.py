@@ -17,16 +17,17 @@ from granite_batch.inputs.plan import count_status, plan_counts, prepare_plan
 from granite_batch.inputs.redo import parse_selections
 from granite_batch.output.delta import DeltaWriter, delta_dataset, delta_version, is_delta
 from granite_batch.schema import transcript_schema
+from granite_batch.storage import OutputRoot
 from test_redo import NEW, OLD, manifest, rows
 
 
 def ids_and_models(output: str, options=None) -> list[tuple[str, str]]:
-    table = delta_dataset(output, options).to_table(columns=["id", "model"])
+    table = delta_dataset(OutputRoot(output, options)).to_table(columns=["id", "model"])
     return sorted(zip(table.column("id").to_pylist(), table.column("model").to_pylist()))
 
 
 def write(output: str, table: pa.Table, run_id: str, options=None, rows_per_file: int = 1000) -> DeltaWriter:
-    writer = DeltaWriter(output, run_id, transcript_schema(), options, rows_per_file=rows_per_file)
+    writer = DeltaWriter(OutputRoot(output, options), run_id, transcript_schema(), rows_per_file=rows_per_file)
     writer.write(table)
     writer.close()
     return writer
@@ -50,10 +51,12 @@ def test_commits_merge_on_id_and_plans_read_the_current_version(output, tmp_path
     uri, options = output
     write(uri, rows(["a", "b", "c"], OLD, "r1"), "r1", options)
     write(uri, rows(["d"], OLD, "r1", language="fr"), "r1b", options)
-    assert is_delta(uri, options)
+    assert is_delta(OutputRoot(uri, options))
     stream = manifest(tmp_path, list("abcde"))
     stream.storage_options = options
-    layout = prepare_plan(stream, uri, str(tmp_path / "plan"), options, redo=parse_selections(["id == b", "id == d"]))
+    layout = prepare_plan(
+        stream, OutputRoot(uri, options), str(tmp_path / "plan"), redo=parse_selections(["id == b", "id == d"])
+    )
     counts = plan_counts(layout)
     assert counts["rows_to_do"] == 3 and counts["rows_redone"] == 2 and counts["rows_already_done"] == 2
     assert layout.committed.rows_selected == [1, 1] and layout.committed.foreign_files == []
@@ -63,7 +66,7 @@ def test_commits_merge_on_id_and_plans_read_the_current_version(output, tmp_path
     assert ids_and_models(uri, options) == [("a", OLD), ("b", NEW), ("c", OLD), ("d", OLD), ("e", NEW)]
     loaded = results.load(uri, storage_options=options, language="en")
     assert sorted(loaded.column("id").to_pylist()) == ["a", "b", "c", "e"]
-    assert count_status(uri, None, options).committed.rows_ok == 5
+    assert count_status(OutputRoot(uri, options), None).committed.rows_ok == 5
 
 
 def test_concurrent_writers_never_give_an_id_two_rows(output):
@@ -74,7 +77,7 @@ def test_concurrent_writers_never_give_an_id_two_rows(output):
     def writer(name: str) -> None:
         try:  # every writer commits every id, in two commits, racing the others
             ids = [f"id{i}" for i in range(12)]
-            out = DeltaWriter(uri, name, transcript_schema(), options, rows_per_file=6)
+            out = DeltaWriter(OutputRoot(uri, options), name, transcript_schema(), rows_per_file=6)
             out.write(rows(ids[:6], name, name))
             out.write(rows(ids[6:], name, name, language="fr"))
             out.close()
@@ -90,7 +93,7 @@ def test_concurrent_writers_never_give_an_id_two_rows(output):
     found = ids_and_models(uri, options)
     ids = [row_id for row_id, _ in found]
     assert sorted(set(ids)) == sorted(ids) and len(ids) == 13
-    assert delta_version(uri, options) == 8  # the seed, then two commits per writer: none lost
+    assert delta_version(OutputRoot(uri, options)) == 8  # the seed, then two commits per writer: none lost
 
 
 def test_compact_runs_the_format_optimize_and_keeps_the_rows(tmp_path):
@@ -130,6 +133,6 @@ def test_two_concurrent_runs_on_a_delta_output_give_each_id_one_row(tmp_path, ti
     for run in runs:
         _, stderr = run.communicate(timeout=900)
         assert run.returncode == 0, stderr[-2000:]
-    table = delta_dataset(uri).to_table(columns=["id", "error"])
+    table = delta_dataset(OutputRoot(uri)).to_table(columns=["id", "error"])
     assert sorted(table.column("id").to_pylist()) == sorted(e["id"] for e in entries)  # each once
     assert table.column("error").null_count == 2

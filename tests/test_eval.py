@@ -16,6 +16,7 @@ from granite_batch.evaluate import score_table
 from granite_batch.output.summary import write_summary
 from granite_batch.output.writer import TranscriptWriter
 from granite_batch.schema import transcript_schema
+from granite_batch.storage import OutputRoot
 
 
 def rows_table(*rows: dict) -> pa.Table:
@@ -268,11 +269,11 @@ def write_run(root: Path, run_id: str, started_at: str, rows: list[dict], passth
     extra = [pa.array([row.get(f.name) for row in rows], f.type) for f in passthrough if f.name != "reference"]
     for f, column in zip([f for f in passthrough if f.name != "reference"], extra):
         table = table.append_column(f, column)
-    writer = TranscriptWriter(str(root), run_id, transcript_schema(passthrough))
+    writer = TranscriptWriter(OutputRoot(str(root)), run_id, transcript_schema(passthrough))
     writer.write(table)
     writer.close()
     write_summary(
-        str(root),
+        OutputRoot(str(root)),
         run_id,
         {
             "run_id": run_id,
@@ -378,5 +379,5 @@ def test_json_documents_are_never_written_outside_their_root(tmp_path):
 
     for relative in ("../x.json", "eval/../../x.json", "/x.json", "eval//x.json", "eval/a\\..\\..\\x.json"):
         with pytest.raises(ValueError, match="would not lie inside"):
-            write_json(str(tmp_path / "out"), relative, {})
+            write_json(OutputRoot(str(tmp_path / "out")), relative, {})
     assert not (tmp_path / "x.json").exists()

@@ -12,6 +12,7 @@ from granite_batch.cli import main
 from granite_batch.run.gc import find_leftovers
 from granite_batch.run.lease import take_lease
 from granite_batch.schema import STAGING_DIR, TRANSCRIPTS_DIR
+from granite_batch.storage import OutputRoot
 
 DAY_S = 86400
 
@@ -34,7 +35,7 @@ def output(tmp_path):
     dead = stage(root, "dead-run", age_s=2 * DAY_S)
     fresh = stage(root, "fresh-run", age_s=60)
     live_folder = stage(root, "live-run", age_s=3 * DAY_S)  # old files, but its run holds the lease
-    lease = take_lease(str(root), TRANSCRIPTS_DIR, "live-run")
+    lease = take_lease(OutputRoot(str(root)), TRANSCRIPTS_DIR, "live-run")
     yield {"root": root, "dead": dead, "fresh": fresh, "live": live_folder}
     lease.release()
 
@@ -56,7 +57,7 @@ def test_gc_removes_only_dead_runs_past_the_age(output, capsys):
 
 
 def test_reasons_and_sizes(output):
-    found = {item.run_id: item for item in find_leftovers(str(output["root"]), older_than_s=30)}
+    found = {item.run_id: item for item in find_leftovers(OutputRoot(str(output["root"])), older_than_s=30)}
     assert found["live-run"].removable is False and "lease" in found["live-run"].why
     assert found["dead-run"].removable and found["dead-run"].files == 3 and found["dead-run"].bytes == 3000
     assert found["fresh-run"].removable  # 60 s idle is over 30 s
@@ -66,10 +67,10 @@ def test_reasons_and_sizes(output):
 def test_a_released_lease_leaves_its_run_dead(tmp_path):
     root = tmp_path / "out"
     stage(root, "ended-run", age_s=DAY_S)
-    lease = take_lease(str(root), TRANSCRIPTS_DIR, "ended-run")
-    assert [item.removable for item in find_leftovers(str(root), older_than_s=3600)] == [False]
+    lease = take_lease(OutputRoot(str(root)), TRANSCRIPTS_DIR, "ended-run")
+    assert [item.removable for item in find_leftovers(OutputRoot(str(root)), older_than_s=3600)] == [False]
     lease.release()
-    assert [item.removable for item in find_leftovers(str(root), older_than_s=3600)] == [True]
+    assert [item.removable for item in find_leftovers(OutputRoot(str(root)), older_than_s=3600)] == [True]
 
 
 def test_the_staging_folder_goes_when_empty(tmp_path, capsys):

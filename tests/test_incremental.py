@@ -151,6 +151,7 @@ from granite_batch.inputs.rows import Defaults
 from granite_batch.output.committed import OutputError, drop_failed_rows, read_committed
 from granite_batch.output.writer import TranscriptWriter
 from granite_batch.schema import SEGMENT_TYPE, transcript_schema
+from granite_batch.storage import OutputRoot
 
 ROWS = 3000  # with the small blocks and spool below: 8 buckets, ~20 manifest blocks, several pieces a bucket
 SMALL = {"buckets": 8, "spool_bytes": 64 << 10}
@@ -159,7 +160,7 @@ SMALL = {"buckets": 8, "spool_bytes": 64 << 10}
 def commit_rows(output: str, run_id: str, ids: list[str], failed: set[str], storage_options=None) -> None:
     """Transcript rows for `ids` committed as a run would (our file names), `failed` ones with an error."""
     n = len(ids)
-    writer = TranscriptWriter(output, run_id, transcript_schema(), storage_options, rows_per_file=700)
+    writer = TranscriptWriter(OutputRoot(output, storage_options), run_id, transcript_schema(), rows_per_file=700)
     table = pa.table(
         {
             "id": ids,
@@ -195,7 +196,9 @@ def test_the_summary_counts_duplicates_that_name_another_recording(tmp_path):
     rows += [{"audio": "/r/3.wav", "id": "rec-3"}, {"audio": "/r/other.wav", "id": "rec-4"}]
     manifest = write_jsonl(tmp_path / "m.jsonl", rows)
     output = str(tmp_path / "out")
-    layout = prepare_plan(ManifestStream(str(manifest), Defaults()), output, plan_folder(output, "R1"), **SMALL)
+    layout = prepare_plan(
+        ManifestStream(str(manifest), Defaults()), OutputRoot(output), plan_folder(output, "R1"), **SMALL
+    )
     counts = plan_counts(layout)  # what the run summary says: the id-only pass must not hide them
     assert counts["duplicates"] == 2 and counts["duplicates_differing"] == 1
     assert layout.shard_members_skipped == {}
@@ -207,7 +210,7 @@ def test_rerun_with_every_id_done_plans_nothing_and_counts_them_all_done(tmp_pat
     output = str(tmp_path / "out")
     commit_rows(output, "R1", ids, failed=set())
     stream = ManifestStream(str(manifest), Defaults(), block_bytes=8192)
-    layout = prepare_plan(stream, output, plan_folder(output, "R2"), **SMALL)
+    layout = prepare_plan(stream, OutputRoot(output), plan_folder(output, "R2"), **SMALL)
     todo, counts = plan_all(layout)
     assert todo.num_rows == 0
     assert counts == {
@@ -235,7 +238,7 @@ def test_rerun_over_done_failed_and_new_ids_plans_exactly_the_new_ones(tmp_path,
     commit_rows(output, "R1", done, failed)
     layout = prepare_plan(
         ManifestStream(str(manifest), Defaults(), block_bytes=8192),
-        output,
+        OutputRoot(output),
         str(tmp_path / "plan"),
         retry_failed=retry_failed,
         **SMALL,
@@ -252,8 +255,8 @@ def test_rerun_over_done_failed_and_new_ids_plans_exactly_the_new_ones(tmp_path,
     assert todo.schema == layout.schema and layout.committed.rows_failed == len(failed)
 
     if retry_failed:  # what the run does next: drop the failed rows, which leaves them with no row
-        drop_failed_rows(output, layout.committed.failed_files)
-        committed = read_committed(output)
+        drop_failed_rows(OutputRoot(output), layout.committed.failed_files)
+        committed = read_committed(OutputRoot(output))
         assert not committed.failed and len(committed.ok_ids) == len(done) - len(failed)
 
 
@@ -276,31 +279,35 @@ def test_foreign_files_in_the_output_are_skipped_by_name_and_our_broken_ones_nam
     manifest = manifest_of(tmp_path / "m.jsonl", ids)
 
     with caplog.at_level("WARNING"):
-        layout = prepare_plan(ManifestStream(str(manifest), Defaults()), str(output), str(tmp_path / "plan"))
+        layout = prepare_plan(
+            ManifestStream(str(manifest), Defaults()), OutputRoot(str(output)), str(tmp_path / "plan")
+        )
     todo, counts = plan_all(layout)
     assert sorted(todo.column("id").to_pylist()) == ids[20:]  # the foreign file's ids are not done
     assert sorted(Path(p).name for p in layout.committed.foreign_files) == ["README.txt", "older-export.parquet"]
     assert "README.txt" in caplog.text and "older-export.parquet" in caplog.text
-    assert read_committed(str(output)).foreign_files == layout.committed.foreign_files
+    assert read_committed(OutputRoot(str(output))).foreign_files == layout.committed.foreign_files
 
     own = partition / "part-R0-00001.parquet"
     pq.write_table(pa.table({"id": ["x"]}), own)  # our name, but no `error` column
     with pytest.raises(OutputError, match=r"part-R0-00001\.parquet: committed file lacks column 'error'"):
-        prepare_plan(ManifestStream(str(manifest), Defaults()), str(output), str(tmp_path / "plan"))
+        prepare_plan(ManifestStream(str(manifest), Defaults()), OutputRoot(str(output)), str(tmp_path / "plan"))
     own.write_bytes(b"not parquet at all")
     with pytest.raises(OutputError, match=r"part-R0-00001\.parquet: committed file is not readable Parquet"):
-        read_committed(str(output))
+        read_committed(OutputRoot(str(output)))
 
 
 def test_status_counts_done_failed_and_pending(tmp_path):
     ids = [f"rec-{i:05d}" for i in range(ROWS)]
     output = str(tmp_path / "out")
     commit_rows(output, "R1", ids[:1000], failed=set(ids[:100]))
-    status = count_status(output, ManifestStream(str(manifest_of(tmp_path / "m.jsonl", ids)), Defaults()), buckets=4)
+    status = count_status(
+        OutputRoot(output), ManifestStream(str(manifest_of(tmp_path / "m.jsonl", ids)), Defaults()), buckets=4
+    )
     assert (status.committed.rows_ok, status.committed.rows_failed) == (900, 100)
     assert dict(status.committed.failures_by_reason) == {"not found": 100}
     assert status.manifest["rows_to_do"] == ROWS - 1000 and status.manifest["rows_in"] == ROWS
-    alone = count_status(output)
+    alone = count_status(OutputRoot(output))
     assert (alone.committed.rows_ok, alone.committed.rows_failed, alone.manifest) == (900, 100, None)
 
 
@@ -316,7 +323,12 @@ def test_planning_against_an_s3_server(s3_server, s3, tmp_path):
 
     stream = ManifestStream("s3://plan-bucket/m.jsonl", Defaults(), options, block_bytes=8192)
     layout = prepare_plan(
-        stream, output, plan_folder(output, "R2"), options, retry_failed=True, buckets=4, spool_bytes=32 << 10
+        stream,
+        OutputRoot(output, options),
+        plan_folder(output, "R2"),
+        retry_failed=True,
+        buckets=4,
+        spool_bytes=32 << 10,
     )
     assert layout.folder == "s3://plan-bucket/out/_staging/R2/plan"
     todo, counts = plan_all(layout)

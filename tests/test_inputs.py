@@ -25,6 +25,7 @@ from granite_batch.inputs import shards
 from granite_batch.inputs.manifest import ManifestStream, list_recordings, read_manifest
 from granite_batch.inputs.rows import Defaults, ManifestError, content_digest, default_id
 from granite_batch.models.model import SpeechModel
+from granite_batch.storage import OutputRoot
 from web_server import WebServer
 
 NAMES = ["en_weather.flac", "fr_gare.mp3", "es_mercado.m4a", "ja_tenki.flac"]
@@ -479,7 +480,9 @@ def test_plans_carry_embedded_audio_and_are_sized_by_its_bytes(tmp_path):
     from granite_batch.inputs.plan import BYTES_PER_BUCKET, _buckets_for, plan_bucket, prepare_plan
 
     layout = prepare_plan(
-        ManifestStream(hf_parquet(tmp_path / "m.parquet"), Defaults()), str(tmp_path / "out"), str(tmp_path / "plan")
+        ManifestStream(hf_parquet(tmp_path / "m.parquet"), Defaults()),
+        OutputRoot(str(tmp_path / "out")),
+        str(tmp_path / "plan"),
     )
     todo = pa.concat_tables([plan_bucket(layout, b)[0] for b in range(layout.buckets)])
     by_id = {row["id"]: row["audio_bytes"] for row in todo.to_pylist()}

@@ -23,17 +23,19 @@ from granite_batch.output.committed import read_committed
 from granite_batch.output.writer import TranscriptWriter
 from granite_batch.run.lease import Lease, LeaseHeld, LeaseLost, LeaseUnsupported, read_holder
 from granite_batch.schema import transcript_schema
+from granite_batch.storage import OutputRoot
 
 # A racer: announce "ready", wait for "go" on stdin, try the lease once (no wait), report, and hold it
 # until stdin says "release". Exit 4 when another run holds it, as the job does.
 RACER = r"""
 import json, sys
 from granite_batch.run.lease import Lease, LeaseHeld
+from granite_batch.storage import OutputRoot
 output, run_id, options, expiry_s = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), float(sys.argv[4])
 print("ready", flush=True)
 sys.stdin.readline()
 try:
-    lease = Lease.acquire(output, "transcripts", run_id, options, expiry_s=expiry_s, wait_s=0)
+    lease = Lease.acquire(OutputRoot(output, options), "transcripts", run_id, expiry_s=expiry_s, wait_s=0)
 except LeaseHeld as exc:
     print(json.dumps({"held_by": exc.holder.run_id, "message": str(exc)}), flush=True)
     sys.exit(4)
@@ -47,9 +49,10 @@ lease.release()
 COMMITTER = r"""
 import json, os, sys
 from granite_batch.run.lease import Lease, LeaseLost
+from granite_batch.storage import OutputRoot
 output, run_id, options, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[5]
 expiry_s = float(sys.argv[4])
-lease = Lease.acquire(output, "transcripts", run_id, options, expiry_s=expiry_s, wait_s=0)
+lease = Lease.acquire(OutputRoot(output, options), "transcripts", run_id, expiry_s=expiry_s, wait_s=0)
 print("holding", lease.holder.generation, flush=True)
 for n, _ in enumerate(sys.stdin):
     try:
@@ -120,13 +123,13 @@ def test_many_racers_exactly_one_wins(dataset):
             assert racer.wait(timeout=60) == 4
             assert reports[i]["held_by"] == f"racer-{winner}"
             assert f"run racer-{winner} on host" in reports[i]["message"]
-    assert read_holder(uri, "transcripts", options).run_id == f"racer-{winner}"
+    assert read_holder(OutputRoot(uri, options), "transcripts").run_id == f"racer-{winner}"
     racers[winner].stdin.write("release\n")
     racers[winner].stdin.flush()
     assert racers[winner].wait(timeout=60) == 0, racers[winner].stderr.read()
-    assert read_holder(uri, "transcripts", options) is None
+    assert read_holder(OutputRoot(uri, options), "transcripts") is None
     # Released: the next run takes it at once, at a later generation.
-    with Lease.acquire(uri, "transcripts", "after", options, expiry_s=60, wait_s=0) as lease:
+    with Lease.acquire(OutputRoot(uri, options), "transcripts", "after", expiry_s=60, wait_s=0) as lease:
         assert lease.holder.generation > reports[winner]["won"]
 
 
@@ -137,14 +140,16 @@ def test_killed_holder_is_taken_over_after_its_expiry(dataset):
 
     # Not before the expiry: a fresh look finds it held (clocks may disagree by a minute here).
     with pytest.raises(LeaseHeld) as held:
-        Lease.acquire(uri, "transcripts", "too-early", options, wait_s=0, clock_skew_s=60)
+        Lease.acquire(OutputRoot(uri, options), "transcripts", "too-early", wait_s=0, clock_skew_s=60)
     assert held.value.holder.run_id == "killed"
 
     started = time.monotonic()
-    with Lease.acquire(uri, "transcripts", "rerun", options, expiry_s=30, wait_s=60, clock_skew_s=60) as lease:
+    with Lease.acquire(
+        OutputRoot(uri, options), "transcripts", "rerun", expiry_s=30, wait_s=60, clock_skew_s=60
+    ) as lease:
         waited_s = time.monotonic() - started
         assert lease.holder.run_id == "rerun"
-        assert read_holder(uri, "transcripts", options).run_id == "rerun"
+        assert read_holder(OutputRoot(uri, options), "transcripts").run_id == "rerun"
         lease.check()
     assert waited_s >= expiry_s  # it watched the dead lease for the holder's whole expiry
 
@@ -156,7 +161,7 @@ def test_lease_left_long_ago_is_taken_without_watching(dataset):
     deadline = time.monotonic() + 30
     while True:
         try:
-            lease = Lease.acquire(uri, "transcripts", "next-night", options, wait_s=0, clock_skew_s=0)
+            lease = Lease.acquire(OutputRoot(uri, options), "transcripts", "next-night", wait_s=0, clock_skew_s=0)
             break
         except LeaseHeld as exc:
             assert exc.holder.run_id == "yesterday"
@@ -177,7 +182,7 @@ def test_run_whose_lease_is_taken_away_stops_before_its_next_commit(dataset, tmp
 
     holder.send_signal(signal.SIGSTOP)  # a driver frozen (GC pause, partition) past its expiry
     try:
-        taker = Lease.acquire(uri, "transcripts", "taker", options, expiry_s=60, wait_s=60, clock_skew_s=60)
+        taker = Lease.acquire(OutputRoot(uri, options), "transcripts", "taker", expiry_s=60, wait_s=60, clock_skew_s=60)
     finally:
         holder.stdin.write("2\n")
         holder.stdin.flush()
@@ -187,28 +192,29 @@ def test_run_whose_lease_is_taken_away_stops_before_its_next_commit(dataset, tmp
     assert line.startswith("lost:") and "taken over by run taker" in line
     assert sorted(os.listdir(commits)) == ["commit-0"]
     taker.check()  # the taker is unaffected by the old holder waking up
-    assert read_holder(uri, "transcripts", options).run_id == "taker"
+    assert read_holder(OutputRoot(uri, options), "transcripts").run_id == "taker"
     taker.release()
 
 
 def test_lost_lease_cannot_be_renewed_or_released_over_the_new_holder(tmp_path):
     uri = str(tmp_path / "out")
-    old = Lease.acquire(uri, "transcripts", "old", expiry_s=0.3, renew_every_s=3600)  # stops renewing, as if frozen
-    new = Lease.acquire(uri, "transcripts", "new", expiry_s=60, wait_s=30, clock_skew_s=60)
+    # Stops renewing, as if frozen.
+    old = Lease.acquire(OutputRoot(uri), "transcripts", "old", expiry_s=0.3, renew_every_s=3600)
+    new = Lease.acquire(OutputRoot(uri), "transcripts", "new", expiry_s=60, wait_s=30, clock_skew_s=60)
     with pytest.raises(LeaseLost, match="taken over by run new"):
         old.check()
     with pytest.raises(LeaseLost):
         old.renew()
     old.release()  # must not mark the dataset free under the new holder
-    assert read_holder(uri, "transcripts").run_id == "new"
+    assert read_holder(OutputRoot(uri), "transcripts").run_id == "new"
     new.check()
     new.release()
-    assert read_holder(uri, "transcripts") is None
+    assert read_holder(OutputRoot(uri), "transcripts") is None
 
 
 def test_renewals_keep_the_lease_and_few_records(tmp_path):
     uri = str(tmp_path / "out")
-    with Lease.acquire(uri, "transcripts", "long-run", expiry_s=60) as lease:
+    with Lease.acquire(OutputRoot(uri), "transcripts", "long-run", expiry_s=60) as lease:
         first = lease.holder.generation
         for _ in range(5):
             lease.renew()
@@ -216,7 +222,7 @@ def test_renewals_keep_the_lease_and_few_records(tmp_path):
         assert lease.holder.generation == first + 5
         assert len(os.listdir(tmp_path / "out" / "_leases" / "transcripts")) <= 2
         with pytest.raises(LeaseHeld, match="held by run long-run"):
-            Lease.acquire(uri, "transcripts", "other", wait_s=0)
+            Lease.acquire(OutputRoot(uri), "transcripts", "other", wait_s=0)
 
 
 def test_renewal_survives_transient_store_faults(s3_server, s3):
@@ -225,12 +231,12 @@ def test_renewal_survives_transient_store_faults(s3_server, s3):
     proxy = FaultyProxy(s3_server, every=3)
     try:
         options = {"s3": {"endpoint_url": proxy.url}}
-        with Lease.acquire(f"s3://{bucket}/out", "transcripts", "flaky", options, expiry_s=60) as lease:
+        with Lease.acquire(OutputRoot(f"s3://{bucket}/out", options), "transcripts", "flaky", expiry_s=60) as lease:
             for _ in range(4):
                 lease.renew()
                 lease.check()
         assert proxy.faults > 0
-        assert read_holder(f"s3://{bucket}/out", "transcripts", {"s3": {"endpoint_url": s3_server}}) is None
+        assert read_holder(OutputRoot(f"s3://{bucket}/out", {"s3": {"endpoint_url": s3_server}}), "transcripts") is None
     finally:
         proxy.close()
 
@@ -241,20 +247,20 @@ def test_store_that_ignores_conditional_writes_is_refused(s3_server, s3):
     proxy = FaultyProxy(s3_server, every=10**9, strip_headers=("If-None-Match",))
     try:
         with pytest.raises(LeaseUnsupported, match="If-None-Match.*lease: none"):
-            Lease.acquire(f"s3://{bucket}/out", "transcripts", "r", {"s3": {"endpoint_url": proxy.url}})
+            Lease.acquire(OutputRoot(f"s3://{bucket}/out", {"s3": {"endpoint_url": proxy.url}}), "transcripts", "r")
     finally:
         proxy.close()
-    assert read_holder(f"s3://{bucket}/out", "transcripts", {"s3": {"endpoint_url": s3_server}}) is None
+    assert read_holder(OutputRoot(f"s3://{bucket}/out", {"s3": {"endpoint_url": s3_server}}), "transcripts") is None
 
 
 def test_scheme_without_exclusive_create_is_refused_with_the_opt_out_named():
     with pytest.raises(LeaseUnsupported, match=r"memory:// .*lease: none \(--no-lease\)"):
-        Lease.acquire("memory://out", "transcripts", "r")
+        Lease.acquire(OutputRoot("memory://out"), "transcripts", "r")
 
 
 def test_status_shows_who_holds_the_output(tmp_path):
     output = str(tmp_path / "out")
-    with Lease.acquire(output, "transcripts", "nightly", expiry_s=60):
+    with Lease.acquire(OutputRoot(output), "transcripts", "nightly", expiry_s=60):
         held = run_cli(["status", output])
     assert held.returncode == 0, held.stderr
     assert "lease on transcripts: held by run nightly on host" in held.stdout
@@ -275,15 +281,15 @@ def _rows(ids: list[str], run_id: str) -> pa.Table:
 
 def test_writer_stops_before_committing_once_its_lease_is_taken_away(tmp_path):
     output = str(tmp_path / "out")
-    old = Lease.acquire(output, "transcripts", "old", expiry_s=0.3, renew_every_s=3600)
-    writer = TranscriptWriter(output, "old", transcript_schema(), rows_per_file=1, before_commit=old.check)
+    old = Lease.acquire(OutputRoot(output), "transcripts", "old", expiry_s=0.3, renew_every_s=3600)
+    writer = TranscriptWriter(OutputRoot(output), "old", transcript_schema(), rows_per_file=1, before_commit=old.check)
     writer.write(_rows(["a"], "old"))
     assert len(writer.committed) == 1
-    new = Lease.acquire(output, "transcripts", "new", expiry_s=60, wait_s=30, clock_skew_s=60)
+    new = Lease.acquire(OutputRoot(output), "transcripts", "new", expiry_s=60, wait_s=30, clock_skew_s=60)
     with pytest.raises(LeaseLost, match="taken over by run new"):
         writer.write(_rows(["b"], "old"))
     assert len(writer.committed) == 1
-    assert read_committed(output).ids().to_pylist() == ["a"]
+    assert read_committed(OutputRoot(output)).ids().to_pylist() == ["a"]
     new.release()
 
 
@@ -360,7 +366,7 @@ def test_two_runs_started_together_on_s3_the_second_exits_4_naming_the_holder(
     table = pads.dataset(f"{bucket}/out/transcripts", filesystem=s3, format="parquet", partitioning="hive").to_table()
     assert sorted(table.column("id").to_pylist()) == sorted(f"row-{i}" for i in range(6))
     assert not s3.exists(f"{bucket}/out/runs/{refused}.json")  # the refused run did nothing at all
-    assert read_holder(output, "transcripts", {"s3": {"endpoint_url": atomic_s3_server}}) is None
+    assert read_holder(OutputRoot(output, {"s3": {"endpoint_url": atomic_s3_server}}), "transcripts") is None
 
 
 def test_job_on_a_store_without_exclusive_create_stops_with_exit_2_naming_the_opt_out(tmp_path, tiny_model_dir):
@@ -383,15 +389,15 @@ def test_job_on_a_store_without_exclusive_create_stops_with_exit_2_naming_the_op
 
 def test_second_pass_takes_a_lease_on_its_own_dataset(tmp_path):
     output = str(tmp_path / "out")
-    writer = TranscriptWriter(output, "transcribed", transcript_schema())
+    writer = TranscriptWriter(OutputRoot(output), "transcribed", transcript_schema())
     writer.write(_rows(["a", "b"], "transcribed"))
     writer.close()
     tiny_lm = tmp_path / "tiny-lm"
     assert run_cli(["tiny-lm", str(tiny_lm)]).returncode == 0
     # A run holding the transcripts does not stop a second pass; one holding its dataset does.
     with (
-        Lease.acquire(output, "transcripts", "transcribing", expiry_s=60),
-        Lease.acquire(output, "second_pass/summary", "summarising", expiry_s=60),
+        Lease.acquire(OutputRoot(output), "transcripts", "transcribing", expiry_s=60),
+        Lease.acquire(OutputRoot(output), "second_pass/summary", "summarising", expiry_s=60),
     ):
         refused = run_cli(
             ["second-pass", output, "--model", str(tiny_lm), "--max-new-tokens", "16", "--no-wait", "--no-progress"]

@@ -13,6 +13,7 @@ import pytest
 
 from conftest import REPO, SAMPLES, run_cli, write_jsonl
 from granite_batch.evaluate import score_table
+from granite_batch.storage import OutputRoot
 
 
 def transcripts(references: pa.Array) -> pa.Table:
@@ -47,17 +48,17 @@ def test_an_output_that_is_a_file_is_refused(tmp_path, s3, s3_server):
 
     (tmp_path / "out.txt").write_text("not a folder")
     with pytest.raises(ConfigError, match=r"output .*out.txt is a file, not a folder"):
-        check_output_root(str(tmp_path / "out.txt"))
-    check_output_root(str(tmp_path / "new"))  # not there yet: fine
+        check_output_root(OutputRoot(str(tmp_path / "out.txt")))
+    check_output_root(OutputRoot(str(tmp_path / "new")))  # not there yet: fine
     (tmp_path / "root").mkdir()
-    check_output_root(str(tmp_path / "root"))
+    check_output_root(OutputRoot(str(tmp_path / "root")))
     s3.mkdir("pre")
     s3.pipe("pre/object", b"x")
     options = {"s3": {"endpoint_url": s3_server}}
     with pytest.raises(ConfigError, match="is a file"):
-        check_output_root("s3://pre/object", options)
+        check_output_root(OutputRoot("s3://pre/object", options))
     s3.pipe("pre/root/runs/a.json", b"{}")
-    check_output_root("s3://pre/root", options)
+    check_output_root(OutputRoot("s3://pre/root", options))
 
 
 @pytest.mark.parametrize(
@@ -67,15 +68,15 @@ def test_a_run_id_already_in_the_output_is_refused(tmp_path, existing):
     from granite_batch.config import ConfigError
     from granite_batch.run.preflight import check_run_id_unused
 
-    check_run_id_unused(str(tmp_path), "R1")  # an empty root
+    check_run_id_unused(OutputRoot(str(tmp_path)), "R1")  # an empty root
     (tmp_path / "transcripts" / "language=en").mkdir(parents=True)
     (tmp_path / "transcripts" / "language=en" / "part-R10-00001.parquet").write_text("")  # another run's
-    check_run_id_unused(str(tmp_path), "R1")
+    check_run_id_unused(OutputRoot(str(tmp_path)), "R1")
     (tmp_path / existing).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / existing).write_text("")
     with pytest.raises(ConfigError, match=r"run id R1 already exists in .* a new run needs a new --run-id"):
-        check_run_id_unused(str(tmp_path), "R1")
-    check_run_id_unused(str(tmp_path), "R2")
+        check_run_id_unused(OutputRoot(str(tmp_path)), "R1")
+    check_run_id_unused(OutputRoot(str(tmp_path)), "R2")
 
 
 def test_fifos_and_devices_are_named_for_what_they_are_without_blocking(tmp_path):

@@ -24,7 +24,7 @@ from granite_batch.output.committed import drop_failed_rows
 from granite_batch.output.replace import Replacements
 from granite_batch.output.writer import TranscriptWriter
 from granite_batch.schema import SEGMENT_TYPE, transcript_schema
-from granite_batch.storage import filesystem
+from granite_batch.storage import OutputRoot, filesystem
 
 OLD, NEW = "ibm-granite/granite-4.0-1b-speech", "ibm-granite/granite-speech-4.1-2b"
 
@@ -48,7 +48,7 @@ def rows(ids: list[str], model: str, run_id: str, language: str = "en", logprob:
 
 
 def commit(output: str, table: pa.Table, run_id: str, options=None, **writer) -> list[str]:
-    out = TranscriptWriter(output, run_id, transcript_schema(), options, **writer)
+    out = TranscriptWriter(OutputRoot(output, options), run_id, transcript_schema(), **writer)
     out.write(table)
     return out.close()
 
@@ -99,9 +99,8 @@ def test_redo_plans_the_selected_ids_and_replaces_each_row_in_place(tmp_path, wh
     replacements = Replacements()
     layout = prepare_plan(
         stream,
-        output,
+        OutputRoot(output, options),
         str(tmp_path / "plan"),
-        options,
         redo=parse_selections([f"model == {OLD}"]),
         replacements=replacements,
     )
@@ -118,7 +117,7 @@ def test_redo_plans_the_selected_ids_and_replaces_each_row_in_place(tmp_path, wh
         assert sorted(ids) == sorted(set(ids))
 
     out = TranscriptWriter(
-        output, "r3", transcript_schema(), options, before_commit=reader_looks, replacements=replacements
+        OutputRoot(output, options), "r3", transcript_schema(), before_commit=reader_looks, replacements=replacements
     )
     out.write(rows(["a", "b", "f"], NEW, "r3"))
     out.close()
@@ -136,7 +135,11 @@ def test_a_crash_between_replacements_leaves_one_row_per_id_and_the_rest_selecte
     selections = parse_selections([f"model == {OLD}"])
     replacements = Replacements()
     prepare_plan(
-        manifest(tmp_path, list("abcd")), output, str(tmp_path / "p1"), redo=selections, replacements=replacements
+        manifest(tmp_path, list("abcd")),
+        OutputRoot(output),
+        str(tmp_path / "p1"),
+        redo=selections,
+        replacements=replacements,
     )
 
     calls = []
@@ -147,7 +150,7 @@ def test_a_crash_between_replacements_leaves_one_row_per_id_and_the_rest_selecte
             raise RuntimeError("killed")
 
     out = TranscriptWriter(
-        output, "r3", transcript_schema(), before_commit=crash_on_second_file, replacements=replacements
+        OutputRoot(output), "r3", transcript_schema(), before_commit=crash_on_second_file, replacements=replacements
     )
     out.write(rows(list("abcd"), NEW, "r3"))
     with pytest.raises(RuntimeError, match="killed"):
@@ -158,7 +161,7 @@ def test_a_crash_between_replacements_leaves_one_row_per_id_and_the_rest_selecte
     models = dict(zip(ids, table.column("model").to_pylist()))
     assert sorted(models.values()) == sorted([NEW, NEW, OLD, OLD])
 
-    again = prepare_plan(manifest(tmp_path, list("abcd")), output, str(tmp_path / "p2"), redo=selections)
+    again = prepare_plan(manifest(tmp_path, list("abcd")), OutputRoot(output), str(tmp_path / "p2"), redo=selections)
     assert plan_counts(again)["rows_redone"] == 2  # the re-run redoes only the rows still old
 
 
@@ -168,7 +171,7 @@ def test_a_new_row_in_another_partition_moves_there(tmp_path):
     replacements = Replacements()
     prepare_plan(
         manifest(tmp_path, ["a"]),
-        output,
+        OutputRoot(output),
         str(tmp_path / "p"),
         redo=parse_selections(["id == a"]),
         replacements=replacements,
@@ -189,14 +192,14 @@ def test_redo_with_retry_failed_when_the_old_file_is_gone(tmp_path):
     replacements = Replacements()
     layout = prepare_plan(
         manifest(tmp_path, ["a"]),
-        output,
+        OutputRoot(output),
         str(tmp_path / "p"),
         retry_failed=True,
         redo=parse_selections([f"model == {OLD}"]),
         replacements=replacements,
     )
     assert plan_counts(layout)["rows_to_do"] == 1
-    drop_failed_rows(output, layout.committed.failed_files)  # the file held only the failed row: removed
+    drop_failed_rows(OutputRoot(output), layout.committed.failed_files)  # the file held only the failed row: removed
     commit(output, rows(["a"], NEW, "r2"), "r2", replacements=replacements)
     table = committed(output)
     assert table.column("id").to_pylist() == ["a"] and table.column("model").to_pylist() == [NEW]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 
 import pyarrow.dataset as pads
 import pytest
@@ -11,6 +12,7 @@ from conftest import FAKE_SECRET, SAMPLES, FaultyProxy, run_cli
 from granite_batch.config import load_config
 from granite_batch.inputs.manifest import list_recordings, read_manifest
 from granite_batch.inputs.rows import Defaults
+from granite_batch.storage import OutputRoot, write_json
 
 SAMPLE_FILES = sorted(p.name for p in SAMPLES.iterdir() if p.suffix in (".flac", ".mp3", ".ogg", ".m4a", ".wav"))
 
@@ -69,6 +71,17 @@ def s3_job(s3_server, tiny_model_dir, tmp_path_factory):
         ]
     )
     return {"result": result, "s3": s3}
+
+
+def test_an_output_root_makes_its_filesystem_once_and_travels_without_it(s3, s3_server):
+    s3.mkdir("root")
+    root = OutputRoot("s3://root/out", {"s3": {"endpoint_url": s3_server}})
+    assert root.fs is root.fs and root.path == "root/out"
+    assert root.uri_of(root.join("runs", "r.json")) == "s3://root/out/runs/r.json"
+    travelled = pickle.loads(pickle.dumps(root))  # as it reaches a Ray task: options, not a client
+    assert travelled == root and "fs_and_path" not in travelled.__dict__
+    assert write_json(travelled, "runs/r.json", {"run_id": "r"}) == "s3://root/out/runs/r.json"
+    assert json.loads(s3.cat("root/out/runs/r.json")) == {"run_id": "r"}
 
 
 def test_job_reads_and_writes_s3(s3_job):

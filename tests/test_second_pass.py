@@ -31,6 +31,7 @@ from granite_batch.schema import SECOND_PASS_FIELDS, SECOND_PASS_SCHEMA, transcr
 from granite_batch.second_pass.language_model import LanguageModel
 from granite_batch.second_pass.prompts import TEMPLATES, Prompter, load_template, split_tokens
 from granite_batch.second_pass.stage import second_pass_table
+from granite_batch.storage import OutputRoot
 from granite_batch.testing.tiny_model import build_tokenizer
 
 QUESTION = "What time does the train leave?"
@@ -88,7 +89,7 @@ def add_transcripts(output: Path, rows: list[dict]) -> None:
         for r in rows
     ]
     schema = transcript_schema()
-    writer = TranscriptWriter(str(output), "extra", schema)
+    writer = TranscriptWriter(OutputRoot(str(output)), "extra", schema)
     writer.write(pa.Table.from_pylist(full, schema=schema))
     writer.close()
 
@@ -228,8 +229,8 @@ def test_retry_failed_redoes_failed_second_pass_rows_with_one_row_per_id(job, tm
         for f in pads.dataset(qa, format="parquet", partitioning="hive").get_fragments()
         if "injection" in f.to_table(columns=["id"]).column("id").to_pylist()
     )
-    drop_rows(str(output), {holder: ["injection"]})
-    writer = TranscriptWriter(str(output), "qa-0", SECOND_PASS_SCHEMA, dataset_dir="second_pass/qa")
+    drop_rows(OutputRoot(str(output)), {holder: ["injection"]})
+    writer = TranscriptWriter(OutputRoot(str(output)), "qa-0", SECOND_PASS_SCHEMA, dataset_dir="second_pass/qa")
     writer.write(
         pa.table(
             {
@@ -296,10 +297,12 @@ def test_bad_options_stop_before_any_work(job, tmp_path):
     result = run_cli(["second-pass", str(job["output"]), "--template", "qa", "--model", str(job["lm"])])
     assert result.returncode == 2 and "question" in result.stderr
     with pytest.raises(ConfigError, match="no transcripts"):
-        run_second_pass(str(tmp_path / "nothing"), SecondPassOptions(model=str(job["lm"]), max_new_tokens=8))
+        run_second_pass(
+            OutputRoot(str(tmp_path / "nothing")), SecondPassOptions(model=str(job["lm"]), max_new_tokens=8)
+        )
     # 256 new tokens leave no room in the tiny model's 256-token context: said up front, not truncated.
     with pytest.raises(ConfigError, match="lower max_new_tokens"):
-        run_second_pass(str(job["output"]), SecondPassOptions(model=str(job["lm"]), name="roomless"))
+        run_second_pass(OutputRoot(str(job["output"])), SecondPassOptions(model=str(job["lm"]), name="roomless"))
     assert not (job["output"] / "second_pass" / "roomless").exists()
 
 

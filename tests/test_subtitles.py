@@ -21,6 +21,7 @@ from granite_batch.output.subtitles import (
     write_subtitles,
 )
 from granite_batch.schema import SEGMENT_TYPE
+from granite_batch.storage import OutputRoot
 
 SEGMENTS = [
     {"start": 0.0, "end": 1.5, "text": "The weather today is mild."},
@@ -88,7 +89,7 @@ def transcript_rows() -> pa.Table:
 
 
 def test_write_one_file_per_format_for_rows_with_segments_only(tmp_path):
-    written = write_subtitles(transcript_rows(), str(tmp_path), ["srt", "vtt"], "run-1")
+    written = write_subtitles(transcript_rows(), OutputRoot(str(tmp_path)), ["srt", "vtt"], "run-1")
     assert len(written) == 4
     files = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "subtitles").rglob("*") if p.is_file())
     assert files == [
@@ -105,7 +106,7 @@ def test_write_one_file_per_format_for_rows_with_segments_only(tmp_path):
 def test_write_to_s3(s3, s3_server):
     s3.mkdir("subs")
     options = {"s3": {"endpoint_url": s3_server}}
-    write_subtitles(transcript_rows(), "s3://subs/out", ["vtt"], "run-1", options)
+    write_subtitles(transcript_rows(), OutputRoot("s3://subs/out", options), ["vtt"], "run-1")
     assert sorted(s3.ls("subs/out/subtitles/vtt")) == [
         "subs/out/subtitles/vtt/a%2Fb.vtt",
         "subs/out/subtitles/vtt/ok.vtt",
@@ -128,7 +129,7 @@ def test_long_ids_get_names_that_fit_every_filesystem_and_stay_distinct(tmp_path
     table = pa.table(
         {"id": ids, "error": [None] * len(ids), "segments": pa.array([SEGMENTS[:1]] * len(ids), pa.list_(SEGMENT_TYPE))}
     )
-    written = write_subtitles(table, str(tmp_path), ["srt", "vtt"], "run-1")
+    written = write_subtitles(table, OutputRoot(str(tmp_path)), ["srt", "vtt"], "run-1")
     assert len(written) == 2 * len(ids)
     assert len(list((tmp_path / "subtitles" / "vtt").iterdir())) == len(ids)
 

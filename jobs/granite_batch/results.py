@@ -19,7 +19,14 @@ from granite_batch.output.committed import committed_dataset
 from granite_batch.output.delta import delta_dataset, is_delta
 from granite_batch.output.summary import read_summaries
 from granite_batch.schema import TRANSCRIPT_FIELDS, TRANSCRIPTS_DIR, second_pass_dir
-from granite_batch.storage import filesystem
+from granite_batch.storage import OutputRoot
+
+Output = str | Path | OutputRoot
+
+
+def _root(output: Output, storage_options: dict | None) -> OutputRoot:
+    """The output root these readers read: `output` itself when it is one, else made here once."""
+    return output if isinstance(output, OutputRoot) else OutputRoot(str(output), storage_options)
 
 
 def _one_or_many(value: str | Sequence[str] | None) -> list[str] | None:
@@ -37,7 +44,7 @@ def _row_filter(language=None, task=None, run_id=None) -> pc.Expression | None:
 
 
 def load(
-    output_uri: str | Path,
+    output_uri: Output,
     language: str | Sequence[str] | None = None,
     task: str | Sequence[str] | None = None,
     run_id: str | Sequence[str] | None = None,
@@ -51,11 +58,11 @@ def load(
     between runs is read as text). Files under `transcripts/` that the job did not write are skipped,
     as every command skips them. An output with no transcripts gives an empty table with the
     contract's columns."""
-    if is_delta(str(output_uri), storage_options):  # the table's current version (output/delta.py)
-        dataset = delta_dataset(str(output_uri), storage_options)
+    output = _root(output_uri, storage_options)
+    if is_delta(output):  # the table's current version (output/delta.py)
+        dataset = delta_dataset(output)
     else:
-        fs, root = filesystem(str(output_uri), storage_options)
-        dataset = committed_dataset(fs, root, TRANSCRIPTS_DIR)
+        dataset = committed_dataset(*output.fs_and_path, TRANSCRIPTS_DIR)
         if dataset is None:
             return pa.schema(TRANSCRIPT_FIELDS).empty_table()
     table = dataset.to_table(filter=_row_filter(language, task, run_id), columns=columns)
@@ -63,13 +70,13 @@ def load(
     return table.select(contract + [name for name in table.column_names if name not in contract])
 
 
-def to_pandas(output_uri: str | Path, **filters):
+def to_pandas(output_uri: Output, **filters):
     """`load(output_uri, **filters)` as a pandas DataFrame."""
     return load(output_uri, **filters).to_pandas()
 
 
 def to_ray(
-    output_uri: str | Path,
+    output_uri: Output,
     language: str | Sequence[str] | None = None,
     task: str | Sequence[str] | None = None,
     run_id: str | Sequence[str] | None = None,
@@ -79,9 +86,10 @@ def to_ray(
     `language` is a column; the same rows as `load` with the same filters."""
     from granite_batch.pipeline import ensure_ray, transcripts_dataset
 
-    if is_delta(str(output_uri), storage_options):  # the table's current version, read here (not lazily)
-        return ensure_ray().data.from_arrow(load(output_uri, language, task, run_id, storage_options))
-    fs, root = filesystem(str(output_uri), storage_options)
+    output = _root(output_uri, storage_options)
+    if is_delta(output):  # the table's current version, read here (not lazily)
+        return ensure_ray().data.from_arrow(load(output, language, task, run_id))
+    fs, root = output.fs_and_path
     dataset = committed_dataset(fs, root, TRANSCRIPTS_DIR)
     files, schema = (dataset.files, dataset.schema) if dataset else ([], pa.schema(TRANSCRIPT_FIELDS))
     return transcripts_dataset(
@@ -94,22 +102,22 @@ def to_ray(
     )
 
 
-def runs(output_uri: str | Path, storage_options: dict | None = None) -> list[dict]:
+def runs(output_uri: Output, storage_options: dict | None = None) -> list[dict]:
     """Every run summary (`runs/<run_id>.json`) under the output root, oldest first."""
-    return read_summaries(str(output_uri), storage_options)
+    return read_summaries(_root(output_uri, storage_options))
 
 
-def second_pass_results(output_uri: str | Path, name: str, storage_options: dict | None = None) -> pa.Table:
+def second_pass_results(output_uri: Output, name: str, storage_options: dict | None = None) -> pa.Table:
     """Transcripts joined with their second-pass rows on `id`: every transcript column, then
     `output`, `chunked`, `second_pass_error`, `second_pass_model`, `second_pass_run_id`.
 
     Only ids that have a second-pass row; in the order of the transcripts.
     """
-    transcripts = load(output_uri, storage_options=storage_options)
-    fs, root = filesystem(str(output_uri), storage_options)
-    dataset = committed_dataset(fs, root, second_pass_dir(name))
+    output = _root(output_uri, storage_options)
+    transcripts = load(output)
+    dataset = committed_dataset(*output.fs_and_path, second_pass_dir(name))
     if transcripts.num_rows == 0 or dataset is None:
-        raise FileNotFoundError(f"no transcripts or no second pass {name!r} under {output_uri}")
+        raise FileNotFoundError(f"no transcripts or no second pass {name!r} under {output.uri}")
     second = dataset.to_table(columns=["id", "output", "chunked", "error", "model", "run_id"])
     positions = pc.index_in(transcripts.column("id"), value_set=second.column("id"))
     has_row = pc.is_valid(positions)

@@ -14,6 +14,8 @@ import re
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import fsspec
@@ -217,22 +219,60 @@ def uri_of(fs, path: str) -> str:
     return path if protocol in LOCAL_PROTOCOLS else f"{protocol}://{path}"
 
 
-def write_json(
-    root_uri: str, relative_path: str, document: dict, storage_options: dict[str, dict[str, Any]] | None = None
-) -> str:
-    """Write `document` as indented JSON to `relative_path` under `root_uri`; return its URI.
+@dataclass(frozen=True)
+class OutputRoot:
+    """A job's output folder (`uri`, reached with `storage_options`): the one place its filesystem
+    is made. A command makes one at its start and hands it to everything that reads or writes
+    under the output (transcripts, summaries, leases, plans, subtitles); the filesystem is made
+    once, on first use, and is not pickled (a Ray task that gets the root makes its own)."""
+
+    uri: str
+    storage_options: dict[str, dict[str, Any]] | None = None
+
+    @cached_property
+    def fs_and_path(self) -> tuple[Any, str]:
+        """(filesystem, the root's path within it), made once."""
+        return filesystem(self.uri, self.storage_options)
+
+    @property
+    def fs(self):
+        return self.fs_and_path[0]
+
+    @property
+    def path(self) -> str:
+        """The root's path within `fs`."""
+        return self.fs_and_path[1]
+
+    @property
+    def local(self) -> bool:
+        """Whether the root is on a local (or POSIX-mounted) filesystem."""
+        return protocol_of(self.uri) in LOCAL_PROTOCOLS
+
+    def join(self, *parts: str) -> str:
+        """A path within `fs` under the root."""
+        return posixpath.join(self.path, *parts)
+
+    def uri_of(self, path: str) -> str:
+        """A path within `fs` written back as a URI (plain path for local files)."""
+        return uri_of(self.fs, path)
+
+    def __getstate__(self) -> dict:
+        return {"uri": self.uri, "storage_options": self.storage_options}
+
+
+def write_json(root: OutputRoot, relative_path: str, document: dict) -> str:
+    """Write `document` as indented JSON to `relative_path` under `root`; return its URI.
 
     The one writer of the job's JSON files: run summaries, second-pass summaries, eval reports.
-    Raises ValueError for a `relative_path` that is absolute or leaves `root_uri` (`..`), such as
+    Raises ValueError for a `relative_path` that is absolute or leaves `root` (`..`), such as
     one built from a path-like filter value.
     """
     parts = relative_path.replace("\\", "/").split("/")
     if relative_path.startswith(("/", "\\")) or ".." in parts or "" in parts:
-        raise ValueError(f"refusing to write {relative_path!r}: it would not lie inside {root_uri}")
-    fs, root = filesystem(root_uri, storage_options)
-    path = posixpath.join(root, relative_path)
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    with fs.open(path, "w", encoding="utf-8") as handle:
+        raise ValueError(f"refusing to write {relative_path!r}: it would not lie inside {root.uri}")
+    path = root.join(relative_path)
+    root.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    with root.fs.open(path, "w", encoding="utf-8") as handle:
         json.dump(document, handle, indent=2, ensure_ascii=False, default=str)
         handle.write("\n")
-    return uri_of(fs, path)
+    return root.uri_of(path)

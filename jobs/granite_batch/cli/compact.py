@@ -39,16 +39,18 @@ def _cmd_compact(args: argparse.Namespace) -> int:
         DEFAULT_WAIT_S if lease["lease_wait_s"] is None else lease["lease_wait_s"],
     )
     from granite_batch.output.delta import is_delta, optimize
+    from granite_batch.storage import OutputRoot
 
-    if is_delta(args.output, options):  # the format's own compaction: one commit, readers see one version
-        metrics = optimize(args.output, options, args.target_size_mb)
+    output = OutputRoot(args.output, options)
+    if is_delta(output):  # the format's own compaction: one commit, readers see one version
+        metrics = optimize(output, args.target_size_mb)
         print(
             f"optimized the Delta table {args.output}/transcripts: {metrics['numFilesRemoved']} files -> "
             f"{metrics['numFilesAdded']} (old files stay for older versions until a vacuum)"
         )
         return EXIT_OK
     try:
-        result = compact_output(args.output, options, args.target_size_mb, terms)
+        result = compact_output(output, args.target_size_mb, terms)
     except LeaseUnsupported as exc:
         print(f"granite-batch: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -26,6 +26,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     try:
         from granite_batch.evaluate import format_report
         from granite_batch.run.evaluation import evaluate_output
+        from granite_batch.storage import OutputRoot
     except ImportError as exc:
         print(
             f"granite-batch: eval needs the eval extra (pip install -e '.[eval]' in a checkout): {exc}", file=sys.stderr
@@ -34,7 +35,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     storage = {"s3": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else {}
     try:
-        report, path = evaluate_output(args.output, args.run, args.language, args.task, storage)
+        report, path = evaluate_output(OutputRoot(args.output, storage), args.run, args.language, args.task)
     except ValueError as exc:
         print(f"granite-batch: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -39,14 +39,14 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def _cmd_gc(args: argparse.Namespace) -> int:
     from granite_batch.run.gc import find_leftovers, remove_leftovers
-    from granite_batch.storage import filesystem
+    from granite_batch.storage import OutputRoot
 
     options = {"s3": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else {}
-    fs, root = filesystem(args.output, options)
-    if not fs.isdir(root):
+    output = OutputRoot(args.output, options)
+    if not output.fs.isdir(output.path):
         print(f"granite-batch: no output at {args.output}")
         return EXIT_CONFIG
-    leftovers = find_leftovers(args.output, args.older_than, options)
+    leftovers = find_leftovers(output, args.older_than)
     for item in leftovers:
         idle = "?" if item.idle_s is None else f"{item.idle_s / 3600:.1f} h"
         verb = ("would remove" if args.dry_run else "remove") if item.removable else "keep"
@@ -56,6 +56,6 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(f"{len(removable)} folders of dead runs ({total_mb:.1f} MB) would be removed (dry run)")
         return EXIT_OK
-    removed = remove_leftovers(args.output, leftovers, options)
+    removed = remove_leftovers(output, leftovers)
     print(f"removed {len(removable)} folders of dead runs ({removed / 1e6:.1f} MB)")
     return EXIT_OK

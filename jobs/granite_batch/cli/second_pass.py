@@ -74,6 +74,7 @@ def _cmd_second_pass(args: argparse.Namespace) -> int:
     from granite_batch.config import DEFAULT_WAIT_S
     from granite_batch.run.lease import LeaseTerms
     from granite_batch.run.second_pass import run_second_pass
+    from granite_batch.storage import OutputRoot
 
     storage = {"s3": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else {}
     lease = lease_overrides(args)
@@ -81,9 +82,8 @@ def _cmd_second_pass(args: argparse.Namespace) -> int:
         mode=lease["lease"] or "auto", wait_s=DEFAULT_WAIT_S if lease["lease_wait_s"] is None else lease["lease_wait_s"]
     )
     try:
-        result = run_second_pass(
-            args.output, options, storage, run_id=args.run_id, progress=not args.no_progress, lease_terms=terms
-        )
+        output = OutputRoot(args.output, storage)
+        result = run_second_pass(output, options, run_id=args.run_id, progress=not args.no_progress, lease_terms=terms)
     except (Exception, KeyboardInterrupt) as exc:  # exit codes: cli/common.py
         return exit_code(exc, "second pass")
     s = result.summary

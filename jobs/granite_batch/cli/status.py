@@ -52,15 +52,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from granite_batch.output.summary import read_summaries
     from granite_batch.run.lease import describe_leases, read_holder
     from granite_batch.schema import TRANSCRIPTS_DIR
-    from granite_batch.storage import filesystem
+    from granite_batch.storage import OutputRoot
 
     options = {"s3": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else {}
-    fs, root = filesystem(args.output, options)
-    if not fs.exists(root):  # a typo in the root must not read as "nothing done yet"
+    output = OutputRoot(args.output, options)
+    if not output.fs.exists(output.path):  # a typo in the root must not read as "nothing done yet"
         print(f"granite-batch: {args.output}: no such output root", file=sys.stderr)
         return EXIT_CONFIG
-    runs = [run for run in read_summaries(args.output, options) if args.run_id in (None, run["run_id"])]
-    holder = read_holder(args.output, TRANSCRIPTS_DIR, options)
+    runs = [run for run in read_summaries(output) if args.run_id in (None, run["run_id"])]
+    holder = read_holder(output, TRANSCRIPTS_DIR)
 
     def shown(run: dict) -> str:
         """`running` only while the run holds a live lease; without lease records (lease: none) as written."""
@@ -73,7 +73,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     try:
         stream = ManifestStream(args.manifest, Defaults(language=args.language), options) if args.manifest else None
         # Counted file by file and bucket by bucket: never every id in memory at once (plan.py).
-        status = count_status(args.output, stream, options)
+        status = count_status(output, stream)
     except ManifestError as exc:
         print(f"granite-batch: bad manifest: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -108,7 +108,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
             f"{run['rows_failed']:>8} {run['wall_s']:>9.1f}"
         )
     print()
-    for line in describe_leases(args.output, options):
+    for line in describe_leases(output):
         print(line)
     print(f"\nrows done: {done.rows_ok + done.rows_failed} ({done.rows_ok} ok, {done.rows_failed} failed)")
     for reason, count in done.failures_by_reason.most_common():

@@ -38,7 +38,7 @@ from granite_batch.output.committed import DatasetFiles, failure_reasons, iter_c
 from granite_batch.output.delta import delta_batches, delta_rows, is_delta
 from granite_batch.output.replace import Replacements
 from granite_batch.schema import STAGING_DIR, TRANSCRIPTS_DIR
-from granite_batch.storage import LOCAL_PROTOCOLS, filesystem, uri_of
+from granite_batch.storage import LOCAL_PROTOCOLS, OutputRoot, filesystem, uri_of
 
 PLAN_DIR = "plan"
 ROWS_PER_BUCKET = 250_000  # what one read task holds: ~60 MB of manifest rows
@@ -215,9 +215,8 @@ def plan_folder(output_uri: str, run_id: str) -> str:
 
 def prepare_plan(
     stream: ManifestStream,
-    output_uri: str,
+    output: OutputRoot,
     folder: str,
-    storage_options: dict | None = None,
     *,
     retry_failed: bool = False,
     buckets: int | None = None,
@@ -234,13 +233,13 @@ def prepare_plan(
     Raises ManifestError for a bad manifest and output.OutputError for one of our own output files
     that cannot be read; files under the dataset that are not ours are skipped, by name.
     """
-    fs, root = filesystem(output_uri, storage_options)
-    plan_fs, plan_path = filesystem(folder, storage_options)
+    fs, root = output.fs_and_path
+    plan_fs, plan_path = filesystem(folder, output.storage_options)
     if plan_fs.exists(plan_path):
         plan_fs.rm(plan_path, recursive=True)
-    delta = dataset_dir == TRANSCRIPTS_DIR and is_delta(output_uri, storage_options)
+    delta = dataset_dir == TRANSCRIPTS_DIR and is_delta(output)
     if delta:  # a Delta table's rows are its current version's, not the files under it
-        dataset, committed_rows = DatasetFiles([], []), delta_rows(output_uri, storage_options)
+        dataset, committed_rows = DatasetFiles([], []), delta_rows(output)
     else:
         dataset = list_dataset_files(fs, root, dataset_dir)
         committed_rows = sum(_parquet_rows(fs, path) for path in dataset.ours)
@@ -289,7 +288,7 @@ def prepare_plan(
     done = _Spool(plan_fs, posixpath.join(plan_path, "done"), buckets, spool_bytes)
     failed_files: dict[str, None] = {}
     batches = (
-        delta_batches(output_uri, ("id", "error"), storage_options, optional)
+        delta_batches(output, ("id", "error"), optional)
         if delta
         else iter_committed_batches(fs, dataset.ours, optional=optional)
     )
@@ -329,7 +328,7 @@ def prepare_plan(
         retry_failed=retry_failed,
         committed=counts,
         redo=[selection.text for selection in redo],
-        storage_options=storage_options,
+        storage_options=output.storage_options,
         bytes_per_row=bytes_per_row,
     )
 
@@ -415,12 +414,10 @@ def plan_counts(layout: PlanLayout) -> dict:
     return sum_counts(counts)
 
 
-def discard_plan(
-    output_uri: str, run_id: str, storage_options: dict | None = None, output_created: bool = False
-) -> None:
+def discard_plan(output: OutputRoot, run_id: str, output_created: bool = False) -> None:
     """Remove what planning left in the output of a run that stopped before any work: the run's
     staging folder, `_staging` when nothing else is in it, and the output root if the run made it."""
-    fs, root = filesystem(output_uri, storage_options)
+    fs, root = output.fs_and_path
     run_folder = posixpath.join(root, STAGING_DIR, run_id)
     if fs.exists(run_folder):
         fs.rm(run_folder, recursive=True)
@@ -441,9 +438,8 @@ class Status:
 
 
 def count_status(
-    output_uri: str,
+    output: OutputRoot,
     stream: ManifestStream | None = None,
-    storage_options: dict | None = None,
     *,
     buckets: int | None = None,
     dataset_dir: str = TRANSCRIPTS_DIR,
@@ -451,9 +447,9 @@ def count_status(
     """Done/failed rows of the output and, with a manifest, how many of its distinct ids have no row:
     the same bucketed plan as a run, in a local temporary folder, one bucket in memory at a time."""
     if stream is None:
-        fs, root = filesystem(output_uri, storage_options)
-        if dataset_dir == TRANSCRIPTS_DIR and is_delta(output_uri, storage_options):
-            dataset, batches = DatasetFiles([], []), delta_batches(output_uri, ("id", "error"), storage_options)
+        fs, root = output.fs_and_path
+        if dataset_dir == TRANSCRIPTS_DIR and is_delta(output):
+            dataset, batches = DatasetFiles([], []), delta_batches(output, ("id", "error"))
         else:
             dataset = list_dataset_files(fs, root, dataset_dir)
             batches = iter_committed_batches(fs, dataset.ours)
@@ -465,6 +461,6 @@ def count_status(
             counts.failures_by_reason.update(failure_reasons(table.column("error")))
         return Status(counts)
     with tempfile.TemporaryDirectory(prefix="granite-batch-status-") as folder:
-        layout = prepare_plan(stream, output_uri, folder, storage_options, buckets=buckets, dataset_dir=dataset_dir)
+        layout = prepare_plan(stream, output, folder, buckets=buckets, dataset_dir=dataset_dir)
         totals = plan_counts(layout)
     return Status(layout.committed, totals)

@@ -16,7 +16,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from granite_batch.schema import STAGING_DIR, TRANSCRIPTS_DIR
-from granite_batch.storage import filesystem, uri_of
+from granite_batch.storage import OutputRoot, uri_of
 
 log = logging.getLogger(__name__)
 
@@ -168,13 +168,11 @@ def failure_reasons(errors) -> Counter:
     return Counter(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
 
 
-def read_committed(
-    output_uri: str, storage_options: dict | None = None, dataset_dir: str = TRANSCRIPTS_DIR
-) -> Committed:
+def read_committed(output: OutputRoot, dataset_dir: str = TRANSCRIPTS_DIR) -> Committed:
     """Scan the committed rows of a dataset under the output root (only `id` and `error`), one file
     at a time: the transcripts, or another dataset such as a second pass's. Holds every id in memory;
     plan.py plans and counts without doing so."""
-    fs, root = filesystem(output_uri, storage_options)
+    fs, root = output.fs_and_path
     files = list_dataset_files(fs, root, dataset_dir)
     ok: list[pa.Array] = []
     failed: dict[str, list[str]] = {}
@@ -206,21 +204,21 @@ def _rewrite_without(fs, root: str, path: str, drop) -> None:
     fs.mv(staged, path)
 
 
-def drop_rows(output_uri: str, ids_by_file: dict[str, list[str]], storage_options: dict | None = None) -> None:
+def drop_rows(output: OutputRoot, ids_by_file: dict[str, list[str]]) -> None:
     """Rewrite each file without the given ids (atomically replacing it), or remove it if nothing is left.
 
     Used before failed rows are retried: a crash after this leaves those ids with no row, so the
     next run redoes them; it never leaves two rows for one id.
     """
-    fs, root = filesystem(output_uri, storage_options)
+    fs, root = output.fs_and_path
     for path, ids in ids_by_file.items():
         value_set = pa.array(ids, pa.string())
         _rewrite_without(fs, root, path, lambda table, ids=value_set: pc.is_in(table.column("id"), value_set=ids))
 
 
-def drop_failed_rows(output_uri: str, paths: list[str], storage_options: dict | None = None) -> None:
+def drop_failed_rows(output: OutputRoot, paths: list[str]) -> None:
     """Rewrite each of our files in `paths` without its rows that have an `error`, as drop_rows does,
     without holding their ids (plan.py's `PlanLayout.failed_files` lists the files)."""
-    fs, root = filesystem(output_uri, storage_options)
+    fs, root = output.fs_and_path
     for path in paths:
         _rewrite_without(fs, root, path, lambda table: pc.is_valid(table.column("error")))

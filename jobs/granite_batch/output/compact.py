@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from granite_batch.output.committed import list_dataset_files
 from granite_batch.schema import STAGING_DIR, TRANSCRIPTS_DIR
-from granite_batch.storage import filesystem, uri_of
+from granite_batch.storage import OutputRoot, uri_of
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +53,11 @@ class Compaction:
         }
 
 
-def finish_compactions(output_uri: str, storage_options: dict | None = None) -> int:
+def finish_compactions(output: OutputRoot) -> int:
     """Finish what an interrupted compaction left (its journals): remove the source files of every
     merged file that was moved into place, drop the journal. Call it holding the lease, before
     planning. Returns how many source files were removed."""
-    fs, root = filesystem(output_uri, storage_options)
-    folder = posixpath.join(root, JOURNAL_DIR)
+    fs, folder = output.fs, output.join(JOURNAL_DIR)
     if not fs.exists(folder):
         return 0
     removed = 0
@@ -100,9 +99,8 @@ def _groups(files: list[tuple[str, int]], target_bytes: int) -> list[list[str]]:
 
 
 def compact_dataset(
-    output_uri: str,
+    output: OutputRoot,
     compaction_id: str,
-    storage_options: dict | None = None,
     target_mb: float = DEFAULT_TARGET_MB,
     before_commit: Callable[[], None] | None = None,
     dataset_dir: str = TRANSCRIPTS_DIR,
@@ -110,8 +108,8 @@ def compact_dataset(
     """Merge the small files of each language partition of the dataset into files of about `target_mb`
     (Parquet bytes, zstd), rows and columns unchanged; `before_commit` (a lease check) runs before
     each merged file goes into place. Foreign files are left alone."""
-    fs, root = filesystem(output_uri, storage_options)
-    result = Compaction(recovered=finish_compactions(output_uri, storage_options))
+    fs, root = output.fs_and_path
+    result = Compaction(recovered=finish_compactions(output))
     ours = list_dataset_files(fs, root, dataset_dir).ours
     result.files_before = result.files_after = len(ours)
     by_language: dict[str, list[tuple[str, int]]] = {}
@@ -152,7 +150,7 @@ def compact_dataset(
             result.files_after -= len(group) - 1
             language = partition.partition("=")[2]
             result.merged[language] = result.merged.get(language, 0) + len(group)
-    finish_compactions(output_uri, storage_options)  # removes the journal folder
+    finish_compactions(output)  # removes the journal folder
     staging = posixpath.join(root, STAGING_DIR, compaction_id)
     if fs.exists(staging):
         fs.rm(staging, recursive=True)

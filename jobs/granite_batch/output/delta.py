@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from granite_batch.schema import STAGING_DIR, TRANSCRIPTS_DIR, conform
-from granite_batch.storage import filesystem
+from granite_batch.storage import OutputRoot
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +31,12 @@ MERGE_ATTEMPTS = 20  # a merge that loses a race is run again against the newer 
 BUFFER_BYTES = 256 << 20  # rows held before a merge, whatever rows_per_file says
 
 
-def delta_options(output_uri: str, storage_options: dict | None) -> dict[str, str] | None:
+def delta_options(output: OutputRoot) -> dict[str, str] | None:
     """delta-rs's storage options from the job's fsspec ones: the S3 endpoint (and plain HTTP for a
     local server). Credentials come from the environment, as for every other part of the job."""
-    if not output_uri.startswith(("s3://", "s3a://")):
+    if not output.uri.startswith(("s3://", "s3a://")):
         return None
-    s3 = (storage_options or {}).get("s3", {})
+    s3 = (output.storage_options or {}).get("s3", {})
     endpoint = s3.get("endpoint_url") or (s3.get("client_kwargs") or {}).get("endpoint_url")
     options: dict[str, str] = {}
     if endpoint:
@@ -48,40 +48,39 @@ def delta_options(output_uri: str, storage_options: dict | None) -> dict[str, st
     return options or None
 
 
-def table_uri(output_uri: str, dataset_dir: str = TRANSCRIPTS_DIR) -> str:
-    return posixpath.join(output_uri.rstrip("/"), dataset_dir)
+def table_uri(output: OutputRoot, dataset_dir: str = TRANSCRIPTS_DIR) -> str:
+    return posixpath.join(output.uri.rstrip("/"), dataset_dir)
 
 
-def is_delta(output_uri: str, storage_options: dict | None = None, dataset_dir: str = TRANSCRIPTS_DIR) -> bool:
+def is_delta(output: OutputRoot, dataset_dir: str = TRANSCRIPTS_DIR) -> bool:
     """Whether OUTPUT/<dataset_dir> is a Delta table (it has a `_delta_log`)."""
-    fs, root = filesystem(output_uri, storage_options)
-    return fs.exists(posixpath.join(root, dataset_dir, DELTA_LOG))
+    return output.fs.exists(output.join(dataset_dir, DELTA_LOG))
 
 
-def _table(output_uri: str, storage_options: dict | None):
+def _table(output: OutputRoot):
     from deltalake import DeltaTable
 
-    return DeltaTable(table_uri(output_uri), storage_options=delta_options(output_uri, storage_options))
+    return DeltaTable(table_uri(output), storage_options=delta_options(output))
 
 
-def delta_dataset(output_uri: str, storage_options: dict | None = None):
+def delta_dataset(output: OutputRoot):
     """The table's current version as a pyarrow dataset (`language` a plain column)."""
-    return _table(output_uri, storage_options).to_pyarrow_dataset()
+    return _table(output).to_pyarrow_dataset()
 
 
-def delta_version(output_uri: str, storage_options: dict | None = None) -> int:
+def delta_version(output: OutputRoot) -> int:
     """The version of the table's latest commit (0 for the commit that created it)."""
-    return _table(output_uri, storage_options).version()
+    return _table(output).version()
 
 
 def delta_batches(
-    output_uri: str, columns: tuple[str, ...], storage_options: dict | None = None, optional: tuple[str, ...] = ()
+    output: OutputRoot, columns: tuple[str, ...], optional: tuple[str, ...] = ()
 ) -> Iterator[tuple[str, pa.Table]]:
     """(partition, table of `columns`, `language` and the `optional` columns the table has) for the
     rows of the table's current version, a batch at a time; an output with no table yields nothing."""
-    if not is_delta(output_uri, storage_options):
+    if not is_delta(output):
         return
-    dataset = _table(output_uri, storage_options).to_pyarrow_dataset()
+    dataset = _table(output).to_pyarrow_dataset()
     names = set(dataset.schema.names)
     wanted = list(dict.fromkeys([*columns, "language", *(c for c in optional if c in names)]))
     for batch in dataset.to_batches(columns=wanted):
@@ -90,23 +89,23 @@ def delta_batches(
             yield f"language={table.column('language')[0]}", table
 
 
-def delta_rows(output_uri: str, storage_options: dict | None = None) -> int:
-    if not is_delta(output_uri, storage_options):
+def delta_rows(output: OutputRoot) -> int:
+    if not is_delta(output):
         return 0
-    return _table(output_uri, storage_options).to_pyarrow_dataset().count_rows()
+    return _table(output).to_pyarrow_dataset().count_rows()
 
 
-def _merge(output_uri: str, storage_options: dict | None, rows: pa.Table) -> tuple[dict, int]:
+def _merge(output: OutputRoot, rows: pa.Table) -> tuple[dict, int]:
     """Upsert `rows` on `id` in one commit (create the table with them if there is none); delta-rs's
     metrics and the version committed."""
     from deltalake import write_deltalake
     from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
-    uri, options = table_uri(output_uri), delta_options(output_uri, storage_options)
+    uri, options = table_uri(output), delta_options(output)
     for attempt in range(MERGE_ATTEMPTS):
         try:
             try:
-                table = _table(output_uri, storage_options)
+                table = _table(output)
             except TableNotFoundError:  # the first commit creates the table; a second creator fails and merges
                 write_deltalake(uri, rows, partition_by=["language"], mode="error", storage_options=options)
                 return {"num_target_rows_inserted": rows.num_rows}, 0
@@ -134,16 +133,14 @@ class DeltaWriter:
 
     def __init__(
         self,
-        output_uri: str,
+        output: OutputRoot,
         run_id: str,
         schema: pa.Schema,
-        storage_options: dict | None = None,
         rows_per_file: int = 200_000,
         commit_interval_s: float = 600.0,
         before_commit: Callable[[], None] | None = None,
     ):
-        self.output_uri, self.run_id, self.schema = output_uri, run_id, schema
-        self.storage_options = storage_options
+        self.output, self.run_id, self.schema = output, run_id, schema
         self.rows_per_file, self.commit_interval_s = rows_per_file, commit_interval_s
         self.before_commit = before_commit
         self.committed: list[str] = []  # `OUTPUT/transcripts@v<version>` per commit
@@ -173,22 +170,21 @@ class DeltaWriter:
         rows = rows.filter(last)
         if self.before_commit is not None:
             self.before_commit()
-        metrics, version = _merge(self.output_uri, self.storage_options, rows)
+        metrics, version = _merge(self.output, rows)
         self.rows_replaced += int(metrics.get("num_target_rows_updated", 0))
-        self.committed.append(f"{table_uri(self.output_uri)}@v{version}")
+        self.committed.append(f"{table_uri(self.output)}@v{version}")
         log.info("committed %d rows to %s", rows.num_rows, self.committed[-1])
 
     def close(self) -> list[str]:
         """Commit what is held; remove the run's staging folder (its plan), as TranscriptWriter does."""
         self.commit_open()
-        fs, root = filesystem(self.output_uri, self.storage_options)
-        staging = posixpath.join(root, STAGING_DIR, self.run_id)
-        if fs.exists(staging):
-            fs.rm(staging, recursive=True)
+        staging = self.output.join(STAGING_DIR, self.run_id)
+        if self.output.fs.exists(staging):
+            self.output.fs.rm(staging, recursive=True)
         return self.committed
 
 
-def optimize(output_uri: str, storage_options: dict | None = None, target_mb: float = 256.0) -> dict:
+def optimize(output: OutputRoot, target_mb: float = 256.0) -> dict:
     """Compact the table's small files with delta-rs's optimize (one commit; old files stay for
     readers of older versions until a `vacuum`). Returns delta-rs's metrics."""
-    return _table(output_uri, storage_options).optimize.compact(target_size=int(target_mb * (1 << 20)))
+    return _table(output).optimize.compact(target_size=int(target_mb * (1 << 20)))

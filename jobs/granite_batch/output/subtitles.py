@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from granite_batch.models.alignment import UNSPACED_SCRIPT, proportional_words, split_words
 from granite_batch.schema import STAGING_DIR
-from granite_batch.storage import LOCAL_PROTOCOLS, filesystem, protocol_of
+from granite_batch.storage import OutputRoot
 
 FORMATS = ("srt", "vtt")
 # One path component: at most 255 bytes on ext4, XFS, btrfs, APFS and NTFS (255 UTF-16 units); S3
@@ -176,15 +176,13 @@ def subtitle_path(root: str, subtitle_format: str, row_id: str) -> str:
     return posixpath.join(root, SUBTITLES_DIR, subtitle_format, subtitle_name(row_id, subtitle_format))
 
 
-def write_subtitles(
-    table: pa.Table, output_uri: str, formats: list[str], run_id: str, storage_options: dict | None = None
-) -> list[str]:
+def write_subtitles(table: pa.Table, output: OutputRoot, formats: list[str], run_id: str) -> list[str]:
     """Write one file per format for each row of `table` that succeeded and has segments;
     return the paths written. Rows with an error or without segments are skipped."""
     if not formats or table.num_rows == 0:
         return []
-    fs, root = filesystem(output_uri, storage_options)
-    local = protocol_of(output_uri) in LOCAL_PROTOCOLS
+    fs, root = output.fs_and_path
+    local = output.local
     written = []
     rows = table.select(["id", "error", "segments"]).to_pylist()
     for subtitle_format in formats:

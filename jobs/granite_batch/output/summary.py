@@ -11,13 +11,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from granite_batch.schema import RUNS_DIR, STAGING_DIR, error_reason
-from granite_batch.storage import filesystem, write_json
+from granite_batch.storage import OutputRoot, write_json
 
 
-def read_summaries(output_uri: str, storage_options: dict | None = None) -> list[dict]:
+def read_summaries(output: OutputRoot) -> list[dict]:
     """Every run summary under the output root, oldest first."""
-    fs, root = filesystem(output_uri, storage_options)
-    folder = posixpath.join(root, RUNS_DIR)
+    fs, folder = output.fs, output.join(RUNS_DIR)
     if not fs.exists(folder):
         return []
     summaries = []
@@ -57,11 +56,9 @@ class RunStats:
                     self.decoding.setdefault(language, Counter())[decided] += 1
 
 
-def write_summary(
-    output_uri: str, run_id: str, summary: dict, storage_options: dict | None = None, runs_dir: str = RUNS_DIR
-) -> str:
+def write_summary(output: OutputRoot, run_id: str, summary: dict, runs_dir: str = RUNS_DIR) -> str:
     """Write `<runs_dir>/<run_id>.json` under the output root; return its path."""
-    return write_json(output_uri, posixpath.join(runs_dir, f"{run_id}.json"), summary, storage_options)
+    return write_json(output, posixpath.join(runs_dir, f"{run_id}.json"), summary)
 
 
 def batch_counts(table: pa.Table) -> dict[str, float]:
@@ -77,21 +74,21 @@ def batch_counts(table: pa.Table) -> dict[str, float]:
     }
 
 
-def reap_dead_runs(output_uri: str, live_run_id: str, storage_options: dict | None = None) -> list[str]:
+def reap_dead_runs(output: OutputRoot, live_run_id: str) -> list[str]:
     """The runs whose summary still says `running` while run `live_run_id` holds the transcripts'
     lease: they died (killed, or their machine lost) before writing a final status. Their staging
     folder is removed and their summary says `died`; returns their ids. Only a lease holder may
     call this (with `lease: none` another run may really be running)."""
-    fs, root = filesystem(output_uri, storage_options)
+    fs = output.fs
     dead = []
-    for summary in read_summaries(output_uri, storage_options):
+    for summary in read_summaries(output):
         run_id = summary.get("run_id")
         if summary.get("status") != "running" or not run_id or run_id == live_run_id:
             continue
-        staging = posixpath.join(root, STAGING_DIR, run_id)
+        staging = output.join(STAGING_DIR, run_id)
         if fs.exists(staging):
             fs.rm(staging, recursive=True)
         ended = {**summary, "status": "died", "error": f"stopped without a final status; run {live_run_id} found it"}
-        write_summary(output_uri, run_id, ended, storage_options)
+        write_summary(output, run_id, ended)
         dead.append(run_id)
     return dead

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from granite_batch.output.replace import Replacements
 from granite_batch.schema import STAGING_DIR, TRANSCRIPTS_DIR, conform, file_schema
-from granite_batch.storage import filesystem, uri_of
+from granite_batch.storage import OutputRoot, uri_of
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +39,16 @@ class TranscriptWriter:
 
     def __init__(
         self,
-        output_uri: str,
+        output: OutputRoot,
         run_id: str,
         schema: pa.Schema,
-        storage_options: dict | None = None,
         rows_per_file: int = 200_000,
         commit_interval_s: float = 600.0,
         dataset_dir: str = TRANSCRIPTS_DIR,
         before_commit: Callable[[], None] | None = None,
         replacements: Replacements | None = None,
     ):
-        self.fs, self.root = filesystem(output_uri, storage_options)
+        self.fs, self.root = output.fs_and_path
         self.before_commit = before_commit  # raises to stop a commit, e.g. a lease check
         self.replacements = replacements  # old rows that new ones replace in place (output/replace.py)
         self.dataset_dir = dataset_dir  # relative to the output root; other datasets (second_pass/<name>) too

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import posixpath
 import signal
 import time
 import uuid
@@ -19,7 +18,7 @@ from granite_batch.models.hub import first_line
 from granite_batch.output.summary import write_summary
 from granite_batch.output.writer import TranscriptWriter
 from granite_batch.run.lease import LeaseTerms, NoLease, take_lease
-from granite_batch.storage import filesystem
+from granite_batch.storage import OutputRoot
 
 log = logging.getLogger(__name__)
 
@@ -94,24 +93,22 @@ class _Run:
     run stopped by an error writes `failed` with the error's first line before the error goes on.
     """
 
-    def __init__(self, output_uri: str, runs_dir: str, run_id: str | None, storage_options: dict | None):
-        self.output_uri = output_uri
+    def __init__(self, output: OutputRoot, runs_dir: str, run_id: str | None):
+        self.output = output
         self.runs_dir = runs_dir
-        self.storage_options = storage_options
         self.run_id = run_id or new_run_id()
         self.started_at = datetime.now(UTC)
         self.clock = time.monotonic()
         self.summary: Callable[[str], dict] | None = None
         self.last: dict = {}
-        self.lease = NoLease(output_uri)  # the dataset's lease once taken; released when the run ends
+        self.lease = NoLease(output.uri)  # the dataset's lease once taken; released when the run ends
         self._refuse_existing_run_id()
 
     def _refuse_existing_run_id(self) -> None:
-        fs, root = filesystem(self.output_uri, self.storage_options)
-        if fs.exists(posixpath.join(root, self.runs_dir, f"{self.run_id}.json")):
+        if self.output.fs.exists(self.output.join(self.runs_dir, f"{self.run_id}.json")):
             # Its files are named after the run id: a second run of that name would replace them.
             raise ConfigError(
-                f"run id {self.run_id!r} already exists in {self.output_uri}; pick another --run-id "
+                f"run id {self.run_id!r} already exists in {self.output.uri}; pick another --run-id "
                 "(or leave it out for a new one)"
             )
 
@@ -129,7 +126,7 @@ class _Run:
     def write(self, status: str, **extra) -> str:
         """Write the summary with `status` (and `extra` fields); it stays in `self.last`."""
         self.last = {**self.summary(status), **extra}
-        return write_summary(self.output_uri, self.run_id, self.last, self.storage_options, runs_dir=self.runs_dir)
+        return write_summary(self.output, self.run_id, self.last, runs_dir=self.runs_dir)
 
     def stream(
         self, batches: Iterable[pa.Table], writer: TranscriptWriter, on_batch: Callable[[pa.Table], None]
@@ -164,7 +161,7 @@ class _Run:
     def plan(self, dataset_dir: str, terms: LeaseTerms, planner: Callable[[], object]):
         """Take the lease on the dataset this run writes (held until the run ends; waits for or
         raises LeaseHeld naming another holder), then plan what is left to do: `planner()`."""
-        self.lease = take_lease(self.output_uri, dataset_dir, self.run_id, self.storage_options, terms)
+        self.lease = take_lease(self.output, dataset_dir, self.run_id, terms)
         # The run starts now: time spent waiting for the lease is not its wall time.
         self.started_at, self.clock = datetime.now(UTC), time.monotonic()
         try:

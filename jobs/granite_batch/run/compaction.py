@@ -6,11 +6,11 @@ from granite_batch.output.compact import DEFAULT_TARGET_MB, Compaction, compact_
 from granite_batch.run.bookkeeping import new_run_id
 from granite_batch.run.lease import LeaseTerms, take_lease
 from granite_batch.schema import TRANSCRIPTS_DIR
+from granite_batch.storage import OutputRoot
 
 
 def compact_output(
-    output_uri: str,
-    storage_options: dict | None = None,
+    output: OutputRoot,
     target_mb: float = DEFAULT_TARGET_MB,
     terms: LeaseTerms = LeaseTerms(),
 ) -> Compaction:
@@ -18,8 +18,8 @@ def compact_output(
     `target_mb`, holding the dataset's lease as a run does (so a run started meanwhile waits, and
     this waits for a run). Raises LeaseHeld / LeaseUnsupported as a run does."""
     compaction_id = f"compact-{new_run_id()}"
-    lease = take_lease(output_uri, TRANSCRIPTS_DIR, compaction_id, storage_options, terms)
+    lease = take_lease(output, TRANSCRIPTS_DIR, compaction_id, terms)
     try:
-        return compact_dataset(output_uri, compaction_id, storage_options, target_mb, before_commit=lease.check)
+        return compact_dataset(output, compaction_id, target_mb, before_commit=lease.check)
     finally:
         lease.release()

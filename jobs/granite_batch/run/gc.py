@@ -17,7 +17,7 @@ from datetime import datetime
 
 from granite_batch.run.lease import read_holder
 from granite_batch.schema import SECOND_PASS_DIR, STAGING_DIR, TRANSCRIPTS_DIR
-from granite_batch.storage import filesystem
+from granite_batch.storage import OutputRoot
 
 log = logging.getLogger(__name__)
 
@@ -51,29 +51,27 @@ def _modified(info: dict) -> float | None:
     return None
 
 
-def live_runs(output_uri: str, storage_options: dict | None = None) -> set[str]:
+def live_runs(output: OutputRoot) -> set[str]:
     """Run ids holding a live lease on a dataset of the output (transcripts or a second pass)."""
-    fs, root = filesystem(output_uri, storage_options)
-    passes = posixpath.join(root, SECOND_PASS_DIR)
+    fs, passes = output.fs, output.join(SECOND_PASS_DIR)
     datasets = [TRANSCRIPTS_DIR]
     if fs.isdir(passes):
         datasets += [posixpath.join(SECOND_PASS_DIR, posixpath.basename(p)) for p in fs.ls(passes, detail=False)]
     live = set()
     for dataset in datasets:
-        holder = read_holder(output_uri, dataset, storage_options)
+        holder = read_holder(output, dataset)
         age = None if holder is None else holder.renewed_age_s()
         if holder is not None and (age is None or age < holder.expiry_s):
             live.add(holder.run_id)
     return live
 
 
-def find_leftovers(output_uri: str, older_than_s: float, storage_options: dict | None = None) -> list[Leftover]:
+def find_leftovers(output: OutputRoot, older_than_s: float) -> list[Leftover]:
     """Every folder under `OUTPUT/_staging`, oldest first, each marked removable or not (and why)."""
-    fs, root = filesystem(output_uri, storage_options)
-    staging = posixpath.join(root, STAGING_DIR)
+    fs, staging = output.fs, output.join(STAGING_DIR)
     if not fs.isdir(staging):
         return []
-    live = live_runs(output_uri, storage_options)
+    live = live_runs(output)
     now = time.time()
     found = []
     for folder in sorted(fs.ls(staging, detail=False)):
@@ -93,11 +91,11 @@ def find_leftovers(output_uri: str, older_than_s: float, storage_options: dict |
     return sorted(found, key=lambda item: -(item.idle_s or 0.0))
 
 
-def remove_leftovers(output_uri: str, leftovers: list[Leftover], storage_options: dict | None = None) -> int:
+def remove_leftovers(output: OutputRoot, leftovers: list[Leftover]) -> int:
     """Remove the removable `leftovers` (checking again that no live lease names their run) and
     `_staging` itself when it is left empty; returns the bytes removed."""
-    fs, root = filesystem(output_uri, storage_options)
-    live = live_runs(output_uri, storage_options)
+    fs = output.fs
+    live = live_runs(output)
     removed = 0
     for item in leftovers:
         if not item.removable or item.run_id in live:
@@ -105,7 +103,7 @@ def remove_leftovers(output_uri: str, leftovers: list[Leftover], storage_options
         fs.rm(item.path, recursive=True)
         removed += item.bytes
         log.info("removed %s (%d files, %d bytes)", item.path, item.files, item.bytes)
-    staging = posixpath.join(root, STAGING_DIR)
+    staging = output.join(STAGING_DIR)
     try:
         if fs.isdir(staging) and not fs.ls(staging, detail=False):
             fs.rmdir(staging)

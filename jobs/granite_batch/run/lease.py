@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
 from granite_batch.config import DEFAULT_EXPIRY_S, DEFAULT_WAIT_S
-from granite_batch.storage import LOCAL_PROTOCOLS, filesystem, protocol_of
+from granite_batch.storage import OutputRoot, protocol_of
 
 log = logging.getLogger(__name__)
 
@@ -240,15 +240,14 @@ class _ConditionalPutStore:
             pass
 
 
-def _store(output_uri: str, dataset_dir: str, storage_options: dict | None):
-    dataset_uri = posixpath.join(output_uri, dataset_dir)
-    protocol = protocol_of(output_uri)
-    fs, root = filesystem(output_uri, storage_options)
-    directory = posixpath.join(root, LEASES_DIR, dataset_dir)
-    if protocol in LOCAL_PROTOCOLS:
+def _store(output: OutputRoot, dataset_dir: str):
+    dataset_uri = posixpath.join(output.uri, dataset_dir)
+    protocol = protocol_of(output.uri)
+    directory = output.join(LEASES_DIR, dataset_dir)
+    if output.local:
         return _LocalStore(directory)
     if protocol == "s3":
-        return _ConditionalPutStore(fs, directory)
+        return _ConditionalPutStore(output.fs, directory)
     raise LeaseUnsupported(
         f"granite-batch cannot take a lease on {dataset_uri}: {protocol}:// is not a store whose exclusive "
         f"create it knows (local/POSIX files, or S3 and S3-compatible stores with conditional writes). "
@@ -267,11 +266,11 @@ def _latest(store, default_expiry_s: float) -> Holder | None:
             return Holder.from_bytes(data, generations[-1], default_expiry_s)
 
 
-def read_holder(output_uri: str, dataset_dir: str, storage_options: dict | None = None) -> Holder | None:
-    """Who holds the lease on dataset `dataset_dir` of `output_uri` now (the latest record, expired or
+def read_holder(output: OutputRoot, dataset_dir: str) -> Holder | None:
+    """Who holds the lease on dataset `dataset_dir` of `output` now (the latest record, expired or
     not); None if nobody does."""
     try:
-        holder = _latest(_store(output_uri, dataset_dir, storage_options), DEFAULT_EXPIRY_S)
+        holder = _latest(_store(output, dataset_dir), DEFAULT_EXPIRY_S)
     except LeaseUnsupported:
         return None
     return None if holder is None or holder.released else holder
@@ -299,10 +298,9 @@ class Lease:
     @classmethod
     def acquire(
         cls,
-        output_uri: str,
+        output: OutputRoot,
         dataset_dir: str,
         run_id: str,
-        storage_options: dict | None = None,
         *,
         expiry_s: float = DEFAULT_EXPIRY_S,
         wait_s: float = DEFAULT_WAIT_S,
@@ -310,7 +308,7 @@ class Lease:
         renew_every_s: float | None = None,
         clock_skew_s: float | None = None,
     ) -> Lease:
-        """Take the lease on dataset `dataset_dir` (e.g. "transcripts") of `output_uri` for `run_id`,
+        """Take the lease on dataset `dataset_dir` (e.g. "transcripts") of `output` for `run_id`,
         waiting up to `wait_s` seconds while another run holds it.
 
         Raises LeaseHeld (naming the holder) when the wait runs out (at once with `wait_s=0`), and
@@ -320,8 +318,8 @@ class Lease:
         """
         if expiry_s <= 0:
             raise ValueError("expiry_s must be positive")
-        store = _store(output_uri, dataset_dir, storage_options)
-        dataset_uri = posixpath.join(output_uri, dataset_dir)
+        store = _store(output, dataset_dir)
+        dataset_uri = posixpath.join(output.uri, dataset_dir)
         poll_s = poll_s if poll_s is not None else max(0.05, min(10.0, expiry_s / 10))
         renew_every_s = renew_every_s if renew_every_s is not None else expiry_s / 3
         started = time.monotonic()
@@ -525,30 +523,23 @@ class LeaseTerms:
     wait_s: float = DEFAULT_WAIT_S
 
 
-def take_lease(
-    output_uri: str,
-    dataset_dir: str,
-    run_id: str,
-    storage_options: dict | None = None,
-    terms: LeaseTerms = LeaseTerms(),
-) -> Lease | NoLease:
-    """The lease a run holds on dataset `dataset_dir` of `output_uri` while it writes: a `Lease`, or a
+def take_lease(output: OutputRoot, dataset_dir: str, run_id: str, terms: LeaseTerms = LeaseTerms()) -> Lease | NoLease:
+    """The lease a run holds on dataset `dataset_dir` of `output` while it writes: a `Lease`, or a
     `NoLease` when the operator opted out (mode "none"). Raises LeaseHeld / LeaseUnsupported as
     `Lease.acquire`."""
-    dataset_uri = posixpath.join(output_uri, dataset_dir)
+    dataset_uri = posixpath.join(output.uri, dataset_dir)
     if terms.mode == "table":
         return NoLease(dataset_uri)
     if terms.mode == "none":
         log.warning("no lease on %s (lease: none): make sure no other run writes it at the same time", dataset_uri)
         return NoLease(dataset_uri)
-    return Lease.acquire(output_uri, dataset_dir, run_id, storage_options, expiry_s=terms.expiry_s, wait_s=terms.wait_s)
+    return Lease.acquire(output, dataset_dir, run_id, expiry_s=terms.expiry_s, wait_s=terms.wait_s)
 
 
-def discard_own_records(output_uri: str, run_id: str, storage_options: dict | None = None) -> None:
+def discard_own_records(output: OutputRoot, run_id: str) -> None:
     """Remove `OUTPUT/_leases` when every record in it is `run_id`'s: a run that stopped before any
     work, in an output root it created, leaves nothing behind. Another run's record keeps them all."""
-    fs, root = filesystem(output_uri, storage_options)
-    folder = posixpath.join(root, LEASES_DIR)
+    fs, folder = output.fs, output.join(LEASES_DIR)
     if not fs.exists(folder):
         return
     for path in fs.find(folder):
@@ -561,16 +552,15 @@ def discard_own_records(output_uri: str, run_id: str, storage_options: dict | No
     fs.rm(folder, recursive=True)
 
 
-def describe_leases(output: str, options: dict) -> list[str]:
+def describe_leases(output: OutputRoot) -> list[str]:
     """A line for the transcripts' lease (free or who holds it), and one per held second-pass lease."""
     from granite_batch.schema import SECOND_PASS_DIR, TRANSCRIPTS_DIR
 
-    fs, root = filesystem(output, options)
-    folder = posixpath.join(root, SECOND_PASS_DIR)
+    fs, folder = output.fs, output.join(SECOND_PASS_DIR)
     passes = sorted(posixpath.basename(p) for p in fs.ls(folder, detail=False)) if fs.isdir(folder) else []
     lines = []
     for dataset in [TRANSCRIPTS_DIR] + [posixpath.join(SECOND_PASS_DIR, name) for name in passes]:
-        holder = read_holder(output, dataset, options)
+        holder = read_holder(output, dataset)
         if holder is None:
             if dataset == TRANSCRIPTS_DIR:
                 lines.append(f"lease on {dataset}: free")

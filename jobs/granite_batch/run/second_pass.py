@@ -23,31 +23,31 @@ from granite_batch.schema import (
 )
 from granite_batch.second_pass.language_model import resolve_language_model
 from granite_batch.second_pass.prompts import Prompter, load_template
+from granite_batch.storage import OutputRoot
 
 log = logging.getLogger(__name__)
 
 
-def _ids_to_skip(output_uri: str, dataset_dir: str, retry_failed: bool, storage_options: dict | None) -> pa.Array:
+def _ids_to_skip(output: OutputRoot, dataset_dir: str, retry_failed: bool) -> pa.Array:
     """Ids that already have a row in the dataset (with `retry_failed`, only a successful one).
 
     With `retry_failed` the files holding failed rows are first rewritten without them: a crash
     after that leaves those ids with no row, so they are redone, never with two rows.
     """
-    committed = read_committed(output_uri, storage_options, dataset_dir=dataset_dir)
+    committed = read_committed(output, dataset_dir=dataset_dir)
     if retry_failed and committed.failed:
-        drop_rows(output_uri, committed.failed, storage_options)
+        drop_rows(output, committed.failed)
     return committed.ids(include_failed=not retry_failed)
 
 
 def run_second_pass(
-    output_uri: str,
+    output: OutputRoot,
     options: SecondPassOptions,
-    storage_options: dict | None = None,
     run_id: str | None = None,
     progress: bool = True,
     lease_terms: LeaseTerms = LeaseTerms(),
 ) -> RunResult:
-    """Run the second pass over the committed transcripts of `output_uri`.
+    """Run the second pass over the committed transcripts of `output`.
 
     Raises ConfigError (bad template, no transcripts, a context too small for the template) or
     ModelLoadError before any work, LeaseHeld when another run holds its dataset. Ids already in the
@@ -57,11 +57,11 @@ def run_second_pass(
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
         raise ConfigError(f"second_pass.name: {name!r} is not a valid dataset name; pass --name")
     dataset_dir = second_pass_dir(name)
-    run = _Run(output_uri, posixpath.join(dataset_dir, "_runs"), run_id, storage_options)
+    run = _Run(output, posixpath.join(dataset_dir, "_runs"), run_id)
     template_source = load_template(options)
-    transcripts = results.load(output_uri, storage_options=storage_options, columns=["id", "language", "text", "error"])
+    transcripts = results.load(output, columns=["id", "language", "text", "error"])
     if transcripts.num_rows == 0:
-        raise ConfigError(f"no transcripts under {output_uri}: run `granite-batch run` first")
+        raise ConfigError(f"no transcripts under {output.uri}: run `granite-batch run` first")
     model_ref, tokenizer, context_tokens = resolve_language_model(options)
     prompter = Prompter(tokenizer, template_source, options.question)
     budget = context_tokens - options.max_new_tokens
@@ -76,9 +76,7 @@ def run_second_pass(
     failed = pc.is_valid(transcripts.column("error"))
     empty = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(pc.fill_null(transcripts.column("text"), "")), ""), True)
     usable = transcripts.filter(pc.and_(pc.invert(failed), pc.invert(empty)))
-    done_ids = run.plan(
-        dataset_dir, lease_terms, lambda: _ids_to_skip(output_uri, dataset_dir, options.retry_failed, storage_options)
-    )
+    done_ids = run.plan(dataset_dir, lease_terms, lambda: _ids_to_skip(output, dataset_dir, options.retry_failed))
     todo = usable.filter(pc.invert(pc.is_in(usable.column("id"), value_set=done_ids)))
     todo = todo.select(["id", "language", "text"])
     log.info(
@@ -90,10 +88,9 @@ def run_second_pass(
     )
 
     writer = TranscriptWriter(
-        output_uri,
+        output,
         run.run_id,
         SECOND_PASS_SCHEMA,
-        storage_options,
         dataset_dir=dataset_dir,
         before_commit=run.lease.check,
     )

@@ -53,7 +53,7 @@ from granite_batch.schema import (
     TRANSCRIPTS_DIR,
     transcript_schema,
 )
-from granite_batch.storage import filesystem
+from granite_batch.storage import OutputRoot
 
 log = logging.getLogger(__name__)
 # What the run's quality figures read of each row with a reference.
@@ -141,6 +141,7 @@ class TranscriptionRun:
 
     def __init__(self, config: JobConfig, progress: bool = True, crash_test: CrashTest | None = None):
         self.config = config
+        self.output = OutputRoot(config.output, config.storage_options)  # the run's one output filesystem
         self.progress = progress
         self.crash_test = crash_test
         self.stats = RunStats()
@@ -171,9 +172,8 @@ class TranscriptionRun:
             path = self.bookkeeping.write("too_many_failures" if too_many else "succeeded", **extra)
         if config.second_pass is not None:  # over every committed transcript, this run's included
             run_second_pass(
-                config.output,
+                self.output,
                 config.second_pass,
-                config.storage_options,
                 self.bookkeeping.run_id,
                 self.progress,
                 self.lease_terms,
@@ -188,39 +188,37 @@ class TranscriptionRun:
     def prepare(self) -> None:
         """Check the output, take its lease, plan what is left and resolve the models; a bad manifest
         or model stops here with nothing left behind."""
-        config = self.config
+        config, output = self.config, self.output
         try:
             redo = parse_selections(config.redo)
         except SelectionError as exc:
             raise ConfigError(f"redo: {exc}") from None
         self.replacements = Replacements()
-        check_output_root(config.output, config.storage_options)
-        delta = check_output_format(config)
+        check_output_root(output)
+        delta = check_output_format(config, output)
         if config.run_id is not None:
-            check_run_id_unused(config.output, config.run_id, config.storage_options)
-        run = self.bookkeeping = _Run(config.output, RUNS_DIR, config.run_id, config.storage_options)
+            check_run_id_unused(output, config.run_id)
+        run = self.bookkeeping = _Run(output, RUNS_DIR, config.run_id)
         stream = ManifestStream(
             config.manifest or config.input,
             Defaults.from_config(config),
             config.storage_options,
             listing=config.manifest is None,
         )
-        fs, root = filesystem(config.output, config.storage_options)
-        output_existed = fs.exists(root)
+        output_existed = output.fs.exists(output.path)
         self.lease_terms = LeaseTerms(config.lease, config.lease_expiry_s, config.lease_wait_s)
         # A Delta table's commits keep one row per id (output/delta.py); a second pass still takes its lease.
         transcripts_terms = LeaseTerms("table") if delta else self.lease_terms
 
         def plan():
-            finish_compactions(config.output, config.storage_options)  # under the lease: no id keeps two rows
+            finish_compactions(output)  # under the lease: no id keeps two rows
             if config.lease != "none":  # under the lease: a run still `running` in its summary has died
-                reap_dead_runs(config.output, run.run_id, config.storage_options)
+                reap_dead_runs(output, run.run_id)
             # Bucketed by id on the output's filesystem, so the driver never holds the manifest (plan.py).
             return prepare_plan(
                 stream,
-                config.output,
-                plan_folder(config.output, run.run_id),
-                config.storage_options,
+                output,
+                plan_folder(output.uri, run.run_id),
                 retry_failed=config.retry_failed,
                 redo=redo,
                 replacements=self.replacements,
@@ -235,12 +233,12 @@ class TranscriptionRun:
         except BaseException:  # a bad manifest or model: nothing was done, so nothing is left behind
             run.lease.release()
             if not output_existed:
-                discard_own_records(config.output, run.run_id, config.storage_options)
-            discard_plan(config.output, run.run_id, config.storage_options, output_created=not output_existed)
+                discard_own_records(output, run.run_id)
+            discard_plan(output, run.run_id, output_created=not output_existed)
             raise
         if config.retry_failed and self.layout.committed.failed_files:
             # A crash after this leaves the failed ids with no row, so they are redone, never with two.
-            drop_failed_rows(config.output, self.layout.committed.failed_files, config.storage_options)
+            drop_failed_rows(output, self.layout.committed.failed_files)
         log.info(
             "run %s: %d rows to do, %d already done, %d duplicates, from %s",
             run.run_id,
@@ -252,14 +250,12 @@ class TranscriptionRun:
         schema = transcript_schema(self.layout.schema)
         self.writer: TranscriptWriter | DeltaWriter
         if delta:
-            options, rows, interval = config.storage_options, config.rows_per_file, config.commit_interval_s
-            self.writer = DeltaWriter(config.output, run.run_id, schema, options, rows, interval)
+            self.writer = DeltaWriter(output, run.run_id, schema, config.rows_per_file, config.commit_interval_s)
         else:
             self.writer = TranscriptWriter(
-                config.output,
+                output,
                 run.run_id,
                 schema,
-                config.storage_options,
                 config.rows_per_file,
                 config.commit_interval_s,
                 before_commit=run.lease.check,
@@ -289,7 +285,7 @@ class TranscriptionRun:
         planning again against what is now committed, redo each recording alone, then error rows."""
         config, run_id = self.config, self.bookkeeping.run_id
         self.writer.commit_open()
-        lost = _still_to_do(config, run_id, attempt=1)
+        lost = _still_to_do(config, self.output, run_id, attempt=1)
         log.warning("%d rows lost with batches whose worker died; redoing them one by one", lost.num_rows)
         self.redone_alone = lost.num_rows
         if not lost.num_rows:
@@ -297,7 +293,7 @@ class TranscriptionRun:
         alone = self._dataset(lost, alone=True)
         self.bookkeeping.stream(self._recordings(alone), self.writer, self.on_batch)
         self.writer.commit_open()
-        still_lost = _still_to_do(config, run_id, attempt=2)
+        still_lost = _still_to_do(config, self.output, run_id, attempt=2)
         routed = routed_models(still_lost, self.models, pipeline.request_flags(config))
         crashed = crashed_rows(still_lost, self.writer.schema, *routed, run_id)
         if crashed.num_rows:
@@ -334,7 +330,7 @@ class TranscriptionRun:
     def on_batch(self, batch: pa.Table) -> None:
         config = self.config
         # Before the rows: once a row is committed its id is done, so its subtitles must exist.
-        write_subtitles(batch, config.output, config.subtitles, self.bookkeeping.run_id, config.storage_options)
+        write_subtitles(batch, self.output, config.subtitles, self.bookkeeping.run_id)
         self.stats.add(batch)
         if self.metrics is not None:
             self.metrics.record(batch_counts(batch))
@@ -408,10 +404,10 @@ class TranscriptionRun:
         }
 
 
-def check_output_format(config: JobConfig) -> bool:
+def check_output_format(config: JobConfig, output: OutputRoot) -> bool:
     """Whether the run writes a Delta table; an output whose transcripts are in the other format, or
     delta without the deltalake package, stops the run before any work (ConfigError)."""
-    delta = is_delta(config.output, config.storage_options)
+    delta = is_delta(output)
     if config.output_format == "parquet":
         if delta:
             raise ConfigError(f"{config.output}: its transcripts are a Delta table; run with --format delta")
@@ -422,8 +418,7 @@ def check_output_format(config: JobConfig) -> bool:
         raise ConfigError("--format delta needs the deltalake package: pip install 'granite-batch[delta]'") from None
     if config.second_pass is not None:
         raise ConfigError("a second pass reads Parquet transcripts; it does not run over a Delta output yet")
-    fs, root = filesystem(config.output, config.storage_options)
-    if not delta and list_dataset_files(fs, root).ours:
+    if not delta and list_dataset_files(*output.fs_and_path).ours:
         raise ConfigError(f"{config.output}: its transcripts are Parquet files; a Delta output needs a new output root")
     return True
 
@@ -440,7 +435,7 @@ def routed_models(rows: pa.Table, models: list[JobModel], flags) -> tuple[list[s
     return [ref.name for ref in refs], [ref.revision for ref in refs]
 
 
-def _still_to_do(config: JobConfig, run_id: str, attempt: int) -> pa.Table:
+def _still_to_do(config: JobConfig, output: OutputRoot, run_id: str, attempt: int) -> pa.Table:
     """The manifest rows that still have no committed row, planned again (bounded like the first plan);
     used only when a run got back fewer rows than it planned, so the result is small."""
     stream = ManifestStream(
@@ -449,9 +444,7 @@ def _still_to_do(config: JobConfig, run_id: str, attempt: int) -> pa.Table:
         config.storage_options,
         listing=config.manifest is None,
     )
-    layout = prepare_plan(
-        stream, config.output, f"{plan_folder(config.output, run_id)}-lost-{attempt}", config.storage_options
-    )
+    layout = prepare_plan(stream, output, f"{plan_folder(output.uri, run_id)}-lost-{attempt}")
     tables = [todo for todo, _ in (plan_bucket(layout, b) for b in range(layout.buckets)) if todo.num_rows]
     return pa.concat_tables(tables, promote_options="permissive") if tables else layout.schema.empty_table()
 
