@@ -160,13 +160,16 @@ def features_only(speech: CtcSpeechModel, clips, batch_size: int) -> None:
             batch_features(speech.feature_extractor, [chunk[i] for i in batch], speech.device, speech.model.dtype)
 
 
-def encoder_only(speech: CtcSpeechModel, clips, batch_size: int) -> None:
-    """Features and the padded encoder call with the model's argmax, as `ours` makes them; no host decode."""
+def encoder_only(speech: CtcSpeechModel, clips, batch_size: int) -> int:
+    """Features and the padded encoder call with the model's argmax, as `ours` makes them; no host
+    decode. Returns the number of greedy paths made (device work and one copy to the host each)."""
     speech.max_batch_segments = batch_size
     request = Request(language="en")
+    made = 0
     for start in range(0, len(clips), 4 * batch_size):
-        for _batch, _paths in speech._decoded_batches([(c, request) for c in clips[start : start + 4 * batch_size]]):
-            pass  # the paths are made (device work and one copy to the host); nothing decoded
+        for _batch, paths in speech._decoded_batches([(c, request) for c in clips[start : start + 4 * batch_size]]):
+            made += len(paths)
+    return made
 
 
 def host_decode_us(speech: CtcSpeechModel, segments: int = 1024, share: float = 0.32) -> dict:
