@@ -14,6 +14,7 @@ from conftest import SAMPLES
 from granite_batch.audio import decode_cut, segment, stream_cut
 from granite_batch.audio.decode import decode_table, load_recording
 from granite_batch.audio.isolation import CrashTest
+from granite_batch.audio.sessions import Sessions
 from granite_batch.audio.vad import VadOptions
 from granite_batch.schema import END, SEGMENT, WHOLE
 
@@ -217,3 +218,51 @@ def test_the_decoder_runs_in_step_with_its_caller_and_unwinds_when_left():
     assert seen == [0] and threading.active_count() == threads
     every = list(decode_cut._in_step(functools.partial(pieces_then, seen=[])))
     assert [kind for kind, _ in every] == ["piece"] * 5 + ["done"] and every[-1][1] == "decoded"
+
+
+def _wants_all(table: pa.Table) -> list[bool]:
+    return [True] * table.num_rows
+
+
+def test_speaker_sessions_are_the_same_from_both_paths_and_hold_the_segments_end_to_end(recordings):
+    """Speaker sessions (audio/sessions.py): the decode stage (long recordings, grouped as their
+    segments arrive) and the segment stage (short ones, planned at once) make the same sessions, and a
+    session's samples and calls are its segments' samples and spans, end to end, within the limit."""
+    table = manifest(recordings, KINDS)
+    sessions = Sessions(_wants_all, max_session_s=70.0)
+    plain = recordings_of(
+        rows(segment.segment_blocks(decode_table(table, isolate=False), RATE, 30.0, OPTIONS, isolate=False))
+    )
+    grouped = rows(
+        segment.segment_blocks(
+            decode_table(table, isolate=False), RATE, 30.0, OPTIONS, isolate=False, sessions=sessions
+        )
+    )
+    blocks = decode_cut.decode_blocks(
+        table, 30.0, isolate=False, options=OPTIONS, block_bytes=1 << 20, sessions=sessions
+    )
+    cut = rows(
+        t
+        for block in blocks
+        for t in segment.segment_blocks(block, RATE, 30.0, OPTIONS, isolate=False, sessions=sessions)
+    )
+    assert recordings_of(cut) == recordings_of(grouped)
+    calls_of = {(r["id"], r["segment_index"]): r["calls"] for r in cut if r["row_kind"] == SEGMENT}
+    for key, recording in recordings_of(cut).items():
+        segments = [plain[key]["segments"][k] for k in sorted(plain[key]["segments"])]
+        assert len(recording["segments"]) == recording["count"] <= len(segments)
+        flat = []
+        for index in sorted(recording["segments"]):
+            start, end, channel, samples = recording["segments"][index]
+            calls = calls_of[(key, index)]
+            assert sum(c["samples"] for c in calls) == len(samples) <= 70 * RATE
+            assert (start, end) == (calls[0]["start_s"], calls[-1]["end_s"])
+            flat += [(c["start_s"], c["end_s"], channel) for c in calls]
+            offset = 0
+            for call in calls:
+                own = next(s for s in segments if (s[0], s[1], s[2]) == (call["start_s"], call["end_s"], channel))
+                assert samples[offset : offset + call["samples"]] == own[3]
+                offset += call["samples"]
+        assert sorted(flat, key=lambda c: (c[0], c[2] or 0)) == [(s[0], s[1], s[2]) for s in segments]
+    assert recordings_of(cut)["long"]["count"] >= 3  # several sessions, each of several segments
+    assert recordings_of(cut)["long"]["count"] < plain["long"]["count"]

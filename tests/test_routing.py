@@ -117,6 +117,8 @@ def routed_job(tmp_path_factory, tiny_model_dir, tiny_ctc_dir, tiny_plus_dir):
                     {"model": str(d), "resources": light} for d in (tiny_ctc_dir, tiny_model_dir, tiny_plus_dir)
                 ],
                 "batch_size": 4,
+                # Calls of at most 2 s: the speakers row's 3.5 s are two calls, decoded as one session.
+                "max_segment_s": 2.0,
                 "generation": {"max_new_tokens": 12},
                 "resources": {"decode_cpus": 0.25},
             }
@@ -189,7 +191,10 @@ def test_only_the_speakers_row_can_carry_speakers(routed_job):
     assert by_id["speakers"]["segments"]
     for segment in by_id["speakers"]["segments"]:
         assert segment["words"] is None
-        assert segment["speaker"] is None or segment["speaker"].split(":")[0].isdigit()
+        assert segment["speaker"] is None or segment["speaker"].startswith("0:")
+    # Its calls went to the model as one speaker session (audio/sessions.py): one segment row.
+    plus = str(routed_job["dirs"]["plus"].resolve())
+    assert routed_job["summary"]["inference"][plus]["segments"] == 1
     for row in by_id.values():
         if row["id"] != "speakers" and row["error"] is None:
             assert all(s["speaker"] is None and s["words"] is None for s in row["segments"])

@@ -87,7 +87,7 @@ COLUMN_NOTES = {
     "end": "seconds from the start of the recording",
     "truncated": "decoding stopped at the segment's token budget instead of at the end of its text",
     "avg_logprob": "mean log-probability of the segment's chosen tokens (scaled logits); null where none was computed",
-    "speaker": "speaker label `<call>:<N>` (granite-speech-4.1-2b-plus with `speakers: true`); else null",
+    "speaker": "speaker label `<session>:<N>` (granite-speech-4.1-2b-plus with `speakers: true`; models.md); else null",
     "words": "with `word_timestamps`: the segment's words (below); else null",
     "channel": "the channel (0, 1, ...) with `channels: split`; else null",
     "confidence": "mean CTC probability of the word's aligned letters; null where none was aligned",

@@ -238,6 +238,15 @@ class JobConfig(_Strict):
         description="speaker-attributed transcripts, where the model labels speakers "
         "(granite-speech-4.1-2b-plus); a row's `speakers` column overrides it",
     )
+    speaker_session_s: float = Field(
+        1800.0,
+        ge=1.0,
+        le=7200.0,
+        description="with speakers, a recording's calls are decoded in order in sessions of at most this much "
+        "audio, each call given the transcript so far (the model's incremental decoding), so speaker numbers "
+        "hold through a session; its audio context is capped at the model's speaker limit (9 minutes). A "
+        "session is one row of samples in memory (30 minutes: 115 MB)",
+    )
     punctuation: bool | None = Field(
         None,
         description="punctuated, capitalised transcripts (granite-speech-4.1-2b); null: wherever the model "
@@ -285,7 +294,7 @@ class JobConfig(_Strict):
         ge=1.0,
         le=540.0,
         description="longest speech segment one model call carries; longer speech is cut in pauses. Default: "
-        "the model's own (300 s for granite-speech-4.1-2b-plus, 30 s for the others), never above its "
+        "the model's own (180 s for granite-speech-4.1-2b-plus, 30 s for the others), never above its "
         "per-call limit",
     )
     segmentation: Literal["auto", "vad", "energy"] = Field(

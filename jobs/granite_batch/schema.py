@@ -171,9 +171,14 @@ def error_reason(error: str) -> str:
 #   segment stage, audio/segment.py `segment_blocks`, cuts into SEGMENT and END rows); never reaches
 #   the model.
 # A recording is complete once a row with its `segment_count` has arrived and that many segments.
+# A SEGMENT row may be a speaker session (audio/sessions.py): several consecutive calls of one
+# recording decoded in order, each with the text before it (4.1-2b-plus's incremental speaker
+# attribution). Its `samples` are the calls' samples end to end and `calls` lists them (CALL_TYPE:
+# each call's sample count and its span in the recording); `calls` is null on every other row.
 SEGMENT = "segment"
 END = "end"
 WHOLE = "whole"
+CALL_TYPE = pa.struct([("samples", pa.int64()), ("start_s", pa.float64()), ("end_s", pa.float64())])
 SEGMENT_FIELDS = [
     pa.field("row_kind", pa.string(), nullable=False),
     pa.field("segment_index", pa.int32()),
@@ -181,6 +186,7 @@ SEGMENT_FIELDS = [
     pa.field("start_s", pa.float64()),
     pa.field("end_s", pa.float64()),
     pa.field("channel", pa.int32()),
+    pa.field("calls", pa.list_(CALL_TYPE)),
 ]
 # Columns a segment row has beyond its recording's (and its `samples`).
 SEGMENT_COLUMNS = tuple(f.name for f in SEGMENT_FIELDS)

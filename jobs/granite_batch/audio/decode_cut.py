@@ -23,6 +23,7 @@ import pyarrow as pa
 from granite_batch.audio import decode as audio
 from granite_batch.audio.isolation import Crash, CrashTest, Stage, stream_isolated
 from granite_batch.audio.segment import SEGMENT_BLOCK_BYTES, long_recording_s, plan_recordings
+from granite_batch.audio.sessions import Call, SessionBuilder, Sessions, session_piece
 from granite_batch.audio.stream_cut import StreamCut
 from granite_batch.audio.vad import VAD_RATE_HZ, VadOptions, warm_vad
 from granite_batch.schema import END, SEGMENT, WHOLE, segment_rows
@@ -40,6 +41,7 @@ def decode_blocks(
     allowed_prefixes: tuple[str, ...] = (),
     options: VadOptions = VadOptions(),
     block_bytes: int = SEGMENT_BLOCK_BYTES,
+    sessions: Sessions | None = None,
 ):
     """Decode stage: `audio.decode_table`, except that a recording at least `long_recording_s` long
     is also cut into its segments in the helper process that decodes it, as it decodes it
@@ -55,6 +57,8 @@ def decode_blocks(
     segments are those `segment_blocks` would give (the same VAD windows, the same plan: tested). A
     crash while decoding or cutting it is its row's "decode crashed the worker" or "segment crashed
     the worker" (isolation.stream_isolated, which reruns it alone first and skips what was sent).
+    With `sessions`, a long recording it wants leaves as speaker sessions (sessions.py), grouped here
+    as its segments arrive (the same sessions `segment_blocks` plans); its END row counts sessions.
     """
     errors, items, todo = audio.decode_inputs(table)
     decode = audio.row_decoder(storage_options, sample_rate_hz, max_duration_s, timeout_s, crash_test, allowed_prefixes)
@@ -73,10 +77,13 @@ def decode_blocks(
     decoded: dict[int, tuple[np.ndarray | None, float | None]] = {}  # row: (samples or None, duration_s)
     counts: dict[int, int] = {}  # a long recording's row: how many segment rows it sent
     sent: dict[int, int] = {}  # row: segment rows yielded
+    wants = sessions.wants(base) if sessions is not None else [False] * table.num_rows
+    builders: dict[int, SessionBuilder] = {}  # a long recording's open session
     for k, value in stream_isolated(work, [items[i] for i in todo], isolate=isolate):
         row = todo[k]
         if isinstance(value, Crash):
             errors[row] = value.reason("decode")
+            builders.pop(row, None)  # its calls not yet sent go with it: the recording fails
             if sent.get(row):  # its segments already left: its end row carries the error
                 counts[row] = sent[row]
         elif value[0] == "whole":
@@ -84,11 +91,26 @@ def decode_blocks(
             decoded[row] = samples, duration
         elif value[0] == "segments":
             _, bounds, samples = value
-            yield _cut_rows(base, row, sent.get(row, 0), bounds, samples, sample_rate_hz)
-            sent[row] = sent.get(row, 0) + len(bounds)
+            if not wants[row] or sessions is None:
+                yield _cut_rows(base, row, sent.get(row, 0), bounds, samples, sample_rate_hz)
+                sent[row] = sent.get(row, 0) + len(bounds)
+                continue
+            builder = builders.setdefault(row, SessionBuilder(int(sessions.max_session_s * sample_rate_hz)))
+            ends = np.cumsum([end - start for start, end, _ in bounds])
+            pieces = np.split(samples, ends[:-1])
+            closed = [c for (a, b, ch), piece in zip(bounds, pieces) if (c := builder.add((a, b, ch, piece.copy())))]
+            if closed:
+                yield _session_rows(base, row, sent.get(row, 0), closed, sample_rate_hz)
+                sent[row] = sent.get(row, 0) + len(closed)
         else:
             _, duration, counts[row], errors[row] = value
             decoded[row] = None, duration
+            last_session = builders.pop(row).flush() if row in builders else None
+            if last_session and errors[row] is None:
+                yield _session_rows(base, row, sent.get(row, 0), [last_session], sample_rate_hz)
+                sent[row] = sent.get(row, 0) + 1
+            if wants[row] and sessions is not None:
+                counts[row] = sent.get(row, 0)
     # Every row once more: whole (short or failed, for segment_blocks), or the end row of a long one
     # (segment_count: how many segment rows it had; the driver waits for them).
     last = audio.decoded_table(table, errors, decoded)
@@ -230,6 +252,27 @@ def _in_step(decode):
             stop.set()
             resume.release()
         thread.join()
+
+
+def _session_rows(base: pa.Table, row: int, first: int, sessions: list[list[Call]], sample_rate_hz: int) -> pa.Table:
+    """Session rows `first`.. of `base`'s row `row` (sessions.py), in decode_blocks' columns; their
+    `segment_count` is null, as `_cut_rows`'."""
+    n = len(sessions)
+    pieces = [session_piece(session, sample_rate_hz) for session in sessions]
+    out = base.take(pa.array([row] * n, pa.int64()))
+    out = out.set_column(out.schema.get_field_index("error"), "error", pa.nulls(n, pa.string()))
+    out = out.append_column("duration_s", pa.nulls(n, pa.float64()))
+    out = out.append_column("channel_count", pa.nulls(n, pa.int32()))
+    return segment_rows(
+        out,
+        audio.samples_to_arrow([piece[3] for piece in pieces]),
+        row_kind=SEGMENT,
+        segment_index=list(range(first, first + n)),
+        start_s=[piece[0] / sample_rate_hz for piece in pieces],
+        end_s=[piece[1] / sample_rate_hz for piece in pieces],
+        channel=[piece[2] for piece in pieces],
+        calls=[piece[4] for piece in pieces],
+    )
 
 
 class _Stopped(BaseException):

@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 
 from granite_batch.audio.decode import samples_from_arrow, samples_to_arrow
 from granite_batch.audio.isolation import Crash, CrashTest
+from granite_batch.audio.sessions import Sessions, plan_sessions, session_piece
 from granite_batch.audio.vad import (
     PAUSE_DB,
     PAUSE_FRAME_S,
@@ -49,6 +50,9 @@ from granite_batch.schema import END, SEGMENT, SEGMENT_COLUMNS, WHOLE, segment_r
 
 # Segment rows leave the segment stage in tables of about this many bytes of samples (17 minutes).
 SEGMENT_BLOCK_BYTES = 64 << 20
+# What becomes one segment row: (start, end) sample offsets in the recording, channel, its samples,
+# and its calls when it is a speaker session (sessions.py; else None).
+Piece = tuple[int, int, int | None, np.ndarray, list[dict] | None]
 
 
 def plan_segments(
@@ -187,6 +191,7 @@ def segment_blocks(
     isolate: bool = True,
     crash_test: CrashTest | None = None,
     block_bytes: int = SEGMENT_BLOCK_BYTES,
+    sessions: Sessions | None = None,
 ):
     """Segment stage: decoded recordings in, one row per speech segment out, in tables of about
     `block_bytes` of samples each (Ray Data gathers them into blocks up to its own target size,
@@ -207,6 +212,8 @@ def segment_blocks(
     group of windows at a time: a recording that crashes it becomes an error row ("segment crashed
     the worker: signal 11 (SIGSEGV)"). Segments are then planned here from the probabilities (numpy
     only). Rows `decode_cut.decode_blocks` already cut (all but its WHOLE rows) pass through as they are.
+    With `sessions`, the segments of each recording it wants are grouped into speaker sessions
+    (sessions.py): one SEGMENT row per session, numbered and counted as sessions.
     `crash_test` is for tests only.
     """
     if "row_kind" in table.column_names:  # from decode_blocks: long recordings come already cut
@@ -228,15 +235,23 @@ def segment_blocks(
     )
     base = table.drop_columns([c for c in ("samples", "error", "channel_count") if c in table.column_names])
     base = base.append_column("error", pa.array(errors, pa.string()))
-    block: list[tuple[int, int | None, int, tuple[int, int, int | None, np.ndarray] | None]] = []
+    wants = sessions.wants(base) if sessions is not None else [False] * n
+    block: list[tuple[int, int | None, int, Piece | None]] = []
     size = 0
     for row in range(n):
         bounds = bounds_of.get(row, [])
         if not bounds:  # an END row all the same, so the recording reaches the driver
             block.append((row, None, 0, None))
-        for k, bound in enumerate(bounds):
-            block.append((row, k, len(bounds), bound))
-            size += 4 * (bound[1] - bound[0])
+        pieces: list[Piece] = [(a, b, channel, samples[a:b], None) for a, b, channel, samples in bounds]
+        if wants[row] and sessions is not None and bounds:
+            calls = [(a, b, channel, samples[a:b]) for a, b, channel, samples in bounds]
+            pieces = [
+                session_piece(session, sample_rate_hz)
+                for session in plan_sessions(calls, int(sessions.max_session_s * sample_rate_hz))
+            ]
+        for k, piece in enumerate(pieces):
+            block.append((row, k, len(pieces), piece))
+            size += 4 * len(piece[3])
             if size >= block_bytes:
                 yield _segment_block(base, block, sample_rate_hz)
                 block, size = [], 0
@@ -303,16 +318,17 @@ def long_recording_s(options: VadOptions = VadOptions()) -> float:
 
 
 def _segment_block(base: pa.Table, block: list, sample_rate_hz: int) -> pa.Table:
-    """The segment rows of `block` ((row of `base`, segment index, segment count, bound or None)):
-    a SEGMENT row for each bound, an END row (count 0) for a recording without any."""
-    bounds = [bound for _, _, _, bound in block]
+    """The segment rows of `block` ((row of `base`, segment index, segment count, Piece or None)):
+    a SEGMENT row for each piece, an END row (count 0) for a recording without any."""
+    pieces = [piece for _, _, _, piece in block]
     return segment_rows(
         base.take(pa.array([row for row, _, _, _ in block], pa.int64())),
-        samples_to_arrow([None if b is None else b[3][b[0] : b[1]] for b in bounds]),
-        row_kind=[END if b is None else SEGMENT for b in bounds],
+        samples_to_arrow([None if p is None else p[3] for p in pieces]),
+        row_kind=[END if p is None else SEGMENT for p in pieces],
         segment_index=[k for _, k, _, _ in block],
         segment_count=[count for _, _, count, _ in block],
-        start_s=[None if b is None else b[0] / sample_rate_hz for b in bounds],
-        end_s=[None if b is None else b[1] / sample_rate_hz for b in bounds],
-        channel=[None if b is None else b[2] for b in bounds],
+        start_s=[None if p is None else p[0] / sample_rate_hz for p in pieces],
+        end_s=[None if p is None else p[1] / sample_rate_hz for p in pieces],
+        channel=[None if p is None else p[2] for p in pieces],
+        calls=[None if p is None else p[4] for p in pieces],
     )

@@ -199,7 +199,7 @@ def job_arguments(parser: argparse.ArgumentParser) -> None:
     decoding.add_argument(
         "--max-segment-s",
         type=float,
-        help="longest segment sent to the model (default: the model's own, 30 s; 300 s for 4.1-2b-plus)",
+        help="longest segment sent to the model (default: the model's own, 30 s; 180 s for 4.1-2b-plus)",
     )
     decoding.add_argument(
         "--batch-size", type=int, help="speech segments per generate call (default 256 on a GPU, 32 on CPU)"

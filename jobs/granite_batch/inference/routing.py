@@ -89,6 +89,15 @@ def served_request(request: Request, punctuation: bool | None, profile: ModelPro
     )
 
 
+def session_rows(table: pa.Table, flags: RequestFlags, profile: ModelProfile) -> list[bool]:
+    """Which rows of a recording table `profile`'s model decodes in speaker sessions
+    (audio/sessions.py): those it serves speaker labels."""
+    if not profile.speakers:
+        return [False] * table.num_rows
+    requests, punctuation, _ = row_requests(table, flags)
+    return [served_request(r, p, profile).speakers for r, p in zip(requests, punctuation)]
+
+
 def route_table(
     table: pa.Table, models: list[tuple[str, ModelProfile]], flags: RequestFlags, keep: int | None = None
 ) -> pa.Table:

@@ -51,10 +51,15 @@ def transcribe_segments(table: pa.Table, speech_model: SpeechModel, flags: Reque
     rows: list[int] = []
     items: list[tuple[np.ndarray, Request]] = []
     keywords_dropped: list[int | None] = [None] * table.num_rows
+    calls = table.column("calls").to_pylist() if "calls" in table.column_names else [None] * table.num_rows
+    sessions: dict[int, Request] = {}  # speaker sessions (audio/sessions.py): their calls in order, below
     for row, piece in enumerate(samples):
         if piece is None or errors[row] is not None:
             continue
         request = served_request(requests[row], punctuation[row], profile)
+        if calls[row] is not None and request.speakers:
+            sessions[row] = request
+            continue
         try:
             request, keywords_dropped[row] = fit_context(speech_model, request, piece)
         except PromptTooLong as exc:
@@ -83,6 +88,9 @@ def transcribe_segments(table: pa.Table, speech_model: SpeechModel, flags: Reque
         results[row] = result
         if result is not None and (request.speakers or (tagged and request.word_times)):
             parts[row] = _parts(table, row, result.text, request)
+    if sessions:
+        for row, (result, session_parts) in _decode_sessions(speech_model, table, samples, sessions, errors).items():
+            results[row], parts[row] = result, session_parts
     words: list[list[dict] | None] = [None] * table.num_rows
     if aligned_rows:
         starts, ends = table.column("start_s").to_pylist(), table.column("end_s").to_pylist()
@@ -131,6 +139,90 @@ def _parts(table: pa.Table, row: int, text: str, request: Request) -> list[dict]
         {"start": p.start, "end": p.end, "text": p.text, "speaker": p.speaker, "words": p.words}
         for p in tagged_parts(text, start, end, call or 0, request.speakers, request.word_times)
     ]
+
+
+def _decode_sessions(
+    speech_model: SpeechModel,
+    table: pa.Table,
+    samples: list,
+    sessions: dict[int, Request],
+    errors: list,
+) -> dict[int, tuple[SegmentResult, list[dict]]]:
+    """Each speaker session's calls decoded in order, as transformers' documentation of
+    granite-speech-4.1-2b-plus does it ("Task 4: Incremental decoding", granite_speech_plus.md): call k
+    is given the session's audio up to its end and the transcript so far as `prefix_text`, built as the
+    card builds it (`previous = (previous + " " + text).strip()`), so the model goes on numbering the
+    speakers it has named. The audio context is capped at the model's speaker limit
+    (`max_speakers_call_s`, 9 minutes): past it, the oldest calls leave the context, their audio and
+    their text together (a window the card does not show; a session no longer than the limit is decoded
+    exactly as the card does). Step k of all sessions runs as one batched call. A session's result
+    joins its calls' (texts as the final transcript, tokens and positions summed); its parts are the
+    speaker turns of all its calls, labelled `<session>:<N>`, and a call's text before its first tag
+    continues the previous call's last speaker."""
+    profile = getattr(speech_model, "profile", None)
+    limit_s = getattr(profile, "max_speakers_call_s", None) or float("inf")
+    rate = speech_model.sample_rate_hz
+    ids = table.column("id").to_pylist()
+    session_index = table.column("segment_index").to_pylist()
+    calls = {row: table.column("calls")[row].as_py() for row in sessions}
+    offsets = {row: np.cumsum([0] + [call["samples"] for call in calls[row]]) for row in sessions}
+    texts: dict[int, list[str]] = {row: [] for row in sessions}
+    results: dict[int, list[SegmentResult]] = {row: [] for row in sessions}
+    for step in range(max(len(c) for c in calls.values())):
+        rows = [row for row in sessions if errors[row] is None and step < len(calls[row])]
+        items = []
+        for row in rows:
+            first = step  # the oldest call the context keeps: all of them up to the speaker limit
+            while first > 0 and offsets[row][step + 1] - offsets[row][first - 1] <= limit_s * rate:
+                first -= 1
+            prefix = running_transcript(texts[row][first:step])
+            audio = samples[row][offsets[row][first] : offsets[row][step + 1]]
+            items.append((audio, replace(sessions[row], prefix_text=prefix or None)))
+        for row, result in zip(rows, _generate_or_isolate(speech_model, items, [ids[r] for r in rows], errors, rows)):
+            if result is not None:
+                texts[row].append(result.text if result.raw_text is None else result.raw_text)
+                results[row].append(result)
+    done: dict[int, tuple[SegmentResult, list[dict]]] = {}
+    for row in sessions:
+        if errors[row] is not None or not results[row]:
+            continue
+        parts: list[dict] = []
+        for k, (call, text) in enumerate(zip(calls[row], texts[row])):
+            turns = tagged_parts(text, call["start_s"], call["end_s"], session_index[row] or 0, True, False)
+            if k and parts and turns and turns[0].speaker is None:
+                turns[0].speaker = parts[-1]["speaker"]  # the turn the previous call ended in goes on
+            parts += [
+                {"start": p.start, "end": p.end, "text": p.text, "speaker": p.speaker, "words": None} for p in turns
+            ]
+        done[row] = _joined(results[row]), parts
+    return done
+
+
+def running_transcript(texts: list[str]) -> str:
+    """Call texts joined as the card's incremental loop joins them:
+    `previous_transcript = (previous_transcript + " " + saa_text).strip()`."""
+    transcript = ""
+    for text in texts:
+        transcript = (transcript + " " + text).strip()
+    return transcript
+
+
+def _joined(results: list[SegmentResult]) -> SegmentResult:
+    """One session's result from its calls'."""
+    transcript = running_transcript([r.text if r.raw_text is None else r.raw_text for r in results])
+    tokens = sum(r.new_tokens for r in results)
+    scored = [(r.avg_logprob, r.new_tokens) for r in results if r.avg_logprob is not None]
+    weight = sum(n for _, n in scored)
+    return SegmentResult(
+        text=transcript,
+        decided_by=results[0].decided_by,
+        new_tokens=tokens,
+        truncated=any(r.truncated for r in results),
+        positions=sum(r.positions for r in results),
+        padded_positions=sum(r.padded_positions for r in results),
+        first_of_call=any(r.first_of_call for r in results),
+        avg_logprob=sum(v * n for v, n in scored) / weight if weight else None,
+    )
 
 
 def fit_context(speech_model: SpeechModel, request: Request, longest: np.ndarray) -> tuple[Request, int]:

@@ -64,6 +64,9 @@ class SegmentResult:
     # alignment.Word items, seconds from the segment's start; they take precedence over alignment.
     words: list | None = None
     speech_ratio: float | None = None  # share of the segment's frames outside pauses (quality.py); CTC only
+    # The decoded text before `text` was stripped, where an LLM engine made it: incremental decoding
+    # builds the transcript so far from it as the card does (inference/transcribe.py).
+    raw_text: str | None = None
 
 
 class SpeechModel:
@@ -134,6 +137,12 @@ class SpeechModel:
         return cls(model, processor, device, **options)
 
     def prompt(self, request: Request) -> str:
+        if request.prefix_text:  # a transcript so far: one row's own, never cached
+            return (
+                self.profile.render_prompt(self.tokenizer, request)
+                if self.profile
+                else render_prompt(self.tokenizer, request)
+            )
         if request not in self._prompts:
             self._prompts[request] = (
                 render_prompt(self.tokenizer, request)
@@ -231,6 +240,7 @@ class SpeechModel:
                 mean_logprob(logprobs[position]),
                 log_posteriors[position],
                 frame_s,
+                raw_text=text,
             )
 
     @functools.cached_property

@@ -226,7 +226,19 @@ class ModelProfile:
         messages = [{"role": "user", "content": self.instruction(request)}]
         if self.system_prompt:
             messages.insert(0, {"role": "system", "content": self.system_prompt})
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if not request.prefix_text:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # The incremental decoding of transformers' granite_speech_plus.md ("Task 4"):
+        # `apply_chat_template(chat, add_generation_prompt=True, prefix_text=previous_transcript)`; the
+        # plus checkpoint's template writes it after `<|start_of_role|>assistant<|end_of_role|>`. A
+        # template without that clause ignores the argument, which would silently restart the speaker
+        # numbering: refused instead.
+        prompt = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, prefix_text=request.prefix_text
+        )
+        if not prompt.endswith(request.prefix_text):
+            raise ValueError("this checkpoint's chat template does not write `prefix_text` (incremental decoding)")
+        return prompt
 
 
 GRANITE_SPEECH = ModelProfile(
@@ -266,9 +278,11 @@ GRANITE_SPEECH_PLUS = ModelProfile(
     # granite-speech-4.1-2b-plus card (https://huggingface.co/ibm-granite/granite-speech-4.1-2b-plus):
     # speaker attribution works on calls of up to 9 minutes (its WDER is averaged over segments of 2 to 5
     # minutes) and word timestamps on calls of up to 5 minutes. Some third-party copies of the card read
-    # 3.5 minutes for timestamps; the card itself is taken. So plus runs at 5-minute calls by default,
-    # the longest that serves both of its prompt modes and within the lengths IBM evaluated speakers on.
-    segment_s=300.0,
+    # 3.5 minutes for timestamps; the card itself is taken. Plus runs at 3-minute calls by default: within
+    # the 2-5 minutes IBM evaluated speakers on and every limit, and short enough that a speaker session
+    # (audio/sessions.py) keeps three calls of context inside the 9-minute limit, each call with its own
+    # 2,000-token budget (a 9-minute call of fast speech would need about that for its words alone).
+    segment_s=180.0,
     max_call_s=540.0,
     max_speakers_call_s=540.0,
     max_word_times_call_s=300.0,

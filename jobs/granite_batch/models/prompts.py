@@ -118,6 +118,9 @@ class Request:
     punctuation: bool = False  # a punctuated transcript, where the model has that prompt (profiles.py)
     speakers: bool = False  # speaker-attributed transcript (`[Speaker N]:`), where the model has it
     word_times: bool = False  # the model's own word end times (`[T:N]`), where it has them
+    # The transcript so far, which the chat template writes after the assistant's turn marker for the
+    # model to continue (4.1-2b-plus's incremental speaker attribution; inference/transcribe.py).
+    prefix_text: str | None = None
 
 
 def instruction(request: Request) -> str:

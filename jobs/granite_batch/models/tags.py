@@ -7,10 +7,11 @@ The tags, from the 4.1-2b-plus card and transformers' granite_speech_plus.md usa
   unwrapped "by adding multiples of 10 seconds" as the docs' example does; silences are written `_`
   and also end in a tag.
 
-A model call is one segment of a recording. Speaker numbers restart with every call, so a label is
-written as `<call>:<N>` (the call's segment index within the recording, then the speaker number):
-the same person may have different labels in different calls, and `0:1` and `1:1` need not be one
-person. A speaker turn becomes its own segment; without word times its time span is the call's span
+A label is written as `<n>:<N>`: `n` the row's segment index within the recording (for speaker
+attribution, a speaker session of calls decoded in order with the transcript so far, which keeps the
+numbering through the session: audio/sessions.py, inference/transcribe.py), then the model's speaker
+number; across sessions no diarisation is done, so `0:1` and `1:1` need not be one person.
+A speaker turn becomes its own segment; without word times its time span is the call's span
 shared out by its share of the call's characters (an estimate; with word times, its words' span).
 
 Whatever the model writes, parsing never raises: tags that do not match are kept as text (a lone

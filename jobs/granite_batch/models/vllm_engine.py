@@ -180,8 +180,9 @@ class VllmSpeechModel(SpeechModel):
             logprobs = [step[token].logprob for step, token in zip(completion.logprobs or [], generated)]
             logprobs = logprobs[: len(tokens)]
             positions = len(output.prompt_token_ids or []) + len(tokens) + (0 if truncated else 1)
+            raw_text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             results[i] = SegmentResult(
-                self.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+                raw_text.strip(),
                 BY_AUTOREGRESSIVE,
                 len(tokens),
                 truncated,
@@ -189,5 +190,6 @@ class VllmSpeechModel(SpeechModel):
                 0,
                 position == 0,
                 mean_logprob(logprobs),
+                raw_text=raw_text,
             )
         return results

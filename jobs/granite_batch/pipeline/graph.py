@@ -4,6 +4,7 @@ read back as a Ray Dataset."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import posixpath
@@ -14,6 +15,7 @@ import pyarrow as pa
 
 from granite_batch.audio import decode_cut, segment
 from granite_batch.audio.isolation import CrashTest
+from granite_batch.audio.sessions import Sessions
 from granite_batch.config import JobConfig, SecondPassOptions
 from granite_batch.inference.assemble import RecordingRows
 from granite_batch.inference.escalation import (
@@ -22,7 +24,7 @@ from granite_batch.inference.escalation import (
     escalation_pairs,
     pool_models,
 )
-from granite_batch.inference.routing import RequestFlags, route_table
+from granite_batch.inference.routing import RequestFlags, route_table, session_rows
 from granite_batch.inputs.normalise import normalise_rows
 from granite_batch.inputs.plan import PlanLayout, plan_bucket
 from granite_batch.inputs.rows import Defaults
@@ -224,6 +226,11 @@ def _model_branch(
     # to, however long the recording, in tables of at most 64 MB of samples.
     targets = [models[j] for i, j in escalation_pairs(models) if i == index]
     max_segment_s = min(m.profile.call_segment_s(config.max_segment_s) for m in [model, *targets])
+    # A model that labels speakers gets the rows asking for them as sessions of calls (audio/sessions.py).
+    sessions = None
+    if model.profile.speakers:
+        wants = functools.partial(session_rows, flags=flags, profile=model.profile)
+        sessions = Sessions(wants, max(config.speaker_session_s, max_segment_s))
     # A long recording (over 17 minutes) is decoded and cut in one helper process and leaves as
     # segments (decode_cut.decode_blocks); shorter ones leave whole, and Ray Data gathers them into a
     # block until it passes its target size (128 MB), so the VAD sees a block's short clips side by
@@ -240,6 +247,7 @@ def _model_branch(
             "crash_test": crash_test,
             "allowed_prefixes": tuple(config.allowed_prefixes),
             "options": segment_options(config, model.profile),
+            "sessions": sessions,
         },
         batch_format="pyarrow",
         batch_size=1 if alone else config.decode_batch_size,
@@ -254,6 +262,7 @@ def _model_branch(
             "max_segment_s": max_segment_s,
             "crash_test": crash_test,
             "options": segment_options(config, model.profile),
+            "sessions": sessions,
         },
         batch_format="pyarrow",
         batch_size=None,

@@ -28,6 +28,10 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ ' ASSISTANT:' }}{%- endif -%}"
 )
+# granite-speech-4.1-2b-plus's template continues the assistant's turn with `prefix_text` (its incremental
+# decoding, transformers' granite_speech_plus.md "Task 4"): `{%- if prefix_text is defined and
+# prefix_text %}{{- prefix_text }}{%- endif %}` after the generation prompt.
+PLUS_CHAT_TEMPLATE = CHAT_TEMPLATE + "{%- if prefix_text is defined and prefix_text -%}{{ prefix_text }}{%- endif -%}"
 
 _TRAINING_TEXT = [
     "USER: can you transcribe the speech into a written format?\n ASSISTANT:",
@@ -175,6 +179,8 @@ def write_tiny_model(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
+    template = PLUS_CHAT_TEMPLATE if model_type == "granite_speech_plus" else CHAT_TEMPLATE
+    tokenizer.chat_template = template
     config = build_config(tokenizer, model_type=model_type, head_dim=head_dim)
     torch.manual_seed(seed)
     model_class = (
@@ -195,7 +201,7 @@ def write_tiny_model(
     processor = GraniteSpeechProcessor(
         audio_processor=GraniteSpeechFeatureExtractor(projector_window_size=15, projector_downsample_rate=5),
         tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=template,
     )
     processor.save_pretrained(directory)
     return directory
