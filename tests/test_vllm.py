@@ -125,6 +125,12 @@ def test_vllm_equals_transformers_and_batching_changes_nothing(vllm_checkpoints,
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     directory = vllm_checkpoints[model_type]
+    if model_type == "granite_speech_plus":
+        # A speaker session's later call: the transcript so far continues the assistant's turn.
+        from granite_batch.models.prompts import Request
+
+        en = clips[2][0]
+        clips = [*clips, (en, Request("asr", "en", speakers=True, prefix_text="[Speaker 1]: the weather"))]
     options = {"device": "cpu", "dtype": "float32", "max_new_tokens": 24}
     reference = load_speech_model(directory, max_batch_segments=1, **options).generate_segments(clips)
     served = load_speech_model(

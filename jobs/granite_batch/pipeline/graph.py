@@ -231,6 +231,9 @@ def _model_branch(
     if model.profile.speakers:
         wants = functools.partial(session_rows, flags=flags, profile=model.profile)
         sessions = Sessions(wants, max(config.speaker_session_s, max_segment_s))
+    # The longest row the actors take: a session where the job asks for speakers, so an actor's batch
+    # (actor_batch_rows) still bounds the samples it holds.
+    max_row_s = sessions.max_session_s if sessions is not None and flags.speakers else max_segment_s
     # A long recording (over 17 minutes) is decoded and cut in one helper process and leaves as
     # segments (decode_cut.decode_blocks); shorter ones leave whole, and Ray Data gathers them into a
     # block until it passes its target size (128 MB), so the VAD sees a block's short clips side by
@@ -282,7 +285,7 @@ def _model_branch(
         config,
         pools[index],
         alone,
-        max_segment_s,
+        max_row_s,
     )
     # A cascade: a stage per later model decodes again the segments sent on to it (escalation.py).
     stages = [(j, pools[k]) for k, (i, j) in enumerate(escalation_pairs(models), start=len(models)) if i == index]
@@ -301,12 +304,12 @@ def _model_branch(
             config,
             escalation_pool,
             alone,
-            max_segment_s,
+            max_row_s,
         )
     return ds
 
 
-def _actor_stage(ray, ds, actor, kwargs: dict, config: JobConfig, pool: Pool, alone: bool, max_segment_s: float):
+def _actor_stage(ray, ds, actor, kwargs: dict, config: JobConfig, pool: Pool, alone: bool, max_row_s: float):
     """`ds` through an actor pool of `actor` (a model actor class, constructed with `kwargs` and the
     model's load options) with `pool`'s resources."""
     device = config.device if config.device != "auto" else ("cuda" if pool.gpus_per_actor > 0 else "cpu")
@@ -328,7 +331,7 @@ def _actor_stage(ray, ds, actor, kwargs: dict, config: JobConfig, pool: Pool, al
         ),
         # Alone, one segment per call: a poison recording can only take its own segments down.
         batch_format="pyarrow",
-        batch_size=1 if alone else actor_batch_rows(segments_per_call, audio_s_per_call, max_segment_s),
+        batch_size=1 if alone else actor_batch_rows(segments_per_call, audio_s_per_call, max_row_s),
         num_gpus=pool.gpus_per_actor,
         num_cpus=pool.cpus_per_actor,
         retries=MODEL_ACTOR_RETRIES,
