@@ -15,6 +15,7 @@ import torch
 from conftest import SAMPLES
 from granite_batch.audio.decode import decode_audio, samples_to_arrow
 from granite_batch.audio.sessions import plan_sessions, session_piece
+from granite_batch.inference.assemble import RecordingAssembler
 from granite_batch.inference.routing import RequestFlags, session_rows
 from granite_batch.inference.transcribe import transcribe_segments
 from granite_batch.models.engines import load_speech_model, model_profile
@@ -204,9 +205,8 @@ class EchoModel:
 def test_calls_go_in_order_with_the_transcript_so_far_and_turns_continue_across_calls():
     model = EchoModel()
     clips = [np.full(2 * RATE, float(k), np.float32) for k in range(3)]
-    (row,) = transcribe_segments(
-        session_table(clips, Request(language="en", speakers=True), index=1), model
-    ).to_pylist()
+    out = transcribe_segments(session_table(clips, Request(language="en", speakers=True), index=1), model)
+    (row,) = out.to_pylist()
     # Each call: all the audio so far (ending in its own samples), the card's running transcript.
     assert [(last, n) for last, n, _ in model.seen] == [(0.0, 2 * RATE), (1.0, 4 * RATE), (2.0, 6 * RATE)]
     assert [prefix for _, _, prefix in model.seen] == [
@@ -225,3 +225,9 @@ def test_calls_go_in_order_with_the_transcript_so_far_and_turns_continue_across_
     ]
     assert [p["start"] for p in row["segment_parts"]][::2] == [0.0, 3.0, 6.0]
     assert row["new_tokens"] == 15
+    # The run summary counts the calls' audio (3 x 2 s), not the pauses between them.
+    assembler = RecordingAssembler()
+    assembler.add(
+        out.append_column("segment_model", pa.array(["plus"])).append_column("escalate_to", pa.nulls(1, pa.int32()))
+    )
+    assert assembler.inference["plus"].audio_s == pytest.approx(6.0)

@@ -170,7 +170,10 @@ class RecordingAssembler:
             return
         model = row.get("segment_model") or row.get("model") or ""
         stats = self.inference[model]
-        seconds = (row["end_s"] or 0.0) - (row["start_s"] or 0.0)
+        calls = row.get("calls")  # a speaker session: its calls' audio, not the pauses between them
+        seconds = (
+            sum(c["end_s"] - c["start_s"] for c in calls) if calls else (row["end_s"] or 0.0) - (row["start_s"] or 0.0)
+        )
         stats.audio_s += seconds
         quality = row.get("segment_quality") or {}
         stats.flagged.update(flag for flag in ("repetition", "rate", "low_confidence") if quality.get(flag))
