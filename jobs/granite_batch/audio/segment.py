@@ -242,9 +242,9 @@ def segment_blocks(
         bounds = bounds_of.get(row, [])
         if not bounds:  # an END row all the same, so the recording reaches the driver
             block.append((row, None, 0, None))
-        pieces: list[Piece] = [(a, b, channel, samples[a:b], None) for a, b, channel, samples in bounds]
-        if wants[row] and sessions is not None and bounds:
-            calls = [(a, b, channel, samples[a:b]) for a, b, channel, samples in bounds]
+        calls = [(a, b, channel, samples[a:b]) for a, b, channel, samples in bounds]
+        pieces: list[Piece] = [(*call, None) for call in calls]
+        if wants[row] and sessions is not None and calls:
             pieces = [
                 session_piece(session, sample_rate_hz)
                 for session in plan_sessions(calls, int(sessions.max_session_s * sample_rate_hz))

@@ -138,18 +138,15 @@ class SpeechModel:
 
     def prompt(self, request: Request) -> str:
         if request.prefix_text:  # a transcript so far: one row's own, never cached
-            return (
-                self.profile.render_prompt(self.tokenizer, request)
-                if self.profile
-                else render_prompt(self.tokenizer, request)
-            )
+            return self._render(request)
         if request not in self._prompts:
-            self._prompts[request] = (
-                render_prompt(self.tokenizer, request)
-                if self.profile is None
-                else self.profile.render_prompt(self.tokenizer, request)
-            )
+            self._prompts[request] = self._render(request)
         return self._prompts[request]
+
+    def _render(self, request: Request) -> str:
+        if self.profile is None:
+            return render_prompt(self.tokenizer, request)
+        return self.profile.render_prompt(self.tokenizer, request)
 
     def token_budget(self, samples: np.ndarray, request: Request | None = None) -> int:
         """New tokens a segment may generate: the card's budget for the request's prompt mode where the
